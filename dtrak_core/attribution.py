@@ -1,0 +1,114 @@
+"""Attribution end to end: a model, its training set and its feature stores, queried by method name.
+
+    attributor = Attributor.load("assets")             # the embedded default
+    result = attributor.attribute(image, "d-trak")     # image (C, H, W) in [-1, 1]
+    result.proponents(10), result.opponents(10), result.scores
+
+Methods are output-function names (see `output_functions`): 'd-trak' is 'square', 'trak' is
+'loss'; any other needs a store built with `python -m dtrak_core featurize`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from .data import Dataset, load_digits
+from .features import Featurizer, FeatureSetting
+from .model import checkpoint_hash, load_checkpoint
+from .output_functions import canonical_name
+from .scoring import TRAKScorer, top_k
+from .store import FeatureStore
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Attribution:
+    method: str
+    scores: np.ndarray  # (N,) one score per training image; higher = stronger proponent
+    labels: np.ndarray  # (N,) training labels (-1 when unknown)
+
+    def proponents(self, n: int) -> np.ndarray:
+        return top_k(self.scores, n)[0]
+
+    def opponents(self, n: int) -> np.ndarray:
+        return top_k(self.scores, n)[1]
+
+    def table(self, n: int) -> dict:
+        """Top-n proponents and opponents as plain lists (for JSON and display)."""
+        def rows(idx):
+            return [{"index": int(i), "label": int(self.labels[i]), "score": float(self.scores[i])} for i in idx]
+        return {"method": self.method, "proponents": rows(self.proponents(n)), "opponents": rows(self.opponents(n))}
+
+
+class Attributor:
+    """Holds one model, its training data and feature stores; scorers and featurizers are built lazily."""
+
+    def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None):
+        self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
+        self.lam = lam
+        self.stores = {}
+        ckpt = checkpoint_hash(unet)
+        for store in stores:
+            setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
+            store.check_identity(FeatureStore.identity(setting, ckpt, train.fingerprint))
+            self.stores.setdefault(setting.output_fn, []).append((setting, store))
+        self._scorers, self._featurizers = {}, {}
+
+    @classmethod
+    def load(cls, root: str = "assets") -> "Attributor":
+        """Load a model folder written by `build-default` (checkpoint, manifest, stores)."""
+        manifest_path = os.path.join(root, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+        train = load_digits("train") if manifest["dataset"] == "digits-train" else None
+        if train is None:
+            raise ValueError(f"unknown dataset {manifest['dataset']!r} in {manifest_path}")
+        stores = [FeatureStore.open(os.path.join(root, p)) for p in manifest["stores"]]
+        return cls(unet, scheduler, train, stores)
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self.stores)
+
+    def setting(self, method: str, K: int | None = None) -> tuple[FeatureSetting, FeatureStore]:
+        name = canonical_name(method)
+        options = [s for s in self.stores.get(name, []) if K is None or s[0].K == K]
+        if not options:
+            have = ", ".join(f"{s.output_fn} (K={s.K})" for v in self.stores.values() for s, _ in v) or "none"
+            raise ValueError(f"no feature store for method {method!r}" + (f" with K={K}" if K else "")
+                             + f"; stores present: {have}. Build one with `python -m dtrak_core featurize --output-fn {name}`")
+        return max(options, key=lambda s: s[0].K)  # the most accurate one by default
+
+    def featurizer(self, setting: FeatureSetting) -> Featurizer:
+        if setting not in self._featurizers:
+            self._featurizers[setting] = Featurizer(self.unet, self.scheduler, setting)
+        return self._featurizers[setting]
+
+    def scorer(self, method: str, K: int | None = None) -> TRAKScorer:
+        setting, store = self.setting(method, K)
+        key = (setting, self.lam)
+        if key not in self._scorers:
+            self._scorers[key] = TRAKScorer(store.features(), lam=self.lam)
+        return self._scorers[key]
+
+    def scores(self, images: torch.Tensor, method: str, K: int | None = None) -> np.ndarray:
+        """images (B, C, H, W) in [-1, 1] -> scores (B, N)."""
+        setting, _ = self.setting(method, K)
+        expected = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        return self.scorer(method, K).scores(self.featurizer(setting)(images.float()))
+
+    def attribute(self, image: torch.Tensor, method: str = "d-trak", K: int | None = None) -> Attribution:
+        """One image (C, H, W) -> its `Attribution` over the training set."""
+        scores = self.scores(image[None], method, K)[0]
+        return Attribution(canonical_name(method), scores, self.train.labels.numpy())

@@ -1,0 +1,93 @@
+"""Build the embedded default under `assets/`: train the model, fill the feature stores, measure.
+
+    python -m dtrak_core build-default        # ~15 min on 2 cores; deterministic for the same torch build
+
+Resumable: a checkpoint trained with the same config is reused, and feature stores resume.
+
+    assets/manifest.json        what was built, with timings and the sample-quality report
+    assets/model/               diffusers checkpoint (unet/ + scheduler/), safetensors
+    assets/stores/<setting>/    feature stores (see store.py)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from .attribution import MANIFEST
+from .data import load_digits
+from .features import Featurizer, FeatureSetting
+from .model import build_scheduler, checkpoint_hash, count_parameters, load_checkpoint, save_checkpoint
+from .quality import sample_quality
+from .sampling import generate
+from .store import FeatureStore, atomic_write_json
+from .training import TrainConfig, train
+
+DEFAULT_TRAIN_CONFIG = TrainConfig()
+DEFAULT_SETTINGS = (FeatureSetting("square", K=100), FeatureSetting("loss", K=100))
+QUALITY_SEEDS = range(256)
+
+
+def read_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
+    """The checkpoint under root/model if it was trained with `config`, else train and save it."""
+    ckpt = os.path.join(root, "model")
+    manifest = read_manifest(root)
+    if manifest.get("train_config") == json.loads(json.dumps(config.to_dict())) and os.path.isdir(ckpt):
+        unet, scheduler = load_checkpoint(ckpt)
+        return unet, scheduler, manifest.get("train_seconds")
+    train_set = load_digits("train")
+    scheduler = build_scheduler()
+    t0 = time.perf_counter()
+    unet = train(train_set.images, scheduler, config, show_bar=show_bar)
+    seconds = time.perf_counter() - t0
+    save_checkpoint(ckpt, unet, scheduler)
+    unet, scheduler = load_checkpoint(ckpt)  # what users get: the saved weights
+    atomic_write_json(os.path.join(root, MANIFEST), {"checkpoint": "model", "dataset": "digits-train",
+                                                     "train_config": config.to_dict(), "train_seconds": seconds,
+                                                     "stores": []})
+    return unet, scheduler, seconds
+
+
+def build_store(root: str, unet, scheduler, setting: FeatureSetting, show_bar: bool = True) -> dict:
+    """Fill (or finish) the store for `setting` and register it in the manifest."""
+    train_set = load_digits("train")
+    rel = os.path.join("stores", setting.slug)
+    identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
+    store = FeatureStore.create(os.path.join(root, rel), identity, len(train_set), setting.k)
+    t0 = time.perf_counter()
+    store.fill(Featurizer(unet, scheduler, setting), train_set.images, show_bar=show_bar)
+    seconds = time.perf_counter() - t0
+    manifest = read_manifest(root)
+    if rel not in manifest["stores"]:
+        manifest["stores"].append(rel)
+    manifest.setdefault("featurize_seconds", {})
+    manifest["featurize_seconds"].setdefault(rel, seconds)  # a resumed fill keeps the first full timing
+    atomic_write_json(os.path.join(root, MANIFEST), manifest)
+    return manifest
+
+
+def build_default(root: str = "assets", config: TrainConfig = DEFAULT_TRAIN_CONFIG,
+                  settings=DEFAULT_SETTINGS, show_bar: bool = True) -> dict:
+    os.makedirs(root, exist_ok=True)
+    torch.manual_seed(0)
+    unet, scheduler, train_seconds = train_or_load(root, config, show_bar)
+    for setting in settings:
+        build_store(root, unet, scheduler, setting, show_bar)
+    samples = generate(unet, scheduler, QUALITY_SEEDS)
+    manifest = read_manifest(root)
+    manifest.update({"parameters": count_parameters(unet), "checkpoint_hash": checkpoint_hash(unet),
+                     "quality": {"seeds": f"0..{len(QUALITY_SEEDS) - 1}", "sampler": "ddim-50",
+                                 **sample_quality(samples)},
+                     "torch": torch.__version__, "threads": torch.get_num_threads()})
+    atomic_write_json(os.path.join(root, MANIFEST), manifest)
+    return manifest

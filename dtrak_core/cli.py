@@ -1,0 +1,155 @@
+"""Command line: python -m dtrak_core <command> ...  (run with -h for each command's options)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _add_root(p):
+    p.add_argument("--root", default="assets", help="model folder written by build-default (default: assets)")
+
+
+def cmd_build_default(args):
+    from .build import build_default, DEFAULT_TRAIN_CONFIG
+    from dataclasses import replace
+
+    config = DEFAULT_TRAIN_CONFIG if args.steps is None else replace(DEFAULT_TRAIN_CONFIG, steps=args.steps)
+    manifest = build_default(args.root, config)
+    print(json.dumps({k: manifest[k] for k in ("parameters", "train_seconds", "featurize_seconds", "quality")}, indent=2))
+
+
+def cmd_generate(args):
+    from .images import grid, save_png, to_pil
+    from .model import load_checkpoint
+    from .sampling import generate
+    from .attribution import Attributor
+
+    unet, scheduler = _load_model(args.root)
+    seeds = list(range(args.seed, args.seed + args.count))
+    images = generate(unet, scheduler, seeds, steps=args.steps, sampler=args.sampler)
+    out = args.out or (f"sample-{args.seed}.png" if args.count == 1 else f"samples-{args.seed}-{seeds[-1]}.png")
+    img = to_pil(images[0], args.scale) if args.count == 1 else grid(images, columns=min(16, args.count), scale=args.scale)
+    save_png(img, out)
+    print(f"wrote {out} (seeds {seeds[0]}..{seeds[-1]}, {args.sampler} {args.steps} steps)")
+
+
+def _load_model(root):
+    from .attribution import MANIFEST
+    from .model import load_checkpoint
+
+    with open(os.path.join(root, MANIFEST)) as f:
+        manifest = json.load(f)
+    return load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+
+
+def cmd_attribute(args):
+    from .attribution import Attributor
+    from .images import load_user_image
+    from .sampling import generate
+
+    attributor = Attributor.load(args.root)
+    attributor.lam = args.lam
+    t0 = time.perf_counter()
+    if args.image:
+        cfg = attributor.unet.config
+        image = load_user_image(args.image, cfg.sample_size, cfg.in_channels, invert=args.invert)
+        query = {"image": args.image}
+    else:
+        image = generate(attributor.unet, attributor.scheduler, [args.seed])[0]
+        query = {"seed": args.seed}
+    result = attributor.attribute(image, args.method, K=args.K)
+    seconds = time.perf_counter() - t0
+    table = {**query, **result.table(args.top), "seconds": round(seconds, 3)}
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    print(f"{result.method} attribution for {query} ({seconds:.2f} s)")
+    for kind in ("proponents", "opponents"):
+        print(f"\n{kind}:\n  rank  train-index  label      score")
+        for r, row in enumerate(table[kind], 1):
+            print(f"  {r:4d}  {row['index']:11d}  {row['label']:5d}  {row['score']:+.4e}")
+
+
+def cmd_featurize(args):
+    from .build import build_store, read_manifest
+    from .features import FeatureSetting
+
+    setting = FeatureSetting(args.output_fn, K=args.K, projector=args.projector, k=args.k, seed=args.projector_seed)
+    unet, scheduler = _load_model(args.root)
+    manifest = build_store(args.root, unet, scheduler, setting)
+    rel = os.path.join("stores", setting.slug)
+    print(f"store {os.path.join(args.root, rel)} complete ({manifest['featurize_seconds'][rel]:.1f} s)")
+
+
+def cmd_quality(args):
+    from .quality import sample_quality
+    from .sampling import generate
+
+    unet, scheduler = _load_model(args.root)
+    images = generate(unet, scheduler, range(args.count), steps=args.steps, sampler=args.sampler)
+    print(json.dumps(sample_quality(images), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dtrak_core", description="D-TRAK data attribution for diffusion models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-default", help="train the default digits model and build its feature stores")
+    _add_root(p)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the committed recipe)")
+    p.set_defaults(func=cmd_build_default)
+
+    p = sub.add_parser("generate", help="generate images from seeds")
+    _add_root(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=1, help="images from seeds seed..seed+count-1")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the PNG")
+    p.add_argument("--out", default=None, help="PNG path")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("attribute", help="top proponents and opponents of a generated or given image")
+    _add_root(p)
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--seed", type=int, help="attribute the image generated from this seed (DDIM 50)")
+    q.add_argument("--image", help="attribute this image file")
+    p.add_argument("--invert", action="store_true", help="the image has dark ink on a light background")
+    p.add_argument("--method", default="d-trak", help="d-trak, trak, or an output function name (default d-trak)")
+    p.add_argument("--K", type=int, default=None, help="timesteps of the store to use (default: the largest)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge lambda (default: the documented rule)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("featurize", help="build (or finish) a feature store for any setting")
+    _add_root(p)
+    p.add_argument("--output-fn", default="square", help="loss, square, avg, l1-norm, l2-norm, linf-norm, elbo, eta=<e>")
+    p.add_argument("--K", type=int, default=100, help="timesteps (10, 100 or 1000)")
+    p.add_argument("--projector", default="sparse-jl", choices=("sparse-jl", "dense-gaussian"))
+    p.add_argument("--k", type=int, default=2048, help="projected dimension")
+    p.add_argument("--projector-seed", type=int, default=42)
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("quality", help="sample quality: classifier confidence and class histogram")
+    _add_root(p)
+    p.add_argument("--count", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.set_defaults(func=cmd_quality)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,125 @@
+"""Datasets: the embedded digits default and folders of images.
+
+A `Dataset` holds images as a float32 tensor (N, C, H, W) scaled to [-1, 1] and integer labels
+(-1 where unknown). Its `fingerprint` is a content hash, written into feature-store metadata so a
+store built for other data is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+DIGITS_VALIDATION_SIZE = 297  # 1,797 digits -> 1,500 training + 297 validation
+DIGITS_SPLIT_SEED = 0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    labels: torch.Tensor  # (N,) int64, -1 where unknown
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != torch.float32:
+            raise ValueError(f"images must be a float32 (N, C, H, W) tensor, got {tuple(self.images.shape)} {self.images.dtype}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must have shape ({len(self.images)},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def subset(self, indices, name: str | None = None) -> "Dataset":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return Dataset(name or f"{self.name}[subset of {len(idx)}]", self.images[idx], self.labels[idx])
+
+
+def _digits_arrays():
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # 0..16 -> [-1, 1]
+    return images[:, None], digits.target.astype(np.int64)
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified split of the 1,797 digits: (1,500 train indices, 297 validation indices)."""
+    from sklearn.model_selection import train_test_split
+
+    _, labels = _digits_arrays()
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_VALIDATION_SIZE, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def load_digits(split: str = "train") -> Dataset:
+    """scikit-learn's handwritten digits (8x8, one channel, ink = +1), split 'train' or 'validation'."""
+    images, labels = _digits_arrays()
+    train_idx, val_idx = digits_split()
+    idx = {"train": train_idx, "validation": val_idx}.get(split)
+    if idx is None:
+        raise ValueError(f"unknown digits split {split!r}; use 'train' or 'validation'")
+    return Dataset(f"digits-{split}", torch.from_numpy(images[idx]).contiguous(), torch.from_numpy(labels[idx]))
+
+
+def image_to_tensor(img, resolution: int, channels: int = 1) -> torch.Tensor:
+    """A PIL image -> (C, H, W) float32 in [-1, 1]: centre-cropped to a square, resized to `resolution`."""
+    from PIL import Image
+
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.BOX)
+    arr = np.asarray(img, dtype=np.float32) / 255.0 * 2.0 - 1.0
+    arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def load_image_folder(path: str, resolution: int, channels: int = 1, invert: bool = False) -> Dataset:
+    """Every image file in `path` (sorted by name), cropped and resized to the model's resolution.
+
+    Labels come from sub-folder names when the images sit in one sub-folder per class (sorted
+    names -> 0, 1, ...), else -1. `invert` maps dark ink on light paper to the digits' convention.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(path):
+        raise ValueError(f"dataset folder {path!r} does not exist")
+    files = sorted(
+        os.path.join(root, f)
+        for root, _, names in os.walk(path)
+        for f in names
+        if f.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path!r}")
+    classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+    by_class = len(classes) > 1 or classes != ["."]
+    images, labels = [], []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+                images.append(image_to_tensor(img, resolution, channels))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {f!r}: {e}") from e
+        labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)) if by_class else -1)
+    x = torch.stack(images)
+    if invert:
+        x = -x
+    return Dataset(f"folder:{os.path.abspath(path)}", x, torch.tensor(labels, dtype=torch.long))

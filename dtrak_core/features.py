@@ -1,0 +1,53 @@
+"""Projected gradient features: phi(x) = P^T grad_theta f(x), for one `FeatureSetting`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .gradients import GradientFeaturizer
+from .output_functions import canonical_name
+from .projectors import PROJECTORS, make_projector
+
+
+@dataclass(frozen=True)
+class FeatureSetting:
+    output_fn: str = "square"  # output function name (see output_functions); 'square' is D-TRAK
+    K: int = 100  # timesteps averaged per sample: t in range(0, 1000, 1000 // K)
+    projector: str = "sparse-jl"  # 'sparse-jl' (fast on CPU) or 'dense-gaussian' (reference)
+    k: int = 2048  # projected dimension
+    seed: int = 42  # projector seed
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_fn", canonical_name(self.output_fn))
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; choose one of {sorted(PROJECTORS)}")
+        if self.k < 1 or self.K < 1:
+            raise ValueError(f"K and k must be positive, got K={self.K}, k={self.k}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> "FeatureSetting":
+        return replace(self, **changes)
+
+    @property
+    def slug(self) -> str:
+        """A folder name for this setting."""
+        return f"{self.output_fn.replace('=', '')}-K{self.K}-{self.projector}-k{self.k}-s{self.seed}"
+
+
+class Featurizer:
+    """images (B, C, H, W) -> projected features (B, k) for one model and setting."""
+
+    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 100):
+        self.setting = setting
+        self.batch_size = batch_size  # samples per vmap call: bounds activation memory to ~batch_size * K images
+        self.gradients = GradientFeaturizer(unet, scheduler, setting.output_fn, setting.K, timestep_chunk)
+        self.projector = make_projector(setting.projector, self.gradients.dim, setting.k, setting.seed)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4:
+            raise ValueError(f"expected images (B, C, H, W), got {tuple(images.shape)}")
+        grads = torch.cat([self.gradients(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
+        return self.projector.project(grads)

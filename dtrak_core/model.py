@@ -1,0 +1,91 @@
+"""The diffusion model: a diffusers UNet2DModel plus a DDPMScheduler, saved with save_pretrained.
+
+Architecture and noise schedule live in diffusers' own configs (`unet.config`, `scheduler.config`);
+this module only picks the defaults and handles checkpoint folders:
+
+    <checkpoint>/unet/{config.json, diffusion_pytorch_model.safetensors}
+    <checkpoint>/scheduler/scheduler_config.json
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+def build_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(32, 64), seed: int = 0) -> UNet2DModel:
+    """A small UNet for tiny images, initialised deterministically from `seed`.
+
+    No attention: at 8x8 it adds little, and under vmap the CPU attention kernel falls back to a
+    slow path.
+    """
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * len(block_out_channels),
+        up_block_types=("UpBlock2D",) * len(block_out_channels),
+        norm_num_groups=min(8, block_out_channels[0]),
+        add_attention=False,
+    )
+
+
+def build_scheduler() -> DDPMScheduler:
+    """The published noise schedule: 1000 steps, linear betas, epsilon prediction."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon")
+
+
+def clone_unet(unet: UNet2DModel, seed: int = 0) -> UNet2DModel:
+    """A freshly initialised UNet with the same config (for retraining from scratch)."""
+    torch.manual_seed(seed)
+    return UNet2DModel.from_config(unet.config)
+
+
+def count_parameters(unet: torch.nn.Module) -> int:
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def save_checkpoint(path: str, unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+    """Write atomically: into a temporary sibling folder, then rename over `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    try:
+        unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
+            os.replace(path, os.path.join(old, "ckpt"))
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
+        raise ValueError(f"{path!r} is not a dtrak checkpoint (expected unet/config.json inside)")
+    unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"))
+    scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    unet.eval()
+    return unet, scheduler
+
+
+def checkpoint_hash(unet: torch.nn.Module) -> str:
+    """Content hash of the weights (not of the file), so a store knows which model it belongs to."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

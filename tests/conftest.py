@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+from dtrak_core.data import load_digits
+from dtrak_core.model import build_scheduler, build_unet
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "assets")
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """A tiny UNet (channels (4, 8), ~10K parameters) with non-trivial weights."""
+    return build_unet(block_out_channels=(4, 8), seed=1).eval()
+
+
+@pytest.fixture(scope="session")
+def scheduler():
+    return build_scheduler()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits("train")

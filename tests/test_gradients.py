@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from dtrak_core.gradients import GradientFeaturizer, timestep_noise, timesteps_for
+from dtrak_core.output_functions import canonical_name, elbo_weights, get_output_function
+
+ALL = ["loss", "square", "avg", "l1-norm", "l2-norm", "linf-norm", "elbo", "eta=0.3"]
+
+
+def loop_gradient(unet, scheduler, x, name, K):
+    """Reference: plain autograd, one sample and one timestep at a time, formulas written out."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    abar = scheduler.alphas_cumprod.float()
+    betas = scheduler.betas.double()
+    for t in range(0, 1000, 1000 // K):
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        xt = abar[t].sqrt() * x + (1 - abar[t]).sqrt() * eps
+        pred = unet(xt[None], torch.tensor([t]), return_dict=False)[0][0]
+        if name == "loss":
+            f = ((pred - eps) ** 2).mean()
+        elif name == "square":
+            f = (pred ** 2).mean()
+        elif name == "avg":
+            f = pred.mean()
+        elif name == "l1-norm":
+            f = pred.abs().sum()
+        elif name == "l2-norm":
+            f = torch.sqrt((pred ** 2).sum())
+        elif name == "linf-norm":
+            f = pred.abs().max()
+        elif name == "elbo":
+            alphabar_t = torch.prod(1 - betas[: t + 1])
+            w = betas[t] / (2 * (1 - betas[t]) * (1 - alphabar_t))
+            f = w.float() * ((pred - eps) ** 2).mean()
+        else:  # eta=0.3
+            eta = 0.3
+            f = eta * (pred ** 2).mean() + (1 - eta) * (((pred - eps) ** 2).mean() - (pred ** 2).mean())
+        for acc, g in zip(total, torch.autograd.grad(f, params)):
+            acc += g
+    return torch.cat([g.flatten() for g in total]) / K
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_per_sample_gradients_match_plain_loop(tiny_unet, scheduler, digits, name):
+    x = digits.images[:3]
+    K = 10
+    fast = GradientFeaturizer(tiny_unet, scheduler, name, K, timestep_chunk=4)(x)
+    for i in range(len(x)):
+        ref = loop_gradient(tiny_unet, scheduler, x[i], name, K)
+        torch.testing.assert_close(fast[i], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+def test_timestep_chunking_does_not_change_result(tiny_unet, scheduler, digits):
+    x = digits.images[:2]
+    a = GradientFeaturizer(tiny_unet, scheduler, "square", 10, timestep_chunk=10)(x)
+    b = GradientFeaturizer(tiny_unet, scheduler, "square", 10, timestep_chunk=3)(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_eta_interpolation_endpoints(tiny_unet, scheduler, digits):
+    x = digits.images[:2]
+    g = lambda n: GradientFeaturizer(tiny_unet, scheduler, n, 10)(x)
+    torch.testing.assert_close(g("eta=1"), g("square"), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(2 * g("eta=0.5"), g("loss"), rtol=1e-4, atol=1e-7)
+
+
+def test_timesteps_and_noise_follow_protocol():
+    assert timesteps_for(10).tolist() == list(range(0, 1000, 100))
+    assert len(timesteps_for(1000)) == 1000
+    with pytest.raises(ValueError):
+        timesteps_for(7)
+    n = timestep_noise(torch.tensor([5, 900]), (1, 8, 8))
+    torch.testing.assert_close(n[1], torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(900)))
+
+
+def test_names_and_elbo_weights(scheduler):
+    assert canonical_name("D-TRAK") == "square" and canonical_name("trak") == "loss"
+    assert canonical_name("eta=0.50") == "eta=0.5"
+    with pytest.raises(ValueError, match="unknown output function"):
+        get_output_function("cubic")
+    w = elbo_weights(scheduler)
+    b = scheduler.betas.double()
+    t = 500
+    expected = b[t] / (2 * (1 - b[t]) * (1 - torch.prod(1 - b[: t + 1])))
+    assert w[t].item() == pytest.approx(expected.item(), rel=1e-5)

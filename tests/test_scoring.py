@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from dtrak_core.scoring import TRAKScorer, default_lambda, ensemble_scores, top_k
+
+
+def naive_scores(phi_q, phi, lam):
+    """The published formula, dense, no tricks: Phi_q (Phi (Phi^T Phi + lam I)^-1)^T."""
+    k = phi.shape[1]
+    inv = np.linalg.inv(phi.T @ phi + lam * np.eye(k))
+    return phi_q @ (phi @ inv).T
+
+
+@pytest.mark.parametrize("n,k", [(40, 10), (10, 40), (25, 25)])
+def test_scores_equal_closed_form(n, k):
+    rng = np.random.default_rng(0)
+    phi = rng.normal(size=(n, k)).astype(np.float32)
+    q = rng.normal(size=(3, k)).astype(np.float32)
+    lam = 0.7
+    got = TRAKScorer(phi, lam=lam).scores(q)
+    np.testing.assert_allclose(got, naive_scores(q.astype(np.float64), phi.astype(np.float64), lam), rtol=1e-9, atol=1e-12)
+
+
+def test_default_lambda_rule_and_validation():
+    phi = np.ones((4, 9), dtype=np.float32)
+    assert default_lambda(phi) == pytest.approx(0.1 * 9)
+    assert TRAKScorer(phi).lam == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="lambda"):
+        TRAKScorer(phi, lam=0.0)
+    with pytest.raises(ValueError, match="dim"):
+        TRAKScorer(phi, lam=1.0).scores(np.ones((1, 8)))
+
+
+def test_top_k_and_ensembles():
+    s = np.array([0.1, 3.0, -2.0, 0.5, -0.1])
+    pro, opp = top_k(s, 2)
+    assert pro.tolist() == [1, 3] and opp.tolist() == [2, 4]
+    np.testing.assert_allclose(ensemble_scores([np.ones((2, 3)), 3 * np.ones((2, 3))]), 2 * np.ones((2, 3)))
+    with pytest.raises(ValueError):
+        ensemble_scores([np.ones((2, 3)), np.ones((3, 2))])
