@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 
-def build_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(32, 64), seed: int = 0) -> UNet2DModel:
+def build_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32), seed: int = 0) -> UNet2DModel:
     """A small UNet for tiny images, initialised deterministically from `seed`.
 
     No attention: at 8x8 it adds little, and under vmap the CPU attention kernel falls back to a
