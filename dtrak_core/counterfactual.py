@@ -1,0 +1,547 @@
+"""Counterfactual evaluation: remove a generated image's top proponents, retrain, regenerate, compare.
+
+If a method's top proponents really made a generated image, then training again from scratch
+without them (same recipe, same seed) and sampling again from the same seed (DDIM 50, eta 0) should
+change that image more than removing as many random training images does. Per target we measure
+
+- the pixel L2 distance between before and after (flattened [-1, 1] pixels, as published);
+- the digit classifier's label and confidence before and after (did the digit change?);
+- CLIP cosine similarity when CLIP weights are present locally (else recorded as unavailable).
+
+One target, one ranking (the app's live "remove and retrain"):
+
+    result = remove_and_retrain(attributor, seed=1000, ranking="d-trak", k="20%",
+                                progress=lambda fraction, message: ..., should_stop=lambda: False)
+    result.before, result.after, result.removed_indices, result.l2, result.label_after, ...
+
+Many targets (`run_counterfactual`, CLI `python -m dtrak_core counterfactual`): each
+(target, ranking, k) is one `RetrainJob` run by `retrain.run_jobs`, so the run is resumable (a
+job's .npz is written atomically when it finishes; finished jobs are skipped) and shardable
+(`--shard i/n`). `summarize` turns the job files into the paper's table (median per ranking) plus
+the distribution and paired per-target comparisons.
+
+Targets are the DDIM-50 samples of seeds `TARGET_SEED_START + i`, i = 0..n-1: a fixed rule, not a
+choice of "good" images, disjoint from the quality seeds 0..255. The random ranking for a target
+is `np.random.default_rng([RANDOM_RANKING_SEED, seed]).permutation(N)`, so its top-75 is a prefix
+of its top-300, like a score ranking's.
+
+Reproducibility: training is deterministic for a fixed torch build *and thread count*; the
+control job (nothing removed) reports how far a retrain under this run's thread count lands from
+the committed model (0 when they match).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .model import checkpoint_hash
+from .output_functions import canonical_name
+from .quality import classify
+from .retrain import RetrainJob, load_result, retrain, run_jobs, save_result
+from .sampling import generate
+from .store import atomic_write_json
+from .training import Cancelled, TrainConfig
+
+TARGET_SEED_START = 1000  # targets are seeds 1000, 1001, ...; disjoint from the quality seeds 0..255
+RANDOM_RANKING_SEED = 20240  # with the target seed, seeds the random ranking
+RANDOM = "random"
+SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0}  # as published
+CONTROL_ID = "control-k0"  # one retrain on everything: how far this machine's retrain is from the model
+DISPLAY = {"square": "D-TRAK", "loss": "TRAK", RANDOM: "Random"}
+PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
+                    "clip_cosine": {"Random": 0.968, "TRAK": 0.943, "D-TRAK": 0.881}}
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+# -- small helpers --------------------------------------------------------------------------------
+def target_seeds(n: int, start: int = TARGET_SEED_START) -> list[int]:
+    """The documented target rule: seeds start, start+1, ..., start+n-1."""
+    if n < 1:
+        raise ValueError(f"need at least one target, got {n}")
+    return list(range(start, start + n))
+
+
+def ranking_name(ranking: str) -> str:
+    """'random', or the canonical output-function name of a scored method ('d-trak' -> 'square')."""
+    if not isinstance(ranking, str) or not ranking.strip():
+        raise ValueError(f"ranking must be a method name such as 'd-trak', 'trak' or 'random', got {ranking!r}")
+    name = ranking.strip().lower()
+    return RANDOM if name == RANDOM else canonical_name(name)
+
+
+def display_name(ranking: str) -> str:
+    name = ranking_name(ranking)
+    return DISPLAY.get(name, name)
+
+
+def slug(ranking: str) -> str:
+    """File-name form of a ranking: 'd-trak', 'trak', 'random', or the output-function name."""
+    name = ranking_name(ranking)
+    return {"square": "d-trak", "loss": "trak"}.get(name, name.replace("=", ""))
+
+
+def parse_k(k, n_train: int) -> int:
+    """A removal size -> a count of training images.
+
+    Accepts a count (an int, or a string of digits: 300), a fraction as a float in [0, 1) (0.2, or
+    '0.2'), or a percentage string in [0%, 100%) ('20%'). The count must leave at least one training
+    image; a fraction must give a whole number of images (20% of 1500 = 300; 1/7 is refused).
+    """
+    usage = f"k must be a count (300), a fraction (0.2) or a percentage ('20%'), got {k!r}"
+
+    def whole(fraction):
+        if not 0 <= fraction < 1:  # also rejects NaN
+            raise ValueError(f"k as a fraction must be in [0, 1) (a percentage in [0%, 100%)), got {k!r}; "
+                             f"give a count as an integer")
+        count = int(round(fraction * n_train))
+        if abs(fraction * n_train - count) > 1e-6:
+            raise ValueError(f"k={k!r} of {n_train} training images is {fraction * n_train:g}, "
+                             f"not a whole number; give a count")
+        return count
+
+    if isinstance(k, bool):
+        raise ValueError(usage)
+    if isinstance(k, (int, np.integer)):
+        count = int(k)
+    elif isinstance(k, (float, np.floating)):
+        count = whole(float(k))
+    elif isinstance(k, str) and k.strip():
+        text = k.strip()
+        try:
+            if text.endswith("%"):
+                count = whole(float(text[:-1]) / 100)
+            elif text.isdigit():
+                count = int(text)
+            else:
+                count = whole(float(text))
+        except ValueError as e:
+            raise ValueError(usage if "could not convert" in str(e) else str(e)) from None
+    else:
+        raise ValueError(usage)
+    if not 0 <= count < n_train:
+        raise ValueError(f"k must remove between 0 and {n_train - 1} of the {n_train} training images, got {k!r}")
+    return count
+
+
+def train_config_from_manifest(root: str = ASSETS) -> TrainConfig:
+    """The recipe the model under `root` was trained with (manifest.json's train_config)."""
+    path = os.path.join(root, "manifest.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no manifest.json in {root!r}; build it with `python -m dtrak_core build-default` "
+                         f"or pass a TrainConfig")
+    with open(path) as f:
+        manifest = json.load(f)
+    if "train_config" not in manifest:
+        raise ValueError(f"{path} has no train_config; pass a TrainConfig")
+    cfg = dict(manifest["train_config"])
+    cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
+    return TrainConfig(**cfg)
+
+
+def _default_config(attributor) -> TrainConfig:
+    """The committed recipe, after checking that the attributor holds the committed model."""
+    config = train_config_from_manifest(ASSETS)
+    with open(os.path.join(ASSETS, "manifest.json")) as f:
+        recorded = json.load(f).get("checkpoint_hash")
+    if recorded is not None and recorded != checkpoint_hash(attributor.unet):
+        raise ValueError("the attributor's model is not the one in assets/manifest.json; pass "
+                         "config=TrainConfig(...) with the recipe it was trained with")
+    return config
+
+
+def removal(attributor, image: torch.Tensor, seed: int, ranking: str, k: int) -> np.ndarray:
+    """The k training indices a ranking removes for one target, strongest proponent first."""
+    name = ranking_name(ranking)
+    n = len(attributor.train)
+    if name == RANDOM:
+        return np.random.default_rng([RANDOM_RANKING_SEED, int(seed)]).permutation(n)[:k]
+    return np.asarray(attributor.attribute(image, name).proponents(k), dtype=np.int64)
+
+
+def keep_indices(n_train: int, removed) -> np.ndarray:
+    """Sorted training indices without `removed`; all of them (0..n-1, in order) when nothing is removed,
+    so a k=0 retrain sees exactly the data, in exactly the order, of the original training run."""
+    mask = np.ones(n_train, dtype=bool)
+    mask[np.asarray(removed, dtype=np.int64)] = False
+    return np.flatnonzero(mask)
+
+
+def sample(unet, scheduler, seed: int, progress=None) -> torch.Tensor:
+    """One target image (C, H, W): DDIM 50, eta 0, from `seed` (generated alone, never batched, so the
+    harness and the live path give bit-identical images)."""
+    return generate(unet, scheduler, [int(seed)], steps=SAMPLING["steps"], sampler=SAMPLING["sampler"],
+                    eta=SAMPLING["eta"], progress=progress)[0]
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def pixel_l2(before: torch.Tensor, after: torch.Tensor) -> float:
+    """L2 distance of the flattened [-1, 1] pixels."""
+    return float(torch.linalg.vector_norm(before.double().flatten() - after.double().flatten()))
+
+
+@lru_cache(maxsize=1)
+def _clip_encoder():
+    """(encoder, None) or (None, why it is unavailable); loaded once, offline only."""
+    try:
+        from .clip_encoder import ClipImageEncoder, ClipUnavailable
+    except ImportError as e:
+        return None, f"unavailable: no CLIP loader ({e})"
+    try:
+        return ClipImageEncoder.load(), None
+    except ClipUnavailable as e:
+        return None, f"unavailable: {e}"
+
+
+def clip_cosine(before: torch.Tensor, after: torch.Tensor) -> tuple[float | None, str]:
+    """(cosine of the CLIP ViT-B/32 image embeddings, 'ok'); (None, reason) when no CLIP weights are local."""
+    encoder, reason = _clip_encoder()
+    if encoder is None:
+        return None, reason
+    e = encoder(torch.stack([before, after])).double()
+    return float(torch.nn.functional.cosine_similarity(e[0], e[1], dim=0)), "ok"
+
+
+@dataclass
+class CounterfactualResult:
+    seed: int  # sampling seed of the target
+    ranking: str  # 'random' or the canonical output function ('square' = D-TRAK, 'loss' = TRAK)
+    k: int  # training images removed
+    before: torch.Tensor  # (C, H, W) the original model's sample
+    after: torch.Tensor  # (C, H, W) the retrained model's sample from the same seed
+    removed_indices: np.ndarray  # (k,) training indices removed, strongest proponent first
+    l2: float  # pixel L2 distance between before and after
+    label_before: int  # digit classifier's label and confidence
+    confidence_before: float
+    label_after: int
+    confidence_after: float
+    clip_cosine: float | None  # None when CLIP is unavailable (see clip_status)
+    clip_status: str
+    train_seconds: float
+    config: TrainConfig = field(repr=False, default=None)
+
+    @property
+    def method(self) -> str:
+        return display_name(self.ranking)
+
+    @property
+    def label_changed(self) -> bool:
+        return self.label_before != self.label_after
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary (no images)."""
+        return {"seed": self.seed, "ranking": self.ranking, "method": self.method, "k": self.k,
+                "removed_indices": [int(i) for i in self.removed_indices], "l2": self.l2,
+                "label_before": self.label_before, "confidence_before": self.confidence_before,
+                "label_after": self.label_after, "confidence_after": self.confidence_after,
+                "label_changed": self.label_changed, "clip_cosine": self.clip_cosine,
+                "clip_status": self.clip_status, "train_seconds": self.train_seconds}
+
+
+def retrain_and_measure(attributor, seed: int, before: torch.Tensor, removed: np.ndarray, ranking: str,
+                        config: TrainConfig, *, progress=None, should_stop=None, show_bar: bool = False) -> CounterfactualResult:
+    """Retrain without `removed`, resample `seed`, measure. Shared by the live path and the harness."""
+    removed = np.asarray(removed, dtype=np.int64)
+    keep = keep_indices(len(attributor.train), removed)
+
+    def on_step(step, steps, loss):
+        if progress is not None:
+            progress(0.02 + 0.93 * step / steps, f"retraining without {len(removed)} images: step {step}/{steps}")
+
+    t0 = time.perf_counter()
+    unet = retrain(attributor.train.images, keep, attributor.scheduler, config, progress=on_step,
+                    should_stop=should_stop, show_bar=show_bar)
+    train_seconds = time.perf_counter() - t0
+    if should_stop is not None and should_stop():
+        raise Cancelled("cancelled before regenerating")
+    on_sample = None if progress is None else (lambda i, n: progress(0.95 + 0.05 * i / n, f"regenerating: step {i}/{n}"))
+    after = sample(unet, attributor.scheduler, seed, progress=on_sample)
+    labels, conf = classify(torch.stack([before, after]))
+    cos, status = clip_cosine(before, after)
+    return CounterfactualResult(seed=int(seed), ranking=ranking_name(ranking), k=len(removed), before=before,
+                                after=after, removed_indices=removed, l2=pixel_l2(before, after),
+                                label_before=int(labels[0]), confidence_before=float(conf[0]),
+                                label_after=int(labels[1]), confidence_after=float(conf[1]),
+                                clip_cosine=cos, clip_status=status, train_seconds=train_seconds, config=config)
+
+
+def remove_and_retrain(attributor, seed: int, ranking: str = "d-trak", k="20%", config: TrainConfig | None = None,
+                       progress: Callable[[float, str], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> CounterfactualResult:
+    """The app's "remove and retrain" for one target and one ranking.
+
+    attributor: an `Attributor` (its model, scheduler, training set and stores).
+    seed: the target is this seed's DDIM-50 sample from the attributor's model.
+    ranking: 'd-trak', 'trak', 'random', or any method the attributor has a store for.
+    k: training images to remove: a count (300), a fraction (0.2) or a percentage ('20%').
+    config: the retraining recipe; None = the committed model's (assets/manifest.json), after
+        checking that the attributor holds the committed model.
+    progress(fraction in [0, 1], message): called about once per training step.
+    should_stop(): polled every training step; True raises `training.Cancelled`.
+
+    ~70 s for the default recipe on 2 CPU cores. Raises ValueError on a bad ranking or k.
+    """
+    name = ranking_name(ranking)
+    if name != RANDOM:
+        attributor.setting(name)  # a clear ValueError now, not after sampling, when no store exists
+    count = parse_k(k, len(attributor.train))
+    config = _default_config(attributor) if config is None else config
+    if progress is not None:
+        progress(0.0, "sampling the target")
+    before = sample(attributor.unet, attributor.scheduler, seed)
+    if progress is not None:
+        progress(0.01, f"ranking the training set ({display_name(name)})")
+    removed = removal(attributor, before, seed, name, count)
+    return retrain_and_measure(attributor, seed, before, removed, name, config, progress=progress,
+                               should_stop=should_stop)
+
+
+# -- the harness: many targets x rankings x removal sizes, as resumable retrain jobs ----------------
+def job_id(ranking: str, k: int, seed: int) -> str:
+    return f"{slug(ranking)}-k{k}-seed{seed}"
+
+
+def _identity(attributor, config: TrainConfig, rankings: list[str]) -> dict:
+    """What every job in an output folder must share; a resumed run must match it."""
+    settings = {}
+    for name in rankings:
+        if name != RANDOM:
+            setting, _ = attributor.setting(name)
+            settings[name] = setting.slug
+    return {"checkpoint_hash": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint,
+            "train_config": json.loads(json.dumps(config.to_dict())), "sampling": SAMPLING,
+            "random_ranking_seed": RANDOM_RANKING_SEED, "stores": settings}
+
+
+def _check_identity(path: str, identity: dict) -> None:
+    """Write identity.json, or check the existing one (new rankings may be added)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            have = json.load(f)
+        for key, value in identity.items():
+            if key == "stores":
+                for name, store in value.items():
+                    if have["stores"].setdefault(name, store) != store:
+                        raise ValueError(f"{path}: ranking {name!r} was computed from store {have['stores'][name]!r}, "
+                                         f"not {store!r}; use another output folder")
+            elif have.get(key) != value:
+                raise ValueError(f"{path}: results were computed with {key}={have.get(key)!r}, not {value!r}; "
+                                 f"use another output folder")
+        identity = have
+    atomic_write_json(path, identity)
+
+
+def plan_jobs(attributor, seeds, rankings, ks) -> tuple[list[RetrainJob], dict, dict]:
+    """(jobs, spec per job id, target image per seed): k-major, then target, then ranking, so a
+    partial run has every ranking for its first targets at the first k."""
+    n = len(attributor.train)
+    names = [ranking_name(r) for r in rankings]
+    counts = [parse_k(k, n) for k in ks]
+    befores = {int(s): sample(attributor.unet, attributor.scheduler, s) for s in seeds}
+    kmax = max(counts)
+    order = {(name, s): removal(attributor, befores[s], s, name, kmax) for s in befores for name in names}
+    jobs, specs = [], {}
+    for k in counts:
+        for s in befores:
+            for name in names:
+                removed = order[(name, s)][:k]
+                jid = job_id(name, k, s)
+                jobs.append(RetrainJob(jid, keep_indices(n, removed), seed=0))
+                specs[jid] = {"seed": s, "ranking": name, "k": k, "removed": removed}
+    return jobs, specs, befores
+
+
+def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "trak", RANDOM), ks=("20%", "5%"),
+                       config: TrainConfig | None = None, *, shard=(0, 1), control: bool = True,
+                       show_bar: bool = True) -> list[str]:
+    """Run this shard's unfinished jobs; each job's result is out_dir/<job id>.npz. Returns the ids run now.
+
+    With `control`, one extra job retrains on the whole training set and regenerates every target:
+    its L2 to the targets is this machine's retrain noise (0 when it reproduces the model exactly).
+    """
+    config = _default_config(attributor) if config is None else config
+    names = list(dict.fromkeys(ranking_name(r) for r in rankings))
+    os.makedirs(out_dir, exist_ok=True)
+    _check_identity(os.path.join(out_dir, "identity.json"), _identity(attributor, config, names))
+    jobs, specs, befores = plan_jobs(attributor, seeds, names, ks)
+    if control:
+        jobs.insert(0, RetrainJob(CONTROL_ID, np.arange(len(attributor.train)), seed=0))
+    threads = torch.get_num_threads()
+
+    def work(job: RetrainJob) -> dict:
+        if job.id == CONTROL_ID:
+            t0 = time.perf_counter()
+            unet = retrain(attributor.train.images, job.keep, attributor.scheduler, config, show_bar=False)
+            seconds = time.perf_counter() - t0
+            after = torch.stack([sample(unet, attributor.scheduler, s) for s in befores])
+            before = torch.stack(list(befores.values()))
+            return {"seeds": np.array(list(befores)), "before": before.numpy(), "after": after.numpy(),
+                    "l2": np.array([pixel_l2(b, a) for b, a in zip(before, after)]),
+                    "same_weights": np.array(checkpoint_hash(unet) == checkpoint_hash(attributor.unet)),
+                    "train_seconds": np.array(seconds), "threads": np.array(threads)}
+        spec = specs[job.id]
+        r = retrain_and_measure(attributor, spec["seed"], befores[spec["seed"]], spec["removed"], spec["ranking"],
+                                config)
+        return {"seed": np.array(r.seed), "ranking": np.array(r.ranking), "k": np.array(r.k),
+                "removed": r.removed_indices, "before": r.before.numpy(), "after": r.after.numpy(),
+                "l2": np.array(r.l2), "label_before": np.array(r.label_before),
+                "confidence_before": np.array(r.confidence_before), "label_after": np.array(r.label_after),
+                "confidence_after": np.array(r.confidence_after),
+                "clip_cosine": np.array(np.nan if r.clip_cosine is None else r.clip_cosine),
+                "clip_status": np.array(r.clip_status), "train_seconds": np.array(r.train_seconds),
+                "threads": np.array(threads)}
+
+    return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar)
+
+
+# -- reporting ------------------------------------------------------------------------------------
+def load_results(out_dir: str) -> list[dict]:
+    """Every finished (target, ranking, k) job in out_dir, as dicts of plain values."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.npz"))):
+        if os.path.basename(path) == f"{CONTROL_ID}.npz":
+            continue
+        z = load_result(path)
+        row = {key: (z[key].item() if z[key].ndim == 0 else z[key]) for key in z}
+        row["id"] = os.path.basename(path)[:-4]
+        rows.append(row)
+    return rows
+
+
+def _quantiles(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    q = np.quantile(v, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    return {"n": int(len(v)), "median": float(q[3]), "mean": float(v.mean()), "min": float(q[0]), "p10": float(q[1]),
+            "p25": float(q[2]), "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6])}
+
+
+def summarize(out_dir: str) -> dict:
+    """Medians and distributions per (k, ranking), paired per-target comparisons, and the control."""
+    from scipy.stats import wilcoxon
+
+    rows = load_results(out_dir)
+    cells, by_target = {}, {}
+    for r in rows:
+        cells.setdefault((r["k"], r["ranking"]), []).append(r)
+        by_target.setdefault(r["k"], {}).setdefault(r["ranking"], {})[r["seed"]] = r["l2"]
+    summary = {"cells": [], "paired": [], "published_cifar2_medians": PUBLISHED_CIFAR2}
+    for (k, ranking), group in sorted(cells.items(), key=lambda kv: (-kv[0][0], display_name(kv[0][1]))):
+        group.sort(key=lambda r: r["seed"])
+        clip = [r["clip_cosine"] for r in group if not np.isnan(r["clip_cosine"])]
+        summary["cells"].append({
+            "k": int(k), "ranking": ranking, "method": display_name(ranking),
+            "l2": _quantiles([r["l2"] for r in group]),
+            "label_changed": float(np.mean([r["label_before"] != r["label_after"] for r in group])),
+            "median_confidence_before": float(np.median([r["confidence_before"] for r in group])),
+            "median_confidence_after": float(np.median([r["confidence_after"] for r in group])),
+            "clip_cosine": _quantiles(clip) if clip else group[0]["clip_status"],
+            "median_train_seconds": float(np.median([r["train_seconds"] for r in group])),
+            "per_target": [{"seed": int(r["seed"]), "l2": float(r["l2"]), "label_before": int(r["label_before"]),
+                            "label_after": int(r["label_after"])} for r in group],
+        })
+    for k, per in sorted(by_target.items(), reverse=True):
+        names = sorted(per, key=lambda n: {"square": 0, "loss": 1, RANDOM: 9}.get(n, 5))
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = sorted(set(per[a]) & set(per[b]))
+                if not common:
+                    continue
+                diff = np.array([per[a][s] - per[b][s] for s in common])
+                p = float(wilcoxon(diff).pvalue) if len(common) >= 6 and np.any(diff != 0) else None
+                summary["paired"].append({"k": int(k), "a": display_name(a), "b": display_name(b), "n": len(common),
+                                          "share_a_moves_more": float(np.mean(diff > 0)),
+                                          "median_difference": float(np.median(diff)), "wilcoxon_p": p})
+    control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
+    if os.path.isfile(control):
+        z = load_result(control)
+        summary["control"] = {"n": int(len(z["l2"])), "same_weights": bool(z["same_weights"]),
+                              "median_l2": float(np.median(z["l2"])), "max_l2": float(np.max(z["l2"])),
+                              "train_seconds": float(z["train_seconds"]), "threads": int(z["threads"])}
+    return summary
+
+
+def format_table(summary: dict, n_train: int = 1500) -> str:
+    """Markdown: the paper's table (median L2 per ranking, n per cell), then paired comparisons."""
+    methods = sorted({c["method"] for c in summary["cells"]},
+                     key=lambda m: {"Random": 0, "TRAK": 1, "D-TRAK": 2}.get(m, 3))
+    ks = sorted({c["k"] for c in summary["cells"]}, reverse=True)
+    cell = {(c["k"], c["method"]): c for c in summary["cells"]}
+    lines = ["| removed k | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    pub = summary["published_cifar2_medians"]
+    lines.append("| 20% (CIFAR-2, published) | median L2 | "
+                 + " | ".join(f"{pub['l2'][m]:.2f}" if m in pub["l2"] else "" for m in methods) + " |")
+    for k in ks:
+        label = f"{k} ({100 * k / n_train:g}%)"
+        def fmt(m, f):
+            c = cell.get((k, m))
+            return f(c) if c else "-"
+        lines.append(f"| {label} | median L2 [p25, p75] (n) | " + " | ".join(fmt(m, lambda c: (
+            f"**{c['l2']['median']:.2f}** [{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}] (n={c['l2']['n']})")) for m in methods) + " |")
+        lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
+            f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
+        lines.append(f"| {label} | median CLIP cosine | " + " | ".join(fmt(m, lambda c: (
+            f"{c['clip_cosine']['median']:.3f}" if isinstance(c["clip_cosine"], dict) else "unavailable")) for m in methods) + " |")
+    if summary["paired"]:
+        lines += ["", "| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p |",
+                  "|---|---|---|---|---|---|"]
+        for p in summary["paired"]:
+            pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.2g}"
+            lines.append(f"| {p['k']} | {p['a']} vs {p['b']} | {p['n']} | {100 * p['share_a_moves_more']:.0f}% | "
+                         f"{p['median_difference']:+.2f} | {pv} |")
+    if "control" in summary:
+        c = summary["control"]
+        lines += ["", f"Control (nothing removed, {c['threads']} thread(s)): same weights as the committed model: "
+                      f"{c['same_weights']}; median L2 to the targets {c['median_l2']:.3f} (max {c['max_l2']:.3f}, n={c['n']})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: int | None = None,
+                  scale: int = 16) -> dict:
+    """Before/after PNGs (and the removed images) for the first targets finished under every ranking at k."""
+    from .images import grid, save_png, to_pil
+
+    rows = load_results(out_dir)
+    if not rows:
+        raise ValueError(f"no finished counterfactual jobs in {out_dir!r}")
+    k = max(r["k"] for r in rows) if k is None else k
+    rows = [r for r in rows if r["k"] == k]
+    rankings = sorted({r["ranking"] for r in rows}, key=lambda n: {"square": 0, "loss": 1, RANDOM: 9}.get(n, 5))
+    by = {(r["seed"], r["ranking"]): r for r in rows}
+    seeds = sorted(s for s in {r["seed"] for r in rows} if all((s, n) in by for n in rankings))[:n_targets]
+    if not seeds:
+        raise ValueError(f"no target has finished jobs for every ranking at k={k} in {out_dir!r}")
+    os.makedirs(gallery_dir, exist_ok=True)
+    entries, tiles = [], []
+    for s in seeds:
+        before = torch.as_tensor(by[(s, rankings[0])]["before"])
+        before_png = f"seed{s}-before.png"
+        save_png(to_pil(before, scale), os.path.join(gallery_dir, before_png))
+        tiles.append(before)
+        for name in rankings:
+            r = by[(s, name)]
+            after = torch.as_tensor(r["after"])
+            tiles.append(after)
+            stem = f"seed{s}-{slug(name)}-k{k}"
+            save_png(to_pil(after, scale), os.path.join(gallery_dir, f"{stem}-after.png"))
+            top = train.images[torch.as_tensor(r["removed"][:32], dtype=torch.long)]
+            save_png(grid(top, columns=16, scale=scale // 2), os.path.join(gallery_dir, f"{stem}-removed.png"))
+            entries.append({"seed": int(s), "ranking": name, "method": display_name(name), "k": int(k),
+                            "before_png": before_png, "after_png": f"{stem}-after.png",
+                            "removed_png": f"{stem}-removed.png (first 32, strongest first)",
+                            "removed_indices": [int(i) for i in r["removed"]], "l2": float(r["l2"]),
+                            "label_before": int(r["label_before"]), "confidence_before": float(r["confidence_before"]),
+                            "label_after": int(r["label_after"]), "confidence_after": float(r["confidence_after"]),
+                            "clip_cosine": None if np.isnan(r["clip_cosine"]) else float(r["clip_cosine"]),
+                            "clip_status": str(r["clip_status"])})
+    save_png(grid(torch.stack(tiles), columns=1 + len(rankings), scale=scale), os.path.join(gallery_dir, "gallery.png"))
+    index = {"k": int(k), "seeds": [int(s) for s in seeds], "columns": ["before"] + [display_name(n) for n in rankings],
+             "grid_png": "gallery.png", "entries": entries}
+    atomic_write_json(os.path.join(gallery_dir, "gallery.json"), index)
+    return index

@@ -1,0 +1,184 @@
+"""Counterfactual harness on a tiny model (64 digits, channels (4, 8), 6 training steps)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dtrak_core.retrain as retrain_module
+from dtrak_core import counterfactual as cf
+from dtrak_core.attribution import Attributor
+from dtrak_core.features import Featurizer, FeatureSetting
+from dtrak_core.model import build_scheduler, checkpoint_hash
+from dtrak_core.store import FeatureStore
+from dtrak_core.training import Cancelled, TrainConfig, train
+
+TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8), seed=3)
+N = 64
+
+
+@pytest.fixture(scope="module")
+def attributor(tmp_path_factory, digits):
+    """A real Attributor: a tiny model trained on 64 digits with TINY, D-TRAK and TRAK stores."""
+    root = tmp_path_factory.mktemp("cf")
+    train_set = digits.subset(np.arange(N), name="digits[:64]")
+    scheduler = build_scheduler()
+    unet = train(train_set.images, scheduler, TINY, show_bar=False)
+    stores = []
+    for fn in ("square", "loss"):
+        setting = FeatureSetting(fn, K=2, k=32)
+        identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
+        store = FeatureStore.create(str(root / setting.slug), identity, N, setting.k)
+        featurize = Featurizer(unet, scheduler, setting)
+        store.fill(lambda x: featurize(x).detach(), train_set.images, show_bar=False)
+        stores.append(FeatureStore.open(store.path))
+    return Attributor(unet, scheduler, train_set, stores)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Every image set handed to training (through retrain.retrain) is recorded."""
+    calls = []
+    real = retrain_module.train
+
+    def spy(images, scheduler, config, **kwargs):
+        calls.append(images.clone())
+        return real(images, scheduler, config, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "train", spy)
+    return calls
+
+
+def test_parse_k():
+    assert cf.parse_k(300, 1500) == 300
+    assert cf.parse_k("300", 1500) == 300
+    assert cf.parse_k("20%", 1500) == 300
+    assert cf.parse_k(0.2, 1500) == 300
+    assert cf.parse_k("5%", 1500) == 75
+    assert cf.parse_k(0, 1500) == 0
+    for bad in (1500, -1, 1.5, "150%", "-5%", "abc", "", None, True, float("nan"), 0.1234, "1/7"):
+        with pytest.raises(ValueError):
+            cf.parse_k(bad, 1500)
+
+
+def test_bad_k_and_ranking_rejected_before_training(attributor, captured):
+    for k in (N, -1, "100%", 0.5001):
+        with pytest.raises(ValueError):
+            cf.remove_and_retrain(attributor, 7, "d-trak", k, config=TINY)
+    with pytest.raises(ValueError, match="unknown output function"):
+        cf.remove_and_retrain(attributor, 7, "nope", 4, config=TINY)
+    with pytest.raises(ValueError, match="no feature store"):
+        cf.remove_and_retrain(attributor, 7, "l1-norm", 4, config=TINY)
+    assert captured == []
+
+
+def test_pixel_l2_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 8, 8, generator=g) * 2 - 1, torch.rand(1, 8, 8, generator=g) * 2 - 1
+    brute = sum((float(x) - float(y)) ** 2 for x, y in zip(a.flatten(), b.flatten())) ** 0.5
+    assert cf.pixel_l2(a, b) == pytest.approx(brute, rel=1e-12)
+
+
+@pytest.mark.parametrize("ranking", ["d-trak", "trak"])
+def test_removes_exactly_top_k_and_retrained_model_never_saw_them(attributor, captured, ranking):
+    k = 16
+    result = cf.remove_and_retrain(attributor, 11, ranking, k, config=TINY)
+    before = cf.sample(attributor.unet, attributor.scheduler, 11)
+    assert torch.equal(result.before, before)
+    scores = attributor.attribute(before, ranking).scores
+    reference = sorted(range(N), key=lambda i: (-scores[i], i))[:k]  # independent top-k, strongest first
+    assert result.removed_indices.tolist() == reference
+    assert result.k == k and len(set(reference)) == k
+    # the only training run saw exactly the other 48 images, in index order
+    assert len(captured) == 1
+    kept = [i for i in range(N) if i not in set(reference)]
+    assert torch.equal(captured[0], attributor.train.images[kept])
+    seen = {tuple(x.flatten().tolist()) for x in captured[0]}
+    for i in reference:
+        duplicate = any(torch.equal(attributor.train.images[i], attributor.train.images[j]) for j in kept)
+        assert duplicate or tuple(attributor.train.images[i].flatten().tolist()) not in seen
+    assert result.l2 == pytest.approx(cf.pixel_l2(result.before, result.after))
+    assert 0 <= result.label_before <= 9 and 0 < result.confidence_before <= 1
+    assert result.clip_cosine is None or -1 <= result.clip_cosine <= 1
+    json.dumps(result.to_dict())
+
+
+def test_nothing_removed_reproduces_model_and_image(attributor, captured):
+    result = cf.remove_and_retrain(attributor, 5, "random", 0, config=TINY)
+    assert result.removed_indices.size == 0
+    assert torch.equal(captured[0], attributor.train.images)
+    assert torch.equal(result.after, result.before) and result.l2 == 0.0
+    assert result.label_after == result.label_before
+
+
+def test_random_ranking_is_seeded_and_nested(attributor):
+    image = cf.sample(attributor.unet, attributor.scheduler, 1)
+    a = cf.removal(attributor, image, 1, "random", 20)
+    assert np.array_equal(a, cf.removal(attributor, image, 1, "random", 20))
+    assert np.array_equal(a[:5], cf.removal(attributor, image, 1, "random", 5))
+    assert len(set(a.tolist())) == 20 and a.min() >= 0 and a.max() < N
+    assert not np.array_equal(a, cf.removal(attributor, image, 2, "random", 20))
+
+
+def test_progress_and_cancellation(attributor):
+    seen = []
+    cf.remove_and_retrain(attributor, 3, "trak", "25%", config=TINY, progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
+    calls = []
+    with pytest.raises(Cancelled):
+        cf.remove_and_retrain(attributor, 3, "trak", 4, config=TINY, should_stop=lambda: calls.append(1) or len(calls) > 2)
+
+
+def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeypatch):
+    out = str(tmp_path / "jobs")
+    seeds, rankings, ks = cf.target_seeds(2, start=40), ["d-trak", "trak", "random"], [16, "12.5%"]
+    real = retrain_module.train
+    count = {"n": 0}
+
+    def dies_on_third(images, scheduler, config, **kwargs):
+        count["n"] += 1
+        if count["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(images, scheduler, config, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "train", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        cf.run_counterfactual(attributor, out, seeds, rankings, ks, TINY, show_bar=False)
+    done = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
+    assert done == sorted([f"{cf.CONTROL_ID}.npz", "d-trak-k16-seed40.npz"])  # k-major, target, ranking order
+    first = {f: open(os.path.join(out, f), "rb").read() for f in done}
+
+    monkeypatch.setattr(retrain_module, "train", real)
+    ran = cf.run_counterfactual(attributor, out, seeds, rankings, ks, TINY, show_bar=False)
+    assert len(ran) == 2 * 3 * 2 - 1 and "d-trak-k16-seed40" not in ran and cf.CONTROL_ID not in ran
+    assert all(open(os.path.join(out, f), "rb").read() == first[f] for f in done)  # untouched
+    assert cf.run_counterfactual(attributor, out, seeds, rankings, ks, TINY, show_bar=False) == []
+
+    # a different recipe in the same folder is refused, naming the field
+    with pytest.raises(ValueError, match="train_config"):
+        cf.run_counterfactual(attributor, out, seeds, rankings, ks, TrainConfig(steps=7, batch_size=16,
+                              block_out_channels=(4, 8), seed=3), show_bar=False)
+
+    summary = cf.summarize(out)
+    assert {(c["k"], c["method"]) for c in summary["cells"]} == {(k, m) for k in (16, 8) for m in ("D-TRAK", "TRAK", "Random")}
+    for c in summary["cells"]:
+        l2s = [cf.load_result(os.path.join(out, f"{cf.slug(c['ranking'])}-k{c['k']}-seed{s}.npz"))["l2"] for s in seeds]
+        assert c["l2"]["n"] == 2 and c["l2"]["median"] == pytest.approx(float(np.median(l2s)))
+    assert summary["control"]["same_weights"] and summary["control"]["max_l2"] == 0.0
+    table = cf.format_table(summary, N)
+    assert "median L2" in table and "(n=2)" in table
+
+    index = cf.write_gallery(out, str(tmp_path / "gallery"), attributor.train, n_targets=2)
+    assert index["k"] == 16 and index["seeds"] == seeds and len(index["entries"]) == 6
+    for e in index["entries"]:
+        assert os.path.isfile(tmp_path / "gallery" / e["after_png"])
+    assert os.path.isfile(tmp_path / "gallery" / "gallery.png")
+
+
+def test_shards_partition_the_jobs(attributor, tmp_path):
+    out = str(tmp_path / "jobs")
+    seeds = cf.target_seeds(1, start=50)
+    a = cf.run_counterfactual(attributor, out, seeds, ["random", "trak"], [4], TINY, shard=(0, 2), show_bar=False)
+    b = cf.run_counterfactual(attributor, out, seeds, ["random", "trak"], [4], TINY, shard=(1, 2), show_bar=False)
+    assert sorted(a + b) == sorted([cf.CONTROL_ID, "random-k4-seed50", "trak-k4-seed50"]) and not set(a) & set(b)
