@@ -95,6 +95,34 @@ def cmd_quality(args):
     print(json.dumps(sample_quality(images), indent=2))
 
 
+def cmd_counterfactual(args):
+    from .attribution import Attributor
+    from .counterfactual import (format_table, run_counterfactual, summarize, target_seeds,
+                                 train_config_from_manifest, write_gallery)
+    from .retrain import parse_shard
+    from .store import atomic_write_json
+
+    shard = parse_shard(args.shard)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    attributor = Attributor.load(args.root)
+    jobs_dir = os.path.join(args.out, "jobs")
+    if not args.summary_only:
+        seeds = target_seeds(args.targets, args.first_seed)
+        ran = run_counterfactual(attributor, jobs_dir, seeds, args.rankings.split(","), args.k or ["20%", "5%"],
+                                 train_config_from_manifest(args.root), shard=shard, control=not args.no_control)
+        print(f"ran {len(ran)} job(s) now; results in {jobs_dir}")
+    summary = summarize(jobs_dir)
+    table = format_table(summary, len(attributor.train))
+    atomic_write_json(os.path.join(args.out, "summary.json"), summary)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    if args.gallery and summary["cells"]:
+        index = write_gallery(jobs_dir, os.path.join(args.out, "gallery"), attributor.train, args.gallery)
+        print(f"gallery: seeds {index['seeds']} at k={index['k']} in {os.path.join(args.out, 'gallery')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtrak_core", description="D-TRAK data attribution for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.set_defaults(func=cmd_quality)
+    p = sub.add_parser("counterfactual", help="remove each target's top proponents, retrain, regenerate, measure")
+    _add_root(p)
+    p.add_argument("--out", default="assets/counterfactual", help="results folder (jobs/, summary.json, results.md, gallery/)")
+    p.add_argument("--targets", type=int, default=32, help="number of target seeds (default 32)")
+    p.add_argument("--first-seed", type=int, default=1000, help="targets are seeds first-seed .. first-seed+targets-1")
+    p.add_argument("--rankings", default="d-trak,trak,random", help="comma-separated: d-trak, trak, random or any method with a store")
+    p.add_argument("--k", action="append", default=None,
+                   help="training images to remove: a count (300), fraction (0.2) or percentage (20%%); repeat for several "
+                        "(default: 20%% then 5%%)")
+    p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... (e.g. 0/4)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-control", action="store_true", help="skip the nothing-removed control retrain")
+    p.add_argument("--summary-only", action="store_true", help="only summarize finished jobs")
+    p.add_argument("--gallery", type=int, default=3, help="before/after PNGs for this many targets (0: none)")
+    p.set_defaults(func=cmd_counterfactual)
     return parser
 
 
