@@ -48,14 +48,20 @@ def batch_stream(n: int, batch_size: int, generator: torch.Generator):
 
 def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), *,
           progress: Callable[[int, int, float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, show_bar: bool = True):
+          should_stop: Callable[[], bool] | None = None, show_bar: bool = True,
+          checkpoint_steps=(), on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None):
     """Train a fresh UNet on `images` (N, C, H, W) in [-1, 1]; returns it in eval mode.
 
     `progress(step, steps, loss)` is called every step; `should_stop()` returning True raises
-    `Cancelled`.
+    `Cancelled`. `on_checkpoint(step, unet)` is called after each optimiser step listed in
+    `checkpoint_steps` (1..steps) with the live model (for saving intermediate checkpoints,
+    e.g. TracInCP); it must not modify the model. It does not change the training trajectory.
     """
     if len(images) == 0:
         raise ValueError("cannot train on an empty dataset")
+    checkpoint_steps = set(int(s) for s in checkpoint_steps)
+    if any(not 1 <= s <= config.steps for s in checkpoint_steps):
+        raise ValueError(f"checkpoint_steps must lie in 1..{config.steps}, got {sorted(checkpoint_steps)}")
     unet = build_unet(sample_size=images.shape[-1], channels=images.shape[1],
                       block_out_channels=config.block_out_channels, seed=config.seed)
     unet.train()
@@ -82,6 +88,9 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
         sched.step()
         if progress is not None:
             progress(step + 1, config.steps, loss.item())
+        if on_checkpoint is not None and step + 1 in checkpoint_steps:
+            on_checkpoint(step + 1, unet)
+            unet.train()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval()
