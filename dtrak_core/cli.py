@@ -123,6 +123,24 @@ def cmd_counterfactual(args):
         print(f"gallery: seeds {index['seeds']} at k={index['k']} in {os.path.join(args.out, 'gallery')}")
 
 
+
+def cmd_build_baselines(args):
+    from .baselines import build_default_baselines
+
+    entry = build_default_baselines(args.root)
+    print(json.dumps({k: entry[k] for k in ("checkpoints", "train_seconds", "featurize_seconds")}, indent=2))
+
+
+def cmd_methods(args):
+    from .attribution import Attributor
+    from .baselines import BASELINES, available_methods, unavailable_methods
+
+    attributor = Attributor.load(args.root)
+    missing = unavailable_methods(attributor, args.root)
+    report = {"available": available_methods(attributor, args.root), "unavailable": missing,
+              "baselines": {name: b.description for name, b in BASELINES.items()}}
+    print(json.dumps(report, indent=2))
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtrak_core", description="D-TRAK data attribution for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-only", action="store_true", help="only summarize finished jobs")
     p.add_argument("--gallery", type=int, default=3, help="before/after PNGs for this many targets (0: none)")
     p.set_defaults(func=cmd_counterfactual)
+
+    p = sub.add_parser("build-baselines", help="TracInCP checkpoints (replayed training run) and their feature stores")
+    _add_root(p)
+    p.set_defaults(func=cmd_build_baselines)
+
+    p = sub.add_parser("methods", help="attribution methods that can run on this model (and why others cannot)")
+    _add_root(p)
+    p.set_defaults(func=cmd_methods)
     return parser
 
 
