@@ -34,6 +34,7 @@ these:
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import weakref
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from .training import TrainConfig, train
 # and ~4 x 6 min). The final-checkpoint gradient baselines use the full TRAK store instead.
 TRACIN_SETTING = FeatureSetting("loss", K=10, k=512)
 TRACIN_CHECKPOINTS = 4  # as published: 4 checkpoints of the run, evenly spaced, the last one final
+TRACIN_INDEX = os.path.join("tracin", "index.json")
 JOURNEY_STEPS = 50  # DDIM steps, as `sampling.generate` uses by default
 
 
@@ -91,8 +93,10 @@ def tracin_steps(total_steps: int, count: int = TRACIN_CHECKPOINTS) -> list[int]
 
 
 def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expected_final: str | None = None,
-                 steps=None, setting: FeatureSetting = TRACIN_SETTING, show_bar: bool = True) -> dict:
-    """Replay the training run, save checkpoints at `steps`, featurize each, register under manifest['tracin'].
+                 steps=None, setting: FeatureSetting = TRACIN_SETTING, show_bar: bool = True, register: bool = True) -> dict:
+    """Replay the training run, save checkpoints at `steps` and featurize each.
+
+    Writes <root>/tracin/index.json (what was built) and, with `register`, points manifest['tracin'] at it.
 
     Training is deterministic for a seed, so rerunning `train` with the model's own config retraces
     its trajectory; `expected_final` (the checkpoint_hash of the model these belong to) is checked
@@ -102,8 +106,7 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
     steps = sorted(set(tracin_steps(config.steps) if steps is None else [int(s) for s in steps]))
     base = os.path.join(root, "tracin")
     rel_ckpt = {s: os.path.join("tracin", "checkpoints", f"step-{s:05d}") for s in steps}
-    manifest = _read_manifest(root)
-    old = manifest.get("tracin") or {}
+    old = _read_json(os.path.join(root, TRACIN_INDEX))
     have = {c["step"]: c["checkpoint_hash"] for c in old.get("checkpoints", [])}
     reusable = (old.get("train_config") == _jsonable(config.to_dict()) and set(have) >= set(steps)
                 and old.get("dataset") == train_set.fingerprint
@@ -118,6 +121,7 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
         train_seconds = time.perf_counter() - t0
         model_hash = expected_final or checkpoint_hash(final)
         if expected_final is not None and checkpoint_hash(final) != expected_final:
+            shutil.rmtree(os.path.join(base, "checkpoints"), ignore_errors=True)  # not the model's: never leave them to reuse
             raise ValueError(f"replaying the training run gave final weights {checkpoint_hash(final)}, not the model's "
                              f"{expected_final}: training is not reproducible here (torch build or thread count differs), "
                              "so these checkpoints are not the model's own trajectory")
@@ -138,18 +142,34 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
              "model_checkpoint_hash": model_hash, "checkpoints": entries,
              "train_seconds": train_seconds,
              "featurize_seconds": {**old.get("featurize_seconds", {}), **featurize_seconds} if reusable else featurize_seconds}
-    manifest = _read_manifest(root)  # re-read just before writing: others may have registered stores meanwhile
-    manifest["tracin"] = entry
-    atomic_write_json(os.path.join(root, MANIFEST), manifest)
+    atomic_write_json(os.path.join(root, TRACIN_INDEX), entry)
+    if register:
+        register_tracin(root)
     return entry
 
 
-def build_default_baselines(root: str = "assets", show_bar: bool = True) -> dict:
-    """TracInCP checkpoints and stores for the model under `root` (built by build-default)."""
+def register_tracin(root: str) -> None:
+    """Point manifest['tracin'] at tracin/index.json (read-modify-write of the manifest, written atomically)."""
+    if not os.path.isfile(os.path.join(root, TRACIN_INDEX)):
+        raise ValueError(f"no {TRACIN_INDEX} under {root!r}; build it with `python -m dtrak_core build-baselines`")
+    manifest = _read_json(os.path.join(root, MANIFEST))
+    if manifest.get("tracin") != TRACIN_INDEX:
+        manifest["tracin"] = TRACIN_INDEX
+        atomic_write_json(os.path.join(root, MANIFEST), manifest)
+
+
+def build_default_baselines(root: str = "assets", show_bar: bool = True, register: bool = True) -> dict:
+    """TracInCP checkpoints and stores for the model under `root` (built by build-default).
+
+    The replay must run with the thread count of the original training (CPU kernels split their
+    reductions by thread, so the weights differ in the last bits otherwise): the manifest's
+    `threads` when recorded, else torch's default. On a busy machine set OMP_WAIT_POLICY=PASSIVE
+    (same numbers, far less time lost in OpenMP barriers).
+    """
     from .data import load_digits
 
-    manifest = _read_manifest(root)
-    if "checkpoint_hash" not in manifest or "train_config" not in manifest:
+    manifest = _read_json(os.path.join(root, MANIFEST))
+    if "train_config" not in manifest or "checkpoint" not in manifest:
         raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; run `python -m dtrak_core build-default` first")
     if manifest.get("dataset") != "digits-train":
         raise ValueError(f"build-baselines knows the digits default only, not dataset {manifest.get('dataset')!r}")
@@ -159,13 +179,12 @@ def build_default_baselines(root: str = "assets", show_bar: bool = True) -> dict
     if "threads" in manifest:
         torch.set_num_threads(int(manifest["threads"]))  # replay under the thread count of the original run
     return build_tracin(root, load_digits("train"), scheduler, TrainConfig(**cfg), expected_final=checkpoint_hash(unet),
-                        show_bar=show_bar)
+                        show_bar=show_bar, register=register)
 
 
-def _read_manifest(root: str) -> dict:
+def _read_json(path: str) -> dict:
     import json
 
-    path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
@@ -187,7 +206,8 @@ class TracInCheckpoint:
 
 def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
     """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
-    entry = _read_manifest(root).get("tracin")
+    index = _read_json(os.path.join(root, MANIFEST)).get("tracin")
+    entry = _read_json(os.path.join(root, index)) if index else {}
     if not entry:
         raise MethodUnavailable(f"TracInCP needs the training run's checkpoints: none registered in "
                                 f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core build-baselines`")
@@ -253,7 +273,7 @@ class JourneyFeaturizer:
         g = vmap(grad(objective), in_dims=(None, 0))(params, x0s)
         return torch.cat([v.reshape(len(x0s), -1) for v in g.values()], dim=1)
 
-    def __call__(self, seeds, images: torch.Tensor | None = None, atol: float = 1e-3) -> torch.Tensor:
+    def __call__(self, seeds, images: torch.Tensor | None = None, atol: float = 1e-2) -> torch.Tensor:
         """(B, k) features; with `images`, first check that they are these seeds' samples."""
         seeds = [int(s) for s in seeds]
         if images is not None and len(images) != len(seeds):

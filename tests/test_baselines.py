@@ -180,6 +180,7 @@ def test_tracin_replay_mismatch_and_unavailable(case, scheduler, tmp_path):
     with pytest.raises(ValueError, match="not reproducible"):
         build_tracin(str(tmp_path / "a"), case["train"], scheduler, CONFIG, expected_final="0" * 16, steps=(3, 6),
                      setting=TRACIN, show_bar=False)
+    assert not (tmp_path / "a" / "tracin" / "checkpoints").exists()
     missing = unavailable_methods(case["att"], root=str(tmp_path), clip_path=case["empty"])
     assert set(missing) == {"tracin", "gas", "clip-dot", "clip-cosine"}
     assert "build-baselines" in missing["tracin"]
