@@ -76,7 +76,7 @@ def save_checkpoint(path: str, unet: UNet2DModel, scheduler: DDPMScheduler) -> N
 def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     if not os.path.isfile(os.path.join(path, "unet", "config.json")):
         raise ValueError(f"{path!r} is not a dtrak checkpoint (expected unet/config.json inside)")
-    unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"))
+    unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), low_cpu_mem_usage=False)
     scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
     unet.eval()
     return unet, scheduler

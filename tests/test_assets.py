@@ -1,0 +1,49 @@
+"""The committed assets/ are consistent with the code that built them."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core.attribution import Attributor
+from dtrak_core.features import Featurizer, FeatureSetting
+from dtrak_core.model import checkpoint_hash
+from dtrak_core.store import FeatureStore
+
+from .conftest import ASSETS
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "manifest.json")),
+                                reason="assets/ not built (python -m dtrak_core build-default)")
+
+
+@pytest.fixture(scope="module")
+def attributor():
+    return Attributor.load(ASSETS)
+
+
+def test_manifest_matches_checkpoint_and_stores(attributor):
+    with open(os.path.join(ASSETS, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["checkpoint_hash"] == checkpoint_hash(attributor.unet)
+    assert {"square", "loss"} <= set(attributor.methods)
+    for rel in manifest["stores"]:
+        store = FeatureStore.open(os.path.join(ASSETS, rel))  # verifies sha256 and identity fields exist
+        assert store.complete and store.metadata["n"] == len(attributor.train)
+
+
+@pytest.mark.parametrize("method", ["square", "loss"])
+def test_stored_rows_match_recomputed_features(attributor, method):
+    setting, store = attributor.setting(method)
+    rows = [0, 777, 1499]
+    fresh = Featurizer(attributor.unet, attributor.scheduler, setting)(attributor.train.images[rows]).numpy()
+    stored = np.asarray(store.features()[rows])
+    # Recomputed in a different batch than the store's slices: equal up to float reassociation.
+    np.testing.assert_allclose(fresh, stored, rtol=1e-3, atol=1e-4 * np.abs(stored).max())
+
+
+def test_a_training_image_is_its_own_top_proponent(attributor):
+    idx = [3, 500, 1200]
+    scores = attributor.scores(attributor.train.images[idx], "d-trak")
+    for row, i in zip(scores, idx):
+        assert i in np.argsort(-row)[:5]

@@ -1,0 +1,46 @@
+"""CLI smoke test on a tiny config: build, generate, attribute (seed and image), featurize, errors."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from dtrak_core.build import build_default
+from dtrak_core.cli import main
+from dtrak_core.features import FeatureSetting
+from dtrak_core.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("assets"))
+    build_default(root, TrainConfig(steps=4, batch_size=16, block_out_channels=(4, 8)),
+                  settings=(FeatureSetting("square", K=10, k=32), FeatureSetting("loss", K=10, k=32)), show_bar=False)
+    return root
+
+
+def test_generate_and_attribute(tiny_root, tmp_path, capsys):
+    out = str(tmp_path / "s.png")
+    assert main(["generate", "--root", tiny_root, "--seed", "3", "--steps", "5", "--out", out]) == 0
+    assert Image.open(out).size == (64, 64)
+    capsys.readouterr()
+    assert main(["attribute", "--root", tiny_root, "--seed", "3", "--method", "trak", "--top", "4", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["method"] == "loss" and len(table["proponents"]) == 4 and len(table["opponents"]) == 4
+    scores = [r["score"] for r in table["proponents"]]
+    assert scores == sorted(scores, reverse=True)
+    assert main(["attribute", "--root", tiny_root, "--image", out, "--top", "2"]) == 0
+    assert "proponents" in capsys.readouterr().out
+
+
+def test_featurize_new_store_and_errors(tiny_root, tmp_path, capsys):
+    assert main(["featurize", "--root", tiny_root, "--output-fn", "l2-norm", "--K", "10", "--k", "32"]) == 0
+    assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "l2-norm", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "avg"]) == 2
+    assert "no feature store for method 'avg'" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    assert main(["attribute", "--root", tiny_root, "--image", str(bad)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert main(["attribute", "--root", str(tmp_path), "--seed", "1"]) == 2
