@@ -45,7 +45,7 @@ def loop_gradient(unet, scheduler, x, name, K):
 def test_per_sample_gradients_match_plain_loop(tiny_unet, scheduler, digits, name):
     x = digits.images[:3]
     K = 10
-    fast = GradientFeaturizer(tiny_unet, scheduler, name, K, timestep_chunk=4)(x)
+    fast = GradientFeaturizer(tiny_unet, scheduler, name, K, timestep_chunk=4, engine="vmap")(x)
     for i in range(len(x)):
         ref = loop_gradient(tiny_unet, scheduler, x[i], name, K)
         torch.testing.assert_close(fast[i], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
@@ -84,3 +84,80 @@ def test_names_and_elbo_weights(scheduler):
     t = 500
     expected = b[t] / (2 * (1 - b[t]) * (1 - torch.prod(1 - b[: t + 1])))
     assert w[t].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# -- the "hooks" engine against the torch.func "vmap" engine -----------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_hooks_engine_matches_plain_loop(tiny_unet, scheduler, digits, name):
+    x = digits.images[3:4]
+    fast = GradientFeaturizer(tiny_unet, scheduler, name, 10, timestep_chunk=4, engine="hooks")(x)
+    for i in range(len(x)):
+        ref = loop_gradient(tiny_unet, scheduler, x[i], name, 10)
+        torch.testing.assert_close(fast[i], ref, rtol=1e-4, atol=5e-6 * ref.abs().max().item())  # rounding: another summation order
+
+
+def test_hooks_engine_matches_vmap_on_default_unet(scheduler, digits):
+    from dtrak_core.model import build_unet
+
+    unet = build_unet(seed=3).eval()  # the default architecture, (16, 32) channels
+    g = lambda engine, name: GradientFeaturizer(unet, scheduler, name, 10, timestep_chunk=7, engine=engine)(digits.images[:2])
+    assert GradientFeaturizer(unet, scheduler, "square", 10).engine == "hooks"  # what "auto" picks for our UNet
+    assert not g("hooks", "avg").requires_grad  # plain numbers, ready for numpy
+    for name in ("loss", "square"):
+        ref = g("vmap", name)
+        torch.testing.assert_close(g("hooks", name), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+class _ReusingNet(torch.nn.Module):
+    """A model the UNet does not exercise: a conv called twice, a grouped bias-free conv,
+    a bias-free Linear on the timestep, a GroupNorm and a frozen layer."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(in_channels=1, sample_size=8)
+        torch.manual_seed(0)
+        self.inp = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.shared = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.grouped = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False)
+        self.temb = torch.nn.Linear(1, 4, bias=False)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.frozen = torch.nn.Conv2d(4, 4, 1)
+        self.frozen.requires_grad_(False)
+        self.out = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x, t, return_dict=False):
+        h = self.inp(x) + self.temb(t.float()[:, None] / 1000)[:, :, None, None]
+        h = self.shared(torch.tanh(self.shared(h)))
+        h = self.norm(self.frozen(h))
+        h = torch.nn.functional.interpolate(self.grouped(torch.tanh(h)), scale_factor=2)
+        return (self.out(h),)
+
+
+@pytest.mark.parametrize("grouped_max_rows", [1, 1000])  # conv weight gradients per sample / all in one call
+def test_hooks_engine_handles_reused_grouped_and_frozen_layers(scheduler, digits, monkeypatch, grouped_max_rows):
+    import dtrak_core.gradients
+
+    monkeypatch.setattr(dtrak_core.gradients, "GROUPED_CONV_MAX_ROWS", grouped_max_rows)
+    net = _ReusingNet().eval()
+    a = GradientFeaturizer(net, scheduler, "loss", 10, engine="hooks")(digits.images[:3])
+    b = GradientFeaturizer(net, scheduler, "loss", 10, engine="vmap")(digits.images[:3])
+    assert a.shape == (3, sum(p.numel() for p in net.parameters() if p.requires_grad))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+
+
+def test_engine_choice_and_errors(tiny_unet, scheduler):
+    class Scaled(torch.nn.Module):  # a parametrised layer the hooks engine does not know
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    net = _ReusingNet()
+    net.extra = Scaled()
+    assert GradientFeaturizer(net, scheduler, "square", 10).engine == "vmap"
+    with pytest.raises(ValueError, match="hooks"):
+        GradientFeaturizer(net, scheduler, "square", 10, engine="hooks")
+    with pytest.raises(ValueError, match="unknown gradient engine"):
+        GradientFeaturizer(tiny_unet, scheduler, "square", 10, engine="jit")
