@@ -141,6 +141,44 @@ def cmd_methods(args):
               "baselines": {name: b.description for name, b in BASELINES.items()}}
     print(json.dumps(report, indent=2))
 
+def cmd_lds(args):
+    from .lds import LDSConfig, default_methods, default_run, evaluate, query_features
+    from .retrain import parse_shard
+
+    torch.set_num_threads(args.threads)
+    config = LDSConfig(num_subsets=args.subsets)
+    if args.action == "run":
+        shard = parse_shard(args.shard)
+        run = default_run(args.root, args.out, config)
+        t0 = time.perf_counter()
+        ran = run.run(shard=shard, batch_models=args.batch_models)
+        print(f"{len(ran)} models retrained and measured in {time.perf_counter() - t0:.0f} s; results in {run.jobs_dir}")
+        return
+    unet, scheduler, methods, feats = default_methods(args.root, args.methods, args.K)
+    if args.action == "features":
+        run = default_run(args.root, args.out, config)
+        run.prepare()
+        for name, setting in methods.items():
+            for set_name, images in run.test_sets.items():
+                query_features(unet, scheduler, setting, images, os.path.join(args.out, "queries", set_name, setting.slug))
+        print(f"query features of {sorted(run.test_sets)} for {sorted(methods)} in {os.path.join(args.out, 'queries')}")
+        return
+    results = evaluate(args.out, unet, scheduler, methods, feats, dest=args.dest or None)
+    label = f"PARTIAL: {results['subsets_done']} of {results['subsets_planned']} subsets" if results["partial"] else \
+        f"{results['subsets_done']} subsets"
+    print(f"LDS x 100 ({label}, {len(results['train_seeds'])} training seeds each)")
+    for name, per_set in results["methods"].items():
+        for set_name in ("validation", "generated"):
+            r = per_set[set_name]
+            print(f"  {name:8s} {set_name:10s} paper-lambda {r['paper']['lds']:6.2f} +- {r['paper']['pm']:.2f}   "
+                  f"honest {r['honest']['lds']:6.2f} +- {r['honest']['pm']:.2f}   default {r['default']['lds']:6.2f} +- {r['default']['pm']:.2f}")
+    for set_name, c in results["noise_ceiling"].items():
+        print(f"  noise ceiling {set_name}: seed-vs-seed {c['seed_vs_seed']:.2f} +- {c['seed_vs_seed_pm']:.2f}, "
+              f"ceiling for the {c['seeds']}-seed mean {c['ceiling']:.2f}")
+    if args.dest:
+        print(f"wrote {os.path.join(args.dest, 'lds_results.json')} and lds_ground_truth.npz")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtrak_core", description="D-TRAK data attribution for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="attribution methods that can run on this model (and why others cannot)")
     _add_root(p)
     p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("lds", help="LDS benchmark: retrain on random half-subsets, then score methods against them")
+    _add_root(p)
+    p.add_argument("action", choices=("run", "features", "evaluate"),
+                   help="run: retrain + ground truth (resumable); features: test-set features; evaluate: LDS tables")
+    p.add_argument("--out", default="runs/lds", help="run folder (default runs/lds)")
+    p.add_argument("--dest", default="assets/benchmarks", help="evaluate: where results go ('' = nowhere)")
+    p.add_argument("--subsets", type=int, default=64, help="M, number of random half-subsets (default 64)")
+    p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... of the list: i/n")
+    p.add_argument("--batch-models", type=int, default=1, help="models trained at once with torch.func (default 1)")
+    p.add_argument("--methods", nargs="+", default=["d-trak", "trak"], help="methods with stores in --root")
+    p.add_argument("--K", type=int, default=100, help="timesteps of the stores to use (default 100)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.set_defaults(func=cmd_lds)
     return parser
 
 

@@ -1,0 +1,500 @@
+"""Linear datamodeling score (LDS): how well attribution scores predict retrained models' losses.
+
+Protocol (see docs and assets/benchmarks/README.md):
+
+- M random subsets of the training set, each a fraction `alpha` of it; subset m is drawn from
+  `default_rng([subset_seed, m])`, so subset m is the same whatever M is (M can grow later).
+- For each subset and each training seed, a model is retrained from scratch with the base recipe
+  (`retrain.run_jobs`: resumable, one result file per finished model, shardable).
+- Ground truth F(x; theta_m): the eps-prediction MSE of test sample x under the retrained model,
+  averaged over `eval_timesteps` evenly spaced timesteps (midpoints of equal bins of the 1000)
+  x `noise_seeds` fixed noise draws (the same noise for every model: common random numbers)
+  x the training seeds.
+- Prediction g(x, D_m) = sum over training samples in D_m of x's attribution scores.
+  A proponent lowers the loss, so LDS(x) = Spearman over the M subsets between g and -F.
+  Reported: mean over test samples x 100, +- the standard deviation of that mean over a bootstrap
+  of the subsets.
+
+`lds(scores, masks, F)` needs only the stored masks and F, so a new method's LDS is computed
+without retraining anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from .retrain import RetrainJob, load_result, retrain, run_job_groups, run_jobs, train_many
+from .store import atomic_write_json
+from .training import TrainConfig
+
+SETUP = "setup.json"
+TEST_SETS = "test_sets.npz"
+PAPER_LAMBDA_GRID = tuple(float(f"{m}e{e}") for e in range(-2, 7) for m in (1, 2, 5))  # 27 values 1e-2..5e6
+
+
+@dataclass(frozen=True)
+class LDSConfig:
+    num_subsets: int = 64  # M: retrained subsets (the paper's number)
+    alpha: float = 0.5  # each subset keeps this fraction of the training set
+    subset_seed: int = 0  # subset m = default_rng([subset_seed, m]).choice(...)
+    train_seeds: tuple = (1, 2)  # training seeds per subset; seed s is used for every subset (common random numbers)
+    eval_timesteps: int = 100  # ground-truth timesteps: midpoints of eval_timesteps equal bins of the 1000
+    noise_seeds: tuple = (0, 1, 2)  # ground-truth noise draws per (sample, timestep)
+    generated: int = 256  # generated test samples, seeds 0..generated-1
+    sample_steps: int = 50  # DDIM steps for the generated test samples
+
+    def __post_init__(self):
+        object.__setattr__(self, "train_seeds", tuple(int(s) for s in self.train_seeds))
+        object.__setattr__(self, "noise_seeds", tuple(int(s) for s in self.noise_seeds))
+        if self.num_subsets < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"need num_subsets >= 1 and 0 < alpha < 1, got {self.num_subsets}, {self.alpha}")
+        if not self.train_seeds or not self.noise_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError("train_seeds and noise_seeds must be non-empty, train_seeds distinct")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+# -- subsets and jobs -----------------------------------------------------------------------------
+def subset_indices(n: int, m: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Sorted training indices of subset m (independent of how many subsets there are)."""
+    size = int(round(alpha * n))
+    return np.sort(np.random.default_rng([seed, m]).choice(n, size, replace=False))
+
+
+def subset_masks(n: int, num_subsets: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """(M, N) bool: masks[m, i] is True when training sample i is in subset m."""
+    masks = np.zeros((num_subsets, n), dtype=bool)
+    for m in range(num_subsets):
+        masks[m, subset_indices(n, m, alpha, seed)] = True
+    return masks
+
+
+def job_id(m: int, seed: int) -> str:
+    return f"m{m:03d}-s{seed}"
+
+
+def lds_jobs(n: int, config: LDSConfig) -> list[RetrainJob]:
+    """Subset-major order (m0 s1, m0 s2, m1 s1, ...), so a partial run has whole subsets done."""
+    return [RetrainJob(job_id(m, s), subset_indices(n, m, config.alpha, config.subset_seed), s)
+            for m in range(config.num_subsets) for s in config.train_seeds]
+
+
+# -- ground truth ---------------------------------------------------------------------------------
+def eval_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """n evenly spaced timesteps: the midpoints of n equal bins (n = 1000 gives all of them)."""
+    if n < 1 or num_train_timesteps % n:
+        raise ValueError(f"eval_timesteps must divide {num_train_timesteps}, got {n}")
+    step = num_train_timesteps // n
+    return torch.arange(step // 2, num_train_timesteps, step)
+
+
+@torch.no_grad()
+def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, noise_seeds, chunk: int = 4096) -> np.ndarray:
+    """(S, T, Q) eps-prediction MSE of each image at each timestep for each noise seed.
+
+    The noise for seed s is one (T, Q, C, H, W) draw from a generator seeded by s, so every model
+    is evaluated on the same noisy inputs.
+    """
+    unet.eval()
+    abar = scheduler.alphas_cumprod.float()[timesteps]  # (T,)
+    Q, T = len(images), len(timesteps)
+    out = np.empty((len(noise_seeds), T, Q), dtype=np.float32)
+    t_flat = timesteps.repeat_interleave(Q)  # (T * Q,) row-major over (T, Q)
+    a_flat = abar.repeat_interleave(Q).view(-1, 1, 1, 1)
+    x_flat = images.repeat(T, 1, 1, 1)
+    for si, s in enumerate(noise_seeds):
+        noise = torch.randn((T * Q, *images.shape[1:]), generator=torch.Generator().manual_seed(int(s)))
+        losses = torch.empty(T * Q)
+        for a in range(0, T * Q, chunk):
+            b = min(a + chunk, T * Q)
+            xt = a_flat[a:b].sqrt() * x_flat[a:b] + (1 - a_flat[a:b]).sqrt() * noise[a:b]
+            pred = unet(xt, t_flat[a:b], return_dict=False)[0]
+            losses[a:b] = (pred - noise[a:b]).pow(2).flatten(1).mean(1)
+        out[si] = losses.view(T, Q).numpy()
+    return out
+
+
+# -- the score ------------------------------------------------------------------------------------
+def _check_lds_inputs(scores, masks, F):
+    scores, masks, F = np.asarray(scores, dtype=np.float64), np.asarray(masks), np.asarray(F, dtype=np.float64)
+    if scores.ndim != 2 or masks.ndim != 2 or F.ndim != 2:
+        raise ValueError(f"need scores (Q, N), masks (M, N), F (M, Q); got {scores.shape}, {masks.shape}, {F.shape}")
+    if masks.shape[1] != scores.shape[1] or F.shape != (masks.shape[0], scores.shape[0]):
+        raise ValueError(f"shapes disagree: scores {scores.shape} (Q, N), masks {masks.shape} (M, N), F {F.shape} (M, Q)")
+    if masks.shape[0] < 3:
+        raise ValueError(f"LDS needs at least 3 subsets, got {masks.shape[0]}")
+    if not np.isfinite(F).all() or not np.isfinite(scores).all():
+        raise ValueError("scores and F must be finite")
+    return scores, masks.astype(np.float64), F
+
+
+def _rank_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column of a with the same column of b, (M, Q) -> (Q,)."""
+    ra, rb = rankdata(a, axis=0), rankdata(b, axis=0)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    den = np.sqrt((ra ** 2).sum(0) * (rb ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(0) / den, np.nan)
+
+
+def lds_per_sample(scores, masks, F) -> np.ndarray:
+    """(Q,) Spearman over subsets between g = masks @ scores^T and -F (nan where F or g is constant)."""
+    scores, masks, F = _check_lds_inputs(scores, masks, F)
+    return _rank_corr(masks @ scores.T, -F)
+
+
+def lds(scores, masks, F, num_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(LDS x 100, +- x 100): mean Spearman over test samples, +- its bootstrap std over subsets.
+
+    scores (Q, N): higher = stronger proponent; masks (M, N) bool; F (M, Q) ground-truth losses.
+    """
+    scores, masks, F = _check_lds_inputs(scores, masks, F)
+    g = masks @ scores.T  # (M, Q)
+    mean = float(np.nanmean(_rank_corr(g, -F)))
+    rng = np.random.default_rng(seed)
+    boot = [np.nanmean(_rank_corr(g[idx], -F[idx])) for idx in rng.integers(0, len(F), (num_bootstrap, len(F)))]
+    return 100 * mean, 100 * float(np.nanstd(boot))
+
+
+def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """How well one training seed's ground truth predicts another's.
+
+    F_seeds (S, M, Q), S >= 2. `seed_vs_seed`: mean over samples (and seed pairs) of the Spearman over
+    subsets between seed a's and seed b's F, x 100, with a bootstrap +- over subsets. `ceiling`: the
+    Spearman-Brown estimate of how well a noise-free predictor could correlate with the S-seed mean
+    that LDS is computed against, sqrt(S r / (1 + (S - 1) r)) x 100 for the mean seed-vs-seed r.
+    """
+    F_seeds = np.asarray(F_seeds, dtype=np.float64)
+    if F_seeds.ndim != 3 or F_seeds.shape[0] < 2 or F_seeds.shape[1] < 3:
+        raise ValueError(f"need F_seeds (S >= 2, M >= 3, Q), got {F_seeds.shape}")
+    S, M, _ = F_seeds.shape
+    pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
+
+    def r_of(idx):
+        return float(np.mean([np.nanmean(_rank_corr(F_seeds[a][idx], F_seeds[b][idx])) for a, b in pairs]))
+
+    r = r_of(np.arange(M))
+    rng = np.random.default_rng(seed)
+    boot = [r_of(idx) for idx in rng.integers(0, M, (num_bootstrap, M))]
+    ceiling = np.sqrt(S * r / (1 + (S - 1) * r)) if r > 0 else float("nan")
+    return {"seed_vs_seed": 100 * r, "seed_vs_seed_pm": 100 * float(np.std(boot)), "seeds": S,
+            "ceiling": 100 * float(ceiling), "subsets": M}
+
+
+# -- the run --------------------------------------------------------------------------------------
+class LDSRun:
+    """Retraining + ground truth for one base model, in `out_dir` (resumable, shardable).
+
+        out_dir/setup.json       config, train recipe, fingerprints (checked when resuming)
+        out_dir/test_sets.npz    the test images (validation digits, generated samples)
+        out_dir/jobs/<id>.npz    per retrained model: eps losses (S, T, Q) per test set, timings
+        out_dir/models/<id>/     the retrained model (diffusers folder), for later measurements
+    """
+
+    def __init__(self, out_dir: str, train_images: torch.Tensor, scheduler, train_config: TrainConfig,
+                 config: LDSConfig, test_sets: dict[str, torch.Tensor], identity: dict | None = None):
+        self.out_dir, self.train_images, self.scheduler = out_dir, train_images, scheduler
+        self.train_config, self.config, self.test_sets = train_config, config, test_sets
+        self.identity = identity or {}
+
+    @property
+    def jobs_dir(self) -> str:
+        return os.path.join(self.out_dir, "jobs")
+
+    def setup_dict(self) -> dict:
+        return {"lds_config": self.config.to_dict(), "train_config": json.loads(json.dumps(self.train_config.to_dict())),
+                "num_train": len(self.train_images), "test_sets": {k: len(v) for k, v in self.test_sets.items()},
+                **self.identity}
+
+    def prepare(self) -> None:
+        """Write setup.json and the test sets, or check that an existing run matches."""
+        os.makedirs(self.jobs_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, SETUP)
+        want = self.setup_dict()
+        if os.path.exists(path):
+            with open(path) as f:
+                have = json.load(f)
+            for key in sorted(set(have) | set(want)):
+                if key == "lds_config":  # only num_subsets may change (extend or stop early)
+                    a = {k: v for k, v in have[key].items() if k != "num_subsets"}
+                    b = {k: v for k, v in want[key].items() if k != "num_subsets"}
+                    if a != b:
+                        raise ValueError(f"{self.out_dir!r} holds an LDS run with lds_config {have[key]}, not {want[key]}; "
+                                         f"use another --out folder")
+                elif have.get(key) != want.get(key):
+                    raise ValueError(f"{self.out_dir!r} holds an LDS run with {key}={have.get(key)!r}, not "
+                                     f"{want.get(key)!r}; use another --out folder")
+            saved = load_result(os.path.join(self.out_dir, TEST_SETS))
+            for name, images in self.test_sets.items():
+                if not np.array_equal(saved[name], images.numpy()):
+                    raise ValueError(f"test set {name!r} differs from the one saved in {self.out_dir!r}")
+            if have["lds_config"]["num_subsets"] != self.config.num_subsets:
+                atomic_write_json(path, {**have, "lds_config": want["lds_config"]})
+            return
+        from .retrain import save_result
+
+        save_result(os.path.join(self.out_dir, TEST_SETS), **{k: v.numpy() for k, v in self.test_sets.items()})
+        atomic_write_json(path, want)
+
+    def jobs(self) -> list[RetrainJob]:
+        return lds_jobs(len(self.train_images), self.config)
+
+    def _measure(self, unet, job: RetrainJob, train_seconds: float) -> dict:
+        t0 = time.perf_counter()
+        ts = eval_timesteps(self.config.eval_timesteps, self.scheduler.config.num_train_timesteps)
+        out = {f"loss_{name}": eps_losses(unet, self.scheduler, images, ts, self.config.noise_seeds)
+               for name, images in self.test_sets.items()}
+        model_dir = os.path.join(self.out_dir, "models", job.id)
+        shutil.rmtree(model_dir + ".tmp", ignore_errors=True)
+        unet.save_pretrained(model_dir + ".tmp", safe_serialization=True)
+        shutil.rmtree(model_dir, ignore_errors=True)  # left by a run killed after saving it
+        os.replace(model_dir + ".tmp", model_dir)
+        return {**out, "train_seconds": np.float64(train_seconds), "eval_seconds": np.float64(time.perf_counter() - t0),
+                "keep": job.keep.astype(np.int32), "seed": np.int64(job.seed)}
+
+    def _work(self, job: RetrainJob) -> dict:
+        t0 = time.perf_counter()
+        unet = retrain(self.train_images, job.keep, self.scheduler, replace(self.train_config, seed=job.seed), show_bar=False)
+        return self._measure(unet, job, time.perf_counter() - t0)
+
+    def _work_many(self, jobs: list[RetrainJob]) -> list[dict]:
+        t0 = time.perf_counter()
+        unets = train_many(self.train_images, [j.keep for j in jobs], [j.seed for j in jobs], self.scheduler,
+                           self.train_config, show_bar=False)
+        seconds = (time.perf_counter() - t0) / len(jobs)
+        return [self._measure(u, j, seconds) for u, j in zip(unets, jobs)]
+
+    def run(self, shard: tuple[int, int] = (0, 1), batch_models: int = 1, show_bar: bool = True) -> list[str]:
+        """Retrain and measure this shard's unfinished jobs; returns the ids done now."""
+        self.prepare()
+        if batch_models == 1:
+            return run_jobs(self.jobs(), self.jobs_dir, self._work, shard=shard, show_bar=show_bar)
+        return run_job_groups(self.jobs(), self.jobs_dir, self._work_many, group_size=batch_models, shard=shard,
+                              show_bar=show_bar)
+
+
+def collect(out_dir: str, timestep_stride: int = 1) -> dict:
+    """Gather the finished jobs of a run.
+
+    Returns masks (M, N) for the subsets whose every training seed is done (in subset order),
+    subsets (M,) their indices, and per test set F_seeds (S, M, Q) (averaged over noise seeds and
+    timesteps; `timestep_stride` > 1 keeps every stride-th evaluated timestep, to measure how much
+    the timestep subset matters) and F (M, Q) = mean over training seeds.
+    """
+    with open(os.path.join(out_dir, SETUP)) as f:
+        setup = json.load(f)
+    config = LDSConfig(**setup["lds_config"])
+    n = setup["num_train"]
+    jobs_dir = os.path.join(out_dir, "jobs")
+    done = []
+    for m in range(config.num_subsets):
+        if all(os.path.exists(os.path.join(jobs_dir, f"{job_id(m, s)}.npz")) for s in config.train_seeds):
+            done.append(m)
+    out = {"setup": setup, "subsets": np.array(done, dtype=np.int64),
+           "masks": subset_masks(n, config.num_subsets, config.alpha, config.subset_seed)[done], "F_seeds": {}, "F": {},
+           "train_seconds": [], "eval_seconds": []}
+    per_set = {name: [] for name in setup["test_sets"]}
+    for m in done:
+        rows = {name: [] for name in per_set}
+        for s in config.train_seeds:
+            r = load_result(os.path.join(jobs_dir, f"{job_id(m, s)}.npz"))
+            out["train_seconds"].append(float(r["train_seconds"]))
+            out["eval_seconds"].append(float(r["eval_seconds"]))
+            for name in per_set:
+                rows[name].append(r[f"loss_{name}"][:, ::timestep_stride].mean(axis=(0, 1)))  # (Q,)
+        for name in per_set:
+            per_set[name].append(rows[name])  # (S, Q)
+    for name, rows in per_set.items():
+        q = setup["test_sets"][name]
+        F_seeds = np.asarray(rows, dtype=np.float64).reshape(len(done), len(config.train_seeds), q).transpose(1, 0, 2)
+        out["F_seeds"][name] = F_seeds
+        out["F"][name] = F_seeds.mean(0)
+    return out
+
+
+def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
+                 split_seed: int = 0) -> dict:
+    """LDS over a lambda grid, with the paper's choice (best on the test set) and an honest one.
+
+    `honest`: 2-fold cross-fitting over test samples: lambda picked on one random half of the
+    samples, LDS computed on the other half with it, and vice versa; the per-sample LDS of both
+    halves is averaged (the subsets are shared by both halves). `default`: the documented
+    `default_lambda` rule, chosen without any evaluation data.
+    """
+    from .scoring import TRAKScorer, default_lambda
+
+    masks = np.asarray(masks, dtype=np.float64)
+    F = np.asarray(F, dtype=np.float64)
+    per_lam, g_by_lam = [], []
+    for lam in grid:
+        scores = TRAKScorer(train_features, lam=lam).scores(query_features)
+        g = masks @ scores.T
+        g_by_lam.append(g)
+        per_lam.append(_rank_corr(g, -F))
+    per_lam = np.asarray(per_lam)  # (L, Q)
+    means = np.nanmean(per_lam, axis=1)
+    best = int(np.nanargmax(means))
+    Q = F.shape[1]
+    halves = np.array_split(np.random.default_rng(split_seed).permutation(Q), 2)
+    honest = np.full(Q, np.nan)
+    picks = []
+    for pick_on, report_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+        k = int(np.nanargmax(np.nanmean(per_lam[:, pick_on], axis=1)))
+        picks.append(grid[k])
+        honest[report_on] = per_lam[k, report_on]
+    lam_default = default_lambda(train_features)
+    dflt = lds(TRAKScorer(train_features, lam=lam_default).scores(query_features), masks, F, num_bootstrap)
+    paper = lds(TRAKScorer(train_features, lam=grid[best]).scores(query_features), masks, F, num_bootstrap)
+    # bootstrap over subsets for the cross-fitted number (lambdas fixed at the picks)
+    rng = np.random.default_rng(0)
+    boot = []
+    for idx in rng.integers(0, len(F), (num_bootstrap, len(F))):
+        v = np.full(Q, np.nan)
+        for (pick_on, report_on), lam in zip(((halves[0], halves[1]), (halves[1], halves[0])), picks):
+            k = grid.index(lam)
+            v[report_on] = _rank_corr(g_by_lam[k][idx][:, report_on], -F[idx][:, report_on])
+        boot.append(np.nanmean(v))
+    return {
+        "grid": list(grid), "lds_by_lambda": [100 * float(v) for v in means],
+        "paper": {"lambda": grid[best], "lds": paper[0], "pm": paper[1],
+                  "note": "lambda best on the reported test set itself (the paper's choice; optimistic)",
+                  "at_grid_edge": best in (0, len(grid) - 1)},
+        "honest": {"lambdas": picks, "lds": 100 * float(np.nanmean(honest)), "pm": 100 * float(np.nanstd(boot)),
+                   "note": "2-fold cross-fitting over test samples: each half scored with the lambda best on the other half"},
+        "default": {"lambda": lam_default, "lds": dflt[0], "pm": dflt[1],
+                    "note": "default_lambda rule (0.1 x mean squared train-feature norm), no evaluation data used"},
+    }
+
+
+# -- the embedded default -------------------------------------------------------------------------
+def default_run(root: str, out_dir: str, config: LDSConfig = LDSConfig()) -> LDSRun:
+    """The LDS run for the default model under `root` (assets/): its recipe, its generated samples."""
+    from .build import read_manifest
+    from .data import load_digits
+    from .model import checkpoint_hash, load_checkpoint
+    from .sampling import generate
+
+    manifest = read_manifest(root)
+    if not manifest:
+        raise ValueError(f"no manifest in {root!r}; build it with `python -m dtrak_core build-default`")
+    unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+    train = load_digits("train")
+    validation = load_digits("validation")
+    generated = generate(unet, scheduler, range(config.generated), steps=config.sample_steps)
+    tc = dict(manifest["train_config"])
+    tc["block_out_channels"] = tuple(tc["block_out_channels"])
+    identity = {"checkpoint": checkpoint_hash(unet), "dataset": train.fingerprint}
+    return LDSRun(out_dir, train.images, scheduler, TrainConfig(**tc), config,
+                  {"validation": validation.images, "generated": generated}, identity)
+
+
+def query_features(unet, scheduler, setting, images: torch.Tensor, path: str, show_bar: bool = True) -> np.ndarray:
+    """Projected features of test images, cached (resumable) as a feature store at `path`."""
+    import hashlib
+
+    from .features import Featurizer
+    from .model import checkpoint_hash
+    from .store import FeatureStore
+
+    fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+    store = FeatureStore.create(path, FeatureStore.identity(setting, checkpoint_hash(unet), fingerprint),
+                                len(images), setting.k, slice_size=32)
+    return np.array(store.fill(Featurizer(unet, scheduler, setting), images, show_bar=show_bar).features())
+
+
+def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict, dest: str | None = None,
+             num_bootstrap: int = 1000, show_bar: bool = True) -> dict:
+    """LDS of each method on each test set from the finished jobs of `run_dir`.
+
+    methods: name -> FeatureSetting; train_features: name -> (N, k). Query features are cached
+    under run_dir/queries/. With `dest`, writes dest/lds_ground_truth.npz (masks, F, generated
+    images) and dest/lds_results.json.
+    """
+    col = collect(run_dir)
+    M = len(col["subsets"])
+    if M < 3:
+        raise ValueError(f"only {M} subsets of {run_dir!r} have all their training seeds done; LDS needs at least 3")
+    setup = col["setup"]
+    config = LDSConfig(**setup["lds_config"])
+    test_sets = {k: torch.from_numpy(v) for k, v in load_result(os.path.join(run_dir, TEST_SETS)).items()}
+    results = {"partial": M < config.num_subsets, "subsets_done": M, "subsets_planned": config.num_subsets,
+               "train_seeds": list(config.train_seeds), "setup": setup, "methods": {}, "noise_ceiling": {},
+               "timestep_check": {},
+               "wall_seconds_per_model": {"train_mean": float(np.mean(col["train_seconds"])),
+                                          "eval_mean": float(np.mean(col["eval_seconds"]))}}
+    for name, setting in methods.items():
+        results["methods"][name] = {"setting": setting.to_dict()}
+        for set_name, images in test_sets.items():
+            q = query_features(unet, scheduler, setting, images, os.path.join(run_dir, "queries", set_name, setting.slug),
+                               show_bar=show_bar)
+            results["methods"][name][set_name] = lambda_study(train_features[name], q, col["masks"], col["F"][set_name],
+                                                              num_bootstrap=num_bootstrap)
+    for set_name in test_sets:
+        if len(config.train_seeds) >= 2:
+            results["noise_ceiling"][set_name] = noise_ceiling(col["F_seeds"][set_name], num_bootstrap)
+    # does the timestep subset matter? LDS (default lambda, first method) with every stride-th evaluated timestep
+    first = next(iter(methods))
+    from .scoring import TRAKScorer
+
+    scorer = TRAKScorer(train_features[first])
+    for stride in (1, 2, 5, 10):
+        if config.eval_timesteps % stride:
+            continue
+        col_s = collect(run_dir, timestep_stride=stride)
+        for set_name, images in test_sets.items():
+            q = query_features(unet, scheduler, methods[first], images,
+                               os.path.join(run_dir, "queries", set_name, methods[first].slug), show_bar=False)
+            v, pm = lds(scorer.scores(q), col_s["masks"], col_s["F"][set_name], num_bootstrap)
+            results["timestep_check"].setdefault(set_name, {})[str(config.eval_timesteps // stride)] = {"lds": v, "pm": pm}
+    results["timestep_check"]["method"] = first
+    if dest is not None:
+        from .retrain import save_result
+
+        os.makedirs(dest, exist_ok=True)
+        arrays = {"subsets": col["subsets"], "masks_packed": np.packbits(col["masks"], axis=1),
+                  "num_train": np.int64(col["masks"].shape[1])}
+        for set_name in test_sets:
+            arrays[f"F_seeds_{set_name}"] = col["F_seeds"][set_name].astype(np.float32)
+        arrays["generated_images"] = test_sets["generated"].numpy() if "generated" in test_sets else np.zeros(0)
+        save_result(os.path.join(dest, "lds_ground_truth.npz"), **arrays)
+        atomic_write_json(os.path.join(dest, "lds_results.json"), results)
+    return results
+
+
+def load_ground_truth(path: str) -> dict:
+    """Read lds_ground_truth.npz: masks (M, N) bool and F[set] (M, Q) (mean over training seeds)."""
+    r = load_result(path)
+    out = {"subsets": r["subsets"], "masks": np.unpackbits(r["masks_packed"], axis=1, count=int(r["num_train"])).astype(bool),
+           "F": {}, "F_seeds": {}}
+    for key, value in r.items():
+        if key.startswith("F_seeds_"):
+            out["F_seeds"][key[8:]] = value
+            out["F"][key[8:]] = value.astype(np.float64).mean(0)
+    return out
+
+
+def default_methods(root: str, names=("d-trak", "trak"), K: int | None = 100):
+    """(unet, scheduler, {name: setting}, {name: train features}) from the stores of `root`."""
+    from .attribution import Attributor
+    from .output_functions import canonical_name
+
+    attributor = Attributor.load(root)
+    methods, feats = {}, {}
+    for name in names:
+        entries = attributor.stores.get(canonical_name(name), [])
+        entries = [e for e in entries if K is None or e[0].K == K]
+        if not entries:
+            raise ValueError(f"no feature store for {name!r} (K={K}) in {root!r}; build it with "
+                             f"`python -m dtrak_core featurize --output-fn {canonical_name(name)} --K {K}`")
+        setting, store = max(entries, key=lambda e: e[0].K)
+        methods[name], feats[name] = setting, np.asarray(store.features())
+    return attributor.unet, attributor.scheduler, methods, feats
