@@ -141,7 +141,8 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
     entry = {"train_config": _jsonable(config.to_dict()), "dataset": train_set.fingerprint, "setting": setting.to_dict(),
              "model_checkpoint_hash": model_hash, "checkpoints": entries,
              "train_seconds": train_seconds,
-             "featurize_seconds": {**old.get("featurize_seconds", {}), **featurize_seconds} if reusable else featurize_seconds}
+             # a rerun keeps the first full timings (a no-op or resumed fill is not a measurement)
+             "featurize_seconds": {**featurize_seconds, **old.get("featurize_seconds", {})} if reusable else featurize_seconds}
     atomic_write_json(os.path.join(root, TRACIN_INDEX), entry)
     if register:
         register_tracin(root)
