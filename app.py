@@ -1,0 +1,617 @@
+"""D-TRAK explorer: generate digits with the embedded diffusion model, see which training images
+made them, and check by removing those images and retraining.
+
+    python app.py                          # http://127.0.0.1:7860, assets from ./assets
+    DTRAK_ASSETS=path/to/assets python app.py
+
+Layout and thin handlers only: every computation is a `dtrak_core` call. The model, training set
+and feature stores are loaded once per process (`load_assets`) and shared by all sessions;
+per-user selections live in `gr.State`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import gradio as gr
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from dtrak_core import app_support as sup
+from dtrak_core.attribution import Attributor
+from dtrak_core.build import read_manifest
+from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
+from dtrak_core.quality import classify
+from dtrak_core.sampling import generate
+from dtrak_core.training import Cancelled
+
+ASSETS = os.environ.get("DTRAK_ASSETS", "assets")
+QUERY_SCALE = 24  # 8x8 -> 192 px
+THUMB_SCALE = 8  # 8x8 -> 64 px
+DEFAULT_K = 8
+MAX_K = 32
+NO_RANKING = "none"
+PROPONENT, OPPONENT, NEUTRAL = "#16a34a", "#dc2626", "#94a3b8"
+
+
+# ---------------------------------------------------------------- shared state (one per process)
+
+@dataclass
+class Assets:
+    root: str
+    attributor: Attributor
+    manifest: dict
+
+    @property
+    def train_config(self):
+        return sup.train_config_from_manifest(self.manifest)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.attributor.train)
+
+
+@lru_cache(maxsize=None)
+def load_assets(root: str) -> Assets:
+    """The model folder, loaded once; raises ValueError with a readable reason when missing."""
+    return Assets(root, Attributor.load(root), read_manifest(root))
+
+
+def assets() -> Assets:
+    try:
+        return load_assets(ASSETS)
+    except (ValueError, OSError) as e:
+        raise gr.Error(f"The model assets could not be loaded: {e}") from None
+
+
+_samples_cache = sup.LRUCache(64)  # (seeds, steps) -> images (B, C, H, W)
+_attribution_cache = sup.LRUCache(256)  # (QueryKey, method) -> Attribution
+_counterfactual_cache = sup.LRUCache(64)  # (seed, steps, ranking, k) -> CounterfactualRun
+_cancel_flags: dict[str, threading.Event] = {}  # session -> "stop my retrain"
+
+
+def _counterfactual():
+    """The counterfactual core (issue 5), imported at call time so the rest of the app works without it."""
+    try:
+        from dtrak_core import counterfactual
+    except ImportError as e:
+        raise gr.Error(f"The counterfactual engine (dtrak_core.counterfactual) is not available: {e}") from None
+    return counterfactual
+
+
+def readable(fn):
+    """Turn a core ValueError into a message in the UI (never a stack trace)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+    return wrapper
+
+
+# ---------------------------------------------------------------- formatting
+
+def sample_query(seed: int, steps: int, pixels: np.ndarray) -> dict:
+    return {"key": sup.QueryKey.for_sample(seed, steps), "pixels": pixels, "seed": int(seed), "steps": int(steps),
+            "title": f"Generated sample, seed {int(seed)} (DDIM {int(steps)} steps)"}
+
+
+def classifier_text(pixels: np.ndarray) -> str:
+    labels, conf = classify(pixels[None])
+    return f"looks like a **{labels[0]}** ({conf[0]:.0%} by the digit classifier)"
+
+
+def training_gallery(attribution, indices) -> list:
+    train = assets().attributor.train
+    return [(to_pil(train.images[i], THUMB_SCALE),
+             f"#{i} · digit {attribution.labels[i]} · {attribution.scores[i]:+.3g}") for i in indices]
+
+
+def score_histogram(attribution, k: int) -> go.Figure:
+    scores = attribution.scores
+    prop, opp = attribution.proponents(k), attribution.opponents(k)
+    fig = go.Figure()
+    fig.add_histogram(x=scores, nbinsx=80, marker_color=NEUTRAL, name="all training images",
+                      hovertemplate="score %{x}<br>%{y} images<extra></extra>")
+    for idx, color, name in ((prop, PROPONENT, f"top-{k} proponents"), (opp, OPPONENT, f"top-{k} opponents")):
+        fig.add_scatter(x=scores[idx], y=np.zeros(len(idx)), mode="markers", name=name, customdata=idx,
+                        marker=dict(color=color, size=11, symbol="triangle-up", line=dict(width=1, color="white")),
+                        hovertemplate="#%{customdata}<br>score %{x:.4g}<extra></extra>")
+    lo, hi = sup.top_k_thresholds(scores, k)
+    fig.add_vline(x=hi, line=dict(color=PROPONENT, dash="dash", width=1))
+    fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
+    fig.update_layout(template="plotly_white", height=300, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05,
+                      title=dict(text=f"{len(scores):,} training scores", font=dict(size=13)),
+                      xaxis_title="attribution score", yaxis_title="images",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    return fig
+
+
+def class_mass_figure(attribution) -> go.Figure:
+    mass = sup.class_mass(attribution.scores, attribution.labels)
+    classes = [str(c) for c in range(len(mass["count"]))]
+    base = mass["count"] / mass["count"].sum()
+    fig = go.Figure()
+    fig.add_bar(x=classes, y=mass["positive"], name="proponent mass", marker_color=PROPONENT,
+                hovertemplate="digit %{x}: %{y:.1%} of the positive score<extra></extra>")
+    fig.add_bar(x=classes, y=mass["negative"], name="opponent mass", marker_color=OPPONENT,
+                hovertemplate="digit %{x}: %{y:.1%} of the negative score<extra></extra>")
+    fig.add_scatter(x=classes, y=base, mode="markers", name="share of training set",
+                    marker=dict(symbol="line-ew-open", size=22, color="#334155", line=dict(width=2)),
+                    hovertemplate="digit %{x}: %{y:.1%} of the training images<extra></extra>")
+    fig.update_layout(template="plotly_white", height=300, margin=dict(l=10, r=10, t=30, b=10), barmode="group",
+                      title=dict(text="Attribution mass per class", font=dict(size=13)),
+                      xaxis_title="training digit", yaxis=dict(tickformat=".0%"),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    return fig
+
+
+# ---------------------------------------------------------------- handlers: generate
+
+@readable
+def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress()):
+    """Seeds + DDIM steps -> gallery items and the batch (kept in session state)."""
+    a = assets()
+    seeds = sup.parse_seeds(mode, seed, start, end, count)
+    steps = int(steps)
+    key = (tuple(seeds), steps)
+    images = _samples_cache.get(key)
+    if images is None:
+        images = generate(a.attributor.unet, a.attributor.scheduler, seeds, steps=steps,
+                          progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
+        _samples_cache.put(key, images)
+    labels, conf = classify(images.numpy())
+    items = [(to_pil(img, THUMB_SCALE * 2), f"seed {s} · {c} ({p:.0%})")
+             for img, s, c, p in zip(images, seeds, labels, conf)]
+    return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
+
+
+def select_sample(batch, evt: gr.SelectData):
+    """A click on a gallery item -> it becomes the query; switch to the Attribute tab."""
+    if not batch or evt.index is None:
+        raise gr.Error("Generate samples first, then click one.")
+    i = evt.index if isinstance(evt.index, int) else evt.index[0]
+    q = sample_query(batch["seeds"][i], batch["steps"], batch["images"][i])
+    return (q, gr.Tabs(selected="attribute"), *query_view(q), q["seed"])
+
+
+def query_view(q):
+    return to_pil(torch.as_tensor(q["pixels"]), QUERY_SCALE), f"**{q['title']}**  \n{classifier_text(q['pixels'])}"
+
+
+# ---------------------------------------------------------------- handlers: attribute
+
+def attribution_for(q, method: str):
+    key = (q["key"], method)
+    result = _attribution_cache.get(key)
+    if result is None:
+        result = assets().attributor.attribute(torch.as_tensor(q["pixels"]), method)
+        _attribution_cache.put(key, result)
+    return result
+
+
+@readable
+def attribute(q, method, k, progress=gr.Progress()):
+    """Query + method -> proponents, opponents, histogram, per-class mass, summary."""
+    if q is None:
+        raise gr.Error("No query yet: generate samples and click one, or upload an image.")
+    k = int(k)
+    t0 = time.perf_counter()
+    progress(0, desc=f"attributing with {sup.method_label(method)}")
+    result = attribution_for(q, method)
+    seconds = time.perf_counter() - t0
+    prop = result.proponents(k)
+    same = int((result.labels[prop] == classify(q["pixels"][None])[0][0]).sum())
+    summary = (f"**{sup.method_label(method)}** on {q['title'].lower()}: its top-{k} proponents include "
+               f"**{same} of {k}** training images of the digit the classifier sees "
+               f"({time.perf_counter() - t0:.2f} s{' (cached)' if seconds < 0.01 else ''}).")
+    return (training_gallery(result, prop), training_gallery(result, result.opponents(k)),
+            score_histogram(result, k), class_mass_figure(result), summary)
+
+
+@readable
+def compare(q, method_a, method_b, k, progress=gr.Progress()):
+    """Two methods on the same query: both top-k grids, their overlap and rank correlation."""
+    if q is None:
+        raise gr.Error("No query yet: generate samples and click one, or upload an image.")
+    k = int(k)
+    progress(0, desc="attributing with both methods")
+    ra, rb = attribution_for(q, method_a), attribution_for(q, method_b)
+    overlap = sup.top_k_overlap(ra.scores, rb.scores, k)
+    rho = sup.rank_correlation(ra.scores, rb.scores)
+    text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: "
+            f"top-{k} overlap **{overlap} of {k}**; Spearman rank correlation of all "
+            f"{len(ra.scores):,} scores **ρ = {rho:.3f}**.")
+    return (gr.Gallery(value=training_gallery(ra, ra.proponents(k)), label=f"{sup.method_label(method_a)}: top-{k}"),
+            gr.Gallery(value=training_gallery(rb, rb.proponents(k)), label=f"{sup.method_label(method_b)}: top-{k}"),
+            text)
+
+
+@readable
+def use_upload(path, invert):
+    """An uploaded file -> validated, converted query (shown upscaled), or a readable error."""
+    if not path:
+        return gr.update(), gr.update(), gr.update()
+    unet = assets().attributor.unet
+    image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=bool(invert))
+    pixels = image.numpy()
+    q = {"key": sup.QueryKey.for_pixels(pixels), "pixels": pixels, "seed": None, "steps": None,
+         "title": f"Your image {os.path.basename(path)}{' (inverted)' if invert else ''}, "
+                  f"as the model sees it ({pixels.shape[-1]}x{pixels.shape[-2]})"}
+    return (q, *query_view(q))
+
+
+# ---------------------------------------------------------------- handlers: counterfactual
+
+@dataclass
+class CounterfactualView:
+    """One before/after result ready to show, from a live run or from the precomputed gallery."""
+    seed: int
+    ranking: str
+    k: int
+    before: object  # PIL image, upscaled
+    after: object  # PIL image, upscaled
+    removed: np.ndarray  # (k,) training indices, strongest proponent first
+    l2: float
+    label_before: int
+    confidence_before: float
+    label_after: int
+    confidence_after: float
+    seconds: float | None  # retrain wall time; None for precomputed results
+    source: str  # 'live' or 'precomputed'
+
+    @classmethod
+    def from_result(cls, r) -> "CounterfactualView":
+        return cls(r.seed, r.ranking, r.k, to_pil(r.before, QUERY_SCALE), to_pil(r.after, QUERY_SCALE),
+                   np.asarray(r.removed_indices), r.l2, r.label_before, r.confidence_before, r.label_after,
+                   r.confidence_after, r.train_seconds, "live")
+
+    @classmethod
+    def from_gallery(cls, e: dict) -> "CounterfactualView":
+        from PIL import Image
+
+        def load(path):
+            img = Image.open(path).convert("L")
+            return img.resize((8 * QUERY_SCALE, 8 * QUERY_SCALE), Image.Resampling.NEAREST)
+        return cls(int(e["seed"]), e["ranking"], int(e["k"]), load(e["before_png"]), load(e["after_png"]),
+                   np.asarray(e["removed_indices"]), float(e["l2"]), int(e["label_before"]),
+                   float(e["confidence_before"]), int(e["label_after"]), float(e["confidence_after"]), None,
+                   "precomputed")
+
+
+@lru_cache(maxsize=None)
+def precomputed(root: str) -> dict:
+    """(seed, ranking, k) -> CounterfactualView for every gallery entry shipped under the assets."""
+    return {(v.seed, v.ranking, v.k): v for v in map(CounterfactualView.from_gallery, sup.counterfactual_gallery(root))}
+
+
+def example_targets(root: str) -> list[list]:
+    """Rows for the examples table: one per (seed, k) with its rankings (D-TRAK first)."""
+    groups = {}
+    for seed, ranking, k in precomputed(root):
+        groups.setdefault((seed, k), []).append(ranking)
+    order = {"square": 0, "loss": 1, "random": 9}
+    return [[seed, k, *(sorted(r, key=lambda n: order.get(n, 5)) + [NO_RANKING])[:2]]
+            for (seed, k), r in sorted(groups.items())]
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def cancel_retrain(request: gr.Request = None):
+    _cancel_flags.setdefault(_session(request), threading.Event()).set()
+    return "Cancelled: the retrain was stopped; nothing was changed."
+
+
+def counterfactual_outputs(views: list, status: str) -> tuple:
+    """Before / after images, a table and the removed images for 1 or 2 results on the same target."""
+    train = assets().attributor.train
+    after = [gr.Image(value=v.after, label=f"after removing {v.k} by {sup.method_label(v.ranking)}") for v in views]
+    removed = [gr.Image(value=grid(train.images[torch.as_tensor(v.removed[:48], dtype=torch.long)], columns=16, scale=4),
+                        label=f"removed by {sup.method_label(v.ranking)}: the first {min(48, v.k)} of {v.k}")
+               for v in views]
+    if len(views) == 1:
+        after.append(gr.Image(value=None, label="after (no second ranking)"))
+        removed.append(gr.Image(value=None, label="(no second ranking)"))
+    rows = [[sup.method_label(v.ranking), v.k, round(v.l2, 3), f"{v.label_before} ({v.confidence_before:.0%})",
+             f"{v.label_after} ({v.confidence_after:.0%})", "yes" if v.label_after != v.label_before else "no",
+             "precomputed" if v.seconds is None else f"{v.seconds:.0f} s"] for v in views]
+    return (gr.Image(value=views[0].before, label=f"before: seed {views[0].seed}"), *after, rows, *removed, status)
+
+
+@readable
+def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None, progress=gr.Progress()):
+    """Remove the target's top-k under one or two rankings, retrain, regenerate; cached per request."""
+    a = assets()
+    cf = _counterfactual()
+    flag = _cancel_flags.setdefault(_session(request), threading.Event())
+    flag.clear()
+    seed, k = sup.parse_seeds("single", seed)[0], int(k)
+    config = cf.train_config_from_manifest(a.root)
+    rankings = [ranking_a] + ([ranking_b] if ranking_b not in (NO_RANKING, None, ranking_a) else [])
+    views = []
+    for j, ranking in enumerate(rankings):
+        key = (seed, ranking, k)
+        view = _counterfactual_cache.get(key) or precomputed(a.root).get(key)
+        if view is None:
+            label = f"{sup.method_label(ranking)} ({j + 1}/{len(rankings)})"
+            try:
+                result = cf.remove_and_retrain(a.attributor, seed, ranking, k, config=config,
+                                               progress=lambda f, msg: progress(f, desc=f"{label}: {msg}"),
+                                               should_stop=flag.is_set)
+            except Cancelled:
+                return (*[gr.update()] * 6, "Cancelled: the retrain was stopped; nothing was changed.")
+            view = CounterfactualView.from_result(result)
+            _counterfactual_cache.put(key, view)
+        views.append(view)
+    live = [v.seconds for v in views if v.seconds is not None]
+    took = f"retrain + regenerate took {sum(live):.0f} s; repeating this request is instant" if live else "precomputed"
+    return counterfactual_outputs(views, f"Seed {seed}: {k} of {a.n_train:,} training images removed per ranking ({took}).")
+
+
+def show_example(evt: gr.SelectData):
+    """A click on a precomputed example -> its inputs and results, instantly."""
+    seed, k, label_a, label_b = evt.row_value
+    names = {sup.method_label(n): n for n in [*assets().attributor.methods, "random", NO_RANKING]}
+    seed, k, ranking_a, ranking_b = int(seed), int(k), names.get(label_a, label_a), names.get(label_b, label_b)
+    table = precomputed(ASSETS)
+    views = [table[(seed, r, k)] for r in (ranking_a, ranking_b) if (seed, r, k) in table]
+    return (seed, k, ranking_a, ranking_b,
+            *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed."))
+
+
+def first_example():
+    """What the Counterfactual tab shows on first visit: the first precomputed example, if any."""
+    rows = example_targets(ASSETS)
+    if not rows:
+        return (*[gr.update()] * 11,)
+    seed, k, ranking_a, ranking_b = rows[0]
+    table = precomputed(ASSETS)
+    views = [table[(seed, r, k)] for r in (ranking_a, ranking_b) if (seed, r, k) in table]
+    return (seed, k, ranking_a, ranking_b,
+            *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed. "
+                                           "Pick a sample or a seed and press **Remove and retrain** for your own."))
+
+
+# ---------------------------------------------------------------- layout
+
+HEADER = """# D-TRAK explorer
+Which training images made this digit? A small diffusion model trained on 1,500 8x8 digits;
+**TRAK** and **D-TRAK** scores say how much each training image is responsible for a generated
+(or uploaded) image. Pick a sample in **Generate**, read its attribution in **Attribute**, and test
+it in **Counterfactual** by removing the top proponents and retraining."""
+
+ABOUT = r"""
+## What the scores are
+
+Both methods give every training image $x_i$ a score for a query image $x$: a first-order
+estimate of how much training on $x_i$ made the model produce $x$.
+
+**Features.** For an output function $f$, a sample's feature is a random projection of the
+gradient of $f$ with respect to all model parameters $\theta$, averaged over $K$ timesteps
+$t \in \{0, \tfrac{1000}{K}, 2\tfrac{1000}{K}, \dots\}$:
+
+$$\phi(x) = P^\top \frac{1}{K}\sum_t \nabla_\theta f(x, t; \theta), \qquad x_t = \sqrt{\bar\alpha_t}\,x + \sqrt{1-\bar\alpha_t}\,\epsilon .$$
+
+**Scores.** With the training features stacked in $\Phi$ ($N \times k$):
+
+$$\tau(x, x_i) = \phi(x)^\top \left(\Phi^\top\Phi + \lambda I\right)^{-1} \phi(x_i).$$
+
+A high score marks a *proponent* (removing it would make $x$ less likely), a very negative one an *opponent*.
+
+**TRAK vs D-TRAK.** They differ only in $f$:
+
+| method | output function $f(x, t)$ |
+|---|---|
+| TRAK | $\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2$ (the training loss) |
+| D-TRAK | $\lVert \epsilon_\theta(x_t, t) \rVert^2$ (the *square* of the predicted noise) |
+
+D-TRAK's finding (Zheng et al., *Intriguing Properties of Data Attribution on Diffusion Models*,
+ICLR 2024) is that the theoretically motivated loss is **not** the best choice: the square and
+other variants attribute better, as measured by the linear datamodeling score (LDS) and by
+removing the top proponents and retraining (the Counterfactual tab).
+
+**This app.** The model is a diffusers UNet trained from scratch on scikit-learn's digits; the
+projection is a sparse Johnson-Lindenstrauss transform; $\lambda$ is 0.1 times the mean squared
+training feature norm. Everything runs on a CPU.
+"""
+
+CSS = """
+img { image-rendering: pixelated; }
+.pixel img { padding-top: 2.4em; box-sizing: border-box; }
+#summary, #cf-status { min-height: 2.5em; }
+"""
+
+
+def benchmarks_blocks(root: str) -> None:
+    """Tables and charts for every assets/benchmarks/*.json; an empty state when there are none."""
+    items = sup.read_benchmarks(os.path.join(root, "benchmarks"))
+    if not items:
+        gr.Markdown(
+            "### No benchmark results yet\n"
+            f"Nothing under `{os.path.join(root, 'benchmarks')}/`. The LDS tables and the counterfactual "
+            "medians are produced by the evaluation harnesses (`python -m dtrak_core lds ...` and "
+            "`python -m dtrak_core counterfactual ...`, see `python -m dtrak_core --help`), which write "
+            "their JSON results there; restart the app to show them.")
+        return
+    for item in items:
+        with gr.Accordion(item["name"], open=True):
+            if "error" in item:
+                gr.Markdown(f"Could not read `{item['error']}`")
+                continue
+            if item["markdown"]:
+                gr.Markdown(item["markdown"])
+            for path, rows in sup.records(item["data"]):
+                headers = list(dict.fromkeys(h for r in rows for h in r))
+                gr.Dataframe(value=[[r.get(h, "") for h in headers] for r in rows], headers=headers,
+                             label=path, interactive=False, wrap=True)
+                fig = benchmark_chart(rows, headers, path)
+                if fig is not None:
+                    gr.Plot(fig, show_label=False)
+
+
+def benchmark_chart(rows, headers, title) -> go.Figure | None:
+    """A bar chart of a table's first numeric column against its first text column, if it has both."""
+    text = [h for h in headers if all(isinstance(r.get(h), str) for r in rows)]
+    numeric = [h for h in headers if all(isinstance(r.get(h), (int, float)) and not isinstance(r.get(h), bool)
+                                         for r in rows)]
+    if not text or not numeric or len(rows) < 2:
+        return None
+    fig = go.Figure(go.Bar(x=[r[text[0]] for r in rows], y=[r[numeric[0]] for r in rows], marker_color="#2563eb"))
+    fig.update_layout(template="plotly_white", height=280, margin=dict(l=10, r=10, t=30, b=10),
+                      title=dict(text=f"{title}: {numeric[0]}", font=dict(size=13)))
+    return fig
+
+
+def build_demo() -> gr.Blocks:
+    try:
+        a = load_assets(ASSETS)
+        methods, n_train, error = a.attributor.methods, a.n_train, None
+    except (ValueError, OSError) as e:
+        methods, n_train, error = [], 2, str(e)
+    choices = sup.method_choices(methods)
+    default_method = choices[0][1] if choices else None
+    rankings = choices + [("random", "random")]
+    second = "loss" if "loss" in methods and default_method != "loss" else (choices[-1][1] if choices else None)
+
+    with gr.Blocks(title="D-TRAK explorer") as demo:
+        batch = gr.State(None)  # the last generated batch: seeds, steps, images
+        query = gr.State(None)  # the current query: key, pixels, title, seed, steps
+        gr.Markdown(HEADER)
+        if error:
+            gr.Markdown(f"**The model assets could not be loaded:** {error}")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=260):
+                        mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
+                        seed = gr.Number(0, precision=0, label="Seed", visible=False)
+                        with gr.Row() as range_row:
+                            start = gr.Number(0, precision=0, label="First seed", min_width=100)
+                            end = gr.Number(15, precision=0, label="Last seed", min_width=100)
+                        count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
+                        steps = gr.Slider(1, 200, 50, step=1, label="DDIM steps")
+                        gen_btn = gr.Button("Generate", variant="primary")
+                    with gr.Column(scale=3):
+                        gallery = gr.Gallery(label="Samples: click one to see its attribution", columns=6,
+                                             format="png", object_fit="contain", allow_preview=False, height="auto")
+            with gr.Tab("Attribute", id="attribute"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=240):
+                        query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
+                                             buttons=[], elem_classes="pixel")
+                        query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.")
+                        upload = gr.File(label="Attribute your own image (PNG, JPEG, ...)", file_types=["image"],
+                                         type="filepath", height=100, elem_id="upload")
+                        invert = gr.Checkbox(True, label="invert (dark ink on light paper)")
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            method = gr.Dropdown(choices, value=default_method, label="Method")
+                            topk = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Top-k shown")
+                        summary = gr.Markdown(elem_id="summary")
+                        prop_gallery = gr.Gallery(label="Top proponents (index · label · score)", columns=8, elem_id="proponents",
+                                                  format="png", allow_preview=False, height="auto", object_fit="contain")
+                        opp_gallery = gr.Gallery(label="Top opponents", columns=8, format="png", elem_id="opponents",
+                                                 allow_preview=False, height="auto", object_fit="contain")
+                        with gr.Row():
+                            hist = gr.Plot(label="Scores over the training set", show_label=False, elem_id="histogram")
+                            mass = gr.Plot(label="Attribution mass per class", show_label=False, elem_id="class-mass")
+                with gr.Accordion("Compare two methods", open=True):
+                    with gr.Row():
+                        method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3)
+                        compare_btn = gr.Button("Compare", scale=1)
+                    compare_text = gr.Markdown()
+                    with gr.Row():
+                        gal_a = gr.Gallery(label="first method", columns=4, elem_id="compare-a", format="png", allow_preview=False,
+                                           height="auto", object_fit="contain")
+                        gal_b = gr.Gallery(label="second method", columns=4, elem_id="compare-b", format="png", allow_preview=False,
+                                           height="auto", object_fit="contain")
+            with gr.Tab("Counterfactual", id="counterfactual"):
+                gr.Markdown("Remove a generated sample's top proponents from the training set, retrain the model "
+                            "from scratch with the same recipe, and regenerate the same seed (DDIM 50 steps, as "
+                            "published). If the attribution is right, the digit should change more than when "
+                            "removing as many random images. One retrain runs at a time on this server; others "
+                            "wait in the queue (their position is shown).")
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=260):
+                        cf_seed = gr.Number(0, precision=0, label="Target seed (set by clicking a sample)")
+                        cf_k = gr.Slider(1, max(1, n_train // 2), max(1, n_train // 5), step=1,
+                                         label="Training images to remove")
+                        rank_a = gr.Dropdown(rankings, value=default_method, label="Ranking A")
+                        rank_b = gr.Dropdown(rankings + [("none", NO_RANKING)], value="random",
+                                             label="Ranking B (side by side)")
+                        with gr.Row():
+                            run_btn = gr.Button("Remove and retrain", variant="primary")
+                            cancel_btn = gr.Button("Cancel", variant="stop")
+                        cf_status = gr.Markdown(elem_id="cf-status")
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            before_img = gr.Image(label="before", format="png", interactive=False, height=200,
+                                                  buttons=[], elem_classes="pixel")
+                            after_a = gr.Image(label="after (ranking A)", format="png", interactive=False,
+                                               height=200, buttons=[], elem_classes="pixel")
+                            after_b = gr.Image(label="after (ranking B)", format="png", interactive=False,
+                                               height=200, buttons=[], elem_classes="pixel")
+                        cf_table = gr.Dataframe(headers=["ranking", "removed", "pixel L2", "label before",
+                                                         "label after", "changed", "retrain"],
+                                                interactive=False, label="before vs after", elem_id="cf-table")
+                        with gr.Row():
+                            removed_a = gr.Image(label="removed by ranking A", format="png", interactive=False,
+                                                 buttons=[], elem_classes="pixel")
+                            removed_b = gr.Image(label="removed by ranking B", format="png", interactive=False,
+                                                 buttons=[], elem_classes="pixel")
+                examples = example_targets(ASSETS)
+                cf_examples = gr.Dataframe(value=[[s, k, sup.method_label(a), sup.method_label(b)]
+                                                  for s, k, a, b in examples] or None, headers=["seed", "removed", "ranking A", "ranking B"],
+                                           interactive=False, visible=bool(examples),
+                                           label="Precomputed examples (click a row: instant)")
+            with gr.Tab("Benchmarks", id="benchmarks"):
+                benchmarks_blocks(ASSETS)
+            with gr.Tab("About", id="about"):
+                gr.Markdown(ABOUT, latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                                     {"left": "$", "right": "$", "display": False}])
+
+        # -- wiring
+        def seed_inputs(m):
+            return gr.Number(visible=m == "single"), gr.Row(visible=m == "range"), gr.Slider(visible=m == "random")
+        mode.change(seed_inputs, mode, [seed, range_row, count], queue=False)
+        gen_inputs = [mode, seed, start, end, count, steps]
+        gen_btn.click(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
+        demo.load(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
+
+        attr_inputs, attr_outputs = [query, method, topk], [prop_gallery, opp_gallery, hist, mass, summary]
+        gallery.select(select_sample, batch, [query, tabs, query_img, query_info, cf_seed]).success(
+            attribute, attr_inputs, attr_outputs, concurrency_id="compute")
+        upload.upload(use_upload, [upload, invert], [query, query_img, query_info]).success(
+            attribute, attr_inputs, attr_outputs, concurrency_id="compute")
+        invert.input(use_upload, [upload, invert], [query, query_img, query_info]).success(
+            attribute, attr_inputs, attr_outputs, concurrency_id="compute")
+        method.input(attribute, attr_inputs, attr_outputs, concurrency_id="compute")
+        topk.release(attribute, attr_inputs, attr_outputs, concurrency_id="compute")
+        cmp_inputs = [query, method, method_b, topk]
+        compare_btn.click(compare, cmp_inputs, [gal_a, gal_b, compare_text], concurrency_id="compute")
+        method_b.input(compare, cmp_inputs, [gal_a, gal_b, compare_text], concurrency_id="compute")
+
+        cf_outputs = [before_img, after_a, after_b, cf_table, removed_a, removed_b, cf_status]
+        run_event = run_btn.click(run_counterfactual, [cf_seed, cf_k, rank_a, rank_b], cf_outputs,
+                                  concurrency_id="retrain", concurrency_limit=1, show_progress_on=[cf_status])
+        cancel_btn.click(cancel_retrain, None, cf_status, cancels=[run_event], queue=False)
+        cf_examples.select(show_example, None, [cf_seed, cf_k, rank_a, rank_b, *cf_outputs], queue=False)
+        demo.load(first_example, None, [cf_seed, cf_k, rank_a, rank_b, *cf_outputs], queue=False)
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.queue(max_size=32, default_concurrency_limit=2).launch(
+        max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
+        footer_links=["gradio"])

@@ -1,0 +1,299 @@
+"""The Gradio app's handlers, called directly on a tiny model folder (no server, no browser),
+and the app's small core helpers (dtrak_core.app_support) against brute-force references."""
+import importlib
+import io
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core import app_support as sup
+from dtrak_core.features import FeatureSetting
+from dtrak_core.training import TrainConfig
+
+# Long enough (a few seconds) for the browser test to cancel a retrain in flight.
+TINY_TRAIN = TrainConfig(steps=250, batch_size=16, block_out_channels=(4, 8))
+TINY_SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
+EXAMPLE_SEED, EXAMPLE_K = 1000, 30
+
+
+class one_thread:
+    """torch on one thread inside the block: on a busy 2-core machine two threads per process
+    oversubscribe the cores and tiny models train ~5x slower."""
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def build_tiny_assets(root: str) -> str:
+    """A complete tiny model folder: model, two stores, and a precomputed counterfactual gallery
+    written by the counterfactual harness (idempotent: a finished folder is reused)."""
+    gallery = os.path.join(root, "counterfactual", "gallery", "gallery.json")
+    if os.path.isfile(gallery):
+        return root
+    with one_thread():
+        _build_tiny_assets(root, gallery)
+    return root
+
+
+def _build_tiny_assets(root: str, gallery: str) -> None:
+    from dtrak_core import counterfactual as cf
+    from dtrak_core.attribution import Attributor
+    from dtrak_core.build import build_default
+
+    build_default(root, TINY_TRAIN, TINY_SETTINGS, show_bar=False)
+    attributor = Attributor.load(root)
+    runs = os.path.join(root, "counterfactual", "runs")
+    cf.run_counterfactual(attributor, runs, seeds=[EXAMPLE_SEED], rankings=("d-trak", "random"), ks=(EXAMPLE_K,),
+                          config=TrainConfig(steps=5, batch_size=16, block_out_channels=(4, 8)), control=False,
+                          show_bar=False)
+    cf.write_gallery(runs, os.path.dirname(gallery), attributor.train)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return build_tiny_assets(str(tmp_path_factory.getbasetemp() / "app_assets"))
+
+
+@pytest.fixture(scope="module")
+def app(tiny_root):
+    """The app module, imported with DTRAK_ASSETS pointing at the tiny folder."""
+    os.environ["DTRAK_ASSETS"] = tiny_root
+    with one_thread():
+        yield importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+
+
+class Select:
+    """Stands in for gr.SelectData (the handlers read .index / .row_value)."""
+
+    def __init__(self, index, row_value=None):
+        self.index, self.row_value = index, row_value
+
+
+def gallery_indices(items):
+    return [int(caption.split(" ")[0][1:]) for _, caption in items]
+
+
+# ---------------------------------------------------------------- app_support vs brute force
+
+def test_parse_seeds():
+    assert sup.parse_seeds("single", 7) == [7]
+    assert sup.parse_seeds("range", start=3, end=6) == [3, 4, 5, 6]
+    r = sup.parse_seeds("random", count=5, rng_seed=1)
+    assert len(set(r)) == 5 and r == sup.parse_seeds("random", count=5, rng_seed=1)
+    for bad in [dict(mode="range", start=5, end=2), dict(mode="range", start=0, end=100), dict(mode="single", seed=-1),
+                dict(mode="single", seed=1.5), dict(mode="single", seed=None), dict(mode="random", count=0),
+                dict(mode="bogus")]:
+        with pytest.raises(ValueError):
+            sup.parse_seeds(**bad)
+
+
+def test_class_mass_matches_loops():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.normal(size=200), rng.integers(0, 10, 200)
+    mass = sup.class_mass(scores, labels, 10)
+    pos = [sum(s for s, l in zip(scores, labels) if l == c and s > 0) for c in range(10)]
+    neg = [sum(-s for s, l in zip(scores, labels) if l == c and s < 0) for c in range(10)]
+    np.testing.assert_allclose(mass["positive"], np.array(pos) / sum(pos))
+    np.testing.assert_allclose(mass["negative"], np.array(neg) / sum(neg))
+    assert mass["count"].tolist() == [int((labels == c).sum()) for c in range(10)]
+    with pytest.raises(ValueError):
+        sup.class_mass(scores, np.full(200, -1))
+
+
+def test_overlap_thresholds_and_rank_correlation_match_brute_force():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=300)
+    b = a + rng.normal(scale=1.0, size=300)
+    k = 20
+    top_a = sorted(range(300), key=lambda i: -a[i])[:k]
+    top_b = sorted(range(300), key=lambda i: -b[i])[:k]
+    assert sup.top_k_overlap(a, b, k) == len(set(top_a) & set(top_b))
+    assert sup.top_k_overlap(a, a, k) == k
+    lo, hi = sup.top_k_thresholds(a, k)
+    assert hi == a[top_a[-1]] and lo == sorted(a)[k - 1]
+
+    def ranks(x):  # average ranks for ties, by counting
+        return np.array([sum(y < v for y in x) + (sum(y == v for y in x) + 1) / 2 for v in x])
+    b[:10] = b[0]  # ties
+    ra, rb = ranks(a), ranks(b)
+    expected = np.corrcoef(ra, rb)[0, 1]
+    assert sup.rank_correlation(a, b) == pytest.approx(expected, abs=1e-12)
+    assert sup.rank_correlation(a, a) == pytest.approx(1.0)
+    assert sup.rank_correlation(a, -a) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        sup.rank_correlation(a, b[:10])
+
+
+def test_lru_cache_forgets_oldest():
+    c = sup.LRUCache(2)
+    c.put("a", 1), c.put("b", 2)
+    assert c.get("a") == 1  # a is now the most recent
+    c.put("c", 3)
+    assert "b" not in c and c.get("a") == 1 and c.get("c") == 3 and len(c) == 2
+
+
+def test_benchmark_tables(tmp_path):
+    assert sup.read_benchmarks(str(tmp_path / "missing")) == []
+    (tmp_path / "lds.json").write_text('{"k": 2048, "methods": [{"method": "TRAK", "lds": 10.5}, '
+                                       '{"method": "D-TRAK", "lds": 20.1}], "by_K": {"10": {"lds": 1.0}, "100": {"lds": 2.0}}}')
+    (tmp_path / "lds.md").write_text("# LDS")
+    (tmp_path / "broken.json").write_text("{")
+    items = {i["name"]: i for i in sup.read_benchmarks(str(tmp_path))}
+    assert "error" in items["broken"] and items["lds"]["markdown"] == "# LDS"
+    tables = dict(sup.records(items["lds"]["data"]))
+    assert tables["summary"] == [{"k": 2048}]
+    assert tables["methods"][1] == {"method": "D-TRAK", "lds": 20.1}
+    assert tables["by_K"] == [{"name": "10", "lds": 1.0}, {"name": "100", "lds": 2.0}]
+
+
+# ---------------------------------------------------------------- handlers on the tiny folder
+
+def test_demo_builds_without_launching(app):
+    import gradio as gr
+
+    assert isinstance(app.demo, gr.Blocks)
+    assert app.assets().attributor.methods == ["loss", "square"]
+    assert sup.method_choices(app.assets().attributor.methods)[0] == ("D-TRAK (square)", "square")
+
+
+def test_generate_and_select(app):
+    import gradio as gr
+
+    items, batch = app.generate_samples("range", 0, 3, 5, 1, 10)
+    assert batch["seeds"] == [3, 4, 5] and batch["images"].shape == (3, 1, 8, 8)
+    assert [c.split(" ·")[0] for _, c in items] == ["seed 3", "seed 4", "seed 5"]
+    assert items[0][0].size == (8 * 2 * app.THUMB_SCALE,) * 2  # nearest-neighbour upscaled
+    single, b1 = app.generate_samples("single", 4, 0, 0, 1, 10)
+    np.testing.assert_allclose(b1["images"][0], batch["images"][1], atol=1e-4)  # a seed is a seed, whatever the batch
+    with pytest.raises(gr.Error, match="smaller than the first"):
+        app.generate_samples("range", 0, 5, 2, 1, 10)
+    q, tabs, img, info, cf_seed = app.select_sample(batch, Select(1))
+    assert q["seed"] == 4 and cf_seed == 4 and "seed 4" in q["title"] and "looks like" in info
+    assert img.size == (8 * app.QUERY_SCALE,) * 2
+
+
+def test_attribute_and_compare(app):
+    import gradio as gr
+
+    _, batch = app.generate_samples("range", 0, 0, 1, 1, 10)
+    q = app.select_sample(batch, Select(0))[0]
+    props, opps, hist, mass, summary = app.attribute(q, "square", 5)
+    expected = app.assets().attributor.attribute(torch.as_tensor(q["pixels"]), "square")
+    order = np.argsort(-expected.scores)
+    assert gallery_indices(props) == order[:5].tolist()
+    assert gallery_indices(opps) == order[::-1][:5].tolist()
+    assert "D-TRAK" in summary and "of 5" in summary
+    assert len(hist.data) == 3 and len(hist.data[0].x) == len(expected.scores)
+    assert [t.name for t in mass.data][:2] == ["proponent mass", "opponent mass"]
+    t0 = time.perf_counter()
+    app.attribute(q, "square", 8)  # cached
+    assert time.perf_counter() - t0 < 1.0
+    ga, gb, text = app.compare(q, "square", "loss", 6)
+    other = app.assets().attributor.attribute(torch.as_tensor(q["pixels"]), "loss")
+    assert f"overlap **{sup.top_k_overlap(expected.scores, other.scores, 6)} of 6**" in text
+    assert f"{sup.rank_correlation(expected.scores, other.scores):.3f}" in text
+    assert len(ga.value) == 6 and len(gb.value) == 6
+    with pytest.raises(gr.Error, match="No query yet"):
+        app.attribute(None, "square", 5)
+
+
+def _png(mode, size=(20, 20), color=0, **save):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=save.pop("format", "PNG"), **save)
+    return buf.getvalue()
+
+
+def test_upload_validation(app, tmp_path):
+    import gradio as gr
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(img).rectangle([24, 8, 39, 55], fill=0)  # a dark "1" on white paper: columns 3 and 4
+    good = tmp_path / "one.jpg"
+    img.save(good)
+    q, preview, info = app.use_upload(str(good), True)
+    assert q["pixels"].shape == (1, 8, 8) and q["pixels"][0, 4, 4] > 0.5 and q["pixels"][0, 4, 0] < -0.5
+    assert preview.size == (8 * app.QUERY_SCALE,) * 2 and "inverted" in info
+    q2 = app.use_upload(str(good), False)[0]
+    np.testing.assert_allclose(q2["pixels"], -q["pixels"], atol=1e-6)
+    props = app.attribute(q, "square", 3)[0]
+    assert len(props) == 3
+
+    frames = [Image.new("L", (8, 8), c) for c in (0, 255)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    bad = {"notes.png": b"this is not an image", "empty.png": b"", "anim.gif": gif.getvalue(),
+           "deep.png": _png("I;16"), "alpha.png": _png("RGBA"), "truncated.png": _png("L")[:40]}
+    messages = {"notes.png": "not a readable image", "empty.png": "empty", "anim.gif": "animated",
+                "deep.png": "16-bit", "alpha.png": "transparency", "truncated.png": "not a readable image"}
+    for name, data in bad.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(gr.Error, match=messages[name]):
+            app.use_upload(str(path), True)
+    assert app.use_upload(None, True)[0] is not None  # nothing uploaded: no change, no error
+
+
+def test_counterfactual_live_cached_and_cancelled(app):
+    cancelled = []
+
+    class CancelAtFirstStep:  # a progress tracker that presses Cancel once training has started
+        def __call__(self, fraction, desc=None):
+            if "retraining" in (desc or "") and not cancelled:
+                cancelled.append(app.cancel_retrain(None))
+
+    out = app.run_counterfactual(1001, 40, "square", "none", None, CancelAtFirstStep())
+    assert cancelled and out[-1].startswith("Cancelled") and (1001, "square", 40) not in app._counterfactual_cache
+
+    t0 = time.perf_counter()
+    before, after_a, after_b, rows, removed_a, removed_b, status = app.run_counterfactual(1001, 40, "square", "none", None)
+    took = time.perf_counter() - t0
+    assert len(rows) == 1 and rows[0][:2] == ["D-TRAK (square)", 40] and rows[0][-1].endswith(" s")
+    view = app._counterfactual_cache.get((1001, "square", 40))
+    assert rows[0][2] == round(view.l2, 3)
+    a = app.assets().attributor
+    target = app.generate(a.unet, a.scheduler, [1001], steps=50)[0]
+    assert view.removed.tolist() == a.attribute(target, "square").proponents(40).tolist()  # exactly its top-40
+    assert "Seed 1001" in status and after_a.value is not None and removed_a.value is not None
+    assert after_b.value is None  # no second ranking
+    t0 = time.perf_counter()
+    again = app.run_counterfactual(1001, 40, "square", "none", None)
+    assert time.perf_counter() - t0 < min(1.0, took / 2) and again[3] == rows  # cached
+
+
+def test_precomputed_examples_show_instantly(app):
+    rows = app.example_targets(app.ASSETS)
+    assert rows == [[EXAMPLE_SEED, EXAMPLE_K, "square", "random"]]
+    first = app.first_example()
+    assert first[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
+    table = first[4 + 3]
+    assert [r[-1] for r in table] == ["precomputed", "precomputed"]
+    t0 = time.perf_counter()
+    out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
+    assert time.perf_counter() - t0 < 1.0 and out[3] == table
+    shown = app.show_example(Select((0, 0), [EXAMPLE_SEED, EXAMPLE_K, "D-TRAK (square)", "random"]))
+    assert shown[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
+
+
+def test_benchmarks_tab_renders(app, tmp_path):
+    import gradio as gr
+
+    with gr.Blocks() as empty:
+        app.benchmarks_blocks(str(tmp_path))
+    assert any("No benchmark results yet" in str(getattr(b, "value", "")) for b in empty.blocks.values())
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "lds.json").write_text('[{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}]')
+    with gr.Blocks() as full:
+        app.benchmarks_blocks(str(tmp_path))
+    kinds = [type(b).__name__ for b in full.blocks.values()]
+    assert "Dataframe" in kinds and "Plot" in kinds
