@@ -147,6 +147,12 @@ def cmd_lds(args):
 
     torch.set_num_threads(args.threads)
     config = LDSConfig(num_subsets=args.subsets)
+    if args.action == "check-timesteps":
+        from .lds import full_timestep_check
+
+        done = full_timestep_check(args.out, _load_model(args.root)[1], max_subsets=args.check_subsets)
+        print(f"all-1000-timestep ground truth for {len(done)} more models in {os.path.join(args.out, 'full_t')}")
+        return
     if args.action == "run":
         shard = parse_shard(args.shard)
         run = default_run(args.root, args.out, config)
@@ -251,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("lds", help="LDS benchmark: retrain on random half-subsets, then score methods against them")
     _add_root(p)
-    p.add_argument("action", choices=("run", "features", "evaluate"),
-                   help="run: retrain + ground truth (resumable); features: test-set features; evaluate: LDS tables")
+    p.add_argument("action", choices=("run", "features", "evaluate", "check-timesteps"),
+                   help="run: retrain + ground truth (resumable); features: test-set features; evaluate: LDS tables; "
+                        "check-timesteps: all-1000-timestep ground truth for finished models (for the timestep check)")
+    p.add_argument("--check-subsets", type=int, default=None, help="check-timesteps: at most this many subsets")
     p.add_argument("--out", default="runs/lds", help="run folder (default runs/lds)")
     p.add_argument("--dest", default="assets/benchmarks", help="evaluate: where results go ('' = nowhere)")
     p.add_argument("--subsets", type=int, default=64, help="M, number of random half-subsets (default 64)")

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -161,7 +162,9 @@ def lds(scores, masks, F, num_bootstrap: int = 1000, seed: int = 0) -> tuple[flo
     g = masks @ scores.T  # (M, Q)
     mean = float(np.nanmean(_rank_corr(g, -F)))
     rng = np.random.default_rng(seed)
-    boot = [np.nanmean(_rank_corr(g[idx], -F[idx])) for idx in rng.integers(0, len(F), (num_bootstrap, len(F)))]
+    with warnings.catch_warnings():  # a resample of few subsets can repeat one subset only: all-nan, skipped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boot = [np.nanmean(_rank_corr(g[idx], -F[idx])) for idx in rng.integers(0, len(F), (num_bootstrap, len(F)))]
     return 100 * mean, 100 * float(np.nanstd(boot))
 
 
@@ -184,7 +187,9 @@ def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
 
     r = r_of(np.arange(M))
     rng = np.random.default_rng(seed)
-    boot = [r_of(idx) for idx in rng.integers(0, M, (num_bootstrap, M))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boot = [r_of(idx) for idx in rng.integers(0, M, (num_bootstrap, M))]
     ceiling = np.sqrt(S * r / (1 + (S - 1) * r)) if r > 0 else float("nan")
     return {"seed_vs_seed": 100 * r, "seed_vs_seed_pm": 100 * float(np.std(boot)), "seeds": S,
             "ceiling": 100 * float(ceiling), "subsets": M}
@@ -321,6 +326,56 @@ def collect(out_dir: str, timestep_stride: int = 1) -> dict:
     return out
 
 
+FULL_T_NOISE_SEED = 100  # noise for the all-1000-timesteps check: a draw not used by the run itself
+
+
+def full_timestep_check(run_dir: str, scheduler, max_subsets: int | None = None, show_bar: bool = True) -> list[str]:
+    """Ground truth with all 1000 timesteps (one fresh noise seed) for the finished models of a run.
+
+    Written per model to run_dir/full_t/<id>.npz (resumable); `collect_full_timesteps` reads them
+    back, so LDS with the run's evenly spaced subset can be compared with LDS at all timesteps on the
+    same retrained models.
+    """
+    from diffusers import UNet2DModel
+    from tqdm.auto import tqdm
+
+    from .retrain import save_result
+
+    col = collect(run_dir)
+    setup = col["setup"]
+    config = LDSConfig(**setup["lds_config"])
+    test_sets = {k: torch.from_numpy(v) for k, v in load_result(os.path.join(run_dir, TEST_SETS)).items()}
+    out_dir = os.path.join(run_dir, "full_t")
+    os.makedirs(out_dir, exist_ok=True)
+    subsets = col["subsets"][:max_subsets]
+    ids = [job_id(int(m), s) for m in subsets for s in config.train_seeds]
+    todo = [i for i in ids if not os.path.exists(os.path.join(out_dir, f"{i}.npz"))]
+    ts = eval_timesteps(scheduler.config.num_train_timesteps, scheduler.config.num_train_timesteps)
+    for i in tqdm(todo, desc="all-timestep ground truth", disable=not show_bar):
+        unet = UNet2DModel.from_pretrained(os.path.join(run_dir, "models", i)).eval()
+        save_result(os.path.join(out_dir, f"{i}.npz"),
+                    **{f"loss_{k}": eps_losses(unet, scheduler, v, ts, (FULL_T_NOISE_SEED,)).mean(axis=(0, 1))
+                       for k, v in test_sets.items()})
+    return todo
+
+
+def collect_full_timesteps(run_dir: str) -> dict | None:
+    """masks and F (M, Q) per test set from run_dir/full_t, for the subsets with every seed there; None if < 3."""
+    col = collect(run_dir)
+    config = LDSConfig(**col["setup"]["lds_config"])
+    out_dir = os.path.join(run_dir, "full_t")
+    rows = [k for k, m in enumerate(col["subsets"])
+            if all(os.path.exists(os.path.join(out_dir, f"{job_id(int(m), s)}.npz")) for s in config.train_seeds)]
+    if len(rows) < 3:
+        return None
+    F = {}
+    for name in col["F"]:
+        F[name] = np.array([np.mean([load_result(os.path.join(out_dir, f"{job_id(int(col['subsets'][k]), s)}.npz"))[f"loss_{name}"]
+                                     for s in config.train_seeds], axis=0) for k in rows])
+    return {"rows": np.array(rows), "masks": col["masks"][rows], "F": F,
+            "F_run": {name: col["F"][name][rows] for name in col["F"]}}
+
+
 def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
                  split_seed: int = 0) -> dict:
     """LDS over a lambda grid, with the paper's choice (best on the test set) and an honest one.
@@ -357,12 +412,14 @@ def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRI
     # bootstrap over subsets for the cross-fitted number (lambdas fixed at the picks)
     rng = np.random.default_rng(0)
     boot = []
-    for idx in rng.integers(0, len(F), (num_bootstrap, len(F))):
-        v = np.full(Q, np.nan)
-        for (pick_on, report_on), lam in zip(((halves[0], halves[1]), (halves[1], halves[0])), picks):
-            k = grid.index(lam)
-            v[report_on] = _rank_corr(g_by_lam[k][idx][:, report_on], -F[idx][:, report_on])
-        boot.append(np.nanmean(v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for idx in rng.integers(0, len(F), (num_bootstrap, len(F))):
+            v = np.full(Q, np.nan)
+            for (pick_on, report_on), lam in zip(((halves[0], halves[1]), (halves[1], halves[0])), picks):
+                k = grid.index(lam)
+                v[report_on] = _rank_corr(g_by_lam[k][idx][:, report_on], -F[idx][:, report_on])
+            boot.append(np.nanmean(v))
     return {
         "grid": list(grid), "lds_by_lambda": [100 * float(v) for v in means],
         "paper": {"lambda": grid[best], "lds": paper[0], "pm": paper[1],
@@ -455,7 +512,21 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
                                os.path.join(run_dir, "queries", set_name, methods[first].slug), show_bar=False)
             v, pm = lds(scorer.scores(q), col_s["masks"], col_s["F"][set_name], num_bootstrap)
             results["timestep_check"].setdefault(set_name, {})[str(config.eval_timesteps // stride)] = {"lds": v, "pm": pm}
+    full = collect_full_timesteps(run_dir)
+    if full is not None:  # same models, same subsets: run's timestep subset vs all 1000 timesteps
+        for set_name, images in test_sets.items():
+            q = query_features(unet, scheduler, methods[first], images,
+                               os.path.join(run_dir, "queries", set_name, methods[first].slug), show_bar=False)
+            sc = scorer.scores(q)
+            a = lds(sc, full["masks"], full["F_run"][set_name], num_bootstrap)
+            b = lds(sc, full["masks"], full["F"][set_name], num_bootstrap)
+            results["timestep_check"][set_name]["all_1000_vs_run"] = {
+                "subsets": int(len(full["rows"])), "run": {"lds": a[0], "pm": a[1]}, "all_1000": {"lds": b[0], "pm": b[1]},
+                "difference": b[0] - a[0]}
     results["timestep_check"]["method"] = first
+    results["timestep_check"]["note"] = ("LDS at the default lambda with F from every stride-th of the run's evaluated "
+                                         "timesteps (keys: number of timesteps); all_1000_vs_run: the same retrained "
+                                         "models scored against F from all 1000 timesteps (one other noise seed)")
     if dest is not None:
         from .retrain import save_result
 

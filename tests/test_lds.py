@@ -7,6 +7,7 @@ from scipy.stats import spearmanr
 
 from dtrak_core.features import Featurizer, FeatureSetting
 from dtrak_core.lds import (LDSConfig, LDSRun, PAPER_LAMBDA_GRID, collect, eps_losses, eval_timesteps, evaluate,
+                            full_timestep_check,
                             lambda_study, lds, lds_jobs, lds_per_sample, load_ground_truth, noise_ceiling,
                             subset_indices, subset_masks)
 from dtrak_core.model import build_unet
@@ -133,6 +134,7 @@ def test_tiny_end_to_end(tmp_path, digits, scheduler):
     unet = build_unet(block_out_channels=(4, 8), seed=0).eval()
     setting = FeatureSetting("square", K=10, k=32)
     feats = Featurizer(unet, scheduler, setting)(digits.images[:40]).numpy()
+    assert len(full_timestep_check(run.out_dir, scheduler, max_subsets=3, show_bar=False)) == 6
     dest = str(tmp_path / "bench")
     res = evaluate(run.out_dir, unet, scheduler, {"d-trak": setting}, {"d-trak": feats}, dest=dest,
                    num_bootstrap=20, show_bar=False)
@@ -143,6 +145,8 @@ def test_tiny_end_to_end(tmp_path, digits, scheduler):
         assert -100 <= r[key]["lds"] <= 100 and r[key]["pm"] >= 0
     assert r["paper"]["lds"] == pytest.approx(max(r["lds_by_lambda"]))
     assert "validation" in res["noise_ceiling"] and "10" in res["timestep_check"]["validation"]
+    check = res["timestep_check"]["generated"]["all_1000_vs_run"]
+    assert check["subsets"] == 3 and check["difference"] == pytest.approx(check["all_1000"]["lds"] - check["run"]["lds"])
     gt = load_ground_truth(os.path.join(dest, "lds_ground_truth.npz"))
     np.testing.assert_array_equal(gt["masks"], col["masks"])
     np.testing.assert_allclose(gt["F"]["validation"], col["F"]["validation"], rtol=1e-6)
