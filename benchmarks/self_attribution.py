@@ -7,11 +7,14 @@ with the end-to-end time per image.
     python benchmarks/self_attribution.py [--root assets] [--methods square loss]
 """
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dtrak_core.attribution import Attributor
 
 

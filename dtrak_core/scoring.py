@@ -20,7 +20,7 @@ DEFAULT_RELATIVE_LAMBDA = 0.1
 
 
 def default_lambda(train_features, relative: float = DEFAULT_RELATIVE_LAMBDA) -> float:
-    phi = torch.as_tensor(np.asarray(train_features)).double()
+    phi = torch.from_numpy(np.array(train_features, dtype=np.float64))
     return float(relative * phi.pow(2).sum(1).mean())
 
 
@@ -28,7 +28,7 @@ class TRAKScorer:
     """Fit once on the training features, then score any number of query features."""
 
     def __init__(self, train_features, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA):
-        phi = torch.as_tensor(np.asarray(train_features)).double()  # (N, k)
+        phi = torch.from_numpy(np.array(train_features, dtype=np.float64))  # (N, k); a copy, stores are read-only memmaps
         if phi.ndim != 2:
             raise ValueError(f"train features must be (N, k), got {tuple(phi.shape)}")
         self.lam = default_lambda(phi, relative_lambda) if lam is None else float(lam)
@@ -51,7 +51,7 @@ class TRAKScorer:
 
     def scores(self, query_features) -> np.ndarray:
         """(Q, k) -> (Q, N) float64."""
-        q = torch.as_tensor(np.asarray(query_features)).double()
+        q = torch.from_numpy(np.array(query_features, dtype=np.float64))
         if q.ndim == 1:
             q = q[None]
         if q.shape[1] != self.weights.shape[0]:

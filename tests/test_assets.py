@@ -11,7 +11,7 @@ from dtrak_core.features import Featurizer, FeatureSetting
 from dtrak_core.model import checkpoint_hash
 from dtrak_core.store import FeatureStore
 
-from .conftest import ASSETS
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, "manifest.json")),
                                 reason="assets/ not built (python -m dtrak_core build-default)")
