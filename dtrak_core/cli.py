@@ -112,7 +112,7 @@ def cmd_counterfactual(args):
         ran = run_counterfactual(attributor, jobs_dir, seeds, args.rankings.split(","), args.k or ["20%", "5%"],
                                  train_config_from_manifest(args.root), shard=shard, control=not args.no_control)
         print(f"ran {len(ran)} job(s) now; results in {jobs_dir}")
-    summary = summarize(jobs_dir)
+    summary = summarize(jobs_dir, attributor.train.labels.numpy())
     table = format_table(summary, len(attributor.train))
     atomic_write_json(os.path.join(args.out, "summary.json"), summary)
     with open(os.path.join(args.out, "results.md"), "w") as f:

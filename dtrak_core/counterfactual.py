@@ -55,6 +55,7 @@ RANDOM_RANKING_SEED = 20240  # with the target seed, seeds the random ranking
 RANDOM = "random"
 SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0}  # as published
 CONTROL_ID = "control-k0"  # one retrain on everything: how far this machine's retrain is from the model
+CONTROL_AFTER_TARGETS = 3  # the control job runs after the first 3 targets' jobs at the first k
 DISPLAY = {"square": "D-TRAK", "loss": "TRAK", RANDOM: "Random"}
 PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
                     "clip_cosine": {"Random": 0.968, "TRAK": 0.943, "D-TRAK": 0.881}}
@@ -371,8 +372,9 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
     os.makedirs(out_dir, exist_ok=True)
     _check_identity(os.path.join(out_dir, "identity.json"), _identity(attributor, config, names))
     jobs, specs, befores = plan_jobs(attributor, seeds, names, ks)
-    if control:
-        jobs.insert(0, RetrainJob(CONTROL_ID, np.arange(len(attributor.train)), seed=0))
+    if control:  # after the first targets' jobs, so a short run first finishes a complete before/after gallery
+        jobs.insert(min(len(jobs), CONTROL_AFTER_TARGETS * len(names)),
+                    RetrainJob(CONTROL_ID, np.arange(len(attributor.train)), seed=0))
     threads = torch.get_num_threads()
 
     def work(job: RetrainJob) -> dict:
@@ -401,6 +403,24 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
     return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar)
 
 
+def load_precomputed(seed: int, ranking: str, k, out_dir: str = os.path.join(ASSETS, "counterfactual", "jobs"),
+                     n_train: int = 1500) -> CounterfactualResult | None:
+    """The harness's result for (seed, ranking, k) if it was run and committed, else None (for the app:
+    show a finished result instantly instead of retraining)."""
+    path = os.path.join(out_dir, f"{job_id(ranking, parse_k(k, n_train), int(seed))}.npz")
+    if not os.path.isfile(path):
+        return None
+    z = load_result(path)
+    clip = float(z["clip_cosine"])
+    return CounterfactualResult(seed=int(z["seed"]), ranking=str(z["ranking"]), k=int(z["k"]),
+                                before=torch.as_tensor(z["before"]), after=torch.as_tensor(z["after"]),
+                                removed_indices=z["removed"], l2=float(z["l2"]), label_before=int(z["label_before"]),
+                                confidence_before=float(z["confidence_before"]), label_after=int(z["label_after"]),
+                                confidence_after=float(z["confidence_after"]),
+                                clip_cosine=None if np.isnan(clip) else clip, clip_status=str(z["clip_status"]),
+                                train_seconds=float(z["train_seconds"]))
+
+
 # -- reporting ------------------------------------------------------------------------------------
 def load_results(out_dir: str) -> list[dict]:
     """Every finished (target, ranking, k) job in out_dir, as dicts of plain values."""
@@ -422,8 +442,12 @@ def _quantiles(values) -> dict:
             "p25": float(q[2]), "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6])}
 
 
-def summarize(out_dir: str) -> dict:
-    """Medians and distributions per (k, ranking), paired per-target comparisons, and the control."""
+def summarize(out_dir: str, train_labels=None) -> dict:
+    """Medians and distributions per (k, ranking), paired per-target comparisons, and the control.
+
+    With `train_labels`, each cell also reports the share of removed images whose label is the
+    target's (classifier) label: with 10 classes of ~150 digits, removing 300 can empty a class.
+    """
     from scipy.stats import wilcoxon
 
     rows = load_results(out_dir)
@@ -443,6 +467,8 @@ def summarize(out_dir: str) -> dict:
             "median_confidence_after": float(np.median([r["confidence_after"] for r in group])),
             "clip_cosine": _quantiles(clip) if clip else group[0]["clip_status"],
             "median_train_seconds": float(np.median([r["train_seconds"] for r in group])),
+            "removed_same_label_share": None if train_labels is None or k == 0 else float(np.mean(
+                [np.mean(np.asarray(train_labels)[r["removed"]] == r["label_before"]) for r in group])),
             "per_target": [{"seed": int(r["seed"]), "l2": float(r["l2"]), "label_before": int(r["label_before"]),
                             "label_after": int(r["label_after"])} for r in group],
         })
@@ -486,6 +512,10 @@ def format_table(summary: dict, n_train: int = 1500) -> str:
             f"**{c['l2']['median']:.2f}** [{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}] (n={c['l2']['n']})")) for m in methods) + " |")
         lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
             f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
+        if any(c.get("removed_same_label_share") is not None for c in summary["cells"] if c["k"] == k):
+            lines.append(f"| {label} | removed images with the target's label | " + " | ".join(fmt(m, lambda c: (
+                "-" if c["removed_same_label_share"] is None else f"{100 * c['removed_same_label_share']:.0f}%"))
+                for m in methods) + " |")
         lines.append(f"| {label} | median CLIP cosine | " + " | ".join(fmt(m, lambda c: (
             f"{c['clip_cosine']['median']:.3f}" if isinstance(c["clip_cosine"], dict) else "unavailable")) for m in methods) + " |")
     if summary["paired"]:
@@ -534,7 +564,7 @@ def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: 
             save_png(grid(top, columns=16, scale=scale // 2), os.path.join(gallery_dir, f"{stem}-removed.png"))
             entries.append({"seed": int(s), "ranking": name, "method": display_name(name), "k": int(k),
                             "before_png": before_png, "after_png": f"{stem}-after.png",
-                            "removed_png": f"{stem}-removed.png (first 32, strongest first)",
+                            "removed_png": f"{stem}-removed.png", "removed_png_shows": "the first 32 removed, strongest first",
                             "removed_indices": [int(i) for i in r["removed"]], "l2": float(r["l2"]),
                             "label_before": int(r["label_before"]), "confidence_before": float(r["confidence_before"]),
                             "label_after": int(r["label_after"]), "confidence_after": float(r["confidence_after"]),

@@ -146,12 +146,13 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         cf.run_counterfactual(attributor, out, seeds, rankings, ks, TINY, show_bar=False)
     done = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
-    assert done == sorted([f"{cf.CONTROL_ID}.npz", "d-trak-k16-seed40.npz"])  # k-major, target, ranking order
+    # k-major, then target, then ranking; the control after the first CONTROL_AFTER_TARGETS targets
+    assert done == ["d-trak-k16-seed40.npz", "trak-k16-seed40.npz"]
     first = {f: open(os.path.join(out, f), "rb").read() for f in done}
 
     monkeypatch.setattr(retrain_module, "train", real)
     ran = cf.run_counterfactual(attributor, out, seeds, rankings, ks, TINY, show_bar=False)
-    assert len(ran) == 2 * 3 * 2 - 1 and "d-trak-k16-seed40" not in ran and cf.CONTROL_ID not in ran
+    assert len(ran) == 2 * 3 * 2 + 1 - 2 and "d-trak-k16-seed40" not in ran and cf.CONTROL_ID in ran
     assert all(open(os.path.join(out, f), "rb").read() == first[f] for f in done)  # untouched
     assert cf.run_counterfactual(attributor, out, seeds, rankings, ks, TINY, show_bar=False) == []
 
@@ -168,6 +169,12 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
     assert summary["control"]["same_weights"] and summary["control"]["max_l2"] == 0.0
     table = cf.format_table(summary, N)
     assert "median L2" in table and "(n=2)" in table
+
+    live = cf.remove_and_retrain(attributor, 41, "trak", 8, config=TINY)
+    stored = cf.load_precomputed(41, "trak", "12.5%", out_dir=out, n_train=N)
+    assert torch.equal(live.after, stored.after) and live.removed_indices.tolist() == stored.removed_indices.tolist()
+    assert stored.l2 == live.l2 and stored.label_after == live.label_after
+    assert cf.load_precomputed(41, "trak", 3, out_dir=out, n_train=N) is None
 
     index = cf.write_gallery(out, str(tmp_path / "gallery"), attributor.train, n_targets=2)
     assert index["k"] == 16 and index["seeds"] == seeds and len(index["entries"]) == 6
