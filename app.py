@@ -10,6 +10,8 @@ per-user selections live in `gr.State`.
 """
 from __future__ import annotations
 
+import html
+import io
 import os
 import threading
 import time
@@ -22,8 +24,8 @@ import plotly.graph_objects as go
 import torch
 
 from dtrak_core import app_support as sup
-from dtrak_core.attribution import Attributor
-from dtrak_core.build import read_manifest
+from dtrak_core import baselines
+from dtrak_core.attribution import Attribution, Attributor
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.quality import classify
 from dtrak_core.sampling import generate
@@ -44,11 +46,8 @@ PROPONENT, OPPONENT, NEUTRAL = "#16a34a", "#dc2626", "#94a3b8"
 class Assets:
     root: str
     attributor: Attributor
-    manifest: dict
-
-    @property
-    def train_config(self):
-        return sup.train_config_from_manifest(self.manifest)
+    methods: list  # every method that can run here: TRAK family (one per store) and baselines
+    unavailable: dict  # {baseline: why it cannot run here}
 
     @property
     def n_train(self) -> int:
@@ -58,7 +57,9 @@ class Assets:
 @lru_cache(maxsize=None)
 def load_assets(root: str) -> Assets:
     """The model folder, loaded once; raises ValueError with a readable reason when missing."""
-    return Assets(root, Attributor.load(root), read_manifest(root))
+    attributor = Attributor.load(root)
+    unavailable = baselines.unavailable_methods(attributor, root)
+    return Assets(root, attributor, baselines.available_methods(attributor, root), unavailable)
 
 
 def assets() -> Assets:
@@ -108,10 +109,26 @@ def classifier_text(pixels: np.ndarray) -> str:
     return f"looks like a **{labels[0]}** ({conf[0]:.0%} by the digit classifier)"
 
 
-def training_gallery(attribution, indices) -> list:
+def png_data_uri(img) -> str:
+    import base64
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def training_cards(attribution, indices, title: str) -> str:
+    """Training images as an HTML grid of cards: the pixels (nearest-neighbour) with index, label
+    and score underneath (gallery captions would cover the image and get cut off)."""
     train = assets().attributor.train
-    return [(to_pil(train.images[i], THUMB_SCALE),
-             f"#{i} · digit {attribution.labels[i]} · {attribution.scores[i]:+.3g}") for i in indices]
+    cards = []
+    for i in indices:
+        score = attribution.scores[i]
+        cards.append(
+            f'<figure class="card"><img src="{png_data_uri(to_pil(train.images[i], THUMB_SCALE))}" '
+            f'alt="training image {i}"><figcaption><b>#{i}</b> · digit {attribution.labels[i]}<br>'
+            f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
+    return f'<div class="cards-title">{html.escape(title)}</div><div class="cards">{"".join(cards)}</div>'
 
 
 def score_histogram(attribution, k: int) -> go.Figure:
@@ -127,10 +144,9 @@ def score_histogram(attribution, k: int) -> go.Figure:
     lo, hi = sup.top_k_thresholds(scores, k)
     fig.add_vline(x=hi, line=dict(color=PROPONENT, dash="dash", width=1))
     fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
-    fig.update_layout(template="plotly_white", height=300, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05,
-                      title=dict(text=f"{len(scores):,} training scores", font=dict(size=13)),
-                      xaxis_title="attribution score", yaxis_title="images",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), bargap=0.05,
+                      xaxis_title=f"attribution score ({len(scores):,} training images)", yaxis_title="images",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
     return fig
 
 
@@ -146,11 +162,26 @@ def class_mass_figure(attribution) -> go.Figure:
     fig.add_scatter(x=classes, y=base, mode="markers", name="share of training set",
                     marker=dict(symbol="line-ew-open", size=22, color="#334155", line=dict(width=2)),
                     hovertemplate="digit %{x}: %{y:.1%} of the training images<extra></extra>")
-    fig.update_layout(template="plotly_white", height=300, margin=dict(l=10, r=10, t=30, b=10), barmode="group",
-                      title=dict(text="Attribution mass per class", font=dict(size=13)),
-                      xaxis_title="training digit", yaxis=dict(tickformat=".0%"),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), barmode="group",
+                      xaxis_title="training digit", yaxis=dict(tickformat=".0%", title="share of the mass"),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
     return fig
+
+
+def method_description(name: str) -> str:
+    if name in baselines.BASELINES:
+        return baselines.BASELINES[name].description
+    known = {"square": "D-TRAK: gradient of mean(eps_theta^2)", "loss": "TRAK: gradient of the training loss"}
+    return known.get(name, f"TRAK-style scores with output function {name!r}")
+
+
+def methods_markdown(methods, unavailable) -> str:
+    lines = ["## Methods in this app", "", "| method | scores by |", "|---|---|"]
+    lines += [f"| {sup.method_label(m)} | {method_description(m)} |" for m in methods]
+    if unavailable:
+        lines += ["", "Not available with these assets:", ""]
+        lines += [f"- **{m}**: {why}" for m, why in unavailable.items()]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- handlers: generate
@@ -168,8 +199,7 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
                           progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
         _samples_cache.put(key, images)
     labels, conf = classify(images.numpy())
-    items = [(to_pil(img, THUMB_SCALE * 2), f"seed {s} · {c} ({p:.0%})")
-             for img, s, c, p in zip(images, seeds, labels, conf)]
+    items = [(to_pil(img, THUMB_SCALE * 2), f"seed {s}: {c}") for img, s, c in zip(images, seeds, labels)]
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
 
 
@@ -188,11 +218,15 @@ def query_view(q):
 
 # ---------------------------------------------------------------- handlers: attribute
 
-def attribution_for(q, method: str):
+def attribution_for(q, method: str) -> Attribution:
+    """Scores of any method (TRAK family or baseline) for a query, cached per (query, method)."""
     key = (q["key"], method)
     result = _attribution_cache.get(key)
     if result is None:
-        result = assets().attributor.attribute(torch.as_tensor(q["pixels"]), method)
+        a = assets()
+        seeds = None if q["seed"] is None else [q["seed"]]  # journey-trak follows the sample's own trajectory
+        scores = baselines.method_scores(a.attributor, method, torch.as_tensor(q["pixels"])[None], seeds, root=a.root)[0]
+        result = Attribution(method, scores, a.attributor.train.labels.numpy())
         _attribution_cache.put(key, result)
     return result
 
@@ -209,10 +243,11 @@ def attribute(q, method, k, progress=gr.Progress()):
     seconds = time.perf_counter() - t0
     prop = result.proponents(k)
     same = int((result.labels[prop] == classify(q["pixels"][None])[0][0]).sum())
-    summary = (f"**{sup.method_label(method)}** on {q['title'].lower()}: its top-{k} proponents include "
+    summary = (f"**{sup.method_label(method)}** ({method_description(method)}) on the query ({q['title']}): its top-{k} proponents include "
                f"**{same} of {k}** training images of the digit the classifier sees "
                f"({time.perf_counter() - t0:.2f} s{' (cached)' if seconds < 0.01 else ''}).")
-    return (training_gallery(result, prop), training_gallery(result, result.opponents(k)),
+    return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
+            training_cards(result, result.opponents(k), f"Top-{k} opponents"),
             score_histogram(result, k), class_mass_figure(result), summary)
 
 
@@ -229,8 +264,8 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
     text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: "
             f"top-{k} overlap **{overlap} of {k}**; Spearman rank correlation of all "
             f"{len(ra.scores):,} scores **ρ = {rho:.3f}**.")
-    return (gr.Gallery(value=training_gallery(ra, ra.proponents(k)), label=f"{sup.method_label(method_a)}: top-{k}"),
-            gr.Gallery(value=training_gallery(rb, rb.proponents(k)), label=f"{sup.method_label(method_b)}: top-{k}"),
+    return (training_cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
+            training_cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"),
             text)
 
 
@@ -360,7 +395,7 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
 def show_example(evt: gr.SelectData):
     """A click on a precomputed example -> its inputs and results, instantly."""
     seed, k, label_a, label_b = evt.row_value
-    names = {sup.method_label(n): n for n in [*assets().attributor.methods, "random", NO_RANKING]}
+    names = {sup.method_label(n): n for n in [*assets().methods, "random", NO_RANKING]}
     seed, k, ranking_a, ranking_b = int(seed), int(k), names.get(label_a, label_a), names.get(label_b, label_b)
     table = precomputed(ASSETS)
     views = [table[(seed, r, k)] for r in (ranking_a, ranking_b) if (seed, r, k) in table]
@@ -426,6 +461,12 @@ training feature norm. Everything runs on a CPU.
 
 CSS = """
 img { image-rendering: pixelated; }
+.cards-title { font-weight: 600; margin: 4px 0 6px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(86px, 1fr)); gap: 10px; }
+.card { margin: 0; text-align: center; }
+.card img { width: 100%; border-radius: 4px; display: block; }
+.card figcaption { font-size: 12px; line-height: 1.3; margin-top: 3px; font-variant-numeric: tabular-nums; }
+.card .pos { color: #15803d; } .card .neg { color: #b91c1c; }
 .pixel img { padding-top: 2.4em; box-sizing: border-box; }
 #summary, #cf-status { min-height: 2.5em; }
 """
@@ -474,12 +515,12 @@ def benchmark_chart(rows, headers, title) -> go.Figure | None:
 def build_demo() -> gr.Blocks:
     try:
         a = load_assets(ASSETS)
-        methods, n_train, error = a.attributor.methods, a.n_train, None
+        methods, ranked, n_train, unavailable, error = a.methods, a.attributor.methods, a.n_train, a.unavailable, None
     except (ValueError, OSError) as e:
-        methods, n_train, error = [], 2, str(e)
+        methods, ranked, n_train, unavailable, error = [], [], 2, {}, str(e)
     choices = sup.method_choices(methods)
     default_method = choices[0][1] if choices else None
-    rankings = choices + [("random", "random")]
+    rankings = sup.method_choices(ranked) + [("random", "random")]  # the counterfactual retrains on TRAK-family rankings
     second = "loss" if "loss" in methods and default_method != "loss" else (choices[-1][1] if choices else None)
 
     with gr.Blocks(title="D-TRAK explorer") as demo:
@@ -501,7 +542,9 @@ def build_demo() -> gr.Blocks:
                         steps = gr.Slider(1, 200, 50, step=1, label="DDIM steps")
                         gen_btn = gr.Button("Generate", variant="primary")
                     with gr.Column(scale=3):
-                        gallery = gr.Gallery(label="Samples: click one to see its attribution", columns=6,
+                        gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
+                                    "training images made it.")
+                        gallery = gr.Gallery(label="Samples", show_label=False, columns=6,
                                              format="png", object_fit="contain", allow_preview=False, height="auto")
             with gr.Tab("Attribute", id="attribute"):
                 with gr.Row():
@@ -517,10 +560,8 @@ def build_demo() -> gr.Blocks:
                             method = gr.Dropdown(choices, value=default_method, label="Method")
                             topk = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Top-k shown")
                         summary = gr.Markdown(elem_id="summary")
-                        prop_gallery = gr.Gallery(label="Top proponents (index · label · score)", columns=8, elem_id="proponents",
-                                                  format="png", allow_preview=False, height="auto", object_fit="contain")
-                        opp_gallery = gr.Gallery(label="Top opponents", columns=8, format="png", elem_id="opponents",
-                                                 allow_preview=False, height="auto", object_fit="contain")
+                        prop_gallery = gr.HTML(elem_id="proponents")
+                        opp_gallery = gr.HTML(elem_id="opponents")
                         with gr.Row():
                             hist = gr.Plot(label="Scores over the training set", show_label=False, elem_id="histogram")
                             mass = gr.Plot(label="Attribution mass per class", show_label=False, elem_id="class-mass")
@@ -530,10 +571,8 @@ def build_demo() -> gr.Blocks:
                         compare_btn = gr.Button("Compare", scale=1)
                     compare_text = gr.Markdown()
                     with gr.Row():
-                        gal_a = gr.Gallery(label="first method", columns=4, elem_id="compare-a", format="png", allow_preview=False,
-                                           height="auto", object_fit="contain")
-                        gal_b = gr.Gallery(label="second method", columns=4, elem_id="compare-b", format="png", allow_preview=False,
-                                           height="auto", object_fit="contain")
+                        gal_a = gr.HTML(elem_id="compare-a")
+                        gal_b = gr.HTML(elem_id="compare-b")
             with gr.Tab("Counterfactual", id="counterfactual"):
                 gr.Markdown("Remove a generated sample's top proponents from the training set, retrain the model "
                             "from scratch with the same recipe, and regenerate the same seed (DDIM 50 steps, as "
@@ -578,6 +617,7 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT, latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                      {"left": "$", "right": "$", "display": False}])
+                gr.Markdown(methods_markdown(methods, unavailable))
 
         # -- wiring
         def seed_inputs(m):

@@ -3,6 +3,7 @@ and the app's small core helpers (dtrak_core.app_support) against brute-force re
 import importlib
 import io
 import os
+import re
 import sys
 import time
 
@@ -46,9 +47,11 @@ def build_tiny_assets(root: str) -> str:
 def _build_tiny_assets(root: str, gallery: str) -> None:
     from dtrak_core import counterfactual as cf
     from dtrak_core.attribution import Attributor
-    from dtrak_core.build import build_default
+    from dtrak_core.build import build_store, train_or_load
 
-    build_default(root, TINY_TRAIN, TINY_SETTINGS, show_bar=False)
+    unet, scheduler, _ = train_or_load(root, TINY_TRAIN, show_bar=False)
+    for setting in TINY_SETTINGS:  # (build_default would also measure sample quality: not needed here)
+        build_store(root, unet, scheduler, setting, show_bar=False)
     attributor = Attributor.load(root)
     runs = os.path.join(root, "counterfactual", "runs")
     cf.run_counterfactual(attributor, runs, seeds=[EXAMPLE_SEED], rankings=("d-trak", "random"), ks=(EXAMPLE_K,),
@@ -77,8 +80,9 @@ class Select:
         self.index, self.row_value = index, row_value
 
 
-def gallery_indices(items):
-    return [int(caption.split(" ")[0][1:]) for _, caption in items]
+def card_indices(html):
+    """Training indices shown in an HTML grid of cards, in order."""
+    return [int(i) for i in re.findall(r"<b>#(\d+)</b>", html)]
 
 
 # ---------------------------------------------------------------- app_support vs brute force
@@ -161,7 +165,10 @@ def test_demo_builds_without_launching(app):
 
     assert isinstance(app.demo, gr.Blocks)
     assert app.assets().attributor.methods == ["loss", "square"]
-    assert sup.method_choices(app.assets().attributor.methods)[0] == ("D-TRAK (square)", "square")
+    methods = app.assets().methods  # discovered from the core: TRAK family + baselines that can run here
+    assert methods[:2] == ["loss", "square"] and "pixel-cosine" in methods and "journey-trak" in methods
+    assert "tracin" not in methods and "tracin" in app.assets().unavailable  # no checkpoints in the tiny folder
+    assert sup.method_choices(methods)[0] == ("D-TRAK (square)", "square")
 
 
 def test_generate_and_select(app):
@@ -169,7 +176,7 @@ def test_generate_and_select(app):
 
     items, batch = app.generate_samples("range", 0, 3, 5, 1, 10)
     assert batch["seeds"] == [3, 4, 5] and batch["images"].shape == (3, 1, 8, 8)
-    assert [c.split(" ·")[0] for _, c in items] == ["seed 3", "seed 4", "seed 5"]
+    assert [c.split(":")[0] for _, c in items] == ["seed 3", "seed 4", "seed 5"]
     assert items[0][0].size == (8 * 2 * app.THUMB_SCALE,) * 2  # nearest-neighbour upscaled
     single, b1 = app.generate_samples("single", 4, 0, 0, 1, 10)
     np.testing.assert_allclose(b1["images"][0], batch["images"][1], atol=1e-4)  # a seed is a seed, whatever the batch
@@ -188,8 +195,8 @@ def test_attribute_and_compare(app):
     props, opps, hist, mass, summary = app.attribute(q, "square", 5)
     expected = app.assets().attributor.attribute(torch.as_tensor(q["pixels"]), "square")
     order = np.argsort(-expected.scores)
-    assert gallery_indices(props) == order[:5].tolist()
-    assert gallery_indices(opps) == order[::-1][:5].tolist()
+    assert card_indices(props) == order[:5].tolist()
+    assert card_indices(opps) == order[::-1][:5].tolist()
     assert "D-TRAK" in summary and "of 5" in summary
     assert len(hist.data) == 3 and len(hist.data[0].x) == len(expected.scores)
     assert [t.name for t in mass.data][:2] == ["proponent mass", "opponent mass"]
@@ -200,9 +207,27 @@ def test_attribute_and_compare(app):
     other = app.assets().attributor.attribute(torch.as_tensor(q["pixels"]), "loss")
     assert f"overlap **{sup.top_k_overlap(expected.scores, other.scores, 6)} of 6**" in text
     assert f"{sup.rank_correlation(expected.scores, other.scores):.3f}" in text
-    assert len(ga.value) == 6 and len(gb.value) == 6
+    assert card_indices(ga) == expected.proponents(6).tolist() and card_indices(gb) == other.proponents(6).tolist()
+    assert ga.count("<img") == 6 and "data:image/png;base64," in ga
     with pytest.raises(gr.Error, match="No query yet"):
         app.attribute(None, "square", 5)
+
+
+def test_every_method_attributes_and_baselines_match_a_direct_computation(app):
+    import gradio as gr
+
+    _, batch = app.generate_samples("single", 2, 0, 0, 1, 50)  # journey-trak needs the DDIM-50 trajectory
+    q = app.select_sample(batch, Select(0))[0]
+    for method in app.assets().methods:
+        props = app.attribute(q, method, 4)[0]
+        assert len(card_indices(props)) == 4, method
+    train = app.assets().attributor.train.images.flatten(1).double().numpy()
+    x = q["pixels"].reshape(-1).astype(np.float64)
+    cos = [x @ t / np.linalg.norm(x) / np.linalg.norm(t) for t in train]
+    assert card_indices(app.attribute(q, "pixel-cosine", 5)[0]) == sorted(range(len(cos)), key=lambda i: -cos[i])[:5]
+    upload = dict(q, key=sup.QueryKey.for_pixels(q["pixels"]), seed=None, steps=None)
+    with pytest.raises(gr.Error, match="generated samples only"):
+        app.attribute(upload, "journey-trak", 4)
 
 
 def _png(mode, size=(20, 20), color=0, **save):
@@ -227,7 +252,7 @@ def test_upload_validation(app, tmp_path):
     q2 = app.use_upload(str(good), False)[0]
     np.testing.assert_allclose(q2["pixels"], -q["pixels"], atol=1e-6)
     props = app.attribute(q, "square", 3)[0]
-    assert len(props) == 3
+    assert len(card_indices(props)) == 3
 
     frames = [Image.new("L", (8, 8), c) for c in (0, 255)]
     gif = io.BytesIO()
