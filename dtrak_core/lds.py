@@ -537,8 +537,21 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
             arrays[f"F_seeds_{set_name}"] = col["F_seeds"][set_name].astype(np.float32)
         arrays["generated_images"] = test_sets["generated"].numpy() if "generated" in test_sets else np.zeros(0)
         save_result(os.path.join(dest, "lds_ground_truth.npz"), **arrays)
-        atomic_write_json(os.path.join(dest, "lds_results.json"), results)
+        atomic_write_json(os.path.join(dest, "lds_results.json"), _json_safe(results))
     return results
+
+
+def _json_safe(obj):
+    """nan -> None (strict JSON has no NaN), numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
 
 
 def load_ground_truth(path: str) -> dict:
