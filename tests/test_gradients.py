@@ -136,11 +136,7 @@ class _ReusingNet(torch.nn.Module):
         return (self.out(h),)
 
 
-@pytest.mark.parametrize("grouped_max_rows", [1, 1000])  # conv weight gradients per sample / all in one call
-def test_hooks_engine_handles_reused_grouped_and_frozen_layers(scheduler, digits, monkeypatch, grouped_max_rows):
-    import dtrak_core.gradients
-
-    monkeypatch.setattr(dtrak_core.gradients, "GROUPED_CONV_MAX_ROWS", grouped_max_rows)
+def test_hooks_engine_handles_reused_grouped_and_frozen_layers(scheduler, digits):
     net = _ReusingNet().eval()
     a = GradientFeaturizer(net, scheduler, "loss", 10, engine="hooks")(digits.images[:3])
     b = GradientFeaturizer(net, scheduler, "loss", 10, engine="vmap")(digits.images[:3])
