@@ -58,6 +58,9 @@ class Assets:
 def load_assets(root: str) -> Assets:
     """The model folder, loaded once; raises ValueError with a readable reason when missing."""
     attributor = Attributor.load(root)
+    if attributor.methods:  # build the default method's featurizer and scorer now, not on the first click
+        cfg = attributor.unet.config
+        attributor.scores(torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size), sup.method_choices(attributor.methods)[0][1])
     unavailable = baselines.unavailable_methods(attributor, root)
     return Assets(root, attributor, baselines.available_methods(attributor, root), unavailable)
 
@@ -126,7 +129,7 @@ def training_cards(attribution, indices, title: str) -> str:
         score = attribution.scores[i]
         cards.append(
             f'<figure class="card"><img src="{png_data_uri(to_pil(train.images[i], THUMB_SCALE))}" '
-            f'alt="training image {i}"><figcaption><b>#{i}</b> · digit {attribution.labels[i]}<br>'
+            f'alt="training image {i}"><figcaption><b>#{i}</b><br>digit {attribution.labels[i]}<br>'
             f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
     return f'<div class="cards-title">{html.escape(title)}</div><div class="cards">{"".join(cards)}</div>'
 
@@ -275,7 +278,10 @@ def use_upload(path, invert):
     if not path:
         return gr.update(), gr.update(), gr.update()
     unet = assets().attributor.unet
-    image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=bool(invert))
+    try:
+        image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=bool(invert))
+    except ValueError as e:
+        raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image") from None
     pixels = image.numpy()
     q = {"key": sup.QueryKey.for_pixels(pixels), "pixels": pixels, "seed": None, "steps": None,
          "title": f"Your image {os.path.basename(path)}{' (inverted)' if invert else ''}, "
@@ -472,31 +478,94 @@ img { image-rendering: pixelated; }
 """
 
 
+def _read_text(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def _table(rows: list[dict], label: str) -> None:
+    headers = list(dict.fromkeys(h for r in rows for h in r))
+    gr.Dataframe(value=[[r.get(h, "") for h in headers] for r in rows], headers=headers, label=label,
+                 interactive=False, wrap=True)
+
+
+def lds_chart(rows: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    for test_set in dict.fromkeys(r["test set"] for r in rows):
+        sub = [r for r in rows if r["test set"] == test_set]
+        fig.add_bar(x=[r["method"] for r in sub], y=[r["LDS (honest lambda)"] for r in sub], name=test_set,
+                    error_y=dict(type="data", array=[r["+- (honest)"] for r in sub]))
+    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), barmode="group",
+                      yaxis_title="LDS x 100 (honest lambda)",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
+    return fig
+
+
+def counterfactual_chart(rows: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    for k in sorted({r["removed"] for r in rows}, reverse=True):
+        sub = [r for r in rows if r["removed"] == k]
+        fig.add_bar(x=[r["ranking"] for r in sub], y=[r["median L2"] for r in sub], name=f"{k} removed",
+                    error_y=dict(type="data", symmetric=False, array=[r["p75"] - r["median L2"] for r in sub],
+                                 arrayminus=[r["median L2"] - r["p25"] for r in sub]))
+    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), barmode="group",
+                      yaxis_title="median pixel L2, before vs after (p25-p75)",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
+    return fig
+
+
 def benchmarks_blocks(root: str) -> None:
-    """Tables and charts for every assets/benchmarks/*.json; an empty state when there are none."""
-    items = sup.read_benchmarks(os.path.join(root, "benchmarks"))
-    if not items:
-        gr.Markdown(
-            "### No benchmark results yet\n"
-            f"Nothing under `{os.path.join(root, 'benchmarks')}/`. The LDS tables and the counterfactual "
-            "medians are produced by the evaluation harnesses (`python -m dtrak_core lds ...` and "
-            "`python -m dtrak_core counterfactual ...`, see `python -m dtrak_core --help`), which write "
-            "their JSON results there; restart the app to show them.")
-        return
-    for item in items:
-        with gr.Accordion(item["name"], open=True):
+    """The LDS and counterfactual results under `root` (tables, charts, the harnesses' reports) and
+    any other assets/benchmarks/*.json as generic tables; an empty state when there are none."""
+    bench, cf_dir = os.path.join(root, "benchmarks"), os.path.join(root, "counterfactual")
+    items = {i["name"]: i for i in sup.read_benchmarks(bench)}
+    cf_items = {i["name"]: i for i in sup.read_benchmarks(cf_dir)}
+    lds, cf_summary = items.pop("lds_results", None), cf_items.get("summary")
+    shown = False
+    if lds is not None and lds.get("data"):
+        shown = True
+        gr.Markdown("## Linear datamodeling score (LDS)")
+        data = lds["data"]
+        if data.get("partial"):
+            gr.Markdown(f"**Provisional:** only {data.get('subsets_done')} of {data.get('subsets_planned')} "
+                        "retrained subsets were finished when these numbers were written.")
+        rows = sup.lds_rows(data)
+        if rows:
+            _table(rows, "LDS x 100, mean over test samples, +- bootstrap over subsets")
+            gr.Plot(lds_chart(rows), show_label=False)
+    if cf_summary is not None and cf_summary.get("data"):
+        shown = True
+        gr.Markdown("## Counterfactual: remove the top proponents and retrain")
+        report = _read_text(os.path.join(cf_dir, "results.md"))
+        if report:
+            gr.Markdown(report)
+        rows = sup.counterfactual_rows(cf_summary["data"])
+        if rows:
+            gr.Plot(counterfactual_chart(rows), show_label=False)
+    for item in items.values():  # any other benchmark file, as generic tables
+        shown = True
+        with gr.Accordion(item["name"], open=False):
             if "error" in item:
                 gr.Markdown(f"Could not read `{item['error']}`")
                 continue
-            if item["markdown"]:
-                gr.Markdown(item["markdown"])
             for path, rows in sup.records(item["data"]):
-                headers = list(dict.fromkeys(h for r in rows for h in r))
-                gr.Dataframe(value=[[r.get(h, "") for h in headers] for r in rows], headers=headers,
-                             label=path, interactive=False, wrap=True)
-                fig = benchmark_chart(rows, headers, path)
+                _table(rows, path)
+                fig = benchmark_chart(rows, list(dict.fromkeys(h for r in rows for h in r)), path)
                 if fig is not None:
                     gr.Plot(fig, show_label=False)
+    readme = _read_text(os.path.join(bench, "README.md"))
+    if shown and readme:
+        with gr.Accordion("How the benchmarks were measured", open=False):
+            gr.Markdown(readme)
+    if not shown:
+        gr.Markdown(
+            "### No benchmark results yet\n"
+            f"Nothing under `{bench}/` or `{cf_dir}/`. The LDS tables and the counterfactual medians are "
+            "produced by the evaluation harnesses (`python -m dtrak_core lds ...` writes "
+            "`benchmarks/lds_results.json`, `python -m dtrak_core counterfactual ...` writes "
+            "`counterfactual/summary.json`; see `python -m dtrak_core --help`); restart the app to show them.")
 
 
 def benchmark_chart(rows, headers, title) -> go.Figure | None:
@@ -552,8 +621,8 @@ def build_demo() -> gr.Blocks:
                         query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
                                              buttons=[], elem_classes="pixel")
                         query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.")
-                        upload = gr.File(label="Attribute your own image (PNG, JPEG, ...)", file_types=["image"],
-                                         type="filepath", height=100, elem_id="upload")
+                        upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
+                                         type="filepath", height=150, elem_id="upload")
                         invert = gr.Checkbox(True, label="invert (dark ink on light paper)")
                     with gr.Column(scale=3):
                         with gr.Row():
@@ -630,9 +699,9 @@ def build_demo() -> gr.Blocks:
         attr_inputs, attr_outputs = [query, method, topk], [prop_gallery, opp_gallery, hist, mass, summary]
         gallery.select(select_sample, batch, [query, tabs, query_img, query_info, cf_seed]).success(
             attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        upload.upload(use_upload, [upload, invert], [query, query_img, query_info]).success(
+        upload.upload(use_upload, [upload, invert], [query, query_img, query_info], show_progress="hidden").success(
             attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        invert.input(use_upload, [upload, invert], [query, query_img, query_info]).success(
+        invert.input(use_upload, [upload, invert], [query, query_img, query_info], show_progress="hidden").success(
             attribute, attr_inputs, attr_outputs, concurrency_id="compute")
         method.input(attribute, attr_inputs, attr_outputs, concurrency_id="compute")
         topk.release(attribute, attr_inputs, attr_outputs, concurrency_id="compute")

@@ -123,13 +123,24 @@ def read_benchmarks(folder: str) -> list[dict]:
     return out
 
 
+def _flatten(row: dict) -> dict:
+    """Scalars of a dict, with one level of nested dicts as 'outer.inner' columns."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if not isinstance(v2, (dict, list))})
+        elif not isinstance(v, list):
+            out[k] = v
+    return out
+
+
 def records(data) -> list[tuple[str, list[dict]]]:
     """Tables inside a benchmark JSON: every list of flat dicts found (with its key path)."""
     found = []
 
     def walk(node, path):
         if isinstance(node, list) and node and all(isinstance(r, dict) for r in node):
-            flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in node]
+            flat = [_flatten(r) for r in node]
             if any(flat):
                 found.append((path or "results", flat))
                 return
@@ -215,3 +226,30 @@ def counterfactual_gallery(root: str) -> list[dict]:
                 continue
             entries.append({**e, **paths})
     return entries
+
+
+def lds_rows(results: dict) -> list[dict]:
+    """One row per (method, test set) of `lds.py`'s lds_results.json: LDS x 100 with +- for the
+    paper's lambda (best on the test set), the honest (cross-fitted) lambda and the default rule."""
+    rows = []
+    for method, per_set in results.get("methods", {}).items():
+        for test_set, study in per_set.items():
+            if not isinstance(study, dict) or "honest" not in study:
+                continue
+            row = {"method": method_label(method), "test set": test_set}
+            for which in ("paper", "honest", "default"):
+                row[f"LDS ({which} lambda)"] = round(float(study[which]["lds"]), 2)
+                row[f"+- ({which})"] = round(float(study[which]["pm"]), 2)
+            rows.append(row)
+    return rows
+
+
+def counterfactual_rows(summary: dict) -> list[dict]:
+    """One row per (k, ranking) of `counterfactual.summarize`'s summary.json."""
+    rows = []
+    for cell in summary.get("cells", []):
+        l2 = cell["l2"]
+        rows.append({"removed": cell["k"], "ranking": cell.get("method", cell["ranking"]),
+                     "median L2": round(l2["median"], 3), "p25": round(l2["p25"], 3), "p75": round(l2["p75"], 3),
+                     "targets": l2["n"], "label changed": f"{100 * cell['label_changed']:.0f}%"})
+    return rows

@@ -2,6 +2,7 @@
 and the app's small core helpers (dtrak_core.app_support) against brute-force references."""
 import importlib
 import io
+import json
 import os
 import re
 import sys
@@ -153,6 +154,7 @@ def test_benchmark_tables(tmp_path):
     items = {i["name"]: i for i in sup.read_benchmarks(str(tmp_path))}
     assert "error" in items["broken"] and items["lds"]["markdown"] == "# LDS"
     tables = dict(sup.records(items["lds"]["data"]))
+    assert dict(sup.records([{"a": 1, "l2": {"median": 2.0}, "xs": [1]}])) == {"results": [{"a": 1, "l2.median": 2.0}]}
     assert tables["summary"] == [{"k": 2048}]
     assert tables["methods"][1] == {"method": "D-TRAK", "lds": 20.1}
     assert tables["by_K"] == [{"name": "10", "lds": 1.0}, {"name": "100", "lds": 2.0}]
@@ -313,12 +315,39 @@ def test_precomputed_examples_show_instantly(app):
 def test_benchmarks_tab_renders(app, tmp_path):
     import gradio as gr
 
+    def texts(blocks):
+        return " ".join(str(getattr(b, "value", "")) for b in blocks.blocks.values())
+
     with gr.Blocks() as empty:
         app.benchmarks_blocks(str(tmp_path))
-    assert any("No benchmark results yet" in str(getattr(b, "value", "")) for b in empty.blocks.values())
+    assert "No benchmark results yet" in texts(empty)
     (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "lds.json").write_text('[{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}]')
+    (tmp_path / "counterfactual").mkdir()
+    study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.0, "pm": 1.5}, "default": {"lds": 25.0, "pm": 1.2}}
+    (tmp_path / "benchmarks" / "lds_results.json").write_text(json.dumps(
+        {"partial": True, "subsets_done": 10, "subsets_planned": 64,
+         "methods": {"square": {"validation": study, "generated": study, "setting": {"K": 100}}}}))
+    (tmp_path / "benchmarks" / "other.json").write_text('[{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}]')
+    (tmp_path / "benchmarks" / "README.md").write_text("protocol notes")
+    (tmp_path / "counterfactual" / "summary.json").write_text(json.dumps({"cells": [
+        {"k": 300, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
+         "l2": {"median": 2.0, "p25": 1.5, "p75": 2.5, "n": 4}}]}))
+    (tmp_path / "counterfactual" / "results.md").write_text("| removed k | D-TRAK |")
     with gr.Blocks() as full:
         app.benchmarks_blocks(str(tmp_path))
     kinds = [type(b).__name__ for b in full.blocks.values()]
-    assert "Dataframe" in kinds and "Plot" in kinds
+    assert kinds.count("Plot") == 3 and kinds.count("Dataframe") == 2  # LDS, counterfactual, other.json
+    text = texts(full)
+    assert "Provisional" in text and "| removed k | D-TRAK |" in text and "protocol notes" in text
+
+
+def test_benchmark_rows():
+    study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.04, "pm": 1.5}, "default": {"lds": 25.0, "pm": 1.2}}
+    rows = sup.lds_rows({"methods": {"loss": {"validation": study, "setting": {"K": 10}}}})
+    assert rows == [{"method": "TRAK (loss)", "test set": "validation", "LDS (paper lambda)": 30.0, "+- (paper)": 1.0,
+                     "LDS (honest lambda)": 28.04, "+- (honest)": 1.5, "LDS (default lambda)": 25.0,
+                     "+- (default)": 1.2}]
+    cells = {"cells": [{"k": 75, "ranking": "random", "method": "Random", "label_changed": 0.25,
+                        "l2": {"median": 1.0, "p25": 0.5, "p75": 1.5, "n": 8}}]}
+    assert sup.counterfactual_rows(cells) == [{"removed": 75, "ranking": "Random", "median L2": 1.0, "p25": 0.5,
+                                               "p75": 1.5, "targets": 8, "label changed": "25%"}]

@@ -142,7 +142,8 @@ def test_upload_bad_file_shows_message_then_good_image_attributes(page, tmp_path
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is a text file, not an image")
     page.locator("#upload input[type=file]").set_input_files(str(bad))
-    expect(page.get_by_text("not a readable image file").first).to_be_visible()
+    expect(page.get_by_text("Could not use notes.png: not a readable image file").first).to_be_visible()
+    page.wait_for_timeout(500)  # let the message finish fading in
     shot(page, "03-upload-bad-file")
 
     from PIL import Image, ImageDraw
@@ -174,7 +175,7 @@ def test_retrain_start_cancel_and_finish(page):
 
     button(page, "Remove and retrain").click()
     expect(page.get_by_text("Seed 1002:")).to_be_visible(timeout=90_000)
-    expect(page.locator("#cf-table").get_by_text("D-TRAK (square)").first).to_be_visible()
+    expect(page.locator("#cf-table")).to_contain_text("D-TRAK (square)")
     shot(page, "08-retrain-done")
 
 
