@@ -49,8 +49,10 @@ def load_user_image(source, resolution: int, channels: int = 1, invert: bool = F
             img.load()
         except Image.DecompressionBombError:
             raise ValueError(f"the image is too large (over {MAX_PIXELS:,} pixels)") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"not a readable image file ({type(e).__name__}: {e})") from None
+        except UnidentifiedImageError:
+            raise ValueError("not a readable image file (not PNG, JPEG, GIF, BMP, WebP or TIFF data)") from None
+        except (OSError, SyntaxError) as e:  # e.g. a truncated file: PIL's message says what is wrong
+            raise ValueError(f"not a readable image file ({e})") from None
     w, h = img.size
     if w == 0 or h == 0:
         raise ValueError("the image has no pixels")
