@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+import dtrak_core  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
 import gradio as gr
 import numpy as np
 import plotly.graph_objects as go

@@ -40,7 +40,7 @@ class FeatureSetting:
 class Featurizer:
     """images (B, C, H, W) -> projected features (B, k) for one model and setting."""
 
-    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 100):
+    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 25):
         self.setting = setting
         self.batch_size = batch_size  # samples per vmap call: bounds activation memory to ~batch_size * K images
         self.gradients = GradientFeaturizer(unet, scheduler, setting.output_fn, setting.K, timestep_chunk)

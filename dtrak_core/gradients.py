@@ -115,7 +115,7 @@ class GradientFeaturizer:
     gradients up to float rounding. `timestep_chunk` bounds how many timesteps share one pass.
     """
 
-    def __init__(self, unet, scheduler, output_fn: str, K: int, timestep_chunk: int = 100, engine: str = "auto"):
+    def __init__(self, unet, scheduler, output_fn: str, K: int, timestep_chunk: int = 25, engine: str = "auto"):
         if engine not in ENGINES:
             raise ValueError(f"unknown gradient engine {engine!r}; choose one of {list(ENGINES)}")
         if timestep_chunk < 1:
