@@ -19,8 +19,15 @@ import torch
 DEFAULT_RELATIVE_LAMBDA = 0.1
 
 
+def _float64(x) -> torch.Tensor:
+    """A float64 copy of a tensor or array (stores are read-only memmaps, so always copy)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64, copy=True)
+    return torch.from_numpy(np.array(x, dtype=np.float64))
+
+
 def default_lambda(train_features, relative: float = DEFAULT_RELATIVE_LAMBDA) -> float:
-    phi = torch.from_numpy(np.array(train_features, dtype=np.float64))
+    phi = _float64(train_features)
     return float(relative * phi.pow(2).sum(1).mean())
 
 
@@ -28,7 +35,7 @@ class TRAKScorer:
     """Fit once on the training features, then score any number of query features."""
 
     def __init__(self, train_features, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA):
-        phi = torch.from_numpy(np.array(train_features, dtype=np.float64))  # (N, k); a copy, stores are read-only memmaps
+        phi = _float64(train_features)  # (N, k)
         if phi.ndim != 2:
             raise ValueError(f"train features must be (N, k), got {tuple(phi.shape)}")
         self.lam = default_lambda(phi, relative_lambda) if lam is None else float(lam)
@@ -51,7 +58,7 @@ class TRAKScorer:
 
     def scores(self, query_features) -> np.ndarray:
         """(Q, k) -> (Q, N) float64."""
-        q = torch.from_numpy(np.array(query_features, dtype=np.float64))
+        q = _float64(query_features)
         if q.ndim == 1:
             q = q[None]
         if q.shape[1] != self.weights.shape[0]:

@@ -1,5 +1,6 @@
 import os
 
+import dtrak_core  # noqa: F401  (first: passive OpenMP waits before torch loads)
 import pytest
 import torch
 
