@@ -191,7 +191,7 @@ def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
         warnings.simplefilter("ignore", RuntimeWarning)
         boot = [r_of(idx) for idx in rng.integers(0, M, (num_bootstrap, M))]
     ceiling = np.sqrt(S * r / (1 + (S - 1) * r)) if r > 0 else float("nan")
-    return {"seed_vs_seed": 100 * r, "seed_vs_seed_pm": 100 * float(np.std(boot)), "seeds": S,
+    return {"seed_vs_seed": 100 * r, "seed_vs_seed_pm": 100 * float(np.nanstd(boot)), "seeds": S,
             "ceiling": 100 * float(ceiling), "subsets": M}
 
 
