@@ -26,8 +26,9 @@ is `np.random.default_rng([RANDOM_RANKING_SEED, seed]).permutation(N)`, so its t
 of its top-300, like a score ranking's.
 
 Reproducibility: training is deterministic for a fixed torch build *and thread count*; the
-control job (nothing removed) reports how far a retrain under this run's thread count lands from
-the committed model (0 when they match).
+control job (nothing removed; it runs after the first 3 targets' jobs) reports how far a retrain
+under this run's thread count lands from the committed model (0 when they match: the committed
+model was trained on `build.BUILD_THREADS` threads).
 """
 from __future__ import annotations
 
@@ -528,7 +529,7 @@ def format_table(summary: dict, n_train: int = 1500) -> str:
     if "control" in summary:
         c = summary["control"]
         lines += ["", f"Control (nothing removed, {c['threads']} thread(s)): same weights as the committed model: "
-                      f"{c['same_weights']}; median L2 to the targets {c['median_l2']:.3f} (max {c['max_l2']:.3f}, n={c['n']})."]
+                      f"{c['same_weights']}; median L2 to the targets {c['median_l2']:.2g} (max {c['max_l2']:.2g}, n={c['n']})."]
     return "\n".join(lines) + "\n"
 
 
