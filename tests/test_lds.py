@@ -215,3 +215,12 @@ def test_lambda_study_picks_and_reports(tiny_unet):
     np.testing.assert_allclose(res["lds_by_lambda"], by)
     assert res["paper"]["lambda"] == grid[int(np.argmax(by))]
     assert set(res["honest"]["lambdas"]) <= set(grid)
+
+
+def test_batched_run_matches_sequential_run(tmp_path, digits, scheduler):
+    seq = _tiny_run(tmp_path, digits, scheduler, "seq", num_subsets=1)
+    seq.run(show_bar=False)
+    bat = _tiny_run(tmp_path, digits, scheduler, "bat", num_subsets=1)
+    assert bat.run(batch_models=2, show_bar=False) == ["m000-s1", "m000-s2"]
+    a, b = collect(seq.out_dir), collect(bat.out_dir)
+    np.testing.assert_allclose(b["F_seeds"]["validation"], a["F_seeds"]["validation"], rtol=1e-4)
