@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run: retrain + ground truth (resumable); features: test-set features; evaluate: LDS tables; "
                         "check-timesteps: all-1000-timestep ground truth for finished models (for the timestep check)")
     p.add_argument("--check-subsets", type=int, default=None, help="check-timesteps: at most this many subsets")
-    p.add_argument("--out", default="runs/lds", help="run folder (default runs/lds)")
+    p.add_argument("--out", default="assets/benchmarks/lds_run",
+                   help="run folder (default assets/benchmarks/lds_run: its small job results are committed)")
     p.add_argument("--dest", default="assets/benchmarks", help="evaluate: where results go ('' = nowhere)")
     p.add_argument("--subsets", type=int, default=64, help="M, number of random half-subsets (default 64)")
     p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... of the list: i/n")

@@ -201,8 +201,8 @@ class LDSRun:
 
         out_dir/setup.json       config, train recipe, fingerprints (checked when resuming)
         out_dir/test_sets.npz    the test images (validation digits, generated samples)
-        out_dir/jobs/<id>.npz    per retrained model: eps losses (S, T, Q) per test set, timings
-        out_dir/models/<id>/     the retrained model (diffusers folder), for later measurements
+        out_dir/jobs/<id>.npz    per retrained model: F per test set (compact_losses), timings; small, committed
+        out_dir/models/<id>/     the retrained model (diffusers folder), for later measurements (git-ignored)
     """
 
     def __init__(self, out_dir: str, train_images: torch.Tensor, scheduler, train_config: TrainConfig,
@@ -256,8 +256,9 @@ class LDSRun:
     def _measure(self, unet, job: RetrainJob, train_seconds: float) -> dict:
         t0 = time.perf_counter()
         ts = eval_timesteps(self.config.eval_timesteps, self.scheduler.config.num_train_timesteps)
-        out = {f"loss_{name}": eps_losses(unet, self.scheduler, images, ts, self.config.noise_seeds)
-               for name, images in self.test_sets.items()}
+        out = {}
+        for name, images in self.test_sets.items():
+            out.update(compact_losses(name, eps_losses(unet, self.scheduler, images, ts, self.config.noise_seeds)))
         model_dir = os.path.join(self.out_dir, "models", job.id)
         shutil.rmtree(model_dir + ".tmp", ignore_errors=True)
         unet.save_pretrained(model_dir + ".tmp", safe_serialization=True)
@@ -285,6 +286,25 @@ class LDSRun:
             return run_jobs(self.jobs(), self.jobs_dir, self._work, shard=shard, show_bar=show_bar)
         return run_job_groups(self.jobs(), self.jobs_dir, self._work_many, group_size=batch_models, shard=shard,
                               show_bar=show_bar)
+
+
+TIMESTEP_STRIDES = (1, 2, 5, 10)  # the timestep subsets a job keeps F for (see compact_losses)
+
+
+def compact_losses(name: str, losses: np.ndarray) -> dict:
+    """(noise seeds, T, Q) eps losses -> F_<name> (len(TIMESTEP_STRIDES), Q): row i is the mean over
+    noise seeds and every TIMESTEP_STRIDES[i]-th timestep. ~9 KB a job instead of ~0.7 MB, so the
+    finished jobs of a run can be committed and a run can span sessions."""
+    return {f"F_{name}": np.stack([losses[:, ::s].mean(axis=(0, 1)) for s in TIMESTEP_STRIDES])}
+
+
+def job_F(result: dict, name: str, timestep_stride: int = 1) -> np.ndarray:
+    """F (Q,) of one job result, compact or (runs made before compaction) full per-timestep losses."""
+    if f"loss_{name}" in result:
+        return result[f"loss_{name}"][:, ::timestep_stride].mean(axis=(0, 1))
+    if timestep_stride not in TIMESTEP_STRIDES:
+        raise ValueError(f"timestep_stride must be one of {TIMESTEP_STRIDES}, got {timestep_stride}")
+    return result[f"F_{name}"][TIMESTEP_STRIDES.index(timestep_stride)]
 
 
 def collect(out_dir: str, timestep_stride: int = 1) -> dict:
@@ -315,7 +335,7 @@ def collect(out_dir: str, timestep_stride: int = 1) -> dict:
             out["train_seconds"].append(float(r["train_seconds"]))
             out["eval_seconds"].append(float(r["eval_seconds"]))
             for name in per_set:
-                rows[name].append(r[f"loss_{name}"][:, ::timestep_stride].mean(axis=(0, 1)))  # (Q,)
+                rows[name].append(job_F(r, name, timestep_stride))  # (Q,)
         for name in per_set:
             per_set[name].append(rows[name])  # (S, Q)
     for name, rows in per_set.items():
@@ -503,7 +523,7 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
     from .scoring import TRAKScorer
 
     scorer = TRAKScorer(train_features[first])
-    for stride in (1, 2, 5, 10):
+    for stride in TIMESTEP_STRIDES:
         if config.eval_timesteps % stride:
             continue
         col_s = collect(run_dir, timestep_stride=stride)

@@ -224,3 +224,17 @@ def test_batched_run_matches_sequential_run(tmp_path, digits, scheduler):
     assert bat.run(batch_models=2, show_bar=False) == ["m000-s1", "m000-s2"]
     a, b = collect(seq.out_dir), collect(bat.out_dir)
     np.testing.assert_allclose(b["F_seeds"]["validation"], a["F_seeds"]["validation"], rtol=1e-4)
+
+
+def test_compact_job_results_equal_full_losses():
+    from dtrak_core.lds import TIMESTEP_STRIDES, compact_losses, job_F
+
+    losses = np.random.default_rng(0).random((3, 100, 7))
+    compact = compact_losses("validation", losses)
+    assert compact["F_validation"].shape == (len(TIMESTEP_STRIDES), 7)
+    full = {"loss_validation": losses}
+    for stride in TIMESTEP_STRIDES:
+        np.testing.assert_allclose(job_F(compact, "validation", stride), job_F(full, "validation", stride))
+        np.testing.assert_allclose(job_F(compact, "validation", stride), losses[:, ::stride].mean(axis=(0, 1)))
+    with pytest.raises(ValueError, match="timestep_stride"):
+        job_F(compact, "validation", 3)
