@@ -11,12 +11,15 @@ speedup. Numbers depend on how busy the machine is: both columns are measured in
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dtrak_core.data import load_digits
 from dtrak_core.model import build_scheduler
 from dtrak_core.retrain import retrain, train_many
