@@ -147,16 +147,22 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def run_jobs(jobs: list[RetrainJob], out_dir: str, work: Callable[[RetrainJob], dict], *,
-             shard: tuple[int, int] = (0, 1), show_bar: bool = True) -> list[str]:
-    """Run `work(job) -> dict of arrays` for this shard's unfinished jobs; returns the ids run now."""
+def _pending(jobs: list[RetrainJob], out_dir: str, shard: tuple[int, int]) -> list[RetrainJob]:
+    """This shard's jobs (i, i+n, ...) whose result file does not exist yet."""
     os.makedirs(out_dir, exist_ok=True)
     ids = [j.id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("job ids must be unique")
     i, n = shard
     mine = [j for k, j in enumerate(jobs) if k % n == i]
-    todo = [j for j in mine if not os.path.exists(os.path.join(out_dir, f"{j.id}.npz"))]
+    return [j for j in mine if not os.path.exists(os.path.join(out_dir, f"{j.id}.npz"))]
+
+
+def run_jobs(jobs: list[RetrainJob], out_dir: str, work: Callable[[RetrainJob], dict], *,
+             shard: tuple[int, int] = (0, 1), show_bar: bool = True) -> list[str]:
+    """Run `work(job) -> dict of arrays` for this shard's unfinished jobs; returns the ids run now."""
+    todo = _pending(jobs, out_dir, shard)
+    i, n = shard
     ran = []
     for job in tqdm(todo, desc=f"retrain {os.path.basename(out_dir)} shard {i}/{n}", disable=not show_bar):
         save_result(os.path.join(out_dir, f"{job.id}.npz"), **work(job))
@@ -173,13 +179,8 @@ def run_job_groups(jobs: list[RetrainJob], out_dir: str, work_many: Callable[[li
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    os.makedirs(out_dir, exist_ok=True)
-    ids = [j.id for j in jobs]
-    if len(set(ids)) != len(ids):
-        raise ValueError("job ids must be unique")
+    todo = _pending(jobs, out_dir, shard)
     i, n = shard
-    mine = [j for k, j in enumerate(jobs) if k % n == i]
-    todo = [j for j in mine if not os.path.exists(os.path.join(out_dir, f"{j.id}.npz"))]
     groups = [todo[a:a + group_size] for a in range(0, len(todo), group_size)]
     ran = []
     for group in tqdm(groups, desc=f"retrain {os.path.basename(out_dir)} shard {i}/{n} x{group_size}",
