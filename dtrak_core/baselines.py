@@ -363,15 +363,20 @@ def _tracin(ctx, images, seeds, K, kind):
     return sum(similarity(c.featurizer(images), c.train_features, kind) for c in ctx.tracin())
 
 
+def ip_norms(scorer, kind: str) -> np.ndarray:
+    """(N,) per-training-sample divisors of Relative IP ('relative') and Renorm IP ('renorm')."""
+    if kind == "relative":  # columns of scorer.weights are (Phi^T Phi + lam I)^-1 phi_n
+        return np.maximum(scorer.weights.norm(dim=0).numpy(), 1e-300)
+    if kind == "renorm":
+        return np.maximum(scorer.train_features.norm(dim=1).numpy(), 1e-300)
+    raise ValueError(f"kind must be 'relative' or 'renorm', got {kind!r}")
+
+
 def _ip(ctx, images, seeds, K, kind):
     setting, _ = ctx.loss_setting(K)
     scorer = ctx.attributor.scorer("loss", setting.K)
-    scores = scorer.scores(ctx.loss_query(images, K))
-    if kind == "relative":  # columns of scorer.weights are (Phi^T Phi + lam I)^-1 phi_n
-        norms = ctx.cached(("relative-norms", setting, scorer.lam), lambda: scorer.weights.norm(dim=0).numpy())
-    else:
-        norms = ctx.cached(("renorm-norms", setting), lambda: scorer.train_features.norm(dim=1).numpy())
-    return scores / np.maximum(norms, 1e-300)
+    norms = ctx.cached((kind, setting, scorer.lam), lambda: ip_norms(scorer, kind))
+    return scorer.scores(ctx.loss_query(images, K)) / norms
 
 
 def _journey(ctx, images, seeds, K, kind):

@@ -160,6 +160,9 @@ def cmd_lds(args):
         ran = run.run(shard=shard, batch_models=args.batch_models)
         print(f"{len(ran)} models retrained and measured in {time.perf_counter() - t0:.0f} s; results in {run.jobs_dir}")
         return
+    if args.action in ("tables", "ensemble") or (args.action == "features" and (args.output_fn or args.journey or args.tracin)):
+        _lds_tables(args)
+        return
     unet, scheduler, methods, feats = default_methods(args.root, args.methods, args.K)
     if args.action == "features":
         run = default_run(args.root, args.out, config)
@@ -183,6 +186,39 @@ def cmd_lds(args):
               f"ceiling for the {c['seeds']}-seed mean {c['ceiling']:.2f}")
     if args.dest:
         print(f"wrote {os.path.join(args.dest, 'lds_results.json')} and lds_ground_truth.npz")
+
+
+def _lds_tables(args):
+    from . import benchmark as bm
+
+    bench = bm.Bench(args.out, args.root)
+    Ks = args.K_list or [args.K]
+    if args.action == "features":
+        for fn in args.output_fn or []:
+            for K in Ks:
+                t0 = time.perf_counter()
+                bench.features.compute(bench.setting(fn, K))
+                print(f"features of {fn} K={K} (training set + test sets) ready in {time.perf_counter() - t0:.0f} s")
+        if args.journey:
+            bm.journey_features(bench, bench.setting("loss", bench.journey_K), compute=True)
+            print("journey-trak features of the generated test set ready")
+        if args.tracin:
+            from .baselines import load_tracin
+
+            bm.tracin_queries(bench, load_tracin(args.root, bench.attributor), compute=True)
+            print("TracInCP test-set features ready")
+        return
+    if args.action == "ensemble":
+        for j in range(args.models):
+            t0 = time.perf_counter()
+            member = bench.member(j, train=True)
+            for fn in args.output_fn or ["loss", "square"]:
+                for K in Ks:
+                    member.compute(bench.setting(fn, K))
+            print(f"ensemble member {j} ready ({time.perf_counter() - t0:.0f} s)")
+        return
+    out = bm.tables(args.out, args.root, dest=args.dest or None, num_bootstrap=args.bootstrap, which=args.only)
+    print(bm.format_report(out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,9 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("lds", help="LDS benchmark: retrain on random half-subsets, then score methods against them")
     _add_root(p)
-    p.add_argument("action", choices=("run", "features", "evaluate", "check-timesteps"),
-                   help="run: retrain + ground truth (resumable); features: test-set features; evaluate: LDS tables; "
-                        "check-timesteps: all-1000-timestep ground truth for finished models (for the timestep check)")
+    p.add_argument("action", choices=("run", "features", "evaluate", "check-timesteps", "ensemble", "tables"),
+                   help="run: retrain + ground truth (resumable); features: training- and test-set features "
+                        "(cached, resumable); evaluate: D-TRAK/TRAK LDS + noise ceiling + timestep check; "
+                        "check-timesteps: all-1000-timestep ground truth for finished models; ensemble: train and "
+                        "featurize ensemble members; tables: every method's LDS -> tables.json / tables.md")
     p.add_argument("--check-subsets", type=int, default=None, help="check-timesteps: at most this many subsets")
     p.add_argument("--out", default="assets/benchmarks/lds_run",
                    help="run folder (default assets/benchmarks/lds_run: its small job results are committed)")
@@ -269,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-models", type=int, default=1, help="models trained at once with torch.func (default 1)")
     p.add_argument("--methods", nargs="+", default=["d-trak", "trak"], help="methods with stores in --root")
     p.add_argument("--K", type=int, default=100, help="timesteps of the stores to use (default 100)")
+    p.add_argument("--Ks", dest="K_list", type=int, nargs="+", default=None,
+                   help="features/ensemble: several K at once (default: --K)")
+    p.add_argument("--output-fn", nargs="+", default=None,
+                   help="features: output functions to featurize (e.g. loss square elbo); ensemble: default loss square")
+    p.add_argument("--journey", action="store_true", help="features: journey-trak features of the generated test set")
+    p.add_argument("--tracin", action="store_true", help="features: test-set features at the TracInCP checkpoints")
+    p.add_argument("--models", type=int, default=4, help="ensemble: members to train and featurize (default 4)")
+    p.add_argument("--only", nargs="+", default=["methods", "ablation", "ensembles"],
+                   choices=("methods", "ablation", "ensembles"), help="tables: which tables to (re)compute")
+    p.add_argument("--bootstrap", type=int, default=1000, help="tables: bootstrap resamples (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.set_defaults(func=cmd_lds)
     return parser

@@ -153,6 +153,64 @@ def lds_per_sample(scores, masks, F) -> np.ndarray:
     return _rank_corr(masks @ scores.T, -F)
 
 
+class _Ranks:
+    """Average ranks of the columns of x (M, Q) in any resample of its rows, from the resample's
+    row counts alone (no resampled copy): a row repeated c times takes c tied ranks, as
+    `scipy.stats.rankdata` gives them on the resampled array."""
+
+    def __init__(self, x: np.ndarray):
+        M, Q = x.shape
+        self.order = np.argsort(x, axis=0, kind="stable")
+        xs = np.take_along_axis(x, self.order, 0)
+        starts = np.ones((M, Q), dtype=bool)
+        starts[1:] = xs[1:] != xs[:-1]  # first row (in sorted order) of a group of equal values
+        ends = np.ones((M, Q), dtype=bool)
+        ends[:-1] = starts[1:]
+        pos = np.broadcast_to(np.arange(M)[:, None], (M, Q))
+        self.start = np.maximum.accumulate(np.where(starts, pos, 0), axis=0)
+        self.end = np.minimum.accumulate(np.where(ends, pos, M - 1)[::-1], axis=0)[::-1]
+        self.inverse = np.argsort(self.order, axis=0)
+
+    def of(self, counts: np.ndarray) -> np.ndarray:
+        cs = counts[self.order].astype(np.float64)  # (M, Q) counts in sorted order
+        cum = np.cumsum(cs, axis=0)
+        below = np.take_along_axis(cum - cs, self.start, 0)  # resampled values below the group
+        tied = np.take_along_axis(cum, self.end, 0) - below  # resampled values equal to it
+        return np.take_along_axis(below + (tied + 1) / 2, self.inverse, 0)
+
+
+class SubsetBootstrap:
+    """`num` resamples (with replacement) of the M subsets, drawn as `rng.integers(0, M, (num, M))`
+    from `default_rng(seed)`: every method is resampled identically, so their +- compare."""
+
+    def __init__(self, M: int, num: int = 1000, seed: int = 0):
+        draws = np.random.default_rng(seed).integers(0, M, (num, M))
+        self.counts = np.stack([np.bincount(d, minlength=M) for d in draws]) if num else np.zeros((0, M), np.int64)
+
+    def rank_corr(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(num, Q): per resample, `_rank_corr` of a and b (M, Q) over the resampled rows."""
+        ra, rb = _Ranks(np.asarray(a, dtype=np.float64)), _Ranks(np.asarray(b, dtype=np.float64))
+        out = np.empty((len(self.counts), a.shape[1]))
+        for i, c in enumerate(self.counts):
+            w = c[:, None].astype(np.float64)
+            x, y = ra.of(c), rb.of(c)
+            x -= (w * x).sum(0) / c.sum()
+            y -= (w * y).sum(0) / c.sum()
+            den = np.sqrt((w * x * x).sum(0) * (w * y * y).sum(0))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[i] = np.where(den > 1e-9, (w * x * y).sum(0) / den, np.nan)
+        return out
+
+    def std_of_mean(self, a: np.ndarray, b: np.ndarray, columns=None) -> float:
+        """Std over resamples of the mean (over columns) rank correlation; nan-resamples skipped."""
+        per = self.rank_corr(a, b)
+        if columns is not None:
+            per = per[:, columns]
+        with warnings.catch_warnings():  # a resample of few subsets can repeat one subset only: all-nan
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return float(np.nanstd(np.nanmean(per, axis=1)))
+
+
 def lds(scores, masks, F, num_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float]:
     """(LDS x 100, +- x 100): mean Spearman over test samples, +- its bootstrap std over subsets.
 
@@ -161,11 +219,7 @@ def lds(scores, masks, F, num_bootstrap: int = 1000, seed: int = 0) -> tuple[flo
     scores, masks, F = _check_lds_inputs(scores, masks, F)
     g = masks @ scores.T  # (M, Q)
     mean = float(np.nanmean(_rank_corr(g, -F)))
-    rng = np.random.default_rng(seed)
-    with warnings.catch_warnings():  # a resample of few subsets can repeat one subset only: all-nan, skipped
-        warnings.simplefilter("ignore", RuntimeWarning)
-        boot = [np.nanmean(_rank_corr(g[idx], -F[idx])) for idx in rng.integers(0, len(F), (num_bootstrap, len(F)))]
-    return 100 * mean, 100 * float(np.nanstd(boot))
+    return 100 * mean, 100 * SubsetBootstrap(len(F), num_bootstrap, seed).std_of_mean(g, -F)
 
 
 def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
@@ -182,14 +236,11 @@ def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
     S, M, _ = F_seeds.shape
     pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
 
-    def r_of(idx):
-        return float(np.mean([np.nanmean(_rank_corr(F_seeds[a][idx], F_seeds[b][idx])) for a, b in pairs]))
-
-    r = r_of(np.arange(M))
-    rng = np.random.default_rng(seed)
+    r = float(np.mean([np.nanmean(_rank_corr(F_seeds[a], F_seeds[b])) for a, b in pairs]))
+    bootstrap = SubsetBootstrap(M, num_bootstrap, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        boot = [r_of(idx) for idx in rng.integers(0, M, (num_bootstrap, M))]
+        boot = np.mean([np.nanmean(bootstrap.rank_corr(F_seeds[a], F_seeds[b]), axis=1) for a, b in pairs], axis=0)
     ceiling = np.sqrt(S * r / (1 + (S - 1) * r)) if r > 0 else float("nan")
     return {"seed_vs_seed": 100 * r, "seed_vs_seed_pm": 100 * float(np.nanstd(boot)), "seeds": S,
             "ceiling": 100 * float(ceiling), "subsets": M}
@@ -396,60 +447,67 @@ def collect_full_timesteps(run_dir: str) -> dict | None:
             "F_run": {name: col["F"][name][rows] for name in col["F"]}}
 
 
-def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
-                 split_seed: int = 0) -> dict:
-    """LDS over a lambda grid, with the paper's choice (best on the test set) and an honest one.
+def lambda_sweep(score_fn, masks, F: dict, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
+                 default_lambda: float | None = None, split_seed: int = 0) -> dict:
+    """LDS of a method with a ridge lambda over `grid`, on several test sets at once.
 
+    score_fn(lam) -> {test set: scores (Q, N)}; F: {test set: (M, Q)}. Per test set:
+    `paper`: the lambda best on the reported samples themselves (the paper's choice; optimistic);
     `honest`: 2-fold cross-fitting over test samples: lambda picked on one random half of the
     samples, LDS computed on the other half with it, and vice versa; the per-sample LDS of both
-    halves is averaged (the subsets are shared by both halves). `default`: the documented
-    `default_lambda` rule, chosen without any evaluation data.
+    halves is averaged (the subsets are shared by both halves); `default` (with `default_lambda`):
+    a lambda chosen without any evaluation data.
     """
+    masks = np.asarray(masks, dtype=np.float64)
+    lams = list(grid) + ([default_lambda] if default_lambda is not None else [])
+    g = {name: [] for name in F}  # name -> per lambda (M, Q)
+    for lam in lams:
+        scores = score_fn(lam)
+        for name in F:
+            g[name].append(masks @ _check_lds_inputs(scores[name], masks, F[name])[0].T)
+    bootstrap = SubsetBootstrap(len(masks), num_bootstrap)
+    out = {}
+    for name, F_set in F.items():
+        F_set = np.asarray(F_set, dtype=np.float64)
+        per_lam = np.array([_rank_corr(x, -F_set) for x in g[name]])  # (L, Q)
+        means = np.nanmean(per_lam[:len(grid)], axis=1)
+        best = int(np.nanargmax(means))
+        Q = F_set.shape[1]
+        halves = np.array_split(np.random.default_rng(split_seed).permutation(Q), 2)
+        honest = np.full(Q, np.nan)
+        boot_cols = np.full((len(bootstrap.counts), Q), np.nan)
+        picks = []
+        for pick_on, report_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+            k = int(np.nanargmax(np.nanmean(per_lam[:len(grid), pick_on], axis=1)))
+            picks.append(grid[k])
+            honest[report_on] = per_lam[k, report_on]
+            boot_cols[:, report_on] = bootstrap.rank_corr(g[name][k][:, report_on], -F_set[:, report_on])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            honest_pm = float(np.nanstd(np.nanmean(boot_cols, axis=1)))
+        out[name] = {
+            "grid": list(grid), "lds_by_lambda": [100 * float(v) for v in means],
+            "paper": {"lambda": grid[best], "lds": 100 * float(means[best]),
+                      "pm": 100 * bootstrap.std_of_mean(g[name][best], -F_set),
+                      "note": "lambda best on the reported test set itself (the paper's choice; optimistic)",
+                      "at_grid_edge": best in (0, len(grid) - 1)},
+            "honest": {"lambdas": picks, "lds": 100 * float(np.nanmean(honest)), "pm": 100 * honest_pm,
+                       "note": "2-fold cross-fitting over test samples: each half scored with the lambda best on the other half"},
+        }
+        if default_lambda is not None:
+            out[name]["default"] = {"lambda": default_lambda, "lds": 100 * float(np.nanmean(per_lam[-1])),
+                                    "pm": 100 * bootstrap.std_of_mean(g[name][-1], -F_set),
+                                    "note": "default_lambda rule (0.1 x mean squared train-feature norm), no evaluation data used"}
+    return out
+
+
+def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
+                 split_seed: int = 0) -> dict:
+    """`lambda_sweep` of TRAK scores for one test set, with the `default_lambda` rule as `default`."""
     from .scoring import TRAKScorer, default_lambda
 
-    masks = np.asarray(masks, dtype=np.float64)
-    F = np.asarray(F, dtype=np.float64)
-    per_lam, g_by_lam = [], []
-    for lam in grid:
-        scores = TRAKScorer(train_features, lam=lam).scores(query_features)
-        g = masks @ scores.T
-        g_by_lam.append(g)
-        per_lam.append(_rank_corr(g, -F))
-    per_lam = np.asarray(per_lam)  # (L, Q)
-    means = np.nanmean(per_lam, axis=1)
-    best = int(np.nanargmax(means))
-    Q = F.shape[1]
-    halves = np.array_split(np.random.default_rng(split_seed).permutation(Q), 2)
-    honest = np.full(Q, np.nan)
-    picks = []
-    for pick_on, report_on in ((halves[0], halves[1]), (halves[1], halves[0])):
-        k = int(np.nanargmax(np.nanmean(per_lam[:, pick_on], axis=1)))
-        picks.append(grid[k])
-        honest[report_on] = per_lam[k, report_on]
-    lam_default = default_lambda(train_features)
-    dflt = lds(TRAKScorer(train_features, lam=lam_default).scores(query_features), masks, F, num_bootstrap)
-    paper = lds(TRAKScorer(train_features, lam=grid[best]).scores(query_features), masks, F, num_bootstrap)
-    # bootstrap over subsets for the cross-fitted number (lambdas fixed at the picks)
-    rng = np.random.default_rng(0)
-    boot = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for idx in rng.integers(0, len(F), (num_bootstrap, len(F))):
-            v = np.full(Q, np.nan)
-            for (pick_on, report_on), lam in zip(((halves[0], halves[1]), (halves[1], halves[0])), picks):
-                k = grid.index(lam)
-                v[report_on] = _rank_corr(g_by_lam[k][idx][:, report_on], -F[idx][:, report_on])
-            boot.append(np.nanmean(v))
-    return {
-        "grid": list(grid), "lds_by_lambda": [100 * float(v) for v in means],
-        "paper": {"lambda": grid[best], "lds": paper[0], "pm": paper[1],
-                  "note": "lambda best on the reported test set itself (the paper's choice; optimistic)",
-                  "at_grid_edge": best in (0, len(grid) - 1)},
-        "honest": {"lambdas": picks, "lds": 100 * float(np.nanmean(honest)), "pm": 100 * float(np.nanstd(boot)),
-                   "note": "2-fold cross-fitting over test samples: each half scored with the lambda best on the other half"},
-        "default": {"lambda": lam_default, "lds": dflt[0], "pm": dflt[1],
-                    "note": "default_lambda rule (0.1 x mean squared train-feature norm), no evaluation data used"},
-    }
+    return lambda_sweep(lambda lam: {"q": TRAKScorer(train_features, lam=lam).scores(query_features)}, masks,
+                        {"q": F}, grid, num_bootstrap, default_lambda(train_features), split_seed)["q"]
 
 
 # -- the embedded default -------------------------------------------------------------------------

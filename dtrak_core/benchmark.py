@@ -1,0 +1,455 @@
+"""The benchmark tables of a model, all scored against one LDS run's ground truth (see lds.py).
+
+1. `ablation`: output functions (loss = TRAK, square = D-TRAK, ...) x K timesteps;
+2. `methods`: every baseline of the poster's table beside TRAK and D-TRAK at K = 10 and 100;
+3. `ensembles`: TRAK and D-TRAK averaged over S models, each trained on its own random half.
+
+Every cell is an LDS on both test sets with the same subsets, ground truth and bootstrap
+resamples. Methods with a ridge lambda are swept over `LAMBDA_GRID` and reported twice: `honest`
+(2-fold cross-fitting over test samples, the headline number) and `paper` (the lambda best on the
+reported samples themselves, as the paper chose it; optimistic).
+
+The expensive inputs are features, computed by resumable commands and cached as feature stores
+under the run folder (git-ignored; the same commands rebuild them):
+
+    <run>/train/<setting>/                training-set features of the model (unless <root> has the store)
+    <run>/queries/<test set>/<setting>/   test-set features
+    <run>/ensemble/e<j>/                  ensemble member j: model/, train/, queries/
+
+`tables()` evaluates every cell whose inputs exist and lists the missing ones with the command
+that computes them, so a table can be filled over several sessions.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+
+from .features import Featurizer, FeatureSetting
+from .lds import LDSConfig, SubsetBootstrap, TEST_SETS, _rank_corr, collect, lambda_sweep, subset_indices
+from .model import checkpoint_hash, load_checkpoint, save_checkpoint
+from .retrain import load_result, retrain
+from .scoring import TRAKScorer, default_lambda
+from .store import METADATA, FeatureStore, atomic_write_json
+from .training import TrainConfig
+
+ABLATION_OUTPUT_FNS = ("loss", "elbo", "square", "avg", "l1-norm", "l2-norm", "linf-norm")
+ABLATION_K = (10, 100, 1000)
+METHOD_K = (10, 100)
+ENSEMBLE_SIZES = (1, 2, 4, 8)
+ENSEMBLE_K = 100
+ENSEMBLE_SUBSET_SEED = 1  # member halves: default_rng([1, j]); the LDS subsets use seed 0
+ENSEMBLE_TRAIN_SEED = 1000  # member j trains with seed 1000 + j (the LDS models use 1, 2)
+# The paper's 1-2-5 grid (1e-2..5e6) extended three decades down: the features of a 160K-parameter
+# model on 8x8 images are small, and D-TRAK's best lambda sat at the paper grid's lower edge.
+LAMBDA_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 7) for m in (1, 2, 5))
+TABLES = "tables.json"
+REPORT = "tables.md"
+
+
+def _fingerprint(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _cached_store(path: str, identity: dict, inputs, featurize_factory, k: int, slice_size: int, compute: bool,
+                  show_bar: bool) -> np.ndarray | None:
+    """The features of a (possibly unfinished) store at `path`; filled first when `compute`, else
+    None unless complete. `featurize_factory()` builds the featurizer only when work is needed."""
+    if not compute:
+        if not os.path.isfile(os.path.join(path, METADATA)):
+            return None
+        store = FeatureStore.open(path, identity)
+        return np.array(store.features()) if store.complete else None
+    store = FeatureStore.create(path, identity, len(inputs), k, slice_size=slice_size)
+    if not store.complete:
+        store.fill(featurize_factory(), inputs, show_bar=show_bar)
+    return np.array(store.features())
+
+
+class ModelFeatures:
+    """Training-set and test-set features of one model for any `FeatureSetting`, cached under `base`.
+
+    `registered` maps settings to existing complete training stores (e.g. the committed ones in
+    assets/stores), which are used instead of computing a copy.
+    """
+
+    def __init__(self, base: str, unet, scheduler, train_images: torch.Tensor, train_fingerprint: str,
+                 test_sets: dict[str, torch.Tensor], registered: dict | None = None):
+        self.base, self.unet, self.scheduler = base, unet.eval(), scheduler
+        self.train_images, self.train_fingerprint, self.test_sets = train_images, train_fingerprint, test_sets
+        self.checkpoint = checkpoint_hash(unet)
+        self.registered = dict(registered or {})
+        self._test_fingerprints = {name: _fingerprint(x) for name, x in test_sets.items()}
+
+    def train_path(self, setting: FeatureSetting) -> str:
+        if setting in self.registered:
+            return self.registered[setting]
+        return os.path.join(self.base, "train", setting.slug)
+
+    def query_path(self, set_name: str, setting: FeatureSetting) -> str:
+        return os.path.join(self.base, "queries", set_name, setting.slug)
+
+    def train(self, setting: FeatureSetting, compute: bool = False, show_bar: bool = True) -> np.ndarray | None:
+        identity = FeatureStore.identity(setting, self.checkpoint, self.train_fingerprint)
+        return _cached_store(self.train_path(setting), identity, self.train_images,
+                             lambda: Featurizer(self.unet, self.scheduler, setting), setting.k, 256, compute, show_bar)
+
+    def query(self, set_name: str, setting: FeatureSetting, compute: bool = False, show_bar: bool = True):
+        identity = FeatureStore.identity(setting, self.checkpoint, self._test_fingerprints[set_name])
+        return _cached_store(self.query_path(set_name, setting), identity, self.test_sets[set_name],
+                             lambda: Featurizer(self.unet, self.scheduler, setting), setting.k, 32, compute, show_bar)
+
+    def compute(self, setting: FeatureSetting, show_bar: bool = True) -> None:
+        """Fill (or finish) the training store and every test-set store of `setting`."""
+        self.train(setting, compute=True, show_bar=show_bar)
+        for name in self.test_sets:
+            self.query(name, setting, compute=True, show_bar=show_bar)
+
+    def has(self, setting: FeatureSetting) -> bool:
+        return self.train(setting) is not None and all(self.query(n, setting) is not None for n in self.test_sets)
+
+
+class Bench:
+    """Everything the tables need for one model: its LDS run, features, baselines and ensemble members."""
+
+    def __init__(self, run_dir: str, root: str = "assets", *, ablation_fns=ABLATION_OUTPUT_FNS, ablation_Ks=ABLATION_K,
+                 method_Ks=METHOD_K, ensemble_sizes=ENSEMBLE_SIZES, ensemble_K: int = ENSEMBLE_K,
+                 journey_K: int = 100):
+        from .attribution import Attributor
+
+        self.run_dir, self.root = run_dir, root
+        self.ablation_fns, self.ablation_Ks, self.method_Ks = tuple(ablation_fns), tuple(ablation_Ks), tuple(method_Ks)
+        self.ensemble_sizes, self.ensemble_K, self.journey_K = tuple(ensemble_sizes), ensemble_K, journey_K
+        self.attributor = Attributor.load(root)
+        stores = [s for v in self.attributor.stores.values() for s, _ in v]
+        if not stores:
+            raise ValueError(f"the model in {root!r} has no feature stores; build them with `python -m dtrak_core build-default`")
+        # projector, k and seed of the model's own stores, so every table's features share them
+        self.base = max(stores, key=lambda s: (s.output_fn == "square", s.K))
+        self.truth = collect(run_dir)
+        setup = self.truth["setup"]
+        if setup.get("checkpoint") not in (None, checkpoint_hash(self.attributor.unet)):
+            raise ValueError(f"the LDS run in {run_dir!r} was made for model {setup['checkpoint']}, not for the model "
+                             f"in {root!r} ({checkpoint_hash(self.attributor.unet)})")
+        self.config = LDSConfig(**setup["lds_config"])
+        self.test_sets = {k: torch.from_numpy(v) for k, v in load_result(os.path.join(run_dir, TEST_SETS)).items()}
+        train = self.attributor.train
+        registered = {s: store.path for v in self.attributor.stores.values() for s, store in v}
+        self.features = ModelFeatures(run_dir, self.attributor.unet, self.attributor.scheduler, train.images,
+                                      train.fingerprint, self.test_sets, registered)
+        self.train_config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in setup["train_config"].items()})
+
+    def setting(self, output_fn: str, K: int) -> FeatureSetting:
+        return self.base.with_(output_fn=output_fn, K=K)
+
+    # -- ensemble members --------------------------------------------------------------------------
+    def member_dir(self, j: int) -> str:
+        return os.path.join(self.run_dir, "ensemble", f"e{j}")
+
+    def member(self, j: int, train: bool = False, show_bar: bool = True) -> ModelFeatures | None:
+        """Ensemble member j (trained on its own random half with seed ENSEMBLE_TRAIN_SEED + j); trained
+        and saved first when `train`, else None when it is not there yet."""
+        path = os.path.join(self.member_dir(j), "model")
+        if not os.path.isdir(path):
+            if not train:
+                return None
+            from dataclasses import replace
+
+            keep = subset_indices(len(self.attributor.train), j, 0.5, ENSEMBLE_SUBSET_SEED)
+            unet = retrain(self.attributor.train.images, keep, self.attributor.scheduler,
+                           replace(self.train_config, seed=ENSEMBLE_TRAIN_SEED + j), show_bar=show_bar)
+            save_checkpoint(path, unet, self.attributor.scheduler)
+        unet, scheduler = load_checkpoint(path)
+        train_set = self.attributor.train
+        return ModelFeatures(self.member_dir(j), unet, scheduler, train_set.images, train_set.fingerprint,
+                             self.test_sets)
+
+    # -- scores ------------------------------------------------------------------------------------
+    def trak_sweep_inputs(self, setting: FeatureSetting, members: list[ModelFeatures] | None = None):
+        """(train features per model, {set: query features per model}) or None when any is missing."""
+        models = members if members is not None else [self.features]
+        trains = [m.train(setting) for m in models]
+        queries = {name: [m.query(name, setting) for m in models] for name in self.test_sets}
+        if any(t is None for t in trains) or any(q is None for v in queries.values() for q in v):
+            return None
+        return trains, queries
+
+
+def trak_score_fn(trains: list, queries: dict, transform=None):
+    """score_fn(lam) for `lambda_sweep`: TRAK scores averaged over models (an ensemble when > 1).
+    `transform(scorer, scores) -> scores` post-processes each model's scores (Relative / Renorm IP)."""
+    def score_fn(lam):
+        out = {name: 0.0 for name in queries}
+        for i, train in enumerate(trains):
+            scorer = TRAKScorer(train, lam=lam)
+            for name, qs in queries.items():
+                s = scorer.scores(qs[i])
+                out[name] = out[name] + (transform(scorer, s) if transform else s)
+        return {name: v / len(trains) for name, v in out.items()}
+    return score_fn
+
+
+def fixed_cell(scores: np.ndarray, masks, F, bootstrap: SubsetBootstrap) -> dict:
+    """LDS x 100 and its bootstrap +- for a method without a lambda."""
+    g = np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64).T
+    return {"lds": 100 * float(np.nanmean(_rank_corr(g, -F))), "pm": 100 * bootstrap.std_of_mean(g, -F)}
+
+
+# -- the tables ------------------------------------------------------------------------------------
+def _featurize_cmd(output_fn: str, K: int) -> str:
+    return f"python -m dtrak_core lds features --output-fn {output_fn} --K {K}"
+
+
+def _sweep_cell(bench: Bench, score_fn, num_bootstrap: int, default: float | None = None) -> dict:
+    F = {name: bench.truth["F"][name] for name in bench.test_sets}
+    return lambda_sweep(score_fn, bench.truth["masks"], F, LAMBDA_GRID, num_bootstrap, default_lambda=default)
+
+
+def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
+    rows = {}
+    for fn in bench.ablation_fns:
+        for K in bench.ablation_Ks:
+            setting = bench.setting(fn, K)
+            inputs = bench.trak_sweep_inputs(setting)
+            key = f"{setting.output_fn}/K{K}"
+            if inputs is None:
+                rows[key] = {"missing": _featurize_cmd(fn, K)}
+                continue
+            t0 = time.perf_counter()
+            rows[key] = {"setting": setting.to_dict(),
+                         **_sweep_cell(bench, trak_score_fn(*inputs), num_bootstrap, default_lambda(inputs[0][0])),
+                         "eval_seconds": time.perf_counter() - t0}
+    return rows
+
+
+def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
+    """TRAK and D-TRAK at each K, and every baseline (gradient-based ones on the loss features at journey_K)."""
+    from .baselines import BASELINES, JourneyFeaturizer, ip_norms, load_tracin, similarity, MethodUnavailable
+    from .clip_encoder import ClipImageEncoder, ClipUnavailable
+
+    masks, F = bench.truth["masks"], bench.truth["F"]
+    bootstrap = SubsetBootstrap(len(masks), num_bootstrap)
+    train = bench.attributor.train.images
+    rows = {}
+
+    def fixed(name, scores_by_set, note):
+        rows[name] = {"note": note, **{s: fixed_cell(sc, masks, F[s], bootstrap) for s, sc in scores_by_set.items()}}
+
+    for K in bench.method_Ks:
+        for label, fn in (("trak", "loss"), ("d-trak", "square")):
+            inputs = bench.trak_sweep_inputs(bench.setting(fn, K))
+            rows[f"{label}/K{K}"] = ({"missing": _featurize_cmd(fn, K)} if inputs is None else
+                                     _sweep_cell(bench, trak_score_fn(*inputs), num_bootstrap, default_lambda(inputs[0][0])))
+    for kind in ("dot", "cosine"):
+        fixed(f"pixel-{kind}", {s: similarity(x.flatten(1), train.flatten(1), kind) for s, x in bench.test_sets.items()},
+              BASELINES[f"pixel-{kind}"].description)
+        try:
+            enc = ClipImageEncoder.load(None)
+            e_train = enc(train)
+            fixed(f"clip-{kind}", {s: similarity(enc(x), e_train, kind) for s, x in bench.test_sets.items()},
+                  BASELINES[f"clip-{kind}"].description)
+        except ClipUnavailable as e:
+            rows[f"clip-{kind}"] = {"unavailable": str(e)}
+    loss = bench.setting("loss", bench.journey_K)
+    inputs = bench.trak_sweep_inputs(loss)
+    if inputs is None:
+        for name in ("gradient-dot", "gradient-cosine", "relative-ip", "renorm-ip", "journey-trak"):
+            rows[name] = {"missing": _featurize_cmd("loss", bench.journey_K)}
+    else:
+        (phi,), queries = inputs
+        for kind in ("dot", "cosine"):
+            fixed(f"gradient-{kind}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
+                  BASELINES[f"gradient-{kind}"].description)
+        for kind in ("relative", "renorm"):
+            rows[f"{kind}-ip"] = {"note": BASELINES[f"{kind}-ip"].description, **_sweep_cell(
+                bench, trak_score_fn([phi], queries, lambda scorer, s, kind=kind: s / ip_norms(scorer, kind)),
+                num_bootstrap)}
+        journey = journey_features(bench, loss, compute=False)
+        if journey is None:
+            rows["journey-trak"] = {"missing": "python -m dtrak_core lds features --journey"}
+        else:
+            gen = {"generated": F["generated"]}
+            rows["journey-trak"] = {"note": BASELINES["journey-trak"].description + "; generated samples only",
+                                    **lambda_sweep(lambda lam: {"generated": TRAKScorer(phi, lam=lam).scores(journey)},
+                                                   masks, gen, LAMBDA_GRID, num_bootstrap)}
+    try:
+        checkpoints = load_tracin(bench.root, bench.attributor)
+    except MethodUnavailable as e:
+        rows["tracin"] = rows["gas"] = {"unavailable": str(e)}
+    else:
+        per_ckpt = tracin_queries(bench, checkpoints, compute=False)
+        if per_ckpt is None:
+            rows["tracin"] = rows["gas"] = {"missing": "python -m dtrak_core lds features --tracin"}
+        else:
+            for name, kind in (("tracin", "dot"), ("gas", "cosine")):
+                fixed(name, {s: sum(similarity(q[s], c.train_features, kind) for c, q in zip(checkpoints, per_ckpt))
+                             for s in bench.test_sets}, BASELINES[name].description)
+    return rows
+
+
+def journey_features(bench: Bench, setting: FeatureSetting, compute: bool = False, show_bar: bool = True):
+    """Journey-TRAK features of the generated test set (seeds 0..generated-1), cached as a store."""
+    from .baselines import JOURNEY_STEPS, JourneyFeaturizer
+
+    images = bench.test_sets["generated"]
+    seeds = np.arange(len(images))
+    identity = {**FeatureStore.identity(setting, bench.features.checkpoint, _fingerprint(images)),
+                "journey_steps": JOURNEY_STEPS}
+
+    def factory():
+        journey = JourneyFeaturizer(bench.attributor.unet, bench.attributor.scheduler,
+                                    bench.attributor.featurizer(setting).projector)
+        return lambda idx: journey(seeds[idx], images[torch.as_tensor(idx)])
+
+    return _cached_store(os.path.join(bench.run_dir, "queries", "generated", f"journey-{setting.slug}"), identity,
+                         np.arange(len(images)), factory, setting.k, 32, compute, show_bar)
+
+
+def tracin_queries(bench: Bench, checkpoints, compute: bool = False, show_bar: bool = True):
+    """Per TracIn checkpoint, {test set: query features (Q, k)} at the checkpoint's weights; None if missing."""
+    out = []
+    for c in checkpoints:
+        f = ModelFeatures(os.path.join(bench.run_dir, "tracin", f"step{c.step}"), c.featurizer.gradients.unet,
+                          bench.attributor.scheduler, bench.attributor.train.images,
+                          bench.attributor.train.fingerprint, bench.test_sets)
+        per = {s: f.query(s, c.featurizer.setting, compute=compute, show_bar=show_bar) for s in bench.test_sets}
+        if any(v is None for v in per.values()):
+            return None
+        out.append(per)
+    return out
+
+
+def ensemble_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
+    sizes, K = bench.ensemble_sizes, bench.ensemble_K
+    rows = {}
+    have = []
+    for j in range(max(sizes)):
+        m = bench.member(j)
+        if m is None:
+            break
+        have.append(m)
+    for label, fn in (("trak", "loss"), ("d-trak", "square")):
+        setting = bench.setting(fn, K)
+        ready = []
+        for m in have:
+            if not m.has(setting):
+                break
+            ready.append(m)
+        for S in sizes:
+            key = f"{label}/S{S}"
+            if len(ready) < S:
+                rows[key] = {"missing": f"python -m dtrak_core lds ensemble --models {S} --K {K}"}
+                continue
+            inputs = bench.trak_sweep_inputs(setting, ready[:S])
+            rows[key] = {"models": S, "K": K, **_sweep_cell(bench, trak_score_fn(*inputs), num_bootstrap)}
+    return rows
+
+
+def tables(run_dir: str, root: str = "assets", dest: str | None = None, num_bootstrap: int = 1000,
+           which=("methods", "ablation", "ensembles"), **bench_options) -> dict:
+    """Evaluate every cell whose inputs exist; with `dest`, write dest/tables.json and dest/tables.md.
+    `bench_options` go to `Bench` (which output functions, K, ensemble sizes)."""
+    from .lds import noise_ceiling
+
+    bench = Bench(run_dir, root, **bench_options)
+    M = len(bench.truth["subsets"])
+    out = {"subsets_done": M, "subsets_planned": bench.config.num_subsets, "partial": M < bench.config.num_subsets,
+           "train_seeds": list(bench.config.train_seeds), "lambda_grid": list(LAMBDA_GRID),
+           "num_bootstrap": num_bootstrap, "ensemble_K": bench.ensemble_K, "test_sets": {k: len(v) for k, v in bench.test_sets.items()},
+           "noise_ceiling": {s: noise_ceiling(bench.truth["F_seeds"][s], num_bootstrap) for s in bench.test_sets}
+           if len(bench.config.train_seeds) >= 2 else {}}
+    builders = {"methods": methods_table, "ablation": ablation_table, "ensembles": ensemble_table}
+    for name in which:
+        t0 = time.perf_counter()
+        out[name] = builders[name](bench, num_bootstrap)
+        out.setdefault("eval_seconds", {})[name] = time.perf_counter() - t0
+    if dest is not None:
+        from .lds import _json_safe
+
+        previous = load_tables(os.path.join(dest, TABLES)) or {}
+        merged = {**{k: v for k, v in previous.items() if k in builders and k not in which}, **out}
+        os.makedirs(dest, exist_ok=True)
+        atomic_write_json(os.path.join(dest, TABLES), _json_safe(merged))
+        with open(os.path.join(dest, REPORT) + ".tmp", "w") as f:
+            f.write(format_report(merged))
+        os.replace(os.path.join(dest, REPORT) + ".tmp", os.path.join(dest, REPORT))
+        out = merged
+    return out
+
+
+def load_tables(path: str) -> dict | None:
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# -- the report ------------------------------------------------------------------------------------
+def _fmt(cell: dict | None, set_name: str) -> str:
+    """'honest +- pm (paper)' for swept cells, 'lds +- pm' for fixed ones, or why it is empty."""
+    if cell is None:
+        return "n/a"
+    if "missing" in cell:
+        return "missing"
+    if "unavailable" in cell:
+        return "unavailable"
+    c = cell.get(set_name)
+    if c is None:
+        return "n/a"
+    if "honest" in c:
+        return f"{c['honest']['lds']:.1f} ± {c['honest']['pm']:.1f} ({c['paper']['lds']:.1f})"
+    return f"{c['lds']:.1f} ± {c['pm']:.1f}"
+
+
+def format_report(t: dict) -> str:
+    sets = ("validation", "generated")
+    lines = ["# LDS benchmark tables (embedded default)", ""]
+    status = (f"**PARTIAL: {t['subsets_done']} of {t['subsets_planned']} subsets retrained**" if t.get("partial")
+              else f"{t['subsets_done']} subsets")
+    lines += [f"LDS x 100 on the {t['test_sets'].get('validation', 0)} validation digits and the "
+              f"{t['test_sets'].get('generated', 0)} generated samples; {status}, "
+              f"{len(t['train_seeds'])} training seeds each; +- = bootstrap std over subsets "
+              f"({t['num_bootstrap']} resamples).", "",
+              "Cells read `honest ± pm (paper)`: *honest* = lambda chosen by 2-fold cross-fitting over test "
+              "samples (never on the samples it is reported on); *(paper)* = lambda best on the reported samples "
+              "themselves, as the paper chose it (optimistic). Methods without a lambda show one number.", ""]
+    if t.get("noise_ceiling"):
+        nc = t["noise_ceiling"]
+        lines += ["Noise ceiling (how well one training seed's ground truth predicts the other's; the best LDS "
+                  "reachable against the seed mean in brackets): " +
+                  "; ".join(f"{s} {nc[s]['seed_vs_seed']:.1f} ± {nc[s]['seed_vs_seed_pm']:.1f} [{nc[s]['ceiling']:.1f}]"
+                            for s in sets if s in nc), ""]
+    if "methods" in t:
+        lines += ["## Methods (the poster's LDS table)", "", "| method | validation | generated |", "|---|---|---|"]
+        for name, cell in t["methods"].items():
+            lines.append(f"| {name} | {_fmt(cell, 'validation')} | {_fmt(cell, 'generated')} |")
+        lines.append("")
+    if "ablation" in t:
+        Ks = sorted({int(k.split('/K')[1]) for k in t["ablation"]})
+        fns = list(dict.fromkeys(k.split("/K")[0] for k in t["ablation"]))
+        lines += ["## Output function x K (the poster's ablation)", "",
+                  "| output function | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
+                  "|---|" + "---|" * (len(sets) * len(Ks))]
+        for fn in fns:
+            lines.append(f"| {fn} | " + " | ".join(_fmt(t["ablation"].get(f"{fn}/K{K}"), s) for s in sets for K in Ks) + " |")
+        lines.append("")
+    if "ensembles" in t:
+        sizes = sorted({int(k.split('/S')[1]) for k in t["ensembles"]})
+        lines += [f"## Ensembles (K={t.get('ensemble_K', ENSEMBLE_K)}; each model trained on its own random half)", "",
+                  "| method | " + " | ".join(f"{s} S={S}" for s in sets for S in sizes) + " |",
+                  "|---|" + "---|" * (len(sets) * len(sizes))]
+        for label in ("trak", "d-trak"):
+            lines.append(f"| {label} | " + " | ".join(_fmt(t["ensembles"].get(f"{label}/S{S}"), s)
+                                                     for s in sets for S in sizes) + " |")
+        lines.append("")
+    missing = sorted({c["missing"] for tab in ("methods", "ablation", "ensembles") for c in t.get(tab, {}).values()
+                      if "missing" in c})
+    if missing:
+        lines += ["## Missing cells and the commands that fill them", ""] + [f"- `{m}`" for m in missing] + [""]
+    return "\n".join(lines)

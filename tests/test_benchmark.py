@@ -1,0 +1,163 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core import benchmark as bm
+from dtrak_core.baselines import similarity
+from dtrak_core.build import build_store
+from dtrak_core.features import FeatureSetting
+from dtrak_core.lds import (LDSConfig, LDSRun, SubsetBootstrap, _rank_corr, lambda_study, lambda_sweep, lds,
+                            subset_indices)
+from dtrak_core.model import build_scheduler, checkpoint_hash, save_checkpoint
+from dtrak_core.sampling import generate
+from dtrak_core.scoring import TRAKScorer
+from dtrak_core.store import atomic_write_json
+from dtrak_core.training import TrainConfig, train
+
+TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bootstrap_rank_corr_equals_resampled_arrays():
+    # ties on purpose (small integers): average ranks must match scipy's on the resampled rows
+    rng = np.random.default_rng(0)
+    M, Q = 9, 7
+    a = rng.integers(0, 4, (M, Q)).astype(float)
+    b = rng.integers(0, 3, (M, Q)).astype(float)
+    boot = SubsetBootstrap(M, num=40, seed=3)
+    fast = boot.rank_corr(a, b)
+    draws = np.random.default_rng(3).integers(0, M, (40, M))
+    slow = np.array([_rank_corr(a[idx], b[idx]) for idx in draws])
+    np.testing.assert_allclose(fast, slow, atol=1e-12)  # nan where a resample is constant, in both
+
+
+def test_lambda_sweep_over_sets_equals_one_set_at_a_time():
+    rng = np.random.default_rng(1)
+    N, k, M = 25, 6, 10
+    phi = rng.normal(size=(N, k))
+    qs = {"a": rng.normal(size=(5, k)), "b": rng.normal(size=(4, k))}
+    masks = rng.random((M, N)) < 0.5
+    F = {"a": rng.normal(size=(M, 5)), "b": rng.normal(size=(M, 4))}
+    grid = (1e-2, 1.0, 1e2)
+    both = lambda_sweep(lambda lam: {n: TRAKScorer(phi, lam=lam).scores(q) for n, q in qs.items()}, masks, F, grid, 30)
+    for name in qs:
+        one = lambda_study(phi, qs[name], masks, F[name], grid=grid, num_bootstrap=30)
+        for key in ("paper", "honest"):
+            assert both[name][key]["lds"] == pytest.approx(one[key]["lds"])
+            assert both[name][key]["pm"] == pytest.approx(one[key]["pm"])
+        # honest LDS is the per-sample LDS at each half's pick, averaged
+        assert both[name]["paper"]["lds"] == pytest.approx(max(both[name]["lds_by_lambda"]))
+
+
+def test_trak_score_fn_averages_models():
+    rng = np.random.default_rng(2)
+    trains = [rng.normal(size=(12, 5)) for _ in range(3)]
+    queries = {"v": [rng.normal(size=(2, 5)) for _ in range(3)]}
+    got = bm.trak_score_fn(trains, queries)(0.5)["v"]
+    want = np.mean([TRAKScorer(t, lam=0.5).scores(q) for t, q in zip(trains, queries["v"])], axis=0)
+    np.testing.assert_allclose(got, want)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, digits):
+    """A tiny model folder (tiny UNet trained on all 1500 digits, K=2 k=32 stores) and its LDS run."""
+    base = tmp_path_factory.mktemp("bench")
+    root, run_dir = str(base / "root"), str(base / "run")
+    torch.set_num_threads(1)
+    scheduler = build_scheduler()
+    unet = train(digits.images, scheduler, TINY, show_bar=False)
+    save_checkpoint(os.path.join(root, "model"), unet, scheduler)
+    from dtrak_core.model import load_checkpoint
+
+    unet, scheduler = load_checkpoint(os.path.join(root, "model"))
+    atomic_write_json(os.path.join(root, "manifest.json"), {"checkpoint": "model", "dataset": "digits-train",
+                                                             "train_config": TINY.to_dict(), "stores": []})
+    for fn in ("square", "loss"):
+        build_store(root, unet, scheduler, FeatureSetting(fn, K=2, k=32), show_bar=False)
+    config = LDSConfig(num_subsets=5, train_seeds=(1, 2), eval_timesteps=10, noise_seeds=(0,), generated=4)
+    test_sets = {"validation": load_validation()[:6], "generated": generate(unet, scheduler, range(4))}
+    LDSRun(run_dir, digits.images, scheduler, TINY, config, test_sets,
+           {"checkpoint": checkpoint_hash(unet)}).run(show_bar=False)
+    options = dict(ablation_fns=("square", "avg"), ablation_Ks=(1, 2), method_Ks=(2,), ensemble_sizes=(1, 2),
+                   ensemble_K=2, journey_K=2)
+    return root, run_dir, options
+
+
+def load_validation():
+    from dtrak_core.data import load_digits
+
+    return load_digits("validation").images
+
+
+def test_tables_end_to_end(tiny_bench, tmp_path):
+    root, run_dir, options = tiny_bench
+    bench = bm.Bench(run_dir, root, **options)
+    assert bench.base == FeatureSetting("square", K=2, k=32)
+    # nothing computed yet beyond the root's own stores: the cells say what is missing and how to fill it
+    t = bm.tables(run_dir, root, num_bootstrap=20, which=("ablation", "ensembles"), **options)
+    assert t["ablation"]["avg/K1"]["missing"].startswith("python -m dtrak_core lds features --output-fn avg --K 1")
+    assert "missing" in t["ensembles"]["d-trak/S1"]
+    # fill: ablation features, journey features, two ensemble members
+    for fn in ("square", "avg"):
+        for K in (1, 2):
+            bench.features.compute(bench.setting(fn, K), show_bar=False)
+    bench.features.compute(bench.setting("loss", 2), show_bar=False)
+    bm.journey_features(bench, bench.setting("loss", 2), compute=True, show_bar=False)
+    for j in range(2):
+        member = bench.member(j, train=True, show_bar=False)
+        for fn in ("loss", "square"):
+            member.compute(bench.setting(fn, 2), show_bar=False)
+    dest = str(tmp_path / "out")
+    t = bm.tables(run_dir, root, dest=dest, num_bootstrap=20, **options)
+    assert os.path.isfile(os.path.join(dest, bm.TABLES)) and os.path.isfile(os.path.join(dest, bm.REPORT))
+    masks, F = bench.truth["masks"], bench.truth["F"]
+    # D-TRAK cell: its test-set lambda's LDS equals a direct computation
+    cell = t["methods"]["d-trak/K2"]["validation"]
+    phi = bench.features.train(bench.setting("square", 2))
+    q = bench.features.query("validation", bench.setting("square", 2))
+    direct = lds(TRAKScorer(phi, lam=cell["paper"]["lambda"]).scores(q), masks, F["validation"], 20)
+    assert cell["paper"]["lds"] == pytest.approx(direct[0]) and cell["paper"]["pm"] == pytest.approx(direct[1])
+    assert len(cell["lds_by_lambda"]) == len(bm.LAMBDA_GRID)
+    # a fixed baseline equals its direct computation
+    pix = similarity(bench.test_sets["generated"].flatten(1), bench.attributor.train.images.flatten(1), "cosine")
+    assert t["methods"]["pixel-cosine"]["generated"]["lds"] == pytest.approx(lds(pix, masks, F["generated"], 20)[0])
+    # the ensemble of 2 is the mean of the two members' TRAK scores, each member on its own half
+    assert not np.array_equal(subset_indices(1500, 0, 0.5, bm.ENSEMBLE_SUBSET_SEED), subset_indices(1500, 0, 0.5, 0))
+    members = [bench.member(j) for j in range(2)]
+    lam = t["ensembles"]["trak/S2"]["generated"]["paper"]["lambda"]
+    s = setting = bench.setting("loss", 2)
+    mean = np.mean([TRAKScorer(m.train(s), lam=lam).scores(m.query("generated", setting)) for m in members], axis=0)
+    assert t["ensembles"]["trak/S2"]["generated"]["paper"]["lds"] == pytest.approx(lds(mean, masks, F["generated"], 20)[0])
+    # journey-trak: generated samples only; CLIP without weights: unavailable, never replaced
+    assert "generated" in t["methods"]["journey-trak"] and "validation" not in t["methods"]["journey-trak"]
+    assert "unavailable" in t["methods"]["clip-cosine"]
+    assert "unavailable" in t["methods"]["tracin"]  # no checkpoints registered for the tiny model
+    report = open(os.path.join(dest, bm.REPORT)).read()
+    assert "| d-trak/K2 |" in report and "| avg |" in report and "Missing cells" not in report
+    # recomputing one table keeps the others
+    t2 = bm.tables(run_dir, root, dest=dest, num_bootstrap=20, which=("ensembles",), **options)
+    assert t2["ablation"] == bm.load_tables(os.path.join(dest, bm.TABLES))["ablation"]
+
+
+def test_bench_refuses_a_run_of_another_model(tiny_bench, tmp_path):
+    root, run_dir, options = tiny_bench
+    import json
+    import shutil
+
+    other = str(tmp_path / "run")
+    shutil.copytree(run_dir, other)
+    with open(os.path.join(other, "setup.json")) as f:
+        setup = json.load(f)
+    setup["checkpoint"] = "0123456789abcdef"
+    atomic_write_json(os.path.join(other, "setup.json"), setup)
+    with pytest.raises(ValueError, match="was made for model 0123456789abcdef"):
+        bm.Bench(other, root, **options)
