@@ -536,6 +536,15 @@ def benchmarks_blocks(root: str) -> None:
         if rows:
             _table(rows, "LDS x 100, mean over test samples, +- bootstrap over subsets")
             gr.Plot(lds_chart(rows), show_label=False)
+    tables = items.pop("tables", None)
+    if tables is not None and tables.get("data"):
+        shown = True
+        gr.Markdown("## LDS of every method: baselines, output functions x K, ensembles")
+        if tables.get("markdown"):
+            gr.Markdown(tables["markdown"].split("\n", 1)[-1])  # without its own title
+        rows = sup.table_rows(tables["data"].get("methods", {}))
+        if rows:
+            gr.Plot(lds_chart(rows), show_label=False)
     if cf_summary is not None and cf_summary.get("data"):
         shown = True
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")

@@ -244,6 +244,23 @@ def lds_rows(results: dict) -> list[dict]:
     return rows
 
 
+def table_rows(table: dict) -> list[dict]:
+    """One row per (method, test set) of a `benchmark.tables` table with a number: the honest-lambda
+    LDS for swept methods, the plain LDS for methods without a lambda; missing cells are skipped."""
+    rows = []
+    for name, cell in table.items():
+        if not isinstance(cell, dict):
+            continue
+        for test_set in ("validation", "generated"):
+            c = cell.get(test_set)
+            if not isinstance(c, dict):
+                continue
+            value = c["honest"] if "honest" in c else c
+            rows.append({"method": name, "test set": test_set, "LDS (honest lambda)": round(float(value["lds"]), 2),
+                         "+- (honest)": round(float(value["pm"]), 2)})
+    return rows
+
+
 def counterfactual_rows(summary: dict) -> list[dict]:
     """One row per (k, ranking) of `counterfactual.summarize`'s summary.json."""
     rows = []

@@ -333,12 +333,25 @@ def test_benchmarks_tab_renders(app, tmp_path):
         {"k": 300, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
          "l2": {"median": 2.0, "p25": 1.5, "p75": 2.5, "n": 4}}]}))
     (tmp_path / "counterfactual" / "results.md").write_text("| removed k | D-TRAK |")
+    (tmp_path / "benchmarks" / "tables.json").write_text(json.dumps(
+        {"methods": {"d-trak/K100": {"validation": study, "generated": study}, "pixel-cosine": {
+            "validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}, "clip-dot": {"unavailable": "x"}}}))
+    (tmp_path / "benchmarks" / "tables.md").write_text("# title\n| method | validation |\n| pixel-cosine | 5.0 ± 2.0 |")
     with gr.Blocks() as full:
         app.benchmarks_blocks(str(tmp_path))
     kinds = [type(b).__name__ for b in full.blocks.values()]
-    assert kinds.count("Plot") == 3 and kinds.count("Dataframe") == 2  # LDS, counterfactual, other.json
+    assert kinds.count("Plot") == 4 and kinds.count("Dataframe") == 2  # LDS, tables, counterfactual, other.json
     text = texts(full)
     assert "Provisional" in text and "| removed k | D-TRAK |" in text and "protocol notes" in text
+    assert "| pixel-cosine | 5.0 ± 2.0 |" in text and "# title" not in text
+
+
+def test_table_rows():
+    study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.04, "pm": 1.5}}
+    rows = sup.table_rows({"d-trak/K10": {"generated": study}, "pixel-dot": {"validation": {"lds": 3.0, "pm": 1.0}},
+                           "clip-dot": {"unavailable": "no weights"}, "trak/K1000": {"missing": "cmd"}})
+    assert rows == [{"method": "d-trak/K10", "test set": "generated", "LDS (honest lambda)": 28.04, "+- (honest)": 1.5},
+                    {"method": "pixel-dot", "test set": "validation", "LDS (honest lambda)": 3.0, "+- (honest)": 1.0}]
 
 
 def test_benchmark_rows():
