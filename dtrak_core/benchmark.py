@@ -32,7 +32,7 @@ from .features import Featurizer, FeatureSetting
 from .lds import LDSConfig, SubsetBootstrap, TEST_SETS, _rank_corr, collect, lambda_sweep, subset_indices
 from .model import checkpoint_hash, load_checkpoint, save_checkpoint
 from .retrain import load_result, retrain
-from .scoring import TRAKScorer, default_lambda
+from .scoring import SpectralTRAK, default_lambda
 from .store import METADATA, FeatureStore, atomic_write_json
 from .training import TrainConfig
 
@@ -179,18 +179,29 @@ class Bench:
         return trains, queries
 
 
-def trak_score_fn(trains: list, queries: dict, transform=None):
-    """score_fn(lam) for `lambda_sweep`: TRAK scores averaged over models (an ensemble when > 1).
-    `transform(scorer, scores) -> scores` post-processes each model's scores (Relative / Renorm IP)."""
-    def score_fn(lam):
+def trak_g_fn(trains: list, queries: dict, masks, normalize: str | None = None):
+    """g_fn(lam) for `lambda_sweep`: subset sums of TRAK scores averaged over models (an ensemble
+    when > 1), each model from one SVD (`SpectralTRAK`). `normalize` divides each training sample's
+    score by ||(Phi^T Phi + lam I)^-1 phi_n|| ('relative', Relative IP) or ||phi_n|| ('renorm')."""
+    masks = torch.as_tensor(np.asarray(masks, dtype=np.float64))
+    models = []
+    for i, train in enumerate(trains):
+        trak = SpectralTRAK(train)
+        models.append((trak, {name: trak.project(qs[i]).T for name, qs in queries.items()}))
+
+    def g_fn(lam):
         out = {name: 0.0 for name in queries}
-        for i, train in enumerate(trains):
-            scorer = TRAKScorer(train, lam=lam)
-            for name, qs in queries.items():
-                s = scorer.scores(qs[i])
-                out[name] = out[name] + (transform(scorer, s) if transform else s)
-        return {name: v / len(trains) for name, v in out.items()}
-    return score_fn
+        for trak, projected in models:
+            w = masks
+            if normalize == "relative":
+                w = masks / trak.weight_norms(lam).clamp_min(1e-300)
+            elif normalize == "renorm":
+                w = masks / trak.train_norms.clamp_min(1e-300)
+            A = (w @ trak.U) * trak.shrink(lam)
+            for name, B in projected.items():
+                out[name] = out[name] + (A @ B).numpy()
+        return {name: v / len(models) for name, v in out.items()}
+    return g_fn
 
 
 def fixed_cell(scores: np.ndarray, masks, F, bootstrap: SubsetBootstrap) -> dict:
@@ -204,9 +215,11 @@ def _featurize_cmd(output_fn: str, K: int) -> str:
     return f"python -m dtrak_core lds features --output-fn {output_fn} --K {K}"
 
 
-def _sweep_cell(bench: Bench, score_fn, num_bootstrap: int, default: float | None = None) -> dict:
-    F = {name: bench.truth["F"][name] for name in bench.test_sets}
-    return lambda_sweep(score_fn, bench.truth["masks"], F, LAMBDA_GRID, num_bootstrap, default_lambda=default)
+def _sweep_cell(bench: Bench, trains, queries, num_bootstrap: int, default: float | None = None,
+                normalize: str | None = None) -> dict:
+    F = {name: bench.truth["F"][name] for name in queries}
+    g_fn = trak_g_fn(trains, queries, bench.truth["masks"], normalize)
+    return lambda_sweep(g_fn, F, LAMBDA_GRID, num_bootstrap, default_lambda=default)
 
 
 def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
@@ -221,14 +234,14 @@ def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
                 continue
             t0 = time.perf_counter()
             rows[key] = {"setting": setting.to_dict(),
-                         **_sweep_cell(bench, trak_score_fn(*inputs), num_bootstrap, default_lambda(inputs[0][0])),
+                         **_sweep_cell(bench, *inputs, num_bootstrap, default_lambda(inputs[0][0])),
                          "eval_seconds": time.perf_counter() - t0}
     return rows
 
 
 def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     """TRAK and D-TRAK at each K, and every baseline (gradient-based ones on the loss features at journey_K)."""
-    from .baselines import BASELINES, JourneyFeaturizer, ip_norms, load_tracin, similarity, MethodUnavailable
+    from .baselines import BASELINES, MethodUnavailable, load_tracin, similarity
     from .clip_encoder import ClipImageEncoder, ClipUnavailable
 
     masks, F = bench.truth["masks"], bench.truth["F"]
@@ -243,7 +256,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
         for label, fn in (("trak", "loss"), ("d-trak", "square")):
             inputs = bench.trak_sweep_inputs(bench.setting(fn, K))
             rows[f"{label}/K{K}"] = ({"missing": _featurize_cmd(fn, K)} if inputs is None else
-                                     _sweep_cell(bench, trak_score_fn(*inputs), num_bootstrap, default_lambda(inputs[0][0])))
+                                     _sweep_cell(bench, *inputs, num_bootstrap, default_lambda(inputs[0][0])))
     for kind in ("dot", "cosine"):
         fixed(f"pixel-{kind}", {s: similarity(x.flatten(1), train.flatten(1), kind) for s, x in bench.test_sets.items()},
               BASELINES[f"pixel-{kind}"].description)
@@ -265,17 +278,14 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
             fixed(f"gradient-{kind}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
                   BASELINES[f"gradient-{kind}"].description)
         for kind in ("relative", "renorm"):
-            rows[f"{kind}-ip"] = {"note": BASELINES[f"{kind}-ip"].description, **_sweep_cell(
-                bench, trak_score_fn([phi], queries, lambda scorer, s, kind=kind: s / ip_norms(scorer, kind)),
-                num_bootstrap)}
+            rows[f"{kind}-ip"] = {"note": BASELINES[f"{kind}-ip"].description,
+                                  **_sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
         journey = journey_features(bench, loss, compute=False)
         if journey is None:
             rows["journey-trak"] = {"missing": "python -m dtrak_core lds features --journey"}
         else:
-            gen = {"generated": F["generated"]}
             rows["journey-trak"] = {"note": BASELINES["journey-trak"].description + "; generated samples only",
-                                    **lambda_sweep(lambda lam: {"generated": TRAKScorer(phi, lam=lam).scores(journey)},
-                                                   masks, gen, LAMBDA_GRID, num_bootstrap)}
+                                    **_sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)}
     try:
         checkpoints = load_tracin(bench.root, bench.attributor)
     except MethodUnavailable as e:
@@ -345,7 +355,7 @@ def ensemble_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
                 rows[key] = {"missing": f"python -m dtrak_core lds ensemble --models {S} --K {K}"}
                 continue
             inputs = bench.trak_sweep_inputs(setting, ready[:S])
-            rows[key] = {"models": S, "K": K, **_sweep_cell(bench, trak_score_fn(*inputs), num_bootstrap)}
+            rows[key] = {"models": S, "K": K, **_sweep_cell(bench, *inputs, num_bootstrap)}
     return rows
 
 

@@ -447,25 +447,29 @@ def collect_full_timesteps(run_dir: str) -> dict | None:
             "F_run": {name: col["F"][name][rows] for name in col["F"]}}
 
 
-def lambda_sweep(score_fn, masks, F: dict, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
+def lambda_sweep(g_fn, F: dict, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
                  default_lambda: float | None = None, split_seed: int = 0) -> dict:
     """LDS of a method with a ridge lambda over `grid`, on several test sets at once.
 
-    score_fn(lam) -> {test set: scores (Q, N)}; F: {test set: (M, Q)}. Per test set:
+    g_fn(lam) -> {test set: g (M, Q)}, the sums of each test sample's scores over each subset
+    (masks @ scores^T); F: {test set: (M, Q)}. Per test set:
     `paper`: the lambda best on the reported samples themselves (the paper's choice; optimistic);
     `honest`: 2-fold cross-fitting over test samples: lambda picked on one random half of the
     samples, LDS computed on the other half with it, and vice versa; the per-sample LDS of both
     halves is averaged (the subsets are shared by both halves); `default` (with `default_lambda`):
     a lambda chosen without any evaluation data.
     """
-    masks = np.asarray(masks, dtype=np.float64)
     lams = list(grid) + ([default_lambda] if default_lambda is not None else [])
     g = {name: [] for name in F}  # name -> per lambda (M, Q)
     for lam in lams:
-        scores = score_fn(lam)
+        got = g_fn(lam)
         for name in F:
-            g[name].append(masks @ _check_lds_inputs(scores[name], masks, F[name])[0].T)
-    bootstrap = SubsetBootstrap(len(masks), num_bootstrap)
+            x = np.asarray(got[name], dtype=np.float64)
+            if x.shape != np.shape(F[name]) or not np.isfinite(x).all():
+                raise ValueError(f"g for {name!r} must be finite with F's shape {np.shape(F[name])}, got {x.shape}")
+            g[name].append(x)
+    M = len(next(iter(F.values())))
+    bootstrap = SubsetBootstrap(M, num_bootstrap)
     out = {}
     for name, F_set in F.items():
         F_set = np.asarray(F_set, dtype=np.float64)
@@ -504,10 +508,13 @@ def lambda_sweep(score_fn, masks, F: dict, grid=PAPER_LAMBDA_GRID, num_bootstrap
 def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
                  split_seed: int = 0) -> dict:
     """`lambda_sweep` of TRAK scores for one test set, with the `default_lambda` rule as `default`."""
-    from .scoring import TRAKScorer, default_lambda
+    from .scoring import SpectralTRAK, default_lambda
 
-    return lambda_sweep(lambda lam: {"q": TRAKScorer(train_features, lam=lam).scores(query_features)}, masks,
-                        {"q": F}, grid, num_bootstrap, default_lambda(train_features), split_seed)["q"]
+    _check_lds_inputs(np.zeros((len(query_features), len(train_features))), masks, F)
+    trak = SpectralTRAK(train_features)
+    A, B = torch.as_tensor(np.asarray(masks, dtype=np.float64)) @ trak.U, trak.project(query_features).T
+    return lambda_sweep(lambda lam: {"q": ((A * trak.shrink(lam)) @ B).numpy()}, {"q": F}, grid, num_bootstrap,
+                        default_lambda(train_features), split_seed)["q"]
 
 
 # -- the embedded default -------------------------------------------------------------------------

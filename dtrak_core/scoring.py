@@ -66,6 +66,42 @@ class TRAKScorer:
         return (q @ self.weights).numpy()
 
 
+class SpectralTRAK:
+    """TRAK scores for any number of lambdas from one thin SVD of the training features.
+
+    With Phi = U diag(s) V^T, both the primal and the dual form equal V diag(s / (s^2 + lam)) U^T,
+    so scores(q, lam) = (q V) diag(s / (s^2 + lam)) U^T, and the LDS's sums of scores over subsets,
+    masks @ scores^T, cost O(M r Q) per lambda once masks @ U and q V are known (r = min(N, k)).
+    """
+
+    def __init__(self, train_features):
+        phi = _float64(train_features)
+        if phi.ndim != 2:
+            raise ValueError(f"train features must be (N, k), got {tuple(phi.shape)}")
+        self.U, self.s, Vh = torch.linalg.svd(phi, full_matrices=False)
+        self.V = Vh.T
+        self.train_norms = phi.norm(dim=1)
+
+    def shrink(self, lam: float) -> torch.Tensor:
+        if not lam > 0:
+            raise ValueError(f"lambda must be positive, got {lam}")
+        return self.s / (self.s ** 2 + lam)
+
+    def project(self, query_features) -> torch.Tensor:
+        """(Q, k) -> (Q, r): q V, reusable across lambdas."""
+        q = _float64(query_features)
+        if q.ndim != 2 or q.shape[1] != self.V.shape[0]:
+            raise ValueError(f"query features must be (Q, {self.V.shape[0]}), got {tuple(q.shape)}")
+        return q @ self.V
+
+    def scores(self, query_features, lam: float) -> np.ndarray:
+        return ((self.project(query_features) * self.shrink(lam)) @ self.U.T).numpy()
+
+    def weight_norms(self, lam: float) -> torch.Tensor:
+        """(N,) norms of the columns of the score weights, ||(Phi^T Phi + lam I)^-1 phi_n|| (Relative IP)."""
+        return ((self.U * self.shrink(lam)) ** 2).sum(1).sqrt()
+
+
 def top_k(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(proponents, opponents): indices of the n highest and n lowest scores, strongest first."""
     order = np.argsort(-scores, kind="stable")

@@ -48,7 +48,7 @@ def test_lambda_sweep_over_sets_equals_one_set_at_a_time():
     masks = rng.random((M, N)) < 0.5
     F = {"a": rng.normal(size=(M, 5)), "b": rng.normal(size=(M, 4))}
     grid = (1e-2, 1.0, 1e2)
-    both = lambda_sweep(lambda lam: {n: TRAKScorer(phi, lam=lam).scores(q) for n, q in qs.items()}, masks, F, grid, 30)
+    both = lambda_sweep(lambda lam: {n: masks @ TRAKScorer(phi, lam=lam).scores(q).T for n, q in qs.items()}, F, grid, 30)
     for name in qs:
         one = lambda_study(phi, qs[name], masks, F[name], grid=grid, num_bootstrap=30)
         for key in ("paper", "honest"):
@@ -58,13 +58,33 @@ def test_lambda_sweep_over_sets_equals_one_set_at_a_time():
         assert both[name]["paper"]["lds"] == pytest.approx(max(both[name]["lds_by_lambda"]))
 
 
-def test_trak_score_fn_averages_models():
+@pytest.mark.parametrize("k", [5, 20])  # primal (k < N) and dual (k > N) regimes
+def test_spectral_trak_equals_trak_scorer(k):
+    from dtrak_core.scoring import SpectralTRAK
+
+    rng = np.random.default_rng(5)
+    phi, q = rng.normal(size=(12, k)), rng.normal(size=(3, k))
+    spec = SpectralTRAK(phi)
+    for lam in (1e-3, 0.7, 50.0):
+        ref = TRAKScorer(phi, lam=lam)
+        np.testing.assert_allclose(spec.scores(q, lam), ref.scores(q), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(spec.weight_norms(lam).numpy(), ref.weights.norm(dim=0).numpy(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("normalize", [None, "relative", "renorm"])
+def test_trak_g_fn_averages_models_and_normalizes(normalize):
+    from dtrak_core.baselines import ip_norms
+
     rng = np.random.default_rng(2)
     trains = [rng.normal(size=(12, 5)) for _ in range(3)]
     queries = {"v": [rng.normal(size=(2, 5)) for _ in range(3)]}
-    got = bm.trak_score_fn(trains, queries)(0.5)["v"]
-    want = np.mean([TRAKScorer(t, lam=0.5).scores(q) for t, q in zip(trains, queries["v"])], axis=0)
-    np.testing.assert_allclose(got, want)
+    masks = rng.random((4, 12)) < 0.5
+    got = bm.trak_g_fn(trains, queries, masks, normalize)(0.5)["v"]
+    scores = []
+    for t, q in zip(trains, queries["v"]):
+        scorer = TRAKScorer(t, lam=0.5)
+        scores.append(scorer.scores(q) / (ip_norms(scorer, normalize) if normalize else 1))
+    np.testing.assert_allclose(got, masks @ np.mean(scores, axis=0).T, rtol=1e-8)
 
 
 @pytest.fixture(scope="module")
