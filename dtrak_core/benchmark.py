@@ -36,7 +36,8 @@ from .scoring import SpectralTRAK, default_lambda
 from .store import METADATA, FeatureStore, atomic_write_json
 from .training import TrainConfig
 
-ABLATION_OUTPUT_FNS = ("loss", "elbo", "square", "avg", "l1-norm", "l2-norm", "linf-norm")
+ABLATION_OUTPUT_FNS = ("loss", "elbo", "square", "avg", "l1-norm", "l2-norm", "linf-norm",
+                       "eta=0", "eta=0.25", "eta=0.75")  # the poster's interpolation: eta=1 is square, eta=0.5 ~ loss
 ABLATION_K = (10, 100, 1000)
 METHOD_K = (10, 100)
 ENSEMBLE_SIZES = (1, 2, 4, 8)
@@ -260,6 +261,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     for kind in ("dot", "cosine"):
         fixed(f"pixel-{kind}", {s: similarity(x.flatten(1), train.flatten(1), kind) for s, x in bench.test_sets.items()},
               BASELINES[f"pixel-{kind}"].description)
+    for kind in ("dot", "cosine"):
         try:
             enc = ClipImageEncoder.load(None)
             e_train = enc(train)
