@@ -462,8 +462,10 @@ other variants attribute better, as measured by the linear datamodeling score (L
 removing the top proponents and retraining (the Counterfactual tab).
 
 **This app.** The model is a diffusers UNet trained from scratch on scikit-learn's digits; the
-projection is a sparse Johnson-Lindenstrauss transform; $\lambda$ is 0.1 times the mean squared
-training feature norm. Everything runs on a CPU.
+projection is a sparse Johnson-Lindenstrauss transform; $\lambda$ is the value that was best on the
+validation digits' LDS (recorded in `assets/manifest.json`; without it, 0.1 times the mean squared
+training feature norm). The counterfactual rankings always use that data-free rule, so they do not
+depend on the LDS data. Everything runs on a CPU.
 """
 
 CSS = """

@@ -25,6 +25,7 @@ from .scoring import TRAKScorer, top_k
 from .store import FeatureStore
 
 MANIFEST = "manifest.json"
+RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
 
 
 @dataclass
@@ -49,9 +50,11 @@ class Attribution:
 class Attributor:
     """Holds one model, its training data and feature stores; scorers and featurizers are built lazily."""
 
-    def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None):
+    def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
+                 tuned_lambdas: dict[str, float] | None = None):
         self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
-        self.lam = lam
+        self.lam = lam  # overrides every store's lambda when set
+        self.tuned_lambdas = dict(tuned_lambdas or {})  # store slug -> lambda chosen on validation LDS
         self.stores = {}
         ckpt = checkpoint_hash(unet)
         for store in stores:
@@ -73,7 +76,8 @@ class Attributor:
         if train is None:
             raise ValueError(f"unknown dataset {manifest['dataset']!r} in {manifest_path}")
         stores = [FeatureStore.open(os.path.join(root, p)) for p in manifest["stores"]]
-        return cls(unet, scheduler, train, stores)
+        tuned = {slug: float(v["lambda"]) for slug, v in manifest.get("tuned_lambda", {}).items()}
+        return cls(unet, scheduler, train, stores, tuned_lambdas=tuned)
 
     @property
     def methods(self) -> list[str]:
@@ -93,22 +97,34 @@ class Attributor:
             self._featurizers[setting] = Featurizer(self.unet, self.scheduler, setting)
         return self._featurizers[setting]
 
-    def scorer(self, method: str, K: int | None = None) -> TRAKScorer:
+    def lambda_for(self, setting: FeatureSetting, lam=None) -> float | None:
+        """The ridge lambda for a store: `lam` if given (RULE: the data-free rule), else the
+        attributor's override, else the lambda tuned on validation LDS (manifest 'tuned_lambda'),
+        else None (TRAKScorer then applies the rule)."""
+        if lam == RULE:
+            return None
+        if lam is not None:
+            return float(lam)
+        if self.lam is not None:
+            return self.lam
+        return self.tuned_lambdas.get(setting.slug)
+
+    def scorer(self, method: str, K: int | None = None, lam=None) -> TRAKScorer:
         setting, store = self.setting(method, K)
-        key = (setting, self.lam)
+        key = (setting, self.lambda_for(setting, lam))
         if key not in self._scorers:
-            self._scorers[key] = TRAKScorer(store.features(), lam=self.lam)
+            self._scorers[key] = TRAKScorer(store.features(), lam=key[1])
         return self._scorers[key]
 
-    def scores(self, images: torch.Tensor, method: str, K: int | None = None) -> np.ndarray:
+    def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
         """images (B, C, H, W) in [-1, 1] -> scores (B, N)."""
         setting, _ = self.setting(method, K)
         expected = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        return self.scorer(method, K).scores(self.featurizer(setting)(images.float()))
+        return self.scorer(method, K, lam).scores(self.featurizer(setting)(images.float()))
 
-    def attribute(self, image: torch.Tensor, method: str = "d-trak", K: int | None = None) -> Attribution:
-        """One image (C, H, W) -> its `Attribution` over the training set."""
-        scores = self.scores(image[None], method, K)[0]
+    def attribute(self, image: torch.Tensor, method: str = "d-trak", K: int | None = None, lam=None) -> Attribution:
+        """One image (C, H, W) -> its `Attribution` over the training set (`lam`: see `lambda_for`)."""
+        scores = self.scores(image[None], method, K, lam)[0]
         return Attribution(canonical_name(method), scores, self.train.labels.numpy())

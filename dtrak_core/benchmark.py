@@ -465,3 +465,31 @@ def format_report(t: dict) -> str:
     if missing:
         lines += ["## Missing cells and the commands that fill them", ""] + [f"- `{m}`" for m in missing] + [""]
     return "\n".join(lines)
+
+
+# -- lambda for the app ----------------------------------------------------------------------------
+def tune_lambdas(run_dir: str, root: str = "assets", num_bootstrap: int = 200) -> dict:
+    """Pick each of the model's stores' lambda on the *validation* LDS (LAMBDA_GRID) and record it in
+    root/manifest.json as 'tuned_lambda' (used by `Attributor` by default). The generated-set LDS at
+    that lambda is reported beside it: chosen on another test set, it is an honest number."""
+    from .build import read_manifest
+
+    bench = Bench(run_dir, root)
+    tuned = {}
+    for per_fn in bench.attributor.stores.values():
+        for setting, store in per_fn:
+            train = np.array(store.features())
+            queries = {s: [bench.features.query(s, setting, compute=True)] for s in ("validation", "generated")}
+            res = _sweep_cell(bench, [train], queries, num_bootstrap, default=default_lambda(train))
+            lam = res["validation"]["paper"]["lambda"]
+            gen = res["generated"]
+            tuned[setting.slug] = {
+                "lambda": lam, "chosen_on": f"validation LDS, {len(bench.truth['subsets'])} subsets",
+                "validation_lds": res["validation"]["paper"]["lds"],
+                "generated_lds": gen["lds_by_lambda"][LAMBDA_GRID.index(lam)],
+                "rule_lambda": gen["default"]["lambda"], "generated_lds_rule": gen["default"]["lds"],
+                "at_grid_edge": res["validation"]["paper"]["at_grid_edge"]}
+    manifest = read_manifest(root)
+    manifest["tuned_lambda"] = tuned
+    atomic_write_json(os.path.join(root, "manifest.json"), manifest)
+    return tuned

@@ -160,7 +160,7 @@ def cmd_lds(args):
         ran = run.run(shard=shard, batch_models=args.batch_models)
         print(f"{len(ran)} models retrained and measured in {time.perf_counter() - t0:.0f} s; results in {run.jobs_dir}")
         return
-    if args.action in ("tables", "ensemble") or (args.action == "features" and (args.output_fn or args.journey or args.tracin)):
+    if args.action in ("tables", "ensemble", "tune-lambda") or (args.action == "features" and (args.output_fn or args.journey or args.tracin)):
         _lds_tables(args)
         return
     unet, scheduler, methods, feats = default_methods(args.root, args.methods, args.K)
@@ -216,6 +216,12 @@ def _lds_tables(args):
                 for K in Ks:
                     member.compute(bench.setting(fn, K))
             print(f"ensemble member {j} ready ({time.perf_counter() - t0:.0f} s)")
+        return
+    if args.action == "tune-lambda":
+        for slug, e in bm.tune_lambdas(args.out, args.root).items():
+            print(f"{slug}: lambda {e['lambda']:g} (best on {e['chosen_on']}: LDS {e['validation_lds']:.1f}); generated-set "
+                  f"LDS {e['generated_lds']:.1f} at it vs {e['generated_lds_rule']:.1f} with the rule's {e['rule_lambda']:.3g}")
+        print(f"recorded under 'tuned_lambda' in {os.path.join(args.root, 'manifest.json')}")
         return
     out = bm.tables(args.out, args.root, dest=args.dest or None, num_bootstrap=args.bootstrap, which=args.only)
     print(bm.format_report(out))
@@ -293,11 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("lds", help="LDS benchmark: retrain on random half-subsets, then score methods against them")
     _add_root(p)
-    p.add_argument("action", choices=("run", "features", "evaluate", "check-timesteps", "ensemble", "tables"),
+    p.add_argument("action", choices=("run", "features", "evaluate", "check-timesteps", "ensemble", "tables", "tune-lambda"),
                    help="run: retrain + ground truth (resumable); features: training- and test-set features "
                         "(cached, resumable); evaluate: D-TRAK/TRAK LDS + noise ceiling + timestep check; "
                         "check-timesteps: all-1000-timestep ground truth for finished models; ensemble: train and "
-                        "featurize ensemble members; tables: every method's LDS -> tables.json / tables.md")
+                        "featurize ensemble members; tables: every method's LDS -> tables.json / tables.md; "
+                        "tune-lambda: each store's lambda chosen on the validation LDS -> manifest.json")
     p.add_argument("--check-subsets", type=int, default=None, help="check-timesteps: at most this many subsets")
     p.add_argument("--out", default="assets/benchmarks/lds_run",
                    help="run folder (default assets/benchmarks/lds_run: its small job results are committed)")

@@ -43,6 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .attribution import RULE
 from .model import checkpoint_hash
 from .output_functions import canonical_name
 from .quality import classify
@@ -165,7 +166,9 @@ def removal(attributor, image: torch.Tensor, seed: int, ranking: str, k: int) ->
     n = len(attributor.train)
     if name == RANDOM:
         return np.random.default_rng([RANDOM_RANKING_SEED, int(seed)]).permutation(n)[:k]
-    return np.asarray(attributor.attribute(image, name).proponents(k), dtype=np.int64)
+    # the data-free lambda rule, not a lambda tuned on LDS data: the counterfactual evaluation stays
+    # independent of the LDS ground truth (and of later re-tuning)
+    return np.asarray(attributor.attribute(image, name, lam=RULE).proponents(k), dtype=np.int64)
 
 
 def keep_indices(n_train: int, removed) -> np.ndarray:

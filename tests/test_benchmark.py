@@ -181,3 +181,26 @@ def test_bench_refuses_a_run_of_another_model(tiny_bench, tmp_path):
     atomic_write_json(os.path.join(other, "setup.json"), setup)
     with pytest.raises(ValueError, match="was made for model 0123456789abcdef"):
         bm.Bench(other, root, **options)
+
+
+def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
+    from dtrak_core.attribution import RULE, Attributor
+    from dtrak_core.scoring import default_lambda
+
+    root, run_dir, _ = tiny_bench
+    tuned = bm.tune_lambdas(run_dir, root, num_bootstrap=10)
+    att = Attributor.load(root)
+    assert set(tuned) == set(att.tuned_lambdas) == {"square-K2-sparse-jl-k32-s42", "loss-K2-sparse-jl-k32-s42"}
+    setting, store = att.setting("d-trak")
+    entry = tuned[setting.slug]
+    # the pick is the validation sweep's best lambda
+    bench = bm.Bench(run_dir, root)
+    q = bench.features.query("validation", setting)
+    sweep = [lds(TRAKScorer(store.features(), lam=lam).scores(q), bench.truth["masks"], bench.truth["F"]["validation"], 0)[0]
+             for lam in bm.LAMBDA_GRID]
+    assert entry["lambda"] == bm.LAMBDA_GRID[int(np.argmax(sweep))]
+    assert att.scorer("d-trak").lam == entry["lambda"]
+    assert att.scorer("d-trak", lam=RULE).lam == pytest.approx(default_lambda(store.features()))
+    assert att.scorer("d-trak", lam=3.0).lam == 3.0
+    att.lam = 5.0  # an explicit override beats the tuned value
+    assert att.scorer("d-trak").lam == 5.0
