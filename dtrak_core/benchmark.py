@@ -241,7 +241,9 @@ def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
 
 
 def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
-    """TRAK and D-TRAK at each K, and every baseline (gradient-based ones on the loss features at journey_K)."""
+    """The poster's LDS table: every baseline, TRAK and D-TRAK; rows '<method>/K<K>' for the methods
+    built on K-timestep gradient features (K in bench.method_Ks), plain '<method>' for the others
+    (pixels and CLIP need no gradients; TracInCP / GAS use their own checkpoints' K=10 stores)."""
     from .baselines import BASELINES, MethodUnavailable, load_tracin, similarity
     from .clip_encoder import ClipImageEncoder, ClipUnavailable
 
@@ -253,11 +255,6 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     def fixed(name, scores_by_set, note):
         rows[name] = {"note": note, **{s: fixed_cell(sc, masks, F[s], bootstrap) for s, sc in scores_by_set.items()}}
 
-    for K in bench.method_Ks:
-        for label, fn in (("trak", "loss"), ("d-trak", "square")):
-            inputs = bench.trak_sweep_inputs(bench.setting(fn, K))
-            rows[f"{label}/K{K}"] = ({"missing": _featurize_cmd(fn, K)} if inputs is None else
-                                     _sweep_cell(bench, *inputs, num_bootstrap, default_lambda(inputs[0][0])))
     for kind in ("dot", "cosine"):
         fixed(f"pixel-{kind}", {s: similarity(x.flatten(1), train.flatten(1), kind) for s, x in bench.test_sets.items()},
               BASELINES[f"pixel-{kind}"].description)
@@ -269,25 +266,6 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
                   BASELINES[f"clip-{kind}"].description)
         except ClipUnavailable as e:
             rows[f"clip-{kind}"] = {"unavailable": str(e)}
-    loss = bench.setting("loss", bench.journey_K)
-    inputs = bench.trak_sweep_inputs(loss)
-    if inputs is None:
-        for name in ("gradient-dot", "gradient-cosine", "relative-ip", "renorm-ip", "journey-trak"):
-            rows[name] = {"missing": _featurize_cmd("loss", bench.journey_K)}
-    else:
-        (phi,), queries = inputs
-        for kind in ("dot", "cosine"):
-            fixed(f"gradient-{kind}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
-                  BASELINES[f"gradient-{kind}"].description)
-        for kind in ("relative", "renorm"):
-            rows[f"{kind}-ip"] = {"note": BASELINES[f"{kind}-ip"].description,
-                                  **_sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
-        journey = journey_features(bench, loss, compute=False)
-        if journey is None:
-            rows["journey-trak"] = {"missing": "python -m dtrak_core lds features --journey"}
-        else:
-            rows["journey-trak"] = {"note": BASELINES["journey-trak"].description + "; generated samples only",
-                                    **_sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)}
     try:
         checkpoints = load_tracin(bench.root, bench.attributor)
     except MethodUnavailable as e:
@@ -300,6 +278,30 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
             for name, kind in (("tracin", "dot"), ("gas", "cosine")):
                 fixed(name, {s: sum(similarity(q[s], c.train_features, kind) for c, q in zip(checkpoints, per_ckpt))
                              for s in bench.test_sets}, BASELINES[name].description)
+    # journey features are the loss gradients along each sample's trajectory, projected with the
+    # store's projector (the same for every K), so one set serves every K's training features
+    journey = journey_features(bench, bench.setting("loss", bench.journey_K), compute=False)
+    for K in bench.method_Ks:
+        loss = bench.trak_sweep_inputs(bench.setting("loss", K))
+        if loss is None:
+            for name in ("gradient-dot", "gradient-cosine", "journey-trak", "relative-ip", "renorm-ip", "trak"):
+                rows[f"{name}/K{K}"] = {"missing": _featurize_cmd("loss", K)}
+        else:
+            (phi,), queries = loss
+            for kind in ("dot", "cosine"):
+                fixed(f"gradient-{kind}/K{K}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
+                      BASELINES[f"gradient-{kind}"].description)
+            rows[f"journey-trak/K{K}"] = (
+                {"missing": "python -m dtrak_core lds features --journey"} if journey is None else
+                {"note": BASELINES["journey-trak"].description + "; generated samples only",
+                 **_sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)})
+            for kind in ("relative", "renorm"):
+                rows[f"{kind}-ip/K{K}"] = {"note": BASELINES[f"{kind}-ip"].description,
+                                           **_sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
+            rows[f"trak/K{K}"] = _sweep_cell(bench, [phi], queries, num_bootstrap, default_lambda(phi))
+        square = bench.trak_sweep_inputs(bench.setting("square", K))
+        rows[f"d-trak/K{K}"] = ({"missing": _featurize_cmd("square", K)} if square is None else
+                                _sweep_cell(bench, *square, num_bootstrap, default_lambda(square[0][0])))
     return rows
 
 
@@ -438,9 +440,19 @@ def format_report(t: dict) -> str:
                   "; ".join(f"{s} {nc[s]['seed_vs_seed']:.1f} ± {nc[s]['seed_vs_seed_pm']:.1f} [{nc[s]['ceiling']:.1f}]"
                             for s in sets if s in nc), ""]
     if "methods" in t:
-        lines += ["## Methods (the poster's LDS table)", "", "| method | validation | generated |", "|---|---|---|"]
-        for name, cell in t["methods"].items():
-            lines.append(f"| {name} | {_fmt(cell, 'validation')} | {_fmt(cell, 'generated')} |")
+        Ks = sorted({int(k.split("/K")[1]) for k in t["methods"] if "/K" in k})
+        names = list(dict.fromkeys(k.split("/K")[0] for k in t["methods"]))
+        lines += ["## Methods (the poster's LDS table)", "",
+                  "| method | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
+                  "|---|" + "---|" * (len(sets) * len(Ks))]
+        for name in names:
+            if name in t["methods"]:  # no K: one number, in the first K column
+                label = name + (" (4 checkpoints, K=10, k=512)" if name in ("tracin", "gas") else "")
+                cells = [_fmt(t["methods"][name], s) if i == 0 else "" for s in sets for i in range(len(Ks))]
+            else:
+                label = name
+                cells = [_fmt(t["methods"].get(f"{name}/K{K}"), s) for s in sets for K in Ks]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     if "ablation" in t:
         Ks = sorted({int(k.split('/K')[1]) for k in t["ablation"]})

@@ -158,11 +158,13 @@ def test_tables_end_to_end(tiny_bench, tmp_path):
     mean = np.mean([TRAKScorer(m.train(s), lam=lam).scores(m.query("generated", setting)) for m in members], axis=0)
     assert t["ensembles"]["trak/S2"]["generated"]["paper"]["lds"] == pytest.approx(lds(mean, masks, F["generated"], 20)[0])
     # journey-trak: generated samples only; CLIP without weights: unavailable, never replaced
-    assert "generated" in t["methods"]["journey-trak"] and "validation" not in t["methods"]["journey-trak"]
+    assert "generated" in t["methods"]["journey-trak/K2"] and "validation" not in t["methods"]["journey-trak/K2"]
+    for name in ("gradient-dot", "gradient-cosine", "relative-ip", "renorm-ip", "trak", "d-trak"):
+        assert "validation" in t["methods"][f"{name}/K2"]
     assert "unavailable" in t["methods"]["clip-cosine"]
     assert "unavailable" in t["methods"]["tracin"]  # no checkpoints registered for the tiny model
     report = open(os.path.join(dest, bm.REPORT)).read()
-    assert "| d-trak/K2 |" in report and "| avg |" in report and "Missing cells" not in report
+    assert "| d-trak |" in report and "| avg |" in report and "| pixel-dot |" in report and "Missing cells" not in report
     # recomputing one table keeps the others
     t2 = bm.tables(run_dir, root, dest=dest, num_bootstrap=20, which=("ensembles",), **options)
     assert t2["ablation"] == bm.load_tables(os.path.join(dest, bm.TABLES))["ablation"]
