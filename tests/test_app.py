@@ -6,13 +6,13 @@ import json
 import os
 import re
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from dtrak_core import app_support as sup
+from dtrak_core.attribution import RULE
 from dtrak_core.features import FeatureSetting
 from dtrak_core.training import TrainConfig
 
@@ -275,7 +275,7 @@ def test_upload_validation(app, tmp_path):
     assert app.use_upload(None, True)[0] is not None  # nothing uploaded: no change, no error
 
 
-def test_counterfactual_live_cached_and_cancelled(app):
+def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
     cancelled = []
 
     class CancelAtFirstStep:  # a progress tracker that presses Cancel once training has started
@@ -286,32 +286,35 @@ def test_counterfactual_live_cached_and_cancelled(app):
     out = app.run_counterfactual(1001, 40, "square", "none", None, CancelAtFirstStep())
     assert cancelled and out[-1].startswith("Cancelled") and (1001, "square", 40) not in app._counterfactual_cache
 
-    t0 = time.perf_counter()
     before, after_a, after_b, rows, removed_a, removed_b, status = app.run_counterfactual(1001, 40, "square", "none", None)
-    took = time.perf_counter() - t0
     assert len(rows) == 1 and rows[0][:2] == ["D-TRAK (square)", 40] and rows[0][-1].endswith(" s")
     view = app._counterfactual_cache.get((1001, "square", 40))
     assert rows[0][2] == round(view.l2, 3)
     a = app.assets().attributor
     target = app.generate(a.unet, a.scheduler, [1001], steps=50)[0]
-    assert view.removed.tolist() == a.attribute(target, "square").proponents(40).tolist()  # exactly its top-40
+    # exactly its top-40 under the counterfactual's ranking (the data-free lambda rule)
+    assert view.removed.tolist() == a.attribute(target, "square", lam=RULE).proponents(40).tolist()
     assert "Seed 1001" in status and after_a.value is not None and removed_a.value is not None
     assert after_b.value is None  # no second ranking
-    t0 = time.perf_counter()
+    from dtrak_core import counterfactual
+
+    monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("cached: no retrain"))
     again = app.run_counterfactual(1001, 40, "square", "none", None)
-    assert time.perf_counter() - t0 < min(1.0, took / 2) and again[3] == rows  # cached
+    assert again[3] == rows
 
 
-def test_precomputed_examples_show_instantly(app):
+def test_precomputed_examples_show_instantly(app, monkeypatch):
     rows = app.example_targets(app.ASSETS)
     assert rows == [[EXAMPLE_SEED, EXAMPLE_K, "square", "random"]]
     first = app.first_example()
     assert first[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
     table = first[4 + 3]
     assert [r[-1] for r in table] == ["precomputed", "precomputed"]
-    t0 = time.perf_counter()
+    from dtrak_core import counterfactual
+
+    monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("precomputed: no retrain"))
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
-    assert time.perf_counter() - t0 < 1.0 and out[3] == table
+    assert out[3] == table
     shown = app.show_example(Select((0, 0), [EXAMPLE_SEED, EXAMPLE_K, "D-TRAK (square)", "random"]))
     assert shown[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
 
