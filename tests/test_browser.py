@@ -63,8 +63,8 @@ def server(tmp_path_factory):
                 urllib.request.urlopen(url, timeout=2)
                 break
             except OSError:
-                if time.perf_counter() - t0 > 120:
-                    pytest.fail(f"app.py did not answer within 120 s:\n{log.read_text()[-3000:]}")
+                if time.perf_counter() - t0 > 300:  # generous: a loaded 2-core machine imports slowly
+                    pytest.fail(f"app.py did not answer within 300 s:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         print(f"\napp.py answered after {time.perf_counter() - t0:.1f} s")
         yield url
