@@ -381,11 +381,14 @@ def tables(run_dir: str, root: str = "assets", dest: str | None = None, num_boot
         t0 = time.perf_counter()
         out[name] = builders[name](bench, num_bootstrap)
         out.setdefault("eval_seconds", {})[name] = time.perf_counter() - t0
+        out.setdefault("subsets_per_table", {})[name] = M
     if dest is not None:
         from .lds import _json_safe
 
         previous = load_tables(os.path.join(dest, TABLES)) or {}
         merged = {**{k: v for k, v in previous.items() if k in builders and k not in which}, **out}
+        merged["subsets_per_table"] = {**{k: v for k, v in previous.get("subsets_per_table", {}).items()
+                                          if k in merged and k not in which}, **out.get("subsets_per_table", {})}
         os.makedirs(dest, exist_ok=True)
         atomic_write_json(os.path.join(dest, TABLES), _json_safe(merged))
         with open(os.path.join(dest, REPORT) + ".tmp", "w") as f:
@@ -405,6 +408,16 @@ def load_tables(path: str) -> dict | None:
 
 
 # -- the report ------------------------------------------------------------------------------------
+METHOD_ORDER = ("pixel-dot", "pixel-cosine", "clip-dot", "clip-cosine", "tracin", "gas", "gradient-dot",
+                "gradient-cosine", "journey-trak", "relative-ip", "renorm-ip", "trak", "d-trak")  # the poster's rows
+
+
+def _ordered(names, order) -> list:
+    """names in `order` first (JSON files store keys sorted), then any others as they come."""
+    names = list(dict.fromkeys(names))
+    return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
 def _fmt(cell: dict | None, set_name: str) -> str:
     """'honest +- pm (paper)' for swept cells, 'lds +- pm' for fixed ones, or why it is empty."""
     if cell is None:
@@ -433,6 +446,10 @@ def format_report(t: dict) -> str:
               "Cells read `honest ± pm (paper)`: *honest* = lambda chosen by 2-fold cross-fitting over test "
               "samples (never on the samples it is reported on); *(paper)* = lambda best on the reported samples "
               "themselves, as the paper chose it (optimistic). Methods without a lambda show one number.", ""]
+    per = {k: v for k, v in t.get("subsets_per_table", {}).items() if v != t["subsets_done"]}
+    if per:
+        lines += ["Computed with fewer subsets (rerun `python -m dtrak_core lds tables`): " +
+                  ", ".join(f"{k} at M = {v}" for k, v in per.items()), ""]
     if t.get("noise_ceiling"):
         nc = t["noise_ceiling"]
         lines += ["Noise ceiling (how well one training seed's ground truth predicts the other's; the best LDS "
@@ -441,7 +458,7 @@ def format_report(t: dict) -> str:
                             for s in sets if s in nc), ""]
     if "methods" in t:
         Ks = sorted({int(k.split("/K")[1]) for k in t["methods"] if "/K" in k})
-        names = list(dict.fromkeys(k.split("/K")[0] for k in t["methods"]))
+        names = _ordered((k.split("/K")[0] for k in t["methods"]), METHOD_ORDER)
         lines += ["## Methods (the poster's LDS table)", "",
                   "| method | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
                   "|---|" + "---|" * (len(sets) * len(Ks))]
@@ -456,7 +473,7 @@ def format_report(t: dict) -> str:
         lines.append("")
     if "ablation" in t:
         Ks = sorted({int(k.split('/K')[1]) for k in t["ablation"]})
-        fns = list(dict.fromkeys(k.split("/K")[0] for k in t["ablation"]))
+        fns = _ordered((k.split("/K")[0] for k in t["ablation"]), ABLATION_OUTPUT_FNS)
         lines += ["## Output function x K (the poster's ablation)", "",
                   "| output function | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
                   "|---|" + "---|" * (len(sets) * len(Ks))]
