@@ -64,11 +64,12 @@ def cmd_attribute(args):
         query = {"seed": args.seed}
     result = attributor.attribute(image, args.method, K=args.K)
     seconds = time.perf_counter() - t0
-    table = {**query, **result.table(args.top), "seconds": round(seconds, 3)}
+    lam = attributor.scorer(args.method, args.K).lam
+    table = {**query, **result.table(args.top), "lambda": lam, "seconds": round(seconds, 3)}
     if args.json:
         print(json.dumps(table, indent=2))
         return
-    print(f"{result.method} attribution for {query} ({seconds:.2f} s)")
+    print(f"{result.method} attribution for {query}, lambda {lam:.4g} ({seconds:.2f} s)")
     for kind in ("proponents", "opponents"):
         print(f"\n{kind}:\n  rank  train-index  label      score")
         for r, row in enumerate(table[kind], 1):
