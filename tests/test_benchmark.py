@@ -19,12 +19,7 @@ from dtrak_core.training import TrainConfig, train
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bootstrap_rank_corr_equals_resampled_arrays():

@@ -12,13 +12,7 @@ from dtrak_core.training import TrainConfig
 TINY = TrainConfig(steps=12, batch_size=16, block_out_channels=(4, 8))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads can be 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _probe():
