@@ -28,17 +28,11 @@ SETTING = FeatureSetting("loss", K=2, k=16)
 TRACIN = FeatureSetting("loss", K=2, k=8, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and 2 threads on a busy 2-core machine stall in OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory, digits, scheduler):
+def case(one_thread, tmp_path_factory, digits, scheduler):
     root = str(tmp_path_factory.mktemp("assets"))
     train_set = digits.subset(range(10))
     unet = train(train_set.images, scheduler, CONFIG, show_bar=False)
