@@ -310,10 +310,10 @@ class CounterfactualView:
     source: str  # 'live' or 'precomputed'
 
     @classmethod
-    def from_result(cls, r) -> "CounterfactualView":
+    def from_result(cls, r, live: bool = True) -> "CounterfactualView":
         return cls(r.seed, r.ranking, r.k, to_pil(r.before, QUERY_SCALE), to_pil(r.after, QUERY_SCALE),
                    np.asarray(r.removed_indices), r.l2, r.label_before, r.confidence_before, r.label_after,
-                   r.confidence_after, r.train_seconds, "live")
+                   r.confidence_after, r.train_seconds if live else None, "live" if live else "precomputed")
 
     @classmethod
     def from_gallery(cls, e: dict) -> "CounterfactualView":
@@ -334,14 +334,36 @@ def precomputed(root: str) -> dict:
     return {(v.seed, v.ranking, v.k): v for v in map(CounterfactualView.from_gallery, sup.counterfactual_gallery(root))}
 
 
+@lru_cache(maxsize=None)
+def committed(root: str) -> dict:
+    """(seed, ranking, k) -> job file of the counterfactual harness's finished jobs under the assets
+    that a live retrain here would reproduce (same model, recipe and stores); {} otherwise."""
+    try:
+        cf = _counterfactual()
+        return cf.committed_results(load_assets(root).attributor, os.path.join(root, "counterfactual", "jobs"),
+                                    cf.train_config_from_manifest(root))
+    except (gr.Error, ValueError, OSError):
+        return {}
+
+
+def stored_view(root: str, key: tuple) -> CounterfactualView | None:
+    """A finished result for (seed, ranking, k) without retraining: the gallery's, else the harness's."""
+    view = precomputed(root).get(key)
+    if view is None and key in committed(root):
+        view = CounterfactualView.from_result(_counterfactual().load_job(committed(root)[key]), live=False)
+    return view
+
+
 def example_targets(root: str) -> list[list]:
-    """Rows for the examples table: one per (seed, k) with its rankings (D-TRAK first)."""
+    """Rows for the examples table: one per precomputed (seed, k) with its rankings (D-TRAK first);
+    the gallery's first, then every other target the harness finished."""
     groups = {}
-    for seed, ranking, k in precomputed(root):
-        groups.setdefault((seed, k), []).append(ranking)
+    for seed, ranking, k in [*precomputed(root), *committed(root)]:
+        groups.setdefault((seed, k), set()).add(ranking)
     order = {"square": 0, "loss": 1, "random": 9}
+    gallery = {(seed, k) for seed, _, k in precomputed(root)}
     return [[seed, k, *(sorted(r, key=lambda n: order.get(n, 5)) + [NO_RANKING])[:2]]
-            for (seed, k), r in sorted(groups.items())]
+            for (seed, k), r in sorted(groups.items(), key=lambda g: (g[0] not in gallery, g[0][0], -g[0][1]))]
 
 
 def _session(request: gr.Request | None) -> str:
@@ -382,7 +404,7 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
     views = []
     for j, ranking in enumerate(rankings):
         key = (seed, ranking, k)
-        view = _counterfactual_cache.get(key) or precomputed(a.root).get(key)
+        view = _counterfactual_cache.get(key) or stored_view(a.root, key)
         if view is None:
             label = f"{sup.method_label(ranking)} ({j + 1}/{len(rankings)})"
             try:
@@ -404,8 +426,7 @@ def show_example(evt: gr.SelectData):
     seed, k, label_a, label_b = evt.row_value
     names = {sup.method_label(n): n for n in [*assets().methods, "random", NO_RANKING]}
     seed, k, ranking_a, ranking_b = int(seed), int(k), names.get(label_a, label_a), names.get(label_b, label_b)
-    table = precomputed(ASSETS)
-    views = [table[(seed, r, k)] for r in (ranking_a, ranking_b) if (seed, r, k) in table]
+    views = [v for v in (stored_view(ASSETS, (seed, r, k)) for r in (ranking_a, ranking_b)) if v is not None]
     return (seed, k, ranking_a, ranking_b,
             *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed."))
 
@@ -416,8 +437,7 @@ def first_example():
     if not rows:
         return (*[gr.update()] * 11,)
     seed, k, ranking_a, ranking_b = rows[0]
-    table = precomputed(ASSETS)
-    views = [table[(seed, r, k)] for r in (ranking_a, ranking_b) if (seed, r, k) in table]
+    views = [v for v in (stored_view(ASSETS, (seed, r, k)) for r in (ranking_a, ranking_b)) if v is not None]
     return (seed, k, ranking_a, ranking_b,
             *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed. "
                                            "Pick a sample or a seed and press **Remove and retrain** for your own."))

@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
@@ -325,20 +326,28 @@ def _identity(attributor, config: TrainConfig, rankings: list[str]) -> dict:
             "random_ranking_seed": RANDOM_RANKING_SEED, "stores": settings}
 
 
+def _identity_mismatch(have: dict, want: dict) -> str | None:
+    """Why results recorded under identity `have` are not what `want` describes, or None when they
+    are (`have` may hold more rankings than `want`)."""
+    for key, value in want.items():
+        if key == "stores":
+            for name, store in value.items():
+                if have.get("stores", {}).get(name, store) != store:
+                    return f"ranking {name!r} was computed from store {have['stores'][name]!r}, not {store!r}"
+        elif have.get(key) != value:
+            return f"results were computed with {key}={have.get(key)!r}, not {value!r}"
+    return None
+
+
 def _check_identity(path: str, identity: dict) -> None:
     """Write identity.json, or check the existing one (new rankings may be added)."""
     if os.path.isfile(path):
         with open(path) as f:
             have = json.load(f)
-        for key, value in identity.items():
-            if key == "stores":
-                for name, store in value.items():
-                    if have["stores"].setdefault(name, store) != store:
-                        raise ValueError(f"{path}: ranking {name!r} was computed from store {have['stores'][name]!r}, "
-                                         f"not {store!r}; use another output folder")
-            elif have.get(key) != value:
-                raise ValueError(f"{path}: results were computed with {key}={have.get(key)!r}, not {value!r}; "
-                                 f"use another output folder")
+        why = _identity_mismatch(have, identity)
+        if why is not None:
+            raise ValueError(f"{path}: {why}; use another output folder")
+        have["stores"] = {**identity["stores"], **have.get("stores", {})}
         identity = have
     atomic_write_json(path, identity)
 
@@ -407,13 +416,43 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
     return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar)
 
 
-def load_precomputed(seed: int, ranking: str, k, out_dir: str = os.path.join(ASSETS, "counterfactual", "jobs"),
-                     n_train: int = 1500) -> CounterfactualResult | None:
-    """The harness's result for (seed, ranking, k) if it was run and committed, else None (for the app:
-    show a finished result instantly instead of retraining)."""
-    path = os.path.join(out_dir, f"{job_id(ranking, parse_k(k, n_train), int(seed))}.npz")
-    if not os.path.isfile(path):
-        return None
+def committed_results(attributor, out_dir: str = os.path.join(ASSETS, "counterfactual", "jobs"),
+                      config: TrainConfig | None = None) -> dict[tuple[int, str, int], str]:
+    """(seed, ranking, k) -> job file, for every finished harness job in out_dir that a live
+    `remove_and_retrain(attributor, seed, ranking, k, config)` would reproduce: same model, data,
+    recipe, sampler and ranking store. {} when out_dir has no jobs or they were made for anything
+    else (e.g. the model was rebuilt since), so a stale result is never shown as this model's."""
+    try:
+        with open(os.path.join(out_dir, "identity.json")) as f:
+            have = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    config = _default_config(attributor) if config is None else config
+    if _identity_mismatch(have, _identity(attributor, config, [])) is not None:
+        return {}
+    rankings = {RANDOM}
+    for name, store in have.get("stores", {}).items():
+        try:
+            if attributor.setting(name)[0].slug == store:
+                rankings.add(name)
+        except ValueError:  # no store for this ranking here
+            pass
+    found = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.npz"))):
+        if os.path.basename(path) == f"{CONTROL_ID}.npz":
+            continue
+        try:
+            with np.load(path) as z:
+                key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # unreadable or not a job
+            continue
+        if key[1] in rankings:
+            found[key] = path
+    return found
+
+
+def load_job(path: str) -> CounterfactualResult:
+    """One finished harness job as a `CounterfactualResult` (what `remove_and_retrain` returns)."""
     z = load_result(path)
     clip = float(z["clip_cosine"])
     return CounterfactualResult(seed=int(z["seed"]), ranking=str(z["ranking"]), k=int(z["k"]),
@@ -423,6 +462,17 @@ def load_precomputed(seed: int, ranking: str, k, out_dir: str = os.path.join(ASS
                                 confidence_after=float(z["confidence_after"]),
                                 clip_cosine=None if np.isnan(clip) else clip, clip_status=str(z["clip_status"]),
                                 train_seconds=float(z["train_seconds"]))
+
+
+def load_precomputed(attributor, seed: int, ranking: str, k,
+                     out_dir: str = os.path.join(ASSETS, "counterfactual", "jobs"),
+                     config: TrainConfig | None = None) -> CounterfactualResult | None:
+    """The harness's committed result for (seed, ranking, k) if it matches what a live
+    `remove_and_retrain` would compute (see `committed_results`), else None: lets the app show a
+    finished result instantly instead of retraining."""
+    key = (int(seed), ranking_name(ranking), parse_k(k, len(attributor.train)))
+    path = committed_results(attributor, out_dir, config).get(key)
+    return None if path is None else load_job(path)
 
 
 # -- reporting ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dtrak_core.training import TrainConfig
 TINY_TRAIN = TrainConfig(steps=250, batch_size=16, block_out_channels=(4, 8))
 TINY_SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
 EXAMPLE_SEED, EXAMPLE_K = 1000, 30
+EXAMPLE_TRAIN = TrainConfig(steps=5, batch_size=16, block_out_channels=(4, 8))  # the gallery's retrains
 
 
 class one_thread:
@@ -56,7 +57,7 @@ def _build_tiny_assets(root: str, gallery: str) -> None:
     attributor = Attributor.load(root)
     runs = os.path.join(root, "counterfactual", "runs")
     cf.run_counterfactual(attributor, runs, seeds=[EXAMPLE_SEED], rankings=("d-trak", "random"), ks=(EXAMPLE_K,),
-                          config=TrainConfig(steps=5, batch_size=16, block_out_channels=(4, 8)), control=False,
+                          config=EXAMPLE_TRAIN, control=False,
                           show_bar=False)
     cf.write_gallery(runs, os.path.dirname(gallery), attributor.train)
 
@@ -317,6 +318,35 @@ def test_precomputed_examples_show_instantly(app, monkeypatch):
     assert out[3] == table
     shown = app.show_example(Select((0, 0), [EXAMPLE_SEED, EXAMPLE_K, "D-TRAK (square)", "random"]))
     assert shown[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
+
+
+def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path, monkeypatch):
+    """Finished `counterfactual` jobs under assets/counterfactual/jobs are served instantly, but only
+    when a live retrain here would reproduce them (same recipe, model, stores)."""
+    import shutil
+
+    from dtrak_core import counterfactual
+
+    root = str(tmp_path / "assets")
+    shutil.copytree(tiny_root, root)
+    shutil.rmtree(os.path.join(root, "counterfactual", "gallery"))
+    os.rename(os.path.join(root, "counterfactual", "runs"), os.path.join(root, "counterfactual", "jobs"))
+    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("committed: no retrain"))
+    assert app.committed(root) == {}  # the jobs used another recipe than the model's manifest: never shown
+    assert app.example_targets(root) == []
+
+    manifest_path = os.path.join(root, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["train_config"] = EXAMPLE_TRAIN.to_dict()
+    json.dump(manifest, open(manifest_path, "w"))
+    app.committed.cache_clear()
+    assert sorted(app.committed(root)) == [(EXAMPLE_SEED, "random", EXAMPLE_K), (EXAMPLE_SEED, "square", EXAMPLE_K)]
+    assert app.example_targets(root) == [[EXAMPLE_SEED, EXAMPLE_K, "square", "random"]]
+    out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
+    job = counterfactual.load_job(os.path.join(root, "counterfactual", "jobs", f"d-trak-k{EXAMPLE_K}-seed{EXAMPLE_SEED}.npz"))
+    assert [r[-1] for r in out[3]] == ["precomputed", "precomputed"] and out[3][0][2] == round(job.l2, 3)
+    app.committed.cache_clear()
 
 
 def test_benchmarks_tab_renders(app, tmp_path):

@@ -11,7 +11,7 @@ from dtrak_core import counterfactual as cf
 from dtrak_core.attribution import Attributor
 from dtrak_core.features import Featurizer, FeatureSetting
 from dtrak_core.model import build_scheduler, checkpoint_hash
-from dtrak_core.store import FeatureStore
+from dtrak_core.store import FeatureStore, atomic_write_json
 from dtrak_core.training import Cancelled, TrainConfig, train
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8), seed=3)
@@ -171,10 +171,22 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
     assert "median L2" in table and "(n=2)" in table
 
     live = cf.remove_and_retrain(attributor, 41, "trak", 8, config=TINY)
-    stored = cf.load_precomputed(41, "trak", "12.5%", out_dir=out, n_train=N)
+    stored = cf.load_precomputed(attributor, 41, "trak", "12.5%", out_dir=out, config=TINY)
     assert torch.equal(live.after, stored.after) and live.removed_indices.tolist() == stored.removed_indices.tolist()
     assert stored.l2 == live.l2 and stored.label_after == live.label_after
-    assert cf.load_precomputed(41, "trak", 3, out_dir=out, n_train=N) is None
+    assert cf.load_precomputed(attributor, 41, "trak", 3, out_dir=out, config=TINY) is None  # not run
+    committed = cf.committed_results(attributor, out, TINY)
+    assert sorted(committed) == sorted((s, r, k) for s in seeds for r in ("square", "loss", "random") for k in (16, 8))
+    # results of another recipe are never passed off as this one's
+    other = TrainConfig(steps=7, batch_size=16, block_out_channels=(4, 8), seed=3)
+    assert cf.committed_results(attributor, out, other) == {}
+    assert cf.load_precomputed(attributor, 41, "trak", 8, out_dir=out, config=other) is None
+    assert cf.committed_results(attributor, str(tmp_path / "nothing"), TINY) == {}
+    # nor a ranking computed from another store
+    ident = json.load(open(os.path.join(out, "identity.json")))
+    ident["stores"]["loss"] = "loss-K99-other"
+    atomic_write_json(os.path.join(out, "identity.json"), ident)
+    assert {r for _, r, _ in cf.committed_results(attributor, out, TINY)} == {"square", "random"}
 
     index = cf.write_gallery(out, str(tmp_path / "gallery"), attributor.train, n_targets=2)
     assert index["k"] == 16 and index["seeds"] == seeds and len(index["entries"]) == 6
