@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from .model import build_unet
+from .store import atomic_write_bytes
 from .training import Cancelled, TrainConfig, batch_stream, train
 
 
@@ -123,15 +124,18 @@ def save_result(path: str, **arrays) -> None:
     """Atomically write a .npz of the given arrays."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_result(path: str) -> dict:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    """The arrays of a result written by `save_result`; a ValueError naming the file when it is
+    damaged (results are written atomically, so a killed run never leaves one)."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable result file ({e}); delete it and rerun the same command "
+                         f"to recompute that job") from None
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -26,8 +26,10 @@ FEATURES = "features.npy"
 DONE = "done.npy"
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a file so that a killed process leaves either the old file or the new one, never a
+    part (the temporary name ends in .tmp, which git ignores)."""
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,7 +43,7 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
@@ -49,7 +51,7 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
 
     buf = io.BytesIO()
     np.save(buf, array)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _sha256_file(path: str) -> str:

@@ -94,3 +94,12 @@ def test_parse_shard_and_save_result(tmp_path):
     path = str(tmp_path / "r.npz")
     save_result(path, a=np.arange(3))
     assert load_result(path)["a"].tolist() == [0, 1, 2]
+    assert os.listdir(tmp_path) == ["r.npz"]  # no temporary file left behind
+
+    # a damaged result (cut short by a disk fault, a bad copy) is named, with what to do
+    data = open(path, "rb").read()
+    for damaged in (data[: len(data) // 2], b"", b"version https://git-lfs.github.com/spec/v1\n"):
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(ValueError, match="r.npz is not a readable result file.*delete it"):
+            load_result(path)
