@@ -67,3 +67,28 @@ def test_default_checkpoint_rebuilds_bit_identical():
     finally:
         torch.set_num_threads(threads)
     assert checkpoint_hash(unet) == manifest["checkpoint_hash"]
+
+
+def test_committed_counterfactual_results_belong_to_this_model(attributor):
+    """The committed remove-and-retrain jobs were made with this model, recipe and stores (so the app
+    may serve them), their rankings are reproduced by the committed stores, and summary.json is
+    what they summarize to."""
+    from dtrak_core import counterfactual as cf
+
+    folder = os.path.join(ASSETS, "counterfactual")
+    if not os.path.isfile(os.path.join(folder, "summary.json")):
+        pytest.skip("no committed counterfactual results")
+    jobs = os.path.join(folder, "jobs")
+    found = cf.committed_results(attributor, jobs, cf.train_config_from_manifest(ASSETS))
+    assert len(found) == len([f for f in os.listdir(jobs) if f.endswith(".npz") and f != f"{cf.CONTROL_ID}.npz"])
+    seed, k = cf.TARGET_SEED_START, 300
+    job = cf.load_job(found[(seed, "square", k)])
+    before = cf.sample(attributor.unet, attributor.scheduler, seed)
+    assert torch.allclose(before, job.before, atol=1e-4)
+    removed = cf.removal(attributor, before, seed, "square", k)
+    assert len(set(removed.tolist()) & set(job.removed_indices.tolist())) >= 0.98 * k  # float ties at the cut
+    with open(os.path.join(folder, "summary.json")) as f:
+        committed = json.load(f)
+    fresh = json.loads(json.dumps(cf.summarize(jobs, attributor.train.labels.numpy())))
+    assert [(c["ranking"], c["k"], c["l2"]) for c in fresh["cells"]] == \
+        [(c["ranking"], c["k"], c["l2"]) for c in committed["cells"]]
