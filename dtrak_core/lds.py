@@ -640,10 +640,12 @@ def _json_safe(obj):
 
 
 def load_ground_truth(path: str) -> dict:
-    """Read lds_ground_truth.npz: masks (M, N) bool and F[set] (M, Q) (mean over training seeds)."""
+    """Read lds_ground_truth.npz: masks (M, N) bool, F[set] (M, Q) (mean over training seeds),
+    F_seeds[set] (S, M, Q) and generated_images (Q, C, H, W), the generated test set (the validation
+    set is `data.load_digits("validation")`)."""
     r = load_result(path)
     out = {"subsets": r["subsets"], "masks": np.unpackbits(r["masks_packed"], axis=1, count=int(r["num_train"])).astype(bool),
-           "F": {}, "F_seeds": {}}
+           "F": {}, "F_seeds": {}, "generated_images": r.get("generated_images")}
     for key, value in r.items():
         if key.startswith("F_seeds_"):
             out["F_seeds"][key[8:]] = value

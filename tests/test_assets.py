@@ -92,3 +92,26 @@ def test_committed_counterfactual_results_belong_to_this_model(attributor):
     fresh = json.loads(json.dumps(cf.summarize(jobs, attributor.train.labels.numpy())))
     assert [(c["ranking"], c["k"], c["l2"]) for c in fresh["cells"]] == \
         [(c["ranking"], c["k"], c["l2"]) for c in committed["cells"]]
+
+
+def test_committed_lds_tables_recompute_from_the_ground_truth(attributor):
+    """Anyone can score a method against the committed ground truth without retraining: raw-pixel
+    cosine and the noise ceiling recomputed from lds_ground_truth.npz equal tables.json."""
+    from dtrak_core.data import load_digits
+    from dtrak_core.lds import load_ground_truth, lds, noise_ceiling
+
+    bench = os.path.join(ASSETS, "benchmarks")
+    if not os.path.isfile(os.path.join(bench, "tables.json")):
+        pytest.skip("no committed LDS tables")
+    gt = load_ground_truth(os.path.join(bench, "lds_ground_truth.npz"))
+    with open(os.path.join(bench, "tables.json")) as f:
+        tables = json.load(f)
+    train = attributor.train.images.flatten(1).double().numpy()
+    queries = {"validation": load_digits("validation").images.flatten(1).double().numpy(),
+               "generated": gt["generated_images"].reshape(len(gt["generated_images"]), -1).astype(np.float64)}
+    for name, q in queries.items():
+        cosine = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (train / np.linalg.norm(train, axis=1, keepdims=True)).T
+        value, pm = lds(cosine, gt["masks"], gt["F"][name])
+        assert value == pytest.approx(tables["methods"]["pixel-cosine"][name]["lds"], abs=1e-6)
+        ceiling = noise_ceiling(gt["F_seeds"][name])
+        assert ceiling["seed_vs_seed"] == pytest.approx(tables["noise_ceiling"][name]["seed_vs_seed"], abs=1e-6)
