@@ -526,15 +526,25 @@ def lds_chart(rows: list[dict]) -> go.Figure:
     return fig
 
 
-def counterfactual_chart(rows: list[dict]) -> go.Figure:
+def counterfactual_chart(summary: dict) -> go.Figure:
+    """Per removal size and ranking, the distribution of before/after pixel L2 over the targets: a
+    box (median, quartiles) with every target as a point."""
     fig = go.Figure()
-    for k in sorted({r["removed"] for r in rows}, reverse=True):
-        sub = [r for r in rows if r["removed"] == k]
-        fig.add_bar(x=[r["ranking"] for r in sub], y=[r["median L2"] for r in sub], name=f"{k} removed",
-                    error_y=dict(type="data", symmetric=False, array=[r["p75"] - r["median L2"] for r in sub],
-                                 arrayminus=[r["median L2"] - r["p25"] for r in sub]))
-    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), barmode="group",
-                      yaxis_title="median pixel L2, before vs after (p25-p75)",
+    cells = summary.get("cells", [])
+    for k in sorted({c["k"] for c in cells}, reverse=True):
+        x, y, text = [], [], []
+        for c in (c for c in cells if c["k"] == k):
+            for t in c.get("per_target", []):
+                x.append(c.get("method", c["ranking"]))
+                y.append(t["l2"])
+                text.append(f"seed {t['seed']}: label {t['label_before']} -> {t['label_after']}")
+        fig.add_box(x=x, y=y, text=text, name=f"{k} removed", boxpoints="all", jitter=0.4, pointpos=0,
+                    marker=dict(size=4), hovertemplate="%{text}<br>L2 %{y:.2f}<extra></extra>")
+    methods = list(dict.fromkeys(c.get("method", c["ranking"]) for c in cells))
+    order = {"Random": 0, "TRAK": 1, "D-TRAK": 3}  # as in the paper's table; other rankings in between
+    fig.update_xaxes(categoryorder="array", categoryarray=sorted(methods, key=lambda m: order.get(m, 2)))
+    fig.update_layout(template="plotly_white", height=340, margin=dict(l=10, r=10, t=40, b=10), boxmode="group",
+                      yaxis_title="pixel L2, before vs after (one point per target)",
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
     return fig
 
@@ -573,9 +583,8 @@ def benchmarks_blocks(root: str) -> None:
         report = _read_text(os.path.join(cf_dir, "results.md"))
         if report:
             gr.Markdown(report)
-        rows = sup.counterfactual_rows(cf_summary["data"])
-        if rows:
-            gr.Plot(counterfactual_chart(rows), show_label=False)
+        if cf_summary["data"].get("cells"):
+            gr.Plot(counterfactual_chart(cf_summary["data"]), show_label=False)
     for item in items.values():  # any other benchmark file, as generic tables
         shown = True
         with gr.Accordion(item["name"], open=False):

@@ -259,14 +259,3 @@ def table_rows(table: dict) -> list[dict]:
             rows.append({"method": name, "test set": test_set, "LDS (honest lambda)": round(float(value["lds"]), 2),
                          "+- (honest)": round(float(value["pm"]), 2)})
     return rows
-
-
-def counterfactual_rows(summary: dict) -> list[dict]:
-    """One row per (k, ranking) of `counterfactual.summarize`'s summary.json."""
-    rows = []
-    for cell in summary.get("cells", []):
-        l2 = cell["l2"]
-        rows.append({"removed": cell["k"], "ranking": cell.get("method", cell["ranking"]),
-                     "median L2": round(l2["median"], 3), "p25": round(l2["p25"], 3), "p75": round(l2["p75"], 3),
-                     "targets": l2["n"], "label changed": f"{100 * cell['label_changed']:.0f}%"})
-    return rows

@@ -368,7 +368,9 @@ def test_benchmarks_tab_renders(app, tmp_path):
     (tmp_path / "benchmarks" / "README.md").write_text("protocol notes")
     (tmp_path / "counterfactual" / "summary.json").write_text(json.dumps({"cells": [
         {"k": 300, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
-         "l2": {"median": 2.0, "p25": 1.5, "p75": 2.5, "n": 4}}]}))
+         "l2": {"median": 2.0, "p25": 1.5, "p75": 2.5, "n": 2},
+         "per_target": [{"seed": 1000, "l2": 1.5, "label_before": 3, "label_after": 3},
+                        {"seed": 1001, "l2": 2.5, "label_before": 4, "label_after": 9}]}]}))
     (tmp_path / "counterfactual" / "results.md").write_text("| removed k | D-TRAK |")
     (tmp_path / "benchmarks" / "tables.json").write_text(json.dumps(
         {"methods": {"d-trak/K100": {"validation": study, "generated": study}, "pixel-cosine": {
@@ -397,7 +399,16 @@ def test_benchmark_rows():
     assert rows == [{"method": "TRAK (loss)", "test set": "validation", "LDS (paper lambda)": 30.0, "+- (paper)": 1.0,
                      "LDS (honest lambda)": 28.04, "+- (honest)": 1.5, "LDS (default lambda)": 25.0,
                      "+- (default)": 1.2}]
-    cells = {"cells": [{"k": 75, "ranking": "random", "method": "Random", "label_changed": 0.25,
-                        "l2": {"median": 1.0, "p25": 0.5, "p75": 1.5, "n": 8}}]}
-    assert sup.counterfactual_rows(cells) == [{"removed": 75, "ranking": "Random", "median L2": 1.0, "p25": 0.5,
-                                               "p75": 1.5, "targets": 8, "label changed": "25%"}]
+
+
+def test_counterfactual_chart_shows_every_target(app):
+    cell = lambda k, method, l2s: {"k": k, "ranking": method.lower(), "method": method, "per_target": [
+        {"seed": 1000 + i, "l2": v, "label_before": 1, "label_after": 1 + (v > 2)} for i, v in enumerate(l2s)]}
+    fig = app.counterfactual_chart({"cells": [cell(75, "Random", [0.5, 1.0]), cell(300, "Random", [1.0, 1.5]),
+                                              cell(300, "D-TRAK", [2.0, 3.0, 2.5])]})
+    boxes = {t.name: t for t in fig.data}
+    assert list(boxes) == ["300 removed", "75 removed"] and all(t.boxpoints == "all" for t in fig.data)
+    assert list(boxes["300 removed"].x) == ["Random", "Random", "D-TRAK", "D-TRAK", "D-TRAK"]
+    assert list(boxes["300 removed"].y) == [1.0, 1.5, 2.0, 3.0, 2.5] and list(boxes["75 removed"].y) == [0.5, 1.0]
+    assert boxes["300 removed"].text[3] == "seed 1001: label 1 -> 2"
+    assert list(fig.layout.xaxis.categoryarray) == ["Random", "D-TRAK"]  # the paper's column order
