@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from .data import Dataset, load_digits
+from .data import Dataset, load_dataset
 from .features import Featurizer, FeatureSetting
 from .model import checkpoint_hash, load_checkpoint
 from .output_functions import canonical_name
@@ -72,9 +72,10 @@ class Attributor:
         with open(manifest_path) as f:
             manifest = json.load(f)
         unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
-        train = load_digits("train") if manifest["dataset"] == "digits-train" else None
-        if train is None:
-            raise ValueError(f"unknown dataset {manifest['dataset']!r} in {manifest_path}")
+        try:
+            train = load_dataset(manifest["dataset"])
+        except ValueError as e:
+            raise ValueError(f"{manifest_path}: {e}") from None
         stores = [FeatureStore.open(os.path.join(root, p)) for p in manifest["stores"]]
         tuned = {slug: float(v["lambda"]) for slug, v in manifest.get("tuned_lambda", {}).items()}
         return cls(unet, scheduler, train, stores, tuned_lambdas=tuned)

@@ -18,9 +18,10 @@ import time
 import torch
 
 from .attribution import MANIFEST
-from .data import load_digits
+from .data import load_dataset, load_digits
 from .features import Featurizer, FeatureSetting
-from .model import build_scheduler, checkpoint_hash, count_parameters, load_checkpoint, save_checkpoint
+from .model import (build_scheduler, checkpoint_hash, count_parameters, load_checkpoint, resolve_model,
+                    save_checkpoint)
 from .quality import sample_quality
 from .sampling import generate
 from .store import FeatureStore, atomic_write_json
@@ -64,7 +65,7 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
 
 def build_store(root: str, unet, scheduler, setting: FeatureSetting, show_bar: bool = True) -> dict:
     """Fill (or finish) the store for `setting` and register it in the manifest."""
-    train_set = load_digits("train")
+    train_set = load_dataset(read_manifest(root).get("dataset", "digits-train"))
     rel = os.path.join("stores", setting.slug)
     identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
     store = FeatureStore.create(os.path.join(root, rel), identity, len(train_set), setting.k)
@@ -99,3 +100,39 @@ def build_default(root: str = "assets", config: TrainConfig = DEFAULT_TRAIN_CONF
                      "torch": torch.__version__, "threads": BUILD_THREADS})
     atomic_write_json(os.path.join(root, MANIFEST), manifest)
     return manifest
+
+
+def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, invert: bool = False,
+               show_bar: bool = True) -> dict:
+    """A model folder for your own model and training images: feature stores under `root`, the
+    model and the images referenced where they are (nothing is copied or downloaded).
+
+    model: a folder with unet/ + scheduler/ (a saved diffusers DDPM/DDIM pipeline, or a dtrak
+        checkpoint) or a Hugging Face repo id already in the local cache.
+    data: the folder of images the model was trained on (labels from class sub-folders, if any),
+        resized to the model's resolution and channels; `invert` for dark-on-light images.
+    Resumable: run it again to finish stores; a root built for another model or data is refused.
+    """
+    folder = resolve_model(model)
+    unet, scheduler = load_checkpoint(folder)
+    cfg = unet.config
+    spec = {"folder": os.path.abspath(data), "resolution": int(cfg.sample_size), "channels": int(cfg.in_channels),
+            "invert": bool(invert)}
+    train_set = load_dataset(spec)
+    identity = {"checkpoint": folder, "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
+                "dataset_fingerprint": train_set.fingerprint}
+    manifest = read_manifest(root)
+    if manifest:
+        have = {key: manifest.get(key) for key in identity}
+        for key in ("checkpoint_hash", "dataset_fingerprint"):
+            if have[key] != identity[key]:
+                raise ValueError(f"{os.path.join(root, MANIFEST)} was built for another {key.split('_')[0]} "
+                                 f"({key} {have[key]!r}, not {identity[key]!r}); use another --root")
+    os.makedirs(root, exist_ok=True)
+    atomic_write_json(os.path.join(root, MANIFEST), {**manifest, **identity, "stores": manifest.get("stores", []),
+                                                     "model_source": model, "parameters": count_parameters(unet),
+                                                     "num_train": len(train_set)})
+    for setting in settings:
+        build_store(root, unet, scheduler, setting, show_bar)
+    return read_manifest(root)
+

@@ -23,6 +23,17 @@ def cmd_build_default(args):
     print(json.dumps({k: manifest[k] for k in ("parameters", "train_seconds", "featurize_seconds", "quality")}, indent=2))
 
 
+def cmd_build(args):
+    from .build import build_from
+    from .features import FeatureSetting
+
+    settings = [FeatureSetting(fn, K=args.K, projector=args.projector, k=args.k) for fn in args.output_fn]
+    manifest = build_from(args.root, args.model, args.data, settings, invert=args.invert)
+    print(json.dumps({k: manifest.get(k) for k in ("checkpoint", "dataset", "num_train", "parameters", "stores",
+                                                    "featurize_seconds")}, indent=2))
+    print(f"attribute with: python -m dtrak_core attribute --root {args.root} --image FILE --method d-trak")
+
+
 def cmd_generate(args):
     from .images import grid, save_png, to_pil
     from .model import load_checkpoint
@@ -236,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the committed recipe)")
     p.set_defaults(func=cmd_build_default)
+
+    p = sub.add_parser("build", help="feature stores for your own diffusers model and training images")
+    p.add_argument("--root", required=True, help="folder to write (manifest + stores); the model and images stay where they are")
+    p.add_argument("--model", required=True,
+                   help="folder with unet/ + scheduler/ (a saved DDPM/DDIM pipeline), or a repo id in the local Hugging Face cache")
+    p.add_argument("--data", required=True, help="folder of the training images (class sub-folders give labels)")
+    p.add_argument("--invert", action="store_true", help="the images have dark ink on a light background")
+    p.add_argument("--output-fn", nargs="+", default=["square", "loss"], help="stores to build (default: square loss)")
+    p.add_argument("--K", type=int, default=100, help="timesteps per feature (default 100)")
+    p.add_argument("--projector", choices=("sparse-jl", "dense-gaussian"), default="sparse-jl")
+    p.add_argument("--k", type=int, default=2048, help="projected dimension (default 2048)")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="generate images from seeds")
     _add_root(p)

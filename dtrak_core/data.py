@@ -123,3 +123,15 @@ def load_image_folder(path: str, resolution: int, channels: int = 1, invert: boo
     if invert:
         x = -x
     return Dataset(f"folder:{os.path.abspath(path)}", x, torch.tensor(labels, dtype=torch.long))
+
+
+def load_dataset(spec) -> Dataset:
+    """The training set a model folder's manifest names: "digits-train" (the embedded default) or
+    {"folder": path, "resolution": r, "channels": c, "invert": bool} (see `load_image_folder`)."""
+    if spec == "digits-train":
+        return load_digits("train")
+    if isinstance(spec, dict) and "folder" in spec:
+        return load_image_folder(spec["folder"], int(spec["resolution"]), int(spec.get("channels", 1)),
+                                 invert=bool(spec.get("invert", False)))
+    raise ValueError(f"unknown dataset {spec!r}: expected 'digits-train' or {{'folder': ..., 'resolution': ...}}")
+

@@ -9,6 +9,7 @@ this module only picks the defaults and handles checkpoint folders:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -73,11 +74,40 @@ def save_checkpoint(path: str, unet: UNet2DModel, scheduler: DDPMScheduler) -> N
         raise
 
 
+def resolve_model(source: str) -> str:
+    """A model to load -> its local folder: a folder as is, or a Hugging Face repo id ("owner/name")
+    that is already in the local cache (nothing is downloaded)."""
+    if os.path.isdir(source):
+        return os.path.abspath(source)
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise ValueError(f"model {source!r}: no such folder, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception as e:  # huggingface_hub raises several types for "not in the cache"
+        raise ValueError(f"model {source!r} is not in the local Hugging Face cache and nothing is downloaded "
+                         f"({type(e).__name__}); download it once elsewhere (e.g. `huggingface-cli download "
+                         f"{source}`) or pass a local folder") from None
+
+
 def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
-    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
-        raise ValueError(f"{path!r} is not a dtrak checkpoint (expected unet/config.json inside)")
+    """A folder with unet/ and scheduler/ (a dtrak checkpoint or a saved diffusers DDPM/DDIM pipeline)."""
+    config_path = os.path.join(path, "unet", "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path!r} is not a diffusers checkpoint (expected unet/config.json inside)")
+    with open(config_path) as f:
+        kind = json.load(f).get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise ValueError(f"{config_path}: a {kind}; dtrak attributes unconditional UNet2DModel pipelines only")
+    if not os.path.isdir(os.path.join(path, "scheduler")):
+        raise ValueError(f"{path!r} has no scheduler/ folder (the noise schedule the model was trained with)")
     unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), low_cpu_mem_usage=False)
+    # any DDPM-family schedule (DDPM, DDIM, PNDM configs) gives the same betas and alphas_cumprod
     scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"{path!r}: prediction_type {scheduler.config.prediction_type!r}; the output functions "
+                         f"are defined for epsilon prediction")
     unet.eval()
     return unet, scheduler
 

@@ -45,7 +45,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_unet, scheduler):
     assert checkpoint_hash(unet) == checkpoint_hash(tiny_unet)
     assert sched.config.num_train_timesteps == 1000 and sched.config.beta_schedule == "linear"
     save_checkpoint(str(tmp_path / "ckpt"), tiny_unet, scheduler)  # overwrite is atomic and works
-    with pytest.raises(ValueError, match="not a dtrak checkpoint"):
+    with pytest.raises(ValueError, match="not a diffusers checkpoint"):
         load_checkpoint(str(tmp_path))
 
 

@@ -1,0 +1,133 @@
+"""Your own model and images: a saved diffusers pipeline (or a repo in the local Hugging Face cache)
+plus a folder of training images -> feature stores -> attribution, without copying or downloading."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtrak_core.attribution import Attributor
+from dtrak_core.build import build_from
+from dtrak_core.cli import main
+from dtrak_core.features import Featurizer, FeatureSetting
+from dtrak_core.model import load_checkpoint, resolve_model
+
+SETTINGS = (FeatureSetting("square", K=2, k=16), FeatureSetting("loss", K=2, k=16))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny RGB 16x16 DDIM pipeline saved by diffusers itself, as a user's trained model would be."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    path = str(tmp_path_factory.mktemp("my-ddim"))
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Twelve 20x20 colour images in two class folders (resized to the model's 16x16 on load)."""
+    root = tmp_path_factory.mktemp("my-images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cats", "dogs")):
+        os.makedirs(root / name)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) // (1 + c)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def built(pipeline, images, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("my-root"))
+    build_from(root, pipeline, images, SETTINGS, show_bar=False)
+    return root
+
+
+def test_stores_for_a_saved_pipeline_and_an_image_folder(built, pipeline, images):
+    attributor = Attributor.load(built)
+    assert attributor.methods == ["loss", "square"]
+    assert tuple(attributor.train.images.shape) == (12, 3, 16, 16)
+    assert attributor.train.labels.tolist() == [0] * 6 + [1] * 6  # from the class folders
+    manifest = json.load(open(os.path.join(built, "manifest.json")))
+    assert manifest["checkpoint"] == os.path.abspath(pipeline) and not os.path.exists(os.path.join(built, "model"))
+
+    # scores = phi_q (Phi (Phi^T Phi + lam I)^-1)^T, from the store's features and a fresh featurizer
+    setting, store = attributor.setting("square")
+    query = attributor.train.images[[3]] * 0.9
+    lam = 0.1
+    Phi = np.asarray(store.features(), dtype=np.float64)
+    phi = Featurizer(attributor.unet, attributor.scheduler, setting)(query).numpy().astype(np.float64)
+    expected = phi @ (Phi @ np.linalg.inv(Phi.T @ Phi + lam * np.eye(Phi.shape[1]))).T
+    np.testing.assert_allclose(attributor.scores(query, "square", lam=lam), expected, rtol=1e-3,
+                               atol=1e-4 * np.abs(expected).max())
+
+
+def test_rebuild_resumes_and_other_data_is_refused(built, pipeline, images, tmp_path):
+    before = json.load(open(os.path.join(built, "manifest.json")))
+    assert build_from(built, pipeline, images, SETTINGS, show_bar=False)["stores"] == before["stores"]
+    more = str(tmp_path / "more")
+    shutil.copytree(images, more)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(os.path.join(more, "cats", "extra.png"))
+    with pytest.raises(ValueError, match="another dataset"):
+        build_from(built, pipeline, more, SETTINGS, show_bar=False)
+    # a folder changed after the build: the stores refuse it, naming the field
+    os.remove(os.path.join(more, "cats", "extra.png"))
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(os.path.join(more, "cats", "0.png"))
+    root = str(tmp_path / "root")
+    build_from(root, pipeline, more, SETTINGS[:1], show_bar=False)
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(os.path.join(more, "cats", "0.png"))
+    with pytest.raises(ValueError, match="dataset"):
+        Attributor.load(root)
+
+
+def test_models_from_the_local_hugging_face_cache_only(pipeline, images, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--me--tiny-ddim" / "snapshots" / "0123abcd"
+    shutil.copytree(pipeline, snapshot)
+    os.makedirs(cache / "models--me--tiny-ddim" / "refs")
+    (cache / "models--me--tiny-ddim" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("me/tiny-ddim") == str(snapshot)
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        resolve_model("me/not-here")
+    with pytest.raises(ValueError, match="no such folder"):
+        resolve_model("./nowhere")
+
+    root = str(tmp_path / "root")
+    assert main(["build", "--root", root, "--model", "me/tiny-ddim", "--data", images, "--output-fn", "square",
+                 "--K", "2", "--k", "16"]) == 0
+    capsys.readouterr()
+    query = os.path.join(images, "dogs", "2.png")
+    assert main(["attribute", "--root", root, "--image", query, "--top", "3", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["method"] == "square" and len(table["proponents"]) == 3
+    assert {r["label"] for r in table["proponents"] + table["opponents"]} <= {0, 1}
+
+
+def test_unsupported_models_are_refused(pipeline, tmp_path):
+    conditional = tmp_path / "conditional"
+    shutil.copytree(pipeline, conditional)
+    config = json.load(open(conditional / "unet" / "config.json"))
+    json.dump({**config, "_class_name": "UNet2DConditionModel"}, open(conditional / "unet" / "config.json", "w"))
+    with pytest.raises(ValueError, match="unconditional UNet2DModel"):
+        load_checkpoint(str(conditional))
+    v_pred = tmp_path / "v"
+    shutil.copytree(pipeline, v_pred)
+    config = json.load(open(v_pred / "scheduler" / "scheduler_config.json"))
+    json.dump({**config, "prediction_type": "v_prediction"}, open(v_pred / "scheduler" / "scheduler_config.json", "w"))
+    with pytest.raises(ValueError, match="epsilon"):
+        load_checkpoint(str(v_pred))
+    with pytest.raises(ValueError, match="unet/config.json"):
+        load_checkpoint(str(tmp_path))
