@@ -27,14 +27,14 @@ import torch
 from dtrak_core import app_support as sup
 from dtrak_core import baselines
 from dtrak_core.attribution import Attribution, Attributor
+from dtrak_core.build import read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.quality import classify
 from dtrak_core.sampling import generate
 from dtrak_core.training import Cancelled
 
 ASSETS = os.environ.get("DTRAK_ASSETS", "assets")
-QUERY_SCALE = 24  # 8x8 -> 192 px
-THUMB_SCALE = 8  # 8x8 -> 64 px
+QUERY_PX, THUMB_PX = 192, 64  # display sizes; images are upscaled by whole factors (crisp pixels)
 DEFAULT_K = 8
 MAX_K = 32
 NO_RANKING = "none"
@@ -53,6 +53,23 @@ class Assets:
     @property
     def n_train(self) -> int:
         return len(self.attributor.train)
+
+    @property
+    def digits(self) -> bool:
+        """The embedded digits model (or one like it): the digit classifier applies."""
+        return self.attributor.train.name.startswith("digits") and tuple(self.attributor.train.images.shape[1:]) == (1, 8, 8)
+
+    @property
+    def can_retrain(self) -> bool:
+        """Remove-and-retrain needs the recipe the model was trained with (models trained by dtrak)."""
+        return self.digits and "train_config" in read_manifest(self.root)
+
+    @property
+    def class_word(self) -> str:
+        return "digit" if self.digits else "class"
+
+    def scale(self, px: int) -> int:
+        return max(1, px // int(self.attributor.unet.config.sample_size))
 
 
 @lru_cache(maxsize=None)
@@ -108,9 +125,14 @@ def sample_query(seed: int, steps: int, pixels: np.ndarray) -> dict:
             "title": f"Generated sample, seed {int(seed)} (DDIM {int(steps)} steps)"}
 
 
+def digit_labels(images: np.ndarray):
+    """(labels, confidences) from the digit classifier, or None when the model is not a digits model."""
+    return classify(images) if assets().digits else None
+
+
 def classifier_text(pixels: np.ndarray) -> str:
-    labels, conf = classify(pixels[None])
-    return f"looks like a **{labels[0]}** ({conf[0]:.0%} by the digit classifier)"
+    found = digit_labels(pixels[None])
+    return "" if found is None else f"looks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
 
 
 def png_data_uri(img) -> str:
@@ -129,8 +151,9 @@ def training_cards(attribution, indices, title: str) -> str:
     for i in indices:
         score = attribution.scores[i]
         cards.append(
-            f'<figure class="card"><img src="{png_data_uri(to_pil(train.images[i], THUMB_SCALE))}" '
-            f'alt="training image {i}"><figcaption><b>#{i}</b><br>digit {attribution.labels[i]}<br>'
+            f'<figure class="card"><img src="{png_data_uri(to_pil(train.images[i], assets().scale(THUMB_PX)))}" '
+            f'alt="training image {i}"><figcaption><b>#{i}</b><br>'
+            f'{f"{assets().class_word} {attribution.labels[i]}<br>" if attribution.labels[i] >= 0 else ""}'
             f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
     return f'<div class="cards-title">{html.escape(title)}</div><div class="cards">{"".join(cards)}</div>'
 
@@ -154,20 +177,26 @@ def score_histogram(attribution, k: int) -> go.Figure:
     return fig
 
 
-def class_mass_figure(attribution) -> go.Figure:
+def class_mass_figure(attribution, word: str = "digit") -> go.Figure:
+    fig = go.Figure()
+    layout = dict(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10))
+    if (attribution.labels < 0).any():
+        fig.add_annotation(text="The training images have no class labels<br>(one sub-folder per class gives them)",
+                           showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(**layout, xaxis=dict(visible=False), yaxis=dict(visible=False))
+        return fig
     mass = sup.class_mass(attribution.scores, attribution.labels)
     classes = [str(c) for c in range(len(mass["count"]))]
     base = mass["count"] / mass["count"].sum()
-    fig = go.Figure()
     fig.add_bar(x=classes, y=mass["positive"], name="proponent mass", marker_color=PROPONENT,
-                hovertemplate="digit %{x}: %{y:.1%} of the positive score<extra></extra>")
+                hovertemplate=word + " %{x}: %{y:.1%} of the positive score<extra></extra>")
     fig.add_bar(x=classes, y=mass["negative"], name="opponent mass", marker_color=OPPONENT,
-                hovertemplate="digit %{x}: %{y:.1%} of the negative score<extra></extra>")
+                hovertemplate=word + " %{x}: %{y:.1%} of the negative score<extra></extra>")
     fig.add_scatter(x=classes, y=base, mode="markers", name="share of training set",
                     marker=dict(symbol="line-ew-open", size=22, color="#334155", line=dict(width=2)),
-                    hovertemplate="digit %{x}: %{y:.1%} of the training images<extra></extra>")
-    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), barmode="group",
-                      xaxis_title="training digit", yaxis=dict(tickformat=".0%", title="share of the mass"),
+                    hovertemplate=word + " %{x}: %{y:.1%} of the training images<extra></extra>")
+    fig.update_layout(**layout, barmode="group", xaxis_title=f"training {word}",
+                      yaxis=dict(tickformat=".0%", title="share of the mass"),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
     return fig
 
@@ -202,8 +231,9 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
         images = generate(a.attributor.unet, a.attributor.scheduler, seeds, steps=steps,
                           progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
         _samples_cache.put(key, images)
-    labels, conf = classify(images.numpy())
-    items = [(to_pil(img, THUMB_SCALE * 2), f"seed {s}: {c}") for img, s, c in zip(images, seeds, labels)]
+    found = digit_labels(images.numpy())
+    captions = [f"seed {s}" + ("" if found is None else f": {found[0][i]}") for i, s in enumerate(seeds)]
+    items = [(to_pil(img, a.scale(2 * THUMB_PX)), c) for img, c in zip(images, captions)]
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
 
 
@@ -217,7 +247,7 @@ def select_sample(batch, evt: gr.SelectData):
 
 
 def query_view(q):
-    return to_pil(torch.as_tensor(q["pixels"]), QUERY_SCALE), f"**{q['title']}**  \n{classifier_text(q['pixels'])}"
+    return to_pil(torch.as_tensor(q["pixels"]), assets().scale(QUERY_PX)), f"**{q['title']}**  \n{classifier_text(q['pixels'])}"
 
 
 # ---------------------------------------------------------------- handlers: attribute
@@ -246,13 +276,15 @@ def attribute(q, method, k, progress=gr.Progress()):
     result = attribution_for(q, method)
     seconds = time.perf_counter() - t0
     prop = result.proponents(k)
-    same = int((result.labels[prop] == classify(q["pixels"][None])[0][0]).sum())
-    summary = (f"**{sup.method_label(method)}** ({method_description(method)}) on the query ({q['title']}): its top-{k} proponents include "
-               f"**{same} of {k}** training images of the digit the classifier sees "
-               f"({time.perf_counter() - t0:.2f} s{' (cached)' if seconds < 0.01 else ''}).")
+    found = digit_labels(q["pixels"][None])
+    same = (" and opponents are below" if found is None else
+            f" include **{int((result.labels[prop] == found[0][0]).sum())} of {k}** training images of the digit "
+            f"the classifier sees")
+    summary = (f"**{sup.method_label(method)}** ({method_description(method)}) on the query ({q['title']}): its "
+               f"top-{k} proponents{same} ({time.perf_counter() - t0:.2f} s{' (cached)' if seconds < 0.01 else ''}).")
     return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
             training_cards(result, result.opponents(k), f"Top-{k} opponents"),
-            score_histogram(result, k), class_mass_figure(result), summary)
+            score_histogram(result, k), class_mass_figure(result, assets().class_word), summary)
 
 
 @readable
@@ -311,7 +343,8 @@ class CounterfactualView:
 
     @classmethod
     def from_result(cls, r, live: bool = True) -> "CounterfactualView":
-        return cls(r.seed, r.ranking, r.k, to_pil(r.before, QUERY_SCALE), to_pil(r.after, QUERY_SCALE),
+        scale = assets().scale(QUERY_PX)
+        return cls(r.seed, r.ranking, r.k, to_pil(r.before, scale), to_pil(r.after, scale),
                    np.asarray(r.removed_indices), r.l2, r.label_before, r.confidence_before, r.label_after,
                    r.confidence_after, r.train_seconds if live else None, "live" if live else "precomputed")
 
@@ -321,7 +354,8 @@ class CounterfactualView:
 
         def load(path):
             img = Image.open(path).convert("L")
-            return img.resize((8 * QUERY_SCALE, 8 * QUERY_SCALE), Image.Resampling.NEAREST)
+            return img.resize((img.width * assets().scale(QUERY_PX), img.height * assets().scale(QUERY_PX)),
+                              Image.Resampling.NEAREST)
         return cls(int(e["seed"]), e["ranking"], int(e["k"]), load(e["before_png"]), load(e["after_png"]),
                    np.asarray(e["removed_indices"]), float(e["l2"]), int(e["label_before"]),
                    float(e["confidence_before"]), int(e["label_after"]), float(e["confidence_after"]), None,
@@ -451,6 +485,22 @@ Which training images made this digit? A small diffusion model trained on 1,500 
 (or uploaded) image. Pick a sample in **Generate**, read its attribution in **Attribute**, and test
 it in **Counterfactual** by removing the top proponents and retraining."""
 
+
+def header_markdown(a: Assets | None) -> str:
+    """The digits default's header, or one that describes the user's own model folder."""
+    if a is None or a.digits:
+        return HEADER
+    manifest = read_manifest(a.root)
+    c, h, w = a.attributor.train.images.shape[1:]
+    source = manifest.get("model_source", manifest.get("checkpoint", "?"))
+    data = manifest.get("dataset", {})
+    data = data.get("folder", "?") if isinstance(data, dict) else data
+    return (f"# D-TRAK explorer\nWhich training images made this image? Model `{source}` ({w}x{h}, {c} channel"
+            f"{'s' if c > 1 else ''}), trained on the {a.n_train:,} images of `{data}`. **TRAK** and **D-TRAK** "
+            "scores say how much each training image is responsible for a generated (or uploaded) image. Pick a "
+            "sample in **Generate** and read its attribution in **Attribute**. (Remove-and-retrain needs the "
+            "model's training recipe, so it is offered for models trained by dtrak only.)")
+
 ABOUT = r"""
 ## What the scores are
 
@@ -480,7 +530,9 @@ D-TRAK's finding (Zheng et al., *Intriguing Properties of Data Attribution on Di
 ICLR 2024) is that the theoretically motivated loss is **not** the best choice: the square and
 other variants attribute better, as measured by the linear datamodeling score (LDS) and by
 removing the top proponents and retraining (the Counterfactual tab).
+"""
 
+ABOUT_DEFAULT = r"""
 **This app.** The model is a diffusers UNet trained from scratch on scikit-learn's digits; the
 projection is a sparse Johnson-Lindenstrauss transform; $\lambda$ is the value that was best on the
 validation digits' LDS (recorded in `assets/manifest.json`; without it, 0.1 times the mean squared
@@ -627,7 +679,7 @@ def build_demo() -> gr.Blocks:
         a = load_assets(ASSETS)
         methods, ranked, n_train, unavailable, error = a.methods, a.attributor.methods, a.n_train, a.unavailable, None
     except (ValueError, OSError) as e:
-        methods, ranked, n_train, unavailable, error = [], [], 2, {}, str(e)
+        a, (methods, ranked, n_train, unavailable, error) = None, ([], [], 2, {}, str(e))
     choices = sup.method_choices(methods)
     default_method = choices[0][1] if choices else None
     rankings = sup.method_choices(ranked) + [("random", "random")]  # the counterfactual retrains on TRAK-family rankings
@@ -636,7 +688,7 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="D-TRAK explorer") as demo:
         batch = gr.State(None)  # the last generated batch: seeds, steps, images
         query = gr.State(None)  # the current query: key, pixels, title, seed, steps
-        gr.Markdown(HEADER)
+        gr.Markdown(header_markdown(a))
         if error:
             gr.Markdown(f"**The model assets could not be loaded:** {error}")
         with gr.Tabs() as tabs:
@@ -653,7 +705,8 @@ def build_demo() -> gr.Blocks:
                         gen_btn = gr.Button("Generate", variant="primary")
                     with gr.Column(scale=3):
                         gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
-                                    "training images made it.")
+                                    "training images made it." if a is None or a.digits else
+                                    "**Samples** (by seed). Click one to see which training images made it.")
                         gallery = gr.Gallery(label="Samples", show_label=False, columns=6,
                                              format="png", object_fit="contain", allow_preview=False, height="auto")
             with gr.Tab("Attribute", id="attribute"):
@@ -664,7 +717,7 @@ def build_demo() -> gr.Blocks:
                         query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.")
                         upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
                                          type="filepath", height=150, elem_id="upload")
-                        invert = gr.Checkbox(True, label="invert (dark ink on light paper)")
+                        invert = gr.Checkbox(a is None or a.digits, label="invert (dark ink on light paper)")
                     with gr.Column(scale=3):
                         with gr.Row():
                             method = gr.Dropdown(choices, value=default_method, label="Method")
@@ -683,7 +736,7 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         gal_a = gr.HTML(elem_id="compare-a")
                         gal_b = gr.HTML(elem_id="compare-b")
-            with gr.Tab("Counterfactual", id="counterfactual"):
+            with gr.Tab("Counterfactual", id="counterfactual", visible=a is None or a.can_retrain):
                 gr.Markdown("Remove a generated sample's top proponents from the training set, retrain the model "
                             "from scratch with the same recipe, and regenerate the same seed (DDIM 50 steps, as "
                             "published). If the attribution is right, the digit should change more than when "
@@ -725,7 +778,7 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Benchmarks", id="benchmarks"):
                 benchmarks_blocks(ASSETS)
             with gr.Tab("About", id="about"):
-                gr.Markdown(ABOUT, latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                gr.Markdown(ABOUT + (ABOUT_DEFAULT if a is None or a.digits else ""), latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                      {"left": "$", "right": "$", "display": False}])
                 gr.Markdown(methods_markdown(methods, unavailable))
 

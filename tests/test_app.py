@@ -180,14 +180,14 @@ def test_generate_and_select(app):
     items, batch = app.generate_samples("range", 0, 3, 5, 1, 10)
     assert batch["seeds"] == [3, 4, 5] and batch["images"].shape == (3, 1, 8, 8)
     assert [c.split(":")[0] for _, c in items] == ["seed 3", "seed 4", "seed 5"]
-    assert items[0][0].size == (8 * 2 * app.THUMB_SCALE,) * 2  # nearest-neighbour upscaled
+    assert items[0][0].size == (2 * app.THUMB_PX,) * 2  # nearest-neighbour upscaled by a whole factor
     single, b1 = app.generate_samples("single", 4, 0, 0, 1, 10)
     np.testing.assert_allclose(b1["images"][0], batch["images"][1], atol=1e-4)  # a seed is a seed, whatever the batch
     with pytest.raises(gr.Error, match="smaller than the first"):
         app.generate_samples("range", 0, 5, 2, 1, 10)
     q, tabs, img, info, cf_seed = app.select_sample(batch, Select(1))
     assert q["seed"] == 4 and cf_seed == 4 and "seed 4" in q["title"] and "looks like" in info
-    assert img.size == (8 * app.QUERY_SCALE,) * 2
+    assert img.size == (app.QUERY_PX,) * 2
 
 
 def test_attribute_and_compare(app):
@@ -255,7 +255,7 @@ def test_upload_validation(app, tmp_path):
     img.save(good)
     q, preview, info = app.use_upload(str(good), True)
     assert q["pixels"].shape == (1, 8, 8) and q["pixels"][0, 4, 4] > 0.5 and q["pixels"][0, 4, 0] < -0.5
-    assert preview.size == (8 * app.QUERY_SCALE,) * 2 and "inverted" in info
+    assert preview.size == (app.QUERY_PX,) * 2 and "inverted" in info
     q2 = app.use_upload(str(good), False)[0]
     np.testing.assert_allclose(q2["pixels"], -q["pixels"], atol=1e-6)
     props = app.attribute(q, "square", 3)[0]

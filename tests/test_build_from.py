@@ -131,3 +131,28 @@ def test_unsupported_models_are_refused(pipeline, tmp_path):
         load_checkpoint(str(v_pred))
     with pytest.raises(ValueError, match="unet/config.json"):
         load_checkpoint(str(tmp_path))
+
+
+def test_the_app_on_your_own_model(built, monkeypatch):
+    """The app adapts: no digit classifier, RGB thumbnails, no retrain tab, a header naming the model."""
+    import importlib
+    import sys
+
+    import gradio as gr
+
+    monkeypatch.setenv("DTRAK_ASSETS", built)
+    app = importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+    a = app.assets()
+    assert not a.digits and not a.can_retrain and a.scale(192) == 12
+    assert "16x16, 3 channels" in app.header_markdown(a) and "12 images" in app.header_markdown(a)
+    items, batch = app.generate_samples("range", 0, 0, 2, 3, 5)
+    assert [c for _, c in items] == ["seed 0", "seed 1", "seed 2"] and items[0][0].mode == "RGB"
+    q = app.sample_query(batch["seeds"][1], batch["steps"], batch["images"][1])
+    image, info = app.query_view(q)
+    assert image.size == (192, 192) and "classifier" not in info
+    props, opps, hist, mass, summary = app.attribute(q, "square", 4)
+    assert "classifier" not in summary and props.count('class="card"') == 4
+    assert "class 0<br>" in props + opps or "class 1<br>" in props + opps
+    assert mass.layout.xaxis.title.text == "training class"
+    tabs = [b for b in app.demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert [t.visible for t in tabs if t.id == "counterfactual"] == [False]
