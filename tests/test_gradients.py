@@ -109,6 +109,22 @@ def test_hooks_engine_matches_vmap_on_default_unet(scheduler, digits):
         torch.testing.assert_close(g("hooks", name), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
+def test_hooks_engine_matches_vmap_on_an_rgb_unet_with_attention(scheduler):
+    """Users' own models (e.g. DDPM CIFAR-10 pipelines) have RGB inputs and self-attention blocks."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=4).eval()
+    x = torch.randn(3, 3, 8, 8)
+    assert GradientFeaturizer(unet, scheduler, "square", 4).engine == "hooks"
+    for name in ("loss", "square"):
+        ref = GradientFeaturizer(unet, scheduler, name, 4, engine="vmap")(x)
+        torch.testing.assert_close(GradientFeaturizer(unet, scheduler, name, 4, engine="hooks")(x), ref,
+                                   rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
 class _ReusingNet(torch.nn.Module):
     """A model the UNet does not exercise: a conv called twice, a grouped bias-free conv,
     a bias-free Linear on the timestep, a GroupNorm and a frozen layer."""
