@@ -49,6 +49,18 @@ def cmd_generate(args):
     print(f"wrote {out} (seeds {seeds[0]}..{seeds[-1]}, {args.sampler} {args.steps} steps)")
 
 
+def _require_digits_model(root, what: str) -> None:
+    """The harnesses retrain the model on the digits (or classify digits): refuse an external model
+    up front, with the reason, instead of failing deep inside."""
+    from .build import read_manifest
+
+    manifest = read_manifest(root)
+    if manifest and (manifest.get("dataset") != "digits-train" or "train_config" not in manifest):
+        raise ValueError(f"{what} needs a digits model trained by dtrak (`build-default`); {root!r} holds "
+                         f"{manifest.get('model_source', manifest.get('checkpoint'))!r}, built with `build` "
+                         f"(attribute, featurize, generate and the app work with it)")
+
+
 def _load_model(root):
     from .attribution import MANIFEST
     from .model import load_checkpoint
@@ -102,6 +114,7 @@ def cmd_quality(args):
     from .quality import sample_quality
     from .sampling import generate
 
+    _require_digits_model(args.root, "quality (a digit classifier)")
     unet, scheduler = _load_model(args.root)
     images = generate(unet, scheduler, range(args.count), steps=args.steps, sampler=args.sampler)
     print(json.dumps(sample_quality(images), indent=2))
@@ -114,6 +127,7 @@ def cmd_counterfactual(args):
     from .retrain import parse_shard
     from .store import atomic_write_json
 
+    _require_digits_model(args.root, "counterfactual (remove and retrain)")
     shard = parse_shard(args.shard)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -139,6 +153,7 @@ def cmd_counterfactual(args):
 def cmd_build_baselines(args):
     from .baselines import build_default_baselines
 
+    _require_digits_model(args.root, "build-baselines (replays the training run)")
     entry = build_default_baselines(args.root)
     print(json.dumps({k: entry[k] for k in ("checkpoints", "train_seconds", "featurize_seconds")}, indent=2))
 
@@ -157,6 +172,7 @@ def cmd_lds(args):
     from .lds import LDSConfig, default_methods, default_run, evaluate, query_features
     from .retrain import parse_shard
 
+    _require_digits_model(args.root, "lds (retrains on subsets)")
     torch.set_num_threads(args.threads)
     config = LDSConfig(num_subsets=args.subsets)
     if args.action == "check-timesteps":

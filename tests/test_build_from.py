@@ -156,3 +156,10 @@ def test_the_app_on_your_own_model(built, monkeypatch):
     assert mass.layout.xaxis.title.text == "training class"
     tabs = [b for b in app.demo.blocks.values() if isinstance(b, gr.Tab)]
     assert [t.visible for t in tabs if t.id == "counterfactual"] == [False]
+
+
+def test_harnesses_that_retrain_refuse_an_external_model(built, capsys):
+    for argv in (["counterfactual", "--targets", "1"], ["lds", "run", "--subsets", "2"], ["build-baselines"],
+                 ["quality", "--count", "2"]):
+        assert main([*argv, "--root", built]) == 2
+        assert "needs a digits model trained by dtrak" in capsys.readouterr().err
