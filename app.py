@@ -601,6 +601,13 @@ def counterfactual_chart(summary: dict) -> go.Figure:
     return fig
 
 
+def _digits_root(root: str) -> bool:
+    try:
+        return load_assets(root).digits
+    except (ValueError, OSError):
+        return True  # nothing loadable: the default's instructions apply
+
+
 def benchmarks_blocks(root: str) -> None:
     """The LDS and counterfactual results under `root` (tables, charts, the harnesses' reports) and
     any other assets/benchmarks/*.json as generic tables; an empty state when there are none."""
@@ -652,7 +659,11 @@ def benchmarks_blocks(root: str) -> None:
     if shown and readme:
         with gr.Accordion("How the benchmarks were measured", open=False):
             gr.Markdown(readme)
-    if not shown:
+    if not shown and not _digits_root(root):
+        gr.Markdown("### No benchmark results for this model\nThe LDS and counterfactual evaluations retrain the "
+                    "model on subsets of its training data, so they run for models trained by dtrak (the embedded "
+                    "digits default), not for a model built with `python -m dtrak_core build`.")
+    elif not shown:
         gr.Markdown(
             "### No benchmark results yet\n"
             f"Nothing under `{bench}/` or `{cf_dir}/`. The LDS tables and the counterfactual medians are "

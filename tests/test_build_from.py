@@ -154,6 +154,9 @@ def test_the_app_on_your_own_model(built, monkeypatch):
     assert "classifier" not in summary and props.count('class="card"') == 4
     assert "class 0<br>" in props + opps or "class 1<br>" in props + opps
     assert mass.layout.xaxis.title.text == "training class"
+    with gr.Blocks() as bench:
+        app.benchmarks_blocks(built)
+    assert any("run for models trained by dtrak" in str(getattr(b, "value", "")) for b in bench.blocks.values())
     tabs = [b for b in app.demo.blocks.values() if isinstance(b, gr.Tab)]
     assert [t.visible for t in tabs if t.id == "counterfactual"] == [False]
 
