@@ -201,3 +201,36 @@ def test_shards_partition_the_jobs(attributor, tmp_path):
     a = cf.run_counterfactual(attributor, out, seeds, ["random", "trak"], [4], TINY, shard=(0, 2), show_bar=False)
     b = cf.run_counterfactual(attributor, out, seeds, ["random", "trak"], [4], TINY, shard=(1, 2), show_bar=False)
     assert sorted(a + b) == sorted([cf.CONTROL_ID, "random-k4-seed50", "trak-k4-seed50"]) and not set(a) & set(b)
+
+
+def test_clip_cosine_with_local_weights_and_without(tmp_path, monkeypatch):
+    """The CLIP metric uses local weights when $DTRAK_CLIP_PATH points at them (a tiny random CLIP
+    here), and says why it is unavailable otherwise; it never downloads or substitutes."""
+    transformers = pytest.importorskip("transformers")
+    from dtrak_core.clip_encoder import ClipImageEncoder
+
+    torch.manual_seed(0)
+    model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=16))
+    path = str(tmp_path / "clip")
+    model.eval().save_pretrained(path)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}, f)
+    before, after = torch.rand(2, 1, 8, 8) * 2 - 1
+    monkeypatch.setenv("DTRAK_CLIP_PATH", path)
+    cf._clip_encoder.cache_clear()
+    try:
+        cos, status = cf.clip_cosine(before, after)
+        e = ClipImageEncoder.load(path)(torch.stack([before, after])).double()
+        assert status == "ok" and cos == pytest.approx(float(torch.nn.functional.cosine_similarity(e[0], e[1], dim=0)))
+        assert cf.clip_cosine(before, before)[0] == pytest.approx(1.0)
+        import huggingface_hub.constants
+
+        monkeypatch.setenv("DTRAK_CLIP_PATH", str(tmp_path / "nothing"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        cf._clip_encoder.cache_clear()
+        cos, status = cf.clip_cosine(before, after)
+        assert cos is None and status.startswith("unavailable")
+    finally:
+        cf._clip_encoder.cache_clear()
