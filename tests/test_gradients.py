@@ -109,6 +109,7 @@ def test_hooks_engine_matches_vmap_on_default_unet(scheduler, digits):
         torch.testing.assert_close(g("hooks", name), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap reference over attention
 def test_hooks_engine_matches_vmap_on_an_rgb_unet_with_attention(scheduler):
     """Users' own models (e.g. DDPM CIFAR-10 pipelines) have RGB inputs and self-attention blocks."""
     from diffusers import UNet2DModel
