@@ -211,7 +211,8 @@ def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
     entry = _read_json(os.path.join(root, index)) if index else {}
     if not entry:
         raise MethodUnavailable(f"TracInCP needs the training run's checkpoints: none registered in "
-                                f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core build-baselines`")
+                                f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core build-baselines` "
+                                f"(it replays the training run, so it needs a model trained by dtrak)")
     model_hash = checkpoint_hash(attributor.unet)
     if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
         raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
