@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("counterfactual", help="remove each target's top proponents, retrain, regenerate, measure")
     _add_root(p)
     p.add_argument("--out", default="assets/counterfactual", help="results folder (jobs/, summary.json, results.md, gallery/)")
-    p.add_argument("--targets", type=int, default=32, help="number of target seeds (default 32)")
+    p.add_argument("--targets", type=int, default=60, help="number of target seeds (default 60, as in the paper)")
     p.add_argument("--first-seed", type=int, default=1000, help="targets are seeds first-seed .. first-seed+targets-1")
     p.add_argument("--rankings", default="d-trak,trak,random", help="comma-separated: d-trak, trak, random or any method with a store")
     p.add_argument("--k", action="append", default=None,
