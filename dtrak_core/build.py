@@ -18,7 +18,7 @@ import time
 import torch
 
 from .attribution import MANIFEST
-from .data import load_dataset, load_digits
+from .data import Dataset, load_dataset, load_digits
 from .features import Featurizer, FeatureSetting
 from .model import (build_scheduler, checkpoint_hash, count_parameters, load_checkpoint, resolve_model,
                     save_checkpoint)
@@ -63,9 +63,12 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
     return unet, scheduler, seconds
 
 
-def build_store(root: str, unet, scheduler, setting: FeatureSetting, show_bar: bool = True) -> dict:
-    """Fill (or finish) the store for `setting` and register it in the manifest."""
-    train_set = load_dataset(read_manifest(root).get("dataset", "digits-train"))
+def build_store(root: str, unet, scheduler, setting: FeatureSetting, show_bar: bool = True,
+                train_set: Dataset | None = None) -> dict:
+    """Fill (or finish) the store for `setting` and register it in the manifest. `train_set`: the
+    manifest's dataset, when the caller has it loaded already."""
+    if train_set is None:
+        train_set = load_dataset(read_manifest(root).get("dataset", "digits-train"))
     rel = os.path.join("stores", setting.slug)
     identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
     store = FeatureStore.create(os.path.join(root, rel), identity, len(train_set), setting.k)
@@ -122,17 +125,14 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     identity = {"checkpoint": folder, "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
                 "dataset_fingerprint": train_set.fingerprint}
     manifest = read_manifest(root)
-    if manifest:
-        have = {key: manifest.get(key) for key in identity}
-        for key in ("checkpoint_hash", "dataset_fingerprint"):
-            if have[key] != identity[key]:
-                raise ValueError(f"{os.path.join(root, MANIFEST)} was built for another {key.split('_')[0]} "
-                                 f"({key} {have[key]!r}, not {identity[key]!r}); use another --root")
+    for key in ("checkpoint_hash", "dataset_fingerprint"):
+        if manifest and manifest.get(key) != identity[key]:
+            raise ValueError(f"{os.path.join(root, MANIFEST)} was built for another {key.split('_')[0]} "
+                             f"({key} {manifest.get(key)!r}, not {identity[key]!r}); use another --root")
     os.makedirs(root, exist_ok=True)
     atomic_write_json(os.path.join(root, MANIFEST), {**manifest, **identity, "stores": manifest.get("stores", []),
                                                      "model_source": model, "parameters": count_parameters(unet),
                                                      "num_train": len(train_set)})
     for setting in settings:
-        build_store(root, unet, scheduler, setting, show_bar)
+        build_store(root, unet, scheduler, setting, show_bar, train_set=train_set)
     return read_manifest(root)
-

@@ -422,21 +422,7 @@ def committed_results(attributor, out_dir: str = os.path.join(ASSETS, "counterfa
     `remove_and_retrain(attributor, seed, ranking, k, config)` would reproduce: same model, data,
     recipe, sampler and ranking store. {} when out_dir has no jobs or they were made for anything
     else (e.g. the model was rebuilt since), so a stale result is never shown as this model's."""
-    try:
-        with open(os.path.join(out_dir, "identity.json")) as f:
-            have = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    config = _default_config(attributor) if config is None else config
-    if _identity_mismatch(have, _identity(attributor, config, [])) is not None:
-        return {}
-    rankings = {RANDOM}
-    for name, store in have.get("stores", {}).items():
-        try:
-            if attributor.setting(name)[0].slug == store:
-                rankings.add(name)
-        except ValueError:  # no store for this ranking here
-            pass
+    rankings = _reproducible_rankings(attributor, out_dir, config)
     found = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "*.npz"))):
         if os.path.basename(path) == f"{CONTROL_ID}.npz":
@@ -449,6 +435,27 @@ def committed_results(attributor, out_dir: str = os.path.join(ASSETS, "counterfa
         if key[1] in rankings:
             found[key] = path
     return found
+
+
+def _reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None) -> set[str]:
+    """The rankings whose jobs in out_dir a live retrain here would reproduce (same model, data,
+    recipe, sampler; same store for a scored ranking); empty when the folder's identity differs."""
+    try:
+        with open(os.path.join(out_dir, "identity.json")) as f:
+            have = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    config = _default_config(attributor) if config is None else config
+    if _identity_mismatch(have, _identity(attributor, config, [])) is not None:
+        return set()
+    rankings = {RANDOM}
+    for name, store in have.get("stores", {}).items():
+        try:
+            if attributor.setting(name)[0].slug == store:
+                rankings.add(name)
+        except ValueError:  # no store for this ranking here
+            pass
+    return rankings
 
 
 def load_job(path: str) -> CounterfactualResult:
@@ -470,9 +477,11 @@ def load_precomputed(attributor, seed: int, ranking: str, k,
     """The harness's committed result for (seed, ranking, k) if it matches what a live
     `remove_and_retrain` would compute (see `committed_results`), else None: lets the app show a
     finished result instantly instead of retraining."""
-    key = (int(seed), ranking_name(ranking), parse_k(k, len(attributor.train)))
-    path = committed_results(attributor, out_dir, config).get(key)
-    return None if path is None else load_job(path)
+    name = ranking_name(ranking)
+    path = os.path.join(out_dir, f"{job_id(name, parse_k(k, len(attributor.train)), int(seed))}.npz")
+    if not os.path.isfile(path) or name not in _reproducible_rankings(attributor, out_dir, config):
+        return None
+    return load_job(path)
 
 
 # -- reporting ------------------------------------------------------------------------------------

@@ -134,4 +134,3 @@ def load_dataset(spec) -> Dataset:
         return load_image_folder(spec["folder"], int(spec["resolution"]), int(spec.get("channels", 1)),
                                  invert=bool(spec.get("invert", False)))
     raise ValueError(f"unknown dataset {spec!r}: expected 'digits-train' or {{'folder': ..., 'resolution': ...}}")
-

@@ -117,18 +117,18 @@ def test_models_from_the_local_hugging_face_cache_only(pipeline, images, tmp_pat
 
 
 def test_unsupported_models_are_refused(pipeline, tmp_path):
-    conditional = tmp_path / "conditional"
-    shutil.copytree(pipeline, conditional)
-    config = json.load(open(conditional / "unet" / "config.json"))
-    json.dump({**config, "_class_name": "UNet2DConditionModel"}, open(conditional / "unet" / "config.json", "w"))
+    def copy_with(name, config_file, **changes):
+        """The pipeline copied to tmp_path/name with `changes` written into one of its config files."""
+        folder = tmp_path / name
+        shutil.copytree(pipeline, folder)
+        config = json.load(open(folder / config_file))
+        json.dump({**config, **changes}, open(folder / config_file, "w"))
+        return str(folder)
+
     with pytest.raises(ValueError, match="unconditional UNet2DModel"):
-        load_checkpoint(str(conditional))
-    v_pred = tmp_path / "v"
-    shutil.copytree(pipeline, v_pred)
-    config = json.load(open(v_pred / "scheduler" / "scheduler_config.json"))
-    json.dump({**config, "prediction_type": "v_prediction"}, open(v_pred / "scheduler" / "scheduler_config.json", "w"))
+        load_checkpoint(copy_with("conditional", "unet/config.json", _class_name="UNet2DConditionModel"))
     with pytest.raises(ValueError, match="epsilon"):
-        load_checkpoint(str(v_pred))
+        load_checkpoint(copy_with("v", "scheduler/scheduler_config.json", prediction_type="v_prediction"))
     with pytest.raises(ValueError, match="unet/config.json"):
         load_checkpoint(str(tmp_path))
 
