@@ -22,6 +22,7 @@ from .features import Featurizer, FeatureSetting
 from .model import checkpoint_hash, load_checkpoint
 from .output_functions import canonical_name
 from .scoring import TRAKScorer, top_k
+from .shared import OnceCache
 from .store import FeatureStore
 
 MANIFEST = "manifest.json"
@@ -61,7 +62,9 @@ class Attributor:
             setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
             store.check_identity(FeatureStore.identity(setting, ckpt, train.fingerprint))
             self.stores.setdefault(setting.output_fn, []).append((setting, store))
-        self._scorers, self._featurizers = {}, {}
+        # built on first use, once, whichever thread asks first (featurizers and scorers are then
+        # read-only, so every request can share them)
+        self._scorers, self._featurizers = OnceCache(), OnceCache()
 
     @classmethod
     def load(cls, root: str = "assets") -> "Attributor":
@@ -94,9 +97,7 @@ class Attributor:
         return max(options, key=lambda s: s[0].K)  # the most accurate one by default
 
     def featurizer(self, setting: FeatureSetting) -> Featurizer:
-        if setting not in self._featurizers:
-            self._featurizers[setting] = Featurizer(self.unet, self.scheduler, setting)
-        return self._featurizers[setting]
+        return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting))
 
     def lambda_for(self, setting: FeatureSetting, lam=None) -> float | None:
         """The ridge lambda for a store: `lam` if given (RULE: the data-free rule), else the
@@ -113,9 +114,7 @@ class Attributor:
     def scorer(self, method: str, K: int | None = None, lam=None) -> TRAKScorer:
         setting, store = self.setting(method, K)
         key = (setting, self.lambda_for(setting, lam))
-        if key not in self._scorers:
-            self._scorers[key] = TRAKScorer(store.features(), lam=key[1])
-        return self._scorers[key]
+        return self._scorers.get(key, lambda: TRAKScorer(store.features(), lam=key[1]))
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
         """images (B, C, H, W) in [-1, 1] -> scores (B, N)."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from .clip_encoder import ClipImageEncoder, ClipUnavailable
 from .features import Featurizer, FeatureSetting
 from .gradients import timestep_noise, trainable_params
 from .model import checkpoint_hash, load_checkpoint, save_checkpoint
+from .shared import ModelReplicas, OnceCache
 from .store import FeatureStore, atomic_write_json
 from .training import TrainConfig, train
 
@@ -239,10 +241,14 @@ class JourneyFeaturizer:
     the training features use at t_i (seeded by t_i): x_i = sqrt(abar_ti) x0_i + sqrt(1 - abar_ti) eps_ti.
     The feature is P^T grad_theta mean_i mean((eps_theta(x_i, t_i) - eps_ti)^2), with the projector
     of the TRAK store it is scored against.
+
+    Thread-safe: the sampling is a read-only forward of `unet`; the gradients swap parameters
+    (`functional_call`), so they run on a private replica (`shared.ModelReplicas`).
     """
 
     def __init__(self, unet, scheduler, projector, steps: int = JOURNEY_STEPS, batch_size: int = 16):
         self.unet, self.scheduler, self.projector = unet.eval(), scheduler, projector
+        self.replicas = ModelReplicas(self.unet)
         self.steps, self.batch_size = steps, batch_size
 
     @torch.no_grad()
@@ -267,12 +273,13 @@ class JourneyFeaturizer:
         noise = timestep_noise(timesteps, x0s.shape[2:])  # (S, C, H, W)
         params = trainable_params(self.unet)
 
-        def objective(p, x0):  # x0 (S, C, H, W): one sample's trajectory
-            xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-            pred = functional_call(self.unet, p, (xt, timesteps), {"return_dict": False})[0]
-            return (pred - noise).flatten(1).pow(2).mean(1).mean()
+        with self.replicas.borrow() as unet:
+            def objective(p, x0):  # x0 (S, C, H, W): one sample's trajectory
+                xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+                pred = functional_call(unet, p, (xt, timesteps), {"return_dict": False})[0]
+                return (pred - noise).flatten(1).pow(2).mean(1).mean()
 
-        g = vmap(grad(objective), in_dims=(None, 0))(params, x0s)
+            g = vmap(grad(objective), in_dims=(None, 0))(params, x0s)
         return torch.cat([v.reshape(len(x0s), -1) for v in g.values()], dim=1)
 
     def __call__(self, seeds, images: torch.Tensor | None = None, atol: float = 1e-2) -> torch.Tensor:
@@ -296,12 +303,10 @@ class _Context:
 
     def __init__(self, attributor: Attributor, root: str, clip_path: str | None):
         self.attributor, self.root, self.clip_path = attributor, root, clip_path
-        self._cache = {}
+        self._cache = OnceCache()
 
     def cached(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+        return self._cache.get(key, make)
 
     def loss_setting(self, K=None) -> tuple[FeatureSetting, FeatureStore]:
         try:
@@ -339,12 +344,16 @@ class _Context:
 _CONTEXTS: "weakref.WeakKeyDictionary[Attributor, dict]" = weakref.WeakKeyDictionary()
 
 
+_CONTEXTS_LOCK = threading.Lock()
+
+
 def _context(attributor: Attributor, root: str, clip_path: str | None) -> _Context:
-    per = _CONTEXTS.setdefault(attributor, {})
     key = (os.path.abspath(root), clip_path)
-    if key not in per:
-        per[key] = _Context(attributor, root, clip_path)
-    return per[key]
+    with _CONTEXTS_LOCK:
+        per = _CONTEXTS.setdefault(attributor, {})
+        if key not in per:
+            per[key] = _Context(attributor, root, clip_path)
+        return per[key]
 
 
 # -- the registry ------------------------------------------------------------------------------

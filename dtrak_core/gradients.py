@@ -25,12 +25,15 @@ Two exact engines compute the same numbers (up to float rounding):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .output_functions import elbo_weights, get_output_function
+from .shared import ModelReplicas
 
 
 def timesteps_for(K: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -113,6 +116,11 @@ class GradientFeaturizer:
 
     `engine`: "auto" (default), "hooks" or "vmap" (see the module docstring); all give the same
     gradients up to float rounding. `timestep_chunk` bounds how many timesteps share one pass.
+
+    Safe to call from several threads at once: both engines change the module while they run
+    (forward hooks, `functional_call`'s parameter swap), so each call works on a private replica
+    (`shared.ModelReplicas`) and `unet` itself is only read. The weights are those of `unet` when
+    the featurizer was built.
     """
 
     def __init__(self, unet, scheduler, output_fn: str, K: int, timestep_chunk: int = 25, engine: str = "auto"):
@@ -125,6 +133,7 @@ class GradientFeaturizer:
                              "zero-padded Conv2d or GroupNorm layers; use engine='vmap'")
         self.engine = ("hooks" if hooks_supported(unet) else "vmap") if engine == "auto" else engine
         self.unet = unet.eval()
+        self.replicas = ModelReplicas(self.unet)
         self.output_fn_name = output_fn
         self.f = get_output_function(output_fn)
         self.K = K
@@ -139,15 +148,16 @@ class GradientFeaturizer:
         self.dim = sum(p.numel() for p in self.params.values())
         self.timestep_chunk = timestep_chunk
 
-    def _objective(self, params, x, sl: slice):
-        """Sum over timesteps in `sl` of f for one sample x (C, H, W)."""
+    def _objective(self, params, x, sl: slice, unet):
+        """Sum over timesteps in `sl` of f for one sample x (C, H, W), run on `unet` (a replica)."""
         eps = self.noise[sl]
         xt = self.sqrt_ab[sl] * x + self.sqrt_1mab[sl] * eps  # (k, C, H, W)
-        pred = functional_call(self.unet, params, (xt, self.timesteps[sl]), {"return_dict": False})[0]
+        pred = functional_call(unet, params, (xt, self.timesteps[sl]), {"return_dict": False})[0]
         return self.f(pred, eps, self.weights[sl]).sum()
 
-    def _hooks_grads(self, images: torch.Tensor, sl: slice) -> torch.Tensor:
-        """Per-sample gradients (B, d) of the sum over timesteps in `sl`, by per-layer contraction."""
+    def _hooks_grads(self, images: torch.Tensor, sl: slice, unet) -> torch.Tensor:
+        """Per-sample gradients (B, d) of the sum over timesteps in `sl`, by per-layer contraction,
+        with hooks on `unet` (a replica no other thread runs)."""
         B = len(images)
         m = len(range(self.K)[sl])
         eps = self.noise[sl].repeat(B, 1, 1, 1)  # (B*m, C, H, W), row b*m + j is (sample b, timestep j)
@@ -157,19 +167,19 @@ class GradientFeaturizer:
         def record(module, inputs, output):
             calls.append((module, inputs[0].detach(), output))
 
-        layers = {module for module in self.unet.modules()
+        layers = {module for module in unet.modules()
                   if any(p.requires_grad for p in module.parameters(recurse=False))}
         handles = [module.register_forward_hook(record) for module in layers]
         try:
             with torch.enable_grad():
-                pred = self.unet(xt, self.timesteps[sl].repeat(B), return_dict=False)[0]
+                pred = unet(xt, self.timesteps[sl].repeat(B), return_dict=False)[0]
                 total = self.f(pred, eps, self.weights[sl].repeat(B)).sum()
                 # Gradients w.r.t. layer outputs only: autograd then skips every weight gradient.
                 outs = torch.autograd.grad(total, [o for _, _, o in calls], allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        names = {id(module): name for name, module in self.unet.named_modules()}
+        names = {id(module): name for name, module in unet.named_modules()}
         grads: dict[str, torch.Tensor] = {}
         with torch.no_grad():  # the contractions are results, not part of any graph
             for (module, a, _), g in zip(calls, outs):
@@ -184,11 +194,13 @@ class GradientFeaturizer:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> per-sample gradients (B, d), float32."""
         out = torch.zeros(len(images), self.dim)
-        for start in range(0, self.K, self.timestep_chunk):
-            sl = slice(start, min(start + self.timestep_chunk, self.K))
-            if self.engine == "hooks":
-                out += self._hooks_grads(images, sl)
-                continue
-            g = vmap(grad(self._objective), in_dims=(None, 0, None))(self.params, images, sl)
-            out += torch.cat([v.reshape(len(images), -1) for v in g.values()], dim=1)
+        with self.replicas.borrow() as unet:
+            for start in range(0, self.K, self.timestep_chunk):
+                sl = slice(start, min(start + self.timestep_chunk, self.K))
+                if self.engine == "hooks":
+                    out += self._hooks_grads(images, sl, unet)
+                    continue
+                objective = functools.partial(self._objective, unet=unet)
+                g = vmap(grad(objective), in_dims=(None, 0, None))(self.params, images, sl)
+                out += torch.cat([v.reshape(len(images), -1) for v in g.values()], dim=1)
         return out / self.K
