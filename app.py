@@ -7,6 +7,12 @@ made them, and check by removing those images and retraining.
 Layout and thin handlers only: every computation is a `dtrak_core` call. The model, training set
 and feature stores are loaded once per process (`load_assets`) and shared by all sessions;
 per-user selections live in `gr.State`.
+
+Many visitors at once: handlers share only read-only state (the model is run read-only; the
+gradient engines work on private replicas, see `dtrak_core.shared`) and caches keyed by the whole
+request (`OnceCache`: built once, identical for everyone). The queue is bounded per session and per
+client address, a retrain stops when its visitor leaves, cancels or runs past a time limit, and
+the upload cache is swept.
 """
 from __future__ import annotations
 
@@ -31,14 +37,21 @@ from dtrak_core.build import read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.quality import classify
 from dtrak_core.sampling import generate
+from dtrak_core.shared import OnceCache
 from dtrak_core.training import Cancelled
 
 ASSETS = os.environ.get("DTRAK_ASSETS", "assets")
 QUERY_PX, THUMB_PX = 192, 64  # display sizes; images are upscaled by whole factors (crisp pixels)
 DEFAULT_K = 8
-MAX_K = 32
+MAX_K = sup.MAX_TOP_K
 NO_RANKING = "none"
 PROPONENT, OPPONENT, NEUTRAL = "#16a34a", "#dc2626", "#94a3b8"
+
+# Limits for a public server (environment variables override them)
+MAX_PENDING_PER_SESSION = int(os.environ.get("DTRAK_MAX_PENDING_PER_SESSION", 4))  # queued + running
+MAX_PENDING_PER_CLIENT = int(os.environ.get("DTRAK_MAX_PENDING_PER_CLIENT", 12))  # per address, all its sessions
+MAX_RETRAIN_SECONDS = float(os.environ.get("DTRAK_MAX_RETRAIN_SECONDS", 900))  # wall time of one retrain request
+CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
 
 
 # ---------------------------------------------------------------- shared state (one per process)
@@ -49,6 +62,7 @@ class Assets:
     attributor: Attributor
     methods: list  # every method that can run here: TRAK family (one per store) and baselines
     unavailable: dict  # {baseline: why it cannot run here}
+    damaged: dict  # {baseline: the damaged file that stops it} (a subset of `unavailable`)
 
     @property
     def n_train(self) -> int:
@@ -79,8 +93,10 @@ def load_assets(root: str) -> Assets:
     if attributor.methods:  # build the default method's featurizer and scorer now, not on the first click
         cfg = attributor.unet.config
         attributor.scores(torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size), sup.method_choices(attributor.methods)[0][1])
-    unavailable = baselines.unavailable_methods(attributor, root)
-    return Assets(root, attributor, baselines.available_methods(attributor, root), unavailable)
+    problems = baselines.method_problems(attributor, root)
+    methods = list(attributor.methods) + [m for m in baselines.BASELINES if m not in problems]
+    return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
+                  {m: str(e) for m, e in problems.items() if not isinstance(e, baselines.MethodUnavailable)})
 
 
 def assets() -> Assets:
@@ -90,10 +106,12 @@ def assets() -> Assets:
         raise gr.Error(f"The model assets could not be loaded: {e}") from None
 
 
-_samples_cache = sup.LRUCache(64)  # (seeds, steps) -> images (B, C, H, W)
-_attribution_cache = sup.LRUCache(256)  # (QueryKey, method) -> Attribution
-_counterfactual_cache = sup.LRUCache(64)  # (seed, steps, ranking, k) -> CounterfactualRun
-_cancel_flags: dict[str, threading.Event] = {}  # session -> "stop my retrain"
+# Results keyed by the whole request, so they are the same for every visitor who asks
+_samples_cache = OnceCache(64)  # (seeds, steps) -> images (B, C, H, W)
+_attribution_cache = OnceCache(256)  # (QueryKey, method) -> Attribution
+_counterfactual_cache = OnceCache(64)  # (seed, ranking, k) -> CounterfactualView
+_cancelled_at: dict[str, float] = {}  # session -> time.monotonic() of its last Cancel
+_cancel_lock = threading.Lock()
 
 
 def _counterfactual():
@@ -224,17 +242,19 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
     """Seeds + DDIM steps -> gallery items and the batch (kept in session state)."""
     a = assets()
     seeds = sup.parse_seeds(mode, seed, start, end, count)
-    steps = int(steps)
-    key = (tuple(seeds), steps)
-    images = _samples_cache.get(key)
-    if images is None:
-        images = generate(a.attributor.unet, a.attributor.scheduler, seeds, steps=steps,
-                          progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
-        _samples_cache.put(key, images)
+    steps = sup.parse_steps(steps)
+    images = samples(seeds, steps, progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
     found = digit_labels(images.numpy())
     captions = [f"seed {s}" + ("" if found is None else f": {found[0][i]}") for i, s in enumerate(seeds)]
     items = [(to_pil(img, a.scale(2 * THUMB_PX)), c) for img, c in zip(images, captions)]
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
+
+
+def samples(seeds, steps: int, progress=None) -> torch.Tensor:
+    """The DDIM samples (B, C, H, W) of these seeds, computed once per (seeds, steps)."""
+    a = assets()
+    return _samples_cache.get((tuple(seeds), steps), lambda: generate(
+        a.attributor.unet, a.attributor.scheduler, seeds, steps=steps, progress=progress))
 
 
 def select_sample(batch, evt: gr.SelectData):
@@ -254,15 +274,14 @@ def query_view(q):
 
 def attribution_for(q, method: str) -> Attribution:
     """Scores of any method (TRAK family or baseline) for a query, cached per (query, method)."""
-    key = (q["key"], method)
-    result = _attribution_cache.get(key)
-    if result is None:
-        a = assets()
+    a = assets()
+    method = sup.parse_method(method, a.methods)
+
+    def compute():
         seeds = None if q["seed"] is None else [q["seed"]]  # journey-trak follows the sample's own trajectory
         scores = baselines.method_scores(a.attributor, method, torch.as_tensor(q["pixels"])[None], seeds, root=a.root)[0]
-        result = Attribution(method, scores, a.attributor.train.labels.numpy())
-        _attribution_cache.put(key, result)
-    return result
+        return Attribution(method, scores, a.attributor.train.labels.numpy())
+    return _attribution_cache.get((q["key"], method), compute)
 
 
 @readable
@@ -270,21 +289,33 @@ def attribute(q, method, k, progress=gr.Progress()):
     """Query + method -> proponents, opponents, histogram, per-class mass, summary."""
     if q is None:
         raise gr.Error("No query yet: generate samples and click one, or upload an image.")
-    k = int(k)
-    t0 = time.perf_counter()
+    k = sup.parse_top_k(k)
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(q, method)
-    seconds = time.perf_counter() - t0
     prop = result.proponents(k)
     found = digit_labels(q["pixels"][None])
     same = (" and opponents are below" if found is None else
             f" include **{int((result.labels[prop] == found[0][0]).sum())} of {k}** training images of the digit "
             f"the classifier sees")
     summary = (f"**{sup.method_label(method)}** ({method_description(method)}) on the query ({q['title']}): its "
-               f"top-{k} proponents{same} ({time.perf_counter() - t0:.2f} s{' (cached)' if seconds < 0.01 else ''}).")
+               f"top-{k} proponents{same}.")
     return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
             training_cards(result, result.opponents(k), f"Top-{k} opponents"),
             score_histogram(result, k), class_mass_figure(result, assets().class_word), summary)
+
+
+@readable
+def attribute_seed(seed: int, steps: int = 50, method: str = "square", k: int = 8) -> dict:
+    """Attribute the generated sample of one seed (DDIM, `steps` steps) with `method`: its top-k
+    proponents and opponents among the training images, as JSON."""
+    a = assets()
+    seed = sup.parse_seeds("single", seed)[0]
+    steps, k = sup.parse_steps(steps), sup.parse_top_k(k)
+    pixels = samples([seed], steps)[0].numpy()
+    result = attribution_for(sample_query(seed, steps, pixels), method)
+    found = digit_labels(pixels[None])
+    query = {"seed": seed, "steps": steps} | ({} if found is None else {"label": int(found[0][0])})
+    return {**result.table(k), "query": query, "n_train": a.n_train}
 
 
 @readable
@@ -292,7 +323,7 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
     """Two methods on the same query: both top-k grids, their overlap and rank correlation."""
     if q is None:
         raise gr.Error("No query yet: generate samples and click one, or upload an image.")
-    k = int(k)
+    k = sup.parse_top_k(k)
     progress(0, desc="attributing with both methods")
     ra, rb = attribution_for(q, method_a), attribution_for(q, method_b)
     overlap = sup.top_k_overlap(ra.scores, rb.scores, k)
@@ -405,8 +436,54 @@ def _session(request: gr.Request | None) -> str:
 
 
 def cancel_retrain(request: gr.Request = None):
-    _cancel_flags.setdefault(_session(request), threading.Event()).set()
+    """Cancel: stops this session's retrain, running or still waiting in the queue."""
+    with _cancel_lock:
+        _cancelled_at[_session(request)] = time.monotonic()
     return "Cancelled: the retrain was stopped; nothing was changed."
+
+
+def forget_session(request: gr.Request = None):
+    """The visitor closed the page: their retrain (if any) stops."""
+    cancel_retrain(request)
+
+
+class RetrainGuard:
+    """When a retrain request must stop: its visitor pressed Cancel after submitting it (even while
+    it was still queued), closed the page or the API stream, or it ran past MAX_RETRAIN_SECONDS."""
+
+    def __init__(self, request: gr.Request | None):
+        self.session = _session(request)
+        self.event = _queue_event(request)
+        # a Cancel pressed after the request was queued applies to it
+        self.since = self.event.enqueue_time if self.event is not None else time.monotonic()
+        self.deadline = time.monotonic() + MAX_RETRAIN_SECONDS
+        self.reason = None
+
+    def __call__(self) -> bool:
+        with _cancel_lock:
+            cancelled = _cancelled_at.get(self.session, -1.0) >= self.since
+        if cancelled:
+            self.reason = "Cancelled: the retrain was stopped; nothing was changed."
+        elif self.event is not None and not self.event.alive:
+            self.reason = "Stopped: the page or API stream that asked for this retrain was closed."
+        elif time.monotonic() > self.deadline:
+            self.reason = (f"Stopped after {MAX_RETRAIN_SECONDS:.0f} s, the time limit of one retrain request "
+                           "on this server; nothing was changed. Try again when the server is less busy.")
+        return self.reason is not None
+
+
+def _queue_event(request: gr.Request | None):
+    """The queue's record of the running retrain request of this session (None outside a server):
+    Gradio marks it not alive when the visitor's stream closes."""
+    session = getattr(request, "session_hash", None)
+    queue = getattr(demo, "_queue", None)
+    if session is None or queue is None:
+        return None
+    for events in list(queue.active_jobs):
+        for event in events or ():
+            if event.session_hash == session and event.fn.name == "run_counterfactual":
+                return event
+    return None
 
 
 def counterfactual_outputs(views: list, status: str) -> tuple:
@@ -430,23 +507,27 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
     """Remove the target's top-k under one or two rankings, retrain, regenerate; cached per request."""
     a = assets()
     cf = _counterfactual()
-    flag = _cancel_flags.setdefault(_session(request), threading.Event())
-    flag.clear()
-    seed, k = sup.parse_seeds("single", seed)[0], int(k)
+    stop = RetrainGuard(request)
+    seed, k = sup.parse_seeds("single", seed)[0], sup.parse_removal_k(k, a.n_train)
+    allowed = [*a.attributor.methods, "random"]
+    rankings = [sup.parse_method(ranking_a, allowed, "ranking A")]
+    if ranking_b not in (NO_RANKING, None, ranking_a):
+        rankings.append(sup.parse_method(ranking_b, allowed, "ranking B"))
     config = cf.train_config_from_manifest(a.root)
-    rankings = [ranking_a] + ([ranking_b] if ranking_b not in (NO_RANKING, None, ranking_a) else [])
     views = []
     for j, ranking in enumerate(rankings):
         key = (seed, ranking, k)
-        view = _counterfactual_cache.get(key) or stored_view(a.root, key)
+        view = _counterfactual_cache.peek(key) or stored_view(a.root, key)
         if view is None:
             label = f"{sup.method_label(ranking)} ({j + 1}/{len(rankings)})"
             try:
+                if stop():
+                    raise Cancelled(stop.reason)
                 result = cf.remove_and_retrain(a.attributor, seed, ranking, k, config=config,
                                                progress=lambda f, msg: progress(f, desc=f"{label}: {msg}"),
-                                               should_stop=flag.is_set)
+                                               should_stop=stop)
             except Cancelled:
-                return (*[gr.update()] * 6, "Cancelled: the retrain was stopped; nothing was changed.")
+                return (*[gr.update()] * 6, stop.reason or "Cancelled: the retrain was stopped; nothing was changed.")
             view = CounterfactualView.from_result(result)
             _counterfactual_cache.put(key, view)
         views.append(view)
@@ -685,23 +766,42 @@ def benchmark_chart(rows, headers, title) -> go.Figure | None:
     return fig
 
 
+def error_page(error: str) -> gr.Blocks:
+    """What the app shows when its model folder cannot be loaded: what is wrong and how to fix it."""
+    with gr.Blocks(title="D-TRAK explorer", delete_cache=CACHE_SWEEP) as page:
+        gr.Markdown(HEADER)
+        gr.Markdown(f"## The model assets could not be loaded\n\n**Folder:** `{ASSETS}`\n\n**What is wrong:** "
+                    f"{html.escape(error)}\n\n**How to fix it:** point `DTRAK_ASSETS` at a complete model folder, "
+                    "restore the embedded default with `git checkout -- assets` (or `git lfs pull` if it came "
+                    "without its binaries), or rebuild it with `python -m dtrak_core build-default` "
+                    "(a model of your own: `python -m dtrak_core build --root FOLDER --model M --data D`). "
+                    "Then restart the app.", elem_id="assets-error")
+    return page
+
+
 def build_demo() -> gr.Blocks:
     try:
         a = load_assets(ASSETS)
-        methods, ranked, n_train, unavailable, error = a.methods, a.attributor.methods, a.n_train, a.unavailable, None
-    except (ValueError, OSError) as e:
-        a, (methods, ranked, n_train, unavailable, error) = None, ([], [], 2, {}, str(e))
+    except Exception as e:  # any damage to the folder: the page says what, instead of a dead server
+        import traceback
+
+        traceback.print_exc()
+        return error_page(str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
+    methods, ranked, n_train, unavailable = a.methods, a.attributor.methods, a.n_train, a.unavailable
     choices = sup.method_choices(methods)
     default_method = choices[0][1] if choices else None
     rankings = sup.method_choices(ranked) + [("random", "random")]  # the counterfactual retrains on TRAK-family rankings
     second = "loss" if "loss" in methods and default_method != "loss" else (choices[-1][1] if choices else None)
 
-    with gr.Blocks(title="D-TRAK explorer") as demo:
+    with gr.Blocks(title="D-TRAK explorer", delete_cache=CACHE_SWEEP) as demo:
         batch = gr.State(None)  # the last generated batch: seeds, steps, images
         query = gr.State(None)  # the current query: key, pixels, title, seed, steps
         gr.Markdown(header_markdown(a))
-        if error:
-            gr.Markdown(f"**The model assets could not be loaded:** {error}")
+        if a.damaged:
+            gr.Markdown("**Some files under the model folder are damaged**, so these methods are off until they "
+                        "are restored or rebuilt:\n\n" + "\n".join(f"- **{m}**: {html.escape(why)}"
+                                                                for m, why in a.damaged.items()),
+                        elem_id="damaged")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -712,11 +812,11 @@ def build_demo() -> gr.Blocks:
                             start = gr.Number(0, precision=0, label="First seed", min_width=100)
                             end = gr.Number(15, precision=0, label="Last seed", min_width=100)
                         count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
-                        steps = gr.Slider(1, 200, 50, step=1, label="DDIM steps")
+                        steps = gr.Slider(1, sup.MAX_DDIM_STEPS, 50, step=1, label="DDIM steps")
                         gen_btn = gr.Button("Generate", variant="primary")
                     with gr.Column(scale=3):
                         gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
-                                    "training images made it." if a is None or a.digits else
+                                    "training images made it." if a.digits else
                                     "**Samples** (by seed). Click one to see which training images made it.")
                         gallery = gr.Gallery(label="Samples", show_label=False, columns=6,
                                              format="png", object_fit="contain", allow_preview=False, height="auto")
@@ -728,7 +828,7 @@ def build_demo() -> gr.Blocks:
                         query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.")
                         upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
                                          type="filepath", height=150, elem_id="upload")
-                        invert = gr.Checkbox(a is None or a.digits, label="invert (dark ink on light paper)")
+                        invert = gr.Checkbox(a.digits, label="invert (dark ink on light paper)")
                     with gr.Column(scale=3):
                         with gr.Row():
                             method = gr.Dropdown(choices, value=default_method, label="Method")
@@ -747,7 +847,7 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         gal_a = gr.HTML(elem_id="compare-a")
                         gal_b = gr.HTML(elem_id="compare-b")
-            with gr.Tab("Counterfactual", id="counterfactual", visible=a is None or a.can_retrain):
+            with gr.Tab("Counterfactual", id="counterfactual", visible=a.can_retrain):
                 gr.Markdown("Remove a generated sample's top proponents from the training set, retrain the model "
                             "from scratch with the same recipe, and regenerate the same seed (DDIM 50 steps, as "
                             "published). If the attribution is right, the digit should change more than when "
@@ -789,7 +889,7 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Benchmarks", id="benchmarks"):
                 benchmarks_blocks(ASSETS)
             with gr.Tab("About", id="about"):
-                gr.Markdown(ABOUT + (ABOUT_DEFAULT if a is None or a.digits else ""), latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                gr.Markdown(ABOUT + (ABOUT_DEFAULT if a.digits else ""), latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                      {"left": "$", "right": "$", "display": False}])
                 gr.Markdown(methods_markdown(methods, unavailable))
 
@@ -818,14 +918,58 @@ def build_demo() -> gr.Blocks:
         run_event = run_btn.click(run_counterfactual, [cf_seed, cf_k, rank_a, rank_b], cf_outputs,
                                   concurrency_id="retrain", concurrency_limit=1, show_progress_on=[cf_status])
         cancel_btn.click(cancel_retrain, None, cf_status, cancels=[run_event], queue=False)
+        demo.unload(forget_session)
+        gr.api(attribute_seed, api_name="attribute_seed", concurrency_id="compute")
         cf_examples.select(show_example, None, [cf_seed, cf_k, rank_a, rank_b, *cf_outputs], queue=False)
         demo.load(first_example, None, [cf_seed, cf_k, rank_a, rank_b, *cf_outputs], queue=False)
+    return demo
+
+
+# ---------------------------------------------------------------- serving
+
+def client_address(request) -> str:
+    """The visitor's address: the one the nearest proxy recorded (a hosted Space sits behind one),
+    else the socket's peer."""
+    forwarded = request.headers.get("x-forwarded-for", "") if request is not None else ""
+    if forwarded.strip():
+        return forwarded.split(",")[-1].strip()
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "unknown"
+
+
+def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,
+                            per_client: int = MAX_PENDING_PER_CLIENT) -> None:
+    """Refuse a queue join when its session, or its address over all its sessions, already has
+    that many requests queued or running, so that one visitor cannot fill the queue for everyone.
+
+    Gradio bounds only the whole queue (`max_size`); this wraps its `push`, which every queued event
+    goes through, and counts the events the queue still holds (queued and running).
+    """
+    push = queue.push
+
+    async def bounded_push(body, request, username):
+        session = body.session_hash
+        address = client_address(request)
+        events = list(queue.event_ids_to_events.values())
+        mine = sum(1 for e in events if session is not None and e.session_hash == session)
+        theirs = sum(1 for e in events if client_address(e.request) == address)
+        if mine >= per_session or theirs >= per_client:
+            return False, (f"You already have {max(mine, 1) if mine >= per_session else theirs} requests waiting or running; "
+                           "wait for them to finish (this server is shared by every visitor)."), "queue_full"
+        return await push(body, request, username)
+
+    queue.push = bounded_push
+
+
+def configure(demo: gr.Blocks) -> gr.Blocks:
+    """Queue and limits for serving `demo` to many visitors (also used by the tests' servers)."""
+    demo.queue(max_size=64, default_concurrency_limit=2)
+    bound_queue_per_visitor(demo._queue)
     return demo
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.queue(max_size=32, default_concurrency_limit=2).launch(
-        max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
-        footer_links=["gradio"])
+    configure(demo).launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
+                           footer_links=["gradio"])

@@ -1,12 +1,12 @@
 """Small non-UI helpers behind the Gradio app (`app.py`): seed parsing, summaries of a score
 vector (per-class mass, top-k thresholds), comparisons of two methods (overlap, rank correlation),
-removal sets for the counterfactual, and a small LRU cache. No gradio here.
+removal sets for the counterfactual, and validation of request parameters. No gradio here.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,13 +34,10 @@ def parse_seeds(mode: str, seed=None, start=None, end=None, count=None, rng_seed
     """Seeds for one generate request: 'single' (seed), 'range' (start..end inclusive) or
     'random' (count seeds drawn from `rng_seed`, fresh entropy when None)."""
     def as_int(value, name):
-        if value is None or (isinstance(value, float) and not np.isfinite(value)) or float(value) != int(value):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        v = int(value)
-        if not 0 <= v <= MAX_SEED:
-            raise ValueError(f"{name} must lie in 0..{MAX_SEED}, got {v}")
-        return v
+        return parse_int(value, name, 0, MAX_SEED)
 
+    if not isinstance(mode, str):
+        raise ValueError(f"unknown seed mode {_shown(mode)}; choose single, range or random")
     if mode == "single":
         return [as_int(seed, "seed")]
     if mode == "range":
@@ -51,12 +48,11 @@ def parse_seeds(mode: str, seed=None, start=None, end=None, count=None, rng_seed
             raise ValueError(f"at most {MAX_SAMPLES} samples per request; {a}..{b} is {b - a + 1}")
         return list(range(a, b + 1))
     if mode == "random":
-        n = as_int(count, "number of samples")
-        if not 1 <= n <= MAX_SAMPLES:
-            raise ValueError(f"number of samples must lie in 1..{MAX_SAMPLES}, got {n}")
-        rng = np.random.default_rng(rng_seed)
+        n = parse_int(count, "number of samples", 1, MAX_SAMPLES)
+        draw = None if rng_seed is None else parse_int(rng_seed, "seed of the draw", 0, 2**63 - 1)
+        rng = np.random.default_rng(draw)
         return sorted(int(s) for s in rng.choice(100_000, size=n, replace=False))
-    raise ValueError(f"unknown seed mode {mode!r}; choose single, range or random")
+    raise ValueError(f"unknown seed mode {_shown(mode)}; choose single, range or random")
 
 
 def class_mass(scores: np.ndarray, labels: np.ndarray, n_classes: int | None = None) -> dict:
@@ -162,32 +158,6 @@ def records(data) -> list[tuple[str, list[dict]]]:
     return found
 
 
-class LRUCache:
-    """A dict that forgets its least recently used entries beyond `size`."""
-
-    def __init__(self, size: int = 128):
-        self.size = size
-        self._data: OrderedDict = OrderedDict()
-
-    def get(self, key, default=None):
-        if key not in self._data:
-            return default
-        self._data.move_to_end(key)
-        return self._data[key]
-
-    def put(self, key, value) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-
-    def __contains__(self, key) -> bool:
-        return key in self._data
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 @dataclass(frozen=True)
 class QueryKey:
     """What identifies an attribution query: a generated sample (seed, steps) or an upload (pixel hash)."""
@@ -259,3 +229,85 @@ def table_rows(table: dict) -> list[dict]:
             rows.append({"method": name, "test set": test_set, "LDS (honest lambda)": round(float(value["lds"]), 2),
                          "+- (honest)": round(float(value["pm"]), 2)})
     return rows
+
+
+# ---------------------------------------------------------------- request parameters
+# Every number a visitor sends passes through these: Gradio's sliders bound the UI, not the API,
+# which accepts any JSON (null, strings, 1e308, true, ...).
+
+MAX_DDIM_STEPS = 200
+MAX_TOP_K = 32
+
+
+def _shown(value, limit: int = 40) -> str:
+    """repr(value) cut to `limit` characters, for messages (a request may send anything)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "a number too long to show"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def parse_int(value, name: str, lo: int, hi: int) -> int:
+    """A whole number in lo..hi from a request value; ValueError with a message for the visitor otherwise.
+
+    Accepted: ints, integral floats (a slider may send 50.0), numpy numbers and short strings that
+    spell one ("50", " 7 ", "1e3"). Refused: None, booleans, NaN, infinities, fractions, anything else.
+    """
+    error = ValueError(f"{name} must be a whole number in {lo}..{hi}, got {_shown(value)}")
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            value = int(value.strip())
+        except ValueError:
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise error from None
+    if isinstance(value, (bool, np.bool_)):
+        raise error
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+    elif isinstance(value, numbers.Real):
+        try:
+            f = float(value)
+        except (OverflowError, TypeError, ValueError):
+            raise error from None
+        if not np.isfinite(f) or not f.is_integer():
+            raise error
+        v = int(f)
+    else:
+        raise error
+    if not lo <= v <= hi:
+        raise error
+    return v
+
+
+def parse_steps(value) -> int:
+    """DDIM sampling steps of a generate request, 1..MAX_DDIM_STEPS."""
+    return parse_int(value, "DDIM steps", 1, MAX_DDIM_STEPS)
+
+
+def parse_top_k(value, n_train: int | None = None) -> int:
+    """How many proponents / opponents to show, 1..MAX_TOP_K (and at most the training-set size)."""
+    return parse_int(value, "top-k", 1, MAX_TOP_K if n_train is None else max(1, min(MAX_TOP_K, int(n_train))))
+
+
+def parse_removal_k(value, n_train: int) -> int:
+    """Training images a counterfactual removes, 1..n_train // 2 (at least half the set stays)."""
+    return parse_int(value, "number of training images to remove", 1, max(1, int(n_train) // 2))
+
+
+def parse_method(value, choices, name: str = "method") -> str:
+    """A method name from a request, checked against `choices` (names, or (label, name) pairs as
+    `method_choices` gives); a label is accepted too. ValueError naming the valid choices otherwise."""
+    pairs = [tuple(c) if isinstance(c, (tuple, list)) else (method_label(c), c) for c in choices]
+    if isinstance(value, str):
+        for label, method in pairs:
+            if value == method:
+                return method
+        for label, method in pairs:
+            if value == label:
+                return method
+    if not pairs:
+        raise ValueError(f"no {name} is available here")
+    raise ValueError(f"{name} must be one of {', '.join(label for label, _ in pairs)}; got {_shown(value)}")

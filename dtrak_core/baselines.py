@@ -428,17 +428,23 @@ BASELINES = {
 
 
 # -- uniform interface -------------------------------------------------------------------------
-def unavailable_methods(attributor: Attributor, root: str = "assets", clip_path: str | None = None) -> dict[str, str]:
-    """{baseline name: why it cannot run} for this attributor."""
+def method_problems(attributor: Attributor, root: str = "assets", clip_path: str | None = None) -> dict[str, ValueError]:
+    """{baseline name: why it cannot run}: a `MethodUnavailable` when its inputs are absent, another
+    ValueError (naming the file) when they are present but damaged."""
     ctx = _context(attributor, root, clip_path)
     checks = {"nothing": lambda: None, "clip": ctx.clip, "loss-store": ctx.loss_train, "tracin": ctx.tracin}
-    reasons = {}
+    problems = {}
     for need, check in checks.items():
         try:
             check()
-        except MethodUnavailable as e:
-            reasons.update({name: str(e) for name, b in BASELINES.items() if b.needs == need})
-    return reasons
+        except ValueError as e:
+            problems.update({name: e for name, b in BASELINES.items() if b.needs == need})
+    return problems
+
+
+def unavailable_methods(attributor: Attributor, root: str = "assets", clip_path: str | None = None) -> dict[str, str]:
+    """{baseline name: why it cannot run} for this attributor."""
+    return {name: str(e) for name, e in method_problems(attributor, root, clip_path).items()}
 
 
 def available_methods(attributor: Attributor, root: str = "assets", clip_path: str | None = None) -> list[str]:

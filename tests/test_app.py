@@ -14,6 +14,7 @@ import torch
 from dtrak_core import app_support as sup
 from dtrak_core.attribution import RULE
 from dtrak_core.features import FeatureSetting
+from dtrak_core.shared import OnceCache
 from dtrak_core.training import TrainConfig
 
 # Long enough (a few seconds) for the browser test to cancel a retrain in flight.
@@ -139,11 +140,11 @@ def test_overlap_thresholds_and_rank_correlation_match_brute_force():
 
 
 def test_lru_cache_forgets_oldest():
-    c = sup.LRUCache(2)
+    c = OnceCache(2)
     c.put("a", 1), c.put("b", 2)
-    assert c.get("a") == 1  # a is now the most recent
+    assert c.peek("a") == 1  # a is now the most recent
     c.put("c", 3)
-    assert "b" not in c and c.get("a") == 1 and c.get("c") == 3 and len(c) == 2
+    assert "b" not in c and c.peek("a") == 1 and c.peek("c") == 3 and len(c) == 2
 
 
 def test_benchmark_tables(tmp_path):
@@ -207,7 +208,8 @@ def test_attribute_and_compare(app):
     real = att.featurizer
     att.featurizer = lambda setting: pytest.fail("a repeated query must not featurize again")
     try:
-        assert "(cached)" in app.attribute(q, "square", 8)[4]  # another k, same query and method
+        # another k, same query and method; the summary does not tell whether someone asked before
+        assert "cached" not in app.attribute(q, "square", 8)[4]
     finally:
         att.featurizer = real
     ga, gb, text = app.compare(q, "square", "loss", 6)
@@ -289,7 +291,7 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
 
     before, after_a, after_b, rows, removed_a, removed_b, status = app.run_counterfactual(1001, 40, "square", "none", None)
     assert len(rows) == 1 and rows[0][:2] == ["D-TRAK (square)", 40] and rows[0][-1].endswith(" s")
-    view = app._counterfactual_cache.get((1001, "square", 40))
+    view = app._counterfactual_cache.peek((1001, "square", 40))
     assert rows[0][2] == round(view.l2, 3)
     a = app.assets().attributor
     target = app.generate(a.unet, a.scheduler, [1001], steps=50)[0]
