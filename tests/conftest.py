@@ -1,11 +1,16 @@
+import contextlib
+import importlib
 import os
+import sys
 
 import dtrak_core  # noqa: F401  (first: passive OpenMP waits before torch loads)
 import pytest
 import torch
 
 from dtrak_core.data import load_digits
+from dtrak_core.features import FeatureSetting
 from dtrak_core.model import build_scheduler, build_unet
+from dtrak_core.training import TrainConfig
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -36,3 +41,63 @@ def scheduler():
 @pytest.fixture(scope="session")
 def digits():
     return load_digits("train")
+
+
+# -- a complete tiny model folder, and the app module loaded on it ------------------------------
+# Long enough (a few seconds) for the browser test to cancel a retrain in flight.
+TINY_TRAIN = TrainConfig(steps=250, batch_size=16, block_out_channels=(4, 8))
+TINY_SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
+EXAMPLE_SEED, EXAMPLE_K = 1000, 30
+EXAMPLE_TRAIN = TrainConfig(steps=5, batch_size=16, block_out_channels=(4, 8))  # the gallery's retrains
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """torch on `n` threads inside the block: on a busy 2-core machine two threads per process
+    oversubscribe the cores and tiny models train ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_tiny_assets(root: str) -> str:
+    """A complete tiny model folder: model, two stores, and a precomputed counterfactual gallery
+    written by the counterfactual harness (idempotent: a finished folder is reused)."""
+    gallery = os.path.join(root, "counterfactual", "gallery", "gallery.json")
+    if os.path.isfile(gallery):
+        return root
+    with torch_threads(1):
+        _build_tiny_assets(root, gallery)
+    return root
+
+
+def _build_tiny_assets(root: str, gallery: str) -> None:
+    from dtrak_core import counterfactual as cf
+    from dtrak_core.attribution import Attributor
+    from dtrak_core.build import build_store, train_or_load
+
+    unet, scheduler, _ = train_or_load(root, TINY_TRAIN, show_bar=False)
+    for setting in TINY_SETTINGS:  # (build_default would also measure sample quality: not needed here)
+        build_store(root, unet, scheduler, setting, show_bar=False)
+    attributor = Attributor.load(root)
+    runs = os.path.join(root, "counterfactual", "runs")
+    cf.run_counterfactual(attributor, runs, seeds=[EXAMPLE_SEED], rankings=("d-trak", "random"), ks=(EXAMPLE_K,),
+                          config=EXAMPLE_TRAIN, control=False,
+                          show_bar=False)
+    cf.write_gallery(runs, os.path.dirname(gallery), attributor.train)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return build_tiny_assets(str(tmp_path_factory.getbasetemp() / "app_assets"))
+
+
+@pytest.fixture(scope="module")
+def app(tiny_root):
+    """The app module, imported with DTRAK_ASSETS pointing at the tiny folder."""
+    os.environ["DTRAK_ASSETS"] = tiny_root
+    with torch_threads(1):
+        yield importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")

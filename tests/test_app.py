@@ -1,11 +1,9 @@
 """The Gradio app's handlers, called directly on a tiny model folder (no server, no browser),
 and the app's small core helpers (dtrak_core.app_support) against brute-force references."""
-import importlib
 import io
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -13,67 +11,8 @@ import torch
 
 from dtrak_core import app_support as sup
 from dtrak_core.attribution import RULE
-from dtrak_core.features import FeatureSetting
 from dtrak_core.shared import OnceCache
-from dtrak_core.training import TrainConfig
-
-# Long enough (a few seconds) for the browser test to cancel a retrain in flight.
-TINY_TRAIN = TrainConfig(steps=250, batch_size=16, block_out_channels=(4, 8))
-TINY_SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
-EXAMPLE_SEED, EXAMPLE_K = 1000, 30
-EXAMPLE_TRAIN = TrainConfig(steps=5, batch_size=16, block_out_channels=(4, 8))  # the gallery's retrains
-
-
-class one_thread:
-    """torch on one thread inside the block: on a busy 2-core machine two threads per process
-    oversubscribe the cores and tiny models train ~5x slower."""
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
-
-
-def build_tiny_assets(root: str) -> str:
-    """A complete tiny model folder: model, two stores, and a precomputed counterfactual gallery
-    written by the counterfactual harness (idempotent: a finished folder is reused)."""
-    gallery = os.path.join(root, "counterfactual", "gallery", "gallery.json")
-    if os.path.isfile(gallery):
-        return root
-    with one_thread():
-        _build_tiny_assets(root, gallery)
-    return root
-
-
-def _build_tiny_assets(root: str, gallery: str) -> None:
-    from dtrak_core import counterfactual as cf
-    from dtrak_core.attribution import Attributor
-    from dtrak_core.build import build_store, train_or_load
-
-    unet, scheduler, _ = train_or_load(root, TINY_TRAIN, show_bar=False)
-    for setting in TINY_SETTINGS:  # (build_default would also measure sample quality: not needed here)
-        build_store(root, unet, scheduler, setting, show_bar=False)
-    attributor = Attributor.load(root)
-    runs = os.path.join(root, "counterfactual", "runs")
-    cf.run_counterfactual(attributor, runs, seeds=[EXAMPLE_SEED], rankings=("d-trak", "random"), ks=(EXAMPLE_K,),
-                          config=EXAMPLE_TRAIN, control=False,
-                          show_bar=False)
-    cf.write_gallery(runs, os.path.dirname(gallery), attributor.train)
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    return build_tiny_assets(str(tmp_path_factory.getbasetemp() / "app_assets"))
-
-
-@pytest.fixture(scope="module")
-def app(tiny_root):
-    """The app module, imported with DTRAK_ASSETS pointing at the tiny folder."""
-    os.environ["DTRAK_ASSETS"] = tiny_root
-    with one_thread():
-        yield importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
 
 class Select:

@@ -1,7 +1,7 @@
 """The app in a real browser: Debian's Chromium driven by Playwright for Python.
 
 The app runs as `python app.py` in a subprocess on a free local port, on the tiny model folder
-built by test_app.build_tiny_assets. Screenshots go to artifacts/screenshots/.
+built by conftest.build_tiny_assets. Screenshots go to artifacts/screenshots/.
 Needs: `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
 """
 import os
@@ -32,7 +32,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)",
                 allow_module_level=True)
 
-from test_app import EXAMPLE_SEED, build_tiny_assets  # noqa: E402
+from conftest import EXAMPLE_SEED, build_tiny_assets  # noqa: E402
 
 expect.set_options(timeout=60_000)  # a busy shared machine; assertions return as soon as they hold
 
