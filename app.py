@@ -943,7 +943,9 @@ def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,
     that many requests queued or running, so that one visitor cannot fill the queue for everyone.
 
     Gradio bounds only the whole queue (`max_size`); this wraps its `push`, which every queued event
-    goes through, and counts the events the queue still holds (queued and running).
+    goes through, and counts the events the queue still holds (queued and running). The refusal is
+    an "error" join (HTTP 400), whose message the page shows as it is ("queue_full" would show
+    Gradio's generic text).
     """
     push = queue.push
 
@@ -955,16 +957,17 @@ def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,
         theirs = sum(1 for e in events if client_address(e.request) == address)
         if mine >= per_session or theirs >= per_client:
             return False, (f"You already have {max(mine, 1) if mine >= per_session else theirs} requests waiting or running; "
-                           "wait for them to finish (this server is shared by every visitor)."), "queue_full"
+                           "wait for them to finish (this server is shared by every visitor)."), "error"
         return await push(body, request, username)
 
     queue.push = bounded_push
 
 
-def configure(demo: gr.Blocks) -> gr.Blocks:
+def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
+              per_client: int = MAX_PENDING_PER_CLIENT) -> gr.Blocks:
     """Queue and limits for serving `demo` to many visitors (also used by the tests' servers)."""
     demo.queue(max_size=64, default_concurrency_limit=2)
-    bound_queue_per_visitor(demo._queue)
+    bound_queue_per_visitor(demo._queue, per_session, per_client)
     return demo
 
 
