@@ -16,54 +16,172 @@ from .data import image_to_tensor
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 4096 * 4096
+MIN_SIDE = 4  # pixels; smaller images carry too little to attribute
+MAX_ASPECT = 4.0  # longer side / shorter side; the centre square must keep at least 1/4 of the image
+
+# Pillow plugins an upload may be decoded by, and nothing else: Pillow would otherwise try every
+# plugin it has, some of which run external programs (EPS and PS start Ghostscript) or parse rarely
+# used formats. JPEG files with a multi-picture extension open as MPO.
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+_DECODED_AS = set(UPLOAD_FORMATS) | {"MPO"}
+_FORMATS_TEXT = "PNG, JPEG, GIF, BMP, WebP or TIFF"
+# colour modes that convert to grayscale / RGB without guessing; 16-bit and float modes do not
+# (Pillow clips them to 8 bits instead of rescaling)
+_MODES = {"1", "L", "P", "RGB", "CMYK", "YCbCr", "RGBX", "LA", "PA", "RGBA", "RGBa"}
+# what a refused file most likely is, for the error message
+_SIGNATURES = ((b"%!PS", "PostScript / EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+               (b"8BPS", "Photoshop (PSD)"), (b"\x00\x00\x01\x00", "ICO icon"), (b"<svg", "SVG"),
+               (b"<?xml", "XML / SVG"), (b"<!doctype html", "HTML"), (b"<html", "HTML"),
+               (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"qoif", "QOI"))
+_ALLOWED_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                       (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+class UploadError(ValueError):
+    """An upload that cannot be used; the message says why, for the person who sent it."""
+
+
+def _allowed_kind(data: bytes | None) -> str | None:
+    """The allowed format `data` starts like, if any."""
+    if data is None:
+        return None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _ALLOWED_SIGNATURES if data.startswith(magic)), None)
+
+
+def _unidentified(data: bytes) -> str:
+    """Why no allowed plugin opened `data`: a damaged file of an allowed format, or another kind of file."""
+    allowed = _allowed_kind(data)
+    if allowed:
+        return f"not a readable image file (a damaged or truncated {allowed} file)"
+    head = data[:64].lstrip().lower()
+    kind = next((name for magic, name in _SIGNATURES if head.startswith(magic.lower())), None)
+    if data[4:12] in (b"ftypavif", b"ftypheic", b"ftypheix", b"ftypmif1"):
+        kind = "AVIF / HEIC"
+    return f"not a readable image file (not {_FORMATS_TEXT} data{f'; this looks like {kind} data' if kind else ''})"
+
+
+def _read_upload(source) -> bytes:
+    """The bytes of a path or bytes-like upload, size-checked before anything is decoded."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            path = os.fspath(source)
+        except TypeError:
+            raise UploadError(f"not a usable file name: {source!r}") from None
+        if os.path.isdir(path):
+            raise UploadError(f"{path} is a folder, not an image file")
+        if not os.path.exists(path):
+            raise UploadError(f"no such file: {path}")
+        if not os.path.isfile(path):  # a device or pipe: reading it could block forever
+            raise UploadError(f"{path} is not a regular file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_UPLOAD_BYTES + 1)  # never more than the limit, whatever the size said
+        except OSError as e:
+            raise UploadError(f"cannot read {path} ({e.strerror or e})") from None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        raise UploadError(f"expected an image file (a path, bytes or a PIL image), got {type(source).__name__}")
+    if not data:
+        raise UploadError("the file is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadError(f"the file is over {MAX_UPLOAD_BYTES // 2**20} MB, the upload limit")
+    return data
+
+
+def _check_geometry(img) -> None:
+    """Size limits on the declared size, before any pixel is decoded."""
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise UploadError(f"the image has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise UploadError(f"the image is too large ({w}x{h}; the limit is {MAX_PIXELS:,} pixels)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise UploadError(f"the image is {w}x{h}, too elongated: the longer side may be at most {MAX_ASPECT:g} "
+                          f"times the shorter one (the model sees the centre square); crop it first")
+    if min(w, h) < MIN_SIDE:
+        raise UploadError(f"the image is too small ({w}x{h}); each side needs at least {MIN_SIDE} pixels")
+
+
+def _check_mode(img) -> None:
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        raise UploadError(f"16-bit or floating-point images (mode {img.mode}) are not supported; "
+                          f"save it as 8-bit PNG or JPEG")
+    if img.mode not in _MODES:
+        raise UploadError(f"images in colour mode {img.mode} are not supported; "
+                          f"save it as RGB or grayscale PNG or JPEG")
+
+
+def _drop_opaque_alpha(img):
+    """An image with an alpha channel or a transparent colour -> the same image without it, when every
+    pixel is fully opaque; transparent pixels have no colour the model could see, so they are refused."""
+    has_alpha = img.mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in img.info or (
+        img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA")
+    if not has_alpha:
+        return img
+    rgba = img.convert("RGBA")
+    if rgba.getchannel("A").getextrema()[0] < 255:
+        raise UploadError("the image has transparency (an alpha channel); flatten it onto a background first")
+    return rgba.convert("L") if img.mode == "LA" else rgba.convert("RGB")
 
 
 def load_user_image(source, resolution: int, channels: int = 1, invert: bool = False) -> torch.Tensor:
-    """A path, bytes or PIL image -> (C, H, W) in [-1, 1]. Raises ValueError with a readable reason.
+    """A path, bytes or PIL image -> (C, H, W) float32 in [-1, 1]; UploadError (a ValueError) with a
+    readable reason for anything else.
+
+    Only PNG, JPEG, GIF, BMP, WebP and TIFF data are decoded, whatever the file name says; anything else
+    (EPS, PDF, SVG, ICO, PSD, ...) is refused without being parsed. Files over MAX_UPLOAD_BYTES and images
+    over MAX_PIXELS are refused before decoding, as are images with a side under MIN_SIDE pixels or a
+    longer side over MAX_ASPECT times the shorter (the model sees the centre square, resized to
+    `resolution`). Refused too: animated or multi-page files, 16-bit grayscale and floating-point images,
+    any transparent pixel. Accepted and converted: 1-bit, palette, CMYK and 48-bit RGB images, and alpha
+    channels that are fully opaque. The EXIF orientation tag is applied (a photo reads as it displays).
 
     `invert`: the image has dark ink on light paper (a scan or a drawing); the model's digits have
     light ink on black.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if isinstance(source, Image.Image):
-        img = source
+        img, data = source, None
+        if img.format is not None and img.format not in _DECODED_AS:  # opened elsewhere but not decoded yet
+            raise UploadError(f"{img.format} images are not supported; upload {_FORMATS_TEXT}")
     else:
-        if isinstance(source, (str, os.PathLike)):
-            if not os.path.isfile(source):
-                raise ValueError(f"no such file: {source}")
-            size = os.path.getsize(source)
-            if size == 0:
-                raise ValueError("the file is empty")
-            if size > MAX_UPLOAD_BYTES:
-                raise ValueError(f"the file is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
-            with open(source, "rb") as f:
-                data = f.read()
-        else:
-            data = bytes(source)
-            if not data:
-                raise ValueError("the file is empty")
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        data = _read_upload(source)
+        img = None
+    # Pillow's parsers meet hostile bytes here; whatever they raise (OSError, SyntaxError, struct.error,
+    # IndexError, a too-large warning turned error, ...) means the file cannot be used.
+    try:
+        if data is not None:
+            try:
+                img = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+            except Image.DecompressionBombError:
+                raise UploadError(f"the image is too large (over {MAX_PIXELS:,} pixels)") from None
+            except Image.UnidentifiedImageError:
+                raise UploadError(_unidentified(data)) from None
+        _check_geometry(img)
+        if img.is_animated if hasattr(img, "is_animated") else getattr(img, "n_frames", 1) > 1:
+            raise UploadError("the image is animated or has several pages; upload a single still frame")
+        _check_mode(img)
+        img.load()
+        _check_geometry(img)  # the size as decoded, in case a format changed it while loading
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except Image.DecompressionBombError:
-            raise ValueError(f"the image is too large (over {MAX_PIXELS:,} pixels)") from None
-        except UnidentifiedImageError:
-            raise ValueError("not a readable image file (not PNG, JPEG, GIF, BMP, WebP or TIFF data)") from None
-        except (OSError, SyntaxError) as e:  # e.g. a truncated file: PIL's message says what is wrong
-            raise ValueError(f"not a readable image file ({e})") from None
-    w, h = img.size
-    if w == 0 or h == 0:
-        raise ValueError("the image has no pixels")
-    if w * h > MAX_PIXELS:
-        raise ValueError(f"the image is too large ({w}x{h}; limit {MAX_PIXELS:,} pixels)")
-    if getattr(img, "n_frames", 1) > 1:
-        raise ValueError(f"the image is animated ({img.n_frames} frames); upload a single still frame")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F") or img.mode.startswith("I;16"):
-        raise ValueError(f"16-bit or floating-point images (mode {img.mode}) are not supported; save it as 8-bit PNG or JPEG")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        raise ValueError("the image has transparency (an alpha channel); flatten it onto a background first")
+            img = ImageOps.exif_transpose(img)
+        except Exception:
+            raise UploadError("its EXIF metadata (which says how to rotate the image) is unreadable; "
+                              "save the image again without metadata") from None
+        img = _drop_opaque_alpha(img)
+    except UploadError:
+        raise
+    except MemoryError:
+        raise UploadError("the image is too large to decode") from None
+    except Exception as e:
+        reason = str(e).strip()
+        reason = reason if reason and "BytesIO" not in reason else type(e).__name__
+        kind = getattr(img, "format", None) or _allowed_kind(data)
+        raise UploadError(f"not a readable image file ({f'a damaged {kind} file: ' if kind else ''}{reason})") from None
     x = image_to_tensor(img, resolution, channels)
     return -x if invert else x
 
