@@ -108,7 +108,7 @@ def button(page, name):
 
 
 def pick(page, label: str, option: str):
-    page.get_by_label(label).click()
+    page.get_by_label(label, exact=True).click()
     page.get_by_role("option", name=option, exact=True).click()
 
 
@@ -135,6 +135,24 @@ def test_generate_select_sample_shows_proponents_and_histogram(page):
     expect(page.get_by_text("Spearman rank correlation")).to_be_visible()
     expect(page.locator("#compare-a img").first).to_be_visible()
     shot(page, "02-attribute")
+
+
+def test_journey_trak_then_gradient_methods_keep_working(page):
+    """Journey-TRAK swaps the model's parameters while it computes; later gradient queries on other
+    samples must still work (they once failed until the server restarted)."""
+    page.get_by_text("seed 3:").click()
+    expect(page.locator("#proponents").get_by_text("#").first).to_be_visible()
+    pick(page, "Method", "journey-trak")
+    expect(page.locator("#summary").get_by_text("journey-trak").first).to_be_visible()
+    for method, seed in (("D-TRAK (square)", 5), ("TRAK (loss)", 6)):
+        page.get_by_role("tab", name="Generate").click()
+        page.get_by_text(f"seed {seed}:").click()
+        expect(page.get_by_text(f"Generated sample, seed {seed}").first).to_be_visible()
+        pick(page, "Method", method)
+        expect(page.locator("#summary").get_by_text(method.split(" ")[0]).first).to_be_visible()
+        expect(page.locator("#proponents").get_by_text("#").first).to_be_visible()
+    expect(page.get_by_text("does not require grad")).to_have_count(0)
+    expect(page.locator(".toast-body")).to_have_count(0)
 
 
 def test_upload_bad_file_shows_message_then_good_image_attributes(page, tmp_path):
