@@ -115,7 +115,7 @@ _cancel_lock = threading.Lock()
 
 
 def _counterfactual():
-    """The counterfactual core (issue 5), imported at call time so the rest of the app works without it."""
+    """The counterfactual core, imported at call time so the rest of the app works without it."""
     try:
         from dtrak_core import counterfactual
     except ImportError as e:
