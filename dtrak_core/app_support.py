@@ -257,10 +257,10 @@ def parse_int(value, name: str, lo: int, hi: int) -> int:
     error = ValueError(f"{name} must be a whole number in {lo}..{hi}, got {_shown(value)}")
     if isinstance(value, str) and len(value) <= 40:
         try:
-            value = int(value.strip())
+            value = int(value)
         except ValueError:
             try:
-                value = float(value.strip())
+                value = float(value)
             except ValueError:
                 raise error from None
     if isinstance(value, (bool, np.bool_)):

@@ -426,6 +426,7 @@ def load_or_refuse(data):
 
 
 @FAST
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about damaged metadata it skips
 @given(data=st.binary(max_size=2048))
 def test_arbitrary_bytes_convert_or_give_value_error(data):
     with time_limit(20):
@@ -436,6 +437,7 @@ SEEDS = {fmt: saved(digit("RGB"), fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", 
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @given(fmt=st.sampled_from(sorted(SEEDS)), keep=st.floats(0, 1),
        edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=8))
 def test_damaged_files_convert_or_give_value_error(fmt, keep, edits):
