@@ -9,7 +9,6 @@ Methods are output-function names (see `output_functions`): 'd-trak' is 'square'
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +22,7 @@ from .model import checkpoint_hash, load_checkpoint
 from .output_functions import canonical_name
 from .scoring import TRAKScorer, top_k
 from .shared import OnceCache
-from .store import FeatureStore
+from .store import FeatureStore, IntegrityError
 
 MANIFEST = "manifest.json"
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
@@ -72,9 +71,14 @@ class Attributor:
         manifest_path = os.path.join(root, MANIFEST)
         if not os.path.isfile(manifest_path):
             raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        from .build import MANIFEST_REMEDY, check_weights, read_manifest  # (build imports this module)
+
+        manifest = read_manifest(root)  # an IntegrityError naming the file when it is damaged
+        for key, kind in (("checkpoint", str), ("dataset", (str, dict)), ("stores", list)):
+            if not isinstance(manifest.get(key), kind):
+                raise IntegrityError(manifest_path, f"(model manifest) has no valid {key!r} entry", MANIFEST_REMEDY)
         unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+        check_weights(root, manifest, unet)
         try:
             train = load_dataset(manifest["dataset"])
         except ValueError as e:

@@ -52,7 +52,7 @@ from .features import Featurizer, FeatureSetting
 from .gradients import timestep_noise, trainable_params
 from .model import checkpoint_hash, load_checkpoint, save_checkpoint
 from .shared import ModelReplicas, OnceCache
-from .store import FeatureStore, atomic_write_json
+from .store import FeatureStore, IntegrityError, atomic_write_json, read_json
 from .training import TrainConfig, train
 
 # TracInCP store setting: loss gradients as in TRAK, but K=10 timesteps and k=512 so that four
@@ -186,12 +186,15 @@ def build_default_baselines(root: str = "assets", show_bar: bool = True, registe
 
 
 def _read_json(path: str) -> dict:
-    import json
+    """The manifest or the TracInCP index, {} when absent; an IntegrityError naming it when damaged."""
+    from .build import MANIFEST_REMEDY
 
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    if os.path.basename(path) == MANIFEST:
+        return read_json(path, "model manifest", MANIFEST_REMEDY)
+    return read_json(path, "TracInCP index", f"delete {os.path.dirname(path)} and rebuild it with "
+                     f"`python -m dtrak_core build-baselines` (it replays the training run)")
 
 
 def _jsonable(d: dict) -> dict:
@@ -210,11 +213,23 @@ class TracInCheckpoint:
 def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
     """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
     index = _read_json(os.path.join(root, MANIFEST)).get("tracin")
+    if index and not os.path.isfile(os.path.join(root, index)):
+        raise IntegrityError(os.path.join(root, index), f"(TracInCP index) is missing, though "
+                             f"{os.path.join(root, MANIFEST)} registers it",
+                             "rebuild it with `python -m dtrak_core build-baselines`")
     entry = _read_json(os.path.join(root, index)) if index else {}
     if not entry:
         raise MethodUnavailable(f"TracInCP needs the training run's checkpoints: none registered in "
                                 f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core build-baselines` "
                                 f"(it replays the training run, so it needs a model trained by dtrak)")
+    index_path = os.path.join(root, index)
+    fields = {"model_checkpoint_hash": str, "dataset": str, "setting": dict, "checkpoints": list}
+    bad = [key for key, kind in fields.items() if not isinstance(entry.get(key), kind)]
+    bad += [f"checkpoints[{i}]" for i, c in enumerate(entry.get("checkpoints") or [])
+            if not (isinstance(c, dict) and {"step", "checkpoint", "checkpoint_hash", "store"} <= set(c))]
+    if bad:
+        raise IntegrityError(index_path, f"(TracInCP index) lacks or garbles {', '.join(bad)}",
+                             "rebuild it with `python -m dtrak_core build-baselines`")
     model_hash = checkpoint_hash(attributor.unet)
     if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
         raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
@@ -225,7 +240,9 @@ def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
         unet, scheduler = load_checkpoint(os.path.join(root, c["checkpoint"]))
         h = checkpoint_hash(unet)
         if h != c["checkpoint_hash"]:
-            raise ValueError(f"checkpoint {c['checkpoint']} has hash {h}, the manifest recorded {c['checkpoint_hash']}")
+            raise IntegrityError(os.path.join(root, c["checkpoint"], "unet"), f"(TracInCP checkpoint weights) "
+                                 f"hashes to {h}, but {index_path} records {c['checkpoint_hash']} (the weights were "
+                                 f"replaced or are corrupt)", "rebuild them with `python -m dtrak_core build-baselines`")
         store = FeatureStore.open(os.path.join(root, c["store"]), FeatureStore.identity(setting, h, attributor.train.fingerprint))
         out.append(TracInCheckpoint(c["step"], Featurizer(unet, scheduler, setting),
                                     torch.from_numpy(np.array(store.features())).double()))

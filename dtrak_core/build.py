@@ -24,7 +24,7 @@ from .model import (build_scheduler, checkpoint_hash, count_parameters, load_che
                     save_checkpoint)
 from .quality import sample_quality
 from .sampling import generate
-from .store import FeatureStore, atomic_write_json
+from .store import FeatureStore, IntegrityError, atomic_write_json, read_json
 from .training import TrainConfig, train
 
 DEFAULT_TRAIN_CONFIG = TrainConfig()
@@ -35,12 +35,29 @@ QUALITY_SEEDS = range(256)
 BUILD_THREADS = 2
 
 
+MANIFEST_REMEDY = ("rebuild the model folder with `python -m dtrak_core build-default` (or `build` for your own "
+                   "model; finished feature stores are reused)")
+
+
 def read_manifest(root: str) -> dict:
+    """root/manifest.json, {} when there is none; an `IntegrityError` naming it when it is damaged."""
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "model manifest", MANIFEST_REMEDY)
+
+
+def check_weights(root: str, manifest: dict, unet) -> None:
+    """The loaded weights are the ones manifest.json recorded (`checkpoint_hash`, when recorded): a
+    replaced or damaged weights file that still loads is refused, not trusted."""
+    recorded, have = manifest.get("checkpoint_hash"), checkpoint_hash(unet)
+    if recorded is not None and recorded != have:
+        ckpt = os.path.join(root, manifest.get("checkpoint", "model"))
+        raise IntegrityError(os.path.join(ckpt, "unet"), f"(model weights) hashes to {have}, but "
+                             f"{os.path.join(root, MANIFEST)} records checkpoint_hash {recorded} (the weights were "
+                             f"replaced or are corrupt)",
+                             "restore the model's weights, or rebuild the model folder (`python -m dtrak_core "
+                             "build-default`, or `build` for your own model)")
 
 
 def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
@@ -49,6 +66,7 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
     manifest = read_manifest(root)
     if manifest.get("train_config") == json.loads(json.dumps(config.to_dict())) and os.path.isdir(ckpt):
         unet, scheduler = load_checkpoint(ckpt)
+        check_weights(root, manifest, unet)
         return unet, scheduler, manifest.get("train_seconds")
     train_set = load_digits("train")
     scheduler = build_scheduler()
@@ -58,6 +76,7 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
     save_checkpoint(ckpt, unet, scheduler)
     unet, scheduler = load_checkpoint(ckpt)  # what users get: the saved weights
     atomic_write_json(os.path.join(root, MANIFEST), {"checkpoint": "model", "dataset": "digits-train",
+                                                     "checkpoint_hash": checkpoint_hash(unet),
                                                      "train_config": config.to_dict(), "train_seconds": seconds,
                                                      "stores": []})
     return unet, scheduler, seconds

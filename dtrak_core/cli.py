@@ -14,10 +14,33 @@ def _add_root(p):
     p.add_argument("--root", default="assets", help="model folder written by build-default (default: assets)")
 
 
+def _check_writable(root: str) -> None:
+    """Refuse up front, with the reason, a --root that cannot be written (not an OSError midway)."""
+    probe = os.path.abspath(root)
+    while not os.path.exists(probe):  # a new root is created inside its nearest existing parent
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--root {root!r}: {probe!r} is a file, not a folder; pass a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--root {root!r} cannot be written ({probe!r} is read-only); pass a folder you can write to")
+
+
+def _check_model_root(root: str) -> None:
+    from .attribution import MANIFEST
+
+    if not os.path.isdir(root):
+        raise ValueError(f"--root {root!r} does not exist; build a model folder there first (`python -m dtrak_core "
+                         f"build-default --root {root}`, or `build` for your own model)")
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
+        raise ValueError(f"--root {root!r} is not a model folder (no {MANIFEST}); build one with `python -m dtrak_core "
+                         f"build-default --root {root}` (or `build` for your own model)")
+
+
 def cmd_build_default(args):
     from .build import build_default, DEFAULT_TRAIN_CONFIG
     from dataclasses import replace
 
+    _check_writable(args.root)
     config = DEFAULT_TRAIN_CONFIG if args.steps is None else replace(DEFAULT_TRAIN_CONFIG, steps=args.steps)
     manifest = build_default(args.root, config)
     print(json.dumps({k: manifest[k] for k in ("parameters", "train_seconds", "featurize_seconds", "quality")}, indent=2))
@@ -28,6 +51,7 @@ def cmd_build(args):
     from .features import FeatureSetting
 
     settings = [FeatureSetting(fn, K=args.K, projector=args.projector, k=args.k) for fn in args.output_fn]
+    _check_writable(args.root)
     manifest = build_from(args.root, args.model, args.data, settings, invert=args.invert)
     print(json.dumps({k: manifest.get(k) for k in ("checkpoint", "dataset", "num_train", "parameters", "stores",
                                                     "featurize_seconds")}, indent=2))
@@ -63,11 +87,18 @@ def _require_digits_model(root, what: str) -> None:
 
 def _load_model(root):
     from .attribution import MANIFEST
+    from .build import MANIFEST_REMEDY, check_weights, read_manifest
     from .model import load_checkpoint
+    from .store import IntegrityError
 
-    with open(os.path.join(root, MANIFEST)) as f:
-        manifest = json.load(f)
-    return load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+    _check_model_root(root)
+    manifest = read_manifest(root)
+    if not isinstance(manifest.get("checkpoint"), str):
+        raise IntegrityError(os.path.join(root, MANIFEST), "(model manifest) has no valid 'checkpoint' entry",
+                             MANIFEST_REMEDY)
+    unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+    check_weights(root, manifest, unet)
+    return unet, scheduler
 
 
 def cmd_attribute(args):
@@ -104,10 +135,24 @@ def cmd_featurize(args):
     from .features import FeatureSetting
 
     setting = FeatureSetting(args.output_fn, K=args.K, projector=args.projector, k=args.k, seed=args.projector_seed)
+    _check_model_root(args.root)
+    _check_writable(args.root)
+    _check_writable(os.path.join(args.root, "stores", setting.slug))
     unet, scheduler = _load_model(args.root)
     manifest = build_store(args.root, unet, scheduler, setting)
     rel = os.path.join("stores", setting.slug)
     print(f"store {os.path.join(args.root, rel)} complete ({manifest['featurize_seconds'][rel]:.1f} s)")
+
+
+def cmd_migrate_stores(args):
+    from .store import find_stores, migrate_store
+
+    for folder in args.folders:
+        stores = find_stores(folder)
+        if not stores:
+            raise ValueError(f"no feature store at or under {folder!r}")
+        for path in stores:
+            print(f"{path}: {'migrated' if migrate_store(path) else 'already current'} (verified)")
 
 
 def cmd_quality(args):
@@ -308,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector-seed", type=int, default=42)
     p.set_defaults(func=cmd_featurize)
 
+    p = sub.add_parser("migrate-stores", help="add the metadata checksum to feature stores written by an older dtrak "
+                                              "(verifies their features first)")
+    p.add_argument("folders", nargs="+", help="store folders, or folders searched for stores (e.g. assets)")
+    p.set_defaults(func=cmd_migrate_stores)
+
     p = sub.add_parser("quality", help="sample quality: classifier confidence and class histogram")
     _add_root(p)
     p.add_argument("--count", type=int, default=256)
@@ -375,5 +425,9 @@ def main(argv=None) -> int:
         args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a disk that fills up or turns read-only midway: the file and the reason
+        where = e.filename if e.filename is not None else ""
+        print(f"error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0

@@ -36,7 +36,6 @@ import glob
 import json
 import os
 import time
-import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
@@ -50,7 +49,7 @@ from .output_functions import canonical_name
 from .quality import classify
 from .retrain import RetrainJob, load_result, retrain, run_jobs, save_result
 from .sampling import generate
-from .store import atomic_write_json
+from .store import IntegrityError, atomic_write_json, read_json
 from .training import Cancelled, TrainConfig
 
 TARGET_SEED_START = 1000  # targets are seeds 1000, 1001, ...; disjoint from the quality seeds 0..255
@@ -141,8 +140,7 @@ def train_config_from_manifest(root: str = ASSETS) -> TrainConfig:
     if not os.path.isfile(path):
         raise ValueError(f"no manifest.json in {root!r}; build it with `python -m dtrak_core build-default` "
                          f"or pass a TrainConfig")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_json(path, "model manifest", "rebuild the model folder with `python -m dtrak_core build-default`")
     if "train_config" not in manifest:
         raise ValueError(f"{path} has no train_config; pass a TrainConfig")
     cfg = dict(manifest["train_config"])
@@ -153,8 +151,8 @@ def train_config_from_manifest(root: str = ASSETS) -> TrainConfig:
 def _default_config(attributor) -> TrainConfig:
     """The committed recipe, after checking that the attributor holds the committed model."""
     config = train_config_from_manifest(ASSETS)
-    with open(os.path.join(ASSETS, "manifest.json")) as f:
-        recorded = json.load(f).get("checkpoint_hash")
+    recorded = read_json(os.path.join(ASSETS, "manifest.json"), "model manifest",
+                         "rebuild the model folder with `python -m dtrak_core build-default`").get("checkpoint_hash")
     if recorded is not None and recorded != checkpoint_hash(attributor.unet):
         raise ValueError("the attributor's model is not the one in assets/manifest.json; pass "
                          "config=TrainConfig(...) with the recipe it was trained with")
@@ -339,11 +337,20 @@ def _identity_mismatch(have: dict, want: dict) -> str | None:
     return None
 
 
+def _identity_remedy(out_dir: str) -> str:
+    return (f"it records the model, data and recipe every job result in {out_dir} was computed with, so without "
+            f"it they cannot be checked: restore it, or delete {out_dir} and rerun `python -m dtrak_core "
+            f"counterfactual` to recompute them")
+
+
+def _read_identity(path: str) -> dict:
+    return read_json(path, "counterfactual results' identity", _identity_remedy(os.path.dirname(path)))
+
+
 def _check_identity(path: str, identity: dict) -> None:
     """Write identity.json, or check the existing one (new rankings may be added)."""
     if os.path.isfile(path):
-        with open(path) as f:
-            have = json.load(f)
+        have = _read_identity(path)
         why = _identity_mismatch(have, identity)
         if why is not None:
             raise ValueError(f"{path}: {why}; use another output folder")
@@ -421,30 +428,41 @@ def committed_results(attributor, out_dir: str = os.path.join(ASSETS, "counterfa
     """(seed, ranking, k) -> job file, for every finished harness job in out_dir that a live
     `remove_and_retrain(attributor, seed, ranking, k, config)` would reproduce: same model, data,
     recipe, sampler and ranking store. {} when out_dir has no jobs or they were made for anything
-    else (e.g. the model was rebuilt since), so a stale result is never shown as this model's."""
+    else (e.g. the model was rebuilt since), so a stale result is never shown as this model's.
+
+    Damage is never skipped silently: an unreadable identity.json (or a missing one beside job
+    files) or job file raises `store.IntegrityError` (a ValueError) naming the file."""
     rankings = _reproducible_rankings(attributor, out_dir, config)
     found = {}
-    for path in sorted(glob.glob(os.path.join(out_dir, "*.npz"))):
-        if os.path.basename(path) == f"{CONTROL_ID}.npz":
-            continue
-        try:
-            with np.load(path) as z:
-                key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # unreadable or not a job
-            continue
+    if not rankings:
+        return found
+    for path in _job_files(out_dir):
+        z = load_result(path, keys=JOB_KEYS)  # every array is read, so zip CRCs are checked too
+        key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
         if key[1] in rankings:
             found[key] = path
     return found
 
 
+JOB_KEYS = ("seed", "ranking", "k", "removed", "before", "after", "l2", "label_before", "confidence_before",
+            "label_after", "confidence_after", "clip_cosine", "clip_status", "train_seconds")
+
+
+def _job_files(out_dir: str) -> list[str]:
+    """The (target, ranking, k) job files in out_dir (not the control job)."""
+    return [p for p in sorted(glob.glob(os.path.join(out_dir, "*.npz"))) if os.path.basename(p) != f"{CONTROL_ID}.npz"]
+
+
 def _reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None) -> set[str]:
     """The rankings whose jobs in out_dir a live retrain here would reproduce (same model, data,
     recipe, sampler; same store for a scored ranking); empty when the folder's identity differs."""
-    try:
-        with open(os.path.join(out_dir, "identity.json")) as f:
-            have = json.load(f)
-    except (OSError, ValueError):
-        return set()
+    path = os.path.join(out_dir, "identity.json")
+    if not os.path.isfile(path):
+        if glob.glob(os.path.join(out_dir, "*.npz")):
+            raise IntegrityError(path, "(counterfactual results' identity) is missing beside their job files",
+                                 _identity_remedy(out_dir))
+        return set()  # no results here
+    have = _read_identity(path)
     config = _default_config(attributor) if config is None else config
     if _identity_mismatch(have, _identity(attributor, config, [])) is not None:
         return set()
@@ -460,7 +478,7 @@ def _reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None)
 
 def load_job(path: str) -> CounterfactualResult:
     """One finished harness job as a `CounterfactualResult` (what `remove_and_retrain` returns)."""
-    z = load_result(path)
+    z = load_result(path, keys=JOB_KEYS)
     clip = float(z["clip_cosine"])
     return CounterfactualResult(seed=int(z["seed"]), ranking=str(z["ranking"]), k=int(z["k"]),
                                 before=torch.as_tensor(z["before"]), after=torch.as_tensor(z["after"]),
@@ -488,10 +506,8 @@ def load_precomputed(attributor, seed: int, ranking: str, k,
 def load_results(out_dir: str) -> list[dict]:
     """Every finished (target, ranking, k) job in out_dir, as dicts of plain values."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "*.npz"))):
-        if os.path.basename(path) == f"{CONTROL_ID}.npz":
-            continue
-        z = load_result(path)
+    for path in _job_files(out_dir):
+        z = load_result(path, keys=JOB_KEYS)
         row = {key: (z[key].item() if z[key].ndim == 0 else z[key]) for key in z}
         row["id"] = os.path.basename(path)[:-4]
         rows.append(row)
@@ -549,7 +565,7 @@ def summarize(out_dir: str, train_labels=None) -> dict:
                                           "median_difference": float(np.median(diff)), "wilcoxon_p": p})
     control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
     if os.path.isfile(control):
-        z = load_result(control)
+        z = load_result(control, keys=("l2", "same_weights", "train_seconds", "threads"))
         summary["control"] = {"n": int(len(z["l2"])), "same_weights": bool(z["same_weights"]),
                               "median_l2": float(np.median(z["l2"])), "max_l2": float(np.max(z["l2"])),
                               "train_seconds": float(z["train_seconds"]), "threads": int(z["threads"])}

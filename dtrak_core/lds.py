@@ -32,10 +32,12 @@ import torch
 from scipy.stats import rankdata
 
 from .retrain import RetrainJob, load_result, retrain, run_job_groups, run_jobs, train_many
-from .store import atomic_write_json
+from .store import atomic_write_json, read_json
 from .training import TrainConfig
 
 SETUP = "setup.json"
+SETUP_REMEDY = ("it records what every job result in the run folder was computed with: restore it, or use a new "
+                "--out folder")
 TEST_SETS = "test_sets.npz"
 PAPER_LAMBDA_GRID = tuple(float(f"{m}e{e}") for e in range(-2, 7) for m in (1, 2, 5))  # 27 values 1e-2..5e6
 
@@ -277,8 +279,7 @@ class LDSRun:
         path = os.path.join(self.out_dir, SETUP)
         want = self.setup_dict()
         if os.path.exists(path):
-            with open(path) as f:
-                have = json.load(f)
+            have = read_json(path, "LDS run setup", SETUP_REMEDY)
             for key in sorted(set(have) | set(want)):
                 if key == "lds_config":  # only num_subsets may change (extend or stop early)
                     a = {k: v for k, v in have[key].items() if k != "num_subsets"}
@@ -366,8 +367,7 @@ def collect(out_dir: str, timestep_stride: int = 1) -> dict:
     timesteps; `timestep_stride` > 1 keeps every stride-th evaluated timestep, to measure how much
     the timestep subset matters) and F (M, Q) = mean over training seeds.
     """
-    with open(os.path.join(out_dir, SETUP)) as f:
-        setup = json.load(f)
+    setup = read_json(os.path.join(out_dir, SETUP), "LDS run setup", SETUP_REMEDY)
     config = LDSConfig(**setup["lds_config"])
     n = setup["num_train"]
     jobs_dir = os.path.join(out_dir, "jobs")

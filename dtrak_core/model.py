@@ -9,7 +9,6 @@ this module only picks the defaults and handles checkpoint folders:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -91,20 +90,48 @@ def resolve_model(source: str) -> str:
                          f"{source}`) or pass a local folder") from None
 
 
+def _checkpoint_remedy(path: str) -> str:
+    return (f"restore the checkpoint folder {path} (for your own model: save the pipeline again), or rebuild a "
+            f"model dtrak trained (`python -m dtrak_core build-default`; `build-baselines` for TracInCP checkpoints)")
+
+
 def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
-    """A folder with unet/ and scheduler/ (a dtrak checkpoint or a saved diffusers DDPM/DDIM pipeline)."""
+    """A folder with unet/ and scheduler/ (a dtrak checkpoint or a saved diffusers DDPM/DDIM pipeline).
+
+    A damaged config or weights file is an `IntegrityError` (a ValueError) naming the file."""
+    from .store import IntegrityError, read_json
+
     config_path = os.path.join(path, "unet", "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} is not a diffusers checkpoint (expected unet/config.json inside)")
-    with open(config_path) as f:
-        kind = json.load(f).get("_class_name", "UNet2DModel")
+    kind = read_json(config_path, "UNet config", _checkpoint_remedy(path)).get("_class_name", "UNet2DModel")
     if kind != "UNet2DModel":
         raise ValueError(f"{config_path}: a {kind}; dtrak attributes unconditional UNet2DModel pipelines only")
     if not os.path.isdir(os.path.join(path, "scheduler")):
         raise ValueError(f"{path!r} has no scheduler/ folder (the noise schedule the model was trained with)")
-    unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), low_cpu_mem_usage=False)
+    scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
+    read_json(scheduler_config, "noise schedule config", _checkpoint_remedy(path))
+    unet_dir = os.path.join(path, "unet")
+    weights = [os.path.join(unet_dir, f) for f in sorted(os.listdir(unet_dir))
+               if f.startswith("diffusion_pytorch_model") and f.endswith((".safetensors", ".bin"))]
+    if not weights:
+        raise IntegrityError(unet_dir, "has no weights file (diffusion_pytorch_model.safetensors)",
+                             _checkpoint_remedy(path))
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers and safetensors raise OSError, ValueError, RuntimeError, SafetensorError...
+        while (e.__cause__ or e.__context__) is not None:  # the root cause, not diffusers' wrapper naming the path
+            e = e.__cause__ or e.__context__
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise IntegrityError(weights[0] if len(weights) == 1 else unet_dir, f"(UNet weights) cannot be loaded "
+                             f"({type(e).__name__}: {reason}): it is truncated or corrupt, or does not fit "
+                             f"config.json", _checkpoint_remedy(path)) from None
     # any DDPM-family schedule (DDPM, DDIM, PNDM configs) gives the same betas and alphas_cumprod
-    scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    try:
+        scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    except Exception as e:
+        raise IntegrityError(scheduler_config, f"(noise schedule config) cannot be loaded ({type(e).__name__}: {e})",
+                             _checkpoint_remedy(path)) from None
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{path!r}: prediction_type {scheduler.config.prediction_type!r}; the output functions "
                          f"are defined for epsilon prediction")

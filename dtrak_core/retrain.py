@@ -6,7 +6,8 @@ by measuring something on the retrained model. `run_jobs` runs such a list:
 
 - each job has a stable string id; its result is a small .npz (or .json) in `out_dir` written
   atomically when the job finishes, so a killed run loses at most the jobs in flight;
-- jobs whose result file exists are skipped (resume);
+- jobs whose result file exists (and reads back whole) are skipped (resume); a damaged one stops
+  the run with an error naming it, rather than being trusted or silently recomputed;
 - `shard=(i, n)` runs only jobs i, i+n, i+2n, ... so processes or machines can split the work.
 
 `train_many` trains several models at once (torch.func: the M models' parameters are stacked
@@ -21,6 +22,7 @@ import copy
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,7 +34,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from .model import build_unet
-from .store import atomic_write_bytes
+from .store import IntegrityError, atomic_write_bytes
 from .training import Cancelled, TrainConfig, batch_stream, train
 
 
@@ -127,15 +129,24 @@ def save_result(path: str, **arrays) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_result(path: str) -> dict:
-    """The arrays of a result written by `save_result`; a ValueError naming the file when it is
-    damaged (results are written atomically, so a killed run never leaves one)."""
+def load_result(path: str, keys=()) -> dict:
+    """The arrays of a result written by `save_result` (each read whole, so the zip's CRCs are
+    checked); an `IntegrityError` (a ValueError) naming the file when it is unreadable, damaged or
+    lacks one of `keys` (results are written atomically, so a killed run never leaves a partial one)."""
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable result file ({e}); delete it and rerun the same command "
-                         f"to recompute that job") from None
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise IntegrityError(path, "is missing", "rerun the command that writes it") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise IntegrityError(path, f"is not a readable result file ({type(e).__name__}: {e}): it is truncated or "
+                             f"corrupt",
+                             "delete it and rerun the same command to recompute that job") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise IntegrityError(path, f"(result file) lacks {', '.join(missing)}: it is corrupt, or not this harness's",
+                             "delete it and rerun the same command to recompute that job")
+    return arrays
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -159,7 +170,14 @@ def _pending(jobs: list[RetrainJob], out_dir: str, shard: tuple[int, int]) -> li
         raise ValueError("job ids must be unique")
     i, n = shard
     mine = [j for k, j in enumerate(jobs) if k % n == i]
-    return [j for j in mine if not os.path.exists(os.path.join(out_dir, f"{j.id}.npz"))]
+    todo = []
+    for j in mine:
+        path = os.path.join(out_dir, f"{j.id}.npz")
+        if os.path.exists(path):
+            load_result(path)  # a finished job is skipped only if its result reads back whole
+        else:
+            todo.append(j)
+    return todo
 
 
 def run_jobs(jobs: list[RetrainJob], out_dir: str, work: Callable[[RetrainJob], dict], *,

@@ -1,8 +1,15 @@
 """On-disk feature store: the projected training features for one (checkpoint, dataset, setting).
 
-    <store>/metadata.json   what the features are (checked on every open), and their sha256 once complete
+    <store>/metadata.json   what the features are (checked on every open), the sha256 of features.npy
+                            once complete, and `metadata_sha256` over every other field
     <store>/features.npy    (N, k) float32, a memmap filled slice by slice
     <store>/done.npy        (N,) bool, which rows are written
+
+Every open checks the metadata against its own sha256 (an edited field, e.g. K, is refused rather
+than trusted), the files' shapes, and for a complete store the features against their sha256
+(checksums against edits and damage, not signatures against a deliberate forger).
+Stores written before the metadata had a checksum (format 1) are refused until
+`python -m dtrak_core migrate-stores <folder>` adds it (after re-verifying their features).
 
 The store is filled in fixed slices of `slice_size` rows, always computed whole, so a run that is
 killed and restarted recomputes only unfinished slices and ends bit-identical to an uninterrupted
@@ -20,10 +27,51 @@ import tempfile
 import numpy as np
 from tqdm.auto import tqdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata; 1: features only (migrate_store upgrades)
 METADATA = "metadata.json"
 FEATURES = "features.npy"
 DONE = "done.npy"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class IntegrityError(ValueError):
+    """A file on disk is unreadable, damaged, or disagrees with what was recorded about it.
+
+    `path` is the file; the message names it, says what it is and what to do.
+    """
+
+    def __init__(self, path: str, problem: str, remedy: str):
+        self.path = str(path)
+        hint = restore_hint(path)
+        super().__init__(f"{path} {problem}; {hint + ', or ' if hint else ''}{remedy}")
+
+
+def restore_hint(path: str) -> str:
+    """'restore the committed copy with `git checkout -- assets/...`' for a file the repository ships, else ''."""
+    rel = os.path.relpath(os.path.abspath(path), _REPO)
+    if rel.split(os.sep)[0] == "assets" and os.path.isdir(os.path.join(_REPO, ".git")):
+        return f"restore the committed copy with `git checkout -- {rel}`"
+    return ""
+
+
+def read_json(path: str, what: str, remedy: str) -> dict:
+    """The JSON object in `path` (`what` it is, e.g. "model manifest"); an `IntegrityError` naming the
+    file, what it is and `remedy` (what to do) when it is missing, unreadable or not a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise IntegrityError(path, f"({what}) is missing", remedy) from None
+    except OSError as e:
+        raise IntegrityError(path, f"({what}) cannot be read ({e.strerror or e})", remedy) from None
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        problem = "is empty" if not data.strip() else f"is not valid JSON ({e})"
+        raise IntegrityError(path, f"({what}) {problem}: it is truncated or corrupt", remedy) from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(path, f"({what}) is not a JSON object (got {type(obj).__name__})", remedy)
+    return obj
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -52,6 +100,24 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def metadata_sha256(metadata: dict) -> str:
+    """sha256 of the canonical JSON of every metadata field except `metadata_sha256` itself."""
+    fields = {key: value for key, value in metadata.items() if key != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_metadata(path: str, metadata: dict) -> dict:
+    """Seal `metadata` with its `metadata_sha256` and write it atomically to <path>/metadata.json."""
+    sealed = {**metadata, "metadata_sha256": metadata_sha256(metadata)}
+    atomic_write_json(os.path.join(path, METADATA), sealed)
+    return sealed
+
+
+def _rebuild(path: str) -> str:
+    return (f"delete the folder {path} and build the store again (`python -m dtrak_core featurize` for a "
+            f"model folder's store, `build-baselines` for a TracInCP store)")
 
 
 def _sha256_file(path: str) -> str:
@@ -85,18 +151,28 @@ class FeatureStore:
     # -- open / create --------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str, expected: dict | None = None, verify: bool = True) -> "FeatureStore":
+        """Open and check a store: its metadata against `metadata_sha256`, its files' shapes, and with
+        `verify` (a complete store) features.npy against `features_sha256`. Any mismatch is an
+        `IntegrityError` naming the file; a store built for something else than `expected`, a ValueError."""
         meta_path = os.path.join(path, METADATA)
         if not os.path.isfile(meta_path):
             raise ValueError(f"{path!r} is not a feature store (no {METADATA})")
-        try:
-            with open(meta_path) as f:
-                metadata = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"corrupt {meta_path}: {e}") from e
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"feature store {path!r} has format_version={metadata.get('format_version')!r}, "
-                             f"this code reads {FORMAT_VERSION}")
+        metadata = read_json(meta_path, "feature store metadata", _rebuild(path))
+        version = metadata.get("format_version")
+        if version == 1:
+            raise IntegrityError(meta_path, "(feature store metadata) was written by an older dtrak (store format 1) "
+                                 "and has no checksum", f"add it with `python -m dtrak_core migrate-stores {path}` "
+                                 f"(it verifies the features first), or {_rebuild(path)}")
+        if version != FORMAT_VERSION:
+            raise IntegrityError(meta_path, f"(feature store metadata) has format_version={version!r}; this code "
+                                 f"reads format {FORMAT_VERSION}", _rebuild(path))
+        recorded = metadata.get("metadata_sha256")
+        if recorded != metadata_sha256(metadata):
+            raise IntegrityError(meta_path, "(feature store metadata) does not match its recorded metadata_sha256 "
+                                 "(a field was edited or the file is corrupt), so what the stored features are is "
+                                 "unknown", _rebuild(path))
         store = cls(path, metadata)
+        store._check_fields()
         if expected is not None:
             store.check_identity(expected)
         store._check_files(verify)
@@ -104,9 +180,9 @@ class FeatureStore:
 
     @classmethod
     def create(cls, path: str, identity: dict, n: int, k: int, slice_size: int = 256) -> "FeatureStore":
-        """Open the store at `path` if it matches `identity`, else start a new one there."""
+        """Open (and verify) the store at `path` if it matches `identity`, else start a new one there."""
         if os.path.exists(os.path.join(path, METADATA)):
-            store = cls.open(path, identity, verify=False)
+            store = cls.open(path, identity)
             for key, value in {"n": n, "k": k, "slice_size": slice_size}.items():
                 if store.metadata[key] != value:
                     raise ValueError(f"feature store {path!r} has {key}={store.metadata[key]!r}, not {value!r}")
@@ -116,8 +192,19 @@ class FeatureStore:
                     "slice_size": slice_size, "complete": False, "features_sha256": None}
         np.lib.format.open_memmap(os.path.join(path, FEATURES), mode="w+", dtype=np.float32, shape=(n, k)).flush()
         _atomic_save_npy(os.path.join(path, DONE), np.zeros(n, dtype=bool))
-        atomic_write_json(os.path.join(path, METADATA), metadata)  # written last: marks the store as existing
+        metadata = write_metadata(path, metadata)  # written last: marks the store as existing
         return cls(path, metadata)
+
+    def _check_fields(self) -> None:
+        meta_path = os.path.join(self.path, METADATA)
+        m = self.metadata
+        ints = all(isinstance(m.get(f), int) and not isinstance(m.get(f), bool) and m[f] > 0
+                   for f in ("n", "k", "slice_size"))
+        sha = m.get("features_sha256")
+        if not ints or m.get("dtype") != "float32" or not isinstance(m.get("complete"), bool) \
+                or (m["complete"] and not isinstance(sha, str)):
+            raise IntegrityError(meta_path, "(feature store metadata) lacks or garbles one of n, k, slice_size, "
+                                 "dtype, complete, features_sha256", _rebuild(self.path))
 
     def _check_files(self, verify: bool) -> None:
         n, k = self.metadata["n"], self.metadata["k"]
@@ -125,22 +212,32 @@ class FeatureStore:
         try:
             arr = np.load(fpath, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise ValueError(f"feature store {self.path!r}: cannot read {FEATURES} ({e}); it is truncated or corrupt") from e
+            raise IntegrityError(fpath, f"(stored features) cannot be read ({e}): it is truncated or corrupt",
+                                 _rebuild(self.path)) from None
         if arr.shape != (n, k) or arr.dtype != np.float32:
-            raise ValueError(f"feature store {self.path!r}: {FEATURES} is {arr.shape} {arr.dtype}, expected ({n}, {k}) float32")
-        try:
-            done = np.load(os.path.join(self.path, DONE))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"feature store {self.path!r}: cannot read {DONE} ({e})") from e
-        if done.shape != (n,):
-            raise ValueError(f"feature store {self.path!r}: {DONE} has shape {done.shape}, expected ({n},)")
-        if verify and self.metadata.get("complete") and _sha256_file(fpath) != self.metadata["features_sha256"]:
-            raise ValueError(f"feature store {self.path!r}: {FEATURES} does not match its recorded sha256 (corrupt)")
+            raise IntegrityError(fpath, f"(stored features) holds {arr.shape} {arr.dtype}, the metadata says "
+                                 f"({n}, {k}) float32", _rebuild(self.path))
+        del arr
+        done = self.done
+        if done.shape != (n,) or done.dtype != bool:
+            raise IntegrityError(os.path.join(self.path, DONE), f"(done mask) holds {done.shape} {done.dtype}, "
+                                 f"expected ({n},) bool", _rebuild(self.path))
+        if self.complete and not done.all():
+            raise IntegrityError(os.path.join(self.path, DONE), f"(done mask) lacks {int((~done).sum())} rows of a "
+                                 f"store marked complete", _rebuild(self.path))
+        if verify and self.complete and _sha256_file(fpath) != self.metadata["features_sha256"]:
+            raise IntegrityError(fpath, "(stored features) does not match its recorded sha256 (the file is "
+                                 "corrupt or was replaced)", _rebuild(self.path))
 
     # -- contents -------------------------------------------------------------------------------
     @property
     def done(self) -> np.ndarray:
-        return np.load(os.path.join(self.path, DONE))
+        path = os.path.join(self.path, DONE)
+        try:
+            return np.load(path)
+        except (OSError, ValueError, EOFError) as e:
+            raise IntegrityError(path, f"(done mask) cannot be read ({e}): it is truncated or corrupt",
+                                 _rebuild(self.path)) from None
 
     @property
     def complete(self) -> bool:
@@ -178,7 +275,43 @@ class FeatureStore:
                 progress(i + 1, len(todo))
         del feats
         if not self.complete:
-            self.metadata = {**self.metadata, "complete": True,
-                             "features_sha256": _sha256_file(os.path.join(self.path, FEATURES))}
-            atomic_write_json(os.path.join(self.path, METADATA), self.metadata)
+            sha = _sha256_file(os.path.join(self.path, FEATURES))
+            self.metadata = write_metadata(self.path, {**self.metadata, "complete": True, "features_sha256": sha})
         return self
+
+
+# -- migration of format-1 stores -----------------------------------------------------------------
+def migrate_store(path: str) -> bool:
+    """Upgrade one format-1 store to format 2 (metadata sealed by `metadata_sha256`); True if it was
+    upgraded, False if it already was format 2 (and verifies).
+
+    A deliberate, one-time step: the format-1 metadata had no checksum, so its fields are taken as
+    they are; the features are verified against their recorded sha256 (and the files' shapes
+    against the metadata) first, and a store that fails is left untouched (IntegrityError).
+    """
+    meta_path = os.path.join(path, METADATA)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{path!r} is not a feature store (no {METADATA})")
+    metadata = read_json(meta_path, "feature store metadata", _rebuild(path))
+    if metadata.get("format_version") == FORMAT_VERSION:
+        FeatureStore.open(path)
+        return False
+    if metadata.get("format_version") != 1 or "metadata_sha256" in metadata:
+        raise IntegrityError(meta_path, f"(feature store metadata) is not of a format-1 store (format_version="
+                             f"{metadata.get('format_version')!r}), so there is nothing to migrate", _rebuild(path))
+    store = FeatureStore(path, metadata)
+    store._check_fields()
+    store._check_files(verify=True)
+    write_metadata(path, {**metadata, "format_version": FORMAT_VERSION})
+    FeatureStore.open(path)  # what was written reads back and verifies
+    return True
+
+
+def find_stores(folder: str) -> list[str]:
+    """Every feature store at or under `folder` (folders holding metadata.json and features.npy)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        if METADATA in filenames and FEATURES in filenames:
+            found.append(dirpath)
+    return found

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from dtrak_core.features import FeatureSetting
-from dtrak_core.store import FEATURES, METADATA, FeatureStore
+from dtrak_core import cli
+from dtrak_core.store import (DONE, FEATURES, METADATA, FeatureStore, IntegrityError, find_stores, migrate_store,
+                              read_json, write_metadata)
 from dtrak_core.training import Cancelled
 
 SETTING = FeatureSetting("square", K=10, k=6)
@@ -92,7 +94,7 @@ def test_kill_between_rows_and_mask_loses_nothing(tmp_path):
     np.save(tmp_path / "s" / "done.npy", done)
     meta = json.loads((tmp_path / "s" / METADATA).read_text())
     meta.update(complete=False, features_sha256=None)
-    (tmp_path / "s" / METADATA).write_text(json.dumps(meta))
+    write_metadata(str(tmp_path / "s"), meta)  # the metadata as it was before the store completed
     feats = np.load(tmp_path / "s" / FEATURES, mmap_mode="r+")
     feats[7] = np.nan  # a half-written row
     feats.flush()
@@ -100,3 +102,110 @@ def test_kill_between_rows_and_mask_loses_nothing(tmp_path):
     store = build(tmp_path / "s")
     np.testing.assert_array_equal(store.features(), featurize(INPUTS))
     assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("field, value", [("K", 100), ("checkpoint", "other"), ("n", 22), ("complete", False),
+                                          ("features_sha256", "0" * 64)])
+def test_edited_metadata_is_refused_not_trusted(tmp_path, field, value):
+    """Every metadata field is covered by metadata_sha256: an edit (e.g. K=10 -> 100, which would
+    change the proponents) is refused with the file named, whatever the field."""
+    build(tmp_path / "s")
+    path = tmp_path / "s" / METADATA
+    meta = json.loads(path.read_text())
+    meta[field] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match=f"{path}.*does not match its recorded metadata_sha256.*delete the folder"):
+        FeatureStore.open(str(tmp_path / "s"))
+    with pytest.raises(IntegrityError, match="metadata_sha256"):  # nor reused to resume a fill
+        FeatureStore.create(str(tmp_path / "s"), IDENTITY, n=len(INPUTS), k=6, slice_size=5)
+
+
+def test_edited_metadata_of_an_unfinished_store_is_refused(tmp_path):
+    with pytest.raises(Cancelled):
+        build(tmp_path / "s", stop_after=2)
+    path = tmp_path / "s" / METADATA
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "slice_size": 3}))
+    with pytest.raises(IntegrityError, match="metadata_sha256"):
+        build(tmp_path / "s")
+
+
+def test_metadata_checksum_ignores_formatting_only(tmp_path):
+    """The checksum is over the canonical JSON of the fields: re-indenting the file is not an edit."""
+    build(tmp_path / "s")
+    path = tmp_path / "s" / METADATA
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=None))
+    assert FeatureStore.open(str(tmp_path / "s")).complete
+
+
+def test_damaged_done_mask_is_named(tmp_path):
+    build(tmp_path / "s")
+    done = tmp_path / "s" / DONE
+    done.write_bytes(done.read_bytes()[:20])
+    with pytest.raises(IntegrityError, match=f"{done} \\(done mask\\) cannot be read"):
+        FeatureStore.open(str(tmp_path / "s"))
+    np.save(done, np.zeros(len(INPUTS), dtype=bool))  # a complete store whose mask says otherwise
+    with pytest.raises(IntegrityError, match=f"{done} \\(done mask\\) lacks 23 rows of a store marked complete"):
+        FeatureStore.open(str(tmp_path / "s"))
+
+
+def _as_format_1(path):
+    """Rewrite a store's metadata as an older dtrak wrote it: format 1, no metadata checksum."""
+    meta = json.loads((path / METADATA).read_text())
+    del meta["metadata_sha256"]
+    meta["format_version"] = 1
+    (path / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def test_format_1_store_is_refused_until_migrated(tmp_path):
+    build(tmp_path / "s")
+    old = _as_format_1(tmp_path / "s")
+    features = (tmp_path / "s" / FEATURES).read_bytes()
+    with pytest.raises(IntegrityError, match=f"{tmp_path / 's' / METADATA} .*older dtrak.*no checksum.*"
+                                             f"python -m dtrak_core migrate-stores {tmp_path / 's'}"):
+        FeatureStore.open(str(tmp_path / "s"))
+    assert migrate_store(str(tmp_path / "s")) is True
+    store = FeatureStore.open(str(tmp_path / "s"))
+    assert {k: v for k, v in store.metadata.items() if k not in ("metadata_sha256", "format_version")} == \
+        {k: v for k, v in old.items() if k != "format_version"}
+    assert (tmp_path / "s" / FEATURES).read_bytes() == features  # the features are never rewritten
+    np.testing.assert_array_equal(store.features(), featurize(INPUTS))
+    assert migrate_store(str(tmp_path / "s")) is False  # idempotent
+
+
+def test_migration_verifies_the_features_first(tmp_path):
+    build(tmp_path / "s")
+    _as_format_1(tmp_path / "s")
+    before = (tmp_path / "s" / METADATA).read_bytes()
+    feats = np.load(tmp_path / "s" / FEATURES, mmap_mode="r+")
+    feats[3, 2] += 1  # damage that a metadata checksum added now would otherwise bless
+    feats.flush()
+    del feats
+    with pytest.raises(IntegrityError, match=f"{tmp_path / 's' / FEATURES} .*does not match its recorded sha256"):
+        migrate_store(str(tmp_path / "s"))
+    assert (tmp_path / "s" / METADATA).read_bytes() == before  # left untouched
+
+
+def test_migrate_stores_command(tmp_path, capsys):
+    for name in ("a", "b"):
+        build(tmp_path / "root" / "stores" / name)
+    _as_format_1(tmp_path / "root" / "stores" / "a")
+    assert find_stores(str(tmp_path / "root")) == [str(tmp_path / "root" / "stores" / n) for n in ("a", "b")]
+    assert cli.main(["migrate-stores", str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out
+    assert "stores/a: migrated (verified)" in out and "stores/b: already current (verified)" in out
+    assert cli.main(["migrate-stores", str(tmp_path / "nothing")]) == 2
+    assert "no feature store at or under" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, problem", [(None, "is missing"), (b"", "is empty"),
+                                              (b'{"a": 1', "is not valid JSON"), (b"\xff\xfe{", "is not valid JSON"),
+                                              (b"[1, 2]", "is not a JSON object")])
+def test_read_json_names_the_file_and_the_fix(tmp_path, content, problem):
+    path = tmp_path / "x.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(test file\\) {problem}.*; rebuild it$") as e:
+        read_json(str(path), "test file", "rebuild it")
+    assert e.value.path == str(path) and isinstance(e.value, ValueError)
