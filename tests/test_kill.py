@@ -100,7 +100,7 @@ def test_featurize_killed_mid_fill_resumes_bit_identical(model_folder, tmp_path)
     assert not [f for f in os.listdir(store_dir) if f.endswith(".tmp")]
 
 
-# A retrain job runner, as the LDS and counterfactual harnesses use it: 4 jobs of ~1 s each.
+# A retrain job runner, as the LDS and counterfactual harnesses use it: 4 jobs of ~0.5 s each.
 RETRAIN_SCRIPT = r'''
 import sys
 from dataclasses import replace
@@ -115,7 +115,7 @@ from dtrak_core.training import TrainConfig
 
 images = load_digits("train").images[:64]
 scheduler = build_scheduler()
-config = TrainConfig(steps=100, batch_size=16, block_out_channels=(4, 8))
+config = TrainConfig(steps=60, batch_size=16, block_out_channels=(4, 8))
 jobs = [RetrainJob(f"job{j}", np.arange(64)[j % 2::2] if j < 2 else np.arange(64), seed=j) for j in range(4)]
 
 
