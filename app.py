@@ -403,12 +403,20 @@ def precomputed(root: str) -> dict:
 def committed(root: str) -> dict:
     """(seed, ranking, k) -> job file of the counterfactual harness's finished jobs under the assets
     that a live retrain here would reproduce (same model, recipe and stores); {} otherwise."""
+    from dtrak_core.store import IntegrityError
+
     try:
         cf = _counterfactual()
         return cf.committed_results(load_assets(root).attributor, os.path.join(root, "counterfactual", "jobs"),
                                     cf.train_config_from_manifest(root))
+    except IntegrityError as e:  # damaged, not absent: shown in the banner, never silently dropped
+        _damaged_results[root] = str(e)
+        return {}
     except (gr.Error, ValueError, OSError):
         return {}
+
+
+_damaged_results: dict[str, str] = {}  # root -> why its precomputed counterfactual results cannot be used
 
 
 def stored_view(root: str, key: tuple) -> CounterfactualView | None:
@@ -797,10 +805,13 @@ def build_demo() -> gr.Blocks:
         batch = gr.State(None)  # the last generated batch: seeds, steps, images
         query = gr.State(None)  # the current query: key, pixels, title, seed, steps
         gr.Markdown(header_markdown(a))
-        if a.damaged:
-            gr.Markdown("**Some files under the model folder are damaged**, so these methods are off until they "
+        committed(ASSETS)  # (checks the precomputed counterfactual results before the banner is drawn)
+        damaged = {**a.damaged, **({"precomputed counterfactuals": _damaged_results[ASSETS]}
+                                   if ASSETS in _damaged_results else {})}
+        if damaged:
+            gr.Markdown("**Some files under the model folder are damaged**, so these parts are off until they "
                         "are restored or rebuilt:\n\n" + "\n".join(f"- **{m}**: {html.escape(why)}"
-                                                                for m, why in a.damaged.items()),
+                                                                for m, why in damaged.items()),
                         elem_id="damaged")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):

@@ -258,3 +258,20 @@ def test_a_damaged_optional_file_turns_its_methods_off_and_says_so(app, tiny_roo
     assert "tracin" not in a.methods and "square" in a.methods
     assert set(a.damaged) == {"tracin", "gas"} and "index.json" in a.damaged["tracin"]
     assert "Some files under the model folder are damaged" in page
+
+
+def test_damaged_precomputed_counterfactuals_are_reported_not_dropped(app, tiny_root, tmp_path, monkeypatch):
+    root = _copy(tiny_root, tmp_path)
+    jobs = os.path.join(root, "counterfactual", "jobs")
+    os.makedirs(jobs, exist_ok=True)
+    open(os.path.join(jobs, "identity.json"), "w").write("")
+    monkeypatch.setattr(app, "ASSETS", root)
+    app.load_assets.cache_clear()
+    app.committed.cache_clear()
+    try:
+        with torch_threads(1):
+            page = _markdown(app.build_demo())
+    finally:
+        app.load_assets.cache_clear()
+        app.committed.cache_clear()
+    assert "precomputed counterfactuals" in page and "identity.json" in page
