@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from conftest import ROOT
-
 pytestmark = pytest.mark.server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _spec = importlib.util.spec_from_file_location("load_test", os.path.join(ROOT, "benchmarks", "load_test.py"))
 lt = importlib.util.module_from_spec(_spec)
@@ -65,7 +65,7 @@ def test_visitors_at_once_get_the_answers_of_one(load_server, reference, pool):
     queries, starts, bad = pool
     stats, mem, wall = lt.run_load(load_server.url, api, refs, queries, starts, bad, SESSIONS, SECONDS,
                                    retrain_every=6, full_retrains=[RETRAIN], pid=load_server.pid, mix=MIX)
-    print(f"\n{SESSIONS} sessions, {wall:.0f} s\n{stats.table()}\n{mem.summary()}")
+    print(f"\n{SESSIONS} sessions, {wall:.0f} s\n{stats.table()}\n{lt.deviation_line()}\n{mem.summary()}")
     assert stats.total_errors == 0, f"{stats.error_lines()}\nserver log:\n{load_server.log_tail()}"
     kinds = set(stats.times)
     wanted = {"select (generate+click)", "upload", "compare", "generate", "bad upload", "journey-trak on upload",
