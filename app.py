@@ -31,14 +31,14 @@ import plotly.graph_objects as go
 import torch
 
 from dtrak_core import app_support as sup
-from dtrak_core import baselines
-from dtrak_core.attribution import Attribution, Attributor
+from dtrak_core.attribution import baselines
+from dtrak_core.attribution.attributor import Attribution, Attributor
 from dtrak_core.build import read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
-from dtrak_core.quality import classify
-from dtrak_core.sampling import generate
+from dtrak_core.evaluation.quality import classify
+from dtrak_core.model.sampling import generate
 from dtrak_core.shared import OnceCache
-from dtrak_core.training import Cancelled
+from dtrak_core.errors import Cancelled
 
 ASSETS = os.environ.get("DTRAK_ASSETS", "assets")
 QUERY_PX, THUMB_PX = 192, 64  # display sizes; images are upscaled by whole factors (crisp pixels)
@@ -117,9 +117,9 @@ _cancel_lock = threading.Lock()
 def _counterfactual():
     """The counterfactual core, imported at call time so the rest of the app works without it."""
     try:
-        from dtrak_core import counterfactual
+        from dtrak_core.evaluation import counterfactual
     except ImportError as e:
-        raise gr.Error(f"The counterfactual engine (dtrak_core.counterfactual) is not available: {e}") from None
+        raise gr.Error(f"The counterfactual engine (dtrak_core.evaluation.counterfactual) is not available: {e}") from None
     return counterfactual
 
 
@@ -403,7 +403,7 @@ def precomputed(root: str) -> dict:
 def committed(root: str) -> dict:
     """(seed, ranking, k) -> job file of the counterfactual harness's finished jobs under the assets
     that a live retrain here would reproduce (same model, recipe and stores); {} otherwise."""
-    from dtrak_core.store import IntegrityError
+    from dtrak_core.errors import IntegrityError
 
     try:
         cf = _counterfactual()

@@ -21,8 +21,8 @@ import statistics
 import torch
 from diffusers import UNet2DModel
 
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.model import build_scheduler, build_unet, count_parameters
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.model.unet import build_scheduler, build_unet, count_parameters
 
 
 def cifar10_ddpm_unet() -> UNet2DModel:

@@ -29,10 +29,10 @@ import tempfile
 import numpy as np
 import torch
 
-from dtrak_core.data import load_digits
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.projectors import DenseGaussianProjector
-from dtrak_core.scoring import TRAKScorer
+from dtrak_core.model.data import load_digits
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.projectors import DenseGaussianProjector
+from dtrak_core.attribution.scoring import TRAKScorer
 from trak_adapter import make_traker, trak_featurize_batch, trak_finish_scores
 
 
@@ -116,7 +116,7 @@ def main(args):
         print(f"  {a:>7} vs {b:<5}: {rho.mean():.4f} [{rho.min():.4f}]{goal}")
     if args.k_sweep:
         # Projection noise shrinks with k: the same gradients, several k, against the exact scores.
-        from dtrak_core.projectors import SparseJLProjector
+        from dtrak_core.attribution.projectors import SparseJLProjector
 
         print("k sweep (same gradients), Spearman mean [min] over queries:")
         for k in args.k_sweep:

@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from dtrak_core.data import load_digits
-from dtrak_core.gradients import GradientFeaturizer
+from dtrak_core.model.data import load_digits
+from dtrak_core.attribution.gradients import GradientFeaturizer
 
 
 def plain_step(unet, g: GradientFeaturizer, x: torch.Tensor):

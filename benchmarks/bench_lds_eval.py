@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
-from dtrak_core.benchmark import LAMBDA_GRID, trak_g_fn  # noqa: E402
-from dtrak_core.lds import SubsetBootstrap, _rank_corr  # noqa: E402
-from dtrak_core.scoring import TRAKScorer  # noqa: E402
+from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
+from dtrak_core.evaluation.lds import SubsetBootstrap, _rank_corr  # noqa: E402
+from dtrak_core.attribution.scoring import TRAKScorer  # noqa: E402
 
 
 def direct(phi, q, masks, F, grid, draws):

@@ -31,10 +31,10 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
 from dtrak_core.build import DEFAULT_SETTINGS
-from dtrak_core.data import load_digits
-from dtrak_core.features import Featurizer
-from dtrak_core.model import load_checkpoint, checkpoint_hash
-from dtrak_core.store import FeatureStore
+from dtrak_core.model.data import load_digits
+from dtrak_core.attribution.features import Featurizer
+from dtrak_core.model.unet import load_checkpoint, checkpoint_hash
+from dtrak_core.attribution.store import FeatureStore
 unet, scheduler = load_checkpoint({model!r})
 train = load_digits("train")
 images = train.images[:{n}]
@@ -55,8 +55,8 @@ import sys, resource
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
-from dtrak_core.attribution import Attributor
-from dtrak_core.data import load_digits
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.model.data import load_digits
 a = Attributor.load({assets!r})
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 a.attribute(load_digits("validation").images[0], "d-trak")

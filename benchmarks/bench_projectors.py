@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from dtrak_core.data import load_digits
-from dtrak_core.gradients import GradientFeaturizer
-from dtrak_core.projectors import DenseGaussianProjector, SparseJLProjector
+from dtrak_core.model.data import load_digits
+from dtrak_core.attribution.gradients import GradientFeaturizer
+from dtrak_core.attribution.projectors import DenseGaussianProjector, SparseJLProjector
 
 
 def trak_projector(d: int, k: int, seed: int):

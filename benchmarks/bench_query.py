@@ -24,12 +24,12 @@ import statistics
 import numpy as np
 import torch
 
-from dtrak_core.attribution import Attributor
-from dtrak_core.data import load_digits
-from dtrak_core.features import Featurizer
-from dtrak_core.model import checkpoint_hash
-from dtrak_core.scoring import TRAKScorer
-from dtrak_core.store import FeatureStore
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.model.data import load_digits
+from dtrak_core.attribution.features import Featurizer
+from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.attribution.scoring import TRAKScorer
+from dtrak_core.attribution.store import FeatureStore
 
 
 def k10_store(attributor: Attributor, setting) -> FeatureStore:

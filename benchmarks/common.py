@@ -20,7 +20,7 @@ import dtrak_core  # noqa: E402,F401  first: it sets OMP_WAIT_POLICY=PASSIVE bef
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dtrak_core.model import build_scheduler, build_unet, load_checkpoint  # noqa: E402
+from dtrak_core.model.unet import build_scheduler, build_unet, load_checkpoint  # noqa: E402
 
 ASSETS_MODEL = os.path.join(ROOT, "assets", "model")
 

@@ -30,13 +30,13 @@ import dtrak_core  # noqa: E402,F401  (passive OpenMP waits)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dtrak_core.benchmark import LAMBDA_GRID, trak_g_fn  # noqa: E402
-from dtrak_core.data import load_digits  # noqa: E402
-from dtrak_core.features import Featurizer, FeatureSetting  # noqa: E402
-from dtrak_core.lds import LDSConfig, LDSRun, collect, lambda_sweep  # noqa: E402
-from dtrak_core.model import build_scheduler, checkpoint_hash, load_checkpoint, save_checkpoint  # noqa: E402
-from dtrak_core.sampling import generate  # noqa: E402
-from dtrak_core.training import TrainConfig, train  # noqa: E402
+from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
+from dtrak_core.model.data import load_digits  # noqa: E402
+from dtrak_core.attribution.features import Featurizer, FeatureSetting  # noqa: E402
+from dtrak_core.evaluation.lds import LDSConfig, LDSRun, collect, lambda_sweep  # noqa: E402
+from dtrak_core.model.unet import build_scheduler, checkpoint_hash, load_checkpoint, save_checkpoint  # noqa: E402
+from dtrak_core.model.sampling import generate  # noqa: E402
+from dtrak_core.model.training import TrainConfig, train  # noqa: E402
 
 N_TRAIN = 100
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dtrak_core.attribution import Attributor
+from dtrak_core.attribution.attributor import Attributor
 
 
 def main():

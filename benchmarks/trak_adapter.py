@@ -24,7 +24,7 @@ import logging
 import torch
 from torch.func import functional_call
 
-from dtrak_core.gradients import timestep_noise, timesteps_for
+from dtrak_core.attribution.gradients import timestep_noise, timesteps_for
 
 
 def _trak():

@@ -11,10 +11,10 @@ import os
 # effect if torch is imported after this package.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .attribution import Attribution, Attributor  # noqa: E402
-from .features import Featurizer, FeatureSetting  # noqa: E402
-from .scoring import TRAKScorer  # noqa: E402
-from .store import FeatureStore  # noqa: E402
-from .training import TrainConfig  # noqa: E402
+from dtrak_core.attribution.attributor import Attribution, Attributor  # noqa: E402
+from dtrak_core.attribution.features import Featurizer, FeatureSetting  # noqa: E402
+from dtrak_core.attribution.scoring import TRAKScorer  # noqa: E402
+from dtrak_core.attribution.store import FeatureStore  # noqa: E402
+from dtrak_core.model.training import TrainConfig  # noqa: E402
 
 __all__ = ["Attribution", "Attributor", "Featurizer", "FeatureSetting", "FeatureStore", "TRAKScorer", "TrainConfig"]

@@ -17,15 +17,23 @@ import time
 
 import torch
 
-from .attribution import MANIFEST
-from .data import Dataset, load_dataset, load_digits
-from .features import Featurizer, FeatureSetting
-from .model import (build_scheduler, checkpoint_hash, count_parameters, load_checkpoint, resolve_model,
-                    save_checkpoint)
-from .quality import sample_quality
-from .sampling import generate
-from .store import FeatureStore, IntegrityError, atomic_write_json, read_json
-from .training import TrainConfig, train
+from dtrak_core.attribution.attributor import MANIFEST
+from dtrak_core.model.data import Dataset, load_dataset, load_digits
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.model.unet import (
+    build_scheduler,
+    checkpoint_hash,
+    count_parameters,
+    load_checkpoint,
+    resolve_model,
+    save_checkpoint,
+)
+from dtrak_core.evaluation.quality import sample_quality
+from dtrak_core.model.sampling import generate
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.model.training import TrainConfig, train
 
 DEFAULT_TRAIN_CONFIG = TrainConfig()
 DEFAULT_SETTINGS = (FeatureSetting("square", K=100), FeatureSetting("loss", K=100))

@@ -26,7 +26,7 @@ def _check_writable(root: str) -> None:
 
 
 def _check_model_root(root: str) -> None:
-    from .attribution import MANIFEST
+    from dtrak_core.attribution.attributor import MANIFEST
 
     if not os.path.isdir(root):
         raise ValueError(f"--root {root!r} does not exist; build a model folder there first (`python -m dtrak_core "
@@ -37,7 +37,7 @@ def _check_model_root(root: str) -> None:
 
 
 def cmd_build_default(args):
-    from .build import build_default, DEFAULT_TRAIN_CONFIG
+    from dtrak_core.build import build_default, DEFAULT_TRAIN_CONFIG
     from dataclasses import replace
 
     _check_writable(args.root)
@@ -47,8 +47,8 @@ def cmd_build_default(args):
 
 
 def cmd_build(args):
-    from .build import build_from
-    from .features import FeatureSetting
+    from dtrak_core.build import build_from
+    from dtrak_core.attribution.features import FeatureSetting
 
     settings = [FeatureSetting(fn, K=args.K, projector=args.projector, k=args.k) for fn in args.output_fn]
     _check_writable(args.root)
@@ -59,10 +59,10 @@ def cmd_build(args):
 
 
 def cmd_generate(args):
-    from .images import grid, save_png, to_pil
-    from .model import load_checkpoint
-    from .sampling import generate
-    from .attribution import Attributor
+    from dtrak_core.images import grid, save_png, to_pil
+    from dtrak_core.model.unet import load_checkpoint
+    from dtrak_core.model.sampling import generate
+    from dtrak_core.attribution.attributor import Attributor
 
     unet, scheduler = _load_model(args.root)
     seeds = list(range(args.seed, args.seed + args.count))
@@ -76,7 +76,7 @@ def cmd_generate(args):
 def _require_digits_model(root, what: str) -> None:
     """The harnesses retrain the model on the digits (or classify digits): refuse an external model
     up front, with the reason, instead of failing deep inside."""
-    from .build import read_manifest
+    from dtrak_core.build import read_manifest
 
     manifest = read_manifest(root)
     if manifest and (manifest.get("dataset") != "digits-train" or "train_config" not in manifest):
@@ -86,10 +86,10 @@ def _require_digits_model(root, what: str) -> None:
 
 
 def _load_model(root):
-    from .attribution import MANIFEST
-    from .build import MANIFEST_REMEDY, check_weights, read_manifest
-    from .model import load_checkpoint
-    from .store import IntegrityError
+    from dtrak_core.attribution.attributor import MANIFEST
+    from dtrak_core.build import MANIFEST_REMEDY, check_weights, read_manifest
+    from dtrak_core.model.unet import load_checkpoint
+    from dtrak_core.errors import IntegrityError
 
     _check_model_root(root)
     manifest = read_manifest(root)
@@ -102,9 +102,9 @@ def _load_model(root):
 
 
 def cmd_attribute(args):
-    from .attribution import Attributor
-    from .images import load_user_image
-    from .sampling import generate
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.images import load_user_image
+    from dtrak_core.model.sampling import generate
 
     attributor = Attributor.load(args.root)
     attributor.lam = args.lam
@@ -131,8 +131,8 @@ def cmd_attribute(args):
 
 
 def cmd_featurize(args):
-    from .build import build_store, read_manifest
-    from .features import FeatureSetting
+    from dtrak_core.build import build_store, read_manifest
+    from dtrak_core.attribution.features import FeatureSetting
 
     setting = FeatureSetting(args.output_fn, K=args.K, projector=args.projector, k=args.k, seed=args.projector_seed)
     _check_model_root(args.root)
@@ -145,7 +145,7 @@ def cmd_featurize(args):
 
 
 def cmd_migrate_stores(args):
-    from .store import find_stores, migrate_store
+    from dtrak_core.attribution.store import find_stores, migrate_store
 
     for folder in args.folders:
         stores = find_stores(folder)
@@ -156,8 +156,8 @@ def cmd_migrate_stores(args):
 
 
 def cmd_quality(args):
-    from .quality import sample_quality
-    from .sampling import generate
+    from dtrak_core.evaluation.quality import sample_quality
+    from dtrak_core.model.sampling import generate
 
     _require_digits_model(args.root, "quality (a digit classifier)")
     unet, scheduler = _load_model(args.root)
@@ -166,11 +166,17 @@ def cmd_quality(args):
 
 
 def cmd_counterfactual(args):
-    from .attribution import Attributor
-    from .counterfactual import (format_table, run_counterfactual, summarize, target_seeds,
-                                 train_config_from_manifest, write_gallery)
-    from .retrain import parse_shard
-    from .store import atomic_write_json
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.evaluation.counterfactual import (
+        format_table,
+        run_counterfactual,
+        summarize,
+        target_seeds,
+        train_config_from_manifest,
+        write_gallery,
+    )
+    from dtrak_core.evaluation.retrain import parse_shard
+    from dtrak_core.files import atomic_write_json
 
     _require_digits_model(args.root, "counterfactual (remove and retrain)")
     shard = parse_shard(args.shard)
@@ -196,7 +202,7 @@ def cmd_counterfactual(args):
 
 
 def cmd_build_baselines(args):
-    from .baselines import build_default_baselines
+    from dtrak_core.attribution.baselines import build_default_baselines
 
     _require_digits_model(args.root, "build-baselines (replays the training run)")
     entry = build_default_baselines(args.root)
@@ -204,8 +210,8 @@ def cmd_build_baselines(args):
 
 
 def cmd_methods(args):
-    from .attribution import Attributor
-    from .baselines import BASELINES, available_methods, unavailable_methods
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.baselines import BASELINES, available_methods, unavailable_methods
 
     attributor = Attributor.load(args.root)
     missing = unavailable_methods(attributor, args.root)
@@ -214,14 +220,14 @@ def cmd_methods(args):
     print(json.dumps(report, indent=2))
 
 def cmd_lds(args):
-    from .lds import LDSConfig, default_methods, default_run, evaluate, query_features
-    from .retrain import parse_shard
+    from dtrak_core.evaluation.lds import LDSConfig, default_methods, default_run, evaluate, query_features
+    from dtrak_core.evaluation.retrain import parse_shard
 
     _require_digits_model(args.root, "lds (retrains on subsets)")
     torch.set_num_threads(args.threads)
     config = LDSConfig(num_subsets=args.subsets)
     if args.action == "check-timesteps":
-        from .lds import full_timestep_check
+        from dtrak_core.evaluation.lds import full_timestep_check
 
         done = full_timestep_check(args.out, _load_model(args.root)[1], max_subsets=args.check_subsets)
         print(f"all-1000-timestep ground truth for {len(done)} more models in {os.path.join(args.out, 'full_t')}")
@@ -262,7 +268,7 @@ def cmd_lds(args):
 
 
 def _lds_tables(args):
-    from . import benchmark as bm
+    from dtrak_core.evaluation import tables as bm
 
     bench = bm.Bench(args.out, args.root)
     Ks = args.K_list or [args.K]
@@ -276,7 +282,7 @@ def _lds_tables(args):
             bm.journey_features(bench, bench.setting("loss", bench.journey_K), compute=True)
             print("journey-trak features of the generated test set ready")
         if args.tracin:
-            from .baselines import load_tracin
+            from dtrak_core.attribution.baselines import load_tracin
 
             bm.tracin_queries(bench, load_tracin(args.root, bench.attributor), compute=True)
             print("TracInCP test-set features ready")

@@ -12,7 +12,8 @@ import os
 import numpy as np
 import torch
 
-from .data import image_to_tensor
+from dtrak_core.errors import UploadError
+from dtrak_core.model.data import image_to_tensor
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 4096 * 4096
@@ -35,10 +36,6 @@ _SIGNATURES = ((b"%!PS", "PostScript / EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%
                (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"qoif", "QOI"))
 _ALLOWED_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
                        (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-
-
-class UploadError(ValueError):
-    """An upload that cannot be used; the message says why, for the person who sent it."""
 
 
 def _allowed_kind(data: bytes | None) -> str | None:

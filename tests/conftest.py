@@ -7,10 +7,10 @@ import dtrak_core  # noqa: F401  (first: passive OpenMP waits before torch loads
 import pytest
 import torch
 
-from dtrak_core.data import load_digits
-from dtrak_core.features import FeatureSetting
-from dtrak_core.model import build_scheduler, build_unet
-from dtrak_core.training import TrainConfig
+from dtrak_core.model.data import load_digits
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.model.unet import build_scheduler, build_unet
+from dtrak_core.model.training import TrainConfig
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -75,8 +75,8 @@ def build_tiny_assets(root: str) -> str:
 
 
 def _build_tiny_assets(root: str, gallery: str) -> None:
-    from dtrak_core import counterfactual as cf
-    from dtrak_core.attribution import Attributor
+    from dtrak_core.evaluation import counterfactual as cf
+    from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.build import build_store, train_or_load
 
     unet, scheduler, _ = train_or_load(root, TINY_TRAIN, show_bar=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dtrak_core import app_support as sup
-from dtrak_core.attribution import RULE
+from dtrak_core.attribution.attributor import RULE
 from dtrak_core.shared import OnceCache
 from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
@@ -238,7 +238,7 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
     assert view.removed.tolist() == a.attribute(target, "square", lam=RULE).proponents(40).tolist()
     assert "Seed 1001" in status and after_a.value is not None and removed_a.value is not None
     assert after_b.value is None  # no second ranking
-    from dtrak_core import counterfactual
+    from dtrak_core.evaluation import counterfactual
 
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("cached: no retrain"))
     again = app.run_counterfactual(1001, 40, "square", "none", None)
@@ -252,7 +252,7 @@ def test_precomputed_examples_show_instantly(app, monkeypatch):
     assert first[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
     table = first[4 + 3]
     assert [r[-1] for r in table] == ["precomputed", "precomputed"]
-    from dtrak_core import counterfactual
+    from dtrak_core.evaluation import counterfactual
 
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("precomputed: no retrain"))
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
@@ -266,7 +266,7 @@ def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path
     when a live retrain here would reproduce them (same recipe, model, stores)."""
     import shutil
 
-    from dtrak_core import counterfactual
+    from dtrak_core.evaluation import counterfactual
 
     root = str(tmp_path / "assets")
     shutil.copytree(tiny_root, root)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.attribution import Attributor
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.model import checkpoint_hash
-from dtrak_core.store import FeatureStore
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.attribution.store import FeatureStore
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -53,9 +53,9 @@ def test_a_training_image_is_its_own_top_proponent(attributor):
 def test_default_checkpoint_rebuilds_bit_identical():
     """Training the default again from the code gives the committed weights (about 80 s on 2 cores)."""
     from dtrak_core.build import BUILD_THREADS, DEFAULT_TRAIN_CONFIG
-    from dtrak_core.data import load_digits
-    from dtrak_core.model import build_scheduler
-    from dtrak_core.training import train
+    from dtrak_core.model.data import load_digits
+    from dtrak_core.model.unet import build_scheduler
+    from dtrak_core.model.training import train
 
     with open(os.path.join(ASSETS, "manifest.json")) as f:
         manifest = json.load(f)
@@ -73,7 +73,7 @@ def test_committed_counterfactual_results_belong_to_this_model(attributor):
     """The committed remove-and-retrain jobs were made with this model, recipe and stores (so the app
     may serve them), their rankings are reproduced by the committed stores, and summary.json is
     what they summarize to."""
-    from dtrak_core import counterfactual as cf
+    from dtrak_core.evaluation import counterfactual as cf
 
     folder = os.path.join(ASSETS, "counterfactual")
     if not os.path.isfile(os.path.join(folder, "summary.json")):
@@ -97,8 +97,8 @@ def test_committed_counterfactual_results_belong_to_this_model(attributor):
 def test_committed_lds_tables_recompute_from_the_ground_truth(attributor):
     """Anyone can score a method against the committed ground truth without retraining: raw-pixel
     cosine and the noise ceiling recomputed from lds_ground_truth.npz equal tables.json."""
-    from dtrak_core.data import load_digits
-    from dtrak_core.lds import load_ground_truth, lds, noise_ceiling
+    from dtrak_core.model.data import load_digits
+    from dtrak_core.evaluation.lds import load_ground_truth, lds, noise_ceiling
 
     bench = os.path.join(ASSETS, "benchmarks")
     if not os.path.isfile(os.path.join(bench, "tables.json")):

@@ -11,17 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core import baselines
-from dtrak_core.attribution import Attributor
-from dtrak_core.baselines import (BASELINES, MethodUnavailable, available_methods, build_tracin, method_scores,
-                                  tracin_steps, unavailable_methods)
-from dtrak_core.clip_encoder import ClipImageEncoder, ClipUnavailable, find_clip
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.model import checkpoint_hash, load_checkpoint
-from dtrak_core.projectors import make_projector
-from dtrak_core.sampling import generate
-from dtrak_core.store import FeatureStore
-from dtrak_core.training import TrainConfig, train
+from dtrak_core.attribution import baselines
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.baselines import (
+    BASELINES,
+    available_methods,
+    build_tracin,
+    method_scores,
+    tracin_steps,
+    unavailable_methods,
+)
+from dtrak_core.errors import MethodUnavailable
+from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable, find_clip
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+from dtrak_core.attribution.projectors import make_projector
+from dtrak_core.model.sampling import generate
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.model.training import TrainConfig, train
 
 CONFIG = TrainConfig(steps=6, batch_size=8, block_out_channels=(4, 8), seed=3)
 SETTING = FeatureSetting("loss", K=2, k=16)

@@ -4,17 +4,25 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core import benchmark as bm
-from dtrak_core.baselines import similarity
+from dtrak_core.evaluation import tables as bm
+from dtrak_core.attribution.baselines import similarity
 from dtrak_core.build import build_store
-from dtrak_core.features import FeatureSetting
-from dtrak_core.lds import (LDSConfig, LDSRun, SubsetBootstrap, _rank_corr, lambda_study, lambda_sweep, lds,
-                            subset_indices)
-from dtrak_core.model import build_scheduler, checkpoint_hash, save_checkpoint
-from dtrak_core.sampling import generate
-from dtrak_core.scoring import TRAKScorer
-from dtrak_core.store import atomic_write_json
-from dtrak_core.training import TrainConfig, train
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.evaluation.lds import (
+    LDSConfig,
+    LDSRun,
+    SubsetBootstrap,
+    _rank_corr,
+    lambda_study,
+    lambda_sweep,
+    lds,
+    subset_indices,
+)
+from dtrak_core.model.unet import build_scheduler, checkpoint_hash, save_checkpoint
+from dtrak_core.model.sampling import generate
+from dtrak_core.attribution.scoring import TRAKScorer
+from dtrak_core.files import atomic_write_json
+from dtrak_core.model.training import TrainConfig, train
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
 
@@ -55,7 +63,7 @@ def test_lambda_sweep_over_sets_equals_one_set_at_a_time():
 
 @pytest.mark.parametrize("k", [5, 20])  # primal (k < N) and dual (k > N) regimes
 def test_spectral_trak_equals_trak_scorer(k):
-    from dtrak_core.scoring import SpectralTRAK
+    from dtrak_core.attribution.scoring import SpectralTRAK
 
     rng = np.random.default_rng(5)
     phi, q = rng.normal(size=(12, k)), rng.normal(size=(3, k))
@@ -68,7 +76,7 @@ def test_spectral_trak_equals_trak_scorer(k):
 
 @pytest.mark.parametrize("normalize", [None, "relative", "renorm"])
 def test_trak_g_fn_averages_models_and_normalizes(normalize):
-    from dtrak_core.baselines import ip_norms
+    from dtrak_core.attribution.baselines import ip_norms
 
     rng = np.random.default_rng(2)
     trains = [rng.normal(size=(12, 5)) for _ in range(3)]
@@ -91,7 +99,7 @@ def tiny_bench(tmp_path_factory, digits):
     scheduler = build_scheduler()
     unet = train(digits.images, scheduler, TINY, show_bar=False)
     save_checkpoint(os.path.join(root, "model"), unet, scheduler)
-    from dtrak_core.model import load_checkpoint
+    from dtrak_core.model.unet import load_checkpoint
 
     unet, scheduler = load_checkpoint(os.path.join(root, "model"))
     atomic_write_json(os.path.join(root, "manifest.json"), {"checkpoint": "model", "dataset": "digits-train",
@@ -108,7 +116,7 @@ def tiny_bench(tmp_path_factory, digits):
 
 
 def load_validation():
-    from dtrak_core.data import load_digits
+    from dtrak_core.model.data import load_digits
 
     return load_digits("validation").images
 
@@ -181,8 +189,8 @@ def test_bench_refuses_a_run_of_another_model(tiny_bench, tmp_path):
 
 
 def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
-    from dtrak_core.attribution import RULE, Attributor
-    from dtrak_core.scoring import default_lambda
+    from dtrak_core.attribution.attributor import RULE, Attributor
+    from dtrak_core.attribution.scoring import default_lambda
 
     root, run_dir, _ = tiny_bench
     tuned = bm.tune_lambdas(run_dir, root, num_bootstrap=10)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from dtrak_core.build import build_default
 from dtrak_core.cli import main
-from dtrak_core.features import FeatureSetting
-from dtrak_core.training import TrainConfig
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.model.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.attribution import Attributor
-from dtrak_core.baselines import method_scores
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.gradients import GradientFeaturizer
-from dtrak_core.model import checkpoint_hash
-from dtrak_core.sampling import generate
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.baselines import method_scores
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.gradients import GradientFeaturizer
+from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.model.sampling import generate
 from dtrak_core.shared import ModelReplicas, OnceCache
-from dtrak_core.store import FeatureStore
+from dtrak_core.attribution.store import FeatureStore
 
 SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
 METHODS = ("square", "loss", "journey-trak", "pixel-dot", "gradient-cosine", "relative-ip", "renorm-ip")

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-import dtrak_core.retrain as retrain_module
-from dtrak_core import counterfactual as cf
-from dtrak_core.attribution import Attributor
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.model import build_scheduler, checkpoint_hash
-from dtrak_core.store import FeatureStore, atomic_write_json
-from dtrak_core.training import Cancelled, TrainConfig, train
+import dtrak_core.evaluation.retrain as retrain_module
+from dtrak_core.evaluation import counterfactual as cf
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.model.unet import build_scheduler, checkpoint_hash
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.files import atomic_write_json
+from dtrak_core.errors import Cancelled
+from dtrak_core.model.training import TrainConfig, train
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8), seed=3)
 N = 64
@@ -207,7 +209,7 @@ def test_clip_cosine_with_local_weights_and_without(tmp_path, monkeypatch):
     """The CLIP metric uses local weights when $DTRAK_CLIP_PATH points at them (a tiny random CLIP
     here), and says why it is unavailable otherwise; it never downloads or substitutes."""
     transformers = pytest.importorskip("transformers")
-    from dtrak_core.clip_encoder import ClipImageEncoder
+    from dtrak_core.attribution.clip_encoder import ClipImageEncoder
 
     torch.manual_seed(0)
     model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dtrak_core.gradients import GradientFeaturizer, timestep_noise, timesteps_for
-from dtrak_core.output_functions import canonical_name, elbo_weights, get_output_function
+from dtrak_core.attribution.gradients import GradientFeaturizer, timestep_noise, timesteps_for
+from dtrak_core.attribution.output_functions import canonical_name, elbo_weights, get_output_function
 
 ALL = ["loss", "square", "avg", "l1-norm", "l2-norm", "linf-norm", "elbo", "eta=0.3"]
 
@@ -98,7 +98,7 @@ def test_hooks_engine_matches_plain_loop(tiny_unet, scheduler, digits, name):
 
 
 def test_hooks_engine_matches_vmap_on_default_unet(scheduler, digits):
-    from dtrak_core.model import build_unet
+    from dtrak_core.model.unet import build_unet
 
     unet = build_unet(seed=3).eval()  # the default architecture, (16, 32) channels
     g = lambda engine, name: GradientFeaturizer(unet, scheduler, name, 10, timestep_chunk=7, engine=engine)(digits.images[:2])

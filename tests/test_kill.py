@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from dtrak_core.build import train_or_load
-from dtrak_core.retrain import RetrainJob, run_jobs
-from dtrak_core.store import DONE, FEATURES, METADATA, FeatureStore, IntegrityError
-from dtrak_core.training import TrainConfig
+from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
+from dtrak_core.attribution.store import DONE, FEATURES, METADATA, FeatureStore
+from dtrak_core.errors import IntegrityError
+from dtrak_core.model.training import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TRAIN = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
@@ -108,10 +109,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from dtrak_core.data import load_digits
-from dtrak_core.model import build_scheduler
-from dtrak_core.retrain import RetrainJob, retrain, run_jobs
-from dtrak_core.training import TrainConfig
+from dtrak_core.model.data import load_digits
+from dtrak_core.model.unet import build_scheduler
+from dtrak_core.evaluation.retrain import RetrainJob, retrain, run_jobs
+from dtrak_core.model.training import TrainConfig
 
 images = load_digits("train").images[:64]
 scheduler = build_scheduler()

@@ -5,13 +5,27 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from dtrak_core.features import Featurizer, FeatureSetting
-from dtrak_core.lds import (LDSConfig, LDSRun, PAPER_LAMBDA_GRID, collect, eps_losses, eval_timesteps, evaluate,
-                            full_timestep_check,
-                            lambda_study, lds, lds_jobs, lds_per_sample, load_ground_truth, noise_ceiling,
-                            subset_indices, subset_masks)
-from dtrak_core.model import build_unet
-from dtrak_core.training import TrainConfig
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.evaluation.lds import (
+    LDSConfig,
+    LDSRun,
+    PAPER_LAMBDA_GRID,
+    collect,
+    eps_losses,
+    eval_timesteps,
+    evaluate,
+    full_timestep_check,
+    lambda_study,
+    lds,
+    lds_jobs,
+    lds_per_sample,
+    load_ground_truth,
+    noise_ceiling,
+    subset_indices,
+    subset_masks,
+)
+from dtrak_core.model.unet import build_unet
+from dtrak_core.model.training import TrainConfig
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
 
@@ -145,7 +159,7 @@ def test_tiny_end_to_end(tmp_path, digits, scheduler):
     np.testing.assert_array_equal(gt["masks"], col["masks"])
     np.testing.assert_allclose(gt["F"]["validation"], col["F"]["validation"], rtol=1e-6)
     # anyone can recompute a method's LDS from the stored masks and F alone
-    from dtrak_core.scoring import TRAKScorer
+    from dtrak_core.attribution.scoring import TRAKScorer
 
     q = Featurizer(unet, scheduler, setting)(digits.images[-6:]).numpy()
     assert lds(TRAKScorer(feats).scores(q), gt["masks"], gt["F"]["validation"], 20)[0] == pytest.approx(r["default"]["lds"], abs=1e-4)
@@ -203,7 +217,7 @@ def test_lambda_study_picks_and_reports(tiny_unet):
     F = rng.normal(size=(M, Q))
     grid = (1e-2, 1.0, 1e2)
     res = lambda_study(phi, q, masks, F, grid=grid, num_bootstrap=10)
-    from dtrak_core.scoring import TRAKScorer
+    from dtrak_core.attribution.scoring import TRAKScorer
 
     by = [lds(TRAKScorer(phi, lam=lam).scores(q), masks, F, 10)[0] for lam in grid]
     np.testing.assert_allclose(res["lds_by_lambda"], by)
@@ -221,7 +235,7 @@ def test_batched_run_matches_sequential_run(tmp_path, digits, scheduler):
 
 
 def test_compact_job_results_equal_full_losses():
-    from dtrak_core.lds import TIMESTEP_STRIDES, compact_losses, job_F
+    from dtrak_core.evaluation.lds import TIMESTEP_STRIDES, compact_losses, job_F
 
     losses = np.random.default_rng(0).random((3, 100, 7))
     compact = compact_losses("validation", losses)

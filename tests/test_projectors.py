@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dtrak_core.projectors import TILE, DenseGaussianProjector, SparseJLProjector, make_projector
+from dtrak_core.attribution.projectors import TILE, DenseGaussianProjector, SparseJLProjector, make_projector
 
 
 def test_dense_same_output_for_any_batch_or_memory_bound():

@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.retrain import (RetrainJob, load_result, parse_shard, retrain, run_job_groups, run_jobs, save_result,
-                                train_many)
-from dtrak_core.training import TrainConfig
+from dtrak_core.evaluation.retrain import (
+    RetrainJob,
+    load_result,
+    parse_shard,
+    retrain,
+    run_job_groups,
+    run_jobs,
+    save_result,
+    train_many,
+)
+from dtrak_core.model.training import TrainConfig
 
 TINY = TrainConfig(steps=12, batch_size=16, block_out_channels=(4, 8))
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dtrak_core.scoring import TRAKScorer, default_lambda, ensemble_scores, top_k
+from dtrak_core.attribution.scoring import TRAKScorer, default_lambda, ensemble_scores, top_k
 
 
 def naive_scores(phi_q, phi, lam):

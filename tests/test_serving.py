@@ -113,7 +113,7 @@ class PollingRetrain:
         self.started, self.stopped, self.calls = threading.Event(), threading.Event(), 0
 
     def __call__(self, attributor, seed, ranking, k, config=None, progress=None, should_stop=None):
-        from dtrak_core.training import Cancelled
+        from dtrak_core.errors import Cancelled
 
         self.calls += 1
         self.started.set()
@@ -128,7 +128,7 @@ class PollingRetrain:
 
 @pytest.fixture
 def polling_retrain(served, monkeypatch):
-    from dtrak_core import counterfactual
+    from dtrak_core.evaluation import counterfactual
 
     fake = PollingRetrain()
     monkeypatch.setattr(counterfactual, "remove_and_retrain", fake)
@@ -172,7 +172,7 @@ def test_a_retrain_stops_when_its_stream_closes(served, polling_retrain):
 
 
 def test_retrain_wall_time_cap(app, monkeypatch):
-    from dtrak_core import counterfactual
+    from dtrak_core.evaluation import counterfactual
 
     fake = PollingRetrain()
     monkeypatch.setattr(counterfactual, "remove_and_retrain", fake)

@@ -4,11 +4,20 @@ import os
 import numpy as np
 import pytest
 
-from dtrak_core.features import FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core import cli
-from dtrak_core.store import (DONE, FEATURES, METADATA, FeatureStore, IntegrityError, find_stores, migrate_store,
-                              read_json, write_metadata)
-from dtrak_core.training import Cancelled
+from dtrak_core.attribution.store import (
+    DONE,
+    FEATURES,
+    METADATA,
+    FeatureStore,
+    find_stores,
+    migrate_store,
+    write_metadata,
+)
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import read_json
+from dtrak_core.errors import Cancelled
 
 SETTING = FeatureSetting("square", K=10, k=6)
 IDENTITY = FeatureStore.identity(SETTING, checkpoint="abc123", dataset="data456")

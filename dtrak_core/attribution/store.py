@@ -27,79 +27,13 @@ import tempfile
 import numpy as np
 from tqdm.auto import tqdm
 
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
+
 FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata; 1: features only (migrate_store upgrades)
 METADATA = "metadata.json"
 FEATURES = "features.npy"
 DONE = "done.npy"
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class IntegrityError(ValueError):
-    """A file on disk is unreadable, damaged, or disagrees with what was recorded about it.
-
-    `path` is the file; the message names it, says what it is and what to do.
-    """
-
-    def __init__(self, path: str, problem: str, remedy: str):
-        self.path = str(path)
-        hint = restore_hint(path)
-        super().__init__(f"{path} {problem}; {hint + ', or ' if hint else ''}{remedy}")
-
-
-def restore_hint(path: str) -> str:
-    """'restore the committed copy with `git checkout -- assets/...`' for a file the repository ships, else ''."""
-    rel = os.path.relpath(os.path.abspath(path), _REPO)
-    if rel.split(os.sep)[0] == "assets" and os.path.isdir(os.path.join(_REPO, ".git")):
-        return f"restore the committed copy with `git checkout -- {rel}`"
-    return ""
-
-
-def read_json(path: str, what: str, remedy: str) -> dict:
-    """The JSON object in `path` (`what` it is, e.g. "model manifest"); an `IntegrityError` naming the
-    file, what it is and `remedy` (what to do) when it is missing, unreadable or not a JSON object."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise IntegrityError(path, f"({what}) is missing", remedy) from None
-    except OSError as e:
-        raise IntegrityError(path, f"({what}) cannot be read ({e.strerror or e})", remedy) from None
-    try:
-        obj = json.loads(data)
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        problem = "is empty" if not data.strip() else f"is not valid JSON ({e})"
-        raise IntegrityError(path, f"({what}) {problem}: it is truncated or corrupt", remedy) from None
-    if not isinstance(obj, dict):
-        raise IntegrityError(path, f"({what}) is not a JSON object (got {type(obj).__name__})", remedy)
-    return obj
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write a file so that a killed process leaves either the old file or the new one, never a
-    part (the temporary name ends in .tmp, which git ignores)."""
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def metadata_sha256(metadata: dict) -> str:
@@ -120,7 +54,7 @@ def _rebuild(path: str) -> str:
             f"model folder's store, `build-baselines` for a TracInCP store)")
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -191,7 +125,7 @@ class FeatureStore:
         metadata = {"format_version": FORMAT_VERSION, **identity, "n": n, "k": k, "dtype": "float32",
                     "slice_size": slice_size, "complete": False, "features_sha256": None}
         np.lib.format.open_memmap(os.path.join(path, FEATURES), mode="w+", dtype=np.float32, shape=(n, k)).flush()
-        _atomic_save_npy(os.path.join(path, DONE), np.zeros(n, dtype=bool))
+        atomic_save_npy(os.path.join(path, DONE), np.zeros(n, dtype=bool))
         metadata = write_metadata(path, metadata)  # written last: marks the store as existing
         return cls(path, metadata)
 
@@ -225,7 +159,7 @@ class FeatureStore:
         if self.complete and not done.all():
             raise IntegrityError(os.path.join(self.path, DONE), f"(done mask) lacks {int((~done).sum())} rows of a "
                                  f"store marked complete", _rebuild(self.path))
-        if verify and self.complete and _sha256_file(fpath) != self.metadata["features_sha256"]:
+        if verify and self.complete and sha256_file(fpath) != self.metadata["features_sha256"]:
             raise IntegrityError(fpath, "(stored features) does not match its recorded sha256 (the file is "
                                  "corrupt or was replaced)", _rebuild(self.path))
 
@@ -260,7 +194,7 @@ class FeatureStore:
         feats = np.load(os.path.join(self.path, FEATURES), mmap_mode="r+")
         for i, start in enumerate(tqdm(todo, desc=f"featurize {os.path.basename(self.path)}", disable=not show_bar)):
             if should_stop is not None and should_stop():
-                from .training import Cancelled
+                from dtrak_core.errors import Cancelled
 
                 raise Cancelled("featurization cancelled; rerun to resume")
             stop = min(start + size, n)
@@ -270,12 +204,12 @@ class FeatureStore:
             feats[start:stop] = rows
             feats.flush()
             done[start:stop] = True
-            _atomic_save_npy(os.path.join(self.path, DONE), done)
+            atomic_save_npy(os.path.join(self.path, DONE), done)
             if progress is not None:
                 progress(i + 1, len(todo))
         del feats
         if not self.complete:
-            sha = _sha256_file(os.path.join(self.path, FEATURES))
+            sha = sha256_file(os.path.join(self.path, FEATURES))
             self.metadata = write_metadata(self.path, {**self.metadata, "complete": True, "features_sha256": sha})
         return self
 

@@ -46,14 +46,16 @@ import torch
 from diffusers import DDIMScheduler
 from torch.func import functional_call, grad, vmap
 
-from .attribution import MANIFEST, Attributor
-from .clip_encoder import ClipImageEncoder, ClipUnavailable
-from .features import Featurizer, FeatureSetting
-from .gradients import timestep_noise, trainable_params
-from .model import checkpoint_hash, load_checkpoint, save_checkpoint
-from .shared import ModelReplicas, OnceCache
-from .store import FeatureStore, IntegrityError, atomic_write_json, read_json
-from .training import TrainConfig, train
+from dtrak_core.attribution.attributor import MANIFEST, Attributor
+from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.gradients import timestep_noise, trainable_params
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
+from dtrak_core.shared import ModelReplicas, OnceCache
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.errors import IntegrityError, MethodUnavailable
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.model.training import TrainConfig, train
 
 # TracInCP store setting: loss gradients as in TRAK, but K=10 timesteps and k=512 so that four
 # checkpoints cost 4 x 3 MB on disk and ~4 x 1 min to featurize (K=100, k=2048 would be 4 x 12 MB
@@ -62,10 +64,6 @@ TRACIN_SETTING = FeatureSetting("loss", K=10, k=512)
 TRACIN_CHECKPOINTS = 4  # as published: 4 checkpoints of the run, evenly spaced, the last one final
 TRACIN_INDEX = os.path.join("tracin", "index.json")
 JOURNEY_STEPS = 50  # DDIM steps, as `sampling.generate` uses by default
-
-
-class MethodUnavailable(ValueError):
-    """The method's inputs (weights, stores, seeds) are not present; the message says which."""
 
 
 # -- similarity scorers ------------------------------------------------------------------------
@@ -169,7 +167,7 @@ def build_default_baselines(root: str = "assets", show_bar: bool = True, registe
     `threads` when recorded, else torch's default. On a busy machine set OMP_WAIT_POLICY=PASSIVE
     (same numbers, far less time lost in OpenMP barriers).
     """
-    from .data import load_digits
+    from dtrak_core.model.data import load_digits
 
     manifest = _read_json(os.path.join(root, MANIFEST))
     if "train_config" not in manifest or "checkpoint" not in manifest:
@@ -187,7 +185,7 @@ def build_default_baselines(root: str = "assets", show_bar: bool = True, registe
 
 def _read_json(path: str) -> dict:
     """The manifest or the TracInCP index, {} when absent; an IntegrityError naming it when damaged."""
-    from .build import MANIFEST_REMEDY
+    from dtrak_core.build import MANIFEST_REMEDY
 
     if not os.path.isfile(path):
         return {}

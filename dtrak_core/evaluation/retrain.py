@@ -33,9 +33,11 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from .model import build_unet
-from .store import IntegrityError, atomic_write_bytes
-from .training import Cancelled, TrainConfig, batch_stream, train
+from dtrak_core.model.unet import build_unet
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import atomic_write_bytes
+from dtrak_core.errors import Cancelled
+from dtrak_core.model.training import TrainConfig, batch_stream, train
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .gradients import GradientFeaturizer
-from .output_functions import canonical_name
-from .projectors import PROJECTORS, make_projector
+from dtrak_core.attribution.gradients import GradientFeaturizer
+from dtrak_core.attribution.output_functions import canonical_name
+from dtrak_core.attribution.projectors import PROJECTORS, make_projector
 
 
 @dataclass(frozen=True)

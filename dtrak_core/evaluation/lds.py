@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from .retrain import RetrainJob, load_result, retrain, run_job_groups, run_jobs, train_many
-from .store import atomic_write_json, read_json
-from .training import TrainConfig
+from dtrak_core.evaluation.retrain import RetrainJob, load_result, retrain, run_job_groups, run_jobs, train_many
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.model.training import TrainConfig
 
 SETUP = "setup.json"
 SETUP_REMEDY = ("it records what every job result in the run folder was computed with: restore it, or use a new "
@@ -297,7 +297,7 @@ class LDSRun:
             if have["lds_config"]["num_subsets"] != self.config.num_subsets:
                 atomic_write_json(path, {**have, "lds_config": want["lds_config"]})
             return
-        from .retrain import save_result
+        from dtrak_core.evaluation.retrain import save_result
 
         save_result(os.path.join(self.out_dir, TEST_SETS), **{k: v.numpy() for k, v in self.test_sets.items()})
         atomic_write_json(path, want)
@@ -410,7 +410,7 @@ def full_timestep_check(run_dir: str, scheduler, max_subsets: int | None = None,
     from diffusers import UNet2DModel
     from tqdm.auto import tqdm
 
-    from .retrain import save_result
+    from dtrak_core.evaluation.retrain import save_result
 
     col = collect(run_dir)
     setup = col["setup"]
@@ -508,7 +508,7 @@ def lambda_sweep(g_fn, F: dict, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 100
 def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
                  split_seed: int = 0) -> dict:
     """`lambda_sweep` of TRAK scores for one test set, with the `default_lambda` rule as `default`."""
-    from .scoring import SpectralTRAK, default_lambda
+    from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
 
     _check_lds_inputs(np.zeros((len(query_features), len(train_features))), masks, F)
     trak = SpectralTRAK(train_features)
@@ -520,10 +520,10 @@ def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRI
 # -- the embedded default -------------------------------------------------------------------------
 def default_run(root: str, out_dir: str, config: LDSConfig = LDSConfig()) -> LDSRun:
     """The LDS run for the default model under `root` (assets/): its recipe, its generated samples."""
-    from .build import read_manifest
-    from .data import load_digits
-    from .model import checkpoint_hash, load_checkpoint
-    from .sampling import generate
+    from dtrak_core.build import read_manifest
+    from dtrak_core.model.data import load_digits
+    from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+    from dtrak_core.model.sampling import generate
 
     manifest = read_manifest(root)
     if not manifest:
@@ -543,9 +543,9 @@ def query_features(unet, scheduler, setting, images: torch.Tensor, path: str, sh
     """Projected features of test images, cached (resumable) as a feature store at `path`."""
     import hashlib
 
-    from .features import Featurizer
-    from .model import checkpoint_hash
-    from .store import FeatureStore
+    from dtrak_core.attribution.features import Featurizer
+    from dtrak_core.model.unet import checkpoint_hash
+    from dtrak_core.attribution.store import FeatureStore
 
     fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
     store = FeatureStore.create(path, FeatureStore.identity(setting, checkpoint_hash(unet), fingerprint),
@@ -585,7 +585,7 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
             results["noise_ceiling"][set_name] = noise_ceiling(col["F_seeds"][set_name], num_bootstrap)
     # does the timestep subset matter? LDS (default lambda, first method) with every stride-th evaluated timestep
     first = next(iter(methods))
-    from .scoring import TRAKScorer
+    from dtrak_core.attribution.scoring import TRAKScorer
 
     scorer = TRAKScorer(train_features[first])
     for stride in TIMESTEP_STRIDES:
@@ -613,7 +613,7 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
                                          "timesteps (keys: number of timesteps); all_1000_vs_run: the same retrained "
                                          "models scored against F from all 1000 timesteps (one other noise seed)")
     if dest is not None:
-        from .retrain import save_result
+        from dtrak_core.evaluation.retrain import save_result
 
         os.makedirs(dest, exist_ok=True)
         arrays = {"subsets": col["subsets"], "masks_packed": np.packbits(col["masks"], axis=1),
@@ -655,8 +655,8 @@ def load_ground_truth(path: str) -> dict:
 
 def default_methods(root: str, names=("d-trak", "trak"), K: int | None = 100):
     """(unet, scheduler, {name: setting}, {name: train features}) from the stores of `root`."""
-    from .attribution import Attributor
-    from .output_functions import canonical_name
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.output_functions import canonical_name
 
     attributor = Attributor.load(root)
     methods, feats = {}, {}

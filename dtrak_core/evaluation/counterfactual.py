@@ -43,14 +43,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .attribution import RULE
-from .model import checkpoint_hash
-from .output_functions import canonical_name
-from .quality import classify
-from .retrain import RetrainJob, load_result, retrain, run_jobs, save_result
-from .sampling import generate
-from .store import IntegrityError, atomic_write_json, read_json
-from .training import Cancelled, TrainConfig
+from dtrak_core.attribution.attributor import RULE
+from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.attribution.output_functions import canonical_name
+from dtrak_core.evaluation.quality import classify
+from dtrak_core.evaluation.retrain import RetrainJob, load_result, retrain, run_jobs, save_result
+from dtrak_core.model.sampling import generate
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.errors import Cancelled
+from dtrak_core.model.training import TrainConfig
 
 TARGET_SEED_START = 1000  # targets are seeds 1000, 1001, ...; disjoint from the quality seeds 0..255
 RANDOM_RANKING_SEED = 20240  # with the target seed, seeds the random ranking
@@ -61,7 +63,6 @@ CONTROL_AFTER_TARGETS = 3  # the control job runs after the first 3 targets' job
 DISPLAY = {"square": "D-TRAK", "loss": "TRAK", RANDOM: "Random"}
 PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
                     "clip_cosine": {"Random": 0.968, "TRAK": 0.943, "D-TRAK": 0.881}}
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 # -- small helpers --------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def parse_k(k, n_train: int) -> int:
     return count
 
 
-def train_config_from_manifest(root: str = ASSETS) -> TrainConfig:
+def train_config_from_manifest(root: str) -> TrainConfig:
     """The recipe the model under `root` was trained with (manifest.json's train_config)."""
     path = os.path.join(root, "manifest.json")
     if not os.path.isfile(path):
@@ -149,12 +150,17 @@ def train_config_from_manifest(root: str = ASSETS) -> TrainConfig:
 
 
 def _default_config(attributor) -> TrainConfig:
-    """The committed recipe, after checking that the attributor holds the committed model."""
-    config = train_config_from_manifest(ASSETS)
-    recorded = read_json(os.path.join(ASSETS, "manifest.json"), "model manifest",
+    """The recipe recorded in the attributor's model folder, after checking that the folder holds
+    the attributor's model."""
+    if attributor.root is None:
+        raise ValueError("the attributor was not loaded from a model folder, so its training recipe is unknown; "
+                         "pass config=TrainConfig(...) with the recipe it was trained with")
+    config = train_config_from_manifest(attributor.root)
+    manifest = os.path.join(attributor.root, "manifest.json")
+    recorded = read_json(manifest, "model manifest",
                          "rebuild the model folder with `python -m dtrak_core build-default`").get("checkpoint_hash")
     if recorded is not None and recorded != checkpoint_hash(attributor.unet):
-        raise ValueError("the attributor's model is not the one in assets/manifest.json; pass "
+        raise ValueError(f"the attributor's model is not the one in {manifest}; pass "
                          "config=TrainConfig(...) with the recipe it was trained with")
     return config
 
@@ -195,7 +201,7 @@ def pixel_l2(before: torch.Tensor, after: torch.Tensor) -> float:
 def _clip_encoder():
     """(encoder, None) or (None, why it is unavailable); loaded once, offline only."""
     try:
-        from .clip_encoder import ClipImageEncoder, ClipUnavailable
+        from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
     except ImportError as e:
         return None, f"unavailable: no CLIP loader ({e})"
     try:
@@ -423,7 +429,14 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
     return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar)
 
 
-def committed_results(attributor, out_dir: str = os.path.join(ASSETS, "counterfactual", "jobs"),
+def _jobs_dir(attributor) -> str:
+    """<model folder>/counterfactual/jobs: where the harness's finished jobs for a model folder live."""
+    if attributor.root is None:
+        raise ValueError("the attributor was not loaded from a model folder: pass out_dir")
+    return os.path.join(attributor.root, "counterfactual", "jobs")
+
+
+def committed_results(attributor, out_dir: str | None = None,
                       config: TrainConfig | None = None) -> dict[tuple[int, str, int], str]:
     """(seed, ranking, k) -> job file, for every finished harness job in out_dir that a live
     `remove_and_retrain(attributor, seed, ranking, k, config)` would reproduce: same model, data,
@@ -432,6 +445,7 @@ def committed_results(attributor, out_dir: str = os.path.join(ASSETS, "counterfa
 
     Damage is never skipped silently: an unreadable identity.json (or a missing one beside job
     files) or job file raises `store.IntegrityError` (a ValueError) naming the file."""
+    out_dir = _jobs_dir(attributor) if out_dir is None else out_dir
     rankings = _reproducible_rankings(attributor, out_dir, config)
     found = {}
     if not rankings:
@@ -490,12 +504,13 @@ def load_job(path: str) -> CounterfactualResult:
 
 
 def load_precomputed(attributor, seed: int, ranking: str, k,
-                     out_dir: str = os.path.join(ASSETS, "counterfactual", "jobs"),
+                     out_dir: str | None = None,
                      config: TrainConfig | None = None) -> CounterfactualResult | None:
     """The harness's committed result for (seed, ranking, k) if it matches what a live
     `remove_and_retrain` would compute (see `committed_results`), else None: lets the app show a
     finished result instantly instead of retraining."""
     name = ranking_name(ranking)
+    out_dir = _jobs_dir(attributor) if out_dir is None else out_dir
     path = os.path.join(out_dir, f"{job_id(name, parse_k(k, len(attributor.train)), int(seed))}.npz")
     if not os.path.isfile(path) or name not in _reproducible_rankings(attributor, out_dir, config):
         return None
@@ -614,7 +629,7 @@ def format_table(summary: dict, n_train: int = 1500) -> str:
 def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: int | None = None,
                   scale: int = 16) -> dict:
     """Before/after PNGs (and the removed images) for the first targets finished under every ranking at k."""
-    from .images import grid, save_png, to_pil
+    from dtrak_core.images import grid, save_png, to_pil
 
     rows = load_results(out_dir)
     if not rows:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .output_functions import elbo_weights, get_output_function
-from .shared import ModelReplicas
+from dtrak_core.attribution.output_functions import elbo_weights, get_output_function
+from dtrak_core.shared import ModelReplicas
 
 
 def timesteps_for(K: int, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -99,7 +99,8 @@ def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """A folder with unet/ and scheduler/ (a dtrak checkpoint or a saved diffusers DDPM/DDIM pipeline).
 
     A damaged config or weights file is an `IntegrityError` (a ValueError) naming the file."""
-    from .store import IntegrityError, read_json
+    from dtrak_core.errors import IntegrityError
+    from dtrak_core.files import read_json
 
     config_path = os.path.join(path, "unet", "config.json")
     if not os.path.isfile(config_path):

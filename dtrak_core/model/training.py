@@ -14,11 +14,8 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
-from .model import build_unet
-
-
-class Cancelled(Exception):
-    """Raised when a `should_stop` callback asks a long run to stop."""
+from dtrak_core.errors import Cancelled
+from dtrak_core.model.unet import build_unet
 
 
 @dataclass(frozen=True)

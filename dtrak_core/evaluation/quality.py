@@ -17,7 +17,7 @@ def digit_classifier():
     """Logistic regression on the 1,500 training digits (about 97% accurate on the 297 held out)."""
     from sklearn.linear_model import LogisticRegression
 
-    from .data import load_digits
+    from dtrak_core.model.data import load_digits
 
     train = load_digits("train")
     return LogisticRegression(max_iter=5000).fit(train.images.flatten(1).numpy(), train.labels.numpy())

@@ -16,13 +16,14 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from .data import Dataset, load_dataset
-from .features import Featurizer, FeatureSetting
-from .model import checkpoint_hash, load_checkpoint
-from .output_functions import canonical_name
-from .scoring import TRAKScorer, top_k
-from .shared import OnceCache
-from .store import FeatureStore, IntegrityError
+from dtrak_core.model.data import Dataset, load_dataset
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+from dtrak_core.attribution.output_functions import canonical_name
+from dtrak_core.attribution.scoring import TRAKScorer, top_k
+from dtrak_core.shared import OnceCache
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.errors import IntegrityError
 
 MANIFEST = "manifest.json"
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
@@ -53,6 +54,7 @@ class Attributor:
     def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
                  tuned_lambdas: dict[str, float] | None = None):
         self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
+        self.root = None  # the model folder, when loaded from one (`load`)
         self.lam = lam  # overrides every store's lambda when set
         self.tuned_lambdas = dict(tuned_lambdas or {})  # store slug -> lambda chosen on validation LDS
         self.stores = {}
@@ -71,7 +73,7 @@ class Attributor:
         manifest_path = os.path.join(root, MANIFEST)
         if not os.path.isfile(manifest_path):
             raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
-        from .build import MANIFEST_REMEDY, check_weights, read_manifest  # (build imports this module)
+        from dtrak_core.build import MANIFEST_REMEDY, check_weights, read_manifest  # (build imports this module)
 
         manifest = read_manifest(root)  # an IntegrityError naming the file when it is damaged
         for key, kind in (("checkpoint", str), ("dataset", (str, dict)), ("stores", list)):
@@ -85,7 +87,9 @@ class Attributor:
             raise ValueError(f"{manifest_path}: {e}") from None
         stores = [FeatureStore.open(os.path.join(root, p)) for p in manifest["stores"]]
         tuned = {slug: float(v["lambda"]) for slug, v in manifest.get("tuned_lambda", {}).items()}
-        return cls(unet, scheduler, train, stores, tuned_lambdas=tuned)
+        attributor = cls(unet, scheduler, train, stores, tuned_lambdas=tuned)
+        attributor.root = root
+        return attributor
 
     @property
     def methods(self) -> list[str]:

@@ -28,13 +28,22 @@ import time
 import numpy as np
 import torch
 
-from .features import Featurizer, FeatureSetting
-from .lds import LDSConfig, SubsetBootstrap, TEST_SETS, _rank_corr, collect, lambda_sweep, subset_indices
-from .model import checkpoint_hash, load_checkpoint, save_checkpoint
-from .retrain import load_result, retrain
-from .scoring import SpectralTRAK, default_lambda
-from .store import METADATA, FeatureStore, atomic_write_json
-from .training import TrainConfig
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.evaluation.lds import (
+    LDSConfig,
+    SubsetBootstrap,
+    TEST_SETS,
+    _rank_corr,
+    collect,
+    lambda_sweep,
+    subset_indices,
+)
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
+from dtrak_core.evaluation.retrain import load_result, retrain
+from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
+from dtrak_core.attribution.store import METADATA, FeatureStore
+from dtrak_core.files import atomic_write_json
+from dtrak_core.model.training import TrainConfig
 
 ABLATION_OUTPUT_FNS = ("loss", "elbo", "square", "avg", "l1-norm", "l2-norm", "linf-norm",
                        "eta=0", "eta=0.25", "eta=0.75")  # the poster's interpolation: eta=1 is square, eta=0.5 ~ loss
@@ -119,7 +128,7 @@ class Bench:
     def __init__(self, run_dir: str, root: str = "assets", *, ablation_fns=ABLATION_OUTPUT_FNS, ablation_Ks=ABLATION_K,
                  method_Ks=METHOD_K, ensemble_sizes=ENSEMBLE_SIZES, ensemble_K: int = ENSEMBLE_K,
                  journey_K: int = 100):
-        from .attribution import Attributor
+        from dtrak_core.attribution.attributor import Attributor
 
         self.run_dir, self.root = run_dir, root
         self.ablation_fns, self.ablation_Ks, self.method_Ks = tuple(ablation_fns), tuple(ablation_Ks), tuple(method_Ks)
@@ -244,8 +253,9 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     """The poster's LDS table: every baseline, TRAK and D-TRAK; rows '<method>/K<K>' for the methods
     built on K-timestep gradient features (K in bench.method_Ks), plain '<method>' for the others
     (pixels and CLIP need no gradients; TracInCP / GAS use their own checkpoints' K=10 stores)."""
-    from .baselines import BASELINES, MethodUnavailable, load_tracin, similarity
-    from .clip_encoder import ClipImageEncoder, ClipUnavailable
+    from dtrak_core.attribution.baselines import BASELINES, load_tracin, similarity
+    from dtrak_core.errors import MethodUnavailable
+    from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
 
     masks, F = bench.truth["masks"], bench.truth["F"]
     bootstrap = SubsetBootstrap(len(masks), num_bootstrap)
@@ -307,7 +317,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
 
 def journey_features(bench: Bench, setting: FeatureSetting, compute: bool = False, show_bar: bool = True):
     """Journey-TRAK features of the generated test set (seeds 0..generated-1), cached as a store."""
-    from .baselines import JOURNEY_STEPS, JourneyFeaturizer
+    from dtrak_core.attribution.baselines import JOURNEY_STEPS, JourneyFeaturizer
 
     images = bench.test_sets["generated"]
     seeds = np.arange(len(images))
@@ -367,7 +377,7 @@ def tables(run_dir: str, root: str = "assets", dest: str | None = None, num_boot
            which=("methods", "ablation", "ensembles"), **bench_options) -> dict:
     """Evaluate every cell whose inputs exist; with `dest`, write dest/tables.json and dest/tables.md.
     `bench_options` go to `Bench` (which output functions, K, ensemble sizes)."""
-    from .lds import noise_ceiling
+    from dtrak_core.evaluation.lds import noise_ceiling
 
     bench = Bench(run_dir, root, **bench_options)
     M = len(bench.truth["subsets"])
@@ -383,7 +393,7 @@ def tables(run_dir: str, root: str = "assets", dest: str | None = None, num_boot
         out.setdefault("eval_seconds", {})[name] = time.perf_counter() - t0
         out.setdefault("subsets_per_table", {})[name] = M
     if dest is not None:
-        from .lds import _json_safe
+        from dtrak_core.evaluation.lds import _json_safe
 
         previous = load_tables(os.path.join(dest, TABLES)) or {}
         merged = {**{k: v for k, v in previous.items() if k in builders and k not in which}, **out}
@@ -501,7 +511,7 @@ def tune_lambdas(run_dir: str, root: str = "assets", num_bootstrap: int = 200) -
     """Pick each of the model's stores' lambda on the *validation* LDS (LAMBDA_GRID) and record it in
     root/manifest.json as 'tuned_lambda' (used by `Attributor` by default). The generated-set LDS at
     that lambda is reported beside it: chosen on another test set, it is an honest number."""
-    from .build import read_manifest
+    from dtrak_core.build import read_manifest
 
     bench = Bench(run_dir, root)
     tuned = {}

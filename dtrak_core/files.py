@@ -1,0 +1,68 @@
+"""Files on disk: atomic writes (a killed process leaves the old file or the new one, never a part)
+and verified reads that name the file and the fix when it is damaged."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from dtrak_core.errors import IntegrityError
+
+
+def read_json(path: str, what: str, remedy: str) -> dict:
+    """The JSON object in `path` (`what` it is, e.g. "model manifest"); an `IntegrityError` naming the
+    file, what it is and `remedy` (what to do) when it is missing, unreadable or not a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise IntegrityError(path, f"({what}) is missing", remedy) from None
+    except OSError as e:
+        raise IntegrityError(path, f"({what}) cannot be read ({e.strerror or e})", remedy) from None
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        problem = "is empty" if not data.strip() else f"is not valid JSON ({e})"
+        raise IntegrityError(path, f"({what}) {problem}: it is truncated or corrupt", remedy) from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(path, f"({what}) is not a JSON object (got {type(obj).__name__})", remedy)
+    return obj
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a file so that a killed process leaves either the old file or the new one, never a
+    part (the temporary name ends in .tmp, which git ignores)."""
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""The diffusion model: data, the UNet and its checkpoints, training, sampling."""
