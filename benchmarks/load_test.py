@@ -473,13 +473,13 @@ class Stats:
         return sum(self.errors.values()) + sum(self.mismatches.values())
 
     def table(self) -> str:
-        rows = [f"{'kind':<26}{'requests':>9}{'errors':>8}{'wrong':>7}{'p50 s':>9}{'p95 s':>9}{'max s':>9}"]
+        rows = [f"{'kind':<33}{'requests':>9}{'errors':>8}{'wrong':>7}{'p50 s':>9}{'p95 s':>9}{'max s':>9}"]
         for kind in sorted(self.times):
             t = np.array(self.times[kind])
-            rows.append(f"{kind:<26}{len(t):>9}{self.errors[kind]:>8}{self.mismatches[kind]:>7}"
+            rows.append(f"{kind:<33}{len(t):>9}{self.errors[kind]:>8}{self.mismatches[kind]:>7}"
                         f"{np.percentile(t, 50):>9.2f}{np.percentile(t, 95):>9.2f}{t.max():>9.2f}")
         n = sum(len(t) for t in self.times.values())
-        rows.append(f"{'all':<26}{n:>9}{sum(self.errors.values()):>8}{sum(self.mismatches.values()):>7}")
+        rows.append(f"{'all':<33}{n:>9}{sum(self.errors.values()):>8}{sum(self.mismatches.values()):>7}")
         return "\n".join(rows)
 
     def error_lines(self) -> str:
