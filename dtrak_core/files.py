@@ -32,6 +32,15 @@ def read_json(path: str, what: str, remedy: str) -> dict:
     return obj
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write a file so that a killed process leaves either the old file or the new one, never a
     part (the temporary name ends in .tmp, which git ignores)."""
@@ -40,6 +49,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a plain open would not
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
