@@ -281,7 +281,8 @@ def attribution_for(q, method: str) -> Attribution:
         seeds = None if q["seed"] is None else [q["seed"]]  # journey-trak follows the sample's own trajectory
         scores = baselines.method_scores(a.attributor, method, torch.as_tensor(q["pixels"])[None], seeds, root=a.root)[0]
         return Attribution(method, scores, a.attributor.train.labels.numpy())
-    return _attribution_cache.get((q["key"], method), compute)
+    # the pixels too: a seed's sample differs in the last bits with the batch it was generated in
+    return _attribution_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), method), compute)
 
 
 @readable
@@ -939,13 +940,21 @@ def build_demo() -> gr.Blocks:
 # ---------------------------------------------------------------- serving
 
 def client_address(request) -> str:
-    """The visitor's address: the one the nearest proxy recorded (a hosted Space sits behind one),
-    else the socket's peer."""
-    forwarded = request.headers.get("x-forwarded-for", "") if request is not None else ""
-    if forwarded.strip():
-        return forwarded.split(",")[-1].strip()
+    """The visitor's address: the socket's peer, or, when that peer is a proxy on a private or
+    loopback address (a hosted Space sits behind one), the address that proxy recorded last in
+    X-Forwarded-For. A client reaching the server directly cannot choose its address this way."""
+    import ipaddress
+
     client = getattr(request, "client", None)
-    return getattr(client, "host", None) or "unknown"
+    peer = getattr(client, "host", None) or "unknown"
+    try:
+        behind_proxy = ipaddress.ip_address(peer).is_private  # loopback addresses count as private
+    except ValueError:
+        behind_proxy = False
+    forwarded = request.headers.get("x-forwarded-for", "") if request is not None else ""
+    if behind_proxy and forwarded.strip():
+        return forwarded.split(",")[-1].strip()
+    return peer
 
 
 def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,

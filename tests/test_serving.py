@@ -275,3 +275,15 @@ def test_damaged_precomputed_counterfactuals_are_reported_not_dropped(app, tiny_
         app.load_assets.cache_clear()
         app.committed.cache_clear()
     assert "precomputed counterfactuals" in page and "identity.json" in page
+
+
+def test_client_address_trusts_forwarded_for_only_from_a_private_proxy(app):
+    class Request:
+        def __init__(self, peer, forwarded=None):
+            self.client = type("Client", (), {"host": peer})()
+            self.headers = {} if forwarded is None else {"x-forwarded-for": forwarded}
+
+    assert app.client_address(Request("10.0.3.7", "198.51.100.9, 203.0.113.5")) == "203.0.113.5"  # a Space's proxy
+    assert app.client_address(Request("127.0.0.1", "203.0.113.5")) == "203.0.113.5"
+    assert app.client_address(Request("203.0.113.8", "1.2.3.4")) == "203.0.113.8"  # direct: the header is ignored
+    assert app.client_address(Request("203.0.113.8")) == "203.0.113.8"
