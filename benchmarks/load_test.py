@@ -493,7 +493,7 @@ class Visitor:
     """One browser session (its own gr.State) talking to the server through gradio_client."""
 
     def __init__(self, url: str, api: "Api", stats: Stats | None = None, timeout: float = 600,
-                 address: str | None = None):
+                 address: str | None = None, think: float = 0.0, rng: random.Random | None = None):
         from gradio_client import Client
 
         # Visitors come from different addresses (the app bounds queued requests per address, read
@@ -501,6 +501,9 @@ class Visitor:
         headers = {"X-Forwarded-For": address} if address else None
         self.client = Client(url, verbose=False, download_files=False, headers=headers)
         self.api, self.stats, self.timeout = api, stats, timeout
+        # mean seconds a visitor spends reading an answer before the next click (0: a closed loop,
+        # every visitor asking again at once: the worst case)
+        self.think, self.rng = think, rng or random.Random(0)
         self.current = None  # the Query this session's state holds
 
     def close(self):
@@ -542,6 +545,8 @@ class Visitor:
     def _record(self, kind, t0, error=None, mismatch=False):
         if self.stats is not None:
             self.stats.add(kind, time.perf_counter() - t0, error, mismatch)
+        if self.think > 0:
+            time.sleep(self.rng.expovariate(1 / self.think))
 
     # -- requests
     def generate(self, start: int) -> list[str]:
@@ -796,12 +801,13 @@ def visitor_loop(v: Visitor, api: Api, refs: References, plan: Plan, bad: list[s
 def run_load(url: str, api: Api, refs: References, queries: list[Query], gen_starts: list[int], bad: list[str],
              sessions: int, seconds: float, seed: int = 0, retrain_every: float = 60.0,
              full_retrains: list[tuple] = (), pid: int | None = None,
-             same_address: bool = False, mix: dict = MIX) -> tuple[Stats, MemorySampler, float]:
+             same_address: bool = False, mix: dict = MIX, think: float = 0.0) -> tuple[Stats, MemorySampler, float]:
     """N visitors for `seconds`; returns (stats, memory sampler, wall seconds)."""
     stats, plan = Stats(), Plan(queries, gen_starts, seed)
     plan.full_retrains = list(full_retrains)
     mem = MemorySampler(pid).start()
-    visitors = [Visitor(url, api, stats, address=None if same_address else f"10.1.{i // 200}.{i % 200 + 1}")
+    visitors = [Visitor(url, api, stats, address=None if same_address else f"10.1.{i // 200}.{i % 200 + 1}",
+                        think=think, rng=random.Random(seed * 7919 + i))
                 for i in range(sessions)]
     t0 = time.perf_counter()
     deadline = t0 + seconds
@@ -866,6 +872,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-retrain", action="append", default=[], metavar="SEED,K,RANKING",
                    help="also run this retrain to the end under load and compare it with the same retrain alone")
     p.add_argument("--seed", type=int, default=0, help="seed of the visitors' choices")
+    p.add_argument("--think", type=float, default=0.0,
+                   help="mean seconds a visitor reads an answer before the next click (default 0: closed loop)")
     p.add_argument("--same-address", action="store_true",
                    help="all visitors from one address (default: each its own, as X-Forwarded-For)")
     args = p.parse_args(argv)
@@ -904,10 +912,11 @@ def main(argv=None) -> int:
         else:
             print("note: attached server: the reference phase warmed its attribution cache, so many load-phase "
                   "attributions are cache hits")
-        print(f"load: {args.sessions} sessions for {args.seconds:.0f} s ...", flush=True)
+        print(f"load: {args.sessions} sessions for {args.seconds:.0f} s, think time {args.think:g} s ...", flush=True)
         stats, mem, wall = run_load(url, api, refs, queries, gen_starts, bad, args.sessions, args.seconds,
-                                    args.seed, args.retrain_every, full, pid, args.same_address)
-        print(f"\nload phase: {args.sessions} sessions, {wall:.0f} s wall (asked {args.seconds:.0f} s)")
+                                    args.seed, args.retrain_every, full, pid, args.same_address, think=args.think)
+        print(f"\nload phase: {args.sessions} sessions, {wall:.0f} s wall (asked {args.seconds:.0f} s), "
+              f"mean think time {args.think:g} s")
         print(stats.table())
         print(deviation_line())
         print(mem.summary())
