@@ -1,25 +1,28 @@
-"""Build the embedded default under `assets/`: train the model, fill the feature stores, measure.
+"""Build a model folder (see folder.py): the embedded default, or feature stores for your own model.
 
     python -m dtrak_core build-default        # ~15 min on 2 idle cores; deterministic for the same torch
                                               # build and CPU (training runs on BUILD_THREADS threads)
 
 Resumable: a checkpoint trained with the same config is reused, and feature stores resume.
 
-    assets/manifest.json        what was built, with timings and the sample-quality report
-    assets/model/               diffusers checkpoint (unet/ + scheduler/), safetensors
-    assets/stores/<setting>/    feature stores (see store.py)
+    <root>/manifest.json        what was built, with timings and the sample-quality report
+    <root>/model/               diffusers checkpoint (unet/ + scheduler/), safetensors
+    <root>/stores/<setting>/    feature stores (see store.py)
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
-from dtrak_core.attribution.attributor import MANIFEST
-from dtrak_core.model.data import Dataset, load_dataset, load_digits
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.store import FeatureStore, cached_store
+from dtrak_core.evaluation.quality import sample_quality
+from dtrak_core.folder import MANIFEST, MANIFEST_REMEDY, ModelFolder, default_root, read_manifest  # noqa: F401
+from dtrak_core.model.data import Dataset, load_dataset, load_digits
+from dtrak_core.model.sampling import generate
+from dtrak_core.model.training import TrainConfig, train
 from dtrak_core.model.unet import (
     build_scheduler,
     checkpoint_hash,
@@ -28,12 +31,6 @@ from dtrak_core.model.unet import (
     resolve_model,
     save_checkpoint,
 )
-from dtrak_core.evaluation.quality import sample_quality
-from dtrak_core.model.sampling import generate
-from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.errors import IntegrityError
-from dtrak_core.files import atomic_write_json, read_json
-from dtrak_core.model.training import TrainConfig, train
 
 DEFAULT_TRAIN_CONFIG = TrainConfig()
 DEFAULT_SETTINGS = (FeatureSetting("square", K=100), FeatureSetting("loss", K=100))
@@ -43,39 +40,15 @@ QUALITY_SEEDS = range(256)
 BUILD_THREADS = 2
 
 
-MANIFEST_REMEDY = ("rebuild the model folder with `python -m dtrak_core build-default` (or `build` for your own "
-                   "model; finished feature stores are reused)")
-
-
-def read_manifest(root: str) -> dict:
-    """root/manifest.json, {} when there is none; an `IntegrityError` naming it when it is damaged."""
-    path = os.path.join(root, MANIFEST)
-    if not os.path.isfile(path):
-        return {}
-    return read_json(path, "model manifest", MANIFEST_REMEDY)
-
-
-def check_weights(root: str, manifest: dict, unet) -> None:
-    """The loaded weights are the ones manifest.json recorded (`checkpoint_hash`, when recorded): a
-    replaced or damaged weights file that still loads is refused, not trusted."""
-    recorded, have = manifest.get("checkpoint_hash"), checkpoint_hash(unet)
-    if recorded is not None and recorded != have:
-        ckpt = os.path.join(root, manifest.get("checkpoint", "model"))
-        raise IntegrityError(os.path.join(ckpt, "unet"), f"(model weights) hashes to {have}, but "
-                             f"{os.path.join(root, MANIFEST)} records checkpoint_hash {recorded} (the weights were "
-                             f"replaced or are corrupt)",
-                             "restore the model's weights, or rebuild the model folder (`python -m dtrak_core "
-                             "build-default`, or `build` for your own model)")
-
-
 def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
-    """The checkpoint under root/model if it was trained with `config`, else train and save it."""
+    """The checkpoint under root/model if it was trained with `config`, else train and save it
+    (a new manifest: what was built for another model does not belong to this one)."""
     ckpt = os.path.join(root, "model")
-    manifest = read_manifest(root)
-    if manifest.get("train_config") == json.loads(json.dumps(config.to_dict())) and os.path.isdir(ckpt):
+    folder = ModelFolder.load(root, missing_ok=True)
+    if folder is not None and folder.trained_with(config) and os.path.isdir(ckpt):
         unet, scheduler = load_checkpoint(ckpt)
-        check_weights(root, manifest, unet)
-        return unet, scheduler, manifest.get("train_seconds")
+        folder.check_weights(unet)
+        return unet, scheduler, folder.train_seconds
     train_set = load_digits("train")
     scheduler = build_scheduler()
     t0 = time.perf_counter()
@@ -83,36 +56,31 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
     seconds = time.perf_counter() - t0
     save_checkpoint(ckpt, unet, scheduler)
     unet, scheduler = load_checkpoint(ckpt)  # what users get: the saved weights
-    atomic_write_json(os.path.join(root, MANIFEST), {"checkpoint": "model", "dataset": "digits-train",
-                                                     "checkpoint_hash": checkpoint_hash(unet),
-                                                     "train_config": config.to_dict(), "train_seconds": seconds,
-                                                     "stores": []})
+    ModelFolder(root, checkpoint="model", dataset="digits-train", checkpoint_hash=checkpoint_hash(unet),
+                train_config=config, train_seconds=seconds, stores=[]).save()
     return unet, scheduler, seconds
 
 
 def build_store(root: str, unet, scheduler, setting: FeatureSetting, show_bar: bool = True,
                 train_set: Dataset | None = None) -> dict:
-    """Fill (or finish) the store for `setting` and register it in the manifest. `train_set`: the
-    manifest's dataset, when the caller has it loaded already."""
+    """Fill (or finish) the store for `setting` and register it in the manifest; the manifest's
+    fields as saved. `train_set`: the manifest's dataset, when the caller has it loaded already."""
     if train_set is None:
-        train_set = load_dataset(read_manifest(root).get("dataset", "digits-train"))
+        train_set = ModelFolder.load(root).training_set()
     rel = os.path.join("stores", setting.slug)
     identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
-    store = FeatureStore.create(os.path.join(root, rel), identity, len(train_set), setting.k)
     t0 = time.perf_counter()
-    store.fill(Featurizer(unet, scheduler, setting), train_set.images, show_bar=show_bar)
+    cached_store(os.path.join(root, rel), identity, train_set.images, lambda: Featurizer(unet, scheduler, setting),
+                 setting.k, show_bar=show_bar)
     seconds = time.perf_counter() - t0
-    manifest = read_manifest(root)
-    if rel not in manifest["stores"]:
-        manifest["stores"].append(rel)
-    manifest.setdefault("featurize_seconds", {})
-    manifest["featurize_seconds"].setdefault(rel, seconds)  # a resumed fill keeps the first full timing
-    atomic_write_json(os.path.join(root, MANIFEST), manifest)
-    return manifest
+    return ModelFolder.edit(root, lambda folder: folder.add_store(rel, seconds)).to_dict()
 
 
-def build_default(root: str = "assets", config: TrainConfig = DEFAULT_TRAIN_CONFIG,
+def build_default(root: str | None = None, config: TrainConfig = DEFAULT_TRAIN_CONFIG,
                   settings=DEFAULT_SETTINGS, show_bar: bool = True) -> dict:
+    """The embedded default under `root` (None: `folder.default_root()`): train (or reuse) the
+    model, fill its stores, measure sample quality; the manifest's fields as saved."""
+    root = default_root() if root is None else root
     os.makedirs(root, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
@@ -123,13 +91,9 @@ def build_default(root: str = "assets", config: TrainConfig = DEFAULT_TRAIN_CONF
     for setting in settings:
         build_store(root, unet, scheduler, setting, show_bar)
     samples = generate(unet, scheduler, QUALITY_SEEDS)
-    manifest = read_manifest(root)
-    manifest.update({"parameters": count_parameters(unet), "checkpoint_hash": checkpoint_hash(unet),
-                     "quality": {"seeds": f"0..{len(QUALITY_SEEDS) - 1}", "sampler": "ddim-50",
-                                 **sample_quality(samples)},
-                     "torch": torch.__version__, "threads": BUILD_THREADS})
-    atomic_write_json(os.path.join(root, MANIFEST), manifest)
-    return manifest
+    quality = {"seeds": f"0..{len(QUALITY_SEEDS) - 1}", "sampler": "ddim-50", **sample_quality(samples)}
+    return ModelFolder.edit(root, parameters=count_parameters(unet), checkpoint_hash=checkpoint_hash(unet),
+                            quality=quality, torch_version=torch.__version__, threads=BUILD_THREADS).to_dict()
 
 
 def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, invert: bool = False,
@@ -151,15 +115,13 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     train_set = load_dataset(spec)
     identity = {"checkpoint": folder, "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
                 "dataset_fingerprint": train_set.fingerprint}
-    manifest = read_manifest(root)
+    existing = ModelFolder.load(root, missing_ok=True)
     for key in ("checkpoint_hash", "dataset_fingerprint"):
-        if manifest and manifest.get(key) != identity[key]:
+        if existing is not None and getattr(existing, key) != identity[key]:
             raise ValueError(f"{os.path.join(root, MANIFEST)} was built for another {key.split('_')[0]} "
-                             f"({key} {manifest.get(key)!r}, not {identity[key]!r}); use another --root")
-    os.makedirs(root, exist_ok=True)
-    atomic_write_json(os.path.join(root, MANIFEST), {**manifest, **identity, "stores": manifest.get("stores", []),
-                                                     "model_source": model, "parameters": count_parameters(unet),
-                                                     "num_train": len(train_set)})
+                             f"({key} {getattr(existing, key)!r}, not {identity[key]!r}); use another --root")
+    ModelFolder.edit(root, lambda f: setattr(f, "stores", f.stores or []), **identity, model_source=model,
+                     parameters=count_parameters(unet), num_train=len(train_set))
     for setting in settings:
         build_store(root, unet, scheduler, setting, show_bar, train_set=train_set)
-    return read_manifest(root)
+    return ModelFolder.load(root).to_dict()

@@ -11,7 +11,8 @@ import torch
 
 
 def _add_root(p):
-    p.add_argument("--root", default="assets", help="model folder written by build-default (default: assets)")
+    p.add_argument("--root", default=None, help="model folder written by build-default (default: $DTRAK_ASSETS, "
+                                                "else ./assets)")
 
 
 def _check_writable(root: str) -> None:
@@ -26,7 +27,7 @@ def _check_writable(root: str) -> None:
 
 
 def _check_model_root(root: str) -> None:
-    from dtrak_core.attribution.attributor import MANIFEST
+    from dtrak_core.folder import MANIFEST
 
     if not os.path.isdir(root):
         raise ValueError(f"--root {root!r} does not exist; build a model folder there first (`python -m dtrak_core "
@@ -76,29 +77,20 @@ def cmd_generate(args):
 def _require_digits_model(root, what: str) -> None:
     """The harnesses retrain the model on the digits (or classify digits): refuse an external model
     up front, with the reason, instead of failing deep inside."""
-    from dtrak_core.build import read_manifest
+    from dtrak_core.folder import ModelFolder
 
-    manifest = read_manifest(root)
-    if manifest and (manifest.get("dataset") != "digits-train" or "train_config" not in manifest):
+    folder = ModelFolder.load(root, missing_ok=True)
+    if folder is not None and not folder.is_digits_default:
         raise ValueError(f"{what} needs a digits model trained by dtrak (`build-default`); {root!r} holds "
-                         f"{manifest.get('model_source', manifest.get('checkpoint'))!r}, built with `build` "
+                         f"{folder.model_source or folder.checkpoint!r}, built with `build` "
                          f"(attribute, featurize, generate and the app work with it)")
 
 
 def _load_model(root):
-    from dtrak_core.attribution.attributor import MANIFEST
-    from dtrak_core.build import MANIFEST_REMEDY, check_weights, read_manifest
-    from dtrak_core.model.unet import load_checkpoint
-    from dtrak_core.errors import IntegrityError
+    from dtrak_core.folder import ModelFolder
 
     _check_model_root(root)
-    manifest = read_manifest(root)
-    if not isinstance(manifest.get("checkpoint"), str):
-        raise IntegrityError(os.path.join(root, MANIFEST), "(model manifest) has no valid 'checkpoint' entry",
-                             MANIFEST_REMEDY)
-    unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
-    check_weights(root, manifest, unet)
-    return unet, scheduler
+    return ModelFolder.load(root).load_model()
 
 
 def cmd_attribute(args):
@@ -131,7 +123,7 @@ def cmd_attribute(args):
 
 
 def cmd_featurize(args):
-    from dtrak_core.build import build_store, read_manifest
+    from dtrak_core.build import build_store
     from dtrak_core.attribution.features import FeatureSetting
 
     setting = FeatureSetting(args.output_fn, K=args.K, projector=args.projector, k=args.k, seed=args.projector_seed)
@@ -183,6 +175,7 @@ def cmd_counterfactual(args):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     attributor = Attributor.load(args.root)
+    args.out = os.path.join(args.root, "counterfactual") if args.out is None else args.out
     jobs_dir = os.path.join(args.out, "jobs")
     if not args.summary_only:
         seeds = target_seeds(args.targets, args.first_seed)
@@ -224,6 +217,10 @@ def cmd_lds(args):
     from dtrak_core.evaluation.retrain import parse_shard
 
     _require_digits_model(args.root, "lds (retrains on subsets)")
+    if args.out is None:
+        args.out = os.path.join(args.root, "benchmarks", "lds_run")
+    if args.dest is None:
+        args.dest = os.path.join(args.root, "benchmarks")
     torch.set_num_threads(args.threads)
     config = LDSConfig(num_subsets=args.subsets)
     if args.action == "check-timesteps":
@@ -372,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quality)
     p = sub.add_parser("counterfactual", help="remove each target's top proponents, retrain, regenerate, measure")
     _add_root(p)
-    p.add_argument("--out", default="assets/counterfactual", help="results folder (jobs/, summary.json, results.md, gallery/)")
+    p.add_argument("--out", default=None,
+                   help="results folder (jobs/, summary.json, results.md, gallery/; default: <root>/counterfactual)")
     p.add_argument("--targets", type=int, default=60, help="number of target seeds (default 60, as in the paper)")
     p.add_argument("--first-seed", type=int, default=1000, help="targets are seeds first-seed .. first-seed+targets-1")
     p.add_argument("--rankings", default="d-trak,trak,random", help="comma-separated: d-trak, trak, random or any method with a store")
@@ -402,9 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "featurize ensemble members; tables: every method's LDS -> tables.json / tables.md; "
                         "tune-lambda: each store's lambda chosen on the validation LDS -> manifest.json")
     p.add_argument("--check-subsets", type=int, default=None, help="check-timesteps: at most this many subsets")
-    p.add_argument("--out", default="assets/benchmarks/lds_run",
-                   help="run folder (default assets/benchmarks/lds_run: its small job results are committed)")
-    p.add_argument("--dest", default="assets/benchmarks", help="evaluate: where results go ('' = nowhere)")
+    p.add_argument("--out", default=None,
+                   help="run folder (default <root>/benchmarks/lds_run: its small job results are committed)")
+    p.add_argument("--dest", default=None, help="evaluate: where results go (default <root>/benchmarks; '' = nowhere)")
     p.add_argument("--subsets", type=int, default=64, help="M, number of random half-subsets (default 64)")
     p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... of the list: i/n")
     p.add_argument("--batch-models", type=int, default=1, help="models trained at once with torch.func (default 1)")
@@ -422,11 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="tables: bootstrap resamples (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.set_defaults(func=cmd_lds)
+
+    from dtrak_core import space  # `space export DIR [--push REPO_ID]`
+
+    space.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "root", "") is None:
+        from dtrak_core.folder import default_root
+
+        args.root = default_root()
     try:
         args.func(args)
     except ValueError as e:

@@ -9,23 +9,21 @@ Methods are output-function names (see `output_functions`): 'd-trak' is 'square'
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from dtrak_core.model.data import Dataset, load_dataset
+from dtrak_core.model.data import Dataset
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+from dtrak_core.model.unet import checkpoint_hash
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
 from dtrak_core.shared import OnceCache
 from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.errors import IntegrityError
+from dtrak_core.folder import MANIFEST, ModelFolder  # noqa: F401  (MANIFEST: the manifest's file name)
 
-MANIFEST = "manifest.json"
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
 
 
@@ -68,27 +66,14 @@ class Attributor:
         self._scorers, self._featurizers = OnceCache(), OnceCache()
 
     @classmethod
-    def load(cls, root: str = "assets") -> "Attributor":
-        """Load a model folder written by `build-default` (checkpoint, manifest, stores)."""
-        manifest_path = os.path.join(root, MANIFEST)
-        if not os.path.isfile(manifest_path):
-            raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
-        from dtrak_core.build import MANIFEST_REMEDY, check_weights, read_manifest  # (build imports this module)
-
-        manifest = read_manifest(root)  # an IntegrityError naming the file when it is damaged
-        for key, kind in (("checkpoint", str), ("dataset", (str, dict)), ("stores", list)):
-            if not isinstance(manifest.get(key), kind):
-                raise IntegrityError(manifest_path, f"(model manifest) has no valid {key!r} entry", MANIFEST_REMEDY)
-        unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
-        check_weights(root, manifest, unet)
-        try:
-            train = load_dataset(manifest["dataset"])
-        except ValueError as e:
-            raise ValueError(f"{manifest_path}: {e}") from None
-        stores = [FeatureStore.open(os.path.join(root, p)) for p in manifest["stores"]]
-        tuned = {slug: float(v["lambda"]) for slug, v in manifest.get("tuned_lambda", {}).items()}
-        attributor = cls(unet, scheduler, train, stores, tuned_lambdas=tuned)
-        attributor.root = root
+    def load(cls, root: str | None = None) -> "Attributor":
+        """Load a model folder (checkpoint, training set, stores, tuned lambdas; see `folder.ModelFolder`),
+        every file verified; root None: `folder.default_root()` ($DTRAK_ASSETS, else ./assets)."""
+        folder = ModelFolder.load(root).require("checkpoint", "dataset", "stores")
+        unet, scheduler = folder.load_model()
+        attributor = cls(unet, scheduler, folder.training_set(), folder.open_stores(),
+                         tuned_lambdas=folder.tuned_lambdas())
+        attributor.root = folder.root
         return attributor
 
     @property

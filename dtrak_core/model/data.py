@@ -1,8 +1,9 @@
 """Datasets: the embedded digits default and folders of images.
 
 A `Dataset` holds images as a float32 tensor (N, C, H, W) scaled to [-1, 1] and integer labels
-(-1 where unknown). Its `fingerprint` is a content hash, written into feature-store metadata so a
-store built for other data is refused.
+(-1 where unknown). Its `fingerprint` is a content hash (`fingerprint`, the one used for every set
+of images: training sets and test sets alike), written into feature-store metadata so a store built
+for other data is refused.
 """
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ import torch
 DIGITS_VALIDATION_SIZE = 297  # 1,797 digits -> 1,500 training + 297 validation
 DIGITS_SPLIT_SEED = 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    """The content hash of a set of images (N, C, H, W) and their labels (N,) (None: unknown, -1 each):
+    16 hex digits of sha256 over the shape, the float32 pixels and the int64 labels. Feature stores,
+    LDS runs and counterfactual results record it, so inputs that differ by one pixel are told apart.
+    """
+    if labels is None:
+        labels = torch.full((len(images),), -1, dtype=torch.long)
+    h = hashlib.sha256()
+    h.update(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,11 +51,7 @@ class Dataset:
 
     @cached_property
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(str(tuple(self.images.shape)).encode())
-        h.update(self.images.contiguous().numpy().tobytes())
-        h.update(self.labels.numpy().astype(np.int64).tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.images, self.labels)
 
     def subset(self, indices, name: str | None = None) -> "Dataset":
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)

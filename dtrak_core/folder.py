@@ -1,0 +1,262 @@
+"""The model folder: one model, its training set and everything built for them, described by
+manifest.json, which `ModelFolder` alone reads and writes.
+
+    <root>/manifest.json             the fields of `ModelFolder`
+    <root>/model/                    the checkpoint (unet/ + scheduler/), unless `checkpoint` points elsewhere
+    <root>/stores/<setting>/         training-set feature stores (attribution/store.py)
+    <root>/tracin/index.json         TracInCP checkpoints and their stores (`build-baselines`)
+    <root>/counterfactual/, <root>/benchmarks/     evaluation results
+
+    folder = ModelFolder.load("assets")           # fields checked: an IntegrityError names manifest.json
+    unet, scheduler = folder.load_model()         # weights checked against checkpoint_hash
+    train = folder.training_set()                 # the Dataset it was trained on
+    ModelFolder.edit(root, tracin="tracin/index.json")   # read-modify-write, saved atomically
+
+A folder is found by argument, else by the DTRAK_ASSETS environment variable, else ./assets
+(`default_root`, the one place that default lives), so the installed package works from any
+working directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.model.data import Dataset, load_dataset
+from dtrak_core.model.training import TrainConfig
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+
+MANIFEST = "manifest.json"
+ENV_ROOT = "DTRAK_ASSETS"
+MANIFEST_REMEDY = ("rebuild the model folder with `python -m dtrak_core build-default` (or `build` for your own "
+                   "model; finished feature stores are reused)")
+
+
+def default_root() -> str:
+    """The model folder used when none is given: $DTRAK_ASSETS if set, else ./assets."""
+    return os.environ.get(ENV_ROOT) or "assets"
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+@dataclass
+class ModelFolder:
+    """What manifest.json records about a model folder; every field but `root` is one manifest key.
+
+    Load with `load` (validated), change with `edit` (read-modify-write under a lock, atomic save).
+    A field is None (or empty) when the manifest does not record it: a folder built with `build` for
+    your own model has no train_config, a folder without TracInCP checkpoints no `tracin`.
+    """
+
+    root: str  # the folder (not written into the manifest)
+    checkpoint: str | None = None  # checkpoint folder, relative to root ("model"), or absolute for `build`
+    checkpoint_hash: str | None = None  # `unet.checkpoint_hash` of the weights; loaded weights must match it
+    dataset: str | dict | None = None  # the training set, as `data.load_dataset` reads it
+    dataset_fingerprint: str | None = None  # `Dataset.fingerprint` of it (`build` records it and refuses other data)
+    stores: list | None = None  # training-set feature store folders, relative to root
+    featurize_seconds: dict = field(default_factory=dict)  # store folder -> seconds of its first full fill
+    train_config: TrainConfig | None = None  # the recipe the model was trained with (None: not trained by dtrak)
+    train_seconds: float | None = None  # how long that training took
+    threads: int | None = None  # torch threads it was trained on (a bit-identical replay needs as many)
+    torch_version: str | None = None  # torch that trained it (manifest key "torch")
+    parameters: int | None = None  # trainable parameters of the UNet
+    quality: dict | None = None  # sample-quality report of its generated images (evaluation/quality.py)
+    tracin: str | None = None  # TracInCP index, relative to root (attribution/baselines.py)
+    tuned_lambda: dict = field(default_factory=dict)  # store slug -> {"lambda": ..., how it was chosen}
+    model_source: str | None = None  # what `build --model` was given (a folder or a Hugging Face repo id)
+    num_train: int | None = None  # training images (`build`)
+    extra: dict = field(default_factory=dict)  # manifest keys this version does not know, kept as they are
+
+    # -- finding and loading ----------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, MANIFEST)
+
+    @classmethod
+    def load(cls, root: str | None = None, *, missing_ok: bool = False) -> "ModelFolder | None":
+        """The folder at `root` (None: `default_root()`), its manifest's fields checked.
+
+        No manifest: a ValueError saying how to build one (None with `missing_ok`). A damaged
+        manifest, or a field of the wrong type: an `IntegrityError` naming manifest.json.
+        """
+        root = default_root() if root is None else root
+        path = os.path.join(root, MANIFEST)
+        if not os.path.isfile(path):
+            if missing_ok:
+                return None
+            raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
+        return cls.from_dict(root, read_json(path, "model manifest", MANIFEST_REMEDY))
+
+    @classmethod
+    def from_dict(cls, root: str, manifest: dict) -> "ModelFolder":
+        """A folder from manifest.json's content; a field of the wrong type is an `IntegrityError`."""
+        path = os.path.join(root, MANIFEST)
+
+        def bad(key):
+            return IntegrityError(path, f"(model manifest) has no valid {key!r} entry", MANIFEST_REMEDY)
+
+        def number(v, kinds=(int, float)):
+            return isinstance(v, kinds) and not isinstance(v, bool)
+
+        checks = {
+            "checkpoint": lambda v: isinstance(v, str), "checkpoint_hash": lambda v: isinstance(v, str),
+            "dataset": lambda v: isinstance(v, (str, dict)), "dataset_fingerprint": lambda v: isinstance(v, str),
+            "stores": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+            "featurize_seconds": lambda v: isinstance(v, dict) and all(number(x) for x in v.values()),
+            "train_config": lambda v: isinstance(v, dict), "train_seconds": number,
+            "threads": lambda v: number(v, int) and v > 0, "torch": lambda v: isinstance(v, str),
+            "parameters": lambda v: number(v, int), "quality": lambda v: isinstance(v, dict),
+            "tracin": lambda v: isinstance(v, str),
+            "tuned_lambda": lambda v: isinstance(v, dict) and all(
+                isinstance(e, dict) and number(e.get("lambda")) for e in v.values()),
+            "model_source": lambda v: isinstance(v, str), "num_train": lambda v: number(v, int),
+        }
+        values, extra = {}, {}
+        for key, value in manifest.items():
+            if key not in checks:
+                extra[key] = value
+                continue
+            if value is None:  # recorded as unknown
+                continue
+            if not checks[key](value):
+                raise bad(key)
+            values["torch_version" if key == "torch" else key] = value
+        if "train_config" in values:
+            cfg = dict(values["train_config"])
+            if isinstance(cfg.get("block_out_channels"), list):
+                cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
+            try:
+                values["train_config"] = TrainConfig(**cfg)
+            except TypeError:  # a missing or unknown recipe field
+                raise bad("train_config") from None
+        return cls(root, **values, extra=extra)
+
+    def to_dict(self) -> dict:
+        """manifest.json's content: the fields that are set (JSON types), then the unknown keys."""
+        out = dict(self.extra)
+        for f in fields(self):
+            if f.name in ("root", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if value is None or (f.name in ("featurize_seconds", "tuned_lambda") and not value):
+                continue
+            if f.name == "train_config":
+                value = _jsonable(value.to_dict())
+            out["torch" if f.name == "torch_version" else f.name] = value
+        return out
+
+    def require(self, *keys: str) -> "ModelFolder":
+        """self, or an `IntegrityError` naming manifest.json for the first of `keys` it lacks."""
+        for key in keys:
+            if getattr(self, key) is None:
+                raise IntegrityError(self.path, f"(model manifest) has no valid {key!r} entry", MANIFEST_REMEDY)
+        return self
+
+    # -- saving -----------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write manifest.json atomically (a killed process leaves the old one or this one)."""
+        atomic_write_json(self.path, self.to_dict())
+
+    @classmethod
+    def edit(cls, root: str, change: Callable[["ModelFolder"], None] | None = None, **values) -> "ModelFolder":
+        """Read-modify-write: load the manifest under `root` (an empty folder when there is none),
+        set `values` (field name -> value), apply `change(folder)`, save atomically; the saved folder.
+
+        Concurrent edits of one folder (two featurize runs, a tuner) are serialised by an advisory
+        lock on the folder, so none loses another's change.
+        """
+        os.makedirs(root, exist_ok=True)
+        with _locked(root):
+            folder = cls.load(root, missing_ok=True) or cls(root)
+            for key, value in values.items():
+                if key in ("root", "extra") or key not in {f.name for f in fields(cls)}:
+                    raise TypeError(f"ModelFolder has no field {key!r}")
+                setattr(folder, key, value)
+            if change is not None:
+                change(folder)
+            folder.save()
+        return folder
+
+    def add_store(self, rel: str, seconds: float) -> None:
+        """Register a store folder (relative to root); a store's first full fill keeps its timing."""
+        self.stores = list(self.stores or [])
+        if rel not in self.stores:
+            self.stores.append(rel)
+        self.featurize_seconds.setdefault(rel, seconds)
+
+    # -- what it holds ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> str:
+        self.require("checkpoint")
+        return os.path.join(self.root, self.checkpoint)
+
+    def trained_with(self, config: TrainConfig) -> bool:
+        """Whether the manifest records `config` as the model's recipe."""
+        return self.train_config is not None and _jsonable(self.train_config.to_dict()) == _jsonable(config.to_dict())
+
+    @property
+    def is_digits_default(self) -> bool:
+        """A digits model trained by dtrak (what the retraining harnesses can replay)."""
+        return self.dataset == "digits-train" and self.train_config is not None
+
+    def check_weights(self, unet) -> None:
+        """The loaded weights are the ones the manifest recorded (`checkpoint_hash`, when recorded): a
+        replaced or damaged weights file that still loads is refused, not trusted."""
+        have = checkpoint_hash(unet)
+        if self.checkpoint_hash is not None and self.checkpoint_hash != have:
+            ckpt = os.path.join(self.root, self.checkpoint or "model")
+            raise IntegrityError(os.path.join(ckpt, "unet"), f"(model weights) hashes to {have}, but {self.path} "
+                                 f"records checkpoint_hash {self.checkpoint_hash} (the weights were replaced or are "
+                                 f"corrupt)", "restore the model's weights, or rebuild the model folder (`python -m "
+                                 "dtrak_core build-default`, or `build` for your own model)")
+
+    def load_model(self):
+        """(unet, scheduler) of the checkpoint, its weights checked against `checkpoint_hash`."""
+        unet, scheduler = load_checkpoint(self.checkpoint_path)
+        self.check_weights(unet)
+        return unet, scheduler
+
+    def training_set(self) -> Dataset:
+        """The `Dataset` the manifest names; a ValueError naming manifest.json when it cannot be loaded."""
+        self.require("dataset")
+        try:
+            return load_dataset(self.dataset)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: {e}") from None
+
+    def open_stores(self) -> list[FeatureStore]:
+        """Every registered feature store, opened and verified (attribution/store.py)."""
+        return [FeatureStore.open(os.path.join(self.root, rel)) for rel in self.stores or []]
+
+    def tuned_lambdas(self) -> dict[str, float]:
+        """Store slug -> the ridge lambda tuned on validation LDS (`lds tune-lambda`)."""
+        return {slug: float(entry["lambda"]) for slug, entry in self.tuned_lambda.items()}
+
+
+def read_manifest(root: str) -> dict:
+    """manifest.json under `root` as a plain dict, checked by `ModelFolder` ({} when there is none)."""
+    folder = ModelFolder.load(root, missing_ok=True)
+    return {} if folder is None else folder.to_dict()
+
+
+@contextlib.contextmanager
+def _locked(root: str):
+    """An exclusive advisory lock on the folder while a manifest is read, changed and written."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here (Windows): each write stays atomic, concurrent edits are not merged
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
