@@ -214,6 +214,31 @@ class FeatureStore:
         return self
 
 
+def cached_store(path: str, identity: dict, inputs, make_featurizer, k: int, *, slice_size: int = 256,
+                 build: bool = True, show_bar: bool = True) -> FeatureStore | None:
+    """The complete feature store at `path` for `inputs`: built if missing, verified if present.
+
+    identity: what the features are of (`FeatureStore.identity(setting, checkpoint hash, inputs'
+        fingerprint)`, plus any field that changes them); a store at `path` built for anything
+        else is refused (ValueError), never overwritten.
+    inputs: the N inputs to featurize, sliced as `inputs[a:b]` (images (N, C, H, W), or indices).
+    make_featurizer(): -> a callable `inputs[a:b] -> (b - a, k)`; called only when rows are missing.
+    build: False only looks: None when the store is absent or unfinished (left as it is).
+
+    Every open checks the store (metadata checksum, shapes, features sha256 once complete); an
+    unfinished store resumes where it stopped.
+    """
+    if not build:
+        if not os.path.isfile(os.path.join(path, METADATA)):
+            return None
+        store = FeatureStore.open(path, identity)
+        return store if store.complete else None
+    store = FeatureStore.create(path, identity, len(inputs), k, slice_size=slice_size)
+    if not store.complete:
+        store.fill(make_featurizer(), inputs, show_bar=show_bar)
+    return store
+
+
 # -- migration of format-1 stores -----------------------------------------------------------------
 def migrate_store(path: str) -> bool:
     """Upgrade one format-1 store to format 2 (metadata sealed by `metadata_sha256`); True if it was
