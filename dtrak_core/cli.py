@@ -213,7 +213,8 @@ def cmd_methods(args):
     print(json.dumps(report, indent=2))
 
 def cmd_lds(args):
-    from dtrak_core.evaluation.lds import LDSConfig, default_methods, default_run, evaluate, query_features
+    from dtrak_core.evaluation.lds_evaluation import default_methods, default_run, evaluate, query_features
+    from dtrak_core.evaluation.lds_run import LDSConfig
     from dtrak_core.evaluation.retrain import parse_shard
 
     _require_digits_model(args.root, "lds (retrains on subsets)")
@@ -224,7 +225,7 @@ def cmd_lds(args):
     torch.set_num_threads(args.threads)
     config = LDSConfig(num_subsets=args.subsets)
     if args.action == "check-timesteps":
-        from dtrak_core.evaluation.lds import full_timestep_check
+        from dtrak_core.evaluation.lds_run import full_timestep_check
 
         done = full_timestep_check(args.out, _load_model(args.root)[1], max_subsets=args.check_subsets)
         print(f"all-1000-timestep ground truth for {len(done)} more models in {os.path.join(args.out, 'full_t')}")
@@ -266,6 +267,8 @@ def cmd_lds(args):
 
 def _lds_tables(args):
     from dtrak_core.evaluation import tables as bm
+    from dtrak_core.evaluation.tables_report import format_report, tables
+    from dtrak_core.evaluation.tuning import tune_lambdas
 
     bench = bm.Bench(args.out, args.root)
     Ks = args.K_list or [args.K]
@@ -294,13 +297,13 @@ def _lds_tables(args):
             print(f"ensemble member {j} ready ({time.perf_counter() - t0:.0f} s)")
         return
     if args.action == "tune-lambda":
-        for slug, e in bm.tune_lambdas(args.out, args.root).items():
+        for slug, e in tune_lambdas(args.out, args.root).items():
             print(f"{slug}: lambda {e['lambda']:g} (best on {e['chosen_on']}: LDS {e['validation_lds']:.1f}); generated-set "
                   f"LDS {e['generated_lds']:.1f} at it vs {e['generated_lds_rule']:.1f} with the rule's {e['rule_lambda']:.3g}")
         print(f"recorded under 'tuned_lambda' in {os.path.join(args.root, 'manifest.json')}")
         return
-    out = bm.tables(args.out, args.root, dest=args.dest or None, num_bootstrap=args.bootstrap, which=args.only)
-    print(bm.format_report(out))
+    out = tables(args.out, args.root, dest=args.dest or None, num_bootstrap=args.bootstrap, which=args.only)
+    print(format_report(out))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from dtrak_core.attribution.baselines import TRACIN_INDEX, build_tracin, load_tr
 from dtrak_core.build import build_store, train_or_load
 from dtrak_core.model.data import load_digits
 from dtrak_core.attribution.features import FeatureSetting
-from dtrak_core.evaluation.lds import collect
+from dtrak_core.evaluation.lds_run import collect
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
 from dtrak_core.attribution.store import FeatureStore, find_stores

@@ -1,8 +1,8 @@
-"""The benchmark tables of a model, all scored against one LDS run's ground truth (see lds.py).
+"""The benchmark tables of a model, all scored against one LDS run's ground truth (see lds_run.py).
 
-1. `ablation`: output functions (loss = TRAK, square = D-TRAK, ...) x K timesteps;
-2. `methods`: every baseline of the poster's table beside TRAK and D-TRAK at K = 10 and 100;
-3. `ensembles`: TRAK and D-TRAK averaged over S models, each trained on its own random half.
+1. `ablation_table`: output functions (loss = TRAK, square = D-TRAK, ...) x K timesteps;
+2. `methods_table`: every baseline of the poster's table beside TRAK and D-TRAK at K = 10 and 100;
+3. `ensemble_table`: TRAK and D-TRAK averaged over S models, each trained on its own random half.
 
 Every cell is an LDS on both test sets with the same subsets, ground truth and bootstrap
 resamples. Methods with a ridge lambda are swept over `LAMBDA_GRID` and reported twice: `honest`
@@ -16,34 +16,29 @@ under the run folder (git-ignored; the same commands rebuild them):
     <run>/queries/<test set>/<setting>/   test-set features
     <run>/ensemble/e<j>/                  ensemble member j: model/, train/, queries/
 
-`tables()` evaluates every cell whose inputs exist and lists the missing ones with the command
-that computes them, so a table can be filled over several sessions.
+A cell whose inputs are missing says so, with the command that computes them, so a table can be
+filled over several sessions. `tables_report.tables` evaluates them all and writes the report;
+`tuning.tune_lambdas` picks the app's lambda on the validation LDS.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
 import numpy as np
 import torch
 
+from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
-from dtrak_core.evaluation.lds import (
-    LDSConfig,
-    SubsetBootstrap,
-    TEST_SETS,
-    _rank_corr,
-    collect,
-    lambda_sweep,
-    subset_indices,
-)
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
-from dtrak_core.evaluation.retrain import load_result, retrain
 from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
-from dtrak_core.attribution.store import METADATA, FeatureStore
-from dtrak_core.files import atomic_write_json
+from dtrak_core.attribution.store import FeatureStore, cached_store
+from dtrak_core.evaluation.lds import SubsetBootstrap, lambda_sweep, rank_corr
+from dtrak_core.evaluation.lds_run import LDSConfig, collect, load_test_sets, subset_indices
+from dtrak_core.evaluation.retrain import retrain
+from dtrak_core.folder import default_root
+from dtrak_core.model.data import fingerprint
 from dtrak_core.model.training import TrainConfig
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
 
 ABLATION_OUTPUT_FNS = ("loss", "elbo", "square", "avg", "l1-norm", "l2-norm", "linf-norm",
                        "eta=0", "eta=0.25", "eta=0.75")  # the poster's interpolation: eta=1 is square, eta=0.5 ~ loss
@@ -56,27 +51,6 @@ ENSEMBLE_TRAIN_SEED = 1000  # member j trains with seed 1000 + j (the LDS models
 # The paper's 1-2-5 grid (1e-2..5e6) extended three decades down: the features of a 160K-parameter
 # model on 8x8 images are small, and D-TRAK's best lambda sat at the paper grid's lower edge.
 LAMBDA_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 7) for m in (1, 2, 5))
-TABLES = "tables.json"
-REPORT = "tables.md"
-
-
-def _fingerprint(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _cached_store(path: str, identity: dict, inputs, featurize_factory, k: int, slice_size: int, compute: bool,
-                  show_bar: bool) -> np.ndarray | None:
-    """The features of a (possibly unfinished) store at `path`; filled first when `compute`, else
-    None unless complete. `featurize_factory()` builds the featurizer only when work is needed."""
-    if not compute:
-        if not os.path.isfile(os.path.join(path, METADATA)):
-            return None
-        store = FeatureStore.open(path, identity)
-        return np.array(store.features()) if store.complete else None
-    store = FeatureStore.create(path, identity, len(inputs), k, slice_size=slice_size)
-    if not store.complete:
-        store.fill(featurize_factory(), inputs, show_bar=show_bar)
-    return np.array(store.features())
 
 
 class ModelFeatures:
@@ -92,7 +66,7 @@ class ModelFeatures:
         self.train_images, self.train_fingerprint, self.test_sets = train_images, train_fingerprint, test_sets
         self.checkpoint = checkpoint_hash(unet)
         self.registered = dict(registered or {})
-        self._test_fingerprints = {name: _fingerprint(x) for name, x in test_sets.items()}
+        self._test_fingerprints = {name: fingerprint(x) for name, x in test_sets.items()}
 
     def train_path(self, setting: FeatureSetting) -> str:
         if setting in self.registered:
@@ -103,14 +77,20 @@ class ModelFeatures:
         return os.path.join(self.base, "queries", set_name, setting.slug)
 
     def train(self, setting: FeatureSetting, compute: bool = False, show_bar: bool = True) -> np.ndarray | None:
+        """Training-set features (N, k); computed first when `compute`, else None unless complete."""
         identity = FeatureStore.identity(setting, self.checkpoint, self.train_fingerprint)
-        return _cached_store(self.train_path(setting), identity, self.train_images,
-                             lambda: Featurizer(self.unet, self.scheduler, setting), setting.k, 256, compute, show_bar)
+        store = cached_store(self.train_path(setting), identity, self.train_images,
+                             lambda: Featurizer(self.unet, self.scheduler, setting), setting.k, build=compute,
+                             show_bar=show_bar)
+        return None if store is None else np.array(store.features())
 
     def query(self, set_name: str, setting: FeatureSetting, compute: bool = False, show_bar: bool = True):
+        """Features (Q, k) of one test set; computed first when `compute`, else None unless complete."""
         identity = FeatureStore.identity(setting, self.checkpoint, self._test_fingerprints[set_name])
-        return _cached_store(self.query_path(set_name, setting), identity, self.test_sets[set_name],
-                             lambda: Featurizer(self.unet, self.scheduler, setting), setting.k, 32, compute, show_bar)
+        store = cached_store(self.query_path(set_name, setting), identity, self.test_sets[set_name],
+                             lambda: Featurizer(self.unet, self.scheduler, setting), setting.k, slice_size=32,
+                             build=compute, show_bar=show_bar)
+        return None if store is None else np.array(store.features())
 
     def compute(self, setting: FeatureSetting, show_bar: bool = True) -> None:
         """Fill (or finish) the training store and every test-set store of `setting`."""
@@ -123,13 +103,16 @@ class ModelFeatures:
 
 
 class Bench:
-    """Everything the tables need for one model: its LDS run, features, baselines and ensemble members."""
+    """Everything the tables need for one model: its LDS run, features, baselines and ensemble members.
 
-    def __init__(self, run_dir: str, root: str = "assets", *, ablation_fns=ABLATION_OUTPUT_FNS, ablation_Ks=ABLATION_K,
+    run_dir: the LDS run of the model (`lds_run.LDSRun`); root: its model folder (None:
+    `folder.default_root()`); the keyword options pick the output functions, K and ensemble sizes.
+    """
+
+    def __init__(self, run_dir: str, root: str | None = None, *, ablation_fns=ABLATION_OUTPUT_FNS, ablation_Ks=ABLATION_K,
                  method_Ks=METHOD_K, ensemble_sizes=ENSEMBLE_SIZES, ensemble_K: int = ENSEMBLE_K,
                  journey_K: int = 100):
-        from dtrak_core.attribution.attributor import Attributor
-
+        root = default_root() if root is None else root
         self.run_dir, self.root = run_dir, root
         self.ablation_fns, self.ablation_Ks, self.method_Ks = tuple(ablation_fns), tuple(ablation_Ks), tuple(method_Ks)
         self.ensemble_sizes, self.ensemble_K, self.journey_K = tuple(ensemble_sizes), ensemble_K, journey_K
@@ -145,7 +128,7 @@ class Bench:
             raise ValueError(f"the LDS run in {run_dir!r} was made for model {setup['checkpoint']}, not for the model "
                              f"in {root!r} ({checkpoint_hash(self.attributor.unet)})")
         self.config = LDSConfig(**setup["lds_config"])
-        self.test_sets = {k: torch.from_numpy(v) for k, v in load_result(os.path.join(run_dir, TEST_SETS)).items()}
+        self.test_sets = load_test_sets(run_dir)
         train = self.attributor.train
         registered = {s: store.path for v in self.attributor.stores.values() for s, store in v}
         self.features = ModelFeatures(run_dir, self.attributor.unet, self.attributor.scheduler, train.images,
@@ -215,9 +198,9 @@ def trak_g_fn(trains: list, queries: dict, masks, normalize: str | None = None):
 
 
 def fixed_cell(scores: np.ndarray, masks, F, bootstrap: SubsetBootstrap) -> dict:
-    """LDS x 100 and its bootstrap +- for a method without a lambda."""
+    """LDS x 100 and its bootstrap +- for a method without a lambda: scores (Q, N), masks (M, N), F (M, Q)."""
     g = np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64).T
-    return {"lds": 100 * float(np.nanmean(_rank_corr(g, -F))), "pm": 100 * bootstrap.std_of_mean(g, -F)}
+    return {"lds": 100 * float(np.nanmean(rank_corr(g, -F))), "pm": 100 * bootstrap.std_of_mean(g, -F)}
 
 
 # -- the tables ------------------------------------------------------------------------------------
@@ -225,8 +208,11 @@ def _featurize_cmd(output_fn: str, K: int) -> str:
     return f"python -m dtrak_core lds features --output-fn {output_fn} --K {K}"
 
 
-def _sweep_cell(bench: Bench, trains, queries, num_bootstrap: int, default: float | None = None,
+def sweep_cell(bench: Bench, trains, queries, num_bootstrap: int, default: float | None = None,
                 normalize: str | None = None) -> dict:
+    """`lds.lambda_sweep` of TRAK scores from training features per model and {test set: query
+    features per model} (an ensemble when several models), against the bench's ground truth;
+    `default`: the data-free lambda, reported beside the grid; `normalize`: see `trak_g_fn`."""
     F = {name: bench.truth["F"][name] for name in queries}
     g_fn = trak_g_fn(trains, queries, bench.truth["masks"], normalize)
     return lambda_sweep(g_fn, F, LAMBDA_GRID, num_bootstrap, default_lambda=default)
@@ -244,7 +230,7 @@ def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
                 continue
             t0 = time.perf_counter()
             rows[key] = {"setting": setting.to_dict(),
-                         **_sweep_cell(bench, *inputs, num_bootstrap, default_lambda(inputs[0][0])),
+                         **sweep_cell(bench, *inputs, num_bootstrap, default_lambda(inputs[0][0])),
                          "eval_seconds": time.perf_counter() - t0}
     return rows
 
@@ -253,7 +239,9 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     """The poster's LDS table: every baseline, TRAK and D-TRAK; rows '<method>/K<K>' for the methods
     built on K-timestep gradient features (K in bench.method_Ks), plain '<method>' for the others
     (pixels and CLIP need no gradients; TracInCP / GAS use their own checkpoints' K=10 stores)."""
-    from dtrak_core.attribution.baselines import BASELINES, load_tracin, similarity
+    from dtrak_core.attribution import methods
+    from dtrak_core.attribution.similarity import similarity
+    from dtrak_core.attribution.tracin import load_tracin
     from dtrak_core.errors import MethodUnavailable
     from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
 
@@ -267,13 +255,13 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
 
     for kind in ("dot", "cosine"):
         fixed(f"pixel-{kind}", {s: similarity(x.flatten(1), train.flatten(1), kind) for s, x in bench.test_sets.items()},
-              BASELINES[f"pixel-{kind}"].description)
+              methods.get(f"pixel-{kind}").description)
     for kind in ("dot", "cosine"):
         try:
             enc = ClipImageEncoder.load(None)
             e_train = enc(train)
             fixed(f"clip-{kind}", {s: similarity(enc(x), e_train, kind) for s, x in bench.test_sets.items()},
-                  BASELINES[f"clip-{kind}"].description)
+                  methods.get(f"clip-{kind}").description)
         except ClipUnavailable as e:
             rows[f"clip-{kind}"] = {"unavailable": str(e)}
     try:
@@ -287,7 +275,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
         else:
             for name, kind in (("tracin", "dot"), ("gas", "cosine")):
                 fixed(name, {s: sum(similarity(q[s], c.train_features, kind) for c, q in zip(checkpoints, per_ckpt))
-                             for s in bench.test_sets}, BASELINES[name].description)
+                             for s in bench.test_sets}, methods.get(name).description)
     # journey features are the loss gradients along each sample's trajectory, projected with the
     # store's projector (the same for every K), so one set serves every K's training features
     journey = journey_features(bench, bench.setting("loss", bench.journey_K), compute=False)
@@ -300,28 +288,28 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
             (phi,), queries = loss
             for kind in ("dot", "cosine"):
                 fixed(f"gradient-{kind}/K{K}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
-                      BASELINES[f"gradient-{kind}"].description)
+                      methods.get(f"gradient-{kind}").description)
             rows[f"journey-trak/K{K}"] = (
                 {"missing": "python -m dtrak_core lds features --journey"} if journey is None else
-                {"note": BASELINES["journey-trak"].description + "; generated samples only",
-                 **_sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)})
+                {"note": methods.get("journey-trak").description + "; generated samples only",
+                 **sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)})
             for kind in ("relative", "renorm"):
-                rows[f"{kind}-ip/K{K}"] = {"note": BASELINES[f"{kind}-ip"].description,
-                                           **_sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
-            rows[f"trak/K{K}"] = _sweep_cell(bench, [phi], queries, num_bootstrap, default_lambda(phi))
+                rows[f"{kind}-ip/K{K}"] = {"note": methods.get(f"{kind}-ip").description,
+                                           **sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
+            rows[f"trak/K{K}"] = sweep_cell(bench, [phi], queries, num_bootstrap, default_lambda(phi))
         square = bench.trak_sweep_inputs(bench.setting("square", K))
         rows[f"d-trak/K{K}"] = ({"missing": _featurize_cmd("square", K)} if square is None else
-                                _sweep_cell(bench, *square, num_bootstrap, default_lambda(square[0][0])))
+                                sweep_cell(bench, *square, num_bootstrap, default_lambda(square[0][0])))
     return rows
 
 
 def journey_features(bench: Bench, setting: FeatureSetting, compute: bool = False, show_bar: bool = True):
     """Journey-TRAK features of the generated test set (seeds 0..generated-1), cached as a store."""
-    from dtrak_core.attribution.baselines import JOURNEY_STEPS, JourneyFeaturizer
+    from dtrak_core.attribution.journey import JOURNEY_STEPS, JourneyFeaturizer
 
     images = bench.test_sets["generated"]
     seeds = np.arange(len(images))
-    identity = {**FeatureStore.identity(setting, bench.features.checkpoint, _fingerprint(images)),
+    identity = {**FeatureStore.identity(setting, bench.features.checkpoint, fingerprint(images)),
                 "journey_steps": JOURNEY_STEPS}
 
     def factory():
@@ -329,8 +317,9 @@ def journey_features(bench: Bench, setting: FeatureSetting, compute: bool = Fals
                                     bench.attributor.featurizer(setting).projector)
         return lambda idx: journey(seeds[idx], images[torch.as_tensor(idx)])
 
-    return _cached_store(os.path.join(bench.run_dir, "queries", "generated", f"journey-{setting.slug}"), identity,
-                         np.arange(len(images)), factory, setting.k, 32, compute, show_bar)
+    store = cached_store(os.path.join(bench.run_dir, "queries", "generated", f"journey-{setting.slug}"), identity,
+                         np.arange(len(images)), factory, setting.k, slice_size=32, build=compute, show_bar=show_bar)
+    return None if store is None else np.array(store.features())
 
 
 def tracin_queries(bench: Bench, checkpoints, compute: bool = False, show_bar: bool = True):
@@ -369,166 +358,5 @@ def ensemble_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
                 rows[key] = {"missing": f"python -m dtrak_core lds ensemble --models {S} --K {K}"}
                 continue
             inputs = bench.trak_sweep_inputs(setting, ready[:S])
-            rows[key] = {"models": S, "K": K, **_sweep_cell(bench, *inputs, num_bootstrap)}
+            rows[key] = {"models": S, "K": K, **sweep_cell(bench, *inputs, num_bootstrap)}
     return rows
-
-
-def tables(run_dir: str, root: str = "assets", dest: str | None = None, num_bootstrap: int = 1000,
-           which=("methods", "ablation", "ensembles"), **bench_options) -> dict:
-    """Evaluate every cell whose inputs exist; with `dest`, write dest/tables.json and dest/tables.md.
-    `bench_options` go to `Bench` (which output functions, K, ensemble sizes)."""
-    from dtrak_core.evaluation.lds import noise_ceiling
-
-    bench = Bench(run_dir, root, **bench_options)
-    M = len(bench.truth["subsets"])
-    out = {"subsets_done": M, "subsets_planned": bench.config.num_subsets, "partial": M < bench.config.num_subsets,
-           "train_seeds": list(bench.config.train_seeds), "lambda_grid": list(LAMBDA_GRID),
-           "num_bootstrap": num_bootstrap, "ensemble_K": bench.ensemble_K, "test_sets": {k: len(v) for k, v in bench.test_sets.items()},
-           "noise_ceiling": {s: noise_ceiling(bench.truth["F_seeds"][s], num_bootstrap) for s in bench.test_sets}
-           if len(bench.config.train_seeds) >= 2 else {}}
-    builders = {"methods": methods_table, "ablation": ablation_table, "ensembles": ensemble_table}
-    for name in which:
-        t0 = time.perf_counter()
-        out[name] = builders[name](bench, num_bootstrap)
-        out.setdefault("eval_seconds", {})[name] = time.perf_counter() - t0
-        out.setdefault("subsets_per_table", {})[name] = M
-    if dest is not None:
-        from dtrak_core.evaluation.lds import _json_safe
-
-        previous = load_tables(os.path.join(dest, TABLES)) or {}
-        merged = {**{k: v for k, v in previous.items() if k in builders and k not in which}, **out}
-        merged["subsets_per_table"] = {**{k: v for k, v in previous.get("subsets_per_table", {}).items()
-                                          if k in merged and k not in which}, **out.get("subsets_per_table", {})}
-        os.makedirs(dest, exist_ok=True)
-        atomic_write_json(os.path.join(dest, TABLES), _json_safe(merged))
-        with open(os.path.join(dest, REPORT) + ".tmp", "w") as f:
-            f.write(format_report(merged))
-        os.replace(os.path.join(dest, REPORT) + ".tmp", os.path.join(dest, REPORT))
-        out = merged
-    return out
-
-
-def load_tables(path: str) -> dict | None:
-    import json
-
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-# -- the report ------------------------------------------------------------------------------------
-METHOD_ORDER = ("pixel-dot", "pixel-cosine", "clip-dot", "clip-cosine", "tracin", "gas", "gradient-dot",
-                "gradient-cosine", "journey-trak", "relative-ip", "renorm-ip", "trak", "d-trak")  # the poster's rows
-
-
-def _ordered(names, order) -> list:
-    """names in `order` first (JSON files store keys sorted), then any others as they come."""
-    names = list(dict.fromkeys(names))
-    return [n for n in order if n in names] + [n for n in names if n not in order]
-
-
-def _fmt(cell: dict | None, set_name: str) -> str:
-    """'honest +- pm (paper)' for swept cells, 'lds +- pm' for fixed ones, or why it is empty."""
-    if cell is None:
-        return "n/a"
-    if "missing" in cell:
-        return "missing"
-    if "unavailable" in cell:
-        return "unavailable"
-    c = cell.get(set_name)
-    if c is None:
-        return "n/a"
-    if "honest" in c:
-        return f"{c['honest']['lds']:.1f} ± {c['honest']['pm']:.1f} ({c['paper']['lds']:.1f})"
-    return f"{c['lds']:.1f} ± {c['pm']:.1f}"
-
-
-def format_report(t: dict) -> str:
-    sets = ("validation", "generated")
-    lines = ["# LDS benchmark tables (embedded default)", ""]
-    status = (f"**PARTIAL: {t['subsets_done']} of {t['subsets_planned']} subsets retrained**" if t.get("partial")
-              else f"{t['subsets_done']} subsets")
-    lines += [f"LDS x 100 on the {t['test_sets'].get('validation', 0)} validation digits and the "
-              f"{t['test_sets'].get('generated', 0)} generated samples; {status}, "
-              f"{len(t['train_seeds'])} training seeds each; +- = bootstrap std over subsets "
-              f"({t['num_bootstrap']} resamples).", "",
-              "Cells read `honest ± pm (paper)`: *honest* = lambda chosen by 2-fold cross-fitting over test "
-              "samples (never on the samples it is reported on); *(paper)* = lambda best on the reported samples "
-              "themselves, as the paper chose it (optimistic). Methods without a lambda show one number.", ""]
-    per = {k: v for k, v in t.get("subsets_per_table", {}).items() if v != t["subsets_done"]}
-    if per:
-        lines += ["Computed with fewer subsets (rerun `python -m dtrak_core lds tables`): " +
-                  ", ".join(f"{k} at M = {v}" for k, v in per.items()), ""]
-    if t.get("noise_ceiling"):
-        nc = t["noise_ceiling"]
-        lines += ["Noise ceiling (how well one training seed's ground truth predicts the other's; the best LDS "
-                  "reachable against the seed mean in brackets): " +
-                  "; ".join(f"{s} {nc[s]['seed_vs_seed']:.1f} ± {nc[s]['seed_vs_seed_pm']:.1f} [{nc[s]['ceiling']:.1f}]"
-                            for s in sets if s in nc), ""]
-    if "methods" in t:
-        Ks = sorted({int(k.split("/K")[1]) for k in t["methods"] if "/K" in k})
-        names = _ordered((k.split("/K")[0] for k in t["methods"]), METHOD_ORDER)
-        lines += ["## Methods (the poster's LDS table)", "",
-                  "| method | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
-                  "|---|" + "---|" * (len(sets) * len(Ks))]
-        for name in names:
-            if name in t["methods"]:  # no K: one number, in the first K column
-                label = name + (" (4 checkpoints, K=10, k=512)" if name in ("tracin", "gas") else "")
-                cells = [_fmt(t["methods"][name], s) if i == 0 else "" for s in sets for i in range(len(Ks))]
-            else:
-                label = name
-                cells = [_fmt(t["methods"].get(f"{name}/K{K}"), s) for s in sets for K in Ks]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if "ablation" in t:
-        Ks = sorted({int(k.split('/K')[1]) for k in t["ablation"]})
-        fns = _ordered((k.split("/K")[0] for k in t["ablation"]), ABLATION_OUTPUT_FNS)
-        lines += ["## Output function x K (the poster's ablation)", "",
-                  "| output function | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
-                  "|---|" + "---|" * (len(sets) * len(Ks))]
-        for fn in fns:
-            lines.append(f"| {fn} | " + " | ".join(_fmt(t["ablation"].get(f"{fn}/K{K}"), s) for s in sets for K in Ks) + " |")
-        lines.append("")
-    if "ensembles" in t:
-        sizes = sorted({int(k.split('/S')[1]) for k in t["ensembles"]})
-        lines += [f"## Ensembles (K={t.get('ensemble_K', ENSEMBLE_K)}; each model trained on its own random half)", "",
-                  "| method | " + " | ".join(f"{s} S={S}" for s in sets for S in sizes) + " |",
-                  "|---|" + "---|" * (len(sets) * len(sizes))]
-        for label in ("trak", "d-trak"):
-            lines.append(f"| {label} | " + " | ".join(_fmt(t["ensembles"].get(f"{label}/S{S}"), s)
-                                                     for s in sets for S in sizes) + " |")
-        lines.append("")
-    missing = sorted({c["missing"] for tab in ("methods", "ablation", "ensembles") for c in t.get(tab, {}).values()
-                      if "missing" in c})
-    if missing:
-        lines += ["## Missing cells and the commands that fill them", ""] + [f"- `{m}`" for m in missing] + [""]
-    return "\n".join(lines)
-
-
-# -- lambda for the app ----------------------------------------------------------------------------
-def tune_lambdas(run_dir: str, root: str = "assets", num_bootstrap: int = 200) -> dict:
-    """Pick each of the model's stores' lambda on the *validation* LDS (LAMBDA_GRID) and record it in
-    root/manifest.json as 'tuned_lambda' (used by `Attributor` by default). The generated-set LDS at
-    that lambda is reported beside it: chosen on another test set, it is an honest number."""
-    from dtrak_core.build import read_manifest
-
-    bench = Bench(run_dir, root)
-    tuned = {}
-    for per_fn in bench.attributor.stores.values():
-        for setting, store in per_fn:
-            train = np.array(store.features())
-            queries = {s: [bench.features.query(s, setting, compute=True)] for s in ("validation", "generated")}
-            res = _sweep_cell(bench, [train], queries, num_bootstrap, default=default_lambda(train))
-            lam = res["validation"]["paper"]["lambda"]
-            gen = res["generated"]
-            tuned[setting.slug] = {
-                "lambda": lam, "chosen_on": f"validation LDS, {len(bench.truth['subsets'])} subsets",
-                "validation_lds": res["validation"]["paper"]["lds"],
-                "generated_lds": gen["lds_by_lambda"][LAMBDA_GRID.index(lam)],
-                "rule_lambda": gen["default"]["lambda"], "generated_lds_rule": gen["default"]["lds"],
-                "at_grid_edge": res["validation"]["paper"]["at_grid_edge"]}
-    manifest = read_manifest(root)
-    manifest["tuned_lambda"] = tuned
-    atomic_write_json(os.path.join(root, "manifest.json"), manifest)
-    return tuned

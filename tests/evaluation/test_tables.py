@@ -1,3 +1,5 @@
+"""The benchmark tables (evaluation/tables.py), their report (tables_report.py) and the lambda tuner
+(tuning.py) on a tiny model folder and LDS run, each cell checked against a direct computation."""
 import os
 
 import numpy as np
@@ -5,19 +7,13 @@ import pytest
 import torch
 
 from dtrak_core.evaluation import tables as bm
-from dtrak_core.attribution.baselines import similarity
+from dtrak_core.evaluation import tables_report
+from dtrak_core.evaluation.tuning import tune_lambdas
+from dtrak_core.attribution.similarity import similarity
 from dtrak_core.build import build_store
 from dtrak_core.attribution.features import FeatureSetting
-from dtrak_core.evaluation.lds import (
-    LDSConfig,
-    LDSRun,
-    SubsetBootstrap,
-    _rank_corr,
-    lambda_study,
-    lambda_sweep,
-    lds,
-    subset_indices,
-)
+from dtrak_core.evaluation.lds import lds
+from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, subset_indices
 from dtrak_core.model.unet import build_scheduler, checkpoint_hash, save_checkpoint
 from dtrak_core.model.sampling import generate
 from dtrak_core.attribution.scoring import TRAKScorer
@@ -28,37 +24,6 @@ TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def test_bootstrap_rank_corr_equals_resampled_arrays():
-    # ties on purpose (small integers): average ranks must match scipy's on the resampled rows
-    rng = np.random.default_rng(0)
-    M, Q = 9, 7
-    a = rng.integers(0, 4, (M, Q)).astype(float)
-    b = rng.integers(0, 3, (M, Q)).astype(float)
-    boot = SubsetBootstrap(M, num=40, seed=3)
-    fast = boot.rank_corr(a, b)
-    draws = np.random.default_rng(3).integers(0, M, (40, M))
-    slow = np.array([_rank_corr(a[idx], b[idx]) for idx in draws])
-    np.testing.assert_allclose(fast, slow, atol=1e-12)  # nan where a resample is constant, in both
-
-
-def test_lambda_sweep_over_sets_equals_one_set_at_a_time():
-    rng = np.random.default_rng(1)
-    N, k, M = 25, 6, 10
-    phi = rng.normal(size=(N, k))
-    qs = {"a": rng.normal(size=(5, k)), "b": rng.normal(size=(4, k))}
-    masks = rng.random((M, N)) < 0.5
-    F = {"a": rng.normal(size=(M, 5)), "b": rng.normal(size=(M, 4))}
-    grid = (1e-2, 1.0, 1e2)
-    both = lambda_sweep(lambda lam: {n: masks @ TRAKScorer(phi, lam=lam).scores(q).T for n, q in qs.items()}, F, grid, 30)
-    for name in qs:
-        one = lambda_study(phi, qs[name], masks, F[name], grid=grid, num_bootstrap=30)
-        for key in ("paper", "honest"):
-            assert both[name][key]["lds"] == pytest.approx(one[key]["lds"])
-            assert both[name][key]["pm"] == pytest.approx(one[key]["pm"])
-        # honest LDS is the per-sample LDS at each half's pick, averaged
-        assert both[name]["paper"]["lds"] == pytest.approx(max(both[name]["lds_by_lambda"]))
 
 
 @pytest.mark.parametrize("k", [5, 20])  # primal (k < N) and dual (k > N) regimes
@@ -76,7 +41,7 @@ def test_spectral_trak_equals_trak_scorer(k):
 
 @pytest.mark.parametrize("normalize", [None, "relative", "renorm"])
 def test_trak_g_fn_averages_models_and_normalizes(normalize):
-    from dtrak_core.attribution.baselines import ip_norms
+    from dtrak_core.attribution.similarity import ip_norms
 
     rng = np.random.default_rng(2)
     trains = [rng.normal(size=(12, 5)) for _ in range(3)]
@@ -126,7 +91,7 @@ def test_tables_end_to_end(tiny_bench, tmp_path):
     bench = bm.Bench(run_dir, root, **options)
     assert bench.base == FeatureSetting("square", K=2, k=32)
     # nothing computed yet beyond the root's own stores: the cells say what is missing and how to fill it
-    t = bm.tables(run_dir, root, num_bootstrap=20, which=("ablation", "ensembles"), **options)
+    t = tables_report.tables(run_dir, root, num_bootstrap=20, which=("ablation", "ensembles"), **options)
     assert t["ablation"]["avg/K1"]["missing"].startswith("python -m dtrak_core lds features --output-fn avg --K 1")
     assert "missing" in t["ensembles"]["d-trak/S1"]
     # fill: ablation features, journey features, two ensemble members
@@ -140,8 +105,8 @@ def test_tables_end_to_end(tiny_bench, tmp_path):
         for fn in ("loss", "square"):
             member.compute(bench.setting(fn, 2), show_bar=False)
     dest = str(tmp_path / "out")
-    t = bm.tables(run_dir, root, dest=dest, num_bootstrap=20, **options)
-    assert os.path.isfile(os.path.join(dest, bm.TABLES)) and os.path.isfile(os.path.join(dest, bm.REPORT))
+    t = tables_report.tables(run_dir, root, dest=dest, num_bootstrap=20, **options)
+    assert os.path.isfile(os.path.join(dest, tables_report.TABLES)) and os.path.isfile(os.path.join(dest, tables_report.REPORT))
     masks, F = bench.truth["masks"], bench.truth["F"]
     # D-TRAK cell: its test-set lambda's LDS equals a direct computation
     cell = t["methods"]["d-trak/K2"]["validation"]
@@ -166,11 +131,11 @@ def test_tables_end_to_end(tiny_bench, tmp_path):
         assert "validation" in t["methods"][f"{name}/K2"]
     assert "unavailable" in t["methods"]["clip-cosine"]
     assert "unavailable" in t["methods"]["tracin"]  # no checkpoints registered for the tiny model
-    report = open(os.path.join(dest, bm.REPORT)).read()
+    report = open(os.path.join(dest, tables_report.REPORT)).read()
     assert "| d-trak |" in report and "| avg |" in report and "| pixel-dot |" in report and "Missing cells" not in report
     # recomputing one table keeps the others
-    t2 = bm.tables(run_dir, root, dest=dest, num_bootstrap=20, which=("ensembles",), **options)
-    assert t2["ablation"] == bm.load_tables(os.path.join(dest, bm.TABLES))["ablation"]
+    t2 = tables_report.tables(run_dir, root, dest=dest, num_bootstrap=20, which=("ensembles",), **options)
+    assert t2["ablation"] == tables_report.load_tables(os.path.join(dest, tables_report.TABLES))["ablation"]
 
 
 def test_bench_refuses_a_run_of_another_model(tiny_bench, tmp_path):
@@ -193,7 +158,7 @@ def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
     from dtrak_core.attribution.scoring import default_lambda
 
     root, run_dir, _ = tiny_bench
-    tuned = bm.tune_lambdas(run_dir, root, num_bootstrap=10)
+    tuned = tune_lambdas(run_dir, root, num_bootstrap=10)
     att = Attributor.load(root)
     assert set(tuned) == set(att.tuned_lambdas) == {"square-K2-sparse-jl-k32-s42", "loss-K2-sparse-jl-k32-s42"}
     setting, store = att.setting("d-trak")

@@ -1,0 +1,156 @@
+"""The report of the benchmark tables (tables.py): every cell whose inputs exist, evaluated and
+written as dest/tables.json (the numbers) and dest/tables.md (the Markdown tables).
+
+    results = tables(run_dir, root, dest="assets/benchmarks")   # or load_tables(path) for a written one
+    print(format_report(results))
+
+Recomputing some tables (`which`) keeps the others already in dest/tables.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from dtrak_core.attribution import methods
+from dtrak_core.evaluation.lds import noise_ceiling
+from dtrak_core.evaluation.tables import (
+    ABLATION_OUTPUT_FNS,
+    ENSEMBLE_K,
+    LAMBDA_GRID,
+    Bench,
+    ablation_table,
+    ensemble_table,
+    methods_table,
+)
+from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+
+TABLES = "tables.json"
+REPORT = "tables.md"
+
+def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_bootstrap: int = 1000,
+           which=("methods", "ablation", "ensembles"), **bench_options) -> dict:
+    """Evaluate every cell whose inputs exist; with `dest`, write dest/tables.json and dest/tables.md.
+
+    run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`);
+    num_bootstrap: resamples of the subsets behind each +-; which: the tables to (re)compute;
+    `bench_options` go to `Bench` (which output functions, K, ensemble sizes).
+    """
+    bench = Bench(run_dir, root, **bench_options)
+    M = len(bench.truth["subsets"])
+    out = {"subsets_done": M, "subsets_planned": bench.config.num_subsets, "partial": M < bench.config.num_subsets,
+           "train_seeds": list(bench.config.train_seeds), "lambda_grid": list(LAMBDA_GRID),
+           "num_bootstrap": num_bootstrap, "ensemble_K": bench.ensemble_K, "test_sets": {k: len(v) for k, v in bench.test_sets.items()},
+           "noise_ceiling": {s: noise_ceiling(bench.truth["F_seeds"][s], num_bootstrap) for s in bench.test_sets}
+           if len(bench.config.train_seeds) >= 2 else {}}
+    builders = {"methods": methods_table, "ablation": ablation_table, "ensembles": ensemble_table}
+    for name in which:
+        t0 = time.perf_counter()
+        out[name] = builders[name](bench, num_bootstrap)
+        out.setdefault("eval_seconds", {})[name] = time.perf_counter() - t0
+        out.setdefault("subsets_per_table", {})[name] = M
+    if dest is not None:
+        previous = load_tables(os.path.join(dest, TABLES)) or {}
+        merged = {**{k: v for k, v in previous.items() if k in builders and k not in which}, **out}
+        merged["subsets_per_table"] = {**{k: v for k, v in previous.get("subsets_per_table", {}).items()
+                                          if k in merged and k not in which}, **out.get("subsets_per_table", {})}
+        os.makedirs(dest, exist_ok=True)
+        atomic_write_json(os.path.join(dest, TABLES), json_safe(merged))
+        atomic_write_bytes(os.path.join(dest, REPORT), format_report(merged).encode())
+        out = merged
+    return out
+
+
+def load_tables(path: str) -> dict | None:
+    """A written tables.json, or None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# -- the Markdown ----------------------------------------------------------------------------------
+def _ordered(names, order) -> list:
+    """names in `order` first (JSON files store keys sorted), then any others as they come."""
+    names = list(dict.fromkeys(names))
+    return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+def _fmt(cell: dict | None, set_name: str) -> str:
+    """'honest +- pm (paper)' for swept cells, 'lds +- pm' for fixed ones, or why it is empty."""
+    if cell is None:
+        return "n/a"
+    if "missing" in cell:
+        return "missing"
+    if "unavailable" in cell:
+        return "unavailable"
+    c = cell.get(set_name)
+    if c is None:
+        return "n/a"
+    if "honest" in c:
+        return f"{c['honest']['lds']:.1f} ± {c['honest']['pm']:.1f} ({c['paper']['lds']:.1f})"
+    return f"{c['lds']:.1f} ± {c['pm']:.1f}"
+
+
+def format_report(t: dict) -> str:
+    """The Markdown of a `tables` result: the methods, ablation and ensemble tables, then the missing
+    cells with the commands that fill them."""
+    sets = ("validation", "generated")
+    lines = ["# LDS benchmark tables (embedded default)", ""]
+    status = (f"**PARTIAL: {t['subsets_done']} of {t['subsets_planned']} subsets retrained**" if t.get("partial")
+              else f"{t['subsets_done']} subsets")
+    lines += [f"LDS x 100 on the {t['test_sets'].get('validation', 0)} validation digits and the "
+              f"{t['test_sets'].get('generated', 0)} generated samples; {status}, "
+              f"{len(t['train_seeds'])} training seeds each; +- = bootstrap std over subsets "
+              f"({t['num_bootstrap']} resamples).", "",
+              "Cells read `honest ± pm (paper)`: *honest* = lambda chosen by 2-fold cross-fitting over test "
+              "samples (never on the samples it is reported on); *(paper)* = lambda best on the reported samples "
+              "themselves, as the paper chose it (optimistic). Methods without a lambda show one number.", ""]
+    per = {k: v for k, v in t.get("subsets_per_table", {}).items() if v != t["subsets_done"]}
+    if per:
+        lines += ["Computed with fewer subsets (rerun `python -m dtrak_core lds tables`): " +
+                  ", ".join(f"{k} at M = {v}" for k, v in per.items()), ""]
+    if t.get("noise_ceiling"):
+        nc = t["noise_ceiling"]
+        lines += ["Noise ceiling (how well one training seed's ground truth predicts the other's; the best LDS "
+                  "reachable against the seed mean in brackets): " +
+                  "; ".join(f"{s} {nc[s]['seed_vs_seed']:.1f} ± {nc[s]['seed_vs_seed_pm']:.1f} [{nc[s]['ceiling']:.1f}]"
+                            for s in sets if s in nc), ""]
+    if "methods" in t:
+        Ks = sorted({int(k.split("/K")[1]) for k in t["methods"] if "/K" in k})
+        names = sorted(dict.fromkeys(k.split("/K")[0] for k in t["methods"]), key=methods.sort_key)  # the poster's rows
+        lines += ["## Methods (the poster's LDS table)", "",
+                  "| method | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
+                  "|---|" + "---|" * (len(sets) * len(Ks))]
+        for name in names:
+            if name in t["methods"]:  # no K: one number, in the first K column
+                label = name + (" (4 checkpoints, K=10, k=512)" if name in ("tracin", "gas") else "")
+                cells = [_fmt(t["methods"][name], s) if i == 0 else "" for s in sets for i in range(len(Ks))]
+            else:
+                label = name
+                cells = [_fmt(t["methods"].get(f"{name}/K{K}"), s) for s in sets for K in Ks]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "ablation" in t:
+        Ks = sorted({int(k.split('/K')[1]) for k in t["ablation"]})
+        fns = _ordered((k.split("/K")[0] for k in t["ablation"]), ABLATION_OUTPUT_FNS)
+        lines += ["## Output function x K (the poster's ablation)", "",
+                  "| output function | " + " | ".join(f"{s} K={K}" for s in sets for K in Ks) + " |",
+                  "|---|" + "---|" * (len(sets) * len(Ks))]
+        for fn in fns:
+            lines.append(f"| {fn} | " + " | ".join(_fmt(t["ablation"].get(f"{fn}/K{K}"), s) for s in sets for K in Ks) + " |")
+        lines.append("")
+    if "ensembles" in t:
+        sizes = sorted({int(k.split('/S')[1]) for k in t["ensembles"]})
+        lines += [f"## Ensembles (K={t.get('ensemble_K', ENSEMBLE_K)}; each model trained on its own random half)", "",
+                  "| method | " + " | ".join(f"{s} S={S}" for s in sets for S in sizes) + " |",
+                  "|---|" + "---|" * (len(sets) * len(sizes))]
+        for label in ("trak", "d-trak"):
+            lines.append(f"| {label} | " + " | ".join(_fmt(t["ensembles"].get(f"{label}/S{S}"), s)
+                                                     for s in sets for S in sizes) + " |")
+        lines.append("")
+    missing = sorted({c["missing"] for tab in ("methods", "ablation", "ensembles") for c in t.get(tab, {}).values()
+                      if "missing" in c})
+    if missing:
+        lines += ["## Missing cells and the commands that fill them", ""] + [f"- `{m}`" for m in missing] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""The app's ridge lambda per feature store, tuned on the validation LDS and recorded in the model
+folder's manifest (`tuned_lambda`, read by `Attributor`).
+
+    python -m dtrak_core lds tune-lambda
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dtrak_core.attribution.scoring import default_lambda
+from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench, sweep_cell
+from dtrak_core.folder import ModelFolder
+
+def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200) -> dict:
+    """Pick each of the model's stores' lambda on the *validation* LDS (LAMBDA_GRID) and record it in
+    root/manifest.json as 'tuned_lambda' (used by `Attributor` by default). The generated-set LDS at
+    that lambda is reported beside it: chosen on another test set, it is an honest number.
+
+    run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`).
+    Returns {store slug: {"lambda", "chosen_on", "validation_lds", "generated_lds", ...}}.
+    """
+    bench = Bench(run_dir, root)
+    tuned = {}
+    for per_fn in bench.attributor.stores.values():
+        for setting, store in per_fn:
+            train = np.array(store.features())
+            queries = {s: [bench.features.query(s, setting, compute=True)] for s in ("validation", "generated")}
+            res = sweep_cell(bench, [train], queries, num_bootstrap, default=default_lambda(train))
+            lam = res["validation"]["paper"]["lambda"]
+            gen = res["generated"]
+            tuned[setting.slug] = {
+                "lambda": lam, "chosen_on": f"validation LDS, {len(bench.truth['subsets'])} subsets",
+                "validation_lds": res["validation"]["paper"]["lds"],
+                "generated_lds": gen["lds_by_lambda"][LAMBDA_GRID.index(lam)],
+                "rule_lambda": gen["default"]["lambda"], "generated_lds_rule": gen["default"]["lds"],
+                "at_grid_edge": res["validation"]["paper"]["at_grid_edge"]}
+    ModelFolder.edit(bench.root, tuned_lambda=tuned)
+    return tuned
