@@ -22,13 +22,13 @@ import torch  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
 from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
-from dtrak_core.evaluation.lds import SubsetBootstrap, _rank_corr  # noqa: E402
+from dtrak_core.evaluation.lds import SubsetBootstrap, rank_corr  # noqa: E402
 from dtrak_core.attribution.scoring import TRAKScorer  # noqa: E402
 
 
 def direct(phi, q, masks, F, grid, draws):
     sums = [masks @ TRAKScorer(phi, lam=lam).scores(q).T for lam in grid]
-    means = [np.nanmean(_rank_corr(g, -F)) for g in sums]
+    means = [np.nanmean(rank_corr(g, -F)) for g in sums]
     best = sums[int(np.argmax(means))]
     boot = []
     for idx in draws:
@@ -44,7 +44,7 @@ def direct(phi, q, masks, F, grid, draws):
 def fast(phi, q, masks, F, grid, num):
     g_fn = trak_g_fn([phi], {"v": [q]}, masks)
     sums = [g_fn(lam)["v"] for lam in grid]
-    means = [np.nanmean(_rank_corr(g, -F)) for g in sums]
+    means = [np.nanmean(rank_corr(g, -F)) for g in sums]
     best = sums[int(np.argmax(means))]
     return np.array(means), SubsetBootstrap(len(masks), num).std_of_mean(best, -F)
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from dtrak_core.model.data import load_digits  # noqa: E402
 from dtrak_core.attribution.features import Featurizer, FeatureSetting  # noqa: E402
-from dtrak_core.evaluation.lds import eps_losses, eval_timesteps  # noqa: E402
+from dtrak_core.evaluation.lds_run import eps_losses, eval_timesteps  # noqa: E402
 from dtrak_core.model.unet import load_checkpoint  # noqa: E402
 from dtrak_core.model.training import TrainConfig, train  # noqa: E402
 
