@@ -31,7 +31,7 @@ import plotly.graph_objects as go
 import torch
 
 from dtrak_core import app_support as sup
-from dtrak_core.attribution import baselines
+from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution, Attributor
 from dtrak_core.build import read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
@@ -93,10 +93,10 @@ def load_assets(root: str) -> Assets:
     if attributor.methods:  # build the default method's featurizer and scorer now, not on the first click
         cfg = attributor.unet.config
         attributor.scores(torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size), sup.method_choices(attributor.methods)[0][1])
-    problems = baselines.method_problems(attributor, root)
-    methods = list(attributor.methods) + [m for m in baselines.BASELINES if m not in problems]
+    problems = registry.problems(attributor, root)
+    methods = list(attributor.methods) + [m.name for m in registry.all("baseline") if m.name not in problems]
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
-                  {m: str(e) for m, e in problems.items() if not isinstance(e, baselines.MethodUnavailable)})
+                  {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)})
 
 
 def assets() -> Assets:
@@ -220,10 +220,7 @@ def class_mass_figure(attribution, word: str = "digit") -> go.Figure:
 
 
 def method_description(name: str) -> str:
-    if name in baselines.BASELINES:
-        return baselines.BASELINES[name].description
-    known = {"square": "D-TRAK: gradient of mean(eps_theta^2)", "loss": "TRAK: gradient of the training loss"}
-    return known.get(name, f"TRAK-style scores with output function {name!r}")
+    return registry.description(name)
 
 
 def methods_markdown(methods, unavailable) -> str:
@@ -279,7 +276,7 @@ def attribution_for(q, method: str) -> Attribution:
 
     def compute():
         seeds = None if q["seed"] is None else [q["seed"]]  # journey-trak follows the sample's own trajectory
-        scores = baselines.method_scores(a.attributor, method, torch.as_tensor(q["pixels"])[None], seeds, root=a.root)[0]
+        scores = registry.scores(a.attributor, method, torch.as_tensor(q["pixels"])[None], seeds, root=a.root)[0]
         return Attribution(method, scores, a.attributor.train.labels.numpy())
     # the pixels too: a seed's sample differs in the last bits with the batch it was generated in
     return _attribution_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), method), compute)

@@ -94,7 +94,8 @@ def _load_model(root):
 
 
 def cmd_attribute(args):
-    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution import methods
+    from dtrak_core.attribution.attributor import Attribution, Attributor
     from dtrak_core.images import load_user_image
     from dtrak_core.model.sampling import generate
 
@@ -108,14 +109,19 @@ def cmd_attribute(args):
     else:
         image = generate(attributor.unet, attributor.scheduler, [args.seed])[0]
         query = {"seed": args.seed}
-    result = attributor.attribute(image, args.method, K=args.K)
+    method = methods.get(args.method)
+    if method.family == "trak":
+        result = attributor.attribute(image, args.method, K=args.K)
+        lam = attributor.scorer(args.method, args.K).lam
+    else:  # a baseline, through the registry (Journey-TRAK follows the seed's own trajectory)
+        scores = methods.scores(attributor, method.name, image[None], None if args.image else [args.seed], K=args.K)
+        result, lam = Attribution(method.name, scores[0], attributor.train.labels.numpy()), None
     seconds = time.perf_counter() - t0
-    lam = attributor.scorer(args.method, args.K).lam
     table = {**query, **result.table(args.top), "lambda": lam, "seconds": round(seconds, 3)}
     if args.json:
         print(json.dumps(table, indent=2))
         return
-    print(f"{result.method} attribution for {query}, lambda {lam:.4g} ({seconds:.2f} s)")
+    print(f"{method.label} attribution for {query}{'' if lam is None else f', lambda {lam:.4g}'} ({seconds:.2f} s)")
     for kind in ("proponents", "opponents"):
         print(f"\n{kind}:\n  rank  train-index  label      score")
         for r, row in enumerate(table[kind], 1):
@@ -195,7 +201,7 @@ def cmd_counterfactual(args):
 
 
 def cmd_build_baselines(args):
-    from dtrak_core.attribution.baselines import build_default_baselines
+    from dtrak_core.attribution.tracin import build_default_baselines
 
     _require_digits_model(args.root, "build-baselines (replays the training run)")
     entry = build_default_baselines(args.root)
@@ -204,12 +210,13 @@ def cmd_build_baselines(args):
 
 def cmd_methods(args):
     from dtrak_core.attribution.attributor import Attributor
-    from dtrak_core.attribution.baselines import BASELINES, available_methods, unavailable_methods
+    from dtrak_core.attribution import methods
 
     attributor = Attributor.load(args.root)
-    missing = unavailable_methods(attributor, args.root)
-    report = {"available": available_methods(attributor, args.root), "unavailable": missing,
-              "baselines": {name: b.description for name, b in BASELINES.items()}}
+    missing = methods.unavailable(attributor, args.root)
+    report = {"available": methods.available(attributor, args.root), "unavailable": missing,
+              "baselines": {m.name: m.description for m in methods.all("baseline")},
+              "labels": {m.name: m.label for m in methods.all()}}
     print(json.dumps(report, indent=2))
 
 def cmd_lds(args):
@@ -282,7 +289,7 @@ def _lds_tables(args):
             bm.journey_features(bench, bench.setting("loss", bench.journey_K), compute=True)
             print("journey-trak features of the generated test set ready")
         if args.tracin:
-            from dtrak_core.attribution.baselines import load_tracin
+            from dtrak_core.attribution.tracin import load_tracin
 
             bm.tracin_queries(bench, load_tracin(args.root, bench.attributor), compute=True)
             print("TracInCP test-set features ready")
@@ -343,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, help="attribute the image generated from this seed (DDIM 50)")
     q.add_argument("--image", help="attribute this image file")
     p.add_argument("--invert", action="store_true", help="the image has dark ink on a light background")
-    p.add_argument("--method", default="d-trak", help="d-trak, trak, or an output function name (default d-trak)")
+    p.add_argument("--method", default="d-trak", help="d-trak, trak, an output function or a baseline (see `methods`; default d-trak)")
     p.add_argument("--K", type=int, default=None, help="timesteps of the store to use (default: the largest)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge lambda (default: the documented rule)")
     p.add_argument("--top", type=int, default=10)

@@ -9,6 +9,10 @@ class Cancelled(Exception):
     """Raised when a `should_stop` callback asks a long run (training, featurizing) to stop."""
 
 
+class UnknownMethod(ValueError):
+    """A method or output-function name the registry (`attribution.methods`) does not know."""
+
+
 class MethodUnavailable(ValueError):
     """The method's inputs (weights, stores, seeds) are not present; the message says which."""
 

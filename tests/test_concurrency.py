@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.baselines import method_scores
+from dtrak_core.attribution import methods
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.gradients import GradientFeaturizer
 from dtrak_core.model.unet import checkpoint_hash
@@ -58,7 +58,7 @@ def test_mixed_concurrent_requests_equal_the_same_requests_alone(attributor):
 def _request(att, root, method, seed):
     """One visitor's query: the DDIM-50 sample of `seed` (journey-trak checks it is) attributed by `method`."""
     image = generate(att.unet, att.scheduler, [seed], steps=50)
-    return method_scores(att, method, image, [seed] if method == "journey-trak" else None, root=root)
+    return methods.scores(att, method, image, [seed] if method == "journey-trak" else None, root=root)
 
 
 def test_gradients_during_other_forward_passes(tiny_unet, scheduler, digits):

@@ -14,7 +14,7 @@ import torch
 from dtrak_core import cli
 from dtrak_core.evaluation import counterfactual as cf
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.baselines import TRACIN_INDEX, build_tracin, load_tracin
+from dtrak_core.attribution.tracin import TRACIN_INDEX, build_tracin, load_tracin
 from dtrak_core.build import build_store, train_or_load
 from dtrak_core.model.data import load_digits
 from dtrak_core.attribution.features import FeatureSetting

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-METHOD_ALIASES = {"trak": "loss", "d-trak": "square", "dtrak": "square"}
+from dtrak_core.attribution import methods
+from dtrak_core.errors import UnknownMethod
 
 
 def _flat(x):
@@ -41,18 +42,13 @@ OUTPUT_FUNCTIONS = {
 
 
 def canonical_name(name: str) -> str:
-    """'d-trak' -> 'square', 'trak' -> 'loss', 'eta=0.50' -> 'eta=0.5'; raises on unknown names."""
-    name = METHOD_ALIASES.get(name.strip().lower(), name.strip().lower())
-    if name in OUTPUT_FUNCTIONS:
-        return name
-    if name.startswith("eta="):
-        try:
-            eta = float(name[4:])
-        except ValueError:
-            raise ValueError(f"bad eta in {name!r}; write e.g. eta=0.5") from None
-        return f"eta={eta:g}"
-    raise ValueError(f"unknown output function {name!r}; choose one of "
-                     f"{sorted(OUTPUT_FUNCTIONS) + ['eta=<e>'] + sorted(METHOD_ALIASES)}")
+    """'d-trak' -> 'square', 'trak' -> 'loss', 'eta=0.50' -> 'eta=0.5' (names and aliases of the
+    method registry's TRAK family); `UnknownMethod` for any name that is not an output function."""
+    method = methods.find(name)
+    if method is None or method.family != "trak":
+        other = "" if method is None else f" ({method.name!r} is a {method.family} method, scored by `methods.scores`)"
+        raise UnknownMethod(f"unknown output function {name!r}{other}; choose one of {methods.spellings('trak')}")
+    return method.name
 
 
 def get_output_function(name: str):

@@ -45,6 +45,7 @@ import torch
 
 from dtrak_core.attribution.attributor import RULE
 from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.evaluation.quality import classify
 from dtrak_core.evaluation.retrain import RetrainJob, load_result, retrain, run_jobs, save_result
@@ -60,7 +61,6 @@ RANDOM = "random"
 SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0}  # as published
 CONTROL_ID = "control-k0"  # one retrain on everything: how far this machine's retrain is from the model
 CONTROL_AFTER_TARGETS = 3  # the control job runs after the first 3 targets' jobs at the first k
-DISPLAY = {"square": "D-TRAK", "loss": "TRAK", RANDOM: "Random"}
 PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
                     "clip_cosine": {"Random": 0.968, "TRAK": 0.943, "D-TRAK": 0.881}}
 
@@ -82,14 +82,13 @@ def ranking_name(ranking: str) -> str:
 
 
 def display_name(ranking: str) -> str:
-    name = ranking_name(ranking)
-    return DISPLAY.get(name, name)
+    """The paper's name of a ranking ('D-TRAK', 'TRAK', 'Random'), as the reports' columns read."""
+    return registry.get(ranking_name(ranking)).paper_name
 
 
 def slug(ranking: str) -> str:
     """File-name form of a ranking: 'd-trak', 'trak', 'random', or the output-function name."""
-    name = ranking_name(ranking)
-    return {"square": "d-trak", "loss": "trak"}.get(name, name.replace("=", ""))
+    return registry.get(ranking_name(ranking)).slug
 
 
 def parse_k(k, n_train: int) -> int:
@@ -567,7 +566,7 @@ def summarize(out_dir: str, train_labels=None) -> dict:
                             "label_after": int(r["label_after"])} for r in group],
         })
     for k, per in sorted(by_target.items(), reverse=True):
-        names = sorted(per, key=lambda n: {"square": 0, "loss": 1, RANDOM: 9}.get(n, 5))
+        names = sorted(per, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 common = sorted(set(per[a]) & set(per[b]))
@@ -589,8 +588,8 @@ def summarize(out_dir: str, train_labels=None) -> dict:
 
 def format_table(summary: dict, n_train: int = 1500) -> str:
     """Markdown: the paper's table (median L2 per ranking, n per cell), then paired comparisons."""
-    methods = sorted({c["method"] for c in summary["cells"]},
-                     key=lambda m: {"Random": 0, "TRAK": 1, "D-TRAK": 2}.get(m, 3))
+    by_column = sorted(summary["cells"], key=lambda c: registry.sort_key(c["ranking"]))  # the paper's column order
+    methods = list(dict.fromkeys(c["method"] for c in by_column))
     ks = sorted({c["k"] for c in summary["cells"]}, reverse=True)
     cell = {(c["k"], c["method"]): c for c in summary["cells"]}
     lines = ["| removed k | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -636,7 +635,7 @@ def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: 
         raise ValueError(f"no finished counterfactual jobs in {out_dir!r}")
     k = max(r["k"] for r in rows) if k is None else k
     rows = [r for r in rows if r["k"] == k]
-    rankings = sorted({r["ranking"] for r in rows}, key=lambda n: {"square": 0, "loss": 1, RANDOM: 9}.get(n, 5))
+    rankings = sorted({r["ranking"] for r in rows}, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
     by = {(r["seed"], r["ranking"]): r for r in rows}
     seeds = sorted(s for s in {r["seed"] for r in rows} if all((s, n) in by for n in rankings))[:n_targets]
     if not seeds:

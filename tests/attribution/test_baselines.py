@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.attribution import baselines
+from dtrak_core.attribution import methods
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.baselines import (
-    BASELINES,
-    available_methods,
-    build_tracin,
-    method_scores,
-    tracin_steps,
-    unavailable_methods,
-)
+from dtrak_core.attribution.tracin import build_tracin, tracin_steps
 from dtrak_core.errors import MethodUnavailable
 from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable, find_clip
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
@@ -56,7 +49,7 @@ def case(one_thread, tmp_path_factory, digits, scheduler):
 
 def scores_of(case, name, images=None, **kw):
     kw.setdefault("clip_path", case["empty"])
-    return method_scores(case["att"], name, case["queries"] if images is None else images, root=case["root"], **kw)
+    return methods.scores(case["att"], name, case["queries"] if images is None else images, root=case["root"], **kw)
 
 
 # -- references --------------------------------------------------------------------------------
@@ -182,20 +175,20 @@ def test_tracin_replay_mismatch_and_unavailable(case, scheduler, tmp_path):
         build_tracin(str(tmp_path / "a"), case["train"], scheduler, CONFIG, expected_final="0" * 16, steps=(3, 6),
                      setting=TRACIN, show_bar=False)
     assert not (tmp_path / "a" / "tracin" / "checkpoints").exists()
-    missing = unavailable_methods(case["att"], root=str(tmp_path), clip_path=case["empty"])
+    missing = methods.unavailable(case["att"], root=str(tmp_path), clip_path=case["empty"])
     assert set(missing) == {"tracin", "gas", "clip-dot", "clip-cosine"}
     assert "build-baselines" in missing["tracin"]
     with pytest.raises(MethodUnavailable, match="build-baselines"):
-        method_scores(case["att"], "gas", case["queries"], root=str(tmp_path))
+        methods.scores(case["att"], "gas", case["queries"], root=str(tmp_path))
     other = Attributor(train(case["train"].images, scheduler, TrainConfig(steps=2, batch_size=8, block_out_channels=(4, 8)),
                              show_bar=False), scheduler, case["train"], [])
-    reasons = unavailable_methods(other, root=case["root"], clip_path=case["empty"])
+    reasons = methods.unavailable(other, root=case["root"], clip_path=case["empty"])
     assert "not to this model" in reasons["tracin"] and "no feature store" in reasons["relative-ip"]
 
 
 def test_registry_and_interface(case):
-    names = available_methods(case["att"], root=case["root"], clip_path=case["empty"])
-    assert names == ["loss"] + [n for n in BASELINES if not n.startswith("clip")]
+    names = methods.available(case["att"], root=case["root"], clip_path=case["empty"])
+    assert names == ["loss"] + [m.name for m in methods.all("baseline") if not m.name.startswith("clip")]
     for name in names:
         if name != "journey-trak":
             assert scores_of(case, name).shape == (3, 10)
@@ -218,7 +211,7 @@ def test_clip_unavailable_is_reported(case, tmp_path, monkeypatch):
     for name in ("clip-dot", "clip-cosine"):
         with pytest.raises(MethodUnavailable, match="CLIP similarity is unavailable"):
             scores_of(case, name)
-        assert name not in available_methods(case["att"], root=case["root"], clip_path=case["empty"])
+        assert name not in methods.available(case["att"], root=case["root"], clip_path=case["empty"])
 
 
 def bicubic_matrix(n_in, n_out, A=-0.75):
@@ -274,4 +267,4 @@ def test_clip_plumbing_on_a_tiny_random_clip(case, tiny_clip):
         train_emb = model.visual_projection(model.vision_model(pixel_values=enc.preprocess(case["train"].images)).pooler_output)
     for kind in ("dot", "cosine"):
         close(scores_of(case, f"clip-{kind}", clip_path=path), brute_similarity(emb.numpy(), train_emb.numpy(), kind), rtol=1e-4)
-    assert {"clip-dot", "clip-cosine"} <= set(available_methods(case["att"], root=case["root"], clip_path=path))
+    assert {"clip-dot", "clip-cosine"} <= set(methods.available(case["att"], root=case["root"], clip_path=path))

@@ -1,0 +1,104 @@
+"""What the methods need beyond a query, computed once per attributor and model folder.
+
+`inputs_for(attributor, root, clip_path)` returns the one `MethodInputs` for that triple: the
+training-set features of a store as float64, CLIP and its training-set embeddings, the TracInCP
+checkpoints, the Journey-TRAK featurizer. Each is built on first use, once, whichever thread asks
+first (`shared.OnceCache`), and then only read; a failed build (an absent input) is retried on the
+next request. An attributor's inputs go when the attributor does.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.attribution.journey import JourneyFeaturizer
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.attribution.tracin import TracInCheckpoint, load_tracin
+from dtrak_core.errors import MethodUnavailable
+from dtrak_core.shared import OnceCache
+
+
+class MethodInputs:
+    """Lazily computed inputs of the methods for one attributor, model folder and CLIP location.
+
+    root: the model folder holding the TracInCP checkpoints (None: none).
+    clip_path: local CLIP weights (None: `clip_encoder.find_clip` looks for them).
+    """
+
+    def __init__(self, attributor: Attributor, root: str | None, clip_path: str | None):
+        self.attributor, self.root, self.clip_path = attributor, root, clip_path
+        self._cache = OnceCache()
+
+    def cached(self, key, make):
+        """`make()` once per key (see `shared.OnceCache`)."""
+        return self._cache.get(key, make)
+
+    def store(self, output_fn: str, K: int | None = None) -> tuple[FeatureSetting, FeatureStore]:
+        """The attributor's store of `output_fn` (with K timesteps; None: the largest K);
+        `MethodUnavailable` when there is none."""
+        try:
+            return self.attributor.setting(output_fn, K)
+        except ValueError as e:
+            raise MethodUnavailable(str(e)) from e
+
+    def train_features(self, output_fn: str, K: int | None = None) -> torch.Tensor:
+        """(N, k) float64 training features of that store."""
+        setting, store = self.store(output_fn, K)
+        return self.cached(("train", setting), lambda: torch.from_numpy(np.array(store.features())).double())
+
+    def query_features(self, images: torch.Tensor, output_fn: str, K: int | None = None) -> torch.Tensor:
+        """(Q, k) float64 features of query images (Q, C, H, W), with that store's featurizer."""
+        setting, _ = self.store(output_fn, K)
+        return self.attributor.featurizer(setting)(images).double()
+
+    def clip(self) -> ClipImageEncoder:
+        """The CLIP image encoder; `MethodUnavailable` (cached, so not searched again) when absent."""
+        def load():
+            try:
+                return ClipImageEncoder.load(self.clip_path)
+            except ClipUnavailable as e:
+                return e
+        enc = self.cached("clip", load)
+        if isinstance(enc, ClipUnavailable):
+            raise MethodUnavailable(str(enc)) from enc
+        return enc
+
+    def clip_train(self) -> torch.Tensor:
+        """(N, D) CLIP embeddings of the training images."""
+        enc = self.clip()
+        return self.cached("clip-train", lambda: enc(self.attributor.train.images))
+
+    def tracin(self) -> list[TracInCheckpoint]:
+        """The TracInCP checkpoints under the model folder, checked to belong to this model."""
+        if self.root is None:
+            raise MethodUnavailable("TracInCP needs the training run's checkpoints, which live in a model folder; "
+                                    "this attributor was not loaded from one (pass root=)")
+        return self.cached("tracin", lambda: load_tracin(self.root, self.attributor))
+
+    def journey(self, setting: FeatureSetting) -> JourneyFeaturizer:
+        """Journey-TRAK's featurizer, projecting with the projector of the store of `setting`."""
+        att = self.attributor
+        return self.cached(("journey", setting),
+                           lambda: JourneyFeaturizer(att.unet, att.scheduler, att.featurizer(setting).projector))
+
+
+_INPUTS: "weakref.WeakKeyDictionary[Attributor, dict]" = weakref.WeakKeyDictionary()
+_INPUTS_LOCK = threading.Lock()
+
+
+def inputs_for(attributor: Attributor, root: str | None = None, clip_path: str | None = None) -> MethodInputs:
+    """The one `MethodInputs` of (attributor, model folder, CLIP location), shared by every thread."""
+    root = attributor.root if root is None else root
+    key = (None if root is None else os.path.abspath(root), clip_path)
+    with _INPUTS_LOCK:
+        per = _INPUTS.setdefault(attributor, {})
+        if key not in per:
+            per[key] = MethodInputs(attributor, root, clip_path)
+        return per[key]

@@ -1,0 +1,262 @@
+"""The attribution methods by name: the one registry the CLI, the app, the harnesses and the reports read.
+
+    from dtrak_core.attribution import methods
+
+    methods.get("D-TRAK")                     # Method(name='square', label='D-TRAK (square)', ...)
+    methods.label("trak")                     # 'TRAK (loss)'
+    methods.all("baseline")                   # the registered baselines, in registry order
+    sorted(names, key=methods.sort_key)       # the paper's column order: Random, baselines, ..., TRAK, D-TRAK
+    methods.scores(attributor, "pixel-cosine", images)   # (Q, N) scores of any method
+    methods.available(attributor), methods.unavailable(attributor)   # what can run here, and why not
+
+Each `Method` belongs to one family:
+
+- 'trak': an output function (see `output_functions`) whose projected gradients TRAK scores over
+  the attributor's feature store of that output function. 'square' is D-TRAK and 'loss' TRAK;
+  'eta=<e>' names the interpolation for any e (built on request, not listed by `all`).
+- 'baseline': the methods the paper compares against (formulas in `baselines`).
+- 'control': the counterfactual's 'random' ranking, a seeded permutation of the training set; it
+  has no scores.
+
+Names are case-insensitive and accept the aliases ('d-trak', 'trak'). The canonical name is what
+stores, job files and JSON results record; the label is what people read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dtrak_core.attribution import baselines
+from dtrak_core.errors import MethodUnavailable, UnknownMethod  # noqa: F401 (what the registry raises)
+
+FAMILIES = ("trak", "baseline", "control")
+NEEDS = ("seeds", "clip", "tracin")  # inputs a method may need besides a feature store
+VARIANT_ORDER = 50  # `order` of TRAK-family variants and of names the registry does not know
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attribution method: its names, what it needs, and how it scores.
+
+    `score(method, inputs, images, seeds, K) -> (Q, N)` is called by `scores` with the method
+    itself, the attributor's `inputs.MethodInputs`, query images (Q, C, H, W) float32 in [-1, 1],
+    their generation seeds (or None) and the store's K (None: the largest).
+    """
+
+    name: str  # canonical name, as stores, job files and results record it: 'square', 'pixel-dot', 'random'
+    label: str  # the one display name (app, CLI, reports, harnesses): 'D-TRAK (square)'
+    description: str  # what it scores by, in one line
+    family: str  # 'trak', 'baseline' or 'control' (see the module docstring)
+    order: int  # place in the paper's columns, lowest first (see `sort_key`)
+    aliases: tuple[str, ...] = ()  # other accepted spellings, lower case: 'd-trak', 'dtrak'
+    paper_name: str = ""  # the paper's column header ('D-TRAK'), as the committed reports read; default: label
+    slug: str = ""  # file-name form ('d-trak' names the counterfactual job files); default: name without '='
+    store: str | None = None  # output function of the feature store it scores with ('loss' for gradient baselines)
+    needs: frozenset = frozenset()  # further inputs, from NEEDS: 'seeds' (generated samples only), 'clip', 'tracin'
+    kind: str = ""  # the scorer's variant: 'dot' or 'cosine' similarity, 'relative' or 'renorm' IP
+    score: Callable | None = field(default=None, repr=False)  # (method, inputs, images, seeds, K) -> (Q, N)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"method {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        if not set(self.needs) <= set(NEEDS):
+            raise ValueError(f"method {self.name!r}: needs must be drawn from {NEEDS}, got {sorted(self.needs)}")
+        object.__setattr__(self, "paper_name", self.paper_name or self.label)
+        object.__setattr__(self, "slug", self.slug or self.name.replace("=", ""))
+
+    def scores(self, attributor, images: torch.Tensor, seeds=None, *, K: int | None = None, root: str | None = None,
+               clip_path: str | None = None) -> np.ndarray:
+        """Scores (Q, N) float64 of query images (Q, C, H, W) in [-1, 1] against the N training images.
+
+        seeds: the images' generation seeds (Journey-TRAK needs them). K: the feature store's K for
+        store-based methods (default: the largest). root: the model folder holding the TracInCP
+        checkpoints (default: the attributor's). clip_path: local CLIP weights (default: found
+        by `clip_encoder.find_clip`). Raises `MethodUnavailable` (a ValueError) when an input
+        is absent, saying which and how to build it.
+        """
+        from dtrak_core.attribution.inputs import inputs_for  # (inputs imports the model stack, which imports this)
+
+        if self.score is None:
+            raise ValueError(f"{self.label!r} is a {self.family} ranking with no scores (see the counterfactual)")
+        cfg = attributor.unet.config
+        expected = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+            raise ValueError(f"images must be a tensor (Q, {', '.join(map(str, expected))}), got {shape}")
+        return self.score(self, inputs_for(attributor, root, clip_path), images.float(), seeds, K)
+
+
+def _trak(method: Method, inputs, images, seeds, K) -> np.ndarray:
+    return inputs.attributor.scores(images, method.name, K)
+
+
+def _output_function(name, label, description, aliases=(), paper_name="", slug="", order=VARIANT_ORDER) -> Method:
+    return Method(name, label, description, "trak", order, aliases, paper_name, slug, store=name, score=_trak)
+
+
+def _baseline(name, description, order, score, kind="", store=None, needs=()) -> Method:
+    return Method(name, name, description, "baseline", order, store=store, needs=frozenset(needs), kind=kind,
+                  score=score)
+
+
+# Registry order is listing order (the app's menu, `available`); `order` is the paper's column order.
+_REGISTRY = (
+    _output_function("loss", "TRAK (loss)", "gradient of the training loss ||eps - eps_theta||^2", ("trak",),
+                     "TRAK", "trak", order=90),
+    _output_function("square", "D-TRAK (square)", "gradient of mean(eps_theta^2), the square of the predicted noise",
+                     ("d-trak", "dtrak"), "D-TRAK", "d-trak", order=100),
+    _output_function("avg", "avg", "gradient of mean(eps_theta), the mean of the predicted noise (a D-TRAK variant)"),
+    _output_function("l1-norm", "l1-norm", "gradient of ||eps_theta||_1 (a D-TRAK variant)"),
+    _output_function("l2-norm", "l2-norm", "gradient of ||eps_theta||_2, not squared (a D-TRAK variant)"),
+    _output_function("linf-norm", "linf-norm", "gradient of ||eps_theta||_inf (a D-TRAK variant)"),
+    _output_function("elbo", "elbo", "gradient of the ELBO-weighted loss w_t ||eps - eps_theta||^2 (an ablation)"),
+    _baseline("pixel-dot", "dot product of flattened pixels", 10, baselines.pixels, "dot"),
+    _baseline("pixel-cosine", "cosine of flattened pixels", 11, baselines.pixels, "cosine"),
+    _baseline("clip-dot", "dot product of CLIP ViT-B/32 image embeddings", 12, baselines.clip, "dot", needs=("clip",)),
+    _baseline("clip-cosine", "cosine of CLIP ViT-B/32 image embeddings", 13, baselines.clip, "cosine", needs=("clip",)),
+    _baseline("gradient-dot", "dot product of loss gradients at the final checkpoint", 16, baselines.gradients,
+              "dot", store="loss"),
+    _baseline("gradient-cosine", "cosine of loss gradients at the final checkpoint (Charpiat et al.)", 17,
+              baselines.gradients, "cosine", store="loss"),
+    _baseline("tracin", "TracInCP: loss-gradient dot products summed over training checkpoints", 14,
+              baselines.tracin, "dot", needs=("tracin",)),
+    _baseline("gas", "GAS: loss-gradient cosines summed over training checkpoints", 15, baselines.tracin, "cosine",
+              needs=("tracin",)),
+    _baseline("relative-ip", "TRAK score / ||(Phi^T Phi + lam I)^-1 phi_n|| (Barshan et al.)", 19,
+              baselines.inner_product, "relative", store="loss"),
+    _baseline("renorm-ip", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm", store="loss"),
+    _baseline("journey-trak", "TRAK on loss gradients averaged along the DDIM trajectory (generated samples)", 18,
+              baselines.journey, store="loss", needs=("seeds",)),
+    Method("random", "Random", "a random ranking of the training set, seeded by the target (the counterfactual's "
+           "control)", "control", 0),
+)
+_BY_NAME = {m.name: m for m in _REGISTRY}
+_BY_SPELLING = {**_BY_NAME, **{alias: m for m in _REGISTRY for alias in m.aliases}}
+
+
+def _eta(name: str) -> Method:
+    try:
+        eta = float(name[4:])
+    except ValueError:
+        raise UnknownMethod(f"bad eta in {name!r}; write e.g. eta=0.5") from None
+    canonical = f"eta={eta:g}"
+    return _output_function(canonical, canonical, f"gradient of {eta:g} L_square + {1 - eta:g} (L_simple - L_square): "
+                            "eta=1 is D-TRAK, eta=0.5 half of TRAK's gradient")
+
+
+def find(name) -> Method | None:
+    """The method a name (any case, an alias, 'eta=<e>') stands for, or None when it names none;
+    `UnknownMethod` for a malformed 'eta=' name."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower()
+    if key in _BY_SPELLING:
+        return _BY_SPELLING[key]
+    return _eta(key) if key.startswith("eta=") else None
+
+
+def get(name) -> Method:
+    """The method a name stands for: `find`, with `UnknownMethod` (a ValueError) for an unknown name."""
+    method = find(name)
+    if method is None:
+        raise UnknownMethod(f"unknown method {name!r}; choose one of {', '.join(spellings())}")
+    return method
+
+
+def spellings(family: str | None = None) -> list[str]:
+    """Every accepted name of the registered methods of `family`: canonical names, 'eta=<e>', aliases."""
+    listed = all(family)
+    eta = ["eta=<e>"] if family in (None, "trak") else []
+    return [m.name for m in listed] + eta + [alias for m in listed for alias in m.aliases]
+
+
+def all(family: str | None = None) -> tuple[Method, ...]:  # noqa: A001 (the registry's own namespace)
+    """The registered methods of `family` ('trak', 'baseline', 'control'; None: every one), in
+    registry order ('eta=<e>' methods are made on request and not listed)."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return tuple(m for m in _REGISTRY if family is None or m.family == family)
+
+
+def label(name) -> str:
+    """The display label of a method ('d-trak' -> 'D-TRAK (square)'); any other name as it is."""
+    try:
+        method = find(name)
+    except UnknownMethod:
+        method = None
+    return method.label if method is not None else str(name)
+
+
+def description(name) -> str:
+    """What a method scores by, in one line; any other name as it is."""
+    try:
+        method = find(name)
+    except UnknownMethod:
+        method = None
+    return method.description if method is not None else str(name)
+
+
+def sort_key(name) -> tuple[int, str]:
+    """Sort key for method names in the paper's column order: Random, the baselines, the TRAK-family
+    variants (and unregistered names), TRAK, D-TRAK; ties by canonical name. Reverse it for D-TRAK first."""
+    try:
+        method = find(name)
+    except UnknownMethod:
+        method = None
+    return (method.order, method.name) if method is not None else (VARIANT_ORDER, str(name))
+
+
+# -- running methods -------------------------------------------------------------------------------
+def scores(attributor, name: str, images: torch.Tensor, seeds=None, *, K: int | None = None, root: str | None = None,
+           clip_path: str | None = None) -> np.ndarray:
+    """Scores (Q, N) of any method by name for query images (Q, C, H, W) in [-1, 1]; see `Method.scores`.
+
+    Raises `UnknownMethod` for a name the registry does not know and `MethodUnavailable` when
+    the method's weights, stores or seeds are not present (both ValueErrors).
+    """
+    return get(name).scores(attributor, images, seeds, K=K, root=root, clip_path=clip_path)
+
+
+def problems(attributor, root: str | None = None, clip_path: str | None = None) -> dict[str, ValueError]:
+    """{baseline name: why it cannot run here}: a `MethodUnavailable` when its inputs are absent,
+    another ValueError (naming the file) when they are present but damaged. Each input is checked
+    once; a need for seeds is a property of the query and is not checked here."""
+    from dtrak_core.attribution.inputs import inputs_for
+
+    inputs = inputs_for(attributor, root, clip_path)
+
+    def needed(method):  # (input, its check) for each input the method needs, its store first
+        if method.store:
+            yield ("store", method.store), lambda: inputs.train_features(method.store)
+        for need in ("clip", "tracin"):
+            if need in method.needs:
+                yield need, getattr(inputs, need)
+
+    outcome, found = {}, {}  # input -> the ValueError that stops it, or None when it is present
+    for method in all("baseline"):
+        for key, check in needed(method):
+            if key not in outcome:
+                try:
+                    check()
+                    outcome[key] = None
+                except ValueError as e:
+                    outcome[key] = e
+            if outcome[key] is not None:
+                found[method.name] = outcome[key]
+                break
+    return found
+
+
+def unavailable(attributor, root: str | None = None, clip_path: str | None = None) -> dict[str, str]:
+    """{baseline name: why it cannot run here} for this attributor, as text."""
+    return {name: str(e) for name, e in problems(attributor, root, clip_path).items()}
+
+
+def available(attributor, root: str | None = None, clip_path: str | None = None) -> list[str]:
+    """The methods that can run now: the attributor's TRAK family (one per output function with a
+    store, sorted by name), then the baselines whose inputs are present, in registry order."""
+    missing = problems(attributor, root, clip_path)
+    return list(attributor.methods) + [m.name for m in all("baseline") if m.name not in missing]

@@ -1,0 +1,200 @@
+"""TracInCP's inputs: checkpoints along the model's own training run, and their feature stores.
+
+TracInCP (Pruthi et al. 2020) and GAS (Hammoudeh & Lowd 2022) sum over checkpoints of the
+training run; the final model alone does not have them. `build_tracin` replays the run (training
+is deterministic for a seed), saves `TRACIN_CHECKPOINTS` evenly spaced checkpoints and featurizes
+each with `TRACIN_SETTING`:
+
+    <root>/tracin/index.json                       what was built (TRACIN_INDEX)
+    <root>/tracin/checkpoints/step-<s>/            the checkpoint after optimiser step s
+    <root>/tracin/stores/step-<s>-<setting>/       its training-set feature store
+
+`load_tracin` reads them back for an attributor, checking that they belong to its model and data.
+Built with `python -m dtrak_core build-baselines`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dtrak_core.attribution.attributor import MANIFEST, Attributor
+from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.errors import IntegrityError, MethodUnavailable
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.model.training import TrainConfig, train
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
+
+# TracInCP store setting: loss gradients as in TRAK, but K=10 timesteps and k=512 so that four
+# checkpoints cost 4 x 3 MB on disk and ~4 x 1 min to featurize (K=100, k=2048 would be 4 x 12 MB
+# and ~4 x 6 min). The final-checkpoint gradient baselines use the full TRAK store instead.
+TRACIN_SETTING = FeatureSetting("loss", K=10, k=512)
+TRACIN_CHECKPOINTS = 4  # as published: 4 checkpoints of the run, evenly spaced, the last one final
+TRACIN_INDEX = os.path.join("tracin", "index.json")
+
+
+def tracin_steps(total_steps: int, count: int = TRACIN_CHECKPOINTS) -> list[int]:
+    """`count` evenly spaced optimiser steps ending at the final one: 1500 -> [375, 750, 1125, 1500]."""
+    if not 1 <= count <= total_steps:
+        raise ValueError(f"need 1 <= count <= {total_steps}, got {count}")
+    return [round(total_steps * (i + 1) / count) for i in range(count)]
+
+
+def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expected_final: str | None = None,
+                 steps=None, setting: FeatureSetting = TRACIN_SETTING, show_bar: bool = True, register: bool = True) -> dict:
+    """Replay the training run, save checkpoints at `steps` and featurize each.
+
+    Writes <root>/tracin/index.json (what was built) and, with `register`, points manifest['tracin'] at it.
+
+    Training is deterministic for a seed, so rerunning `train` with the model's own config retraces
+    its trajectory; `expected_final` (the checkpoint_hash of the model these belong to) is checked
+    against the replayed final weights, and a mismatch (e.g. another torch build) stops the build.
+    Resumable: checkpoints already saved with the recorded hashes are reused, stores resume.
+    """
+    steps = sorted(set(tracin_steps(config.steps) if steps is None else [int(s) for s in steps]))
+    base = os.path.join(root, "tracin")
+    rel_ckpt = {s: os.path.join("tracin", "checkpoints", f"step-{s:05d}") for s in steps}
+    old = _read_json(os.path.join(root, TRACIN_INDEX))
+    have = {c["step"]: c["checkpoint_hash"] for c in old.get("checkpoints", [])}
+    reusable = (old.get("train_config") == _jsonable(config.to_dict()) and set(have) >= set(steps)
+                and old.get("dataset") == train_set.fingerprint
+                and (expected_final is None or old.get("model_checkpoint_hash") == expected_final)
+                and all(os.path.isfile(os.path.join(root, rel_ckpt[s], "unet", "config.json")) for s in steps))
+    t0 = time.perf_counter()
+    train_seconds = old.get("train_seconds")
+    model_hash = expected_final or old.get("model_checkpoint_hash")
+    if not reusable:
+        final = train(train_set.images, scheduler, config, show_bar=show_bar, checkpoint_steps=steps,
+                      on_checkpoint=lambda s, unet: save_checkpoint(os.path.join(root, rel_ckpt[s]), unet, scheduler))
+        train_seconds = time.perf_counter() - t0
+        model_hash = expected_final or checkpoint_hash(final)
+        if expected_final is not None and checkpoint_hash(final) != expected_final:
+            shutil.rmtree(os.path.join(base, "checkpoints"), ignore_errors=True)  # not the model's: never leave them to reuse
+            raise ValueError(f"replaying the training run gave final weights {checkpoint_hash(final)}, not the model's "
+                             f"{expected_final}: training is not reproducible here (torch build or thread count differs), "
+                             "so these checkpoints are not the model's own trajectory")
+    entries, featurize_seconds = [], {}
+    for s in steps:
+        unet, sched = load_checkpoint(os.path.join(root, rel_ckpt[s]))
+        h = checkpoint_hash(unet)
+        if reusable and have[s] != h:
+            raise ValueError(f"checkpoint {rel_ckpt[s]} has hash {h}, the manifest recorded {have[s]}; delete {base} and rebuild")
+        rel_store = os.path.join("tracin", "stores", f"step-{s:05d}-{setting.slug}")
+        store = FeatureStore.create(os.path.join(root, rel_store), FeatureStore.identity(setting, h, train_set.fingerprint),
+                                    len(train_set), setting.k)
+        t1 = time.perf_counter()
+        store.fill(Featurizer(unet, sched, setting), train_set.images, show_bar=show_bar)
+        featurize_seconds[rel_store] = time.perf_counter() - t1
+        entries.append({"step": s, "checkpoint": rel_ckpt[s], "checkpoint_hash": h, "store": rel_store})
+    entry = {"train_config": _jsonable(config.to_dict()), "dataset": train_set.fingerprint, "setting": setting.to_dict(),
+             "model_checkpoint_hash": model_hash, "checkpoints": entries,
+             "train_seconds": train_seconds,
+             # a rerun keeps the first full timings (a no-op or resumed fill is not a measurement)
+             "featurize_seconds": {**featurize_seconds, **old.get("featurize_seconds", {})} if reusable else featurize_seconds}
+    atomic_write_json(os.path.join(root, TRACIN_INDEX), entry)
+    if register:
+        register_tracin(root)
+    return entry
+
+
+def register_tracin(root: str) -> None:
+    """Point manifest['tracin'] at tracin/index.json (read-modify-write of the manifest, written atomically)."""
+    if not os.path.isfile(os.path.join(root, TRACIN_INDEX)):
+        raise ValueError(f"no {TRACIN_INDEX} under {root!r}; build it with `python -m dtrak_core build-baselines`")
+    manifest = _read_json(os.path.join(root, MANIFEST))
+    if manifest.get("tracin") != TRACIN_INDEX:
+        manifest["tracin"] = TRACIN_INDEX
+        atomic_write_json(os.path.join(root, MANIFEST), manifest)
+
+
+def build_default_baselines(root: str = "assets", show_bar: bool = True, register: bool = True) -> dict:
+    """TracInCP checkpoints and stores for the model under `root` (built by build-default).
+
+    The replay must run with the thread count of the original training (CPU kernels split their
+    reductions by thread, so the weights differ in the last bits otherwise): the manifest's
+    `threads` when recorded, else torch's default. On a busy machine set OMP_WAIT_POLICY=PASSIVE
+    (same numbers, far less time lost in OpenMP barriers).
+    """
+    from dtrak_core.model.data import load_digits
+
+    manifest = _read_json(os.path.join(root, MANIFEST))
+    if "train_config" not in manifest or "checkpoint" not in manifest:
+        raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; run `python -m dtrak_core build-default` first")
+    if manifest.get("dataset") != "digits-train":
+        raise ValueError(f"build-baselines knows the digits default only, not dataset {manifest.get('dataset')!r}")
+    cfg = dict(manifest["train_config"])
+    cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
+    unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+    if "threads" in manifest:
+        torch.set_num_threads(int(manifest["threads"]))  # replay under the thread count of the original run
+    return build_tracin(root, load_digits("train"), scheduler, TrainConfig(**cfg), expected_final=checkpoint_hash(unet),
+                        show_bar=show_bar, register=register)
+
+
+def _read_json(path: str) -> dict:
+    """The manifest or the TracInCP index, {} when absent; an IntegrityError naming it when damaged."""
+    from dtrak_core.build import MANIFEST_REMEDY
+
+    if not os.path.isfile(path):
+        return {}
+    if os.path.basename(path) == MANIFEST:
+        return read_json(path, "model manifest", MANIFEST_REMEDY)
+    return read_json(path, "TracInCP index", f"delete {os.path.dirname(path)} and rebuild it with "
+                     f"`python -m dtrak_core build-baselines` (it replays the training run)")
+
+
+def _jsonable(d: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+@dataclass
+class TracInCheckpoint:
+    step: int
+    featurizer: Featurizer  # for queries, on this checkpoint's weights
+    train_features: torch.Tensor  # (N, k) float64
+
+
+def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
+    """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
+    index = _read_json(os.path.join(root, MANIFEST)).get("tracin")
+    if index and not os.path.isfile(os.path.join(root, index)):
+        raise IntegrityError(os.path.join(root, index), f"(TracInCP index) is missing, though "
+                             f"{os.path.join(root, MANIFEST)} registers it",
+                             "rebuild it with `python -m dtrak_core build-baselines`")
+    entry = _read_json(os.path.join(root, index)) if index else {}
+    if not entry:
+        raise MethodUnavailable(f"TracInCP needs the training run's checkpoints: none registered in "
+                                f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core build-baselines` "
+                                f"(it replays the training run, so it needs a model trained by dtrak)")
+    index_path = os.path.join(root, index)
+    fields = {"model_checkpoint_hash": str, "dataset": str, "setting": dict, "checkpoints": list}
+    bad = [key for key, kind in fields.items() if not isinstance(entry.get(key), kind)]
+    bad += [f"checkpoints[{i}]" for i, c in enumerate(entry.get("checkpoints") or [])
+            if not (isinstance(c, dict) and {"step", "checkpoint", "checkpoint_hash", "store"} <= set(c))]
+    if bad:
+        raise IntegrityError(index_path, f"(TracInCP index) lacks or garbles {', '.join(bad)}",
+                             "rebuild it with `python -m dtrak_core build-baselines`")
+    model_hash = checkpoint_hash(attributor.unet)
+    if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
+        raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
+                                f"on data {entry['dataset']}, not to this model ({model_hash}, data {attributor.train.fingerprint})")
+    setting = FeatureSetting(**entry["setting"])
+    out = []
+    for c in entry["checkpoints"]:
+        unet, scheduler = load_checkpoint(os.path.join(root, c["checkpoint"]))
+        h = checkpoint_hash(unet)
+        if h != c["checkpoint_hash"]:
+            raise IntegrityError(os.path.join(root, c["checkpoint"], "unet"), f"(TracInCP checkpoint weights) "
+                                 f"hashes to {h}, but {index_path} records {c['checkpoint_hash']} (the weights were "
+                                 f"replaced or are corrupt)", "rebuild them with `python -m dtrak_core build-baselines`")
+        store = FeatureStore.open(os.path.join(root, c["store"]), FeatureStore.identity(setting, h, attributor.train.fingerprint))
+        out.append(TracInCheckpoint(c["step"], Featurizer(unet, scheduler, setting),
+                                    torch.from_numpy(np.array(store.features())).double()))
+    return out
