@@ -1,0 +1,88 @@
+"""The method registry: names, aliases, labels, the paper's column order, typed errors."""
+import os
+
+import pytest
+import torch
+
+from dtrak_core.attribution import methods
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, canonical_name
+from dtrak_core.errors import MethodUnavailable, UnknownMethod
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
+
+
+def test_names_aliases_and_parametric_eta():
+    assert methods.get("D-TRAK").name == methods.get(" dtrak ").name == methods.get("square").name == "square"
+    assert methods.get("TRAK").name == "loss" and methods.get("Pixel-Cosine").name == "pixel-cosine"
+    eta = methods.get("eta=0.50")
+    assert (eta.name, eta.family, eta.store, eta.slug) == ("eta=0.5", "trak", "eta=0.5", "eta0.5")
+    assert methods.get("eta=0.5") == eta  # made on request, equal each time
+    for bad in ("nearest-neighbour", "", None, 3):
+        with pytest.raises(UnknownMethod, match="unknown method"):
+            methods.get(bad)
+    with pytest.raises(UnknownMethod, match="bad eta"):
+        methods.get("eta=half")
+    assert methods.find("nearest-neighbour") is None
+
+
+def test_every_spelling_names_one_method():
+    spelled = [m.name for m in methods.all()] + [a for m in methods.all() for a in m.aliases]
+    assert len(spelled) == len(set(spelled)) and all(s == s.strip().lower() for s in spelled)
+    assert {m.name for m in methods.all("trak")} == set(OUTPUT_FUNCTIONS)  # each output function is registered
+
+
+def test_labels_keep_the_names_people_and_reports_read():
+    assert methods.label("d-trak") == "D-TRAK (square)" and methods.label("loss") == "TRAK (loss)"
+    assert [methods.get(n).paper_name for n in ("square", "loss", "random")] == ["D-TRAK", "TRAK", "Random"]
+    assert [methods.get(n).slug for n in ("square", "loss", "random")] == ["d-trak", "trak", "random"]
+    for m in methods.all("baseline"):
+        assert m.label == m.name  # menus and tables show baselines by name
+    assert methods.label("not-a-method") == "not-a-method" and methods.description("eta=x") == "eta=x"
+    assert all(m.description for m in methods.all())
+
+
+def test_sort_key_is_the_papers_column_order():
+    poster = ["pixel-dot", "pixel-cosine", "clip-dot", "clip-cosine", "tracin", "gas", "gradient-dot",
+              "gradient-cosine", "journey-trak", "relative-ip", "renorm-ip", "trak", "d-trak"]  # the LDS table's rows
+    assert sorted(poster[::-1], key=methods.sort_key) == poster
+    report = os.path.join(ASSETS, "benchmarks", "tables.md")
+    if os.path.isfile(report):  # the committed report lists them so
+        text = open(report).read().split("## Methods")[1].split("\n## ")[0]
+        rows = [line.split("|")[1].strip().split(" (")[0] for line in text.splitlines()[4:] if line.startswith("| ")]
+        assert rows == poster
+    assert sorted(["square", "random", "avg", "loss"], key=methods.sort_key) == ["random", "avg", "loss", "square"]
+    assert sorted(["random", "trak", "d-trak"], key=methods.sort_key, reverse=True) == ["d-trak", "trak", "random"]
+    assert methods.sort_key("unregistered") == (methods.VARIANT_ORDER, "unregistered")
+
+
+def test_needs_and_families():
+    assert methods.get("journey-trak").needs == {"seeds"} and methods.get("journey-trak").store == "loss"
+    assert methods.get("tracin").needs == {"tracin"} and methods.get("clip-dot").needs == {"clip"}
+    assert methods.get("pixel-dot").store is None and methods.get("square").store == "square"
+    assert [m.name for m in methods.all("control")] == ["random"]
+    with pytest.raises(ValueError, match="family"):
+        methods.all("nope")
+
+
+def test_output_function_names_come_from_the_registry():
+    assert canonical_name("D-TRAK") == "square" and canonical_name("eta=0.50") == "eta=0.5"
+    with pytest.raises(UnknownMethod, match="unknown output function 'pixel-dot'.*baseline"):
+        canonical_name("pixel-dot")
+
+
+def test_scores_errors_are_typed(tiny_unet, scheduler, digits):
+    att = Attributor(tiny_unet, scheduler, digits.subset(range(4)), [])
+    images = digits.images[:2]
+    with pytest.raises(UnknownMethod):
+        methods.scores(att, "nearest-neighbour", images)
+    with pytest.raises(ValueError, match="no scores"):
+        methods.scores(att, "random", images)
+    with pytest.raises(MethodUnavailable, match="no feature store"):
+        methods.scores(att, "gradient-dot", images)
+    with pytest.raises(MethodUnavailable, match="model folder"):  # an in-memory attributor has no checkpoints
+        methods.scores(att, "tracin", images)
+    assert methods.scores(att, "pixel-dot", images).shape == (2, 4)
+    assert torch.equal(torch.as_tensor(methods.scores(att, "pixel-dot", images)),
+                       images.flatten(1).double() @ att.train.images.flatten(1).double().T)
+    assert methods.available(att, clip_path="/nonexistent") == ["pixel-dot", "pixel-cosine"]
