@@ -7,10 +7,10 @@ samples only) and is scored by TRAK against the `loss` store, with that store's 
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler
 from torch.func import functional_call, grad, vmap
 
 from dtrak_core.attribution.gradients import timestep_noise, trainable_params
+from dtrak_core.model.sampling import generate
 from dtrak_core.shared import ModelReplicas
 
 JOURNEY_STEPS = 50  # DDIM steps, as `sampling.generate` uses by default
@@ -36,19 +36,16 @@ class JourneyFeaturizer:
 
     @torch.no_grad()
     def trajectory(self, seeds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(final images (B, C, H, W), x0 predictions (B, S, C, H, W), timesteps (S,)), as `generate` samples."""
-        cfg = self.unet.config
-        x = torch.cat([torch.randn((1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                                   generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        sched = DDIMScheduler.from_config(self.scheduler.config)
-        sched.set_timesteps(self.steps)
-        x0s = []
-        for t in sched.timesteps:
-            eps = self.unet(x, t, return_dict=False)[0]
-            out = sched.step(eps, t, x, eta=0.0)
+        """(final images (B, C, H, W), x0 predictions (B, S, C, H, W), timesteps (S,)): `generate`'s
+        DDIM run for these seeds, read step by step."""
+        x0s, timesteps = [], []
+
+        def record(i, t, out):
             x0s.append(out.pred_original_sample)
-            x = out.prev_sample
-        return x.clamp(-1, 1), torch.stack(x0s, 1), sched.timesteps.clone()
+            timesteps.append(t)
+
+        final = generate(self.unet, self.scheduler, seeds, steps=self.steps, sampler="ddim", eta=0.0, on_step=record)
+        return final, torch.stack(x0s, 1), torch.stack(timesteps)
 
     def gradients(self, x0s: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x0 predictions (B, S, C, H, W) at timesteps (S,) -> mean loss gradients (B, d)."""

@@ -2,8 +2,13 @@
 
 Each image's starting noise (and DDPM's per-step noise) comes from its own generator seeded by
 the image's seed, so a seed gives the same image whatever else is in the batch.
+
+`generate` is the one denoising loop: `on_step` sees every step's output, which is how
+Journey-TRAK reads the predicted clean image along a sample's own trajectory.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -14,8 +19,17 @@ SAMPLERS = ("ddim", "ddpm")
 
 @torch.no_grad()
 def generate(unet, scheduler, seeds, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
-             show_bar: bool = False, progress=None) -> torch.Tensor:
-    """Images (len(seeds), C, H, W) in [-1, 1]."""
+             show_bar: bool = False, progress: Callable[[int, int], None] | None = None,
+             on_step: Callable | None = None) -> torch.Tensor:
+    """Images (len(seeds), C, H, W) in [-1, 1], one per seed.
+
+    steps: denoising steps (1..num_train_timesteps). sampler: 'ddim' or 'ddpm'. eta: DDIM's noise
+    scale (0: deterministic). progress(i, steps) is called after step i (1-based).
+    on_step(i, t, out) is called after step i (0-based) at timestep t (a 0-dim int tensor) with the
+    scheduler's output: `out.prev_sample` (B, C, H, W) is the next sample and
+    `out.pred_original_sample` (B, C, H, W) this step's prediction of the clean image (clipped to
+    [-1, 1] when the scheduler's config says `clip_sample`). It must not modify them.
+    """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given")
@@ -34,11 +48,14 @@ def generate(unet, scheduler, seeds, *, steps: int = 50, sampler: str = "ddim", 
     unet.eval()
     timesteps = sched.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not show_bar, leave=False)):
-        eps = unet(x, t, return_dict=False)[0]
+        eps = unet(x, t, return_dict=False)[0]  # (B, C, H, W) predicted noise
         if sampler == "ddim":
-            x = sched.step(eps, t, x, eta=eta, generator=gens, return_dict=False)[0]
+            out = sched.step(eps, t, x, eta=eta, generator=gens)
         else:
-            x = sched.step(eps, t, x, generator=gens, return_dict=False)[0]
+            out = sched.step(eps, t, x, generator=gens)
+        x = out.prev_sample
+        if on_step is not None:
+            on_step(i, t, out)
         if progress is not None:
             progress(i + 1, len(timesteps))
     return x.clamp(-1, 1)

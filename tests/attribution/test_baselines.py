@@ -17,6 +17,7 @@ from dtrak_core.attribution.tracin import build_tracin, tracin_steps
 from dtrak_core.errors import MethodUnavailable
 from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable, find_clip
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.journey import JourneyFeaturizer
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 from dtrak_core.attribution.projectors import make_projector
 from dtrak_core.model.sampling import generate
@@ -154,6 +155,13 @@ def test_journey_trak(case, scheduler):
         scores_of(case, "journey-trak", images)
     with pytest.raises(ValueError, match="not the DDIM-50 samples"):
         scores_of(case, "journey-trak", images, seeds=[5, 12])
+
+
+def test_journey_reads_the_trajectory_of_generate(case, scheduler):
+    unet = case["unet"]
+    final, x0s, ts = JourneyFeaturizer(unet, scheduler, make_projector("sparse-jl", 10, 4)).trajectory([5, 11])
+    assert torch.equal(final, generate(unet, scheduler, [5, 11]))  # the same loop: the same bits
+    assert x0s.shape == (2, 50, 1, 8, 8) and ts.tolist() == list(range(980, -1, -20))
 
 
 def test_training_checkpoint_hook(digits, scheduler):

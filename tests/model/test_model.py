@@ -63,6 +63,19 @@ def test_same_seed_same_image_whatever_the_batch(tiny_unet, scheduler):
         generate(tiny_unet, scheduler, [1], sampler="euler")
 
 
+def test_step_callback_sees_every_step_and_changes_nothing(tiny_unet, scheduler):
+    seen = []
+
+    def record(i, t, out):
+        seen.append((i, int(t), out.pred_original_sample.clone()))
+
+    x = generate(tiny_unet, scheduler, [5, 6], steps=10, on_step=record)
+    assert torch.equal(x, generate(tiny_unet, scheduler, [5, 6], steps=10))
+    assert [(i, t) for i, t, _ in seen] == list(zip(range(10), range(900, -1, -100)))
+    assert all(x0.shape == (2, 1, 8, 8) and x0.abs().max() <= 1 for _, _, x0 in seen)  # clipped predictions
+    assert torch.equal(seen[-1][2], x)  # DDIM's last step lands on its prediction
+
+
 def test_image_folder_dataset(tmp_path):
     from PIL import Image
 
