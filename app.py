@@ -4,7 +4,8 @@ made them, and check by removing those images and retraining.
     python app.py                          # http://127.0.0.1:7860, assets from ./assets
     DTRAK_ASSETS=path/to/assets python app.py
 
-Layout and thin handlers only: every computation is a `dtrak_core` call. The model, training set
+Layout and thin handlers only: every computation is a `dtrak_core` call (figures and HTML cards
+come from `dtrak_core.viz`, small helpers from `dtrak_core.app_support`). The model, training set
 and feature stores are loaded once per process (`load_assets`) and shared by all sessions;
 per-user selections live in `gr.State`.
 
@@ -13,12 +14,17 @@ gradient engines work on private replicas, see `dtrak_core.shared`) and caches k
 request (`OnceCache`: built once, identical for everyone). The queue is bounded per session and per
 client address, a retrain stops when its visitor leaves, cancels or runs past a time limit, and
 the upload cache is swept.
+
+Start-up: `python app.py` serves as soon as the model folder is loaded and warms what a first
+visitor needs (samples, the default methods' scorers, the counterfactual examples, the retrain-time
+measurement) in the background afterwards.
 """
 from __future__ import annotations
 
 import html
-import io
 import os
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,31 +33,20 @@ from functools import lru_cache
 import dtrak_core  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
 import gradio as gr
 import numpy as np
-import plotly.graph_objects as go
 import torch
 
 from dtrak_core import app_support as sup
+from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution, Attributor
 from dtrak_core.build import read_manifest
-from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
+from dtrak_core.errors import Cancelled
 from dtrak_core.evaluation.quality import classify
+from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.model.sampling import generate
 from dtrak_core.shared import OnceCache
-from dtrak_core.errors import Cancelled
 
 ASSETS = os.environ.get("DTRAK_ASSETS", "assets")
-QUERY_PX, THUMB_PX = 192, 64  # display sizes; images are upscaled by whole factors (crisp pixels)
-DEFAULT_K = 8
-MAX_K = sup.MAX_TOP_K
-NO_RANKING = "none"
-PROPONENT, OPPONENT, NEUTRAL = "#16a34a", "#dc2626", "#94a3b8"
-
-# Limits for a public server (environment variables override them)
-MAX_PENDING_PER_SESSION = int(os.environ.get("DTRAK_MAX_PENDING_PER_SESSION", 4))  # queued + running
-MAX_PENDING_PER_CLIENT = int(os.environ.get("DTRAK_MAX_PENDING_PER_CLIENT", 12))  # per address, all its sessions
-MAX_RETRAIN_SECONDS = float(os.environ.get("DTRAK_MAX_RETRAIN_SECONDS", 900))  # wall time of one retrain request
-CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
 
 
 # ---------------------------------------------------------------- shared state (one per process)
@@ -86,17 +81,44 @@ class Assets:
         return max(1, px // int(self.attributor.unet.config.sample_size))
 
 
-@lru_cache(maxsize=None)
-def load_assets(root: str) -> Assets:
-    """The model folder, loaded once; raises ValueError with a readable reason when missing."""
+def _load_assets(root: str) -> Assets:
     attributor = Attributor.load(root)
-    if attributor.methods:  # build the default method's featurizer and scorer now, not on the first click
-        cfg = attributor.unet.config
-        attributor.scores(torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size), sup.method_choices(attributor.methods)[0][1])
     problems = registry.problems(attributor, root)
     methods = list(attributor.methods) + [m.name for m in registry.all("baseline") if m.name not in problems]
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
                   {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)})
+
+
+_loaded = OnceCache()
+
+
+def load_assets(root: str) -> Assets:
+    """The model folder, loaded once (also when several threads ask at once); raises ValueError
+    with a readable reason when it is missing or damaged."""
+    return _loaded.get(root, lambda: _load_assets(root))
+
+
+def _forget_assets() -> None:
+    global _loaded
+    _loaded = OnceCache()
+
+
+load_assets.cache_clear = _forget_assets
+
+
+
+QUERY_PX, THUMB_PX = 192, viz.THUMB_PX  # display sizes; images are upscaled by whole factors (crisp pixels)
+DEFAULT_K = 8
+MAX_K = sup.MAX_TOP_K
+NO_RANKING = "none"
+NOISE_BUCKETS = 10
+
+# Limits for a public server (environment variables override them)
+MAX_PENDING_PER_SESSION = int(os.environ.get("DTRAK_MAX_PENDING_PER_SESSION", 4))  # queued + running
+MAX_PENDING_PER_CLIENT = int(os.environ.get("DTRAK_MAX_PENDING_PER_CLIENT", 12))  # per address, all its sessions
+MAX_RETRAIN_SECONDS = float(os.environ.get("DTRAK_MAX_RETRAIN_SECONDS", 900))  # wall time of one retrain request
+CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
+ERROR_SECONDS = 8  # an error message fades after this long (they would pile up otherwise)
 
 
 def assets() -> Assets:
@@ -109,7 +131,9 @@ def assets() -> Assets:
 # Results keyed by the whole request, so they are the same for every visitor who asks
 _samples_cache = OnceCache(64)  # (seeds, steps) -> images (B, C, H, W)
 _attribution_cache = OnceCache(256)  # (QueryKey, method) -> Attribution
+_noise_cache = OnceCache(128)  # (QueryKey, method, buckets) -> NoiseLevels
 _counterfactual_cache = OnceCache(64)  # (seed, ranking, k) -> CounterfactualView
+_retrain_cost = OnceCache(4)  # (root, recipe) -> RetrainCost measured on this machine
 _cancelled_at: dict[str, float] = {}  # session -> time.monotonic() of its last Cancel
 _cancel_lock = threading.Lock()
 
@@ -132,8 +156,12 @@ def readable(fn):
         try:
             return fn(*args, **kwargs)
         except ValueError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(str(e), duration=ERROR_SECONDS) from None
     return wrapper
+
+
+def no_query():
+    return gr.Error("No query yet: generate samples and click one, or upload an image.", duration=ERROR_SECONDS)
 
 
 # ---------------------------------------------------------------- formatting
@@ -153,83 +181,8 @@ def classifier_text(pixels: np.ndarray) -> str:
     return "" if found is None else f"looks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
 
 
-def png_data_uri(img) -> str:
-    import base64
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def training_cards(attribution, indices, title: str) -> str:
-    """Training images as an HTML grid of cards: the pixels (nearest-neighbour) with index, label
-    and score underneath (gallery captions would cover the image and get cut off)."""
-    train = assets().attributor.train
-    cards = []
-    for i in indices:
-        score = attribution.scores[i]
-        cards.append(
-            f'<figure class="card"><img src="{png_data_uri(to_pil(train.images[i], assets().scale(THUMB_PX)))}" '
-            f'alt="training image {i}"><figcaption><b>#{i}</b><br>'
-            f'{f"{assets().class_word} {attribution.labels[i]}<br>" if attribution.labels[i] >= 0 else ""}'
-            f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
-    return f'<div class="cards-title">{html.escape(title)}</div><div class="cards">{"".join(cards)}</div>'
-
-
-def score_histogram(attribution, k: int) -> go.Figure:
-    scores = attribution.scores
-    prop, opp = attribution.proponents(k), attribution.opponents(k)
-    fig = go.Figure()
-    fig.add_histogram(x=scores, nbinsx=80, marker_color=NEUTRAL, name="all training images",
-                      hovertemplate="score %{x}<br>%{y} images<extra></extra>")
-    for idx, color, name in ((prop, PROPONENT, f"top-{k} proponents"), (opp, OPPONENT, f"top-{k} opponents")):
-        fig.add_scatter(x=scores[idx], y=np.zeros(len(idx)), mode="markers", name=name, customdata=idx,
-                        marker=dict(color=color, size=11, symbol="triangle-up", line=dict(width=1, color="white")),
-                        hovertemplate="#%{customdata}<br>score %{x:.4g}<extra></extra>")
-    lo, hi = sup.top_k_thresholds(scores, k)
-    fig.add_vline(x=hi, line=dict(color=PROPONENT, dash="dash", width=1))
-    fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
-    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), bargap=0.05,
-                      xaxis_title=f"attribution score ({len(scores):,} training images)", yaxis_title="images",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
-    return fig
-
-
-def class_mass_figure(attribution, word: str = "digit") -> go.Figure:
-    fig = go.Figure()
-    layout = dict(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10))
-    if (attribution.labels < 0).any():
-        fig.add_annotation(text="The training images have no class labels<br>(one sub-folder per class gives them)",
-                           showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-        fig.update_layout(**layout, xaxis=dict(visible=False), yaxis=dict(visible=False))
-        return fig
-    mass = sup.class_mass(attribution.scores, attribution.labels)
-    classes = [str(c) for c in range(len(mass["count"]))]
-    base = mass["count"] / mass["count"].sum()
-    fig.add_bar(x=classes, y=mass["positive"], name="proponent mass", marker_color=PROPONENT,
-                hovertemplate=word + " %{x}: %{y:.1%} of the positive score<extra></extra>")
-    fig.add_bar(x=classes, y=mass["negative"], name="opponent mass", marker_color=OPPONENT,
-                hovertemplate=word + " %{x}: %{y:.1%} of the negative score<extra></extra>")
-    fig.add_scatter(x=classes, y=base, mode="markers", name="share of training set",
-                    marker=dict(symbol="line-ew-open", size=22, color="#334155", line=dict(width=2)),
-                    hovertemplate=word + " %{x}: %{y:.1%} of the training images<extra></extra>")
-    fig.update_layout(**layout, barmode="group", xaxis_title=f"training {word}",
-                      yaxis=dict(tickformat=".0%", title="share of the mass"),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
-    return fig
-
-
-def method_description(name: str) -> str:
-    return registry.description(name)
-
-
-def methods_markdown(methods, unavailable) -> str:
-    lines = ["## Methods in this app", "", "| method | scores by |", "|---|---|"]
-    lines += [f"| {sup.method_label(m)} | {method_description(m)} |" for m in methods]
-    if unavailable:
-        lines += ["", "Not available with these assets:", ""]
-        lines += [f"- **{m}**: {why}" for m, why in unavailable.items()]
-    return "\n".join(lines)
+def training_cards(attribution, indices, title: str, note: str = "") -> str:
+    return viz.training_cards(assets().attributor.train, attribution, indices, title, assets().class_word, note)
 
 
 # ---------------------------------------------------------------- handlers: generate
@@ -247,6 +200,14 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
 
 
+@readable
+def check_generate(mode, seed, start, end, count, steps):
+    """A generate request's parameters, checked before the gallery is touched: a mistake shows its
+    message and leaves the samples on screen."""
+    sup.parse_seeds(mode, seed, start, end, count, rng_seed=0)
+    sup.parse_steps(steps)
+
+
 def samples(seeds, steps: int, progress=None) -> torch.Tensor:
     """The DDIM samples (B, C, H, W) of these seeds, computed once per (seeds, steps)."""
     a = assets()
@@ -257,7 +218,7 @@ def samples(seeds, steps: int, progress=None) -> torch.Tensor:
 def select_sample(batch, evt: gr.SelectData):
     """A click on a gallery item -> it becomes the query; switch to the Attribute tab."""
     if not batch or evt.index is None:
-        raise gr.Error("Generate samples first, then click one.")
+        raise gr.Error("Generate samples first, then click one.", duration=ERROR_SECONDS)
     i = evt.index if isinstance(evt.index, int) else evt.index[0]
     q = sample_query(batch["seeds"][i], batch["steps"], batch["images"][i])
     return (q, gr.Tabs(selected="attribute"), *query_view(q), q["seed"])
@@ -282,24 +243,30 @@ def attribution_for(q, method: str) -> Attribution:
     return _attribution_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), method), compute)
 
 
+OPPONENT_NOTE = ("Opponents are often the query's own class: an image like the query but drawn differently pulls the "
+                 "model towards its own version, so the largest scores of both signs go to similar images.")
+
+
 @readable
 def attribute(q, method, k, progress=gr.Progress()):
     """Query + method -> proponents, opponents, histogram, per-class mass, summary."""
     if q is None:
-        raise gr.Error("No query yet: generate samples and click one, or upload an image.")
+        raise no_query()
     k = sup.parse_top_k(k)
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(q, method)
-    prop = result.proponents(k)
+    prop, opp = result.proponents(k), result.opponents(k)
     found = digit_labels(q["pixels"][None])
-    same = (" and opponents are below" if found is None else
-            f" include **{int((result.labels[prop] == found[0][0]).sum())} of {k}** training images of the digit "
-            f"the classifier sees")
-    summary = (f"**{sup.method_label(method)}** ({method_description(method)}) on the query ({q['title']}): its "
-               f"top-{k} proponents{same}.")
+    if found is None:
+        summary = f"**{sup.method_label(method)}**: the top-{k} proponents and opponents of this query."
+    else:
+        digit = found[0][0]
+        summary = (f"**{sup.method_label(method)}**: **{int((result.labels[prop] == digit).sum())} of {k}** top "
+                   f"proponents and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents are "
+                   f"{digit}s, the digit the classifier sees in the query.")
     return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
-            training_cards(result, result.opponents(k), f"Top-{k} opponents"),
-            score_histogram(result, k), class_mass_figure(result, assets().class_word), summary)
+            training_cards(result, opp, f"Top-{k} opponents", OPPONENT_NOTE if found is not None else ""),
+            viz.score_histogram(result, k), viz.class_mass_figure(result, assets().class_word), summary)
 
 
 @readable
@@ -320,7 +287,7 @@ def attribute_seed(seed: int, steps: int = 50, method: str = "square", k: int = 
 def compare(q, method_a, method_b, k, progress=gr.Progress()):
     """Two methods on the same query: both top-k grids, their overlap and rank correlation."""
     if q is None:
-        raise gr.Error("No query yet: generate samples and click one, or upload an image.")
+        raise no_query()
     k = sup.parse_top_k(k)
     progress(0, desc="attributing with both methods")
     ra, rb = attribution_for(q, method_a), attribution_for(q, method_b)
@@ -334,21 +301,146 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
             text)
 
 
-@readable
-def use_upload(path, invert):
-    """An uploaded file -> validated, converted query (shown upscaled), or a readable error."""
-    if not path:
+def follow_compare(q, method_a, method_b, k, shown):
+    """Keeps the comparison in step with the query, method and top-k once it has been asked for."""
+    if not shown or q is None:
         return gr.update(), gr.update(), gr.update()
+    try:
+        return compare(q, method_a, method_b, k)
+    except gr.Error as e:
+        return "", "", f"Comparison not available: {e.message}"
+
+
+@readable
+def noise_view(q, method):
+    """The query's score split by noise level: a heatmap of the strongest training images' score by
+    timestep bucket, the strongest one per bucket, and a line that says what it shows."""
+    a = assets()
+    if q is None:
+        raise no_query()
+    method = sup.parse_method(method, a.methods)
+    if method not in a.attributor.methods:
+        return (None, "", f"The noise-level view splits a TRAK-family score (a method with a feature store: "
+                          f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
+                          f"{sup.method_label(method)} has no timesteps to split.")
+    levels = _noise_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), method, NOISE_BUCKETS), lambda: sup.noise_levels(
+        a.attributor, torch.as_tensor(q["pixels"]), method, NOISE_BUCKETS))
+    labels = a.attributor.train.labels.numpy()
+    low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
+    share = np.abs(levels.contributions).sum(1)
+    share = share / share.sum()
+    text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's gradient is averaged "
+            f"over (the columns sum to the score). At low noise ({levels.labels()[0]}) training image **#{low}** "
+            f"matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range carries "
+            f"{share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.")
+    return viz.noise_level_figure(levels, labels, a.class_word), viz.noise_level_cards(a.attributor.train, levels,
+                                                                                       a.class_word), text
+
+
+def clicked_index(evt) -> int:
+    """The training index a card click carries (from the page, or any API client)."""
+    data = getattr(evt, "_data", None) or {}
+    return sup.parse_int(data.get("index") if isinstance(data, dict) else None, "training image index", 0,
+                         assets().n_train - 1)
+
+
+def all_attributions(q) -> dict:
+    """Every method's attribution of the query ({method: Attribution or the ValueError that stops it})."""
+    out = {}
+    for method in assets().methods:
+        try:
+            out[method] = attribution_for(q, method)
+        except ValueError as e:
+            out[method] = e
+    return out
+
+
+@readable
+def inspect_training(q, evt: gr.EventData):
+    """A click on a training card -> that image large, its class, and its rank and score under
+    every method for the current query."""
+    if q is None:
+        raise no_query()
+    index = clicked_index(evt)
+    a = assets()
+    rows = sup.ranks_under_methods(all_attributions(q), index)
+    return index, viz.training_image_details(a.attributor.train, index, rows, a.class_word), gr.Column(visible=True)
+
+
+@readable
+def use_training_image(index):
+    """'Use as query': the inspected training image becomes the query."""
+    a = assets()
+    index = sup.parse_int(index, "training image index", 0, a.n_train - 1)
+    pixels = a.attributor.train.images[index].numpy()
+    label = int(a.attributor.train.labels[index])
+    q = {"key": sup.QueryKey("train", str(index)), "pixels": pixels, "seed": None, "steps": None,
+         "title": f"Training image #{index}" + (f" ({a.class_word} {label})" if label >= 0 else "")}
+    return (q, *query_view(q), gr.Column(visible=False))
+
+
+def _upload_query(path, invert: bool):
     unet = assets().attributor.unet
     try:
         image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=bool(invert))
     except ValueError as e:
-        raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image") from None
+        raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image",
+                       duration=ERROR_SECONDS) from None
     pixels = image.numpy()
     q = {"key": sup.QueryKey.for_pixels(pixels), "pixels": pixels, "seed": None, "steps": None,
          "title": f"Your image {os.path.basename(path)}{' (inverted)' if invert else ''}, "
                   f"as the model sees it ({pixels.shape[-1]}x{pixels.shape[-2]})"}
-    return (q, *query_view(q))
+    img, info = query_view(q)
+    warning = sup.unusual_ink(pixels, assets().attributor.train.images.numpy())
+    return q, img, info + (f"  \n⚠️ {warning}" if warning else "")
+
+
+@readable
+def use_upload(path, invert):
+    """An uploaded file with the ink setting as given -> validated, converted query (shown upscaled)."""
+    if not path:
+        return gr.update(), gr.update(), gr.update()
+    return _upload_query(path, invert)
+
+
+@readable
+def read_upload(path):
+    """A fresh upload -> the query, with the ink polarity detected from the image's border (the
+    training digits are light ink on black; a scan or drawing is usually dark ink on paper)."""
+    if not path:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    unet = assets().attributor.unet
+    try:
+        plain = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=False)
+    except ValueError as e:
+        raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image",
+                       duration=ERROR_SECONDS) from None
+    invert = assets().digits and sup.light_paper(plain.numpy())
+    q, img, info = _upload_query(path, invert)
+    detected = "dark ink on light paper: inverted" if invert else "light ink on a dark background: used as it is"
+    return q, img, info + f"  \nInk detected: {detected} (change it with the box below).", invert
+
+
+def clear_upload():
+    """A refused upload leaves the box empty (not showing the name of a file that was not used)."""
+    return None
+
+
+def use_example(index):
+    """A click on an example upload -> as if that file had been uploaded."""
+    examples = example_uploads()
+    i = sup.parse_int(index, "example", 0, max(0, len(examples) - 1))
+    return (*read_upload(examples[i][0]), examples[i][0])
+
+
+@lru_cache(maxsize=None)
+def example_uploads() -> list:
+    """[(path, caption)] of the example uploads, written once per process into a temporary folder."""
+    if not assets().digits:
+        return []
+    from dtrak_core.model.data import load_digits
+
+    return sup.write_example_uploads(tempfile.mkdtemp(prefix="dtrak-examples-"), load_digits("validation"))
 
 
 # ---------------------------------------------------------------- handlers: counterfactual
@@ -421,20 +513,38 @@ def stored_view(root: str, key: tuple) -> CounterfactualView | None:
     """A finished result for (seed, ranking, k) without retraining: the gallery's, else the harness's."""
     view = precomputed(root).get(key)
     if view is None and key in committed(root):
-        view = CounterfactualView.from_result(_counterfactual().load_job(committed(root)[key]), live=False)
+        view = _counterfactual_cache.get(("stored", root, key), lambda: CounterfactualView.from_result(
+            _counterfactual().load_job(committed(root)[key]), live=False))
     return view
 
 
+@lru_cache(maxsize=None)
+def outcomes(root: str) -> dict:
+    """(seed, ranking, k) -> {'l2', 'label_before', 'label_after'} of every stored result."""
+    out = {}
+    for key in [*precomputed(root), *committed(root)]:
+        v = stored_view(root, key)
+        out[key] = {"l2": v.l2, "label_before": v.label_before, "label_after": v.label_after}
+    return out
+
+
+EXAMPLE_HEADERS = ["seed", "removed", "ranking A", "pixel L2 (A)", "digit (A)", "ranking B", "pixel L2 (B)",
+                   "digit (B)"]
+
+
 def example_targets(root: str) -> list[list]:
-    """Rows for the examples table: one per precomputed (seed, k) with its rankings (D-TRAK first);
-    the gallery's first, then every other target the harness finished."""
-    groups = {}
-    for seed, ranking, k in [*precomputed(root), *committed(root)]:
-        groups.setdefault((seed, k), set()).add(ranking)
-    order = {"square": 0, "loss": 1, "random": 9}
-    gallery = {(seed, k) for seed, _, k in precomputed(root)}
-    return [[seed, k, *(sorted(r, key=lambda n: order.get(n, 5)) + [NO_RANKING])[:2]]
-            for (seed, k), r in sorted(groups.items(), key=lambda g: (g[0] not in gallery, g[0][0], -g[0][1]))]
+    """Rows for the examples table, one per precomputed (seed, k): rankings A and B with their
+    outcomes; the first row is the first example whose digit changes under ranking A."""
+    rows = []
+    for r in sup.example_rows(outcomes(root), set(precomputed(root))):
+        cells = [r["seed"], r["k"]]
+        for ranking, o in zip(r["rankings"] + [NO_RANKING], r["outcomes"] + [None]):
+            if o is None:
+                cells += [NO_RANKING, "", ""]
+                break
+            cells += [sup.method_label(ranking), round(o["l2"], 2), f"{o['label_before']} → {o['label_after']}"]
+        rows.append(cells[:8])
+    return rows
 
 
 def _session(request: gr.Request | None) -> str:
@@ -445,7 +555,7 @@ def cancel_retrain(request: gr.Request = None):
     """Cancel: stops this session's retrain, running or still waiting in the queue."""
     with _cancel_lock:
         _cancelled_at[_session(request)] = time.monotonic()
-    return "Cancelled: the retrain was stopped; nothing was changed."
+    return "Cancelled: the retrain was stopped; nothing was changed. The pictures show the result named above them."
 
 
 def forget_session(request: gr.Request = None):
@@ -492,8 +602,12 @@ def _queue_event(request: gr.Request | None):
     return None
 
 
+CF_HEADERS = ["ranking", "removed", "pixel L2", "digit before → after", "retrain"]
+
+
 def counterfactual_outputs(views: list, status: str) -> tuple:
-    """Before / after images, a table and the removed images for 1 or 2 results on the same target."""
+    """Before / after images, a table, the removed images and a heading naming what is shown, for 1
+    or 2 results on the same target."""
     train = assets().attributor.train
     after = [gr.Image(value=v.after, label=f"after removing {v.k} by {sup.method_label(v.ranking)}") for v in views]
     removed = [gr.Image(value=grid(train.images[torch.as_tensor(v.removed[:48], dtype=torch.long)], columns=16, scale=4),
@@ -502,10 +616,37 @@ def counterfactual_outputs(views: list, status: str) -> tuple:
     if len(views) == 1:
         after.append(gr.Image(value=None, label="after (no second ranking)"))
         removed.append(gr.Image(value=None, label="(no second ranking)"))
-    rows = [[sup.method_label(v.ranking), v.k, round(v.l2, 3), f"{v.label_before} ({v.confidence_before:.0%})",
-             f"{v.label_after} ({v.confidence_after:.0%})", "yes" if v.label_after != v.label_before else "no",
+    rows = [[sup.method_label(v.ranking), v.k, round(v.l2, 3),
+             f"{v.label_before} ({v.confidence_before:.0%}) → {v.label_after} ({v.confidence_after:.0%})"
+             + (" changed" if v.label_after != v.label_before else ""),
              "precomputed" if v.seconds is None else f"{v.seconds:.0f} s"] for v in views]
-    return (gr.Image(value=views[0].before, label=f"before: seed {views[0].seed}"), *after, rows, *removed, status)
+    v = views[0]
+    shown = (f"**Shown: seed {v.seed}, {v.k} of {assets().n_train:,} training images removed** "
+             f"({' and '.join(sup.method_label(x.ranking) for x in views)})")
+    return (gr.Image(value=v.before, label=f"before: seed {v.seed}"), *after, rows, *removed, shown, status)
+
+
+def retrain_cost():
+    """This machine's retrain time for the model's recipe, measured once per process."""
+    a = assets()
+    cf = _counterfactual()
+    config = cf.train_config_from_manifest(a.root)
+    return _retrain_cost.get((a.root, config), lambda: sup.measure_retrain(
+        a.attributor.train.images, a.attributor.scheduler, config))
+
+
+def retrain_plan(seed, k, ranking_a, ranking_b) -> str:
+    """What pressing 'Remove and retrain' will cost: how many retrains (precomputed results are
+    instant), and how long one takes on this server, measured here."""
+    a = assets()
+    try:
+        seed, k = sup.parse_seeds("single", seed)[0], sup.parse_removal_k(k, a.n_train)
+        rankings = list(dict.fromkeys(r for r in (ranking_a, ranking_b) if r not in (None, NO_RANKING)))
+        todo = [r for r in rankings if _counterfactual_cache.peek((seed, r, k)) is None
+                and stored_view(a.root, (seed, r, k)) is None]
+        return retrain_cost().text(len(todo))
+    except (ValueError, gr.Error):
+        return ""
 
 
 @readable
@@ -533,7 +674,7 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
                                                progress=lambda f, msg: progress(f, desc=f"{label}: {msg}"),
                                                should_stop=stop)
             except Cancelled:
-                return (*[gr.update()] * 6, stop.reason or "Cancelled: the retrain was stopped; nothing was changed.")
+                return (*[gr.update()] * 7, stop.reason or "Cancelled: the retrain was stopped; nothing was changed.")
             view = CounterfactualView.from_result(result)
             _counterfactual_cache.put(key, view)
         views.append(view)
@@ -542,35 +683,61 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
     return counterfactual_outputs(views, f"Seed {seed}: {k} of {a.n_train:,} training images removed per ranking ({took}).")
 
 
+def _example_views(seed, k, rankings) -> list:
+    return [v for v in (stored_view(ASSETS, (seed, r, k)) for r in rankings) if v is not None]
+
+
 def show_example(evt: gr.SelectData):
-    """A click on a precomputed example -> its inputs and results, instantly."""
-    seed, k, label_a, label_b = evt.row_value
+    """A click on a precomputed example -> its inputs and results, instantly. Only ranking A is set:
+    ranking B keeps its own value, so the next 'Remove and retrain' runs what the controls say."""
+    row = list(evt.row_value)
+    seed, k = int(row[0]), int(row[1])
     names = {sup.method_label(n): n for n in [*assets().methods, "random", NO_RANKING]}
-    seed, k, ranking_a, ranking_b = int(seed), int(k), names.get(label_a, label_a), names.get(label_b, label_b)
-    views = [v for v in (stored_view(ASSETS, (seed, r, k)) for r in (ranking_a, ranking_b)) if v is not None]
-    return (seed, k, ranking_a, ranking_b,
-            *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed."))
+    rankings = [names.get(row[i], row[i]) for i in (2, 5) if row[i] not in ("", NO_RANKING)]
+    return (seed, k, rankings[0],
+            *counterfactual_outputs(_example_views(seed, k, rankings),
+                                    f"Precomputed example: seed {seed}, {k} training images removed."))
 
 
 def first_example():
-    """What the Counterfactual tab shows on first visit: the first precomputed example, if any."""
+    """What the Counterfactual tab shows on first visit: the first precomputed example (one whose
+    digit changes, when there is one), the examples table and what pixel L2 distances look like."""
     rows = example_targets(ASSETS)
     if not rows:
-        return (*[gr.update()] * 11,)
-    seed, k, ranking_a, ranking_b = rows[0]
-    views = [v for v in (stored_view(ASSETS, (seed, r, k)) for r in (ranking_a, ranking_b)) if v is not None]
-    return (seed, k, ranking_a, ranking_b,
+        return (*[gr.update()] * 11, gr.update(visible=False), "")
+    seed, k = rows[0][0], rows[0][1]
+    names = {sup.method_label(n): n for n in [*assets().methods, "random"]}
+    rankings = [names.get(rows[0][i], rows[0][i]) for i in (2, 5) if rows[0][i] != NO_RANKING]
+    views = _example_views(seed, k, rankings)
+    return (seed, k, rankings[0],
             *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed. "
-                                           "Pick a sample or a seed and press **Remove and retrain** for your own."))
+                                           "Pick a sample or a seed and press **Remove and retrain** for your own."),
+            gr.update(value=rows, visible=True), l2_examples_html(ASSETS))
+
+
+def l2_examples_html(root: str) -> str:
+    """Before / after pictures of stored results with a pixel L2 near 1 and near 3."""
+    found = outcomes(root)
+    pairs = []
+    for target, key in sup.l2_examples(found, (1.0, 3.0)):
+        v = stored_view(root, key)
+        seed, ranking, k = key
+        pairs.append((f"pixel L2 {v.l2:.2f} (seed {seed}, {k} removed by {sup.method_label(ranking)}; "
+                      f"digit {v.label_before} → {v.label_after})", v.before, v.after))
+    if not pairs:
+        return ""
+    return ("<p>Pixel L2 is the distance between the 64 pixel values (each in [-1, 1]) before and after. "
+            "Around 1 the digit is the same with a few pixels changed; around 3 strokes move and the digit often "
+            "reads differently.</p>" + viz.image_pairs(pairs))
 
 
 # ---------------------------------------------------------------- layout
 
 HEADER = """# D-TRAK explorer
-Which training images made this digit? A small diffusion model trained on 1,500 8x8 digits;
-**TRAK** and **D-TRAK** scores say how much each training image is responsible for a generated
-(or uploaded) image. Pick a sample in **Generate**, read its attribution in **Attribute**, and test
-it in **Counterfactual** by removing the top proponents and retraining."""
+Which training images made this digit? A small diffusion model trained on 1,500 8x8 digits; **TRAK** and
+**D-TRAK** score how much each training image is responsible for a generated (or uploaded) image.
+**Generate** a sample and click it: **Attribute** shows which training images made it, **Counterfactual** tests
+that by removing them and retraining."""
 
 
 def header_markdown(a: Assets | None) -> str:
@@ -587,6 +754,21 @@ def header_markdown(a: Assets | None) -> str:
             "scores say how much each training image is responsible for a generated (or uploaded) image. Pick a "
             "sample in **Generate** and read its attribution in **Attribute**. (Remove-and-retrain needs the "
             "model's training recipe, so it is offered for models trained by dtrak only.)")
+
+
+HOW_TO_READ = """**Proponents** are the training images whose presence made the model more likely to produce the
+query (a positive score); **opponents** made it less likely (a negative score). Scores are relative:
+compare them within one query and one method. Click any card for that image's rank under every method,
+and to use it as the query.
+
+*Why opponents often share the query's class:* a training image very like the query but drawn
+differently pulls the model towards its own version of the digit. Images far from the query barely
+matter either way, so both the largest positive and the largest negative scores go to similar images."""
+
+NOISE_HELP = """A diffusion model learns to denoise at every noise level, and a training image can matter at one
+level and not at another: at **high noise** (large t) the model decides the rough shape, at **low noise**
+(small t) the strokes. This view splits the query's score into the timestep ranges its gradient is
+averaged over; the columns add up to the score shown above. No other attribution tool shows this."""
 
 ABOUT = r"""
 ## What the scores are
@@ -605,18 +787,20 @@ $$\phi(x) = P^\top \frac{1}{K}\sum_t \nabla_\theta f(x, t; \theta), \qquad x_t =
 $$\tau(x, x_i) = \phi(x)^\top \left(\Phi^\top\Phi + \lambda I\right)^{-1} \phi(x_i).$$
 
 A high score marks a *proponent* (removing it would make $x$ less likely), a very negative one an *opponent*.
+Because $\phi(x)$ is a mean over timesteps, the score is a sum over timesteps too: the Attribute tab's
+noise-level view shows that sum by timestep range.
 
 **TRAK vs D-TRAK.** They differ only in $f$:
 
 | method | output function $f(x, t)$ |
 |---|---|
-| TRAK | $\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2$ (the training loss) |
-| D-TRAK | $\lVert \epsilon_\theta(x_t, t) \rVert^2$ (the *square* of the predicted noise) |
+| TRAK (loss) | $\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2$ (the training loss) |
+| D-TRAK (square) | $\lVert \epsilon_\theta(x_t, t) \rVert^2$ (the *square* of the predicted noise) |
 
 D-TRAK's finding (Zheng et al., *Intriguing Properties of Data Attribution on Diffusion Models*,
 ICLR 2024) is that the theoretically motivated loss is **not** the best choice: the square and
 other variants attribute better, as measured by the linear datamodeling score (LDS) and by
-removing the top proponents and retraining (the Counterfactual tab).
+removing the top proponents and retraining (the Counterfactual tab; both are explained in Benchmarks).
 """
 
 ABOUT_DEFAULT = r"""
@@ -627,17 +811,96 @@ training feature norm). The counterfactual rankings always use that data-free ru
 depend on the LDS data. Everything runs on a CPU.
 """
 
+BENCHMARKS_HELP = """### How to read these numbers
+- **LDS (linear datamodeling score)** asks whether the scores predict what retraining does. The model is
+  retrained on many random halves of the training set; for a test image, the sum of its scores over each
+  half should rank the halves the way the retrained models' loss on that image does. LDS is that rank
+  correlation (Spearman), averaged over test images, x 100. **Higher is better**; 0 is chance.
+- **Noise ceiling:** two retrains on the same half with different seeds already disagree, so no method can
+  reach 100. The ceiling (dashed lines) is the **best LDS reachable** against these retrained models.
+- **Two test sets:** *validation* digits (real, never trained on) and *generated* samples of the model.
+- **Counterfactual:** remove a sample's top proponents, retrain, regenerate the same seed and measure the
+  **pixel L2** distance between before and after. **Higher is better**: the removed images mattered.
+  Removing as many random images is the baseline. The Counterfactual tab shows what L2 = 1 or 3 looks like."""
+
 CSS = """
 img { image-rendering: pixelated; }
 .cards-title { font-weight: 600; margin: 4px 0 6px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(86px, 1fr)); gap: 10px; }
-.card { margin: 0; text-align: center; }
+.cards-note { font-size: 13px; color: var(--body-text-color-subdued); margin: -2px 0 6px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(76px, 1fr)); gap: 10px; }
+.cards-small { grid-template-columns: repeat(auto-fill, minmax(62px, 1fr)); gap: 8px; }
+.card { margin: 0; text-align: center; cursor: pointer; border-radius: 6px; padding: 2px; }
+.card:hover, .card:focus { outline: 2px solid var(--color-accent); }
 .card img { width: 100%; border-radius: 4px; display: block; }
 .card figcaption { font-size: 12px; line-height: 1.3; margin-top: 3px; font-variant-numeric: tabular-nums; }
-.card .pos { color: #15803d; } .card .neg { color: #b91c1c; }
+.pos { color: #15803d; } .neg { color: #b91c1c; } .muted { color: var(--body-text-color-subdued); font-size: 12px; }
 .pixel img { padding-top: 2.4em; box-sizing: border-box; }
 #summary, #cf-status { min-height: 2.5em; }
+/* samples: captions under the pixels, every row shown, fewer columns on narrow screens */
+#samples .grid-wrap { max-height: none !important; overflow: visible !important; height: auto !important; }
+#samples .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
+#samples .thumbnail-item { flex-direction: column; aspect-ratio: auto; height: auto; }
+#samples .thumbnail-item img { aspect-ratio: 1 / 1; width: 100%; height: auto; }
+#samples .caption-label { position: static; max-width: 100%; margin: 4px auto 2px; background: none;
+  border: none; padding: 0; font-size: 13px; color: var(--body-text-color); }
+/* one training image, large */
+.details { display: flex; gap: 16px; flex-wrap: wrap; align-items: flex-start; }
+.details-image img { width: 160px; border-radius: 6px; }
+.details-text { flex: 1 1 240px; min-width: 0; }
+.details-title { font-weight: 600; font-size: 16px; margin-bottom: 4px; }
+.ranks { border-collapse: collapse; margin-top: 6px; font-size: 13px; width: 100%; }
+.ranks td, .ranks th { padding: 3px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
+.ranks td:nth-child(2), .ranks td:nth-child(3) { font-variant-numeric: tabular-nums; white-space: nowrap; }
+/* counterfactual: the old result dims while a new one computes */
+#cf-results { transition: opacity 0.2s; }
+#cf-results.stale > *:not(#cf-progress) { opacity: 0.35; }
+#cf-progress { min-height: 3.2em; }
+.pairs { display: flex; flex-wrap: wrap; gap: 18px; }
+.pair { margin: 0; max-width: 320px; }
+.pair-images { display: flex; align-items: center; gap: 8px; }
+.pair-images img { width: 96px; border-radius: 4px; }
+.pair figcaption { font-size: 13px; margin-top: 4px; }
+.arrow { font-size: 22px; }
+/* phones: every tab in the bar, nothing wider than the screen */
+@media (max-width: 640px) {
+  .tab-container button { padding: 6px 7px !important; font-size: 13px !important; }
+  #samples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; gap: 6px !important; }
+  #samples .caption-label { font-size: 11px; }
+  .table-wrap table, .table-wrap { font-size: 12px; }
+  .gradio-container { padding-left: 8px !important; padding-right: 8px !important; }
+}
 """
+
+CARD_CLICK_JS = """
+function pick(e) {
+  const card = e.target.closest('[data-index]');
+  if (!card || !element.contains(card)) return;
+  if (e.type === 'keydown') { if (e.key !== 'Enter' && e.key !== ' ') return; e.preventDefault(); }
+  trigger('click', {index: Number(card.dataset.index)});
+}
+element.addEventListener('click', pick);
+element.addEventListener('keydown', pick);
+"""
+
+DIM_RESULTS_JS = "(...args) => { document.querySelector('#cf-results')?.classList.add('stale'); return args; }"
+UNDIM_RESULTS_JS = "(...args) => { document.querySelector('#cf-results')?.classList.remove('stale'); return args; }"
+
+
+def plotly_preload_head() -> str:
+    """A script that loads the plotly bundle while the visitor is still on the Generate tab, so the
+    first attribution's charts arrive with its cards instead of seconds later. Gradio loads its
+    plot component only when a plot is first shown; importing the same module early fills the
+    browser's module cache (a file name that changes with Gradio is looked up, not hard-coded)."""
+    import glob
+
+    folder = os.path.join(os.path.dirname(gr.__file__), "templates", "frontend", "assets")
+    found = sorted(glob.glob(os.path.join(folder, "PlotlyPlot-*.js")))
+    if not found:
+        return ""
+    name = os.path.basename(found[0])
+    return ("<script>(() => { const go = () => setTimeout(() => "
+            f"import(new URL('assets/{name}', document.baseURI).href).catch(() => {{}}), 500); "
+            "if (document.readyState === 'complete') go(); else window.addEventListener('load', go); })();</script>")
 
 
 def _read_text(path: str) -> str | None:
@@ -649,43 +912,40 @@ def _read_text(path: str) -> str | None:
 
 def _table(rows: list[dict], label: str) -> None:
     headers = list(dict.fromkeys(h for r in rows for h in r))
-    gr.Dataframe(value=[[r.get(h, "") for h in headers] for r in rows], headers=headers, label=label,
-                 interactive=False, wrap=True)
+    gr.Dataframe(value=[["" if r.get(h) is None else r.get(h) for h in headers] for r in rows], headers=headers,
+                 label=label, interactive=False, wrap=True)
 
 
-def lds_chart(rows: list[dict]) -> go.Figure:
-    fig = go.Figure()
-    for test_set in dict.fromkeys(r["test set"] for r in rows):
-        sub = [r for r in rows if r["test set"] == test_set]
-        fig.add_bar(x=[r["method"] for r in sub], y=[r["LDS (honest lambda)"] for r in sub], name=test_set,
-                    error_y=dict(type="data", array=[r["+- (honest)"] for r in sub]))
-    fig.update_layout(template="plotly_white", height=320, margin=dict(l=10, r=10, t=40, b=10), barmode="group",
-                      yaxis_title="LDS x 100 (honest lambda)",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
-    return fig
+def lds_chart(rows: list[dict], ceiling: dict | None = None):
+    return viz.lds_chart(rows, ceiling)
 
 
-def counterfactual_chart(summary: dict) -> go.Figure:
-    """Per removal size and ranking, the distribution of before/after pixel L2 over the targets: a
-    box (median, quartiles) with every target as a point."""
-    fig = go.Figure()
-    cells = summary.get("cells", [])
-    for k in sorted({c["k"] for c in cells}, reverse=True):
-        x, y, text = [], [], []
-        for c in (c for c in cells if c["k"] == k):
-            for t in c.get("per_target", []):
-                x.append(c.get("method", c["ranking"]))
-                y.append(t["l2"])
-                text.append(f"seed {t['seed']}: label {t['label_before']} -> {t['label_after']}")
-        fig.add_box(x=x, y=y, text=text, name=f"{k} removed", boxpoints="all", jitter=0.4, pointpos=0,
-                    marker=dict(size=4), hovertemplate="%{text}<br>L2 %{y:.2f}<extra></extra>")
-    methods = list(dict.fromkeys(c.get("method", c["ranking"]) for c in cells))
-    order = {"Random": 0, "TRAK": 1, "D-TRAK": 3}  # as in the paper's table; other rankings in between
-    fig.update_xaxes(categoryorder="array", categoryarray=sorted(methods, key=lambda m: order.get(m, 2)))
-    fig.update_layout(template="plotly_white", height=340, margin=dict(l=10, r=10, t=40, b=10), boxmode="group",
-                      yaxis_title="pixel L2, before vs after (one point per target)",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
-    return fig
+def counterfactual_chart(summary: dict):
+    return viz.counterfactual_chart(summary)
+
+
+def methods_markdown(methods, unavailable) -> str:
+    lines = ["## Methods in this app", "", "| method | scores by |", "|---|---|"]
+    lines += [f"| {sup.escape_table_cell(sup.method_label(m))} | {sup.escape_table_cell(sup.method_description(m))} |"
+              for m in methods]
+    if unavailable:
+        lines += ["", "Not available with these assets:", ""]
+        lines += [f"- **{sup.method_label(m)}**: {sup.short_reason(why)}" for m, why in unavailable.items()]
+    return "\n".join(lines)
+
+
+def unavailable_details(unavailable) -> str:
+    """The full reasons (what was looked for, how to fix it), for whoever wants them."""
+    if not unavailable:
+        return ""
+    return "\n\n".join(f"**{sup.method_label(m)}**: {html.escape(why)}" for m, why in unavailable.items())
+
+
+def _n_train(root: str) -> int | None:
+    try:
+        return load_assets(root).n_train
+    except (ValueError, OSError):
+        return None
 
 
 def _digits_root(root: str) -> bool:
@@ -702,44 +962,52 @@ def benchmarks_blocks(root: str) -> None:
     items = {i["name"]: i for i in sup.read_benchmarks(bench)}
     cf_items = {i["name"]: i for i in sup.read_benchmarks(cf_dir)}
     lds, cf_summary = items.pop("lds_results", None), cf_items.get("summary")
-    shown = False
+    tables = items.pop("tables", None)
+    shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary)) or bool(items)
+    if shown:
+        gr.Markdown(BENCHMARKS_HELP)
     if lds is not None and lds.get("data"):
-        shown = True
-        gr.Markdown("## Linear datamodeling score (LDS)")
         data = lds["data"]
+        gr.Markdown("## LDS: D-TRAK and TRAK")
         if data.get("partial"):
             gr.Markdown(f"**Provisional:** only {data.get('subsets_done')} of {data.get('subsets_planned')} "
                         "retrained subsets were finished when these numbers were written.")
         rows = sup.lds_rows(data)
         if rows:
-            _table(rows, "LDS x 100, mean over test samples, +- bootstrap over subsets")
-            gr.Plot(lds_chart(rows), show_label=False)
-    tables = items.pop("tables", None)
+            same = ("Here the two coincide: the same λ was best on both halves of every test set, so choosing it on "
+                    "the test set (as the paper does) cost nothing. " if sup.lambdas_coincide(rows) else "")
+            gr.Markdown(f"λ is the ridge term of the scores. *Honest λ*: chosen on one half of the test images and "
+                        f"reported on the other (cross-fitted). *Paper λ*: best on the reported images themselves, as "
+                        f"in the paper (optimistic). {same}*Default λ*: a rule that uses no evaluation data. "
+                        "± is the bootstrap spread over the retrained subsets.")
+            _table(rows, "LDS x 100 (higher is better), mean over test images")
+            gr.Plot(lds_chart(rows, data.get("noise_ceiling")), show_label=False)
     if tables is not None and tables.get("data"):
-        shown = True
         gr.Markdown("## LDS of every method: baselines, output functions x K, ensembles")
         if tables.get("markdown"):
-            gr.Markdown(tables["markdown"].split("\n", 1)[-1])  # without its own title
+            gr.Markdown(sup.relabel_tables(tables["markdown"].split("\n", 1)[-1]))  # without its own title
         rows = sup.table_rows(tables["data"].get("methods", {}))
         if rows:
-            gr.Plot(lds_chart(rows), show_label=False)
+            gr.Markdown("The poster's methods, best on the validation digits at the top:")
+            gr.Plot(lds_chart(rows, tables["data"].get("noise_ceiling")), show_label=False)
     if cf_summary is not None and cf_summary.get("data"):
-        shown = True
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")
-        report = _read_text(os.path.join(cf_dir, "results.md"))
-        if report:
-            gr.Markdown(report)
+        gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root)))
+        published = cf_summary["data"].get("published_cifar2_medians", {}).get("l2")
+        if published:
+            gr.Markdown("For reference, the paper's medians on CIFAR-2 (32x32 colour images, so larger distances) "
+                        "at 20% removed: " + ", ".join(f"{sup.method_label(m)} {v:.2f}" for m, v in published.items())
+                        + ".")
         if cf_summary["data"].get("cells"):
             gr.Plot(counterfactual_chart(cf_summary["data"]), show_label=False)
     for item in items.values():  # any other benchmark file, as generic tables
-        shown = True
         with gr.Accordion(item["name"], open=False):
             if "error" in item:
                 gr.Markdown(f"Could not read `{item['error']}`")
                 continue
             for path, rows in sup.records(item["data"]):
                 _table(rows, path)
-                fig = benchmark_chart(rows, list(dict.fromkeys(h for r in rows for h in r)), path)
+                fig = viz.benchmark_chart(rows, list(dict.fromkeys(h for r in rows for h in r)), path)
                 if fig is not None:
                     gr.Plot(fig, show_label=False)
     readme = _read_text(os.path.join(bench, "README.md"))
@@ -759,19 +1027,6 @@ def benchmarks_blocks(root: str) -> None:
             "`counterfactual/summary.json`; see `python -m dtrak_core --help`); restart the app to show them.")
 
 
-def benchmark_chart(rows, headers, title) -> go.Figure | None:
-    """A bar chart of a table's first numeric column against its first text column, if it has both."""
-    text = [h for h in headers if all(isinstance(r.get(h), str) for r in rows)]
-    numeric = [h for h in headers if all(isinstance(r.get(h), (int, float)) and not isinstance(r.get(h), bool)
-                                         for r in rows)]
-    if not text or not numeric or len(rows) < 2:
-        return None
-    fig = go.Figure(go.Bar(x=[r[text[0]] for r in rows], y=[r[numeric[0]] for r in rows], marker_color="#2563eb"))
-    fig.update_layout(template="plotly_white", height=280, margin=dict(l=10, r=10, t=30, b=10),
-                      title=dict(text=f"{title}: {numeric[0]}", font=dict(size=13)))
-    return fig
-
-
 def error_page(error: str) -> gr.Blocks:
     """What the app shows when its model folder cannot be loaded: what is wrong and how to fix it."""
     with gr.Blocks(title="D-TRAK explorer", delete_cache=CACHE_SWEEP) as page:
@@ -783,6 +1038,11 @@ def error_page(error: str) -> gr.Blocks:
                     "(a model of your own: `python -m dtrak_core build --root FOLDER --model M --data D`). "
                     "Then restart the app.", elem_id="assets-error")
     return page
+
+
+def cards_html(elem_id: str) -> gr.HTML:
+    """A grid of training cards; a click on a card (or Enter on it) inspects that training image."""
+    return gr.HTML(elem_id=elem_id, js_on_load=CARD_CLICK_JS)
 
 
 def build_demo() -> gr.Blocks:
@@ -798,10 +1058,13 @@ def build_demo() -> gr.Blocks:
     default_method = choices[0][1] if choices else None
     rankings = sup.method_choices(ranked) + [("random", "random")]  # the counterfactual retrains on TRAK-family rankings
     second = "loss" if "loss" in methods and default_method != "loss" else (choices[-1][1] if choices else None)
+    examples = example_uploads()
 
     with gr.Blocks(title="D-TRAK explorer", delete_cache=CACHE_SWEEP) as demo:
         batch = gr.State(None)  # the last generated batch: seeds, steps, images
         query = gr.State(None)  # the current query: key, pixels, title, seed, steps
+        picked = gr.State(None)  # the training image being inspected
+        compare_on = gr.State(False)  # the visitor asked for a comparison: keep it in step with the query
         gr.Markdown(header_markdown(a))
         committed(ASSETS)  # (checks the precomputed counterfactual results before the banner is drawn)
         damaged = {**a.damaged, **({"precomputed counterfactuals": _damaged_results[ASSETS]}
@@ -811,7 +1074,7 @@ def build_demo() -> gr.Blocks:
                         "are restored or rebuilt:\n\n" + "\n".join(f"- **{m}**: {html.escape(why)}"
                                                                 for m, why in damaged.items()),
                         elem_id="damaged")
-        with gr.Tabs() as tabs:
+        with gr.Tabs(overflow_behavior="wrap") as tabs:  # every tab in sight, on a phone too
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=260):
@@ -827,110 +1090,167 @@ def build_demo() -> gr.Blocks:
                         gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
                                     "training images made it." if a.digits else
                                     "**Samples** (by seed). Click one to see which training images made it.")
-                        gallery = gr.Gallery(label="Samples", show_label=False, columns=6,
-                                             format="png", object_fit="contain", allow_preview=False, height="auto")
+                        gallery = gr.Gallery(label="Samples", show_label=False, columns=6, fit_columns=False,
+                                             format="png", object_fit="contain", allow_preview=False, height="auto",
+                                             elem_id="samples", buttons=[])
             with gr.Tab("Attribute", id="attribute"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=240):
                         query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
                                              buttons=[], elem_classes="pixel")
-                        query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.")
+                        query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
+                                                 elem_id="query-info")
                         upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
-                                         type="filepath", height=150, elem_id="upload")
-                        invert = gr.Checkbox(a.digits, label="invert (dark ink on light paper)")
-                    with gr.Column(scale=3):
+                                         type="filepath", height=130, elem_id="upload")
+                        invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
+                                             info="set from each upload's border; untick or tick to override")
+                        example_set = gr.Dataset(components=[gr.Image(render=False, type="filepath")],
+                                                 samples=[[p] for p, _ in examples], label="Try an example upload",
+                                                 type="index", visible=bool(examples), elem_id="example-uploads",
+                                                 sample_labels=[c for _, c in examples] or None)
+                    with gr.Column(scale=3, min_width=300):
                         with gr.Row():
-                            method = gr.Dropdown(choices, value=default_method, label="Method")
-                            topk = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Top-k shown")
+                            method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
+                            topk = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Top-k shown", min_width=200,
+                                             elem_id="topk")
                         summary = gr.Markdown(elem_id="summary")
-                        prop_gallery = gr.HTML(elem_id="proponents")
-                        opp_gallery = gr.HTML(elem_id="opponents")
+                        with gr.Accordion("How to read this", open=False):
+                            gr.Markdown(HOW_TO_READ)
+                        prop_gallery = cards_html("proponents")
+                        opp_gallery = cards_html("opponents")
+                        with gr.Column(visible=False, elem_id="drill") as drill_box:
+                            drill = gr.HTML(elem_id="drill-details")
+                            with gr.Row():
+                                use_btn = gr.Button("Use as query", variant="primary", size="sm")
+                                close_btn = gr.Button("Close", size="sm")
                         with gr.Row():
-                            hist = gr.Plot(label="Scores over the training set", show_label=False, elem_id="histogram")
-                            mass = gr.Plot(label="Attribution mass per class", show_label=False, elem_id="class-mass")
+                            hist = gr.Plot(label="Scores over the training set", show_label=False, elem_id="histogram",
+                                           min_width=280)
+                            mass = gr.Plot(label="Attribution mass per class", show_label=False, elem_id="class-mass",
+                                           min_width=280)
+                with gr.Accordion("Across noise levels: which training images matter at high and at low noise",
+                                  open=True, elem_id="noise-levels"):
+                    gr.Markdown(NOISE_HELP)
+                    noise_text = gr.Markdown(elem_id="noise-text")
+                    noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
+                    noise_cards = cards_html("noise-cards")
                 with gr.Accordion("Compare two methods", open=True):
                     with gr.Row():
-                        method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3)
-                        compare_btn = gr.Button("Compare", scale=1)
+                        method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3, min_width=200)
+                        compare_btn = gr.Button("Compare", scale=1, min_width=120)
                     compare_text = gr.Markdown()
                     with gr.Row():
-                        gal_a = gr.HTML(elem_id="compare-a")
-                        gal_b = gr.HTML(elem_id="compare-b")
-            with gr.Tab("Counterfactual", id="counterfactual", visible=a.can_retrain):
+                        gal_a = cards_html("compare-a")
+                        gal_b = cards_html("compare-b")
+            with gr.Tab("Counterfactual", id="counterfactual", visible=a.can_retrain) as cf_tab:
                 gr.Markdown("Remove a generated sample's top proponents from the training set, retrain the model "
                             "from scratch with the same recipe, and regenerate the same seed (DDIM 50 steps, as "
-                            "published). If the attribution is right, the digit should change more than when "
-                            "removing as many random images. One retrain runs at a time on this server; others "
-                            "wait in the queue (their position is shown).")
+                            "published). If the attribution is right, the digit changes more than when removing as "
+                            "many random images (**pixel L2**, higher = a bigger change). One retrain runs at a time "
+                            "on this server; others wait in the queue (their position is shown).")
                 with gr.Row():
                     with gr.Column(scale=1, min_width=260):
                         cf_seed = gr.Number(0, precision=0, label="Target seed (set by clicking a sample)")
                         cf_k = gr.Slider(1, max(1, n_train // 2), max(1, n_train // 5), step=1,
                                          label="Training images to remove")
                         rank_a = gr.Dropdown(rankings, value=default_method, label="Ranking A")
-                        rank_b = gr.Dropdown(rankings + [("none", NO_RANKING)], value="random",
-                                             label="Ranking B (side by side)")
+                        rank_b = gr.Dropdown(rankings + [("none", NO_RANKING)], value=NO_RANKING,
+                                             label="Ranking B (side by side; each one is a retrain)")
+                        cf_estimate = gr.Markdown(elem_id="cf-estimate")
                         with gr.Row():
                             run_btn = gr.Button("Remove and retrain", variant="primary")
                             cancel_btn = gr.Button("Cancel", variant="stop")
                         cf_status = gr.Markdown(elem_id="cf-status")
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=3, elem_id="cf-results"):
+                        cf_progress = gr.HTML(elem_id="cf-progress")
+                        cf_shown = gr.Markdown(elem_id="cf-shown")
                         with gr.Row():
                             before_img = gr.Image(label="before", format="png", interactive=False, height=200,
-                                                  buttons=[], elem_classes="pixel")
+                                                  buttons=[], elem_classes="pixel", min_width=110)
                             after_a = gr.Image(label="after (ranking A)", format="png", interactive=False,
-                                               height=200, buttons=[], elem_classes="pixel")
+                                               height=200, buttons=[], elem_classes="pixel", min_width=110)
                             after_b = gr.Image(label="after (ranking B)", format="png", interactive=False,
-                                               height=200, buttons=[], elem_classes="pixel")
-                        cf_table = gr.Dataframe(headers=["ranking", "removed", "pixel L2", "label before",
-                                                         "label after", "changed", "retrain"],
-                                                interactive=False, label="before vs after", elem_id="cf-table")
+                                               height=200, buttons=[], elem_classes="pixel", min_width=110)
+                        cf_table = gr.Dataframe(headers=CF_HEADERS, interactive=False, label="before vs after",
+                                                elem_id="cf-table", wrap=True)
                         with gr.Row():
                             removed_a = gr.Image(label="removed by ranking A", format="png", interactive=False,
                                                  buttons=[], elem_classes="pixel")
                             removed_b = gr.Image(label="removed by ranking B", format="png", interactive=False,
                                                  buttons=[], elem_classes="pixel")
-                examples = example_targets(ASSETS)
-                cf_examples = gr.Dataframe(value=[[s, k, sup.method_label(a), sup.method_label(b)]
-                                                  for s, k, a, b in examples] or None, headers=["seed", "removed", "ranking A", "ranking B"],
-                                           interactive=False, visible=bool(examples),
-                                           label="Precomputed examples (click a row: instant)")
+                cf_examples = gr.Dataframe(headers=EXAMPLE_HEADERS, interactive=False, visible=False, wrap=True,
+                                           label="Precomputed examples (click a row: instant)", elem_id="cf-examples",
+                                           max_height=420)
+                with gr.Accordion("What a pixel L2 of 1 or 3 looks like", open=False):
+                    l2_html = gr.HTML(elem_id="l2-examples")
             with gr.Tab("Benchmarks", id="benchmarks"):
                 benchmarks_blocks(ASSETS)
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT + (ABOUT_DEFAULT if a.digits else ""), latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                      {"left": "$", "right": "$", "display": False}])
                 gr.Markdown(methods_markdown(methods, unavailable))
+                if unavailable:
+                    with gr.Accordion("Why some methods are unavailable, in full", open=False):
+                        gr.Markdown(unavailable_details(unavailable))
 
         # -- wiring
         def seed_inputs(m):
             return gr.Number(visible=m == "single"), gr.Row(visible=m == "range"), gr.Slider(visible=m == "random")
         mode.change(seed_inputs, mode, [seed, range_row, count], queue=False)
         gen_inputs = [mode, seed, start, end, count, steps]
-        gen_btn.click(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
+        gen_btn.click(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
+            generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
         demo.load(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
 
         attr_inputs, attr_outputs = [query, method, topk], [prop_gallery, opp_gallery, hist, mass, summary]
-        gallery.select(select_sample, batch, [query, tabs, query_img, query_info, cf_seed]).success(
-            attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        upload.upload(use_upload, [upload, invert], [query, query_img, query_info], show_progress="hidden").success(
-            attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        invert.input(use_upload, [upload, invert], [query, query_img, query_info], show_progress="hidden").success(
-            attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        method.input(attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        topk.release(attribute, attr_inputs, attr_outputs, concurrency_id="compute")
-        cmp_inputs = [query, method, method_b, topk]
-        compare_btn.click(compare, cmp_inputs, [gal_a, gal_b, compare_text], concurrency_id="compute")
-        method_b.input(compare, cmp_inputs, [gal_a, gal_b, compare_text], concurrency_id="compute")
+        busy = dict(concurrency_id="compute", show_progress="minimal", show_progress_on=[summary])
+        cmp_inputs, cmp_outputs = [query, method, method_b, topk], [gal_a, gal_b, compare_text]
 
-        cf_outputs = [before_img, after_a, after_b, cf_table, removed_a, removed_b, cf_status]
+        def after_attribute(shown):
+            """Once the cards and charts are shown: the noise-level view, then the comparison (if shown)."""
+            shown.success(noise_view, [query, method], [noise_plot, noise_cards, noise_text], concurrency_id="compute",
+                          show_progress="hidden").then(
+                follow_compare, [*cmp_inputs, compare_on], cmp_outputs, concurrency_id="compute", show_progress="hidden")
+
+        def show_query(event):
+            """A new query: close the inspected training image, attribute, then the rest."""
+            event.then(lambda: gr.Column(visible=False), None, drill_box, queue=False)
+            after_attribute(event.success(attribute, attr_inputs, attr_outputs, **busy))
+
+        show_query(gallery.select(select_sample, batch, [query, tabs, query_img, query_info, cf_seed]))
+        uploaded = upload.upload(read_upload, [upload], [query, query_img, query_info, invert], show_progress="hidden")
+        show_query(uploaded)
+        uploaded.failure(clear_upload, None, upload, queue=False)
+        show_query(invert.input(use_upload, [upload, invert], [query, query_img, query_info], show_progress="hidden"))
+        show_query(example_set.click(use_example, example_set, [query, query_img, query_info, invert, upload],
+                                     show_progress="hidden"))
+        for trigger in (method.input, topk.release):  # a burst of changes runs once, with the last value
+            after_attribute(trigger(attribute, attr_inputs, attr_outputs, trigger_mode="always_last", **busy))
+        compare_btn.click(compare, cmp_inputs, cmp_outputs, concurrency_id="compute").success(
+            lambda: True, None, compare_on, queue=False)
+        method_b.input(compare, cmp_inputs, cmp_outputs, concurrency_id="compute", trigger_mode="always_last").success(
+            lambda: True, None, compare_on, queue=False)
+        for cards in (prop_gallery, opp_gallery, gal_a, gal_b, noise_cards):
+            cards.click(inspect_training, [query], [picked, drill, drill_box], concurrency_id="compute",
+                        show_progress="minimal", trigger_mode="always_last")
+        show_query(use_btn.click(use_training_image, [picked], [query, query_img, query_info, drill_box]))
+        close_btn.click(lambda: gr.Column(visible=False), None, drill_box, queue=False)
+
+        cf_outputs = [before_img, after_a, after_b, cf_table, removed_a, removed_b, cf_shown, cf_status]
         run_event = run_btn.click(run_counterfactual, [cf_seed, cf_k, rank_a, rank_b], cf_outputs,
-                                  concurrency_id="retrain", concurrency_limit=1, show_progress_on=[cf_status])
-        cancel_btn.click(cancel_retrain, None, cf_status, cancels=[run_event], queue=False)
+                                  concurrency_id="retrain", concurrency_limit=1, show_progress_on=[cf_progress],
+                                  js=DIM_RESULTS_JS)
+        run_event.then(None, js=UNDIM_RESULTS_JS)
+        cancel_btn.click(cancel_retrain, None, cf_status, cancels=[run_event], queue=False, js=UNDIM_RESULTS_JS)
+        plan_inputs = [cf_seed, cf_k, rank_a, rank_b]
+        for control in (cf_seed, cf_k, rank_a, rank_b):
+            control.change(retrain_plan, plan_inputs, cf_estimate, queue=False, show_progress="hidden")
+        cf_tab.select(retrain_plan, plan_inputs, cf_estimate, queue=False, show_progress="hidden")
+        run_event.then(retrain_plan, plan_inputs, cf_estimate, queue=False, show_progress="hidden")
         demo.unload(forget_session)
         gr.api(attribute_seed, api_name="attribute_seed", concurrency_id="compute")
-        cf_examples.select(show_example, None, [cf_seed, cf_k, rank_a, rank_b, *cf_outputs], queue=False)
-        demo.load(first_example, None, [cf_seed, cf_k, rank_a, rank_b, *cf_outputs], queue=False)
+        cf_examples.select(show_example, None, [cf_seed, cf_k, rank_a, *cf_outputs], queue=False)
+        demo.load(first_example, None, [cf_seed, cf_k, rank_a, *cf_outputs, cf_examples, l2_html], queue=False)
     return demo
 
 
@@ -988,8 +1308,43 @@ def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
     return demo
 
 
+def warm_up() -> None:
+    """What a first visitor would otherwise wait for, computed once in the background after the
+    server is up: the page's first samples, the digit classifier, the default methods' scorers and
+    featurizers, the counterfactual examples and the retrain-time measurement."""
+    def step(what, fn):
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # a cache stays cold; the request that needs it computes (or reports) it
+            print(f"dtrak: warm-up of {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return
+        print(f"dtrak: warmed {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    try:
+        a = load_assets(ASSETS)
+    except (ValueError, OSError):
+        return  # the error page is up: nothing to warm
+    step("the first page's samples", lambda: samples(list(range(16)), 50))
+    first = samples(list(range(16)), 50)
+    step("the digit classifier", lambda: digit_labels(first.numpy()))
+    for m in [m for m in ("square", "loss") if m in a.attributor.methods] or a.attributor.methods[:1]:
+        step(sup.method_label(m), lambda m=m: a.attributor.scores(first[:1], m))
+    if a.can_retrain:
+        step("the counterfactual examples", lambda: example_targets(ASSETS))
+        step("the retrain-time measurement", retrain_cost)
+
+
+def serve(demo: gr.Blocks) -> None:
+    """`python app.py`: serve at once, then warm the caches in a background thread."""
+    configure(demo)
+    demo.launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
+                footer_links=["gradio"], head=plotly_preload_head(), prevent_thread_lock=True)
+    threading.Thread(target=warm_up, name="dtrak-warm-up", daemon=True).start()
+    demo.block_thread()
+
+
 demo = build_demo()
 
 if __name__ == "__main__":
-    configure(demo).launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
-                           footer_links=["gradio"])
+    serve(demo)

@@ -1,27 +1,55 @@
-"""Small non-UI helpers behind the Gradio app (`app.py`): seed parsing, summaries of a score
-vector (per-class mass, top-k thresholds), comparisons of two methods (overlap, rank correlation),
-removal sets for the counterfactual, and validation of request parameters. No gradio here.
+"""Small non-UI helpers behind the Gradio app (`app.py`): seed parsing, the display name of each
+method, summaries of a score vector (per-class mass, top-k thresholds), comparisons of two methods
+(overlap, rank correlation), a training image's rank under every method, the split of a TRAK-family
+score by noise level, upload polarity checks, the counterfactual examples and the retrain-time
+estimate, and validation of request parameters. No gradio here.
 """
 from __future__ import annotations
 
+import copy
 import json
 import numbers
 import os
-from dataclasses import dataclass
+import re
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import spearmanr
+
+from dtrak_core.attribution import methods as registry
+from dtrak_core.attribution.output_functions import canonical_name
 
 
 MAX_SAMPLES = 64  # images one "generate" request may ask for (CPU-only hosting)
 MAX_SEED = 2**31 - 1
 
-# Display names for methods whose output function has a name in the papers.
-METHOD_LABELS = {"square": "D-TRAK (square)", "loss": "TRAK (loss)"}
+
+def method_label(name) -> str:
+    """The one display name of a method, whatever spelling it arrives in: 'square', 'd-trak' and
+    'D-TRAK' all read 'D-TRAK (square)'; 'trak' and 'loss' read 'TRAK (loss)'; a benchmark variant
+    'd-trak/K100' reads 'D-TRAK (square), K=100' and an ensemble 'trak/S4' 'TRAK (loss), 4 models'.
+    Other names read as the method registry labels them ('random' reads 'Random', a baseline its name)."""
+    if not isinstance(name, str):
+        return str(name)
+    base, _, variant = name.partition("/")
+    if variant and re.fullmatch(r"[KS]\d+", variant):
+        extra = f"K={variant[1:]}" if variant[0] == "K" else f"{variant[1:]} models"
+        return f"{method_label(base)}, {extra}"
+    return registry.label(name)
 
 
-def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+def method_description(name: str) -> str:
+    """What a method scores by, in one line."""
+    return registry.description(name)
+
+
+def short_reason(text: str) -> str:
+    """The first sentence of an 'unavailable' reason, without the exception names and file lookups
+    in parentheses (the full text stays available for the curious)."""
+    first = re.split(r"(?<=[.;])\s", str(text).strip(), maxsplit=1)[0]
+    first = re.sub(r"\s*\((?:[^()]|\([^()]*\))*\)", "", first).rstrip(" .;:")
+    return first + "."
 
 
 def method_choices(methods) -> list[tuple[str, str]]:
@@ -198,20 +226,29 @@ def counterfactual_gallery(root: str) -> list[dict]:
     return entries
 
 
+HONEST, PM, PAPER, DEFAULT = "LDS (honest λ)", "±", "LDS (paper λ)", "LDS (default λ)"
+
+
 def lds_rows(results: dict) -> list[dict]:
-    """One row per (method, test set) of `lds.py`'s lds_results.json: LDS x 100 with +- for the
-    paper's lambda (best on the test set), the honest (cross-fitted) lambda and the default rule."""
+    """One row per (method, test set) of `lds.py`'s lds_results.json: LDS x 100 with its +- for the
+    honest (cross-fitted) lambda, and the LDS at the paper's lambda (best on the test set itself)
+    and at the data-free default rule."""
     rows = []
     for method, per_set in results.get("methods", {}).items():
         for test_set, study in per_set.items():
             if not isinstance(study, dict) or "honest" not in study:
                 continue
-            row = {"method": method_label(method), "test set": test_set}
-            for which in ("paper", "honest", "default"):
-                row[f"LDS ({which} lambda)"] = round(float(study[which]["lds"]), 2)
-                row[f"+- ({which})"] = round(float(study[which]["pm"]), 2)
-            rows.append(row)
-    return rows
+            rows.append({"method": method_label(method), "test set": test_set,
+                         HONEST: round(float(study["honest"]["lds"]), 1), PM: round(float(study["honest"]["pm"]), 1),
+                         PAPER: round(float(study["paper"]["lds"]), 1),
+                         DEFAULT: round(float(study["default"]["lds"]), 1) if "default" in study else None})
+    return sorted(rows, key=lambda r: r["test set"] != "validation")  # the real digits first, stable per method
+
+
+def lambdas_coincide(rows: list[dict]) -> bool:
+    """True when the paper's and the honest lambda give the same LDS in every row (the same lambda
+    won on both halves of every test set, so the optimistic choice cost nothing here)."""
+    return bool(rows) and all(r[PAPER] == r[HONEST] for r in rows)
 
 
 def table_rows(table: dict) -> list[dict]:
@@ -226,9 +263,33 @@ def table_rows(table: dict) -> list[dict]:
             if not isinstance(c, dict):
                 continue
             value = c["honest"] if "honest" in c else c
-            rows.append({"method": name, "test set": test_set, "LDS (honest lambda)": round(float(value["lds"]), 2),
-                         "+- (honest)": round(float(value["pm"]), 2)})
+            rows.append({"method": method_label(name), "test set": test_set, HONEST: round(float(value["lds"]), 1),
+                         PM: round(float(value["pm"]), 1)})
     return rows
+
+
+def relabel_tables(markdown: str) -> str:
+    """A benchmark report's Markdown with every method in the first column of its tables under its
+    one display name (`method_label`): the harnesses write 'd-trak', the app says 'D-TRAK (square)'."""
+    out, relabel = [], False
+    for line in markdown.splitlines():
+        cells = line.split("|")
+        if line.startswith("|") and len(cells) > 2:
+            first = cells[1].strip()
+            if first in ("method", "output function"):
+                relabel = True
+            elif relabel and not set(first) <= set("-: "):
+                cells[1] = f" {method_label(first)} "
+                line = "|".join(cells)
+        else:
+            relabel = False
+        out.append(line)
+    return "\n".join(out)
+
+
+def escape_table_cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell (a '|' would end it)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 # ---------------------------------------------------------------- request parameters
@@ -311,3 +372,223 @@ def parse_method(value, choices, name: str = "method") -> str:
     if not pairs:
         raise ValueError(f"no {name} is available here")
     raise ValueError(f"{name} must be one of {', '.join(label for label, _ in pairs)}; got {_shown(value)}")
+
+
+# ---------------------------------------------------------------- one training image under every method
+
+def rank_of(scores: np.ndarray, index: int) -> int:
+    """1-based rank of training image `index` among all scores, highest first (1 = top proponent);
+    ties go to the lower index, as in `scoring.top_k`."""
+    scores = np.asarray(scores)
+    s = scores[index]
+    return int((scores > s).sum() + (scores[:index] == s).sum() + 1)
+
+
+def ranks_under_methods(attributions: dict, index: int) -> list[dict]:
+    """One row per method for training image `index`: its rank (1 = strongest proponent, N =
+    strongest opponent), its score, and the share of training images it outranks.
+    `attributions`: {method: Attribution or a ValueError saying why that method cannot run here}."""
+    rows = []
+    for method, result in attributions.items():
+        if isinstance(result, Exception):
+            rows.append({"method": method_label(method), "rank": None, "score": None, "why": short_reason(result)})
+            continue
+        n = len(result.scores)
+        rank = rank_of(result.scores, index)
+        rows.append({"method": method_label(method), "rank": rank, "of": n, "score": float(result.scores[index]),
+                     "side": "proponent" if rank <= n // 2 else "opponent", "top_share": rank / n})
+    return rows
+
+
+# ---------------------------------------------------------------- the score by noise level
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """A TRAK-family score split by the noise level of the query's gradient.
+
+    The query feature is the projected gradient averaged over K timesteps; split the timesteps
+    into buckets and the feature is the size-weighted sum of the buckets' mean gradients, so (the
+    score being linear in the query feature) each training image's score is the sum of one
+    contribution per bucket. `contributions[b, i]`: bucket b's part of training image i's score;
+    summed over buckets it is the score the Attribute tab shows."""
+    method: str
+    timesteps: tuple  # ((first, last), ...) training timesteps of each bucket, low noise first
+    contributions: np.ndarray  # (B, N)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.contributions.sum(0)
+
+    def top(self, bucket: int, n: int) -> np.ndarray:
+        """The n training images with the largest contribution in one bucket, strongest first."""
+        return np.argsort(-self.contributions[bucket], kind="stable")[:n]
+
+    def labels(self) -> list[str]:
+        return [f"t {a}-{b}" if a != b else f"t {a}" for a, b in self.timesteps]
+
+
+def _bucket_gradients(gradients, sl: slice):
+    """A copy of a `GradientFeaturizer` that averages over the timesteps in `sl` only (same noise,
+    same model replicas): its output is that bucket's mean gradient."""
+    sub = copy.copy(gradients)
+    sub.timesteps, sub.noise = gradients.timesteps[sl], gradients.noise[sl]
+    sub.sqrt_ab, sub.sqrt_1mab, sub.weights = gradients.sqrt_ab[sl], gradients.sqrt_1mab[sl], gradients.weights[sl]
+    sub.K = len(sub.timesteps)
+    return sub
+
+
+def noise_levels(attributor, image, method: str, buckets: int = 10) -> NoiseLevels:
+    """`image` (C, H, W) attributed by a TRAK-family `method`, split into `buckets` timestep buckets
+    (at most one per timestep of the method's store). Costs about one featurization of the query:
+    the buckets together run the same K timesteps; the store's training features are reused as they
+    are (the split is on the query side only). ValueError for a method without a store."""
+    import torch
+
+    setting, _ = attributor.setting(method)
+    featurizer = attributor.featurizer(setting)
+    gradients = featurizer.gradients
+    K = gradients.K
+    n = max(1, min(int(buckets), K))
+    edges = np.linspace(0, K, n + 1).round().astype(int)
+    x = torch.as_tensor(image, dtype=torch.float32)[None]
+    feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(x)) for a, b in zip(edges, edges[1:])]
+    scores = attributor.scorer(method).scores(torch.cat(feats))  # (B, N), each bucket as if it were the whole query
+    weights = np.diff(edges) / K
+    steps = gradients.timesteps.tolist()
+    spans = tuple((int(steps[a]), int(steps[b - 1])) for a, b in zip(edges, edges[1:]))
+    return NoiseLevels(canonical_name(method), spans, scores * weights[:, None])
+
+
+# ---------------------------------------------------------------- uploads: which way round is the ink
+
+def light_paper(pixels) -> bool:
+    """True when an image, converted without inverting (bright = +1), has a mostly light border:
+    dark ink on light paper, the opposite of the training digits (light ink on black)."""
+    x = np.asarray(pixels, dtype=np.float64)
+    ring = np.concatenate([x[..., 0, :].ravel(), x[..., -1, :].ravel(), x[..., 1:-1, 0].ravel(), x[..., 1:-1, -1].ravel()])
+    return float(ring.mean()) > 0
+
+
+def ink_share(images) -> np.ndarray:
+    """Share of pixels brighter than the middle grey, per image (B, ...) in [-1, 1]."""
+    x = np.asarray(images, dtype=np.float64)
+    return (x.reshape(len(x), -1) > 0).mean(1)
+
+
+def unusual_ink(pixels, train_images) -> str | None:
+    """A warning when the query has more or less ink than every training image: the model has seen
+    nothing like it, and its scores run far larger than usual (often an image the wrong way round)."""
+    share = float(ink_share(np.asarray(pixels)[None])[0])
+    lo, hi = (float(v) for v in np.quantile(ink_share(train_images), [0.0, 1.0]))
+    if lo <= share <= hi:
+        return None
+    return (f"{share:.0%} of this image is ink; every training image has {lo:.0%}-{hi:.0%}. The model has seen "
+            "nothing like it, so its scores are unusually large and say little. If the ink is the wrong way "
+            "round, flip the ink setting.")
+
+
+# ---------------------------------------------------------------- counterfactual: examples and cost
+
+RANKING_ORDER = {"square": 0, "loss": 1, "random": 9}  # D-TRAK first, random last, other rankings between
+
+
+def example_rows(outcomes: dict, first: set | None = None) -> list[dict]:
+    """The counterfactual examples, one row per (seed, k) with up to two rankings and their outcomes.
+
+    `outcomes`: {(seed, ranking, k): {'l2', 'label_before', 'label_after'}} for every stored result;
+    `first`: keys shown before the others (the gallery's). Ranking A is D-TRAK when present, B the
+    random baseline when present (else the next ranking). The first row is the first example whose
+    digit changes under ranking A, so a visitor starts on a removal that visibly mattered."""
+    first = first or set()
+    groups = {}
+    for seed, ranking, k in outcomes:
+        groups.setdefault((int(seed), int(k)), []).append(ranking)
+    rows = []
+    for (seed, k), rankings in groups.items():
+        rankings = sorted(rankings, key=lambda r: (RANKING_ORDER.get(r, 5), r))
+        rankings = rankings[:1] + (["random"] if "random" in rankings[1:] else rankings[1:2])
+        row = {"seed": seed, "k": k, "rankings": rankings,
+               "outcomes": [outcomes[(seed, r, k)] for r in rankings],
+               "first": any((seed, r, k) in first for r in rankings)}
+        rows.append(row)
+    rows.sort(key=lambda r: (not r["first"], r["seed"], -r["k"]))
+    changed = next((i for i, r in enumerate(rows)
+                    if r["outcomes"][0]["label_after"] != r["outcomes"][0]["label_before"]), None)
+    if changed:
+        rows.insert(0, rows.pop(changed))
+    return rows
+
+
+def l2_examples(outcomes: dict, targets=(1.0, 3.0)) -> list[tuple]:
+    """For each target pixel L2, the stored result closest to it: [(target, key), ...] (keys of
+    `outcomes`, {(seed, ranking, k): {'l2', ...}}), so a reader can see what a distance looks like."""
+    if not outcomes:
+        return []
+    keys = sorted(outcomes)
+    return [(t, min(keys, key=lambda key: abs(outcomes[key]["l2"] - t))) for t in targets]
+
+
+@dataclass(frozen=True)
+class RetrainCost:
+    """How long one remove-and-retrain takes on this machine, measured by training a few steps."""
+    seconds_per_step: float
+    steps: int  # steps of the recipe
+    measured_at: float  # time.time() of the measurement
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_per_step * self.steps
+
+    def text(self, retrains: int) -> str:
+        if retrains == 0:
+            return "Every result asked for is precomputed: it shows at once."
+        each = _duration(self.seconds)
+        total = f" ({retrains} retrains: about {_duration(retrains * self.seconds)})" if retrains > 1 else ""
+        return (f"One retrain takes about **{each}** on this server right now{total} "
+                f"(measured here: {self.seconds_per_step * 1000:.0f} ms per training step x {self.steps:,} steps; "
+                "slower while other visitors compute).")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+def measure_retrain(train_images, scheduler, config, probe_steps: int = 6) -> RetrainCost:
+    """Time `probe_steps` training steps of `config` (a `TrainConfig`) on this machine, after one
+    untimed step (the first step pays for allocation), and scale to the recipe's steps."""
+    from dtrak_core.model.training import train
+
+    warm = replace(config, steps=1)
+    train(train_images, scheduler, warm, show_bar=False)
+    t0 = time.perf_counter()
+    train(train_images, scheduler, replace(config, steps=probe_steps), show_bar=False)
+    per_step = (time.perf_counter() - t0) / probe_steps
+    return RetrainCost(per_step, int(config.steps), time.time())
+
+
+def write_example_uploads(folder: str, validation) -> list[tuple[str, str]]:
+    """Image files a visitor can try as uploads, written into `folder` from held-out digits
+    (`validation`: a `data.Dataset` of 8x8 digits the model never trained on): [(path, caption)].
+    Both ink polarities, so the automatic ink detection has something to show."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    from dtrak_core.images import save_png, to_pil
+
+    os.makedirs(folder, exist_ok=True)
+    labels = validation.labels.numpy()
+    out = []
+    for digit, dark_on_light in ((3, False), (7, True)):
+        i = int(np.flatnonzero(labels == digit)[0])
+        img = to_pil(validation.images[i], 8)  # 64x64, light ink on black like the training digits
+        if dark_on_light:
+            img = Image.eval(img, lambda v: 255 - v)
+        path = os.path.join(folder, f"held-out-{digit}{'-on-paper' if dark_on_light else ''}.png")
+        save_png(img, path)
+        out.append((path, f"a held-out {digit}, " + ("dark ink on white paper" if dark_on_light else "light ink on black")))
+    drawing = Image.new("L", (96, 96), 255)  # a digit drawn with a pen on paper, slightly blurred like a photo
+    font = ImageFont.load_default(size=80)
+    ImageDraw.Draw(drawing).text((48, 50), "2", fill=0, font=font, anchor="mm", stroke_width=3, stroke_fill=0)
+    path = os.path.join(folder, "drawn-2.png")
+    save_png(drawing.filter(ImageFilter.GaussianBlur(1.5)), path)
+    out.append((path, "a 2 drawn on paper"))
+    return out

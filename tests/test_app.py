@@ -1,5 +1,6 @@
 """The Gradio app's handlers, called directly on a tiny model folder (no server, no browser),
-and the app's small core helpers (dtrak_core.app_support) against brute-force references."""
+the app's small core helpers (dtrak_core.app_support) against brute-force references, and the
+figures and cards of dtrak_core.viz."""
 import io
 import json
 import os
@@ -20,6 +21,13 @@ class Select:
 
     def __init__(self, index, row_value=None):
         self.index, self.row_value = index, row_value
+
+
+class Clicked:
+    """Stands in for gr.EventData of a card click (the page sends {"index": i})."""
+
+    def __init__(self, data):
+        self._data = data
 
 
 def card_indices(html):
@@ -227,9 +235,12 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
 
     out = app.run_counterfactual(1001, 40, "square", "none", None, CancelAtFirstStep())
     assert cancelled and out[-1].startswith("Cancelled") and (1001, "square", 40) not in app._counterfactual_cache
+    assert len(out) == 8 and all(o == app.gr.update() for o in out[:-1])  # what was shown stays, named by its heading
 
-    before, after_a, after_b, rows, removed_a, removed_b, status = app.run_counterfactual(1001, 40, "square", "none", None)
+    before, after_a, after_b, rows, removed_a, removed_b, shown, status = app.run_counterfactual(
+        1001, 40, "square", "none", None)
     assert len(rows) == 1 and rows[0][:2] == ["D-TRAK (square)", 40] and rows[0][-1].endswith(" s")
+    assert "Shown: seed 1001, 40 of" in shown
     view = app._counterfactual_cache.peek((1001, "square", 40))
     assert rows[0][2] == round(view.l2, 3)
     a = app.assets().attributor
@@ -247,18 +258,28 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
 
 def test_precomputed_examples_show_instantly(app, monkeypatch):
     rows = app.example_targets(app.ASSETS)
-    assert rows == [[EXAMPLE_SEED, EXAMPLE_K, "square", "random"]]
+    found = app.outcomes(app.ASSETS)
+    square, rand = found[(EXAMPLE_SEED, "square", EXAMPLE_K)], found[(EXAMPLE_SEED, "random", EXAMPLE_K)]
+    label = sup.method_label
+    assert rows == [[EXAMPLE_SEED, EXAMPLE_K, label("square"), round(square["l2"], 2),
+                     f"{square['label_before']} → {square['label_after']}", label("random"), round(rand["l2"], 2),
+                     f"{rand['label_before']} → {rand['label_after']}"]]
     first = app.first_example()
-    assert first[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
-    table = first[4 + 3]
+    assert first[:3] == (EXAMPLE_SEED, EXAMPLE_K, "square")  # ranking B keeps its own value ("none")
+    table = first[3 + 3]
     assert [r[-1] for r in table] == ["precomputed", "precomputed"]
+    assert first[-2]["value"] == rows and "pixel L2" in first[-1]
     from dtrak_core.evaluation import counterfactual
 
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("precomputed: no retrain"))
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
     assert out[3] == table
-    shown = app.show_example(Select((0, 0), [EXAMPLE_SEED, EXAMPLE_K, "D-TRAK (square)", "random"]))
-    assert shown[:4] == (EXAMPLE_SEED, EXAMPLE_K, "square", "random")
+    shown = app.show_example(Select((0, 0), rows[0]))
+    assert shown[:3] == (EXAMPLE_SEED, EXAMPLE_K, "square") and shown[3 + 3] == table
+    assert app.retrain_plan(EXAMPLE_SEED, EXAMPLE_K, "square", "random").startswith("Every result asked for is precomputed")
+    plan = app.retrain_plan(EXAMPLE_SEED + 7, EXAMPLE_K, "square", "random")
+    assert "One retrain takes about" in plan and "2 retrains" in plan
+    assert app.retrain_plan("not a seed", EXAMPLE_K, "square", "none") == ""
 
 
 def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path, monkeypatch):
@@ -274,6 +295,7 @@ def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path
     os.rename(os.path.join(root, "counterfactual", "runs"), os.path.join(root, "counterfactual", "jobs"))
     monkeypatch.setattr(app, "ASSETS", root)
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("committed: no retrain"))
+    app.outcomes.cache_clear()
     assert app.committed(root) == {}  # the jobs used another recipe than the model's manifest: never shown
     assert app.example_targets(root) == []
 
@@ -282,12 +304,17 @@ def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path
     manifest["train_config"] = EXAMPLE_TRAIN.to_dict()
     json.dump(manifest, open(manifest_path, "w"))
     app.committed.cache_clear()
+    app.outcomes.cache_clear()
     assert sorted(app.committed(root)) == [(EXAMPLE_SEED, "random", EXAMPLE_K), (EXAMPLE_SEED, "square", EXAMPLE_K)]
-    assert app.example_targets(root) == [[EXAMPLE_SEED, EXAMPLE_K, "square", "random"]]
+    rows = app.example_targets(root)
+    assert [(r[0], r[1], r[2], r[5]) for r in rows] == [(EXAMPLE_SEED, EXAMPLE_K, sup.method_label("square"),
+                                                         sup.method_label("random"))]
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
     job = counterfactual.load_job(os.path.join(root, "counterfactual", "jobs", f"d-trak-k{EXAMPLE_K}-seed{EXAMPLE_SEED}.npz"))
     assert [r[-1] for r in out[3]] == ["precomputed", "precomputed"] and out[3][0][2] == round(job.l2, 3)
+    assert rows[0][3] == round(job.l2, 2)
     app.committed.cache_clear()
+    app.outcomes.cache_clear()
 
 
 def test_benchmarks_tab_renders(app, tmp_path):
@@ -322,24 +349,27 @@ def test_benchmarks_tab_renders(app, tmp_path):
     kinds = [type(b).__name__ for b in full.blocks.values()]
     assert kinds.count("Plot") == 4 and kinds.count("Dataframe") == 2  # LDS, tables, counterfactual, other.json
     text = texts(full)
-    assert "Provisional" in text and "| removed k | D-TRAK |" in text and "protocol notes" in text
+    assert "Provisional" in text and "protocol notes" in text and "Higher is better" in text
     assert "| pixel-cosine | 5.0 ± 2.0 |" in text and "# title" not in text
+    assert "| 300 | median pixel L2 [p25, p75] |" in text and "D-TRAK (square)" in text and "50% of 2" in text
+    assert "the same λ was best on both halves" not in text  # paper 30.0 vs honest 28.0: they differ here
 
 
 def test_table_rows():
     study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.04, "pm": 1.5}}
     rows = sup.table_rows({"d-trak/K10": {"generated": study}, "pixel-dot": {"validation": {"lds": 3.0, "pm": 1.0}},
                            "clip-dot": {"unavailable": "no weights"}, "trak/K1000": {"missing": "cmd"}})
-    assert rows == [{"method": "d-trak/K10", "test set": "generated", "LDS (honest lambda)": 28.04, "+- (honest)": 1.5},
-                    {"method": "pixel-dot", "test set": "validation", "LDS (honest lambda)": 3.0, "+- (honest)": 1.0}]
+    assert rows == [{"method": "D-TRAK (square), K=10", "test set": "generated", sup.HONEST: 28.0, sup.PM: 1.5},
+                    {"method": "pixel-dot", "test set": "validation", sup.HONEST: 3.0, sup.PM: 1.0}]
 
 
 def test_benchmark_rows():
     study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.04, "pm": 1.5}, "default": {"lds": 25.0, "pm": 1.2}}
-    rows = sup.lds_rows({"methods": {"loss": {"validation": study, "setting": {"K": 10}}}})
-    assert rows == [{"method": "TRAK (loss)", "test set": "validation", "LDS (paper lambda)": 30.0, "+- (paper)": 1.0,
-                     "LDS (honest lambda)": 28.04, "+- (honest)": 1.5, "LDS (default lambda)": 25.0,
-                     "+- (default)": 1.2}]
+    rows = sup.lds_rows({"methods": {"loss": {"generated": study, "validation": study, "setting": {"K": 10}}}})
+    assert rows == [{"method": "TRAK (loss)", "test set": test_set, sup.HONEST: 28.0, sup.PM: 1.5, sup.PAPER: 30.0,
+                     sup.DEFAULT: 25.0} for test_set in ("validation", "generated")]  # the real digits first
+    assert not sup.lambdas_coincide(rows)
+    assert sup.lambdas_coincide(sup.lds_rows({"methods": {"trak": {"validation": dict(study, paper=study["honest"])}}}))
 
 
 def test_counterfactual_chart_shows_every_target(app):
@@ -349,7 +379,217 @@ def test_counterfactual_chart_shows_every_target(app):
                                               cell(300, "D-TRAK", [2.0, 3.0, 2.5])]})
     boxes = {t.name: t for t in fig.data}
     assert list(boxes) == ["300 removed", "75 removed"] and all(t.boxpoints == "all" for t in fig.data)
-    assert list(boxes["300 removed"].x) == ["Random", "Random", "D-TRAK", "D-TRAK", "D-TRAK"]
+    rand, dtrak = sup.method_label("random"), sup.method_label("square")  # one name per method, as everywhere
+    assert list(boxes["300 removed"].x) == [rand, rand, dtrak, dtrak, dtrak]
     assert list(boxes["300 removed"].y) == [1.0, 1.5, 2.0, 3.0, 2.5] and list(boxes["75 removed"].y) == [0.5, 1.0]
     assert boxes["300 removed"].text[3] == "seed 1001: label 1 -> 2"
-    assert list(fig.layout.xaxis.categoryarray) == ["Random", "D-TRAK"]  # the paper's column order
+    assert list(fig.layout.xaxis.categoryarray) == [rand, dtrak]  # the paper's column order
+
+
+# ---------------------------------------------------------------- one name per method
+
+def test_one_name_per_method_whatever_the_spelling():
+    assert {sup.method_label(n) for n in ("square", "d-trak", "D-TRAK", "dtrak")} == {"D-TRAK (square)"}
+    assert {sup.method_label(n) for n in ("loss", "trak", "TRAK")} == {"TRAK (loss)"}
+    assert sup.method_label("d-trak/K100") == "D-TRAK (square), K=100"
+    assert sup.method_label("trak/S4") == "TRAK (loss), 4 models"
+    assert sup.method_label("random") == sup.method_label("Random")
+    md = "| method | a |\n|---|---|\n| d-trak | 1 |\n| trak | 2 |\n\ntext | d-trak\n| output function | b |\n|---|---|\n| loss | 3 |"
+    assert sup.relabel_tables(md).splitlines() == [
+        "| method | a |", "|---|---|", "| D-TRAK (square) | 1 |", "| TRAK (loss) | 2 |", "", "text | d-trak",
+        "| output function | b |", "|---|---|", "| TRAK (loss) | 3 |"]
+
+
+def test_about_methods_table_keeps_every_description_whole(app):
+    md = app.methods_markdown(app.assets().methods, {"clip-dot": "CLIP similarity is unavailable: no local CLIP "
+                                                                 "weights (looked at the cache (LocalEntryNotFoundError)). "
+                                                                 "Nothing is downloaded; put the weights there."})
+    row = next(line for line in md.splitlines() if line.startswith("| relative-ip"))
+    cells = [c for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert len(cells) == 2 and "Barshan" in cells[1]  # its '||' is escaped, not a cell border
+    assert "- **clip-dot**: CLIP similarity is unavailable: no local CLIP weights." in md
+    assert "LocalEntryNotFoundError" not in md
+
+
+# ---------------------------------------------------------------- drill-down
+
+def test_rank_of_matches_sorting():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=50)
+    scores[[4, 9, 20]] = scores[7]  # ties: the lower index ranks first, as in scoring.top_k
+    order = sorted(range(50), key=lambda i: (-scores[i], i))
+    assert [sup.rank_of(scores, i) for i in range(50)] == [order.index(i) + 1 for i in range(50)]
+
+
+def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_query(app):
+    import gradio as gr
+
+    _, batch = app.generate_samples("single", 2, 0, 0, 1, 50)
+    q = app.select_sample(batch, Select(0))[0]
+    result = app.attribution_for(q, "square")
+    index = int(result.proponents(3)[2])
+    picked, html, box = app.inspect_training(q, Clicked({"index": index}))
+    assert picked == index and box.visible is True
+    assert f"Training image #{index}" in html
+    for method in app.assets().methods:
+        scores = app.attribution_for(q, method).scores
+        assert f"<td>{sup.method_label(method)}</td><td>{sup.rank_of(scores, index):,} of {len(scores):,}</td>" in html
+    assert f"<td>{sup.method_label('square')}</td><td>3 of " in html
+    for bad in ({"index": -1}, {"index": app.assets().n_train}, {"index": "x"}, {}, None):
+        with pytest.raises(gr.Error, match="training image index"):
+            app.inspect_training(q, Clicked(bad))
+    new_q, img, info, hidden = app.use_training_image(index)
+    np.testing.assert_array_equal(new_q["pixels"], app.assets().attributor.train.images[index].numpy())
+    assert f"Training image #{index}" in info and hidden.visible is False and new_q["seed"] is None
+    assert card_indices(app.attribute(new_q, "square", 3)[0])[0] == index  # its own strongest proponent
+
+
+def test_uploads_for_journey_trak_say_why_in_the_drill_down(app, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
+    q = app.use_upload(str(tmp_path / "black.png"), False)[0]
+    html = app.inspect_training(q, Clicked({"index": 0}))[1]
+    assert "journey-trak</td><td colspan=\"2\" class=\"muted\">journey-trak attributes generated samples only" in html
+
+
+# ---------------------------------------------------------------- noise levels
+
+def test_noise_levels_sum_to_the_score_and_match_per_timestep_gradients(app):
+    """Each bucket against an independent slow reference: plain autograd of the output function at
+    that bucket's timesteps, projected and scored; the buckets together give the full score."""
+    from dtrak_core.attribution.gradients import timestep_noise, timesteps_for
+    from dtrak_core.attribution.output_functions import elbo_weights, get_output_function
+
+    a = app.assets().attributor
+    _, batch = app.generate_samples("single", 4, 0, 0, 1, 20)
+    x = torch.as_tensor(batch["images"][0])
+    levels = sup.noise_levels(a, x, "square", buckets=10)
+    setting, _ = a.setting("square")
+    assert len(levels.timesteps) == min(10, setting.K) and levels.contributions.shape == (len(levels.timesteps), len(a.train))
+    np.testing.assert_allclose(levels.scores, a.attribute(x, "square").scores, rtol=1e-4, atol=1e-6 * np.abs(levels.scores).max())
+
+    ts = timesteps_for(setting.K, a.scheduler.config.num_train_timesteps)
+    noise = timestep_noise(ts, x.shape)
+    f, w = get_output_function("square"), elbo_weights(a.scheduler)
+    abar = a.scheduler.alphas_cumprod.float()
+    params = [p for p in a.unet.parameters() if p.requires_grad]
+    per_t = []
+    for t, eps in zip(ts, noise):
+        xt = abar[t].sqrt() * x + (1 - abar[t]).sqrt() * eps
+        out = f(a.unet(xt[None], t[None], return_dict=False)[0], eps[None], w[t][None]).sum()
+        per_t.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, params)]))
+    projector, scorer = a.featurizer(setting).projector, a.scorer("square")
+    for b, (first, last) in enumerate(levels.timesteps):
+        inside = [i for i, t in enumerate(ts.tolist()) if first <= t <= last]
+        mean = torch.stack([per_t[i] for i in inside]).mean(0)
+        expected = scorer.scores(projector.project(mean[None]))[0] * len(inside) / len(ts)
+        np.testing.assert_allclose(levels.contributions[b], expected, rtol=1e-3,
+                                   atol=1e-5 * np.abs(expected).max())
+    assert levels.labels()[0].startswith(f"t {ts[0]}")
+
+
+def test_noise_view_handler(app):
+    _, batch = app.generate_samples("single", 5, 0, 0, 1, 20)
+    q = app.select_sample(batch, Select(0))[0]
+    fig, cards, text = app.noise_view(q, "square")
+    assert fig.data[0].type == "heatmap" and fig.data[0].z.shape[1] == len(fig.data[0].x)
+    assert "At low noise" in text and len(card_indices(cards)) == len(fig.data[0].x)
+    fig, cards, text = app.noise_view(q, "pixel-cosine")
+    assert fig is None and cards == "" and "has no timesteps to split" in text
+
+
+# ---------------------------------------------------------------- uploads: ink
+
+def test_ink_polarity_is_read_from_the_border(app, tmp_path):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(img).rectangle([24, 8, 39, 55], fill=0)  # a dark "1" on white paper
+    img.save(tmp_path / "paper.png")
+    Image.eval(img, lambda v: 255 - v).save(tmp_path / "light.png")  # the training digits' polarity
+    q, _, info, invert = app.read_upload(str(tmp_path / "paper.png"))
+    assert invert is True and "inverted" in info and q["pixels"][0, 4, 4] > 0.5 and q["pixels"][0, 0, 0] < -0.5
+    q2, _, info2, invert2 = app.read_upload(str(tmp_path / "light.png"))
+    assert invert2 is False and "used as it is" in info2
+    np.testing.assert_allclose(q2["pixels"], q["pixels"], atol=1e-6)  # the same digit either way round
+    assert app.use_upload(str(tmp_path / "paper.png"), False)[0]["pixels"][0, 0, 0] > 0.5  # the box overrides
+
+
+def test_unusual_ink_warns():
+    train = -np.ones((5, 1, 8, 8))
+    for i in range(5):
+        train[i, 0, 2:6, 3 + i % 2] = 1  # 4 to 8 of 64 pixels are ink
+    assert sup.unusual_ink(train[0], train) is None
+    assert "every training image has" in sup.unusual_ink(np.ones((1, 8, 8)), train)
+    assert sup.light_paper(-train[0]) and not sup.light_paper(train[0])
+
+
+def test_example_uploads_are_written_and_usable(app):
+    examples = app.example_uploads()
+    assert len(examples) == 3 and all(os.path.isfile(p) for p, _ in examples)
+    out = app.use_example(2)
+    assert out[3] is True and out[4] == examples[2][0] and "drawn-2.png (inverted)" in out[0]["title"]
+
+
+# ---------------------------------------------------------------- counterfactual examples and cost
+
+def test_example_rows_start_on_a_changed_digit():
+    o = lambda l2, a, b: {"l2": l2, "label_before": a, "label_after": b}
+    outcomes = {(1000, "square", 300): o(2.0, 8, 8), (1000, "loss", 300): o(1.0, 8, 8), (1000, "random", 300): o(0.5, 8, 8),
+                (1001, "square", 300): o(3.0, 4, 7), (1001, "random", 300): o(1.0, 4, 4),
+                (1002, "loss", 75): o(1.5, 3, 5)}
+    rows = sup.example_rows(outcomes, first={(1000, "square", 300)})
+    assert [(r["seed"], r["k"]) for r in rows] == [(1001, 300), (1000, 300), (1002, 75)]
+    assert rows[0]["rankings"] == ["square", "random"] and rows[1]["rankings"] == ["square", "random"]
+    assert rows[2]["rankings"] == ["loss"]
+    assert sup.l2_examples(outcomes, (1.0, 3.0)) == [(1.0, (1000, "loss", 300)), (3.0, (1001, "square", 300))]
+
+
+def test_retrain_cost_is_measured(app):
+    from dtrak_core.model.training import TrainConfig
+
+    cost = sup.measure_retrain(app.assets().attributor.train.images, app.assets().attributor.scheduler,
+                               TrainConfig(steps=300, batch_size=16, block_out_channels=(4, 8)), probe_steps=2)
+    assert cost.seconds_per_step > 0 and cost.steps == 300 and cost.seconds == cost.seconds_per_step * 300
+    assert "2 retrains" in cost.text(2) and "2 retrains" not in cost.text(1) and "precomputed" in cost.text(0)
+
+
+# ---------------------------------------------------------------- generate, compare, viz
+
+def test_a_generate_mistake_is_caught_before_the_gallery_changes(app):
+    import gradio as gr
+
+    assert app.check_generate("range", 0, 0, 15, 1, 50) is None
+    with pytest.raises(gr.Error, match="smaller than the first"):
+        app.check_generate("range", 0, 5, 2, 1, 50)
+    with pytest.raises(gr.Error, match="DDIM steps"):
+        app.check_generate("single", 1, 0, 0, 1, 0)
+
+
+def test_the_comparison_follows_the_query_once_asked_for(app):
+    _, batch = app.generate_samples("range", 0, 0, 1, 1, 10)
+    q = app.select_sample(batch, Select(1))[0]
+    assert all(o == app.gr.update() for o in app.follow_compare(q, "square", "loss", 4, False))
+    assert app.follow_compare(q, "square", "loss", 4, True) == app.compare(q, "square", "loss", 4)
+
+
+def test_viz_has_no_gradio():
+    import subprocess
+    import sys
+
+    code = "import sys, dtrak_core.viz; assert 'gradio' not in sys.modules, 'viz imports gradio'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_lds_chart_sorts_methods_and_marks_the_ceiling():
+    from dtrak_core import viz
+
+    rows = [{"method": m, "test set": t, sup.HONEST: v, sup.PM: 1.0}
+            for m, v in (("a", 10.0), ("b", 30.0), ("c", 20.0)) for t in ("generated", "validation")]
+    fig = viz.lds_chart(rows, {"validation": {"ceiling": 80.0}, "generated": {"ceiling": 60.0}})
+    assert [t.name for t in fig.data] == ["validation", "generated"]
+    assert list(fig.data[0].y) == ["a", "c", "b"]  # plotly draws bottom-up: the best method on top
+    assert sorted(s.x0 for s in fig.layout.shapes) == [60.0, 80.0]
