@@ -165,14 +165,8 @@ def cmd_quality(args):
 
 def cmd_counterfactual(args):
     from dtrak_core.attribution.attributor import Attributor
-    from dtrak_core.evaluation.counterfactual import (
-        format_table,
-        run_counterfactual,
-        summarize,
-        target_seeds,
-        train_config_from_manifest,
-        write_gallery,
-    )
+    from dtrak_core.evaluation.counterfactual import run_counterfactual, target_seeds, train_config_from_manifest
+    from dtrak_core.evaluation.counterfactual_report import format_table, summarize, write_gallery
     from dtrak_core.evaluation.retrain import parse_shard
     from dtrak_core.files import atomic_write_json
 

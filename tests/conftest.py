@@ -76,6 +76,7 @@ def build_tiny_assets(root: str) -> str:
 
 def _build_tiny_assets(root: str, gallery: str) -> None:
     from dtrak_core.evaluation import counterfactual as cf
+    from dtrak_core.evaluation.counterfactual_report import write_gallery
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.build import build_store, train_or_load
 
@@ -87,7 +88,7 @@ def _build_tiny_assets(root: str, gallery: str) -> None:
     cf.run_counterfactual(attributor, runs, seeds=[EXAMPLE_SEED], rankings=("d-trak", "random"), ks=(EXAMPLE_K,),
                           config=EXAMPLE_TRAIN, control=False,
                           show_bar=False)
-    cf.write_gallery(runs, os.path.dirname(gallery), attributor.train)
+    write_gallery(runs, os.path.dirname(gallery), attributor.train)
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,7 @@ def test_committed_counterfactual_results_belong_to_this_model(attributor):
     may serve them), their rankings are reproduced by the committed stores, and summary.json is
     what they summarize to."""
     from dtrak_core.evaluation import counterfactual as cf
+    from dtrak_core.evaluation.counterfactual_report import summarize
 
     folder = os.path.join(ASSETS, "counterfactual")
     if not os.path.isfile(os.path.join(folder, "summary.json")):
@@ -89,7 +90,7 @@ def test_committed_counterfactual_results_belong_to_this_model(attributor):
     assert len(set(removed.tolist()) & set(job.removed_indices.tolist())) >= 0.98 * k  # float ties at the cut
     with open(os.path.join(folder, "summary.json")) as f:
         committed = json.load(f)
-    fresh = json.loads(json.dumps(cf.summarize(jobs, attributor.train.labels.numpy())))
+    fresh = json.loads(json.dumps(summarize(jobs, attributor.train.labels.numpy())))
     assert [(c["ranking"], c["k"], c["l2"]) for c in fresh["cells"]] == \
         [(c["ranking"], c["k"], c["l2"]) for c in committed["cells"]]
 

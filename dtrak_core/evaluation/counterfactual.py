@@ -17,8 +17,8 @@ One target, one ranking (the app's live "remove and retrain"):
 Many targets (`run_counterfactual`, CLI `python -m dtrak_core counterfactual`): each
 (target, ranking, k) is one `RetrainJob` run by `retrain.run_jobs`, so the run is resumable (a
 job's .npz is written atomically when it finishes; finished jobs are skipped) and shardable
-(`--shard i/n`). `summarize` turns the job files into the paper's table (median per ranking) plus
-the distribution and paired per-target comparisons.
+(`--shard i/n`). `counterfactual_report` turns the job files into the paper's table (median per
+ranking), the distribution, paired per-target comparisons and a before/after gallery.
 
 Targets are the DDIM-50 samples of seeds `TARGET_SEED_START + i`, i = 0..n-1: a fixed rule, not a
 choice of "good" images, disjoint from the quality seeds 0..255. The random ranking for a target
@@ -29,6 +29,9 @@ Reproducibility: training is deterministic for a fixed torch build *and thread c
 control job (nothing removed; it runs after the first 3 targets' jobs) reports how far a retrain
 under this run's thread count lands from the committed model (0 when they match: the committed
 model was trained on `build.BUILD_THREADS` threads).
+
+One record, `CounterfactualResult`, for every form of a result: `to_dict` (JSON, no images),
+`to_arrays` / `from_arrays` (a harness job file, read back by `load_job`).
 """
 from __future__ import annotations
 
@@ -43,17 +46,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dtrak_core.attribution.attributor import RULE
-from dtrak_core.model.unet import checkpoint_hash
 from dtrak_core.attribution import methods as registry
+from dtrak_core.attribution.attributor import RULE
 from dtrak_core.attribution.output_functions import canonical_name
+from dtrak_core.errors import Cancelled, IntegrityError
 from dtrak_core.evaluation.quality import classify
-from dtrak_core.evaluation.retrain import RetrainJob, load_result, retrain, run_jobs, save_result
-from dtrak_core.model.sampling import generate
-from dtrak_core.errors import IntegrityError
+from dtrak_core.evaluation.retrain import RetrainJob, load_result, retrain, run_jobs
 from dtrak_core.files import atomic_write_json, read_json
-from dtrak_core.errors import Cancelled
+from dtrak_core.folder import ModelFolder
+from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig
+from dtrak_core.model.unet import checkpoint_hash
 
 TARGET_SEED_START = 1000  # targets are seeds 1000, 1001, ...; disjoint from the quality seeds 0..255
 RANDOM_RANKING_SEED = 20240  # with the target seed, seeds the random ranking
@@ -61,8 +64,6 @@ RANDOM = "random"
 SAMPLING = {"sampler": "ddim", "steps": 50, "eta": 0.0}  # as published
 CONTROL_ID = "control-k0"  # one retrain on everything: how far this machine's retrain is from the model
 CONTROL_AFTER_TARGETS = 3  # the control job runs after the first 3 targets' jobs at the first k
-PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
-                    "clip_cosine": {"Random": 0.968, "TRAK": 0.943, "D-TRAK": 0.881}}
 
 
 # -- small helpers --------------------------------------------------------------------------------
@@ -136,16 +137,13 @@ def parse_k(k, n_train: int) -> int:
 
 def train_config_from_manifest(root: str) -> TrainConfig:
     """The recipe the model under `root` was trained with (manifest.json's train_config)."""
-    path = os.path.join(root, "manifest.json")
-    if not os.path.isfile(path):
+    folder = ModelFolder.load(root, missing_ok=True)
+    if folder is None:
         raise ValueError(f"no manifest.json in {root!r}; build it with `python -m dtrak_core build-default` "
                          f"or pass a TrainConfig")
-    manifest = read_json(path, "model manifest", "rebuild the model folder with `python -m dtrak_core build-default`")
-    if "train_config" not in manifest:
-        raise ValueError(f"{path} has no train_config; pass a TrainConfig")
-    cfg = dict(manifest["train_config"])
-    cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
-    return TrainConfig(**cfg)
+    if folder.train_config is None:
+        raise ValueError(f"{folder.path} has no train_config; pass a TrainConfig")
+    return folder.train_config
 
 
 def _default_config(attributor) -> TrainConfig:
@@ -155,11 +153,9 @@ def _default_config(attributor) -> TrainConfig:
         raise ValueError("the attributor was not loaded from a model folder, so its training recipe is unknown; "
                          "pass config=TrainConfig(...) with the recipe it was trained with")
     config = train_config_from_manifest(attributor.root)
-    manifest = os.path.join(attributor.root, "manifest.json")
-    recorded = read_json(manifest, "model manifest",
-                         "rebuild the model folder with `python -m dtrak_core build-default`").get("checkpoint_hash")
-    if recorded is not None and recorded != checkpoint_hash(attributor.unet):
-        raise ValueError(f"the attributor's model is not the one in {manifest}; pass "
+    folder = ModelFolder.load(attributor.root)
+    if folder.checkpoint_hash is not None and folder.checkpoint_hash != checkpoint_hash(attributor.unet):
+        raise ValueError(f"the attributor's model is not the one in {folder.path}; pass "
                          "config=TrainConfig(...) with the recipe it was trained with")
     return config
 
@@ -220,6 +216,8 @@ def clip_cosine(before: torch.Tensor, after: torch.Tensor) -> tuple[float | None
 
 @dataclass
 class CounterfactualResult:
+    """One target's remove-and-retrain result: what `remove_and_retrain` returns and a harness job holds."""
+
     seed: int  # sampling seed of the target
     ranking: str  # 'random' or the canonical output function ('square' = D-TRAK, 'loss' = TRAK)
     k: int  # training images removed
@@ -252,6 +250,28 @@ class CounterfactualResult:
                 "label_after": self.label_after, "confidence_after": self.confidence_after,
                 "label_changed": self.label_changed, "clip_cosine": self.clip_cosine,
                 "clip_status": self.clip_status, "train_seconds": self.train_seconds}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of a harness job file (`JOB_KEYS`; clip_cosine nan when unavailable)."""
+        return {"seed": np.array(self.seed), "ranking": np.array(self.ranking), "k": np.array(self.k),
+                "removed": self.removed_indices, "before": self.before.numpy(), "after": self.after.numpy(),
+                "l2": np.array(self.l2), "label_before": np.array(self.label_before),
+                "confidence_before": np.array(self.confidence_before), "label_after": np.array(self.label_after),
+                "confidence_after": np.array(self.confidence_after),
+                "clip_cosine": np.array(np.nan if self.clip_cosine is None else self.clip_cosine),
+                "clip_status": np.array(self.clip_status), "train_seconds": np.array(self.train_seconds)}
+
+    @classmethod
+    def from_arrays(cls, z: dict) -> "CounterfactualResult":
+        """The result a job file's arrays (`to_arrays`) describe."""
+        clip = float(z["clip_cosine"])
+        return cls(seed=int(z["seed"]), ranking=str(z["ranking"]), k=int(z["k"]),
+                   before=torch.as_tensor(z["before"]), after=torch.as_tensor(z["after"]),
+                   removed_indices=z["removed"], l2=float(z["l2"]), label_before=int(z["label_before"]),
+                   confidence_before=float(z["confidence_before"]), label_after=int(z["label_after"]),
+                   confidence_after=float(z["confidence_after"]),
+                   clip_cosine=None if np.isnan(clip) else clip, clip_status=str(z["clip_status"]),
+                   train_seconds=float(z["train_seconds"]))
 
 
 def retrain_and_measure(attributor, seed: int, before: torch.Tensor, removed: np.ndarray, ranking: str,
@@ -416,14 +436,7 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
         spec = specs[job.id]
         r = retrain_and_measure(attributor, spec["seed"], befores[spec["seed"]], spec["removed"], spec["ranking"],
                                 config)
-        return {"seed": np.array(r.seed), "ranking": np.array(r.ranking), "k": np.array(r.k),
-                "removed": r.removed_indices, "before": r.before.numpy(), "after": r.after.numpy(),
-                "l2": np.array(r.l2), "label_before": np.array(r.label_before),
-                "confidence_before": np.array(r.confidence_before), "label_after": np.array(r.label_after),
-                "confidence_after": np.array(r.confidence_after),
-                "clip_cosine": np.array(np.nan if r.clip_cosine is None else r.clip_cosine),
-                "clip_status": np.array(r.clip_status), "train_seconds": np.array(r.train_seconds),
-                "threads": np.array(threads)}
+        return {**r.to_arrays(), "threads": np.array(threads)}
 
     return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar)
 
@@ -443,13 +456,13 @@ def committed_results(attributor, out_dir: str | None = None,
     else (e.g. the model was rebuilt since), so a stale result is never shown as this model's.
 
     Damage is never skipped silently: an unreadable identity.json (or a missing one beside job
-    files) or job file raises `store.IntegrityError` (a ValueError) naming the file."""
+    files) or job file raises `errors.IntegrityError` (a ValueError) naming the file."""
     out_dir = _jobs_dir(attributor) if out_dir is None else out_dir
     rankings = _reproducible_rankings(attributor, out_dir, config)
     found = {}
     if not rankings:
         return found
-    for path in _job_files(out_dir):
+    for path in job_files(out_dir):
         z = load_result(path, keys=JOB_KEYS)  # every array is read, so zip CRCs are checked too
         key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
         if key[1] in rankings:
@@ -461,8 +474,8 @@ JOB_KEYS = ("seed", "ranking", "k", "removed", "before", "after", "l2", "label_b
             "label_after", "confidence_after", "clip_cosine", "clip_status", "train_seconds")
 
 
-def _job_files(out_dir: str) -> list[str]:
-    """The (target, ranking, k) job files in out_dir (not the control job)."""
+def job_files(out_dir: str) -> list[str]:
+    """The (target, ranking, k) job files in out_dir, sorted by name (not the control job)."""
     return [p for p in sorted(glob.glob(os.path.join(out_dir, "*.npz"))) if os.path.basename(p) != f"{CONTROL_ID}.npz"]
 
 
@@ -491,15 +504,7 @@ def _reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None)
 
 def load_job(path: str) -> CounterfactualResult:
     """One finished harness job as a `CounterfactualResult` (what `remove_and_retrain` returns)."""
-    z = load_result(path, keys=JOB_KEYS)
-    clip = float(z["clip_cosine"])
-    return CounterfactualResult(seed=int(z["seed"]), ranking=str(z["ranking"]), k=int(z["k"]),
-                                before=torch.as_tensor(z["before"]), after=torch.as_tensor(z["after"]),
-                                removed_indices=z["removed"], l2=float(z["l2"]), label_before=int(z["label_before"]),
-                                confidence_before=float(z["confidence_before"]), label_after=int(z["label_after"]),
-                                confidence_after=float(z["confidence_after"]),
-                                clip_cosine=None if np.isnan(clip) else clip, clip_status=str(z["clip_status"]),
-                                train_seconds=float(z["train_seconds"]))
+    return CounterfactualResult.from_arrays(load_result(path, keys=JOB_KEYS))
 
 
 def load_precomputed(attributor, seed: int, ranking: str, k,
@@ -514,157 +519,3 @@ def load_precomputed(attributor, seed: int, ranking: str, k,
     if not os.path.isfile(path) or name not in _reproducible_rankings(attributor, out_dir, config):
         return None
     return load_job(path)
-
-
-# -- reporting ------------------------------------------------------------------------------------
-def load_results(out_dir: str) -> list[dict]:
-    """Every finished (target, ranking, k) job in out_dir, as dicts of plain values."""
-    rows = []
-    for path in _job_files(out_dir):
-        z = load_result(path, keys=JOB_KEYS)
-        row = {key: (z[key].item() if z[key].ndim == 0 else z[key]) for key in z}
-        row["id"] = os.path.basename(path)[:-4]
-        rows.append(row)
-    return rows
-
-
-def _quantiles(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    q = np.quantile(v, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
-    return {"n": int(len(v)), "median": float(q[3]), "mean": float(v.mean()), "min": float(q[0]), "p10": float(q[1]),
-            "p25": float(q[2]), "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6])}
-
-
-def summarize(out_dir: str, train_labels=None) -> dict:
-    """Medians and distributions per (k, ranking), paired per-target comparisons, and the control.
-
-    With `train_labels`, each cell also reports the share of removed images whose label is the
-    target's (classifier) label: with 10 classes of ~150 digits, removing 300 can empty a class.
-    """
-    from scipy.stats import wilcoxon
-
-    rows = load_results(out_dir)
-    cells, by_target = {}, {}
-    for r in rows:
-        cells.setdefault((r["k"], r["ranking"]), []).append(r)
-        by_target.setdefault(r["k"], {}).setdefault(r["ranking"], {})[r["seed"]] = r["l2"]
-    summary = {"cells": [], "paired": [], "published_cifar2_medians": PUBLISHED_CIFAR2}
-    for (k, ranking), group in sorted(cells.items(), key=lambda kv: (-kv[0][0], display_name(kv[0][1]))):
-        group.sort(key=lambda r: r["seed"])
-        clip = [r["clip_cosine"] for r in group if not np.isnan(r["clip_cosine"])]
-        summary["cells"].append({
-            "k": int(k), "ranking": ranking, "method": display_name(ranking),
-            "l2": _quantiles([r["l2"] for r in group]),
-            "label_changed": float(np.mean([r["label_before"] != r["label_after"] for r in group])),
-            "median_confidence_before": float(np.median([r["confidence_before"] for r in group])),
-            "median_confidence_after": float(np.median([r["confidence_after"] for r in group])),
-            "clip_cosine": _quantiles(clip) if clip else group[0]["clip_status"],
-            "median_train_seconds": float(np.median([r["train_seconds"] for r in group])),
-            "removed_same_label_share": None if train_labels is None or k == 0 else float(np.mean(
-                [np.mean(np.asarray(train_labels)[r["removed"]] == r["label_before"]) for r in group])),
-            "per_target": [{"seed": int(r["seed"]), "l2": float(r["l2"]), "label_before": int(r["label_before"]),
-                            "label_after": int(r["label_after"])} for r in group],
-        })
-    for k, per in sorted(by_target.items(), reverse=True):
-        names = sorted(per, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                common = sorted(set(per[a]) & set(per[b]))
-                if not common:
-                    continue
-                diff = np.array([per[a][s] - per[b][s] for s in common])
-                p = float(wilcoxon(diff).pvalue) if len(common) >= 6 and np.any(diff != 0) else None
-                summary["paired"].append({"k": int(k), "a": display_name(a), "b": display_name(b), "n": len(common),
-                                          "share_a_moves_more": float(np.mean(diff > 0)),
-                                          "median_difference": float(np.median(diff)), "wilcoxon_p": p})
-    control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
-    if os.path.isfile(control):
-        z = load_result(control, keys=("l2", "same_weights", "train_seconds", "threads"))
-        summary["control"] = {"n": int(len(z["l2"])), "same_weights": bool(z["same_weights"]),
-                              "median_l2": float(np.median(z["l2"])), "max_l2": float(np.max(z["l2"])),
-                              "train_seconds": float(z["train_seconds"]), "threads": int(z["threads"])}
-    return summary
-
-
-def format_table(summary: dict, n_train: int = 1500) -> str:
-    """Markdown: the paper's table (median L2 per ranking, n per cell), then paired comparisons."""
-    by_column = sorted(summary["cells"], key=lambda c: registry.sort_key(c["ranking"]))  # the paper's column order
-    methods = list(dict.fromkeys(c["method"] for c in by_column))
-    ks = sorted({c["k"] for c in summary["cells"]}, reverse=True)
-    cell = {(c["k"], c["method"]): c for c in summary["cells"]}
-    lines = ["| removed k | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    pub = summary["published_cifar2_medians"]
-    lines.append("| 20% (CIFAR-2, published) | median L2 | "
-                 + " | ".join(f"{pub['l2'][m]:.2f}" if m in pub["l2"] else "" for m in methods) + " |")
-    for k in ks:
-        label = f"{k} ({100 * k / n_train:g}%)"
-        def fmt(m, f):
-            c = cell.get((k, m))
-            return f(c) if c else "-"
-        lines.append(f"| {label} | median L2 [p25, p75] (n) | " + " | ".join(fmt(m, lambda c: (
-            f"**{c['l2']['median']:.2f}** [{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}] (n={c['l2']['n']})")) for m in methods) + " |")
-        lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
-            f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
-        if any(c.get("removed_same_label_share") is not None for c in summary["cells"] if c["k"] == k):
-            lines.append(f"| {label} | removed images with the target's label | " + " | ".join(fmt(m, lambda c: (
-                "-" if c["removed_same_label_share"] is None else f"{100 * c['removed_same_label_share']:.0f}%"))
-                for m in methods) + " |")
-        lines.append(f"| {label} | median CLIP cosine | " + " | ".join(fmt(m, lambda c: (
-            f"{c['clip_cosine']['median']:.3f}" if isinstance(c["clip_cosine"], dict) else "unavailable")) for m in methods) + " |")
-    if summary["paired"]:
-        lines += ["", "| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p |",
-                  "|---|---|---|---|---|---|"]
-        for p in summary["paired"]:
-            pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.2g}"
-            lines.append(f"| {p['k']} | {p['a']} vs {p['b']} | {p['n']} | {100 * p['share_a_moves_more']:.0f}% | "
-                         f"{p['median_difference']:+.2f} | {pv} |")
-    if "control" in summary:
-        c = summary["control"]
-        lines += ["", f"Control (nothing removed, {c['threads']} thread(s)): same weights as the committed model: "
-                      f"{c['same_weights']}; median L2 to the targets {c['median_l2']:.2g} (max {c['max_l2']:.2g}, n={c['n']})."]
-    return "\n".join(lines) + "\n"
-
-
-def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: int | None = None,
-                  scale: int = 16) -> dict:
-    """Before/after PNGs (and the removed images) for the first targets finished under every ranking at k."""
-    from dtrak_core.images import grid, save_png, to_pil
-
-    rows = load_results(out_dir)
-    if not rows:
-        raise ValueError(f"no finished counterfactual jobs in {out_dir!r}")
-    k = max(r["k"] for r in rows) if k is None else k
-    rows = [r for r in rows if r["k"] == k]
-    rankings = sorted({r["ranking"] for r in rows}, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
-    by = {(r["seed"], r["ranking"]): r for r in rows}
-    seeds = sorted(s for s in {r["seed"] for r in rows} if all((s, n) in by for n in rankings))[:n_targets]
-    if not seeds:
-        raise ValueError(f"no target has finished jobs for every ranking at k={k} in {out_dir!r}")
-    os.makedirs(gallery_dir, exist_ok=True)
-    entries, tiles = [], []
-    for s in seeds:
-        before = torch.as_tensor(by[(s, rankings[0])]["before"])
-        before_png = f"seed{s}-before.png"
-        save_png(to_pil(before, scale), os.path.join(gallery_dir, before_png))
-        tiles.append(before)
-        for name in rankings:
-            r = by[(s, name)]
-            after = torch.as_tensor(r["after"])
-            tiles.append(after)
-            stem = f"seed{s}-{slug(name)}-k{k}"
-            save_png(to_pil(after, scale), os.path.join(gallery_dir, f"{stem}-after.png"))
-            top = train.images[torch.as_tensor(r["removed"][:32], dtype=torch.long)]
-            save_png(grid(top, columns=16, scale=scale // 2), os.path.join(gallery_dir, f"{stem}-removed.png"))
-            entries.append({"seed": int(s), "ranking": name, "method": display_name(name), "k": int(k),
-                            "before_png": before_png, "after_png": f"{stem}-after.png",
-                            "removed_png": f"{stem}-removed.png", "removed_png_shows": "the first 32 removed, strongest first",
-                            "removed_indices": [int(i) for i in r["removed"]], "l2": float(r["l2"]),
-                            "label_before": int(r["label_before"]), "confidence_before": float(r["confidence_before"]),
-                            "label_after": int(r["label_after"]), "confidence_after": float(r["confidence_after"]),
-                            "clip_cosine": None if np.isnan(r["clip_cosine"]) else float(r["clip_cosine"]),
-                            "clip_status": str(r["clip_status"])})
-    save_png(grid(torch.stack(tiles), columns=1 + len(rankings), scale=scale), os.path.join(gallery_dir, "gallery.png"))
-    index = {"k": int(k), "seeds": [int(s) for s in seeds], "columns": ["before"] + [display_name(n) for n in rankings],
-             "grid_png": "gallery.png", "entries": entries}
-    atomic_write_json(os.path.join(gallery_dir, "gallery.json"), index)
-    return index

@@ -8,6 +8,7 @@ import torch
 
 import dtrak_core.evaluation.retrain as retrain_module
 from dtrak_core.evaluation import counterfactual as cf
+from dtrak_core.evaluation import counterfactual_report as report
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.model.unet import build_scheduler, checkpoint_hash
@@ -104,6 +105,10 @@ def test_removes_exactly_top_k_and_retrained_model_never_saw_them(attributor, ca
     assert 0 <= result.label_before <= 9 and 0 < result.confidence_before <= 1
     assert result.clip_cosine is None or -1 <= result.clip_cosine <= 1
     json.dumps(result.to_dict())
+    # one record for every form: a job file's arrays read back as the same result
+    back = cf.CounterfactualResult.from_arrays(result.to_arrays())
+    assert back.to_dict() == result.to_dict()
+    assert torch.equal(back.before, result.before) and torch.equal(back.after, result.after)
 
 
 def test_nothing_removed_reproduces_model_and_image(attributor, captured):
@@ -163,13 +168,13 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
         cf.run_counterfactual(attributor, out, seeds, rankings, ks, TrainConfig(steps=7, batch_size=16,
                               block_out_channels=(4, 8), seed=3), show_bar=False)
 
-    summary = cf.summarize(out)
+    summary = report.summarize(out)
     assert {(c["k"], c["method"]) for c in summary["cells"]} == {(k, m) for k in (16, 8) for m in ("D-TRAK", "TRAK", "Random")}
     for c in summary["cells"]:
         l2s = [cf.load_result(os.path.join(out, f"{cf.slug(c['ranking'])}-k{c['k']}-seed{s}.npz"))["l2"] for s in seeds]
         assert c["l2"]["n"] == 2 and c["l2"]["median"] == pytest.approx(float(np.median(l2s)))
     assert summary["control"]["same_weights"] and summary["control"]["max_l2"] == 0.0
-    table = cf.format_table(summary, N)
+    table = report.format_table(summary, N)
     assert "median L2" in table and "(n=2)" in table
 
     live = cf.remove_and_retrain(attributor, 41, "trak", 8, config=TINY)
@@ -190,7 +195,7 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
     atomic_write_json(os.path.join(out, "identity.json"), ident)
     assert {r for _, r, _ in cf.committed_results(attributor, out, TINY)} == {"square", "random"}
 
-    index = cf.write_gallery(out, str(tmp_path / "gallery"), attributor.train, n_targets=2)
+    index = report.write_gallery(out, str(tmp_path / "gallery"), attributor.train, n_targets=2)
     assert index["k"] == 16 and index["seeds"] == seeds and len(index["entries"]) == 6
     for e in index["entries"]:
         assert os.path.isfile(tmp_path / "gallery" / e["after_png"])

@@ -1,0 +1,173 @@
+"""The counterfactual harness's report: the paper's table, distributions, paired comparisons and a
+before/after gallery, from the finished job files of `counterfactual.run_counterfactual`.
+
+    summary = summarize(jobs_dir, train_labels)       # medians and distributions per (k, ranking), paired tests
+    print(format_table(summary, n_train))              # Markdown
+    write_gallery(jobs_dir, gallery_dir, train_set)   # PNGs + gallery.json for the first targets
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from scipy.stats import wilcoxon
+
+from dtrak_core.attribution import methods as registry
+from dtrak_core.evaluation.counterfactual import (
+    CONTROL_ID,
+    CounterfactualResult,
+    display_name,
+    job_files,
+    load_job,
+    slug,
+)
+from dtrak_core.evaluation.retrain import load_result
+from dtrak_core.files import atomic_write_json
+from dtrak_core.images import grid, save_png, to_pil
+
+PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
+                    "clip_cosine": {"Random": 0.968, "TRAK": 0.943, "D-TRAK": 0.881}}
+GALLERY_FIELDS = ("seed", "ranking", "method", "k", "removed_indices", "l2", "label_before", "confidence_before",
+                  "label_after", "confidence_after", "clip_cosine", "clip_status")  # of a result, per gallery entry
+
+def load_results(out_dir: str) -> list[CounterfactualResult]:
+    """Every finished (target, ranking, k) job in out_dir (sorted by file name), as results."""
+    return [load_job(path) for path in job_files(out_dir)]
+
+
+def _quantiles(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    q = np.quantile(v, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    return {"n": int(len(v)), "median": float(q[3]), "mean": float(v.mean()), "min": float(q[0]), "p10": float(q[1]),
+            "p25": float(q[2]), "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6])}
+
+
+def summarize(out_dir: str, train_labels=None) -> dict:
+    """Medians and distributions per (k, ranking), paired per-target comparisons, and the control,
+    of the finished jobs in `out_dir`.
+
+    With `train_labels`, each cell also reports the share of removed images whose label is the
+    target's (classifier) label: with 10 classes of ~150 digits, removing 300 can empty a class.
+    """
+    rows = load_results(out_dir)
+    cells, by_target = {}, {}
+    for r in rows:
+        cells.setdefault((r.k, r.ranking), []).append(r)
+        by_target.setdefault(r.k, {}).setdefault(r.ranking, {})[r.seed] = r.l2
+    summary = {"cells": [], "paired": [], "published_cifar2_medians": PUBLISHED_CIFAR2}
+    for (k, ranking), group in sorted(cells.items(), key=lambda kv: (-kv[0][0], display_name(kv[0][1]))):
+        group.sort(key=lambda r: r.seed)
+        clip = [r.clip_cosine for r in group if r.clip_cosine is not None]
+        summary["cells"].append({
+            "k": int(k), "ranking": ranking, "method": display_name(ranking),
+            "l2": _quantiles([r.l2 for r in group]),
+            "label_changed": float(np.mean([r.label_changed for r in group])),
+            "median_confidence_before": float(np.median([r.confidence_before for r in group])),
+            "median_confidence_after": float(np.median([r.confidence_after for r in group])),
+            "clip_cosine": _quantiles(clip) if clip else group[0].clip_status,
+            "median_train_seconds": float(np.median([r.train_seconds for r in group])),
+            "removed_same_label_share": None if train_labels is None or k == 0 else float(np.mean(
+                [np.mean(np.asarray(train_labels)[r.removed_indices] == r.label_before) for r in group])),
+            "per_target": [{"seed": r.seed, "l2": r.l2, "label_before": r.label_before, "label_after": r.label_after}
+                           for r in group],
+        })
+    for k, per in sorted(by_target.items(), reverse=True):
+        names = sorted(per, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = sorted(set(per[a]) & set(per[b]))
+                if not common:
+                    continue
+                diff = np.array([per[a][s] - per[b][s] for s in common])
+                p = float(wilcoxon(diff).pvalue) if len(common) >= 6 and np.any(diff != 0) else None
+                summary["paired"].append({"k": int(k), "a": display_name(a), "b": display_name(b), "n": len(common),
+                                          "share_a_moves_more": float(np.mean(diff > 0)),
+                                          "median_difference": float(np.median(diff)), "wilcoxon_p": p})
+    control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
+    if os.path.isfile(control):
+        z = load_result(control, keys=("l2", "same_weights", "train_seconds", "threads"))
+        summary["control"] = {"n": int(len(z["l2"])), "same_weights": bool(z["same_weights"]),
+                              "median_l2": float(np.median(z["l2"])), "max_l2": float(np.max(z["l2"])),
+                              "train_seconds": float(z["train_seconds"]), "threads": int(z["threads"])}
+    return summary
+
+
+def format_table(summary: dict, n_train: int = 1500) -> str:
+    """Markdown: the paper's table (median L2 per ranking, n per cell), then paired comparisons."""
+    by_column = sorted(summary["cells"], key=lambda c: registry.sort_key(c["ranking"]))  # the paper's column order
+    methods = list(dict.fromkeys(c["method"] for c in by_column))
+    ks = sorted({c["k"] for c in summary["cells"]}, reverse=True)
+    cell = {(c["k"], c["method"]): c for c in summary["cells"]}
+    lines = ["| removed k | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    pub = summary["published_cifar2_medians"]
+    lines.append("| 20% (CIFAR-2, published) | median L2 | "
+                 + " | ".join(f"{pub['l2'][m]:.2f}" if m in pub["l2"] else "" for m in methods) + " |")
+    for k in ks:
+        label = f"{k} ({100 * k / n_train:g}%)"
+        def fmt(m, f):
+            c = cell.get((k, m))
+            return f(c) if c else "-"
+        lines.append(f"| {label} | median L2 [p25, p75] (n) | " + " | ".join(fmt(m, lambda c: (
+            f"**{c['l2']['median']:.2f}** [{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}] (n={c['l2']['n']})")) for m in methods) + " |")
+        lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
+            f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
+        if any(c.get("removed_same_label_share") is not None for c in summary["cells"] if c["k"] == k):
+            lines.append(f"| {label} | removed images with the target's label | " + " | ".join(fmt(m, lambda c: (
+                "-" if c["removed_same_label_share"] is None else f"{100 * c['removed_same_label_share']:.0f}%"))
+                for m in methods) + " |")
+        lines.append(f"| {label} | median CLIP cosine | " + " | ".join(fmt(m, lambda c: (
+            f"{c['clip_cosine']['median']:.3f}" if isinstance(c["clip_cosine"], dict) else "unavailable")) for m in methods) + " |")
+    if summary["paired"]:
+        lines += ["", "| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p |",
+                  "|---|---|---|---|---|---|"]
+        for p in summary["paired"]:
+            pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.2g}"
+            lines.append(f"| {p['k']} | {p['a']} vs {p['b']} | {p['n']} | {100 * p['share_a_moves_more']:.0f}% | "
+                         f"{p['median_difference']:+.2f} | {pv} |")
+    if "control" in summary:
+        c = summary["control"]
+        lines += ["", f"Control (nothing removed, {c['threads']} thread(s)): same weights as the committed model: "
+                      f"{c['same_weights']}; median L2 to the targets {c['median_l2']:.2g} (max {c['max_l2']:.2g}, n={c['n']})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: int | None = None,
+                  scale: int = 16) -> dict:
+    """Before/after PNGs (and the removed images) for the first `n_targets` targets finished under every
+    ranking at k (None: the largest k), written to gallery_dir with gallery.json describing them;
+    `train`: the training `Dataset` (for the removed images). Returns gallery.json's content."""
+    rows = load_results(out_dir)
+    if not rows:
+        raise ValueError(f"no finished counterfactual jobs in {out_dir!r}")
+    k = max(r.k for r in rows) if k is None else k
+    rows = [r for r in rows if r.k == k]
+    rankings = sorted({r.ranking for r in rows}, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
+    by = {(r.seed, r.ranking): r for r in rows}
+    seeds = sorted(s for s in {r.seed for r in rows} if all((s, n) in by for n in rankings))[:n_targets]
+    if not seeds:
+        raise ValueError(f"no target has finished jobs for every ranking at k={k} in {out_dir!r}")
+    os.makedirs(gallery_dir, exist_ok=True)
+    entries, tiles = [], []
+    for s in seeds:
+        before = by[(s, rankings[0])].before
+        before_png = f"seed{s}-before.png"
+        save_png(to_pil(before, scale), os.path.join(gallery_dir, before_png))
+        tiles.append(before)
+        for name in rankings:
+            r = by[(s, name)]
+            after = r.after
+            tiles.append(after)
+            stem = f"seed{s}-{slug(name)}-k{k}"
+            save_png(to_pil(after, scale), os.path.join(gallery_dir, f"{stem}-after.png"))
+            top = train.images[torch.as_tensor(r.removed_indices[:32], dtype=torch.long)]
+            save_png(grid(top, columns=16, scale=scale // 2), os.path.join(gallery_dir, f"{stem}-removed.png"))
+            record = r.to_dict()
+            entries.append({**{key: record[key] for key in GALLERY_FIELDS}, "before_png": before_png,
+                            "after_png": f"{stem}-after.png", "removed_png": f"{stem}-removed.png",
+                            "removed_png_shows": "the first 32 removed, strongest first"})
+    save_png(grid(torch.stack(tiles), columns=1 + len(rankings), scale=scale), os.path.join(gallery_dir, "gallery.png"))
+    index = {"k": int(k), "seeds": [int(s) for s in seeds], "columns": ["before"] + [display_name(n) for n in rankings],
+             "grid_png": "gallery.png", "entries": entries}
+    atomic_write_json(os.path.join(gallery_dir, "gallery.json"), index)
+    return index
