@@ -22,7 +22,7 @@ from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
 from dtrak_core.shared import OnceCache
 from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.folder import MANIFEST, ModelFolder  # noqa: F401  (MANIFEST: the manifest's file name)
+from dtrak_core.folder import ModelFolder
 
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dtrak_core.attribution.attributor import MANIFEST, Attributor
+from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.errors import IntegrityError, MethodUnavailable
 from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.folder import MANIFEST, ModelFolder, default_root
 from dtrak_core.model.training import TrainConfig, train
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
 
@@ -106,14 +107,14 @@ def register_tracin(root: str) -> None:
     """Point manifest['tracin'] at tracin/index.json (read-modify-write of the manifest, written atomically)."""
     if not os.path.isfile(os.path.join(root, TRACIN_INDEX)):
         raise ValueError(f"no {TRACIN_INDEX} under {root!r}; build it with `python -m dtrak_core build-baselines`")
-    manifest = _read_json(os.path.join(root, MANIFEST))
-    if manifest.get("tracin") != TRACIN_INDEX:
-        manifest["tracin"] = TRACIN_INDEX
-        atomic_write_json(os.path.join(root, MANIFEST), manifest)
+    folder = ModelFolder.load(root, missing_ok=True)
+    if folder is None or folder.tracin != TRACIN_INDEX:
+        ModelFolder.edit(root, tracin=TRACIN_INDEX)
 
 
-def build_default_baselines(root: str = "assets", show_bar: bool = True, register: bool = True) -> dict:
-    """TracInCP checkpoints and stores for the model under `root` (built by build-default).
+def build_default_baselines(root: str | None = None, show_bar: bool = True, register: bool = True) -> dict:
+    """TracInCP checkpoints and stores for the model under `root` (built by build-default; None:
+    `folder.default_root()`).
 
     The replay must run with the thread count of the original training (CPU kernels split their
     reductions by thread, so the weights differ in the last bits otherwise): the manifest's
@@ -122,28 +123,23 @@ def build_default_baselines(root: str = "assets", show_bar: bool = True, registe
     """
     from dtrak_core.model.data import load_digits
 
-    manifest = _read_json(os.path.join(root, MANIFEST))
-    if "train_config" not in manifest or "checkpoint" not in manifest:
+    root = default_root() if root is None else root
+    folder = ModelFolder.load(root, missing_ok=True)
+    if folder is None or folder.train_config is None or folder.checkpoint is None:
         raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; run `python -m dtrak_core build-default` first")
-    if manifest.get("dataset") != "digits-train":
-        raise ValueError(f"build-baselines knows the digits default only, not dataset {manifest.get('dataset')!r}")
-    cfg = dict(manifest["train_config"])
-    cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
-    unet, scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
-    if "threads" in manifest:
-        torch.set_num_threads(int(manifest["threads"]))  # replay under the thread count of the original run
-    return build_tracin(root, load_digits("train"), scheduler, TrainConfig(**cfg), expected_final=checkpoint_hash(unet),
+    if folder.dataset != "digits-train":
+        raise ValueError(f"build-baselines knows the digits default only, not dataset {folder.dataset!r}")
+    unet, scheduler = folder.load_model()
+    if folder.threads is not None:
+        torch.set_num_threads(folder.threads)  # replay under the thread count of the original run
+    return build_tracin(root, load_digits("train"), scheduler, folder.train_config, expected_final=checkpoint_hash(unet),
                         show_bar=show_bar, register=register)
 
 
 def _read_json(path: str) -> dict:
-    """The manifest or the TracInCP index, {} when absent; an IntegrityError naming it when damaged."""
-    from dtrak_core.build import MANIFEST_REMEDY
-
+    """The TracInCP index, {} when absent; an IntegrityError naming it when damaged."""
     if not os.path.isfile(path):
         return {}
-    if os.path.basename(path) == MANIFEST:
-        return read_json(path, "model manifest", MANIFEST_REMEDY)
     return read_json(path, "TracInCP index", f"delete {os.path.dirname(path)} and rebuild it with "
                      f"`python -m dtrak_core build-baselines` (it replays the training run)")
 
@@ -163,7 +159,8 @@ class TracInCheckpoint:
 
 def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
     """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
-    index = _read_json(os.path.join(root, MANIFEST)).get("tracin")
+    folder = ModelFolder.load(root, missing_ok=True)
+    index = None if folder is None else folder.tracin
     if index and not os.path.isfile(os.path.join(root, index)):
         raise IntegrityError(os.path.join(root, index), f"(TracInCP index) is missing, though "
                              f"{os.path.join(root, MANIFEST)} registers it",
