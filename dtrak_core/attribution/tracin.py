@@ -24,7 +24,7 @@ import torch
 
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
-from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.errors import IntegrityError, MethodUnavailable
 from dtrak_core.files import atomic_write_json, read_json
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root
@@ -86,10 +86,9 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
         if reusable and have[s] != h:
             raise ValueError(f"checkpoint {rel_ckpt[s]} has hash {h}, the manifest recorded {have[s]}; delete {base} and rebuild")
         rel_store = os.path.join("tracin", "stores", f"step-{s:05d}-{setting.slug}")
-        store = FeatureStore.create(os.path.join(root, rel_store), FeatureStore.identity(setting, h, train_set.fingerprint),
-                                    len(train_set), setting.k)
         t1 = time.perf_counter()
-        store.fill(Featurizer(unet, sched, setting), train_set.images, show_bar=show_bar)
+        cached_store(os.path.join(root, rel_store), FeatureStore.identity(setting, h, train_set.fingerprint),
+                     train_set.images, lambda: Featurizer(unet, sched, setting), setting.k, show_bar=show_bar)
         featurize_seconds[rel_store] = time.perf_counter() - t1
         entries.append({"step": s, "checkpoint": rel_ckpt[s], "checkpoint_hash": h, "store": rel_store})
     entry = {"train_config": _jsonable(config.to_dict()), "dataset": train_set.fingerprint, "setting": setting.to_dict(),
