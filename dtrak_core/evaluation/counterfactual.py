@@ -276,7 +276,13 @@ class CounterfactualResult:
 
 def retrain_and_measure(attributor, seed: int, before: torch.Tensor, removed: np.ndarray, ranking: str,
                         config: TrainConfig, *, progress=None, should_stop=None, show_bar: bool = False) -> CounterfactualResult:
-    """Retrain without `removed`, resample `seed`, measure. Shared by the live path and the harness."""
+    """Retrain without `removed`, resample `seed`, measure. Shared by the live path and the harness.
+
+    before: (C, H, W) the target, `seed`'s sample from the attributor's model; removed: (k,) training
+    indices to leave out, strongest proponent first; ranking: the name recorded with the result;
+    config: the retraining recipe (its seed included: the original model's, for a fair comparison).
+    progress / should_stop: as for `remove_and_retrain`.
+    """
     removed = np.asarray(removed, dtype=np.int64)
     keep = keep_indices(len(attributor.train), removed)
 
@@ -310,11 +316,13 @@ def remove_and_retrain(attributor, seed: int, ranking: str = "d-trak", k="20%", 
     seed: the target is this seed's DDIM-50 sample from the attributor's model.
     ranking: 'd-trak', 'trak', 'random', or any method the attributor has a store for.
     k: training images to remove: a count (300), a fraction (0.2) or a percentage ('20%').
-    config: the retraining recipe; None = the committed model's (assets/manifest.json), after
-        checking that the attributor holds the committed model.
+    config: the retraining recipe; None = the one the attributor's model folder records
+        (manifest.json's train_config), after checking that the folder holds the attributor's model.
     progress(fraction in [0, 1], message): called about once per training step.
-    should_stop(): polled every training step; True raises `training.Cancelled`.
+    should_stop(): polled every training step; True raises `errors.Cancelled`.
 
+    Returns a `CounterfactualResult`: before / after (C, H, W), removed_indices (k,), pixel L2,
+    the classifier's label and confidence before and after, CLIP cosine when CLIP is available.
     ~70 s for the default recipe on 2 CPU cores. Raises ValueError on a bad ranking or k.
     """
     name = ranking_name(ranking)
@@ -409,8 +417,12 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
                        show_bar: bool = True) -> list[str]:
     """Run this shard's unfinished jobs; each job's result is out_dir/<job id>.npz. Returns the ids run now.
 
-    With `control`, one extra job retrains on the whole training set and regenerates every target:
-    its L2 to the targets is this machine's retrain noise (0 when it reproduces the model exactly).
+    seeds: the targets' sampling seeds (`target_seeds`); rankings: method names ('random' included);
+    ks: removal sizes, each as `parse_k` reads it; config: the recipe (None: the model folder's);
+    shard (i, n): run jobs i, i+n, ... only. out_dir/identity.json records what every job shares (model,
+    data, recipe, sampler, ranking stores); a resumed run must match it. With `control`, one extra
+    job retrains on the whole training set and regenerates every target: its L2 to the targets is
+    this machine's retrain noise (0 when it reproduces the model exactly).
     """
     config = _default_config(attributor) if config is None else config
     names = list(dict.fromkeys(ranking_name(r) for r in rankings))
