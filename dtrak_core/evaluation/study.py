@@ -1,0 +1,441 @@
+"""Attribution quality per compute on the embedded default: exact kernels, the projection dimension,
+DAS and EK-FAC influence, all scored against the committed LDS ground truth.
+
+Resumable steps, each computing into a git-ignored run folder (default
+assets/benchmarks/lds_run/study) and skipping what is already there; every step can be stopped
+and rerun (`--minutes` bounds one call, so long work runs in short chunks):
+
+    python -m dtrak_core.evaluation.study gradients --output-fn square loss avg --minutes 4
+    python -m dtrak_core.evaluation.study kernels --output-fn square loss avg
+    python -m dtrak_core.evaluation.study residuals
+    python -m dtrak_core.evaluation.study kfac --samples 16
+    python -m dtrak_core.evaluation.study lds            # -> <run>/study.json, <run>/study.md
+
+    <run>/grads/<set>/<setting>/      full per-sample gradients (FeatureStore, N x d float32)
+    <run>/kernels/<setting>-<proj>.npz  Gram and cross Gram matrices (exact, or JL-projected to k)
+    <run>/residuals.npz               per-timestep training losses (DAS's residuals)
+    <run>/kfac-<samples>.npz          EK-FAC eigenbases and eigenvalues of the training loss's GGN
+    <run>/timings.json                seconds spent per artifact (the cost columns)
+
+Ground truth: assets/benchmarks/lds_ground_truth.npz (masks, F per test set, generated samples);
+test sets: the 297 validation digits and the 256 generated samples it holds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+
+from dtrak_core.attribution.exact import GradientSetting, KernelTRAK, full_gradient_store, gram, projected_kernels
+from dtrak_core.errors import Cancelled
+from dtrak_core.files import atomic_write_json, read_json
+
+DEFAULT_RUN = os.path.join("assets", "benchmarks", "lds_run", "study")
+GROUND_TRUTH = os.path.join("assets", "benchmarks", "lds_ground_truth.npz")
+TEST_SETS = ("validation", "generated")
+TRAIN = "train"
+TIMINGS = "timings.json"
+RESULTS, REPORT = "study.json", "study.md"
+K_SWEEP = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)  # sparse-JL dimensions beside the exact kernels
+SHIPPED_LAMBDA = 0.05  # the app's lambda (chosen on validation LDS), where the projected-vs-exact Spearman is read
+RESIDUAL_TIMESTEPS = 100  # DAS's training residuals: eps-MSE at the midpoints of 100 equal timestep bins
+KFAC_SAMPLES = 8  # (timestep, noise) draws per training image in each of EK-FAC's two passes
+# EK-FAC damping: multiples of the mean eigenvalue, the same 1-2-5 steps as the ridge grid
+RELATIVE_DAMPING = tuple(float(f"{m}e{e}") for e in range(-6, 3) for m in (1, 2, 5))
+
+
+def _fingerprint(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class Study:
+    """The default model, its training set, the two test sets and the LDS ground truth."""
+
+    def __init__(self, run_dir: str = DEFAULT_RUN, root: str = "assets", ground_truth: str = GROUND_TRUTH):
+        from dtrak_core.folder import read_manifest
+        from dtrak_core.evaluation.lds import load_ground_truth
+        from dtrak_core.model.data import load_digits
+        from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+
+        manifest = read_manifest(root)
+        if not manifest:
+            raise ValueError(f"no manifest in {root!r}; the study runs on the embedded default model folder")
+        if manifest.get("dataset") != "digits-train":
+            raise ValueError(f"{root!r} holds a model trained on {manifest.get('dataset')!r}; the committed LDS "
+                             f"ground truth is for the embedded digits default")
+        self.run_dir, self.root = run_dir, root
+        self.unet, self.scheduler = load_checkpoint(os.path.join(root, manifest["checkpoint"]))
+        self.checkpoint = checkpoint_hash(self.unet)
+        if manifest.get("checkpoint_hash") not in (None, self.checkpoint):
+            raise ValueError(f"{root!r}: the model's weights ({self.checkpoint}) are not those its manifest names "
+                             f"({manifest['checkpoint_hash']}); restore the model folder")
+        self.gt = load_ground_truth(ground_truth)
+        self.images = {TRAIN: load_digits("train").images, "validation": load_digits("validation").images,
+                       "generated": torch.from_numpy(np.asarray(self.gt["generated_images"], dtype=np.float32))}
+        if self.gt["masks"].shape[1] != len(self.images[TRAIN]):
+            raise ValueError(f"{ground_truth}: masks cover {self.gt['masks'].shape[1]} training samples, the "
+                             f"training set has {len(self.images[TRAIN])}")
+        os.makedirs(run_dir, exist_ok=True)
+
+    # -- paths and timings ------------------------------------------------------------------------
+    def grad_path(self, set_name: str, setting: GradientSetting) -> str:
+        return os.path.join(self.run_dir, "grads", set_name, setting.slug)
+
+    def timings(self) -> dict:
+        path = os.path.join(self.run_dir, TIMINGS)
+        return read_json(path, "study timings", "delete it; it is rewritten") if os.path.isfile(path) else {}
+
+    def add_time(self, key: str, seconds: float) -> None:
+        t = self.timings()
+        t[key] = t.get(key, 0.0) + float(seconds)
+        atomic_write_json(os.path.join(self.run_dir, TIMINGS), t)
+
+    # -- step 1: full gradients -------------------------------------------------------------------
+    def gradients(self, setting: GradientSetting, deadline: float | None = None, sets=(TRAIN,) + TEST_SETS) -> bool:
+        """Fill the full-gradient stores of `setting` for every set; False when stopped at `deadline`."""
+        for set_name in sets:
+            images = self.images[set_name]
+            t0 = time.perf_counter()
+            try:
+                full_gradient_store(self.grad_path(set_name, setting), self.unet, self.scheduler, setting, images,
+                                    _fingerprint(images), self.checkpoint, deadline=deadline)
+            except Cancelled as e:
+                print(e)
+                return False
+            finally:
+                self.add_time(f"grads/{set_name}/{setting.slug}", time.perf_counter() - t0)
+        return True
+
+    def grads(self, set_name: str, setting: GradientSetting) -> np.ndarray:
+        """The complete full-gradient matrix (memmap) of one set."""
+        from dtrak_core.attribution.store import FeatureStore
+
+        path = self.grad_path(set_name, setting)
+        if not os.path.isdir(path):
+            raise ValueError(f"no gradients at {path}; compute them with `python -m dtrak_core.evaluation.study "
+                             f"gradients --output-fn {setting.output_fn}`")
+        return FeatureStore.open(path, verify=False).features()
+
+
+    # -- step 2: kernels ---------------------------------------------------------------------------
+    def kernel_path(self, setting: GradientSetting, k: int | None) -> str:
+        return os.path.join(self.run_dir, "kernels", f"{setting.slug}-{'exact' if k is None else f'sparse-jl-k{k}'}.npz")
+
+    def kernels(self, setting: GradientSetting, k: int | None = None) -> dict:
+        """Gram matrix of the training gradients and cross Gram matrices of both test sets, exact
+        (k=None) or of sparse-JL projections to k (seed 42, as the stores), cached in the run folder."""
+        from dtrak_core.evaluation.retrain import load_result, save_result
+
+        path = self.kernel_path(setting, k)
+        if os.path.isfile(path):
+            return load_result(path)
+        train = self.grads(TRAIN, setting)
+        queries = {name: self.grads(name, setting) for name in TEST_SETS}
+        t0 = time.perf_counter()
+        if k is None:
+            out = {"train": gram(train), **{name: gram(q, train) for name, q in queries.items()}}
+        else:
+            from dtrak_core.attribution.projectors import make_projector
+
+            out = projected_kernels(train, queries, make_projector("sparse-jl", train.shape[1], k, seed=42))
+        out["seconds"] = np.float64(time.perf_counter() - t0)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_result(path, **out)
+        return out
+
+    # -- step 3: DAS residuals, EK-FAC curvature ---------------------------------------------------
+    def residual_losses(self) -> np.ndarray:
+        """(N, 100) eps-MSE of every training image at 100 timesteps (one noise draw), cached."""
+        from dtrak_core.attribution.das import training_losses
+        from dtrak_core.evaluation.lds_run import eval_timesteps
+        from dtrak_core.evaluation.retrain import load_result, save_result
+
+        path = os.path.join(self.run_dir, "residuals.npz")
+        if os.path.isfile(path):
+            return load_result(path)["losses"]
+        t0 = time.perf_counter()
+        losses = training_losses(self.unet, self.scheduler, self.images[TRAIN], eval_timesteps(RESIDUAL_TIMESTEPS))
+        save_result(path, losses=losses, seconds=np.float64(time.perf_counter() - t0))
+        return losses
+
+    def ekfac(self, samples: int = KFAC_SAMPLES):
+        """The EK-FAC of the training loss's GGN (MC Fisher, `samples` draws per image per pass), cached."""
+        import pickle
+
+        from dtrak_core.attribution.kfac import EKFAC
+
+        path = os.path.join(self.run_dir, f"ekfac-{samples}.pkl")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        t0 = time.perf_counter()
+        ekfac = EKFAC(samples=samples).fit(self.unet, self.scheduler, self.images[TRAIN])
+        ekfac.fit_seconds_ = time.perf_counter() - t0
+        from dtrak_core.files import atomic_write_bytes
+
+        atomic_write_bytes(path, pickle.dumps(ekfac))
+        return ekfac
+
+    # -- step 4: LDS cells ----------------------------------------------------------------------
+    def _sweep(self, g_fn, grid, num_bootstrap: int) -> dict:
+        from dtrak_core.evaluation.lds import lambda_sweep
+
+        return lambda_sweep(g_fn, {s: self.gt["F"][s] for s in TEST_SETS}, grid, num_bootstrap)
+
+    def kernel_cell(self, kernels: dict, num_bootstrap: int, weights=None, power: int = 1) -> dict:
+        """TRAK (weights None, power 1) or DAS (residual weights, power 1 or 2) from kernels, every
+        lambda of the ridge grid, honest and paper lambda (`lds.lambda_sweep`)."""
+        from dtrak_core.evaluation.tables import LAMBDA_GRID
+
+        t0 = time.perf_counter()
+        kt = KernelTRAK().fit(kernels["train"])
+        proj = {s: kt.project(kernels[s]) for s in TEST_SETS}
+        fit_seconds = time.perf_counter() - t0
+        masks = self.gt["masks"].astype(np.float64)
+        w = np.ones(len(kt.U_)) if weights is None else np.asarray(weights, dtype=np.float64)
+
+        def g_fn(lam):
+            if power == 1:
+                return {s: kt.subset_sums(masks, proj[s], lam, w) for s in TEST_SETS}
+            return {s: masks @ ((((proj[s] / (kt.eigenvalues_ + lam)) @ kt.U_.T) * w) ** power).T for s in TEST_SETS}
+
+        out = self._sweep(g_fn, LAMBDA_GRID, num_bootstrap)
+        t0 = time.perf_counter()
+        for s in TEST_SETS:  # one lambda's full score matrices: the scoring cost a user pays
+            (proj[s] / (kt.eigenvalues_ + SHIPPED_LAMBDA)) @ kt.U_.T
+        out["score_seconds"] = fit_seconds + time.perf_counter() - t0
+        return out
+
+    def ekfac_cell(self, ekfac, query: GradientSetting, train: GradientSetting, num_bootstrap: int) -> dict:
+        """Influence q^T (G_ekfac + lam I)^-1 g_i over a damping grid relative to the mean eigenvalue."""
+        t0 = time.perf_counter()
+        masks = torch.as_tensor(self.gt["masks"], dtype=torch.float32)
+        rot_train = _rotate_rows(ekfac, self.grads(TRAIN, train))
+        summed = (masks @ rot_train).double()  # (M, d): masks @ training gradients, in the eigenbasis
+        del rot_train
+        rot_q = {s: _rotate_rows(ekfac, self.grads(s, query)).double() for s in TEST_SETS}
+        prep_seconds = time.perf_counter() - t0
+        eig = ekfac.eigenvalues_.double()
+        scale = float(eig.mean())
+        grid = tuple(scale * c for c in RELATIVE_DAMPING)
+        out = self._sweep(lambda lam: {s: ((summed / (eig + lam)) @ rot_q[s].T).numpy() for s in TEST_SETS},
+                          grid, num_bootstrap)
+        out["relative_damping"] = {s: [lam / scale for lam in out[s]["honest"]["lambdas"]] for s in TEST_SETS}
+        out["score_seconds"] = prep_seconds + ekfac.fit_seconds_
+        return out
+
+    def lds(self, num_bootstrap: int = 1000, only=None) -> dict:
+        """Every cell whose inputs exist -> <run>/study.json and <run>/study.md; missing ones are listed."""
+        from dtrak_core.attribution.das import residual_weights
+        from dtrak_core.files import json_safe
+
+        cells, missing = {}, []
+        timings = self.timings()
+
+        def grad_seconds(setting):
+            keys = [f"grads/{s}/{setting.slug}" for s in (TRAIN,) + TEST_SETS]
+            return sum(timings.get(k, 0.0) for k in keys) if all(k in timings for k in keys) else None
+
+        def have(setting):
+            return all(os.path.isfile(os.path.join(self.grad_path(s, setting), "metadata.json")) and
+                       _complete(self.grad_path(s, setting)) for s in (TRAIN,) + TEST_SETS)
+
+        def want(name):
+            return only is None or any(name.startswith(o) for o in only)
+
+        exact_scores = {}
+        for fn in ("square", "loss", "avg"):
+            setting = GradientSetting(fn, 100)
+            if not have(setting):
+                missing.append(f"python -m dtrak_core.evaluation.study gradients --output-fn {fn}")
+                continue
+            for k in (None,) + K_SWEEP:
+                name = f"{fn}/{'exact' if k is None else f'k{k}'}"
+                if not want(name):
+                    continue
+                kern = self.kernels(setting, k)
+                cell = self.kernel_cell(kern, num_bootstrap)
+                cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
+                                "score_seconds": cell.pop("score_seconds"),
+                                "train_feature_mb": len(kern["train"]) * (self.grads(TRAIN, setting).shape[1]
+                                                                          if k is None else k) * 4 / 2 ** 20}
+                cell["spearman_vs_exact"] = self._spearman_vs_exact(setting, kern, exact_scores)
+                cells[name] = cell
+                print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
+        # DAS: the compressed output's features (avg; avg with unit timesteps) x residual weights
+        losses = self.residual_losses() if want("das") else None
+        for setting in (GradientSetting("avg", 100), GradientSetting("avg", 100, normalize_timesteps=True)):
+            if not want("das"):
+                break
+            if not have(setting):
+                missing.append("python -m dtrak_core.evaluation.study gradients --output-fn avg"
+                               + (" --unit-timesteps" if setting.normalize_timesteps else ""))
+                continue
+            for k in (None, 2048):
+                kern = self.kernels(setting, k)
+                for variant, residual, power in (("das", "code", 1), ("das-squared", "code", 2), ("das-rms", "rms", 1),
+                                                 ("trak-form", "none", 1)):
+                    if variant == "trak-form" and not setting.normalize_timesteps:
+                        continue  # avg/exact and avg/k2048 above
+                    name = f"{variant}/{setting.slug}/{'exact' if k is None else f'k{k}'}"
+                    cell = self.kernel_cell(kern, num_bootstrap, residual_weights(losses, residual), power)
+                    cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
+                                    "score_seconds": cell.pop("score_seconds")}
+                    cells[name] = cell
+                    print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
+        # EK-FAC influence: measurement gradient x training-loss gradient (and D-TRAK-style pairs)
+        if want("ekfac"):
+            ekfac = self.ekfac()
+            for q_fn, t_fn in (("loss", "loss"), ("square", "loss"), ("square", "square"), ("avg", "avg")):
+                qs, ts = GradientSetting(q_fn, 100), GradientSetting(t_fn, 100)
+                if not (have(qs) and have(ts)):
+                    continue
+                name = f"ekfac/{q_fn}-x-{t_fn}"
+                cell = self.ekfac_cell(ekfac, qs, ts, num_bootstrap)
+                cell["cost"] = {"gradient_seconds": (grad_seconds(qs) or 0) + (grad_seconds(ts) or 0 if ts != qs else 0),
+                                "score_seconds": cell.pop("score_seconds"), "fit_seconds": ekfac.fit_seconds_}
+                cells[name] = cell
+                print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
+        path = os.path.join(self.run_dir, RESULTS)
+        previous = read_json(path, "study results", "delete it; `study lds` rewrites it") if os.path.isfile(path) else {}
+        merged = {"cells": {**previous.get("cells", {}), **cells}, "missing": sorted(set(missing)),
+                  "subsets": int(len(self.gt["masks"])), "num_bootstrap": num_bootstrap,
+                  "test_sets": {s: len(self.images[s]) for s in TEST_SETS}}
+        atomic_write_json(path, json_safe(merged))
+        from dtrak_core.files import atomic_write_bytes
+
+        atomic_write_bytes(os.path.join(self.run_dir, REPORT), format_report(merged).encode())
+        return merged
+
+    def _spearman_vs_exact(self, setting, kern, cache) -> dict | None:
+        """Mean over queries of the Spearman between these scores and the exact ones at SHIPPED_LAMBDA."""
+        from scipy.stats import rankdata
+
+        exact_path = self.kernel_path(setting, None)
+        if not os.path.isfile(exact_path):
+            return None
+        if setting not in cache:
+            ex = self.kernels(setting, None)
+            kt = KernelTRAK().fit(ex["train"])
+            cache[setting] = {s: kt.scores(ex[s], SHIPPED_LAMBDA) for s in TEST_SETS}
+        kt = KernelTRAK().fit(kern["train"])
+        out = {}
+        for s in TEST_SETS:
+            a, b = rankdata(kt.scores(kern[s], SHIPPED_LAMBDA), axis=1), rankdata(cache[setting][s], axis=1)
+            a -= a.mean(1, keepdims=True)
+            b -= b.mean(1, keepdims=True)
+            out[s] = float(np.mean((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))))
+        return out
+
+
+def _complete(path: str) -> bool:
+    from dtrak_core.attribution.store import FeatureStore
+
+    return FeatureStore.open(path, verify=False).complete
+
+
+def _rotate_rows(ekfac, grads, rows: int = 256) -> torch.Tensor:
+    """EK-FAC eigenbasis coordinates (n, d) float32 of stored gradients, `rows` at a time."""
+    return torch.cat([ekfac.rotate(np.asarray(grads[i:i + rows])) for i in range(0, len(grads), rows)])
+
+
+def _cell_text(cell: dict, s: str) -> str:
+    c = cell[s]
+    return f"{c['honest']['lds']:.1f} ± {c['honest']['pm']:.1f} ({c['paper']['lds']:.1f})"
+
+
+def format_report(results: dict) -> str:
+    """study.json as Markdown: LDS per cell (honest ± pm (paper)) and its cost."""
+    cells = results["cells"]
+    lines = ["# Attribution quality per compute (embedded default)", "",
+             f"LDS x 100 against the committed ground truth ({results['subsets']} subsets, "
+             f"{results['test_sets']['validation']} validation digits, {results['test_sets']['generated']} generated "
+             f"samples); cells read `honest ± pm (paper)`: honest = lambda (or damping) cross-fitted over test samples, "
+             f"(paper) = best on the reported samples. Seconds on one thread of the shared machine.", ""]
+    kfs = [n for n in cells if n.count("/") == 1 and not n.startswith(("ekfac", "das"))]
+    if kfs:
+        lines += ["## TRAK kernels: exact vs sparse-JL projection to k", "",
+                  "| output fn | k | validation | generated | Spearman vs exact at λ=0.05 (val / gen) | "
+                  "projection + Gram s | score s | train features MB |", "|---|---|---|---|---|---|---|---|"]
+        for n in sorted(kfs, key=lambda n: (n.split("/")[0], float("inf") if n.endswith("exact") else int(n.split("/k")[1]))):
+            c = cells[n]
+            sp = c.get("spearman_vs_exact")
+            sp_text = f"{sp['validation']:.3f} / {sp['generated']:.3f}" if sp else "-"
+            fn, k = n.split("/")
+            lines.append(f"| {fn} | {k} | {_cell_text(c, 'validation')} | {_cell_text(c, 'generated')} | {sp_text} | "
+                         f"{c['cost']['kernel_seconds']:.1f} | {c['cost']['score_seconds']:.1f} | "
+                         f"{c['cost']['train_feature_mb']:.0f} |")
+        lines.append("")
+    das = [n for n in cells if n.startswith(("das", "trak-form"))]
+    if das:
+        lines += ["## DAS (avg output, residual-weighted)", "", "| variant | features | validation | generated | score s |",
+                  "|---|---|---|---|---|"]
+        for n in sorted(das):
+            variant, feats, k = n.split("/")
+            lines.append(f"| {variant} | {feats} {k} | {_cell_text(cells[n], 'validation')} | "
+                         f"{_cell_text(cells[n], 'generated')} | {cells[n]['cost']['score_seconds']:.1f} |")
+        lines.append("")
+    ek = [n for n in cells if n.startswith("ekfac")]
+    if ek:
+        lines += ["## EK-FAC influence (measurement gradient x training gradient)", "",
+                  "| pair | validation | generated | chosen damping / mean eigenvalue (val; gen) | fit s | score s |",
+                  "|---|---|---|---|---|---|"]
+        for n in sorted(ek):
+            c = cells[n]
+            rd = c.get("relative_damping", {})
+            rd_text = "; ".join("/".join(f"{v:g}" for v in rd.get(s, [])) for s in TEST_SETS)
+            lines.append(f"| {n.split('/')[1]} | {_cell_text(c, 'validation')} | {_cell_text(c, 'generated')} | "
+                         f"{rd_text} | {c['cost']['fit_seconds']:.0f} | {c['cost']['score_seconds']:.0f} |")
+        lines.append("")
+    if results.get("missing"):
+        lines += ["Missing inputs: " + "; ".join(f"`{m}`" for m in results["missing"]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dtrak_core.evaluation.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["gradients", "kernels", "residuals", "kfac", "lds"])
+    parser.add_argument("--run", default=DEFAULT_RUN, help="run folder (git-ignored)")
+    parser.add_argument("--root", default="assets", help="the default model folder")
+    parser.add_argument("--output-fn", nargs="+", default=["square", "loss", "avg"])
+    parser.add_argument("--K", type=int, default=100)
+    parser.add_argument("--k", nargs="+", default=None, help="kernels: projection dims ('exact' included by default)")
+    parser.add_argument("--unit-timesteps", action="store_true", help="normalise each timestep's gradient (DAS code)")
+    parser.add_argument("--samples", type=int, default=KFAC_SAMPLES, help="kfac: draws per image per pass")
+    parser.add_argument("--only", nargs="+", default=None, help="lds: cells whose name starts with these")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this long (resume later)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+    study = Study(args.run, args.root)
+    if args.step == "gradients":
+        for fn in args.output_fn:
+            if not study.gradients(GradientSetting(fn, args.K, args.unit_timesteps), deadline):
+                return
+        print("gradients complete")
+    elif args.step == "kernels":
+        ks = [None] + list(K_SWEEP) if args.k is None else [None if k == "exact" else int(k) for k in args.k]
+        for fn in args.output_fn:
+            for k in ks:
+                if deadline is not None and time.monotonic() > deadline:
+                    print("stopped at the time limit; run again to continue")
+                    return
+                setting = GradientSetting(fn, args.K, args.unit_timesteps)
+                print(study.kernel_path(setting, k), float(study.kernels(setting, k)["seconds"]), flush=True)
+    elif args.step == "residuals":
+        print(study.residual_losses().shape)
+    elif args.step == "kfac":
+        print(f"EK-FAC fitted in {study.ekfac(args.samples).fit_seconds_:.0f} s")
+    else:
+        print(format_report(study.lds(args.bootstrap, args.only)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""DAS against a direct computation of its definition on a tiny model (torch.func gradients,
+a dense primal solve), and its residual weights against the public code's formula."""
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+from dtrak_core.attribution.das import das_scores, residual_weights, training_losses
+from dtrak_core.attribution.exact import GradientSetting, KernelTRAK, TimestepGradients, gram
+from dtrak_core.attribution.gradients import timestep_noise, timesteps_for, trainable_params
+from dtrak_core.model.unet import build_unet
+
+
+@pytest.fixture(scope="module")
+def micro_unet():
+    return build_unet(block_out_channels=(2, 4), seed=4).eval()
+
+
+def direct_features(unet, scheduler, images, K, unit):
+    """phi(x) = mean over the K timesteps of grad_theta mean(eps_theta(x_t, t)), each at unit norm if `unit`."""
+    params = {k: v.double() for k, v in trainable_params(unet).items()}
+    ts = timesteps_for(K)
+    noise = timestep_noise(ts, images.shape[1:]).double()
+    abar = scheduler.alphas_cumprod.double()
+    model = unet.double()
+    rows = []
+    try:
+        for x in images.double():
+            acc = 0
+            for k, t in enumerate(ts):
+                xt = abar[t].sqrt() * x + (1 - abar[t]).sqrt() * noise[k]
+                g = grad(lambda p: functional_call(model, p, (xt[None], t[None]), {"return_dict": False})[0].mean())(params)
+                g = torch.cat([v.flatten() for v in g.values()])
+                acc = acc + (g / g.norm() if unit else g)
+            rows.append(acc / K)
+    finally:
+        unet.float()
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("unit", [False, True])
+@pytest.mark.parametrize("method", ["das", "das-squared"])
+def test_das_matches_its_definition_on_a_tiny_model(micro_unet, scheduler, digits, one_thread, unit, method):
+    train, queries = digits.images[:5], digits.images[100:103]
+    K, lam = 2, 1e-3
+    phi_train = direct_features(micro_unet, scheduler, train, K, unit)
+    phi_q = direct_features(micro_unet, scheduler, queries, K, unit)
+    # the published score, computed directly in the primal: phi_q (Phi^T Phi + lam I)^-1 phi_i r_i
+    d = phi_train.shape[1]
+    solved = torch.linalg.solve(phi_train.T @ phi_train + lam * torch.eye(d, dtype=torch.float64), phi_train.T)
+    ts = torch.tensor([5, 505, 905])
+    losses = training_losses(micro_unet, scheduler, train, ts, noise_seed=3)
+    r = residual_weights(losses, "code")
+    want = ((phi_q @ solved).numpy() * r) ** (2 if method == "das-squared" else 1)
+
+    feats = TimestepGradients(micro_unet, scheduler, GradientSetting("avg", K, normalize_timesteps=unit))
+    g_train, g_q = feats(train).numpy(), feats(queries).numpy()
+    got = das_scores(KernelTRAK().fit(gram(g_train)).scores(gram(g_q, g_train), lam), r, method)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+
+
+def test_training_losses_and_the_code_residual(micro_unet, scheduler, digits):
+    images, ts = digits.images[:3], torch.tensor([10, 600])
+    losses = training_losses(micro_unet, scheduler, images, ts, noise_seed=7)
+    noise = torch.randn((len(ts) * len(images), *images.shape[1:]), generator=torch.Generator().manual_seed(7))
+    abar = scheduler.alphas_cumprod.float()
+    for j, t in enumerate(ts):
+        for i, x in enumerate(images):
+            eps = noise[j * len(images) + i]
+            with torch.no_grad():
+                pred = micro_unet((abar[t].sqrt() * x + (1 - abar[t]).sqrt() * eps)[None], t[None]).sample[0]
+            assert abs(float((pred - eps).pow(2).mean()) - losses[i, j]) < 1e-5
+    rho = np.sqrt(losses)
+    np.testing.assert_allclose(residual_weights(losses, "code"), rho.mean(1) / np.sqrt((rho ** 2).sum(1)))
+    np.testing.assert_allclose(residual_weights(losses, "rms"), rho.mean(1))
+    flat = residual_weights(np.full((2, 4), 0.3), "code")
+    np.testing.assert_allclose(flat, 0.5)  # constant residuals over T = 4 timesteps: 1 / sqrt(4)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="residual"):
+        residual_weights(np.ones((2, 3)), "signed")
+    with pytest.raises(ValueError, match="non-negative"):
+        residual_weights(-np.ones((2, 3)))
+    with pytest.raises(ValueError, match="variant"):
+        das_scores(np.ones((1, 2)), np.ones(2), "das-cubed")
+    with pytest.raises(ValueError, match="weights"):
+        das_scores(np.ones((1, 2)), np.ones(3))
