@@ -25,7 +25,7 @@ def plain_step(unet, g: GradientFeaturizer, x: torch.Tensor):
 
     def run():
         eps = g.noise.repeat(B, 1, 1, 1)
-        xt = g.sqrt_ab.repeat(B, 1, 1, 1) * x.repeat_interleave(K, 0) + g.sqrt_1mab.repeat(B, 1, 1, 1) * eps
+        xt = g.scheduler.add_noise(x.repeat_interleave(K, 0), eps, g.timesteps.repeat(B))
         pred = unet(xt, g.timesteps.repeat(B), return_dict=False)[0]
         g.f(pred, eps, g.weights.repeat(B)).sum().backward()
         unet.zero_grad(set_to_none=True)

@@ -6,7 +6,6 @@ estimate, and validation of request parameters. No gradio here.
 """
 from __future__ import annotations
 
-import copy
 import json
 import numbers
 import os
@@ -430,11 +429,7 @@ class NoiseLevels:
 def _bucket_gradients(gradients, sl: slice):
     """A copy of a `GradientFeaturizer` that averages over the timesteps in `sl` only (same noise,
     same model replicas): its output is that bucket's mean gradient."""
-    sub = copy.copy(gradients)
-    sub.timesteps, sub.noise = gradients.timesteps[sl], gradients.noise[sl]
-    sub.sqrt_ab, sub.sqrt_1mab, sub.weights = gradients.sqrt_ab[sl], gradients.sqrt_1mab[sl], gradients.weights[sl]
-    sub.K = len(sub.timesteps)
-    return sub
+    return gradients.subset(sl)
 
 
 def noise_levels(attributor, image, method: str, buckets: int = 10) -> NoiseLevels:

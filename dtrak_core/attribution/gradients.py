@@ -2,7 +2,7 @@
 
 For a sample x: for each of K timesteps t in range(0, T, T // K), with noise eps_t drawn from a
 generator seeded by t (the same eps_t for every sample), x_t = sqrt(abar_t) x + sqrt(1 - abar_t)
-eps_t; the feature is grad_theta mean_t f(eps_theta(x_t, t), eps_t, t) over all trainable
+eps_t (the scheduler's `add_noise`); the feature is grad_theta mean_t f(eps_theta(x_t, t), eps_t, t) over all trainable
 parameters, flattened in `named_parameters` order.
 
 Two exact engines compute the same numbers (up to float rounding):
@@ -25,6 +25,7 @@ Two exact engines compute the same numbers (up to float rounding):
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -137,10 +138,10 @@ class GradientFeaturizer:
         self.output_fn_name = output_fn
         self.f = get_output_function(output_fn)
         self.K = K
+        # add_noise only reads the scheduler (it re-binds alphas_cumprod to the sample's device, a no-op
+        # once there), so featurizers on other threads can share it
+        self.scheduler = scheduler
         self.timesteps = timesteps_for(K, scheduler.config.num_train_timesteps)
-        abar = scheduler.alphas_cumprod.float()[self.timesteps]
-        self.sqrt_ab = abar.sqrt().view(-1, 1, 1, 1)
-        self.sqrt_1mab = (1 - abar).sqrt().view(-1, 1, 1, 1)
         self.weights = elbo_weights(scheduler)[self.timesteps]
         cfg = unet.config
         self.noise = timestep_noise(self.timesteps, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
@@ -148,10 +149,21 @@ class GradientFeaturizer:
         self.dim = sum(p.numel() for p in self.params.values())
         self.timestep_chunk = timestep_chunk
 
+    def subset(self, timesteps: slice) -> "GradientFeaturizer":
+        """This featurizer averaged over `self.timesteps[timesteps]` only (one bucket of the K
+        timesteps): the same model, replicas and per-timestep noise, so a bucket's output is that
+        bucket's mean gradient and the K-weighted buckets add up to the whole."""
+        sub = copy.copy(self)
+        sub.timesteps, sub.noise, sub.weights = self.timesteps[timesteps], self.noise[timesteps], self.weights[timesteps]
+        sub.K = len(sub.timesteps)
+        if sub.K == 0:
+            raise ValueError(f"no timesteps in {timesteps} of a featurizer with K={self.K}")
+        return sub
+
     def _objective(self, params, x, sl: slice, unet):
         """Sum over timesteps in `sl` of f for one sample x (C, H, W), run on `unet` (a replica)."""
         eps = self.noise[sl]
-        xt = self.sqrt_ab[sl] * x + self.sqrt_1mab[sl] * eps  # (k, C, H, W)
+        xt = self.scheduler.add_noise(x.expand_as(eps), eps, self.timesteps[sl])  # (k, C, H, W)
         pred = functional_call(unet, params, (xt, self.timesteps[sl]), {"return_dict": False})[0]
         return self.f(pred, eps, self.weights[sl]).sum()
 
@@ -161,7 +173,7 @@ class GradientFeaturizer:
         B = len(images)
         m = len(range(self.K)[sl])
         eps = self.noise[sl].repeat(B, 1, 1, 1)  # (B*m, C, H, W), row b*m + j is (sample b, timestep j)
-        xt = self.sqrt_ab[sl].repeat(B, 1, 1, 1) * images.repeat_interleave(m, 0) + self.sqrt_1mab[sl].repeat(B, 1, 1, 1) * eps
+        xt = self.scheduler.add_noise(images.repeat_interleave(m, 0), eps, self.timesteps[sl].repeat(B))
         calls = []  # (module, input, output) for every call of a parametrised layer, in call order
 
         def record(module, inputs, output):

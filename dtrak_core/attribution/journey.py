@@ -49,13 +49,12 @@ class JourneyFeaturizer:
 
     def gradients(self, x0s: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x0 predictions (B, S, C, H, W) at timesteps (S,) -> mean loss gradients (B, d)."""
-        abar = self.scheduler.alphas_cumprod.float()[timesteps].view(-1, 1, 1, 1)
         noise = timestep_noise(timesteps, x0s.shape[2:])  # (S, C, H, W)
         params = trainable_params(self.unet)
 
         with self.replicas.borrow() as unet:
             def objective(p, x0):  # x0 (S, C, H, W): one sample's trajectory
-                xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+                xt = self.scheduler.add_noise(x0, noise, timesteps)
                 pred = functional_call(unet, p, (xt, timesteps), {"return_dict": False})[0]
                 return (pred - noise).flatten(1).pow(2).mean(1).mean()
 

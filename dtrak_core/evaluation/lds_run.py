@@ -121,18 +121,16 @@ def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, n
     is evaluated on the same noisy inputs.
     """
     unet.eval()
-    abar = scheduler.alphas_cumprod.float()[timesteps]  # (T,)
     Q, T = len(images), len(timesteps)
     out = np.empty((len(noise_seeds), T, Q), dtype=np.float32)
     t_flat = timesteps.repeat_interleave(Q)  # (T * Q,) row-major over (T, Q)
-    a_flat = abar.repeat_interleave(Q).view(-1, 1, 1, 1)
     x_flat = images.repeat(T, 1, 1, 1)
     for si, s in enumerate(noise_seeds):
         noise = torch.randn((T * Q, *images.shape[1:]), generator=torch.Generator().manual_seed(int(s)))
         losses = torch.empty(T * Q)
         for a in range(0, T * Q, chunk):
             b = min(a + chunk, T * Q)
-            xt = a_flat[a:b].sqrt() * x_flat[a:b] + (1 - a_flat[a:b]).sqrt() * noise[a:b]
+            xt = scheduler.add_noise(x_flat[a:b], noise[a:b], t_flat[a:b])
             pred = unet(xt, t_flat[a:b], return_dict=False)[0]
             losses[a:b] = (pred - noise[a:b]).pow(2).flatten(1).mean(1)
         out[si] = losses.view(T, Q).numpy()

@@ -87,7 +87,6 @@ def train_many(train_images: torch.Tensor, keeps, seeds, scheduler, config: Trai
     names = list(params)
     opt = torch.optim.AdamW([params[n] for n in names], lr=config.lr, weight_decay=config.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(config.warmup_fraction * config.steps), config.steps)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
     T = scheduler.config.num_train_timesteps
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     streams = [batch_stream(len(x), config.batch_size, g) for x, g in zip(subsets, gens)]
@@ -102,8 +101,7 @@ def train_many(train_images: torch.Tensor, keeps, seeds, scheduler, config: Trai
             t.append(torch.randint(0, T, (len(x0[-1]),), generator=g))
             noise.append(torch.randn(x0[-1].shape, generator=g))
         x0, t, noise = torch.stack(x0), torch.stack(t), torch.stack(noise)  # (M, B, C, H, W), (M, B), ...
-        a = alphas_cumprod[t].view(*t.shape, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = scheduler.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.flatten()).view_as(x0)  # as `train` noises
         pred = batched_forward(params, buffers, xt, t)
         losses = (pred - noise).pow(2).flatten(1).mean(1)  # (M,): each model's mse_loss
         opt.zero_grad(set_to_none=True)

@@ -65,7 +65,6 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(config.warmup_fraction * config.steps), config.steps)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
     T = scheduler.config.num_train_timesteps
     batches = batch_stream(len(images), config.batch_size, gen)
     bar = tqdm(range(config.steps), desc="train", disable=not show_bar, leave=False)
@@ -75,8 +74,7 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
         x0 = images[next(batches)]
         t = torch.randint(0, T, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(unet(xt, t, return_dict=False)[0], noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

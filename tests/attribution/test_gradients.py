@@ -58,6 +58,17 @@ def test_timestep_chunking_does_not_change_result(tiny_unet, scheduler, digits):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
+def test_timestep_subsets_add_up_to_the_whole(tiny_unet, scheduler, digits, engine):
+    full = GradientFeaturizer(tiny_unet, scheduler, "square", K=4, engine=engine)
+    parts = [full.subset(slice(0, 1)), full.subset(slice(1, 3)), full.subset(slice(3, 4))]
+    assert [p.timesteps.tolist() for p in parts] == [[0], [250, 500], [750]] and full.K == 4
+    x = digits.images[:2]
+    torch.testing.assert_close(sum(p.K * p(x) for p in parts) / 4, full(x), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="no timesteps"):
+        full.subset(slice(4, 9))
+
+
 def test_eta_interpolation_endpoints(tiny_unet, scheduler, digits):
     x = digits.images[:2]
     g = lambda n: GradientFeaturizer(tiny_unet, scheduler, n, 10)(x)

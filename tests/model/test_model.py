@@ -50,6 +50,28 @@ def test_checkpoint_round_trip(tmp_path, tiny_unet, scheduler):
         load_checkpoint(str(tmp_path))
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_add_noise_is_the_forward_formula_bit_for_bit(scheduler, kind):
+    """Training, featurizing, Journey-TRAK, the LDS ground truth and the batched retrains noise with
+    `scheduler.add_noise`; the committed weights and stores were made with the formula written out.
+    Both give the same bits, at every timestep, in each shape those callers use."""
+    from diffusers import DDIMScheduler
+
+    sched = scheduler if kind == "ddpm" else DDIMScheduler.from_config(scheduler.config)
+    abar = scheduler.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(1000)
+    x, eps = torch.randn((1000, 1, 8, 8), generator=g), torch.randn((1000, 1, 8, 8), generator=g)
+    a = abar[t].view(-1, 1, 1, 1)
+    assert torch.equal(sched.add_noise(x, eps, t), a.sqrt() * x + (1 - a).sqrt() * eps)  # a batch, one t each
+    k = t[::100]  # one sample at K timesteps (the gradient features)
+    assert torch.equal(sched.add_noise(x[0].expand_as(eps[k]), eps[k], k), a[k].sqrt() * x[0] + (1 - a[k]).sqrt() * eps[k])
+    tm = torch.randint(0, 1000, (3, 5), generator=g)  # (models, batch), as the batched retrains draw them
+    xm, em, am = x[:15].view(3, 5, 1, 8, 8), eps[:15].view(3, 5, 1, 8, 8), abar[tm].view(3, 5, 1, 1, 1)
+    noised = sched.add_noise(xm.flatten(0, 1), em.flatten(0, 1), tm.flatten()).view_as(xm)
+    assert torch.equal(noised, am.sqrt() * xm + (1 - am).sqrt() * em)
+
+
 def test_same_seed_same_image_whatever_the_batch(tiny_unet, scheduler):
     a = generate(tiny_unet, scheduler, [5, 6, 7], steps=10)
     b = generate(tiny_unet, scheduler, [7], steps=10)
