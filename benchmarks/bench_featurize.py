@@ -101,9 +101,9 @@ def main(args):
     dense43 = DenseGaussianProjector(grads.shape[1], args.k, seed=setting.seed + 1)  # the same reference, another seed
     print(f"(dense Gaussian reference projection of {len(train)} vectors: {td.seconds:.1f} s)")
     scores = {
-        "ours": TRAKScorer(feats).scores(qfeats),
-        "dense": TRAKScorer(dense_feats).scores(dense_q),
-        "dense43": TRAKScorer(dense43.project(grads)).scores(dense43.project(qgrads)),
+        "ours": TRAKScorer().fit(feats).scores(qfeats),
+        "dense": TRAKScorer().fit(dense_feats).scores(dense_q),
+        "dense43": TRAKScorer().fit(dense43.project(grads)).scores(dense43.project(qgrads)),
         "trak": trak_s_scores,
         "exact": exact_scores(grads, qgrads),
     }
@@ -121,13 +121,13 @@ def main(args):
         print("k sweep (same gradients), Spearman mean [min] over queries:")
         for k in args.k_sweep:
             sp = SparseJLProjector(grads.shape[1], k, seed=setting.seed)
-            s_sparse = TRAKScorer(sp.project(grads)).scores(sp.project(qgrads))
+            s_sparse = TRAKScorer().fit(sp.project(grads)).scores(sp.project(qgrads))
             line = f"  k={k:>6}: sparse vs exact {spearman_rows(s_sparse, scores['exact']).mean():.4f}"
             if k <= args.dense_max_k:
                 dp = DenseGaussianProjector(grads.shape[1], k, seed=setting.seed)
-                s_dense = TRAKScorer(dp.project(grads)).scores(dp.project(qgrads))
+                s_dense = TRAKScorer().fit(dp.project(grads)).scores(dp.project(qgrads))
                 d43 = DenseGaussianProjector(grads.shape[1], k, seed=setting.seed + 1)
-                s_d43 = TRAKScorer(d43.project(grads)).scores(d43.project(qgrads))
+                s_d43 = TRAKScorer().fit(d43.project(grads)).scores(d43.project(qgrads))
                 rho = spearman_rows(s_sparse, s_dense)
                 line += (f", dense vs exact {spearman_rows(s_dense, scores['exact']).mean():.4f}"
                          f", sparse vs dense {rho.mean():.4f} [{rho.min():.4f}]"

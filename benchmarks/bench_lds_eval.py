@@ -27,7 +27,7 @@ from dtrak_core.attribution.scoring import TRAKScorer  # noqa: E402
 
 
 def direct(phi, q, masks, F, grid, draws):
-    sums = [masks @ TRAKScorer(phi, lam=lam).scores(q).T for lam in grid]
+    sums = [masks @ TRAKScorer(lam=lam).fit(phi).scores(q).T for lam in grid]
     means = [np.nanmean(rank_corr(g, -F)) for g in sums]
     best = sums[int(np.argmax(means))]
     boot = []

@@ -69,8 +69,8 @@ def main(args):
     setting, store = attributor.setting(args.method, K=max(args.K))
     phi = np.asarray(store.features())
     q = Featurizer(attributor.unet, attributor.scheduler, setting)(images)
-    s32 = TRAKScorer(phi).scores(q)
-    s16 = TRAKScorer(phi.astype(np.float16).astype(np.float32)).scores(q.numpy().astype(np.float16).astype(np.float32))
+    s32 = TRAKScorer().fit(phi).scores(q)
+    s16 = TRAKScorer().fit(phi.astype(np.float16).astype(np.float32)).scores(q.numpy().astype(np.float16).astype(np.float32))
     rho = spearman_rows(s32, s16)
     overlap = np.mean([len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10])) / 10 for a, b in zip(s32, s16)])
     print(f"float16 feature storage ({phi.nbytes / 2**20:.1f} MiB -> {phi.nbytes / 2**21:.1f} MiB): Spearman vs float32 "

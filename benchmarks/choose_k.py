@@ -46,14 +46,14 @@ def main():
     queries = grads(generate(attributor.unet, attributor.scheduler, range(args.queries)))
     print(f"{args.method} K={args.K}: full gradients of {len(train)} + {len(queries)} samples, d={train.shape[1]}, "
           f"{time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads")
-    exact = TRAKScorer(train).scores(queries)
+    exact = TRAKScorer().fit(train).scores(queries)
     print(f"{'projector':>15} {'k':>6} {'spearman':>9} {'top-10 overlap':>15} {'store MB':>9}")
     for k in args.ks:
         for name, proj in [("sparse-jl", SparseJLProjector(train.shape[1], k)),
                            ("dense-gaussian", DenseGaussianProjector(train.shape[1], k) if k <= 2048 else None)]:
             if proj is None:
                 continue
-            approx = TRAKScorer(proj.project(train)).scores(proj.project(queries))
+            approx = TRAKScorer().fit(proj.project(train)).scores(proj.project(queries))
             rho, overlap = compare(exact, approx)
             print(f"{name:>15} {k:>6} {rho:>9.4f} {overlap:>15.2f} {len(train) * k * 4 / 2**20:>9.1f}", flush=True)
 

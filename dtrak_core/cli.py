@@ -112,7 +112,7 @@ def cmd_attribute(args):
     method = methods.get(args.method)
     if method.family == "trak":
         result = attributor.attribute(image, args.method, K=args.K)
-        lam = attributor.scorer(args.method, args.K).lam
+        lam = attributor.scorer(args.method, args.K).lam_
     else:  # a baseline, through the registry (Journey-TRAK follows the seed's own trajectory)
         scores = methods.scores(attributor, method.name, image[None], None if args.image else [args.seed], K=args.K)
         result, lam = Attribution(method.name, scores[0], attributor.train.labels.numpy()), None

@@ -107,7 +107,7 @@ class Attributor:
     def scorer(self, method: str, K: int | None = None, lam=None) -> TRAKScorer:
         setting, store = self.setting(method, K)
         key = (setting, self.lambda_for(setting, lam))
-        return self._scorers.get(key, lambda: TRAKScorer(store.features(), lam=key[1]))
+        return self._scorers.get(key, lambda: TRAKScorer(lam=key[1]).fit(store.features()))
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
         """images (B, C, H, W) in [-1, 1] -> scores (B, N)."""

@@ -56,7 +56,7 @@ def inner_product(method, inputs, images, seeds, K) -> np.ndarray:
     """TRAK scores divided by a per-training-sample norm (`similarity.ip_norms`)."""
     setting, _ = inputs.store(method.store, K)
     scorer = inputs.attributor.scorer(method.store, setting.K)
-    norms = inputs.cached((method.kind, setting, scorer.lam), lambda: ip_norms(scorer, method.kind))
+    norms = inputs.cached((method.kind, setting, scorer.lam_), lambda: ip_norms(scorer, method.kind))
     return scorer.scores(inputs.query_features(images, method.store, K)) / norms
 
 

@@ -32,38 +32,57 @@ def default_lambda(train_features, relative: float = DEFAULT_RELATIVE_LAMBDA) ->
 
 
 class TRAKScorer:
-    """Fit once on the training features, then score any number of query features."""
+    """TRAK / D-TRAK scores: fit once on the training features, then score any number of queries.
 
-    def __init__(self, train_features, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA):
+        scorer = TRAKScorer(lam=None).fit(train_features)    # Phi (N, k), a tensor or an array
+        scores = scorer.scores(query_features)               # (Q, k) -> (Q, N) float64
+
+    The constructor only stores its arguments; `fit` checks them and solves the ridge system.
+
+    Args:
+        lam: the ridge lambda; None applies the data-free rule `relative_lambda` x the mean squared
+            training-feature norm (`default_lambda`).
+        relative_lambda: the rule's factor (used when `lam` is None).
+
+    Fitted attributes:
+        lam_: the lambda used (float, > 0).
+        weights_: (k, N) float64, the columns (Phi^T Phi + lam I)^-1 phi_n, so scores = q @ weights_.
+        train_features_: (N, k) float64 copy of Phi.
+    """
+
+    def __init__(self, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA):
+        self.lam = lam
+        self.relative_lambda = relative_lambda
+
+    def fit(self, train_features) -> "TRAKScorer":
         phi = _float64(train_features)  # (N, k)
         if phi.ndim != 2:
             raise ValueError(f"train features must be (N, k), got {tuple(phi.shape)}")
-        self.lam = default_lambda(phi, relative_lambda) if lam is None else float(lam)
-        if not self.lam > 0:
-            raise ValueError(f"lambda must be positive, got {self.lam}")
+        lam = default_lambda(phi, self.relative_lambda) if self.lam is None else float(self.lam)
+        if not lam > 0:
+            raise ValueError(f"lambda must be positive, got {lam}")
         n, k = phi.shape
         if k > n:  # dual: X = Phi^T (Phi Phi^T + lam I)^-1, (k, N)
             gram = phi @ phi.T
-            gram.diagonal().add_(self.lam)
-            self.weights = torch.linalg.solve(gram, phi).T
+            gram.diagonal().add_(lam)
+            weights = torch.linalg.solve(gram, phi).T
         else:  # primal: X = (Phi^T Phi + lam I)^-1 Phi^T, (k, N)
             cov = phi.T @ phi
-            cov.diagonal().add_(self.lam)
-            self.weights = torch.linalg.solve(cov, phi.T)
-        self.train_features = phi
-
-    @property
-    def n(self) -> int:
-        return self.weights.shape[1]
+            cov.diagonal().add_(lam)
+            weights = torch.linalg.solve(cov, phi.T)
+        self.lam_, self.weights_, self.train_features_ = lam, weights, phi
+        return self
 
     def scores(self, query_features) -> np.ndarray:
-        """(Q, k) -> (Q, N) float64."""
+        """Query features (Q, k), or one (k,) -> scores (Q, N) float64; higher = stronger proponent."""
+        if not hasattr(self, "weights_"):
+            raise ValueError("this TRAKScorer is not fitted yet; call fit(train_features) first")
         q = _float64(query_features)
         if q.ndim == 1:
             q = q[None]
-        if q.shape[1] != self.weights.shape[0]:
-            raise ValueError(f"query features have dim {q.shape[1]}, the store has k={self.weights.shape[0]}")
-        return (q @ self.weights).numpy()
+        if q.shape[1] != self.weights_.shape[0]:
+            raise ValueError(f"query features have dim {q.shape[1]}, the store has k={self.weights_.shape[0]}")
+        return (q @ self.weights_).numpy()
 
 
 class SpectralTRAK:
@@ -72,34 +91,43 @@ class SpectralTRAK:
     With Phi = U diag(s) V^T, both the primal and the dual form equal V diag(s / (s^2 + lam)) U^T,
     so scores(q, lam) = (q V) diag(s / (s^2 + lam)) U^T, and the LDS's sums of scores over subsets,
     masks @ scores^T, cost O(M r Q) per lambda once masks @ U and q V are known (r = min(N, k)).
+
+        spectral = SpectralTRAK().fit(train_features)        # Phi (N, k)
+        spectral.scores(query_features, lam)                 # (Q, k) -> (Q, N), = TRAKScorer(lam).fit(Phi)
+
+    Fitted attributes: U_ (N, r), s_ (r,), V_ (k, r) float64 with Phi = U_ diag(s_) V_^T, and
+    train_norms_ (N,) the training features' norms.
     """
 
-    def __init__(self, train_features):
+    def fit(self, train_features) -> "SpectralTRAK":
         phi = _float64(train_features)
         if phi.ndim != 2:
             raise ValueError(f"train features must be (N, k), got {tuple(phi.shape)}")
-        self.U, self.s, Vh = torch.linalg.svd(phi, full_matrices=False)
-        self.V = Vh.T
-        self.train_norms = phi.norm(dim=1)
+        self.U_, self.s_, Vh = torch.linalg.svd(phi, full_matrices=False)
+        self.V_ = Vh.T
+        self.train_norms_ = phi.norm(dim=1)
+        return self
 
     def shrink(self, lam: float) -> torch.Tensor:
+        """(r,) s / (s^2 + lam)."""
         if not lam > 0:
             raise ValueError(f"lambda must be positive, got {lam}")
-        return self.s / (self.s ** 2 + lam)
+        return self.s_ / (self.s_ ** 2 + lam)
 
     def project(self, query_features) -> torch.Tensor:
         """(Q, k) -> (Q, r): q V, reusable across lambdas."""
         q = _float64(query_features)
-        if q.ndim != 2 or q.shape[1] != self.V.shape[0]:
-            raise ValueError(f"query features must be (Q, {self.V.shape[0]}), got {tuple(q.shape)}")
-        return q @ self.V
+        if q.ndim != 2 or q.shape[1] != self.V_.shape[0]:
+            raise ValueError(f"query features must be (Q, {self.V_.shape[0]}), got {tuple(q.shape)}")
+        return q @ self.V_
 
     def scores(self, query_features, lam: float) -> np.ndarray:
-        return ((self.project(query_features) * self.shrink(lam)) @ self.U.T).numpy()
+        """(Q, k) -> (Q, N) float64 TRAK scores at this lambda."""
+        return ((self.project(query_features) * self.shrink(lam)) @ self.U_.T).numpy()
 
     def weight_norms(self, lam: float) -> torch.Tensor:
         """(N,) norms of the columns of the score weights, ||(Phi^T Phi + lam I)^-1 phi_n|| (Relative IP)."""
-        return ((self.U * self.shrink(lam)) ** 2).sum(1).sqrt()
+        return ((self.U_ * self.shrink(lam)) ** 2).sum(1).sqrt()
 
 
 def top_k(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

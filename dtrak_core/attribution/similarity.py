@@ -38,8 +38,8 @@ def ip_norms(scorer, kind: str) -> np.ndarray:
     kind: 'relative' for ||(Phi^T Phi + lam I)^-1 phi_n|| (Relative IP), 'renorm' for ||phi_n||
     (Renormalized IP).
     """
-    if kind == "relative":  # columns of scorer.weights are (Phi^T Phi + lam I)^-1 phi_n
-        return np.maximum(scorer.weights.norm(dim=0).numpy(), 1e-300)
+    if kind == "relative":  # columns of scorer.weights_ are (Phi^T Phi + lam I)^-1 phi_n
+        return np.maximum(scorer.weights_.norm(dim=0).numpy(), 1e-300)
     if kind == "renorm":
-        return np.maximum(scorer.train_features.norm(dim=1).numpy(), 1e-300)
+        return np.maximum(scorer.train_features_.norm(dim=1).numpy(), 1e-300)
     raise ValueError(f"kind must be 'relative' or 'renorm', got {kind!r}")

@@ -221,8 +221,8 @@ def lambda_study(train_features, query_features, masks, F, grid=PAPER_LAMBDA_GRI
     (M, N) and F (M, Q) as for `lds`. Every lambda of `grid` comes from one SVD (`SpectralTRAK`).
     """
     _check_lds_inputs(np.zeros((len(query_features), len(train_features))), masks, F)
-    trak = SpectralTRAK(train_features)
-    A, B = torch.as_tensor(np.asarray(masks, dtype=np.float64)) @ trak.U, trak.project(query_features).T
+    trak = SpectralTRAK().fit(train_features)
+    A, B = torch.as_tensor(np.asarray(masks, dtype=np.float64)) @ trak.U_, trak.project(query_features).T
     return lambda_sweep(lambda lam: {"q": ((A * trak.shrink(lam)) @ B).numpy()}, {"q": F}, grid, num_bootstrap,
                         default_lambda(train_features), split_seed)["q"]
 

@@ -94,7 +94,7 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
             results["noise_ceiling"][set_name] = noise_ceiling(col["F_seeds"][set_name], num_bootstrap)
     # does the timestep subset matter? LDS (default lambda, first method) with every stride-th evaluated timestep
     first = next(iter(methods))
-    scorer = TRAKScorer(train_features[first])
+    scorer = TRAKScorer().fit(train_features[first])
     for stride in TIMESTEP_STRIDES:
         if config.eval_timesteps % stride:
             continue

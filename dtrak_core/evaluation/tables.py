@@ -179,7 +179,7 @@ def trak_g_fn(trains: list, queries: dict, masks, normalize: str | None = None):
     masks = torch.as_tensor(np.asarray(masks, dtype=np.float64))
     models = []
     for i, train in enumerate(trains):
-        trak = SpectralTRAK(train)
+        trak = SpectralTRAK().fit(train)
         models.append((trak, {name: trak.project(qs[i]).T for name, qs in queries.items()}))
 
     def g_fn(lam):
@@ -189,8 +189,8 @@ def trak_g_fn(trains: list, queries: dict, masks, normalize: str | None = None):
             if normalize == "relative":
                 w = masks / trak.weight_norms(lam).clamp_min(1e-300)
             elif normalize == "renorm":
-                w = masks / trak.train_norms.clamp_min(1e-300)
-            A = (w @ trak.U) * trak.shrink(lam)
+                w = masks / trak.train_norms_.clamp_min(1e-300)
+            A = (w @ trak.U_) * trak.shrink(lam)
             for name, B in projected.items():
                 out[name] = out[name] + (A @ B).numpy()
         return {name: v / len(models) for name, v in out.items()}

@@ -36,7 +36,7 @@ def test_kernel_trak_equals_the_primal_scorer_and_its_leverages():
     rng = np.random.default_rng(1)
     train, queries = rng.normal(size=(6, 40)), rng.normal(size=(3, 40))
     lam = 0.3
-    want = TRAKScorer(train, lam=lam).scores(queries)  # k > N: TRAKScorer's dual; primal below
+    want = TRAKScorer(lam=lam).fit(train).scores(queries)  # k > N: TRAKScorer's dual; primal below
     primal = queries @ np.linalg.solve(train.T @ train + lam * np.eye(40), train.T)
     np.testing.assert_allclose(want, primal, rtol=1e-8, atol=1e-10)
     kt = KernelTRAK().fit(train @ train.T)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dtrak_core.attribution.scoring import TRAKScorer, default_lambda, ensemble_scores, top_k
+from dtrak_core.attribution.scoring import SpectralTRAK, TRAKScorer, default_lambda, ensemble_scores, top_k
 
 
 def naive_scores(phi_q, phi, lam):
@@ -17,18 +17,35 @@ def test_scores_equal_closed_form(n, k):
     phi = rng.normal(size=(n, k)).astype(np.float32)
     q = rng.normal(size=(3, k)).astype(np.float32)
     lam = 0.7
-    got = TRAKScorer(phi, lam=lam).scores(q)
+    got = TRAKScorer(lam=lam).fit(phi).scores(q)
     np.testing.assert_allclose(got, naive_scores(q.astype(np.float64), phi.astype(np.float64), lam), rtol=1e-9, atol=1e-12)
 
 
 def test_default_lambda_rule_and_validation():
     phi = np.ones((4, 9), dtype=np.float32)
     assert default_lambda(phi) == pytest.approx(0.1 * 9)
-    assert TRAKScorer(phi).lam == pytest.approx(0.9)
+    assert TRAKScorer().fit(phi).lam_ == pytest.approx(0.9)
     with pytest.raises(ValueError, match="lambda"):
-        TRAKScorer(phi, lam=0.0)
+        TRAKScorer(lam=0.0).fit(phi)
     with pytest.raises(ValueError, match="dim"):
-        TRAKScorer(phi, lam=1.0).scores(np.ones((1, 8)))
+        TRAKScorer(lam=1.0).fit(phi).scores(np.ones((1, 8)))
+
+
+def test_scorers_store_arguments_and_fit_does_the_work():
+    phi = np.random.default_rng(1).normal(size=(12, 5))
+    scorer = TRAKScorer(lam=-1.0)  # checked by fit, not by the constructor
+    assert scorer.lam == -1.0 and not hasattr(scorer, "weights_")
+    with pytest.raises(ValueError, match="not fitted"):
+        scorer.scores(phi[:2])
+    with pytest.raises(ValueError, match="lambda must be positive"):
+        scorer.fit(phi)
+    rule = TRAKScorer()
+    assert rule.fit(phi) is rule and rule.lam is None and rule.lam_ == pytest.approx(default_lambda(phi))
+    assert rule.weights_.shape == (5, 12) and rule.train_features_.shape == (12, 5)
+    spectral = SpectralTRAK().fit(phi)
+    for lam in (0.05, rule.lam_, 30.0):
+        np.testing.assert_allclose(spectral.scores(phi[:3], lam), TRAKScorer(lam).fit(phi).scores(phi[:3]), rtol=1e-8,
+                                   atol=1e-12)
 
 
 def test_top_k_and_ensembles():

@@ -103,7 +103,7 @@ def test_lambda_sweep_over_sets_equals_one_set_at_a_time():
     masks = rng.random((M, N)) < 0.5
     F = {"a": rng.normal(size=(M, 5)), "b": rng.normal(size=(M, 4))}
     grid = (1e-2, 1.0, 1e2)
-    both = lambda_sweep(lambda lam: {n: masks @ TRAKScorer(phi, lam=lam).scores(q).T for n, q in qs.items()}, F, grid, 30)
+    both = lambda_sweep(lambda lam: {n: masks @ TRAKScorer(lam=lam).fit(phi).scores(q).T for n, q in qs.items()}, F, grid, 30)
     for name in qs:
         one = lambda_study(phi, qs[name], masks, F[name], grid=grid, num_bootstrap=30)
         for key in ("paper", "honest"):
@@ -122,7 +122,7 @@ def test_lambda_study_picks_and_reports(tiny_unet):
     F = rng.normal(size=(M, Q))
     grid = (1e-2, 1.0, 1e2)
     res = lambda_study(phi, q, masks, F, grid=grid, num_bootstrap=10)
-    by = [lds(TRAKScorer(phi, lam=lam).scores(q), masks, F, 10)[0] for lam in grid]
+    by = [lds(TRAKScorer(lam=lam).fit(phi).scores(q), masks, F, 10)[0] for lam in grid]
     np.testing.assert_allclose(res["lds_by_lambda"], by)
     assert res["paper"]["lambda"] == grid[int(np.argmax(by))]
     assert set(res["honest"]["lambdas"]) <= set(grid)

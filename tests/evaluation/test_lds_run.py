@@ -95,7 +95,7 @@ def test_tiny_end_to_end(tmp_path, digits, scheduler):
     np.testing.assert_allclose(gt["F"]["validation"], col["F"]["validation"], rtol=1e-6)
     # anyone can recompute a method's LDS from the stored masks and F alone
     q = Featurizer(unet, scheduler, setting)(digits.images[-6:]).numpy()
-    assert lds(TRAKScorer(feats).scores(q), gt["masks"], gt["F"]["validation"], 20)[0] == pytest.approx(r["default"]["lds"], abs=1e-4)
+    assert lds(TRAKScorer().fit(feats).scores(q), gt["masks"], gt["F"]["validation"], 20)[0] == pytest.approx(r["default"]["lds"], abs=1e-4)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits, scheduler):
