@@ -160,14 +160,16 @@ class GradientFeaturizer:
             raise ValueError(f"no timesteps in {timesteps} of a featurizer with K={self.K}")
         return sub
 
-    def _objective(self, params, x, sl: slice, unet):
-        """Sum over timesteps in `sl` of f for one sample x (C, H, W), run on `unet` (a replica)."""
+    def _objective(self, params, x, conditioning: dict, sl: slice, unet):
+        """Sum over timesteps in `sl` of f for one sample x (C, H, W) and its conditioning, run on
+        `unet` (a replica)."""
         eps = self.noise[sl]
         xt = self.scheduler.add_noise(x.expand_as(eps), eps, self.timesteps[sl])  # (k, C, H, W)
-        pred = functional_call(unet, params, (xt, self.timesteps[sl]), {"return_dict": False})[0]
+        kwargs = {name: c.expand(len(xt), *c.shape) for name, c in conditioning.items()}  # the same for every t
+        pred = functional_call(unet, params, (xt, self.timesteps[sl]), {**kwargs, "return_dict": False})[0]
         return self.f(pred, eps, self.weights[sl]).sum()
 
-    def _hooks_grads(self, images: torch.Tensor, sl: slice, unet) -> torch.Tensor:
+    def _hooks_grads(self, images: torch.Tensor, conditioning: dict, sl: slice, unet) -> torch.Tensor:
         """Per-sample gradients (B, d) of the sum over timesteps in `sl`, by per-layer contraction,
         with hooks on `unet` (a replica no other thread runs)."""
         B = len(images)
@@ -184,7 +186,8 @@ class GradientFeaturizer:
         handles = [module.register_forward_hook(record) for module in layers]
         try:
             with torch.enable_grad():
-                pred = unet(xt, self.timesteps[sl].repeat(B), return_dict=False)[0]
+                kwargs = {name: c.repeat_interleave(m, 0) for name, c in conditioning.items()}
+                pred = unet(xt, self.timesteps[sl].repeat(B), **kwargs, return_dict=False)[0]
                 total = self.f(pred, eps, self.weights[sl].repeat(B)).sum()
                 # Gradients w.r.t. layer outputs only: autograd then skips every weight gradient.
                 outs = torch.autograd.grad(total, [o for _, _, o in calls], allow_unused=True)
@@ -203,16 +206,21 @@ class GradientFeaturizer:
             return torch.cat([grads[n].reshape(B, -1) if n in grads else torch.zeros(B, p.numel())
                               for n, p in self.params.items()], dim=1)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> per-sample gradients (B, d), float32."""
+    def __call__(self, images: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> per-sample gradients (B, d), float32. `conditioning`: per-sample
+        tensors (B, ...) passed to the model by keyword, e.g. a text-to-image UNet's
+        `encoder_hidden_states`."""
+        for name, c in conditioning.items():
+            if len(c) != len(images):
+                raise ValueError(f"conditioning {name!r} has {len(c)} rows for {len(images)} images")
         out = torch.zeros(len(images), self.dim)
         with self.replicas.borrow() as unet:
             for start in range(0, self.K, self.timestep_chunk):
                 sl = slice(start, min(start + self.timestep_chunk, self.K))
                 if self.engine == "hooks":
-                    out += self._hooks_grads(images, sl, unet)
+                    out += self._hooks_grads(images, conditioning, sl, unet)
                     continue
                 objective = functools.partial(self._objective, unet=unet)
-                g = vmap(grad(objective), in_dims=(None, 0, None))(self.params, images, sl)
+                g = vmap(grad(objective), in_dims=(None, 0, 0, None))(self.params, images, conditioning, sl)
                 out += torch.cat([v.reshape(len(images), -1) for v in g.values()], dim=1)
         return out / self.K
