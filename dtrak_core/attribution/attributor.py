@@ -4,8 +4,9 @@
     result = attributor.attribute(image, "d-trak")     # image (C, H, W) in [-1, 1]
     result.proponents(10), result.opponents(10), result.scores
 
-Methods are output-function names (see `output_functions`): 'd-trak' is 'square', 'trak' is
-'loss'; any other needs a store built with `python -m dtrak_core featurize`.
+Methods here are the TRAK family, by output-function name (see `output_functions`): 'd-trak' is
+'square', 'trak' is 'loss'; any other needs a store built with `python -m dtrak_core featurize`.
+The baselines score through the method registry: `methods.scores(attributor, name, images)`.
 """
 from __future__ import annotations
 
@@ -29,14 +30,18 @@ RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever
 
 @dataclass
 class Attribution:
-    method: str
+    """One query's scores over the training set, with its top proponents and opponents."""
+
+    method: str  # canonical method name ('square' for D-TRAK)
     scores: np.ndarray  # (N,) one score per training image; higher = stronger proponent
     labels: np.ndarray  # (N,) training labels (-1 when unknown)
 
     def proponents(self, n: int) -> np.ndarray:
+        """(n,) training indices with the highest scores, strongest first."""
         return top_k(self.scores, n)[0]
 
     def opponents(self, n: int) -> np.ndarray:
+        """(n,) training indices with the lowest scores, strongest first."""
         return top_k(self.scores, n)[1]
 
     def table(self, n: int) -> dict:
@@ -47,7 +52,24 @@ class Attribution:
 
 
 class Attributor:
-    """Holds one model, its training data and feature stores; scorers and featurizers are built lazily."""
+    """One model, its training set and the training set's feature stores, scored by TRAK.
+
+        attributor = Attributor.load(root)                   # or Attributor(unet, scheduler, train, stores)
+        attributor.methods                                   # output functions with a store: ['loss', 'square']
+        attributor.scores(images, "d-trak")                  # images (Q, C, H, W) in [-1, 1] -> (Q, N)
+        attributor.attribute(image, "trak").proponents(10)   # one image (C, H, W)
+
+    Args:
+        unet, scheduler: the diffusers model and its noise scheduler (the UNet is put in eval mode
+            and only ever read: gradient work runs on private replicas).
+        train: the N training images the stores were built on (`model.data.Dataset`).
+        stores: complete `FeatureStore`s of `train` for this model's weights (checked: their
+            identity must name this checkpoint and dataset); several per output function may differ in K.
+        lam: a ridge lambda for every store, overriding the tuned ones (None: see `lambda_for`).
+        tuned_lambdas: {store slug: lambda} chosen on validation LDS (a model folder's manifest).
+
+    Featurizers and fitted `TRAKScorer`s are built on first use, once, and shared by every thread.
+    """
 
     def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
                  tuned_lambdas: dict[str, float] | None = None):
@@ -78,9 +100,12 @@ class Attributor:
 
     @property
     def methods(self) -> list[str]:
+        """The output functions with a store, sorted: the TRAK-family methods this attributor runs."""
         return sorted(self.stores)
 
     def setting(self, method: str, K: int | None = None) -> tuple[FeatureSetting, FeatureStore]:
+        """(setting, store) of a TRAK-family method (any spelling: 'd-trak', 'square') with K
+        timesteps (None: the largest K present); ValueError naming the stores present otherwise."""
         name = canonical_name(method)
         options = [s for s in self.stores.get(name, []) if K is None or s[0].K == K]
         if not options:
@@ -90,6 +115,7 @@ class Attributor:
         return max(options, key=lambda s: s[0].K)  # the most accurate one by default
 
     def featurizer(self, setting: FeatureSetting) -> Featurizer:
+        """The shared `Featurizer` of this model for `setting`: images (Q, C, H, W) -> (Q, k)."""
         return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting))
 
     def lambda_for(self, setting: FeatureSetting, lam=None) -> float | None:
@@ -105,12 +131,14 @@ class Attributor:
         return self.tuned_lambdas.get(setting.slug)
 
     def scorer(self, method: str, K: int | None = None, lam=None) -> TRAKScorer:
+        """The `TRAKScorer` fitted on that store's training features (N, k), with `lambda_for`'s lambda."""
         setting, store = self.setting(method, K)
         key = (setting, self.lambda_for(setting, lam))
         return self._scorers.get(key, lambda: TRAKScorer(lam=key[1]).fit(store.features()))
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
-        """images (B, C, H, W) in [-1, 1] -> scores (B, N)."""
+        """Scores (B, N) float64 of images (B, C, H, W) in [-1, 1] under a TRAK-family method
+        (K: the store's timesteps, None the largest; lam: see `lambda_for`)."""
         setting, _ = self.setting(method, K)
         expected = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:

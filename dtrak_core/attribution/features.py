@@ -12,6 +12,13 @@ from dtrak_core.attribution.projectors import PROJECTORS, make_projector
 
 @dataclass(frozen=True)
 class FeatureSetting:
+    """What a feature is: which output function's gradient, over how many timesteps, projected how.
+
+    Stores record it in their metadata and are reused only for an equal setting; `slug` names
+    their folder. Any spelling of an output function is accepted and kept canonical ('d-trak' ->
+    'square').
+    """
+
     output_fn: str = "square"  # output function name (see output_functions); 'square' is D-TRAK
     K: int = 100  # timesteps averaged per sample: t in range(0, 1000, 1000 // K)
     projector: str = "sparse-jl"  # 'sparse-jl' (fast on CPU) or 'dense-gaussian' (reference)
@@ -38,7 +45,21 @@ class FeatureSetting:
 
 
 class Featurizer:
-    """images (B, C, H, W) -> projected features (B, k) for one model and setting."""
+    """Projected gradient features of images for one model and `FeatureSetting`.
+
+        phi = Featurizer(unet, scheduler, FeatureSetting("square", K=100, k=2048))(images)
+        # images (B, C, H, W) in [-1, 1] -> phi (B, k) float32 = P^T grad_theta mean_t f(x_t, t)
+
+    Args:
+        unet, scheduler: the diffusers model (only read; see `gradients.GradientFeaturizer`) and its
+            noise scheduler.
+        setting: the output function, K, projector, k and projector seed.
+        batch_size: samples per gradient pass (bounds memory to about batch_size x K images).
+        timestep_chunk: timesteps per pass within a batch.
+
+    `gradients` is the unprojected `GradientFeaturizer` (B, d) and `projector` the (d -> k)
+    projection; both are deterministic, so equal settings give equal features.
+    """
 
     def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 25):
         self.setting = setting

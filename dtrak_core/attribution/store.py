@@ -63,7 +63,15 @@ def sha256_file(path: str) -> str:
 
 
 class FeatureStore:
-    """Open with `FeatureStore.open(path)` (read) or `FeatureStore.create(path, identity, n, k)`."""
+    """The (N, k) features of N inputs in a folder, checked on every open, filled resumably.
+
+        identity = FeatureStore.identity(setting, checkpoint_hash(unet), train.fingerprint)
+        store = FeatureStore.create(path, identity, n=len(train), k=setting.k)   # or reopens a match
+        store.fill(Featurizer(unet, scheduler, setting), train.images)          # computes missing slices
+        phi = FeatureStore.open(path, identity).features()                       # (N, k) float32 memmap
+
+    `metadata` holds the identity fields plus n, k, slice_size, complete and the checksums.
+    """
 
     def __init__(self, path: str, metadata: dict):
         self.path = path
