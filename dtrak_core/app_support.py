@@ -484,9 +484,6 @@ def unusual_ink(pixels, train_images) -> str | None:
 
 # ---------------------------------------------------------------- counterfactual: examples and cost
 
-RANKING_ORDER = {"square": 0, "loss": 1, "random": 9}  # D-TRAK first, random last, other rankings between
-
-
 def example_rows(outcomes: dict, first: set | None = None) -> list[dict]:
     """The counterfactual examples, one row per (seed, k) with up to two rankings and their outcomes.
 
@@ -500,7 +497,7 @@ def example_rows(outcomes: dict, first: set | None = None) -> list[dict]:
         groups.setdefault((int(seed), int(k)), []).append(ranking)
     rows = []
     for (seed, k), rankings in groups.items():
-        rankings = sorted(rankings, key=lambda r: (RANKING_ORDER.get(r, 5), r))
+        rankings = sorted(rankings, key=registry.sort_key, reverse=True)  # D-TRAK first, random last
         rankings = rankings[:1] + (["random"] if "random" in rankings[1:] else rankings[1:2])
         row = {"seed": seed, "k": k, "rankings": rankings,
                "outcomes": [outcomes[(seed, r, k)] for r in rankings],

@@ -24,6 +24,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from dtrak_core import app_support as sup
+from dtrak_core.attribution import methods as registry
 from dtrak_core.images import to_pil
 
 PROPONENT, OPPONENT, NEUTRAL = "#16a34a", "#dc2626", "#94a3b8"
@@ -197,7 +198,7 @@ def counterfactual_summary(summary: dict, n_train: int | None = None) -> str:
     cells = summary.get("cells", [])
     if not cells:
         return ""
-    rankings = sorted(dict.fromkeys(c["ranking"] for c in cells), key=lambda r: (sup.RANKING_ORDER.get(r, 5), r))[::-1]
+    rankings = sorted(dict.fromkeys(c["ranking"] for c in cells), key=registry.sort_key)  # the paper's column order
     head = "| removed | measure | " + " | ".join(sup.method_label(r) for r in rankings) + " |"
     lines = [head, "|" + "---|" * (len(rankings) + 2)]
     for k in sorted({c["k"] for c in cells}, reverse=True):
@@ -243,7 +244,7 @@ def counterfactual_chart(summary: dict) -> go.Figure:
                 text.append(f"seed {t['seed']}: label {t['label_before']} -> {t['label_after']}")
         fig.add_box(x=x, y=y, text=text, name=f"{k} removed", boxpoints="all", jitter=0.4, pointpos=0,
                     marker=dict(size=4), hovertemplate="%{text}<br>L2 %{y:.2f}<extra></extra>")
-    rankings = sorted(dict.fromkeys(c["ranking"] for c in cells), key=lambda r: (sup.RANKING_ORDER.get(r, 5), r))[::-1]
+    rankings = sorted(dict.fromkeys(c["ranking"] for c in cells), key=registry.sort_key)  # the paper's column order
     fig.update_xaxes(categoryorder="array", categoryarray=[sup.method_label(r) for r in rankings])
     fig.update_layout(**_LAYOUT, height=340, boxmode="group",
                       yaxis_title="pixel L2 before vs after")
