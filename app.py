@@ -21,6 +21,7 @@ measurement) in the background afterwards.
 """
 from __future__ import annotations
 
+import functools
 import html
 import os
 import sys
@@ -39,14 +40,14 @@ from dtrak_core import app_support as sup
 from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution, Attributor
-from dtrak_core.build import read_manifest
+from dtrak_core.folder import default_root, read_manifest
 from dtrak_core.errors import Cancelled
 from dtrak_core.evaluation.quality import classify
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.model.sampling import generate
 from dtrak_core.shared import OnceCache
 
-ASSETS = os.environ.get("DTRAK_ASSETS", "assets")
+ASSETS = default_root()
 
 
 # ---------------------------------------------------------------- shared state (one per process)
@@ -89,21 +90,23 @@ def _load_assets(root: str) -> Assets:
                   {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)})
 
 
-_loaded = OnceCache()
+def once_per_root(fn):
+    """fn(root), computed once per model folder even when several threads ask at once (the page's
+    load events and the warm-up do); `.cache_clear()` forgets every folder. A failure is not kept."""
+    caches = [OnceCache()]
+
+    @functools.wraps(fn)
+    def cached(root: str):
+        return caches[0].get(root, lambda: fn(root))
+    cached.cache_clear = lambda: caches.__setitem__(0, OnceCache())
+    return cached
 
 
+@once_per_root
 def load_assets(root: str) -> Assets:
-    """The model folder, loaded once (also when several threads ask at once); raises ValueError
-    with a readable reason when it is missing or damaged."""
-    return _loaded.get(root, lambda: _load_assets(root))
-
-
-def _forget_assets() -> None:
-    global _loaded
-    _loaded = OnceCache()
-
-
-load_assets.cache_clear = _forget_assets
+    """The model folder, loaded once; raises ValueError with a readable reason when it is missing
+    or damaged."""
+    return _load_assets(root)
 
 
 
@@ -149,8 +152,6 @@ def _counterfactual():
 
 def readable(fn):
     """Turn a core ValueError into a message in the UI (never a stack trace)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -483,13 +484,13 @@ class CounterfactualView:
                    "precomputed")
 
 
-@lru_cache(maxsize=None)
+@once_per_root
 def precomputed(root: str) -> dict:
     """(seed, ranking, k) -> CounterfactualView for every gallery entry shipped under the assets."""
     return {(v.seed, v.ranking, v.k): v for v in map(CounterfactualView.from_gallery, sup.counterfactual_gallery(root))}
 
 
-@lru_cache(maxsize=None)
+@once_per_root
 def committed(root: str) -> dict:
     """(seed, ranking, k) -> job file of the counterfactual harness's finished jobs under the assets
     that a live retrain here would reproduce (same model, recipe and stores); {} otherwise."""
@@ -518,33 +519,36 @@ def stored_view(root: str, key: tuple) -> CounterfactualView | None:
     return view
 
 
-@lru_cache(maxsize=None)
+@once_per_root
 def outcomes(root: str) -> dict:
-    """(seed, ranking, k) -> {'l2', 'label_before', 'label_after'} of every stored result."""
-    out = {}
-    for key in [*precomputed(root), *committed(root)]:
-        v = stored_view(root, key)
-        out[key] = {"l2": v.l2, "label_before": v.label_before, "label_after": v.label_after}
+    """(seed, ranking, k) -> {'l2', 'label_before', 'label_after'} of every stored result (read
+    from the results, without drawing their pictures)."""
+    out = {key: {"l2": v.l2, "label_before": v.label_before, "label_after": v.label_after}
+           for key, v in precomputed(root).items()}
+    for key, path in committed(root).items():
+        if key not in out:
+            r = _counterfactual().load_job(path)
+            out[key] = {"l2": r.l2, "label_before": r.label_before, "label_after": r.label_after}
     return out
 
 
-EXAMPLE_HEADERS = ["seed", "removed", "ranking A", "pixel L2 (A)", "digit (A)", "ranking B", "pixel L2 (B)",
-                   "digit (B)"]
+EXAMPLE_HEADERS = ["seed", "removed", "ranking A: pixel L2, digit", "ranking B: pixel L2, digit"]
+
+
+def examples(root: str) -> list[dict]:
+    """The precomputed counterfactual examples, one per (seed, k), in the table's order (see
+    `app_support.example_rows`)."""
+    return sup.example_rows(outcomes(root), set(precomputed(root)))
 
 
 def example_targets(root: str) -> list[list]:
-    """Rows for the examples table, one per precomputed (seed, k): rankings A and B with their
-    outcomes; the first row is the first example whose digit changes under ranking A."""
-    rows = []
-    for r in sup.example_rows(outcomes(root), set(precomputed(root))):
-        cells = [r["seed"], r["k"]]
-        for ranking, o in zip(r["rankings"] + [NO_RANKING], r["outcomes"] + [None]):
-            if o is None:
-                cells += [NO_RANKING, "", ""]
-                break
-            cells += [sup.method_label(ranking), round(o["l2"], 2), f"{o['label_before']} → {o['label_after']}"]
-        rows.append(cells[:8])
-    return rows
+    """Rows of the examples table: seed, removed, and per ranking its pixel L2 and the digit
+    before -> after; the first row is the first example whose digit changes under ranking A."""
+    def outcome(ranking, o):
+        return f"{sup.method_label(ranking)}: {o['l2']:.2f}, {o['label_before']} → {o['label_after']}"
+
+    return [[r["seed"], r["k"], *(outcome(rk, o) for rk, o in zip(r["rankings"], r["outcomes"])),
+             *([NO_RANKING] if len(r["rankings"]) == 1 else [])] for r in examples(root)]
 
 
 def _session(request: gr.Request | None) -> str:
@@ -602,7 +606,7 @@ def _queue_event(request: gr.Request | None):
     return None
 
 
-CF_HEADERS = ["ranking", "removed", "pixel L2", "digit before → after", "retrain"]
+CF_HEADERS = ["ranking", "pixel L2", "digit before → after", "retrain"]
 
 
 def counterfactual_outputs(views: list, status: str) -> tuple:
@@ -616,7 +620,7 @@ def counterfactual_outputs(views: list, status: str) -> tuple:
     if len(views) == 1:
         after.append(gr.Image(value=None, label="after (no second ranking)"))
         removed.append(gr.Image(value=None, label="(no second ranking)"))
-    rows = [[sup.method_label(v.ranking), v.k, round(v.l2, 3),
+    rows = [[sup.method_label(v.ranking), round(v.l2, 3),
              f"{v.label_before} ({v.confidence_before:.0%}) → {v.label_after} ({v.confidence_after:.0%})"
              + (" changed" if v.label_after != v.label_before else ""),
              "precomputed" if v.seconds is None else f"{v.seconds:.0f} s"] for v in views]
@@ -688,31 +692,42 @@ def _example_views(seed, k, rankings) -> list:
 
 
 def show_example(evt: gr.SelectData):
-    """A click on a precomputed example -> its inputs and results, instantly. Only ranking A is set:
-    ranking B keeps its own value, so the next 'Remove and retrain' runs what the controls say."""
-    row = list(evt.row_value)
-    seed, k = int(row[0]), int(row[1])
-    names = {sup.method_label(n): n for n in [*assets().methods, "random", NO_RANKING]}
-    rankings = [names.get(row[i], row[i]) for i in (2, 5) if row[i] not in ("", NO_RANKING)]
-    return (seed, k, rankings[0],
-            *counterfactual_outputs(_example_views(seed, k, rankings),
-                                    f"Precomputed example: seed {seed}, {k} training images removed."))
+    """A click on a precomputed example (its row) -> its inputs and results, instantly. Only ranking
+    A is set: ranking B keeps its own value, so the next 'Remove and retrain' runs what the controls say."""
+    rows = examples(ASSETS)
+    i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    r = rows[sup.parse_int(i, "example row", 0, max(0, len(rows) - 1))]
+    return (r["seed"], r["k"], r["rankings"][0],
+            *counterfactual_outputs(_example_views(r["seed"], r["k"], r["rankings"]),
+                                    f"Precomputed example: seed {r['seed']}, {r['k']} training images removed."))
 
 
 def first_example():
     """What the Counterfactual tab shows on first visit: the first precomputed example (one whose
     digit changes, when there is one), the examples table and what pixel L2 distances look like."""
-    rows = example_targets(ASSETS)
+    rows = examples(ASSETS)
     if not rows:
         return (*[gr.update()] * 11, gr.update(visible=False), "")
-    seed, k = rows[0][0], rows[0][1]
-    names = {sup.method_label(n): n for n in [*assets().methods, "random"]}
-    rankings = [names.get(rows[0][i], rows[0][i]) for i in (2, 5) if rows[0][i] != NO_RANKING]
-    views = _example_views(seed, k, rankings)
-    return (seed, k, rankings[0],
-            *counterfactual_outputs(views, f"Precomputed example: seed {seed}, {k} training images removed. "
-                                           "Pick a sample or a seed and press **Remove and retrain** for your own."),
-            gr.update(value=rows, visible=True), l2_examples_html(ASSETS))
+    r = rows[0]
+    views = _example_views(r["seed"], r["k"], r["rankings"])
+    return (r["seed"], r["k"], r["rankings"][0],
+            *counterfactual_outputs(views, f"Precomputed example: seed {r['seed']}, {r['k']} training images "
+                                           "removed. Pick a sample or a seed and press **Remove and retrain** for "
+                                           "your own."),
+            gr.update(value=example_targets(ASSETS), visible=True), l2_examples_html(ASSETS))
+
+
+def first_visit(done, q):
+    """The Counterfactual tab opened: on this session's first visit, the first example and the
+    examples table (computed here rather than when the page loads, which they would slow down).
+    The controls take the example's seed only while no generated sample has been picked (a picked
+    sample's seed stays in the box; the heading above the pictures says what they show)."""
+    if done:
+        return (*[gr.update()] * 13, True)
+    out = first_example()
+    if q is not None and q.get("seed") is not None:
+        out = (gr.update(), gr.update(), gr.update(), *out[3:])
+    return (*out, True)
 
 
 def l2_examples_html(root: str) -> str:
@@ -886,21 +901,26 @@ DIM_RESULTS_JS = "(...args) => { document.querySelector('#cf-results')?.classLis
 UNDIM_RESULTS_JS = "(...args) => { document.querySelector('#cf-results')?.classList.remove('stale'); return args; }"
 
 
-def plotly_preload_head() -> str:
-    """A script that loads the plotly bundle while the visitor is still on the Generate tab, so the
-    first attribution's charts arrive with its cards instead of seconds later. Gradio loads its
-    plot component only when a plot is first shown; importing the same module early fills the
-    browser's module cache (a file name that changes with Gradio is looked up, not hard-coded)."""
+# Enter in a slider's number box applies it at once (the slider otherwise waits until the box loses focus)
+ENTER_APPLIES_JS = ("document.addEventListener('keydown', (e) => { if (e.key === 'Enter' && "
+                    "e.target.matches('#topk input[type=number]')) e.target.blur(); });")
+
+
+def page_head() -> str:
+    """Scripts for the page's head: Enter in the top-k box, and the plotly bundle loaded while the
+    visitor is still on the Generate tab, so the first attribution's charts arrive with its cards
+    instead of seconds later. Gradio loads its plot component only when a plot is first shown;
+    importing the same module early fills the browser's module cache (the file name changes with
+    Gradio, so it is looked up, not hard-coded)."""
     import glob
 
     folder = os.path.join(os.path.dirname(gr.__file__), "templates", "frontend", "assets")
     found = sorted(glob.glob(os.path.join(folder, "PlotlyPlot-*.js")))
-    if not found:
-        return ""
-    name = os.path.basename(found[0])
-    return ("<script>(() => { const go = () => setTimeout(() => "
-            f"import(new URL('assets/{name}', document.baseURI).href).catch(() => {{}}), 500); "
-            "if (document.readyState === 'complete') go(); else window.addEventListener('load', go); })();</script>")
+    preload = "" if not found else (
+        "(() => { const go = () => setTimeout(() => "
+        f"import(new URL('assets/{os.path.basename(found[0])}', document.baseURI).href).catch(() => {{}}), 500); "
+        "if (document.readyState === 'complete') go(); else window.addEventListener('load', go); })();")
+    return f"<script>{ENTER_APPLIES_JS}{preload}</script>"
 
 
 def _read_text(path: str) -> str | None:
@@ -1065,6 +1085,7 @@ def build_demo() -> gr.Blocks:
         query = gr.State(None)  # the current query: key, pixels, title, seed, steps
         picked = gr.State(None)  # the training image being inspected
         compare_on = gr.State(False)  # the visitor asked for a comparison: keep it in step with the query
+        cf_visited = gr.State(False)  # the Counterfactual tab has shown its first example to this visitor
         gr.Markdown(header_markdown(a))
         committed(ASSETS)  # (checks the precomputed counterfactual results before the banner is drawn)
         damaged = {**a.damaged, **({"precomputed counterfactuals": _damaged_results[ASSETS]}
@@ -1172,15 +1193,16 @@ def build_demo() -> gr.Blocks:
                             after_b = gr.Image(label="after (ranking B)", format="png", interactive=False,
                                                height=200, buttons=[], elem_classes="pixel", min_width=110)
                         cf_table = gr.Dataframe(headers=CF_HEADERS, interactive=False, label="before vs after",
-                                                elem_id="cf-table", wrap=True)
+                                                elem_id="cf-table", wrap=True,
+                                                column_widths=["30%", "18%", "34%", "18%"])
                         with gr.Row():
                             removed_a = gr.Image(label="removed by ranking A", format="png", interactive=False,
-                                                 buttons=[], elem_classes="pixel")
+                                                 buttons=[], elem_classes="pixel", height=170, min_width=240)
                             removed_b = gr.Image(label="removed by ranking B", format="png", interactive=False,
-                                                 buttons=[], elem_classes="pixel")
+                                                 buttons=[], elem_classes="pixel", height=170, min_width=240)
                 cf_examples = gr.Dataframe(headers=EXAMPLE_HEADERS, interactive=False, visible=False, wrap=True,
                                            label="Precomputed examples (click a row: instant)", elem_id="cf-examples",
-                                           max_height=420)
+                                           max_height=420, column_widths=["14%", "16%", "35%", "35%"])
                 with gr.Accordion("What a pixel L2 of 1 or 3 looks like", open=False):
                     l2_html = gr.HTML(elem_id="l2-examples")
             with gr.Tab("Benchmarks", id="benchmarks"):
@@ -1250,7 +1272,8 @@ def build_demo() -> gr.Blocks:
         demo.unload(forget_session)
         gr.api(attribute_seed, api_name="attribute_seed", concurrency_id="compute")
         cf_examples.select(show_example, None, [cf_seed, cf_k, rank_a, *cf_outputs], queue=False)
-        demo.load(first_example, None, [cf_seed, cf_k, rank_a, *cf_outputs, cf_examples, l2_html], queue=False)
+        cf_tab.select(first_visit, [cf_visited, query], [cf_seed, cf_k, rank_a, *cf_outputs, cf_examples, l2_html,
+                                                         cf_visited], queue=False)
     return demo
 
 
@@ -1339,7 +1362,7 @@ def serve(demo: gr.Blocks) -> None:
     """`python app.py`: serve at once, then warm the caches in a background thread."""
     configure(demo)
     demo.launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
-                footer_links=["gradio"], head=plotly_preload_head(), prevent_thread_lock=True)
+                footer_links=["gradio"], head=page_head(), prevent_thread_lock=True)
     threading.Thread(target=warm_up, name="dtrak-warm-up", daemon=True).start()
     demo.block_thread()
 

@@ -19,7 +19,7 @@ import torch
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.evaluation.quality import sample_quality
-from dtrak_core.folder import MANIFEST, ModelFolder, default_root, read_manifest  # noqa: F401  (read_manifest: the app imports it from here)
+from dtrak_core.folder import MANIFEST, ModelFolder, default_root
 from dtrak_core.model.data import Dataset, load_dataset, load_digits
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
