@@ -68,7 +68,7 @@ class ModelFolder:
     torch_version: str | None = None  # torch that trained it (manifest key "torch")
     parameters: int | None = None  # trainable parameters of the UNet
     quality: dict | None = None  # sample-quality report of its generated images (evaluation/quality.py)
-    tracin: str | None = None  # TracInCP index, relative to root (attribution/baselines.py)
+    tracin: str | None = None  # TracInCP index, relative to root (attribution/tracin.py)
     tuned_lambda: dict = field(default_factory=dict)  # store slug -> {"lambda": ..., how it was chosen}
     model_source: str | None = None  # what `build --model` was given (a folder or a Hugging Face repo id)
     num_train: int | None = None  # training images (`build`)
