@@ -1,0 +1,233 @@
+"""A latent text-to-image diffusion pipeline: the components of Stable Diffusion, held together.
+
+    unet          diffusers UNet2DConditionModel: predicts the noise of VAE latents given the
+                  text encoder's hidden states (cross-attention)
+    vae           diffusers AutoencoderKL: images <-> latents (`latent_dist.mode()` x scaling_factor)
+    text_encoder  transformers CLIPTextModel: prompt tokens -> hidden states (B, L, D)
+    tokenizer     any transformers tokenizer (CLIP's, or the miniature's word-level one)
+    scheduler     the training noise schedule (DDPM-family: betas and alphas_cumprod)
+
+A pipeline folder is the diffusers layout (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`, `model_index.json`), so the miniature loads in diffusers'
+`StableDiffusionPipeline.from_pretrained` and a Stable Diffusion folder loads here. Images are
+(B, C, H, W) in [-1, 1] at `resolution` = the UNet's sample size x the VAE's downscaling.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from dtrak_core.errors import IntegrityError
+from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.text2image.tokenizer import tokenize
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass(eq=False)
+class TextToImagePipeline:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+
+    def __post_init__(self):
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval()
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} channels, the VAE's latents have "
+                             f"{self.vae.config.latent_channels}")
+        if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(f"the UNet cross-attends to {self.unet.config.cross_attention_dim}-dim states, the text "
+                             f"encoder gives {self.text_encoder.config.hidden_size}")
+        if self.scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type {self.scheduler.config.prediction_type!r}: the output functions are "
+                             f"defined for epsilon prediction")
+
+    # -- shapes -----------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def channels(self) -> int:
+        return int(self.vae.config.in_channels)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = int(self.unet.config.sample_size)
+        return int(self.unet.config.in_channels), size, size
+
+    # -- encoders ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts) -> torch.Tensor:
+        """Prompts -> the text encoder's last hidden states (B, L, D), what the UNet attends to."""
+        ids = tokenize(self.tokenizer, prompts)
+        return self.text_encoder(ids)[0].float()
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latents (B, c, h, w): the mode of the VAE posterior times
+        the VAE's scaling factor, as the published LoRA featurization does."""
+        expected = (self.channels, self.resolution, self.resolution)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        out = [self.vae.encode(images[i:i + batch_size].float()).latent_dist.mode()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, C, H, W) clamped to [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    # -- identity ---------------------------------------------------------------------------------
+    def weights_hash(self) -> str:
+        """Content hash of every component's weights and of the vocabulary: feature stores record it,
+        so a store computed with another VAE, text encoder or LoRA is refused."""
+        h = hashlib.sha256()
+        for name in ("unet", "vae", "text_encoder"):
+            for key, tensor in sorted(getattr(self, name).state_dict().items()):
+                h.update(f"{name}.{key}".encode())
+                h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+        for token, index in sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{index}:{token}\n".encode())
+        h.update(str(self.tokenizer.model_max_length).encode())
+        return h.hexdigest()[:16]
+
+    # -- files ------------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the diffusers folder layout atomically (a temporary sibling folder, then a rename).
+        The base pipeline only: LoRA adapters are saved apart (`lora.save_lora`)."""
+        if getattr(self.unet, "peft_config", None):
+            raise ValueError("this pipeline's UNet carries LoRA adapters: save the base pipeline, and the LoRA "
+                             "weights apart with lora.save_lora")
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
+        try:
+            for name in ("unet", "vae", "text_encoder"):
+                getattr(self, name).save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+            self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+            atomic_write_json(os.path.join(tmp, MODEL_INDEX), model_index(self))
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=".old-pipeline-", dir=parent)
+                os.replace(path, os.path.join(old, "pipeline"))
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, source: str) -> "TextToImagePipeline":
+        """A pipeline folder (diffusers layout) or a Hugging Face repo id already in the local cache
+        (nothing is downloaded); a missing or damaged component is an error naming its folder."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        from dtrak_core.model.unet import resolve_model
+
+        path = resolve_model(source)
+        missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+        if missing:
+            raise ValueError(f"{path!r} is not a text-to-image pipeline folder: it lacks {', '.join(missing)} "
+                             f"(expected the diffusers layout {', '.join(c + '/' for c in COMPONENTS)})")
+        unet_config = read_json(os.path.join(path, "unet", "config.json"), "UNet config", _remedy(path))
+        if unet_config.get("_class_name") != "UNet2DConditionModel":
+            raise ValueError(f"{os.path.join(path, 'unet', 'config.json')}: a {unet_config.get('_class_name')}; "
+                             f"a text-to-image pipeline needs a UNet2DConditionModel")
+        loaders = {"unet": lambda p: UNet2DConditionModel.from_pretrained(p, low_cpu_mem_usage=False),
+                   "vae": lambda p: AutoencoderKL.from_pretrained(p, low_cpu_mem_usage=False),
+                   "text_encoder": CLIPTextModel.from_pretrained,
+                   "tokenizer": AutoTokenizer.from_pretrained,
+                   # any DDPM-family schedule config gives the same betas and alphas_cumprod
+                   "scheduler": DDPMScheduler.from_pretrained}
+        parts = {}
+        for name, load in loaders.items():
+            folder = os.path.join(path, name)
+            try:
+                parts[name] = load(folder)
+            except Exception as e:  # diffusers, transformers and safetensors raise many types
+                while (e.__cause__ or e.__context__) is not None:
+                    e = e.__cause__ or e.__context__
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise IntegrityError(folder, f"({name}) cannot be loaded ({type(e).__name__}: {reason})",
+                                     _remedy(path)) from None
+        for name in ("unet", "vae", "text_encoder"):
+            parts[name] = parts[name].float().eval()
+        return cls(**parts)
+
+
+def _remedy(path: str) -> str:
+    return (f"restore the pipeline folder {path} (for your own model: save the pipeline again), or rebuild the "
+            f"miniature with `python -m dtrak_core build-text2image`")
+
+
+def model_index(pipeline: TextToImagePipeline) -> dict:
+    """diffusers' model_index.json for a StableDiffusionPipeline without safety checker."""
+    import diffusers
+
+    def entry(obj):
+        return [type(obj).__module__.split(".")[0], type(obj).__name__]
+
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+            **{name: entry(getattr(pipeline, name)) for name in COMPONENTS},
+            "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+            "requires_safety_checker": False}
+
+
+# -- tiny components, built locally and deterministically --------------------------------------------
+def build_vae(channels: int = 1, sample_size: int = 8, block_out_channels=(16, 32), latent_channels: int = 4,
+              seed: int = 0):
+    """An AutoencoderKL that halves the resolution once per extra block (8x8 -> 4x4 for two)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
+                         layers_per_block=1, latent_channels=latent_channels, sample_size=sample_size,
+                         norm_num_groups=min(8, block_out_channels[0]), mid_block_add_attention=False)
+
+
+def build_text_encoder(vocab_size: int, max_length: int = 8, hidden_size: int = 32, layers: int = 2, heads: int = 2,
+                       seed: int = 0):
+    """A small CLIPTextModel (CLIP's architecture: causal self-attention over token + position
+    embeddings) for a tokenizer with `vocab_size` tokens, start/end tokens ids 0/1."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            projection_dim=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(config)
+
+
+def build_conditional_unet(sample_size: int = 4, latent_channels: int = 4, block_out_channels=(32, 64),
+                           cross_attention_dim: int = 32, attention_head_dim: int = 8, seed: int = 0):
+    """A UNet2DConditionModel with cross-attention at every level (and in the mid block)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+                                layers_per_block=1, block_out_channels=tuple(block_out_channels),
+                                down_block_types=("CrossAttnDownBlock2D",) * n,
+                                up_block_types=("CrossAttnUpBlock2D",) * n,
+                                cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+                                norm_num_groups=min(8, block_out_channels[0]))

@@ -1,0 +1,52 @@
+"""Your own Stable Diffusion + LoRA: a pipeline folder, LoRA weights in diffusers' format and a
+captioned image folder, here all tiny and random, built inside the test."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.text2image.attributor import TextToImageAttributor, is_text2image_folder
+from dtrak_core.text2image.build import build_text2image_from
+from dtrak_core.text2image.lora import save_lora
+
+SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
+def test_build_and_attribute_your_own_pipeline(own):
+    root = str(own / "attr")
+    manifest = build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), SETTINGS,
+                                     show_bar=False)
+    assert manifest["kind"] == "text2image" and manifest["num_train"] == 6 and len(manifest["stores"]) == 2
+    assert is_text2image_folder(root)
+    attributor = TextToImageAttributor.load(root)
+    assert attributor.methods == ["loss", "square"] and attributor.image_shape == (1, 8, 8)
+    train = attributor.train
+    # each training image, asked with its own caption, is its own top proponent
+    scores = attributor.scores(train.images, "d-trak", prompts=list(train.captions))
+    assert scores.shape == (6, 6) and (scores.argmax(1) == np.arange(6)).all()
+    image = attributor.generate([3], "a photo of 2", steps=3)[0]
+    result = attributor.attribute(image, "trak", prompt="a photo of 2")
+    assert result.scores.shape == (6,) and len(result.table(3)["proponents"]) == 3
+    with pytest.raises(ValueError, match="prompt"):
+        attributor.scores(train.images[:1], "d-trak")
+    # resumable, and refuses other data
+    build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), SETTINGS, show_bar=False)
+    (own / "images" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": "a photo of 9"}) + "\n" for i in range(6)))
+    with pytest.raises(ValueError, match="another dataset"):
+        build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), SETTINGS, show_bar=False)
+
+
+def test_replaced_lora_is_refused_on_load(own, pipeline):
+    root = str(own / "attr")
+    build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), SETTINGS[:1], show_bar=False)
+    from dtrak_core.text2image.lora import add_lora, LoraSetting
+
+    other = add_lora(pipeline.unet, LoraSetting(rank=2, alpha=2.0), seed=5)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    save_lora(str(own / "lora"), other)
+    with pytest.raises(ValueError, match="checkpoint_hash"):
+        TextToImageAttributor.load(root)
