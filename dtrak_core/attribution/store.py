@@ -2,7 +2,7 @@
 
     <store>/metadata.json   what the features are (checked on every open), the sha256 of features.npy
                             once complete, and `metadata_sha256` over every other field
-    <store>/features.npy    (N, k) float32, a memmap filled slice by slice
+    <store>/features.npy    (N, k) float32 (or float16 to halve a large store), a memmap filled slice by slice
     <store>/done.npy        (N,) bool, which rows are written
 
 Every open checks the metadata against its own sha256 (an edited field, e.g. K, is refused rather
@@ -34,6 +34,7 @@ FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata; 1: features only (
 METADATA = "metadata.json"
 FEATURES = "features.npy"
 DONE = "done.npy"
+STORE_DTYPES = ("float32", "float16")
 
 
 def metadata_sha256(metadata: dict) -> str:
@@ -121,18 +122,22 @@ class FeatureStore:
         return store
 
     @classmethod
-    def create(cls, path: str, identity: dict, n: int, k: int, slice_size: int = 256) -> "FeatureStore":
-        """Open (and verify) the store at `path` if it matches `identity`, else start a new one there."""
+    def create(cls, path: str, identity: dict, n: int, k: int, slice_size: int = 256,
+               dtype: str = "float32") -> "FeatureStore":
+        """Open (and verify) the store at `path` if it matches `identity`, else start a new one there.
+        dtype: "float32", or "float16" for stores too large for float32 (scored out of core)."""
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"feature store dtype must be one of {STORE_DTYPES}, not {dtype!r}")
         if os.path.exists(os.path.join(path, METADATA)):
             store = cls.open(path, identity)
-            for key, value in {"n": n, "k": k, "slice_size": slice_size}.items():
+            for key, value in {"n": n, "k": k, "slice_size": slice_size, "dtype": dtype}.items():
                 if store.metadata[key] != value:
                     raise ValueError(f"feature store {path!r} has {key}={store.metadata[key]!r}, not {value!r}")
             return store
         os.makedirs(path, exist_ok=True)
-        metadata = {"format_version": FORMAT_VERSION, **identity, "n": n, "k": k, "dtype": "float32",
+        metadata = {"format_version": FORMAT_VERSION, **identity, "n": n, "k": k, "dtype": dtype,
                     "slice_size": slice_size, "complete": False, "features_sha256": None}
-        np.lib.format.open_memmap(os.path.join(path, FEATURES), mode="w+", dtype=np.float32, shape=(n, k)).flush()
+        np.lib.format.open_memmap(os.path.join(path, FEATURES), mode="w+", dtype=dtype, shape=(n, k)).flush()
         atomic_save_npy(os.path.join(path, DONE), np.zeros(n, dtype=bool))
         metadata = write_metadata(path, metadata)  # written last: marks the store as existing
         return cls(path, metadata)
@@ -143,7 +148,7 @@ class FeatureStore:
         ints = all(isinstance(m.get(f), int) and not isinstance(m.get(f), bool) and m[f] > 0
                    for f in ("n", "k", "slice_size"))
         sha = m.get("features_sha256")
-        if not ints or m.get("dtype") != "float32" or not isinstance(m.get("complete"), bool) \
+        if not ints or m.get("dtype") not in STORE_DTYPES or not isinstance(m.get("complete"), bool) \
                 or (m["complete"] and not isinstance(sha, str)):
             raise IntegrityError(meta_path, "(feature store metadata) lacks or garbles one of n, k, slice_size, "
                                  "dtype, complete, features_sha256", _rebuild(self.path))
@@ -156,9 +161,9 @@ class FeatureStore:
         except (OSError, ValueError) as e:
             raise IntegrityError(fpath, f"(stored features) cannot be read ({e}): it is truncated or corrupt",
                                  _rebuild(self.path)) from None
-        if arr.shape != (n, k) or arr.dtype != np.float32:
+        if arr.shape != (n, k) or arr.dtype != np.dtype(self.metadata["dtype"]):
             raise IntegrityError(fpath, f"(stored features) holds {arr.shape} {arr.dtype}, the metadata says "
-                                 f"({n}, {k}) float32", _rebuild(self.path))
+                                 f"({n}, {k}) {self.metadata['dtype']}", _rebuild(self.path))
         del arr
         done = self.done
         if done.shape != (n,) or done.dtype != bool:
@@ -186,7 +191,8 @@ class FeatureStore:
         return bool(self.metadata.get("complete"))
 
     def features(self) -> np.ndarray:
-        """(N, k) float32 memmap (read-only); only for a complete store."""
+        """(N, k) memmap (read-only) of the store's dtype (float32 unless built as float16); only for a
+        complete store."""
         if not self.complete:
             missing = int((~self.done).sum())
             raise ValueError(f"feature store {self.path!r} is incomplete ({missing} rows missing); run featurize to finish it")
@@ -206,7 +212,7 @@ class FeatureStore:
 
                 raise Cancelled("featurization cancelled; rerun to resume")
             stop = min(start + size, n)
-            rows = np.asarray(featurize(inputs[start:stop]), dtype=np.float32)
+            rows = np.asarray(featurize(inputs[start:stop]), dtype=self.metadata["dtype"])
             if rows.shape != (stop - start, k):
                 raise ValueError(f"featurize returned {rows.shape}, expected {(stop - start, k)}")
             feats[start:stop] = rows
