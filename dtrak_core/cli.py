@@ -102,7 +102,14 @@ def cmd_attribute(args):
     attributor = Attributor.load(args.root)
     attributor.lam = args.lam
     t0 = time.perf_counter()
-    if args.image:
+    text2image = getattr(attributor, "pipeline", None) is not None  # a text-to-image folder: queries carry a prompt
+    if text2image:
+        from dtrak_core.text2image.cli import query as text2image_query
+
+        image, query = text2image_query(attributor, args)
+    elif args.prompt:
+        raise ValueError(f"--prompt is for text-to-image model folders; {args.root!r} holds an unconditional model")
+    elif args.image:
         cfg = attributor.unet.config
         image = load_user_image(args.image, cfg.sample_size, cfg.in_channels, invert=args.invert)
         query = {"image": args.image}
@@ -111,8 +118,11 @@ def cmd_attribute(args):
         query = {"seed": args.seed}
     method = methods.get(args.method)
     if method.family == "trak":
-        result = attributor.attribute(image, args.method, K=args.K)
+        result = attributor.attribute(image, args.method, K=args.K, **({"prompt": args.prompt} if text2image else {}))
         lam = attributor.scorer(args.method, args.K).lam_
+    elif text2image:
+        raise ValueError(f"{method.label} is not available on a text-to-image folder from the command line; its "
+                         f"TRAK-family methods are: {', '.join(attributor.methods)}")
     else:  # a baseline, through the registry (Journey-TRAK follows the seed's own trajectory)
         scores = methods.scores(attributor, method.name, image[None], None if args.image else [args.seed], K=args.K)
         result, lam = Attribution(method.name, scores[0], attributor.train.labels.numpy()), None
@@ -137,7 +147,14 @@ def cmd_featurize(args):
     _check_writable(args.root)
     _check_writable(os.path.join(args.root, "stores", setting.slug))
     unet, scheduler = _load_model(args.root)
-    manifest = build_store(args.root, unet, scheduler, setting)
+    from dtrak_core import distributed
+
+    if distributed.launched():  # under torchrun: each rank fills its share of the one store
+        manifest = distributed.build_store(args.root, unet, scheduler, setting)
+        if int(os.environ["RANK"]) != 0:
+            return
+    else:
+        manifest = build_store(args.root, unet, scheduler, setting)
     rel = os.path.join("stores", setting.slug)
     print(f"store {os.path.join(args.root, rel)} complete ({manifest['featurize_seconds'][rel]:.1f} s)")
 
@@ -344,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, help="attribute the image generated from this seed (DDIM 50)")
     q.add_argument("--image", help="attribute this image file")
     p.add_argument("--invert", action="store_true", help="the image has dark ink on a light background")
+    p.add_argument("--prompt", default=None, help="text-to-image folders: the query's prompt (e.g. \"a handwritten digit 7\")")
     p.add_argument("--method", default="d-trak", help="d-trak, trak, an output function or a baseline (see `methods`; default d-trak)")
     p.add_argument("--K", type=int, default=None, help="timesteps of the store to use (default: the largest)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge lambda (default: the documented rule)")
@@ -428,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dtrak_core import space  # `space export DIR [--push REPO_ID]`
 
     space.add_parser(sub)
+    from dtrak_core.text2image import cli as text2image_cli  # build-text2image, generate-text2image, lds-text2image
+
+    text2image_cli.add_commands(sub)
     return parser
 
 

@@ -91,7 +91,12 @@ class Attributor:
     def load(cls, root: str | None = None) -> "Attributor":
         """Load a model folder (checkpoint, training set, stores, tuned lambdas; see `folder.ModelFolder`),
         every file verified; root None: `folder.default_root()` ($DTRAK_ASSETS, else ./assets)."""
-        folder = ModelFolder.load(root).require("checkpoint", "dataset", "stores")
+        folder = ModelFolder.load(root)
+        if cls is Attributor and folder.extra.get("kind") == "text2image":  # written by text2image/build.py
+            from dtrak_core.text2image.attributor import TextToImageAttributor
+
+            return TextToImageAttributor.load(folder.root)
+        folder.require("checkpoint", "dataset", "stores")
         unet, scheduler = folder.load_model()
         attributor = cls(unet, scheduler, folder.training_set(), folder.open_stores(),
                          tuned_lambdas=folder.tuned_lambdas())

@@ -50,3 +50,21 @@ def test_replaced_lora_is_refused_on_load(own, pipeline):
     save_lora(str(own / "lora"), other)
     with pytest.raises(ValueError, match="checkpoint_hash"):
         TextToImageAttributor.load(root)
+
+
+def test_cli_attributes_a_prompt_and_seed(own, capsys):
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.cli import main
+
+    root = str(own / "attr")
+    build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), SETTINGS, show_bar=False)
+    assert isinstance(Attributor.load(root), TextToImageAttributor)
+    capsys.readouterr()
+    assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "d-trak",
+                 "--top", "3", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["prompt"] == "a photo of 1" and table["seed"] == 0 and len(table["proponents"]) == 3
+    assert main(["attribute", "--root", root, "--seed", "0"]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "pixel-cosine"]) == 2
+    assert "not available on a text-to-image folder" in capsys.readouterr().err
