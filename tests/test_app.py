@@ -239,10 +239,10 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
 
     before, after_a, after_b, rows, removed_a, removed_b, shown, status = app.run_counterfactual(
         1001, 40, "square", "none", None)
-    assert len(rows) == 1 and rows[0][:2] == ["D-TRAK (square)", 40] and rows[0][-1].endswith(" s")
+    assert len(rows) == 1 and rows[0][0] == "D-TRAK (square)" and rows[0][-1].endswith(" s")
     assert "Shown: seed 1001, 40 of" in shown
     view = app._counterfactual_cache.peek((1001, "square", 40))
-    assert rows[0][2] == round(view.l2, 3)
+    assert rows[0][1] == round(view.l2, 3)
     a = app.assets().attributor
     target = app.generate(a.unet, a.scheduler, [1001], steps=50)[0]
     # exactly its top-40 under the counterfactual's ranking (the data-free lambda rule)
@@ -261,9 +261,9 @@ def test_precomputed_examples_show_instantly(app, monkeypatch):
     found = app.outcomes(app.ASSETS)
     square, rand = found[(EXAMPLE_SEED, "square", EXAMPLE_K)], found[(EXAMPLE_SEED, "random", EXAMPLE_K)]
     label = sup.method_label
-    assert rows == [[EXAMPLE_SEED, EXAMPLE_K, label("square"), round(square["l2"], 2),
-                     f"{square['label_before']} → {square['label_after']}", label("random"), round(rand["l2"], 2),
-                     f"{rand['label_before']} → {rand['label_after']}"]]
+    assert rows == [[EXAMPLE_SEED, EXAMPLE_K,
+                     f"{label('square')}: {square['l2']:.2f}, {square['label_before']} → {square['label_after']}",
+                     f"{label('random')}: {rand['l2']:.2f}, {rand['label_before']} → {rand['label_after']}"]]
     first = app.first_example()
     assert first[:3] == (EXAMPLE_SEED, EXAMPLE_K, "square")  # ranking B keeps its own value ("none")
     table = first[3 + 3]
@@ -272,9 +272,14 @@ def test_precomputed_examples_show_instantly(app, monkeypatch):
     from dtrak_core.evaluation import counterfactual
 
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("precomputed: no retrain"))
+    visit = app.first_visit(False, None)  # (gr.Image outputs compare by identity: the rest is compared)
+    assert visit[:3] == first[:3] and visit[6] == table and visit[9:-1] == first[9:] and visit[-1] is True
+    picked = app.first_visit(False, {"seed": 5})  # a picked sample's seed stays in the box
+    assert picked[0] == app.gr.update() and picked[6] == table and picked[9:-1] == first[9:]
+    assert all(o == app.gr.update() for o in app.first_visit(True, None)[:-1])  # once per visitor
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
     assert out[3] == table
-    shown = app.show_example(Select((0, 0), rows[0]))
+    shown = app.show_example(Select([0, 2], rows[0]))
     assert shown[:3] == (EXAMPLE_SEED, EXAMPLE_K, "square") and shown[3 + 3] == table
     assert app.retrain_plan(EXAMPLE_SEED, EXAMPLE_K, "square", "random").startswith("Every result asked for is precomputed")
     plan = app.retrain_plan(EXAMPLE_SEED + 7, EXAMPLE_K, "square", "random")
@@ -307,12 +312,12 @@ def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path
     app.outcomes.cache_clear()
     assert sorted(app.committed(root)) == [(EXAMPLE_SEED, "random", EXAMPLE_K), (EXAMPLE_SEED, "square", EXAMPLE_K)]
     rows = app.example_targets(root)
-    assert [(r[0], r[1], r[2], r[5]) for r in rows] == [(EXAMPLE_SEED, EXAMPLE_K, sup.method_label("square"),
-                                                         sup.method_label("random"))]
+    assert [(r[0], r[1], r[2].split(":")[0], r[3].split(":")[0]) for r in rows] == [
+        (EXAMPLE_SEED, EXAMPLE_K, sup.method_label("square"), sup.method_label("random"))]
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
     job = counterfactual.load_job(os.path.join(root, "counterfactual", "jobs", f"d-trak-k{EXAMPLE_K}-seed{EXAMPLE_SEED}.npz"))
-    assert [r[-1] for r in out[3]] == ["precomputed", "precomputed"] and out[3][0][2] == round(job.l2, 3)
-    assert rows[0][3] == round(job.l2, 2)
+    assert [r[-1] for r in out[3]] == ["precomputed", "precomputed"] and out[3][0][1] == round(job.l2, 3)
+    assert f": {job.l2:.2f}, " in rows[0][2]
     app.committed.cache_clear()
     app.outcomes.cache_clear()
 

@@ -1,10 +1,13 @@
 """The app in a real browser: Debian's Chromium driven by Playwright for Python.
 
 The app runs as `python app.py` in a subprocess on a free local port, on the tiny model folder
-built by conftest.build_tiny_assets. Screenshots go to artifacts/screenshots/.
+built by conftest.build_tiny_assets; one server and one browser serve the whole module. Each flow
+is checked at 1280x900 unless it says otherwise; the phone checks run at 390x844 and the
+screenshots (artifacts/screenshots/, git-ignored) at 1280x900, 1600x1000 and 390x844.
 Needs: `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
+DESKTOP, WIDE, PHONE = (1280, 900), (1600, 1000), (390, 844)
+STALE = re.compile(r"\bstale\b")  # the class that dims a counterfactual result while a new one computes
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -84,23 +89,35 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+def open_page(browser, url, size=DESKTOP):
+    phone = size[0] < 500
+    context = browser.new_context(viewport={"width": size[0], "height": size[1]}, is_mobile=phone, has_touch=phone)
     page = context.new_page()
     page.set_default_timeout(60_000)
-    page.goto(server)
-    # the Generate tab fills itself with seeds 0..15 on load
-    expect(page.get_by_text("seed 15:")).to_be_visible()
+    page.goto(url)
+    expect(sample(page, 15)).to_be_visible()  # the Generate tab fills itself with seeds 0..15 on load
+    return page
+
+
+@pytest.fixture
+def page(browser, server):
+    page = open_page(browser, server)
     yield page
-    context.close()
+    page.context.close()
 
 
 def shot(page, name: str) -> str:
     os.makedirs(SHOTS, exist_ok=True)
     path = os.path.join(SHOTS, f"{name}.png")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # lazily loaded images load
+    page.wait_for_timeout(300)  # let fades finish
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=path, full_page=True)
     return path
+
+
+def sample(page, seed: int):
+    return page.locator("#samples .caption-label", has_text=f"seed {seed}:")
 
 
 def button(page, name):
@@ -112,89 +129,165 @@ def pick(page, label: str, option: str):
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_generate_select_sample_shows_proponents_and_histogram(page):
+def attribute_sample(page, seed: int):
+    page.get_by_role("tab", name="Generate").click()
+    sample(page, seed).click()
+    expect(page.get_by_text(f"Generated sample, seed {seed}").first).to_be_visible()
+    expect(page.locator("#proponents [data-index]").first).to_be_visible()
+
+
+def no_sideways_overflow(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+# ---------------------------------------------------------------- generate and attribute
+
+def test_generate_select_attribute_compare_and_noise_levels(page):
     page.get_by_label("Last seed").fill("7")
     button(page, "Generate").click()
-    expect(page.get_by_text("seed 15:")).to_have_count(0)
-    expect(page.get_by_text("seed 7:")).to_be_visible()
-    shot(page, "01-generate")
+    expect(sample(page, 15)).to_have_count(0)
+    expect(sample(page, 7)).to_be_visible()
+    shot(page, "1280x900-generate")
+    # captions sit under the pixels, not over them
+    box_img = page.locator("#samples .thumbnail-item img").first.bounding_box()
+    box_cap = page.locator("#samples .caption-label").first.bounding_box()
+    assert box_cap["y"] >= box_img["y"] + box_img["height"] - 1
 
     t0 = time.perf_counter()
-    page.get_by_text("seed 3:").click()
-    proponents = page.locator("#proponents")
-    expect(proponents.get_by_text("#").first).to_be_visible()
+    sample(page, 3).click()
+    expect(page.locator("#proponents [data-index]").first).to_be_visible()
     expect(page.locator("#histogram .js-plotly-plot")).to_be_visible()
     expect(page.locator("#class-mass .js-plotly-plot")).to_be_visible()
-    print(f"\nclick -> proponents and histogram shown: {time.perf_counter() - t0:.2f} s")
+    print(f"\nclick -> proponents and charts: {time.perf_counter() - t0:.2f} s")
     expect(page.get_by_role("tab", name="Attribute", selected=True)).to_be_visible()
     expect(page.get_by_text("Generated sample, seed 3").first).to_be_visible()
-    assert proponents.locator("img").count() == 8
+    assert page.locator("#proponents [data-index]").count() == 8
     assert page.locator("#histogram .js-plotly-plot .bars path").count() > 0  # the histogram drew bars
+    expect(page.locator("#summary")).to_contain_text("top proponents")
+    # the noise-level view: a heatmap and the strongest image per timestep bucket
+    expect(page.locator("#noise-plot .js-plotly-plot .heatmaplayer")).to_have_count(1)
+    expect(page.locator("#noise-cards [data-index]").first).to_be_visible()
+    expect(page.locator("#noise-text")).to_contain_text("At low noise")
+    shot(page, "1280x900-attribute")
 
     button(page, "Compare").click()
     expect(page.get_by_text("Spearman rank correlation")).to_be_visible()
-    expect(page.locator("#compare-a img").first).to_be_visible()
-    shot(page, "02-attribute")
+    expect(page.locator("#compare-a [data-index]").first).to_be_visible()
+    before = page.locator("#compare-a").inner_html()
+    # the comparison follows the query
+    attribute_sample(page, 5)
+    page.wait_for_function("([b]) => document.querySelector('#compare-a').innerHTML !== b", arg=[before])
+    # typing a top-k and pressing Enter applies it
+    box = page.locator("#topk input[type=number]")
+    box.fill("5")
+    box.press("Enter")
+    expect(page.locator("#proponents [data-index]")).to_have_count(5)
+    assert no_sideways_overflow(page)
 
 
-def test_journey_trak_then_gradient_methods_keep_working(page):
-    """Journey-TRAK swaps the model's parameters while it computes; later gradient queries on other
-    samples must still work (they once failed until the server restarted)."""
-    page.get_by_text("seed 3:").click()
-    expect(page.locator("#proponents").get_by_text("#").first).to_be_visible()
-    pick(page, "Method", "journey-trak")
-    expect(page.locator("#summary").get_by_text("journey-trak").first).to_be_visible()
-    for method, seed in (("D-TRAK (square)", 5), ("TRAK (loss)", 6)):
-        page.get_by_role("tab", name="Generate").click()
-        page.get_by_text(f"seed {seed}:").click()
-        expect(page.get_by_text(f"Generated sample, seed {seed}").first).to_be_visible()
+def test_a_card_opens_the_training_image_under_every_method_and_becomes_the_query(page):
+    attribute_sample(page, 3)
+    card = page.locator("#proponents [data-index]").nth(1)
+    index = card.get_attribute("data-index")
+    card.click()
+    details = page.locator("#drill-details")
+    expect(details.get_by_text(f"Training image #{index}")).to_be_visible()
+    expect(details.locator("tbody tr").first).to_be_visible()
+    rows = details.locator("tbody tr")
+    assert rows.count() >= 4  # D-TRAK, TRAK and the baselines that run on the tiny folder
+    expect(details.locator("tbody")).to_contain_text("D-TRAK (square)")
+    expect(details.locator("tbody")).to_contain_text("of ")
+    shot(page, "1280x900-drill-down")
+    button(page, "Use as query").click()
+    expect(page.get_by_text(f"Training image #{index}").first).to_be_visible()
+    expect(page.locator("#drill")).to_be_hidden()
+    # a training image is its own strongest proponent under D-TRAK
+    expect(page.locator("#proponents [data-index]").first).to_have_attribute("data-index", index)
+
+
+def test_switching_methods_quickly_ends_on_the_last_one(page):
+    attribute_sample(page, 3)
+    for method in ("TRAK (loss)", "pixel-cosine", "D-TRAK (square)", "TRAK (loss)"):
         pick(page, "Method", method)
-        expect(page.locator("#summary").get_by_text(method.split(" ")[0]).first).to_be_visible()
-        expect(page.locator("#proponents").get_by_text("#").first).to_be_visible()
-    expect(page.get_by_text("does not require grad")).to_have_count(0)
-    expect(page.locator(".toast-body")).to_have_count(0)
+    expect(page.locator("#summary")).to_contain_text("TRAK (loss)")
+    page.wait_for_timeout(1500)
+    expect(page.locator("#summary")).to_contain_text("TRAK (loss)")
+    assert page.locator(".toast-body").count() == 0
 
 
-def test_upload_bad_file_shows_message_then_good_image_attributes(page, tmp_path):
+def test_a_mistake_in_generate_keeps_the_samples(page):
+    page.get_by_label("Last seed").fill("-3")
+    button(page, "Generate").click()
+    expect(page.locator(".toast-body").first).to_contain_text("last seed must be a whole number")
+    expect(sample(page, 15)).to_be_visible()
+
+
+# ---------------------------------------------------------------- uploads
+
+def test_uploads_bad_file_polarity_and_examples(page, tmp_path):
     page.get_by_role("tab", name="Attribute").click()
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is a text file, not an image")
     page.locator("#upload input[type=file]").set_input_files(str(bad))
     expect(page.get_by_text("Could not use notes.png: not a readable image file").first).to_be_visible()
-    page.wait_for_timeout(500)  # let the message finish fading in
-    shot(page, "03-upload-bad-file")
+    expect(page.locator("#upload").get_by_text("notes.png")).to_have_count(0)  # the refused file is not kept
+    shot(page, "1280x900-upload-refused")
 
     from PIL import Image, ImageDraw
     img = Image.new("RGB", (120, 120), "white")
     ImageDraw.Draw(img).ellipse([30, 15, 90, 105], outline="black", width=14)  # a dark zero on white paper
-    good = tmp_path / "zero.jpg"
-    img.save(good)
-    page.locator("#upload").get_by_role("button", name="Clear").click()
-    page.locator("#upload input[type=file]").set_input_files(str(good))
+    paper = tmp_path / "zero.jpg"
+    img.save(paper)
+    page.locator("#upload input[type=file]").set_input_files(str(paper))
     expect(page.get_by_text("Your image zero.jpg (inverted)").first).to_be_visible()
-    expect(page.locator("#proponents").get_by_text("#").first).to_be_visible()
-    shot(page, "04-upload-good-image")
+    expect(page.locator("#query-info")).to_contain_text("dark ink on light paper: inverted")
+    expect(page.locator("#invert input")).to_be_checked()
+    expect(page.locator("#proponents [data-index]").first).to_be_visible()
+    shot(page, "1280x900-upload-on-paper")
+
+    # the training digits' own polarity (light ink on black) is used as it is
+    Image.eval(img, lambda v: 255 - v).save(tmp_path / "zero-light.png")
+    page.locator("#upload").get_by_role("button", name="Clear").click()
+    page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "zero-light.png"))
+    expect(page.get_by_text("Your image zero-light.png, as the model sees it").first).to_be_visible()
+    expect(page.locator("#invert input")).not_to_be_checked()
+
+    page.locator("#example-uploads").get_by_text("a 2 drawn on paper").click()
+    expect(page.get_by_text("Your image drawn-2.png (inverted)").first).to_be_visible()
+    expect(page.locator("#proponents [data-index]").first).to_be_visible()
 
 
-def test_retrain_start_cancel_and_finish(page):
+# ---------------------------------------------------------------- counterfactual
+
+def test_retrain_estimate_progress_cancel_and_finish(page):
     page.get_by_role("tab", name="Counterfactual").click()
-    # the precomputed example shows on first visit
     expect(page.get_by_text(f"Precomputed example: seed {EXAMPLE_SEED}")).to_be_visible()
-    shot(page, "05-counterfactual-example")
+    expect(page.locator("#cf-shown")).to_contain_text(f"Shown: seed {EXAMPLE_SEED}")
+    examples = page.locator("#cf-examples")
+    expect(examples).to_contain_text("ranking A: pixel L2, digit")
+    expect(examples).to_contain_text("→")  # the digit before -> after of each example
+    expect(page.get_by_label("Ranking B (side by side; each one is a retrain)")).to_have_value("none")
+    shot(page, "1280x900-counterfactual")
 
     page.get_by_label("Target seed (set by clicking a sample)").fill("1002")
-    pick(page, "Ranking B (side by side)", "none")
+    page.get_by_label("Target seed (set by clicking a sample)").press("Enter")
+    expect(page.locator("#cf-estimate")).to_contain_text("One retrain takes about")
     button(page, "Remove and retrain").click()
-    expect(page.locator("#cf-status").get_by_text("retraining").first).to_be_visible()  # progress shown
-    shot(page, "06-retrain-running")
+    expect(page.locator("#cf-progress").get_by_text("retraining").first).to_be_visible()  # the progress bar
+    expect(page.locator("#cf-results")).to_have_class(STALE)  # the old result dimmed
+    page.screenshot(path=os.path.join(SHOTS, "1280x900-retrain-running.png"), full_page=True)  # (quick: it is running)
     button(page, "Cancel").click()
     expect(page.get_by_text("Cancelled: the retrain was stopped")).to_be_visible()
-    shot(page, "07-retrain-cancelled")
+    expect(page.locator("#cf-results")).not_to_have_class(STALE)
+    expect(page.locator("#cf-shown")).to_contain_text(f"Shown: seed {EXAMPLE_SEED}")  # says what the pictures are
+    shot(page, "1280x900-retrain-cancelled")
 
     button(page, "Remove and retrain").click()
-    expect(page.get_by_text("Seed 1002:")).to_be_visible(timeout=90_000)
+    expect(page.get_by_text("Seed 1002:")).to_be_visible(timeout=120_000)
     expect(page.locator("#cf-table")).to_contain_text("D-TRAK (square)")
-    shot(page, "08-retrain-done")
+    expect(page.locator("#cf-shown")).to_contain_text("Shown: seed 1002")
+    expect(page.locator("#cf-results")).not_to_have_class(STALE)
+    shot(page, "1280x900-retrain-done")
 
 
 def test_benchmarks_empty_state_and_about(page):
@@ -203,4 +296,59 @@ def test_benchmarks_empty_state_and_about(page):
     page.get_by_role("tab", name="About").click()
     expect(page.get_by_text("TRAK vs D-TRAK")).to_be_visible()
     expect(page.locator(".katex").first).to_be_visible()  # formulas rendered
-    shot(page, "09-about")
+    row = page.locator("tr", has_text="relative-ip")
+    expect(row).to_contain_text("(Barshan et al.)")  # the description is not cut at its '||'
+    shot(page, "1280x900-about")
+
+
+# ---------------------------------------------------------------- phone and screenshots
+
+def test_phone_every_tab_reachable_nothing_sideways(browser, server):
+    page = open_page(browser, server, PHONE)
+    try:
+        tabs = page.get_by_role("tab")
+        assert [tabs.nth(i).inner_text() for i in range(tabs.count())] == [
+            "Generate", "Attribute", "Counterfactual", "Benchmarks", "About"]
+        expect(page.locator("button[aria-label='More tabs']")).to_have_count(0)
+        # every sample inside the screen: four columns, no hidden ones
+        right = page.evaluate("Math.max(...[...document.querySelectorAll('#samples .thumbnail-item')]"
+                              ".map(e => e.getBoundingClientRect().right))")
+        assert right <= PHONE[0]
+        assert no_sideways_overflow(page)
+        shot(page, "phone-390x844-generate")
+        sample(page, 3).click()
+        expect(page.locator("#proponents [data-index]").first).to_be_visible()
+        expect(page.locator("#noise-plot .js-plotly-plot")).to_be_visible()
+        assert no_sideways_overflow(page)
+        shot(page, "phone-390x844-attribute")
+        for tab in ("Counterfactual", "Benchmarks", "About"):
+            page.get_by_role("tab", name=tab).click()
+            expect(page.get_by_role("tab", name=tab, selected=True)).to_be_visible()
+            page.wait_for_timeout(500)
+            assert no_sideways_overflow(page), tab
+            shot(page, f"phone-390x844-{tab.lower()}")
+        table = page.locator("#cf-table")
+        page.get_by_role("tab", name="Counterfactual").click()
+        box = table.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE[0] + 1  # the results table fits the screen
+    finally:
+        page.context.close()
+
+
+def test_wide_screen(browser, server):
+    """1600x1000 (the 1280x900 screenshots come from the tests above)."""
+    size = WIDE
+    page = open_page(browser, server, size)
+    try:
+        name = f"{size[0]}x{size[1]}"
+        shot(page, f"{name}-generate")
+        sample(page, 3).click()
+        expect(page.locator("#noise-plot .js-plotly-plot")).to_be_visible()
+        assert no_sideways_overflow(page)
+        shot(page, f"{name}-attribute")
+        for tab in ("Counterfactual", "Benchmarks"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(800)
+            shot(page, f"{name}-{tab.lower()}")
+    finally:
+        page.context.close()
