@@ -139,6 +139,7 @@ def cmd_attribute(args):
 
 
 def cmd_featurize(args):
+    from dtrak_core import distributed
     from dtrak_core.build import build_store
     from dtrak_core.attribution.features import FeatureSetting
 
@@ -147,8 +148,6 @@ def cmd_featurize(args):
     _check_writable(args.root)
     _check_writable(os.path.join(args.root, "stores", setting.slug))
     unet, scheduler = _load_model(args.root)
-    from dtrak_core import distributed
-
     if distributed.launched():  # under torchrun: each rank fills its share of the one store
         manifest = distributed.build_store(args.root, unet, scheduler, setting)
         if int(os.environ["RANK"]) != 0:

@@ -4,6 +4,8 @@
                             once complete, and `metadata_sha256` over every other field
     <store>/features.npy    (N, k) float32 (or float16 to halve a large store), a memmap filled slice by slice
     <store>/done.npy        (N,) bool, which rows are written
+    <store>/done-rank<r>.npy  while several processes fill the store at once: rank r's rows (merged
+                            into done.npy once all finish; see `fill`'s part)
 
 Every open checks the metadata against its own sha256 (an edited field, e.g. K, is refused rather
 than trusted), the files' shapes, and for a complete store the features against their sha256
@@ -198,13 +200,23 @@ class FeatureStore:
             raise ValueError(f"feature store {self.path!r} is incomplete ({missing} rows missing); run featurize to finish it")
         return np.load(os.path.join(self.path, FEATURES), mmap_mode="r")
 
-    def fill(self, featurize, inputs, show_bar: bool = True, progress=None, should_stop=None) -> "FeatureStore":
-        """Compute the missing slices with `featurize(inputs[a:b]) -> (b - a, k)` and mark the store complete."""
+    def fill(self, featurize, inputs, show_bar: bool = True, progress=None, should_stop=None,
+             part: tuple[int, int] = (0, 1)) -> "FeatureStore":
+        """Compute the missing slices with `featurize(inputs[a:b]) -> (b - a, k)` and mark the store complete.
+
+        part=(rank, world) with world > 1 (one of several processes filling the store at once): only
+        this rank's contiguous share of the slices (`part_rows`), recorded in its own done file
+        (done-rank<rank>.npy), and the store is left incomplete; once every rank has finished, one
+        process calls `fill` again with the default part, which merges the ranks' done files (as any
+        fill does with those a killed run left) and marks the store complete."""
         n, k, size = self.metadata["n"], self.metadata["k"], self.metadata["slice_size"]
         if len(inputs) != n:
             raise ValueError(f"store expects {n} inputs, got {len(inputs)}")
-        done = self.done
-        todo = [s for s in range(0, n, size) if not done[s:s + size].all()]
+        rank, world = part
+        done = self.done if world > 1 else self.merge_rank_done()
+        first, stop_row = self.part_rows(rank, world)
+        done_path = os.path.join(self.path, DONE if world == 1 else f"done-rank{rank}.npy")
+        todo = [s for s in range(first, stop_row, size) if not done[s:s + size].all()]
         feats = np.load(os.path.join(self.path, FEATURES), mmap_mode="r+")
         for i, start in enumerate(tqdm(todo, desc=f"featurize {os.path.basename(self.path)}", disable=not show_bar)):
             if should_stop is not None and should_stop():
@@ -218,14 +230,43 @@ class FeatureStore:
             feats[start:stop] = rows
             feats.flush()
             done[start:stop] = True
-            atomic_save_npy(os.path.join(self.path, DONE), done)
+            atomic_save_npy(done_path, done)
             if progress is not None:
                 progress(i + 1, len(todo))
         del feats
-        if not self.complete:
+        if not self.complete and world == 1:
             sha = sha256_file(os.path.join(self.path, FEATURES))
             self.metadata = write_metadata(self.path, {**self.metadata, "complete": True, "features_sha256": sha})
         return self
+
+    def part_rows(self, rank: int, world: int) -> tuple[int, int]:
+        """Rows [a, b) of rank `rank` out of `world`: a contiguous share of whole slices."""
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got ({rank!r}, {world!r})")
+        n, size = self.metadata["n"], self.metadata["slice_size"]
+        slices = -(-n // size)
+        return min(n, slices * rank // world * size), min(n, slices * (rank + 1) // world * size)
+
+    def merge_rank_done(self) -> np.ndarray:
+        """The done mask with the rows of any done-rank<r>.npy (from processes that filled the store
+        together) merged in and recorded in done.npy, those files removed. Only while no rank writes."""
+        done = self.done
+        extra = sorted(f for f in os.listdir(self.path) if f.startswith("done-rank") and f.endswith(".npy"))
+        for name in extra:
+            path = os.path.join(self.path, name)
+            try:
+                part = np.load(path)
+            except (OSError, ValueError, EOFError) as e:
+                raise IntegrityError(path, f"(a rank's done mask) cannot be read ({e})", _rebuild(self.path)) from None
+            if part.shape != done.shape or part.dtype != bool:
+                raise IntegrityError(path, f"(a rank's done mask) holds {part.shape} {part.dtype}, expected "
+                                     f"{done.shape} bool", _rebuild(self.path))
+            done |= part
+        if extra:
+            atomic_save_npy(os.path.join(self.path, DONE), done)  # first, so no row is lost if killed here
+            for name in extra:
+                os.remove(os.path.join(self.path, name))
+        return done
 
 
 def cached_store(path: str, identity: dict, inputs, make_featurizer, k: int, *, slice_size: int = 256,
