@@ -139,44 +139,48 @@ class KernelTRAK:
     """
 
     def fit(self, gram_matrix) -> "KernelTRAK":
-        K = np.asarray(gram_matrix, dtype=np.float64)
+        K = torch.as_tensor(np.asarray(gram_matrix, dtype=np.float64))
         if K.ndim != 2 or K.shape[0] != K.shape[1]:
-            raise ValueError(f"the training Gram matrix must be square (N, N), got {K.shape}")
-        if not np.isfinite(K).all():
+            raise ValueError(f"the training Gram matrix must be square (N, N), got {tuple(K.shape)}")
+        if not torch.isfinite(K).all():
             raise ValueError("the training Gram matrix has non-finite entries")
-        e, U = np.linalg.eigh(K)
-        self.eigenvalues_, self.U_ = np.clip(e, 0.0, None), U  # a Gram matrix is PSD: negatives are rounding
+        e, U = torch.linalg.eigh(K)  # torch, not numpy: its LAPACK honours torch.set_num_threads
+        self.eigenvalues_, self.U_ = e.clamp_min(0.0), U  # a Gram matrix is PSD: negatives are rounding
         return self
 
     def _check_lam(self, lam: float) -> None:
         if not lam > 0:
             raise ValueError(f"lambda must be positive, got {lam}")
 
-    def project(self, cross) -> np.ndarray:
-        """(Q, N) cross Gram -> (Q, N) in the eigenbasis (cross U), reusable across lambdas."""
-        cross = np.asarray(cross, dtype=np.float64)
+    def project(self, cross) -> torch.Tensor:
+        """(Q, N) cross Gram -> (Q, N) float64 in the eigenbasis (cross U), reusable across lambdas."""
+        cross = torch.as_tensor(np.asarray(cross, dtype=np.float64))
         if cross.ndim != 2 or cross.shape[1] != len(self.U_):
-            raise ValueError(f"the cross Gram matrix must be (Q, {len(self.U_)}), got {cross.shape}")
+            raise ValueError(f"the cross Gram matrix must be (Q, {len(self.U_)}), got {tuple(cross.shape)}")
         return cross @ self.U_
+
+    def scores_from(self, projected: torch.Tensor, lam: float) -> np.ndarray:
+        """(Q, N) scores from `project(cross)`."""
+        self._check_lam(lam)
+        return ((projected / (self.eigenvalues_ + lam)) @ self.U_.T).numpy()
 
     def scores(self, cross, lam: float) -> np.ndarray:
         """(Q, N) scores: higher = stronger proponent."""
-        self._check_lam(lam)
-        return (self.project(cross) / (self.eigenvalues_ + lam)) @ self.U_.T
+        return self.scores_from(self.project(cross), lam)
 
-    def subset_sums(self, masks, projected: np.ndarray, lam: float, weights=None) -> np.ndarray:
+    def subset_sums(self, masks, projected: torch.Tensor, lam: float, weights=None) -> np.ndarray:
         """masks @ scores^T (M, Q) from `project(cross)`, without forming the scores; `weights` (N,)
         multiplies each training sample's score first (e.g. DAS's residuals)."""
         self._check_lam(lam)
-        m = np.asarray(masks, dtype=np.float64)
+        m = torch.as_tensor(np.asarray(masks, dtype=np.float64))
         if weights is not None:
-            m = m * np.asarray(weights, dtype=np.float64)
-        return ((m @ self.U_) / (self.eigenvalues_ + lam)) @ projected.T
+            m = m * torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        return (((m @ self.U_) / (self.eigenvalues_ + lam)) @ projected.T).numpy()
 
     def leverages(self, lam: float) -> np.ndarray:
         """(N,) h_ii = [G G^T (G G^T + lam I)^-1]_ii, each training sample's leverage."""
         self._check_lam(lam)
-        return (self.U_ ** 2) @ (self.eigenvalues_ / (self.eigenvalues_ + lam))
+        return ((self.U_ ** 2) @ (self.eigenvalues_ / (self.eigenvalues_ + lam))).numpy()
 
 
 def exact_scores(train, queries, lam: float, block: int = 8192) -> np.ndarray:

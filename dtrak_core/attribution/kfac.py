@@ -272,7 +272,7 @@ class EKFAC:
     def _check(self, v) -> torch.Tensor:
         if not hasattr(self, "eigenvalues_"):
             raise ValueError("fit the EKFAC first")
-        v = torch.as_tensor(np.asarray(v, dtype=np.float32))
+        v = torch.as_tensor(np.array(v, dtype=np.float32))  # a copy: stored gradients are read-only memmaps
         if v.ndim != 2 or v.shape[1] != self.dim_:
             raise ValueError(f"expected flat gradients (n, {self.dim_}), got {tuple(v.shape)}")
         return v

@@ -10,6 +10,7 @@ and rerun (`--minutes` bounds one call, so long work runs in short chunks):
     python -m dtrak_core.evaluation.study residuals
     python -m dtrak_core.evaluation.study kfac --samples 16
     python -m dtrak_core.evaluation.study lds            # -> <run>/study.json, <run>/study.md
+    python -m dtrak_core.evaluation.study publish        # -> assets/benchmarks/study.*, rows in tables.*
 
     <run>/grads/<set>/<setting>/      full per-sample gradients (FeatureStore, N x d float32)
     <run>/kernels/<setting>-<proj>.npz  Gram and cross Gram matrices (exact, or JL-projected to k)
@@ -41,10 +42,12 @@ TRAIN = "train"
 TIMINGS = "timings.json"
 RESULTS, REPORT = "study.json", "study.md"
 K_SWEEP = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)  # sparse-JL dimensions beside the exact kernels
+SWEEPS = {"square": K_SWEEP, "loss": (2048, 32768), "avg": (2048, 32768)}  # k per output function
 SHIPPED_LAMBDA = 0.05  # the app's lambda (chosen on validation LDS), where the projected-vs-exact Spearman is read
 RESIDUAL_TIMESTEPS = 100  # DAS's training residuals: eps-MSE at the midpoints of 100 equal timestep bins
-KFAC_SAMPLES = 8  # (timestep, noise) draws per training image in each of EK-FAC's two passes
+KFAC_SAMPLES = 4  # (timestep, noise) draws per training image in each of EK-FAC's two passes
 # EK-FAC damping: multiples of the mean eigenvalue, the same 1-2-5 steps as the ridge grid
+EKFAC_PAIRS = (("loss", "loss"), ("square", "loss"), ("square", "square"), ("avg", "avg"))  # (measurement, training)
 RELATIVE_DAMPING = tuple(float(f"{m}e{e}") for e in range(-6, 3) for m in (1, 2, 5))
 
 
@@ -195,18 +198,19 @@ class Study:
         kt = KernelTRAK().fit(kernels["train"])
         proj = {s: kt.project(kernels[s]) for s in TEST_SETS}
         fit_seconds = time.perf_counter() - t0
-        masks = self.gt["masks"].astype(np.float64)
+        masks = torch.as_tensor(self.gt["masks"], dtype=torch.float64)
         w = np.ones(len(kt.U_)) if weights is None else np.asarray(weights, dtype=np.float64)
 
         def g_fn(lam):
             if power == 1:
                 return {s: kt.subset_sums(masks, proj[s], lam, w) for s in TEST_SETS}
-            return {s: masks @ ((((proj[s] / (kt.eigenvalues_ + lam)) @ kt.U_.T) * w) ** power).T for s in TEST_SETS}
+            return {s: (masks @ torch.as_tensor((kt.scores_from(proj[s], lam) * w) ** power).T).numpy()
+                    for s in TEST_SETS}
 
         out = self._sweep(g_fn, LAMBDA_GRID, num_bootstrap)
         t0 = time.perf_counter()
         for s in TEST_SETS:  # one lambda's full score matrices: the scoring cost a user pays
-            (proj[s] / (kt.eigenvalues_ + SHIPPED_LAMBDA)) @ kt.U_.T
+            kt.scores_from(proj[s], SHIPPED_LAMBDA)
         out["score_seconds"] = fit_seconds + time.perf_counter() - t0
         return out
 
@@ -228,13 +232,28 @@ class Study:
         out["score_seconds"] = prep_seconds + ekfac.fit_seconds_
         return out
 
-    def lds(self, num_bootstrap: int = 1000, only=None) -> dict:
-        """Every cell whose inputs exist -> <run>/study.json and <run>/study.md; missing ones are listed."""
+    def lds(self, num_bootstrap: int = 1000, only=None, redo: bool = False) -> dict:
+        """Every cell whose inputs exist -> <run>/study.json and <run>/study.md, each written as soon as
+        it is computed; cells already there are kept (recomputed with `redo`); missing inputs are listed."""
         from dtrak_core.attribution.das import residual_weights
-        from dtrak_core.files import json_safe
+        from dtrak_core.files import atomic_write_bytes, json_safe
 
-        cells, missing = {}, []
+        path = os.path.join(self.run_dir, RESULTS)
+        previous = read_json(path, "study results", "delete it; `study lds` rewrites it") if os.path.isfile(path) else {}
+        cells, missing = dict(previous.get("cells", {})), []
         timings = self.timings()
+
+        computed = set()
+
+        def save():
+            # other processes may have added cells meanwhile: keep theirs, add (or replace) ours
+            on_disk = read_json(path, "study results", "delete it; `study lds` rewrites it") if os.path.isfile(path) else {}
+            cells.update({**on_disk.get("cells", {}), **{n: cells[n] for n in computed}})
+            merged = {"cells": cells, "missing": sorted(set(missing)), "subsets": int(len(self.gt["masks"])),
+                      "num_bootstrap": num_bootstrap, "test_sets": {s: len(self.images[s]) for s in TEST_SETS}}
+            atomic_write_json(path, json_safe(merged))
+            atomic_write_bytes(os.path.join(self.run_dir, REPORT), format_report(merged).encode())
+            return merged
 
         def grad_seconds(setting):
             keys = [f"grads/{s}/{setting.slug}" for s in (TRAIN,) + TEST_SETS]
@@ -247,15 +266,24 @@ class Study:
         def want(name):
             return only is None or any(name.startswith(o) for o in only)
 
+        def todo(name):
+            return want(name) and (redo or name not in cells)
+
+        def done(name, cell):
+            cells[name] = cell
+            computed.add(name)
+            save()
+            print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
+
         exact_scores = {}
         for fn in ("square", "loss", "avg"):
             setting = GradientSetting(fn, 100)
             if not have(setting):
                 missing.append(f"python -m dtrak_core.evaluation.study gradients --output-fn {fn}")
                 continue
-            for k in (None,) + K_SWEEP:
+            for k in (None,) + SWEEPS[fn]:
                 name = f"{fn}/{'exact' if k is None else f'k{k}'}"
-                if not want(name):
+                if not todo(name):
                     continue
                 kern = self.kernels(setting, k)
                 cell = self.kernel_cell(kern, num_bootstrap)
@@ -264,8 +292,7 @@ class Study:
                                 "train_feature_mb": len(kern["train"]) * (self.grads(TRAIN, setting).shape[1]
                                                                           if k is None else k) * 4 / 2 ** 20}
                 cell["spearman_vs_exact"] = self._spearman_vs_exact(setting, kern, exact_scores)
-                cells[name] = cell
-                print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
+                done(name, cell)
         # DAS: the compressed output's features (avg; avg with unit timesteps) x residual weights
         losses = self.residual_losses() if want("das") else None
         for setting in (GradientSetting("avg", 100), GradientSetting("avg", 100, normalize_timesteps=True)):
@@ -282,34 +309,27 @@ class Study:
                     if variant == "trak-form" and not setting.normalize_timesteps:
                         continue  # avg/exact and avg/k2048 above
                     name = f"{variant}/{setting.slug}/{'exact' if k is None else f'k{k}'}"
+                    if not todo(name):
+                        continue
                     cell = self.kernel_cell(kern, num_bootstrap, residual_weights(losses, residual), power)
                     cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
                                     "score_seconds": cell.pop("score_seconds")}
-                    cells[name] = cell
-                    print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
+                    done(name, cell)
         # EK-FAC influence: measurement gradient x training-loss gradient (and D-TRAK-style pairs)
-        if want("ekfac"):
+        if want("ekfac") and any(todo(f"ekfac/{q}-x-{t}") for q, t in EKFAC_PAIRS):
             ekfac = self.ekfac()
-            for q_fn, t_fn in (("loss", "loss"), ("square", "loss"), ("square", "square"), ("avg", "avg")):
+            for q_fn, t_fn in EKFAC_PAIRS:
                 qs, ts = GradientSetting(q_fn, 100), GradientSetting(t_fn, 100)
                 if not (have(qs) and have(ts)):
                     continue
                 name = f"ekfac/{q_fn}-x-{t_fn}"
+                if not todo(name):
+                    continue
                 cell = self.ekfac_cell(ekfac, qs, ts, num_bootstrap)
                 cell["cost"] = {"gradient_seconds": (grad_seconds(qs) or 0) + (grad_seconds(ts) or 0 if ts != qs else 0),
                                 "score_seconds": cell.pop("score_seconds"), "fit_seconds": ekfac.fit_seconds_}
-                cells[name] = cell
-                print(name, {s: round(cell[s]["honest"]["lds"], 1) for s in TEST_SETS}, flush=True)
-        path = os.path.join(self.run_dir, RESULTS)
-        previous = read_json(path, "study results", "delete it; `study lds` rewrites it") if os.path.isfile(path) else {}
-        merged = {"cells": {**previous.get("cells", {}), **cells}, "missing": sorted(set(missing)),
-                  "subsets": int(len(self.gt["masks"])), "num_bootstrap": num_bootstrap,
-                  "test_sets": {s: len(self.images[s]) for s in TEST_SETS}}
-        atomic_write_json(path, json_safe(merged))
-        from dtrak_core.files import atomic_write_bytes
-
-        atomic_write_bytes(os.path.join(self.run_dir, REPORT), format_report(merged).encode())
-        return merged
+                done(name, cell)
+        return save()
 
     def _spearman_vs_exact(self, setting, kern, cache) -> dict | None:
         """Mean over queries of the Spearman between these scores and the exact ones at SHIPPED_LAMBDA."""
@@ -330,6 +350,70 @@ class Study:
             b -= b.mean(1, keepdims=True)
             out[s] = float(np.mean((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))))
         return out
+
+
+# (cell, label) rows that `publish` copies into the committed tables, in this order, when computed
+PUBLISHED = (
+    ("square/k2048", "D-TRAK (square), sparse JL k=2048 (the shipped setting)"),
+    ("square/k32768", "D-TRAK (square), sparse JL k=32768"),
+    ("square/exact", "D-TRAK (square), exact (no projection)"),
+    ("loss/exact", "TRAK (loss), exact"),
+    ("avg/k2048", "avg, sparse JL k=2048"),
+    ("avg/exact", "avg, exact"),
+    ("das/avg-K100-full/k2048", "DAS (avg features x code residual), k=2048"),
+    ("das/avg-K100-full/exact", "DAS (avg features x code residual), exact"),
+    ("das-squared/avg-K100-full/exact", "DAS squared, exact"),
+    ("das-rms/avg-K100-full/exact", "DAS with the plain residual norm, exact"),
+    ("trak-form/avg-K100-unit-full/exact", "avg with unit-norm timesteps (DAS code's features), exact"),
+    ("das/avg-K100-unit-full/k2048", "DAS as the public code runs it (unit timesteps, k=2048)"),
+    ("das/avg-K100-unit-full/exact", "DAS as the public code runs it (unit timesteps), exact"),
+    ("ekfac/loss-x-loss", "EK-FAC influence (loss x loss)"),
+    ("ekfac/square-x-loss", "EK-FAC influence (square measurement x loss)"),
+    ("ekfac/square-x-square", "EK-FAC, square x square"),
+    ("ekfac/avg-x-avg", "EK-FAC, avg x avg"),
+)
+
+
+def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benchmarks")) -> dict:
+    """Copy <run>/study.json and study.md to `dest` and the PUBLISHED rows into dest/tables.json
+    (key "beyond"), then rewrite dest/tables.md from it."""
+    import shutil
+
+    from dtrak_core.evaluation.tables_report import BEYOND, REPORT as TABLES_REPORT, TABLES as TABLES_JSON
+    from dtrak_core.evaluation.tables_report import format_report as tables_report, load_tables
+    from dtrak_core.files import json_safe
+
+    path = os.path.join(run_dir, RESULTS)
+    if not os.path.isfile(path):
+        raise ValueError(f"no {path}; compute it with `python -m dtrak_core.evaluation.study lds`")
+    cells = read_json(path, "study results", "rerun `python -m dtrak_core.evaluation.study lds`")["cells"]
+    tables_path = os.path.join(dest, TABLES_JSON)
+    t = load_tables(tables_path)
+    if t is None:
+        raise ValueError(f"no {tables_path}; write the tables first with `python -m dtrak_core lds tables`")
+    residual_seconds = 0.0
+    if os.path.isfile(os.path.join(run_dir, "residuals.npz")):
+        from dtrak_core.evaluation.retrain import load_result
+
+        residual_seconds = float(load_result(os.path.join(run_dir, "residuals.npz"))["seconds"])
+    rows = []
+    for name, label in PUBLISHED:
+        c = cells.get(name)
+        if c is None:
+            continue
+        cost = c["cost"]
+        scoring = cost["score_seconds"] + cost.get("kernel_seconds", 0.0) + (residual_seconds if name.startswith("das") else 0.0)
+        rows.append({"cell": name, "label": label, "validation": c["validation"], "generated": c["generated"],
+                     "feature_seconds": cost["gradient_seconds"] or 0.0, "scoring_seconds": scoring})
+    t[BEYOND] = {"rows": rows, "source": "python -m dtrak_core.evaluation.study lds, then publish"}
+    atomic_write_json(tables_path, json_safe(t))
+    from dtrak_core.files import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(dest, TABLES_REPORT), tables_report(t).encode())
+    for f in (RESULTS, REPORT):
+        shutil.copyfile(os.path.join(run_dir, f), os.path.join(dest, f) + ".tmp")
+        os.replace(os.path.join(dest, f) + ".tmp", os.path.join(dest, f))
+    return t[BEYOND]
 
 
 def _complete(path: str) -> bool:
@@ -399,7 +483,7 @@ def format_report(results: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dtrak_core.evaluation.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["gradients", "kernels", "residuals", "kfac", "lds"])
+    parser.add_argument("step", choices=["gradients", "kernels", "residuals", "kfac", "lds", "publish"])
     parser.add_argument("--run", default=DEFAULT_RUN, help="run folder (git-ignored)")
     parser.add_argument("--root", default="assets", help="the default model folder")
     parser.add_argument("--output-fn", nargs="+", default=["square", "loss", "avg"])
@@ -409,11 +493,16 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=KFAC_SAMPLES, help="kfac: draws per image per pass")
     parser.add_argument("--only", nargs="+", default=None, help="lds: cells whose name starts with these")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--redo", action="store_true", help="lds: recompute cells already in study.json")
     parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this long (resume later)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+    if args.step == "publish":
+        for row in publish(args.run)["rows"]:
+            print(row["label"], {s: round(row[s]["honest"]["lds"], 1) for s in TEST_SETS})
+        return
     study = Study(args.run, args.root)
     if args.step == "gradients":
         for fn in args.output_fn:
@@ -434,7 +523,7 @@ def main(argv=None) -> None:
     elif args.step == "kfac":
         print(f"EK-FAC fitted in {study.ekfac(args.samples).fit_seconds_:.0f} s")
     else:
-        print(format_report(study.lds(args.bootstrap, args.only)))
+        print(format_report(study.lds(args.bootstrap, args.only, args.redo)))
 
 
 if __name__ == "__main__":
