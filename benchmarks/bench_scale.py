@@ -32,6 +32,7 @@ from dtrak_core.attribution.chunked import ChunkedTRAKScorer
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.scoring import top_k
 from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.devices import describe
 
 IDENTITY = FeatureStore.identity(FeatureSetting("square", K=10, k=2048), checkpoint="synthetic", dataset="synthetic")
 SLICE = 1 << 16
@@ -53,13 +54,13 @@ def build(path: str, n: int, k: int) -> dict:
     return {"build_s": t.seconds, "store_gib": size / 2 ** 30, "build_rss_gib": peak_rss_gib()}
 
 
-def query(path: str, k: int, repeats: int) -> dict:
+def query(path: str, k: int, repeats: int, device: str) -> dict:
     with Timer() as t_open:
         store = FeatureStore.open(path, IDENTITY)
     with Timer() as t_fit:
-        ChunkedTRAKScorer().fit(store)
+        ChunkedTRAKScorer(device=device).fit(store)
     with Timer() as t_refit:
-        scorer = ChunkedTRAKScorer().fit(store)
+        scorer = ChunkedTRAKScorer(device=device).fit(store)
     assert scorer.kernel_source_ == "loaded"
     rng = np.random.default_rng(123)
     q1, q16 = rng.standard_normal((1, k)), rng.standard_normal((16, k))
@@ -79,13 +80,13 @@ def query(path: str, k: int, repeats: int) -> dict:
 
 def child(args) -> None:
     set_threads(args.threads)
-    out = build(args.path, args.n, args.k) if args.child == "build" else query(args.path, args.k, args.repeats)
+    out = build(args.path, args.n, args.k) if args.child == "build" else query(args.path, args.k, args.repeats, args.device)
     print("RESULT " + json.dumps(out))
 
 
 def run_child(kind: str, path: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--path", path, "--n", str(n), "--k", str(args.k),
-           "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--threads", str(args.threads), "--repeats", str(args.repeats), "--device", args.device]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"{kind} N={n} failed:\n{res.stderr[-3000:]}")
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the scorer multiplies: cpu (default), cuda, mps")
     ap.add_argument("--dir", default=os.path.join(ROOT, "runs", "bench_scale"))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic stores")
     ap.add_argument("--child", choices=["build", "query"], help=argparse.SUPPRESS)
@@ -108,7 +110,7 @@ def main() -> None:
         return child(args)
     set_threads(args.threads)
     print(machine_line())
-    print("device: cpu")
+    print(f"device: {describe(args.device)}")
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"{'N':>9} {'store GiB':>9} {'build s':>8} {'build RSS':>9} {'open s':>7} {'fit s':>7} {'refit s':>7} "
           f"{'top-10 s':>8} {'scores s':>8} {'16q s/q':>8} {'query RSS GiB':>13}")

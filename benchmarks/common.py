@@ -40,11 +40,15 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+# where the benchmarks compute unless a script takes --device (and then prints its own `device:` line)
+DEVICE = "cpu" + ("" if not torch.cuda.is_available() else f" ({torch.cuda.device_count()} CUDA device(s) present, unused)")
+
+
 def machine_line() -> str:
     load = os.getloadavg()
     return (f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-            f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min)")
+            f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min), device {DEVICE}")
 
 
 class Timer:

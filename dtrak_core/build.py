@@ -62,16 +62,17 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
 
 
 def build_store(root: str, unet, scheduler, setting: FeatureSetting, show_bar: bool = True,
-                train_set: Dataset | None = None) -> dict:
+                train_set: Dataset | None = None, device="cpu") -> dict:
     """Fill (or finish) the store for `setting` and register it in the manifest; the manifest's
-    fields as saved. `train_set`: the manifest's dataset, when the caller has it loaded already."""
+    fields as saved. `train_set`: the manifest's dataset, when the caller has it loaded already.
+    device: where the gradients are computed (the features are float32 on every device)."""
     if train_set is None:
         train_set = ModelFolder.load(root).training_set()
     rel = os.path.join("stores", setting.slug)
     identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
     t0 = time.perf_counter()
-    cached_store(os.path.join(root, rel), identity, train_set.images, lambda: Featurizer(unet, scheduler, setting),
-                 setting.k, show_bar=show_bar)
+    cached_store(os.path.join(root, rel), identity, train_set.images,
+                 lambda: Featurizer(unet, scheduler, setting, device=device), setting.k, show_bar=show_bar)
     seconds = time.perf_counter() - t0
     return ModelFolder.edit(root, lambda folder: folder.add_store(rel, seconds)).to_dict()
 

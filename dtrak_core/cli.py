@@ -15,6 +15,13 @@ def _add_root(p):
                                                 "else ./assets)")
 
 
+def _add_device(p, precision: bool = False):
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<i> or mps")
+    if precision:
+        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                       help="autocast of the model's forward passes (default fp32; fp16 needs a GPU)")
+
+
 def _check_writable(root: str) -> None:
     """Refuse up front, with the reason, a --root that cannot be written (not an OSError midway)."""
     probe = os.path.abspath(root)
@@ -64,10 +71,13 @@ def cmd_generate(args):
     from dtrak_core.model.unet import load_checkpoint
     from dtrak_core.model.sampling import generate
     from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.devices import check_precision
 
+    check_precision(args.precision, args.device)  # refused before the model loads
     unet, scheduler = _load_model(args.root)
     seeds = list(range(args.seed, args.seed + args.count))
-    images = generate(unet, scheduler, seeds, steps=args.steps, sampler=args.sampler)
+    images = generate(unet, scheduler, seeds, steps=args.steps, sampler=args.sampler, device=args.device,
+                      precision=args.precision)
     out = args.out or (f"sample-{args.seed}.png" if args.count == 1 else f"samples-{args.seed}-{seeds[-1]}.png")
     img = to_pil(images[0], args.scale) if args.count == 1 else grid(images, columns=min(16, args.count), scale=args.scale)
     save_png(img, out)
@@ -140,20 +150,22 @@ def cmd_attribute(args):
 
 def cmd_featurize(args):
     from dtrak_core import distributed
+    from dtrak_core.devices import resolve_device
     from dtrak_core.build import build_store
     from dtrak_core.attribution.features import FeatureSetting
 
     setting = FeatureSetting(args.output_fn, K=args.K, projector=args.projector, k=args.k, seed=args.projector_seed)
+    resolve_device(args.device)  # refused before any work
     _check_model_root(args.root)
     _check_writable(args.root)
     _check_writable(os.path.join(args.root, "stores", setting.slug))
     unet, scheduler = _load_model(args.root)
     if distributed.launched():  # under torchrun: each rank fills its share of the one store
-        manifest = distributed.build_store(args.root, unet, scheduler, setting)
+        manifest = distributed.build_store(args.root, unet, scheduler, setting, device=args.device)
         if int(os.environ["RANK"]) != 0:
             return
     else:
-        manifest = build_store(args.root, unet, scheduler, setting)
+        manifest = build_store(args.root, unet, scheduler, setting, device=args.device)
     rel = os.path.join("stores", setting.slug)
     print(f"store {os.path.join(args.root, rel)} complete ({manifest['featurize_seconds'][rel]:.1f} s)")
 
@@ -352,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the PNG")
     p.add_argument("--out", default=None, help="PNG path")
+    _add_device(p, precision=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("attribute", help="top proponents and opponents of a generated or given image")
@@ -375,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector", default="sparse-jl", choices=("sparse-jl", "dense-gaussian"))
     p.add_argument("--k", type=int, default=2048, help="projected dimension")
     p.add_argument("--projector-seed", type=int, default=42)
+    _add_device(p)
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("migrate-stores", help="add the metadata checksum to feature stores written by an older dtrak "

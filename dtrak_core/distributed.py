@@ -61,7 +61,8 @@ def fill(store: FeatureStore, make_featurizer, inputs, log=print) -> FeatureStor
 
 def build_store(root: str, unet, scheduler, setting, device: str = "cpu", slice_size: int = 256) -> dict:
     """`build.build_store` across ranks: the store of `setting` for the model folder `root`, filled by
-    all ranks and registered in the manifest by rank 0; the manifest's fields as saved (every rank)."""
+    all ranks and registered in the manifest by rank 0; the manifest's fields as saved (every rank).
+    device "cuda": each rank computes on its local GPU (NCCL)."""
     from dtrak_core.attribution.features import Featurizer
     from dtrak_core.folder import ModelFolder
     from dtrak_core.model.unet import checkpoint_hash
@@ -76,7 +77,7 @@ def build_store(root: str, unet, scheduler, setting, device: str = "cpu", slice_
         FeatureStore.create(path, identity, len(train_set), setting.k, slice_size=slice_size)
     dist.barrier()
     store = FeatureStore.create(path, identity, len(train_set), setting.k, slice_size=slice_size)
-    fill(store, lambda: Featurizer(unet, scheduler, setting), train_set.images)
+    fill(store, lambda: Featurizer(unet, scheduler, setting, device=device), train_set.images)
     seconds = time.perf_counter() - t0
     if rank == 0:
         ModelFolder.edit(root, lambda folder: folder.add_store(rel, seconds))

@@ -34,6 +34,7 @@ import torch
 
 from dtrak_core.attribution.scoring import DEFAULT_RELATIVE_LAMBDA
 from dtrak_core.attribution.store import FEATURES, FeatureStore, metadata_sha256
+from dtrak_core.devices import resolve_device
 from dtrak_core.errors import IntegrityError
 from dtrak_core.files import atomic_write_bytes
 
@@ -121,6 +122,8 @@ class ChunkedTRAKScorer:
             about twice the time).
         chunk_rows: rows per chunk; None sizes a chunk to about 64 MiB in the compute dtype.
         save_kernel: write the kernel next to a store's features (kernel.npz) and reuse it on later fits.
+        device: where the chunks are multiplied ("cpu", "cuda", "mps"); the chunks are read on the CPU
+            and moved, the Gram sum, the Cholesky factor and the top-k merge stay on the CPU in float64.
 
     Fitted attributes:
         lam_: the lambda used. n_, k_: the store's shape. gram_: (k, k) float64 Phi^T Phi.
@@ -129,12 +132,14 @@ class ChunkedTRAKScorer:
     """
 
     def __init__(self, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA,
-                 compute_dtype: str = "float32", chunk_rows: int | None = None, save_kernel: bool = True):
+                 compute_dtype: str = "float32", chunk_rows: int | None = None, save_kernel: bool = True,
+                 device="cpu"):
         self.lam = lam
         self.relative_lambda = relative_lambda
         self.compute_dtype = compute_dtype
         self.chunk_rows = chunk_rows
         self.save_kernel = save_kernel
+        self.device = device
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, train_features) -> "ChunkedTRAKScorer":
@@ -147,6 +152,9 @@ class ChunkedTRAKScorer:
             raise ValueError(f"train features must be a non-empty (N, k) matrix, got ({rows.n}, {rows.k})")
         self.rows_, self.n_, self.k_ = rows, rows.n, rows.k
         self._cdtype = _DTYPES[self.compute_dtype]
+        self._device = resolve_device(self.device)
+        if self._device.type == "mps" and self._cdtype == torch.float64:
+            raise ValueError("compute_dtype 'float64' is not available on mps; use 'float32'")
         self._chunk = self.chunk_rows or max(1, CHUNK_BYTES // (rows.k * rows.dtype.itemsize))
         self._block = min(self._chunk, max(1, BLOCK_BYTES // (rows.k * self._cdtype.itemsize)))
         saved = self._load_kernel() if rows.store_path is not None and self.save_kernel else None
@@ -173,7 +181,9 @@ class ChunkedTRAKScorer:
         for a, b, x in self.rows_.chunks(self._chunk):
             for i in range(0, b - a, self._block):
                 xs = x[i:i + self._block]
-                if xs.dtype != self._cdtype:  # convert into one reused, cache-sized buffer
+                if self._device.type != "cpu":  # moved in the stored dtype (fewer bytes), converted there
+                    xs = xs.to(self._device).to(self._cdtype)
+                elif xs.dtype != self._cdtype:  # convert into one reused, cache-sized buffer
                     if buf is None:
                         buf = torch.empty(self._block, self.k_, dtype=self._cdtype)
                     xs = buf[:len(xs)].copy_(xs)
@@ -183,16 +193,16 @@ class ChunkedTRAKScorer:
         """Phi^T Phi in one pass: block products summed in the compute dtype over at most
         GRAM_FLUSH_ROWS rows, those partial sums added up in float64."""
         gram = torch.zeros(self.k_, self.k_, dtype=torch.float64)
-        part = torch.zeros(self.k_, self.k_, dtype=self._cdtype)
+        part = torch.zeros(self.k_, self.k_, dtype=self._cdtype, device=self._device)
         since = 0
         for a, b, xs in self._blocks():
             part.addmm_(xs.T, xs)
             since += b - a
             if since >= GRAM_FLUSH_ROWS:
-                gram += part
+                gram += part.to("cpu", torch.float64)
                 part.zero_()
                 since = 0
-        gram += part
+        gram += part.to("cpu", torch.float64)
         return gram.numpy()
 
     # -- the kernel file ------------------------------------------------------------------------
@@ -248,12 +258,12 @@ class ChunkedTRAKScorer:
         if q.ndim != 2 or q.shape[1] != self.k_:
             raise ValueError(f"query features must be (Q, {self.k_}) or ({self.k_},), got {tuple(q.shape)}")
         w = torch.cholesky_solve(q.T.contiguous(), torch.from_numpy(self.cholesky_))
-        return w.to(self._cdtype)
+        return w.to(self._cdtype).to(self._device)
 
     def _chunk_scores(self, w: torch.Tensor):
         """Yield (start, stop, scores (stop - start, Q)) chunk by chunk over the store (each valid until
         the next is requested), computed block by block: memory is one chunk's scores and one block."""
-        out = torch.empty(self._chunk, w.shape[1], dtype=self._cdtype)
+        out = torch.empty(self._chunk, w.shape[1], dtype=self._cdtype, device=self._device)
         start = 0
         for a, b, xs in self._blocks():
             torch.mm(xs, w, out=out[a - start:b - start])
@@ -267,7 +277,7 @@ class ChunkedTRAKScorer:
         w = self._weights(query_features)
         out = torch.empty(w.shape[1], self.n_, dtype=self._cdtype)
         for a, b, s in self._chunk_scores(w):
-            out[:, a:b] = s.T
+            out[:, a:b] = s.T.cpu()
         return out.numpy()
 
     def top_k(self, query_features, n: int, return_scores: bool = False):
@@ -280,7 +290,7 @@ class ChunkedTRAKScorer:
         w = self._weights(query_features)
         best = [None, None]  # per side: (values (Q, m), indices (Q, m)); opponents kept as negated scores
         for a, b, s in self._chunk_scores(w):
-            s = s.T.to(torch.float64)
+            s = s.T.cpu().to(torch.float64)
             idx = torch.arange(a, b).expand_as(s)
             for side in (0, 1):
                 # candidates ordered so that a stable sort by value breaks ties as scoring.top_k does:

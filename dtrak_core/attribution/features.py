@@ -56,15 +56,19 @@ class Featurizer:
         setting: the output function, K, projector, k and projector seed.
         batch_size: samples per gradient pass (bounds memory to about batch_size x K images).
         timestep_chunk: timesteps per pass within a batch.
+        device: where the gradients are computed ("cpu", "cuda", "mps"; always in float32); the
+            features come back float32 on the CPU, equal across devices up to float rounding.
 
     `gradients` is the unprojected `GradientFeaturizer` (B, d) and `projector` the (d -> k)
     projection; both are deterministic, so equal settings give equal features.
     """
 
-    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 25):
+    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 25,
+                 device="cpu"):
         self.setting = setting
         self.batch_size = batch_size  # samples per vmap call: bounds activation memory to ~batch_size * K images
-        self.gradients = GradientFeaturizer(unet, scheduler, setting.output_fn, setting.K, timestep_chunk)
+        self.gradients = GradientFeaturizer(unet, scheduler, setting.output_fn, setting.K, timestep_chunk,
+                                            device=device)
         self.projector = make_projector(setting.projector, self.gradients.dim, setting.k, setting.seed)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

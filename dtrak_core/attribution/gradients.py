@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dtrak_core.attribution.output_functions import elbo_weights, get_output_function
+from dtrak_core.devices import resolve_device
 from dtrak_core.shared import ModelReplicas
 
 
@@ -124,7 +125,8 @@ class GradientFeaturizer:
     the featurizer was built.
     """
 
-    def __init__(self, unet, scheduler, output_fn: str, K: int, timestep_chunk: int = 25, engine: str = "auto"):
+    def __init__(self, unet, scheduler, output_fn: str, K: int, timestep_chunk: int = 25, engine: str = "auto",
+                 device="cpu"):
         if engine not in ENGINES:
             raise ValueError(f"unknown gradient engine {engine!r}; choose one of {list(ENGINES)}")
         if timestep_chunk < 1:
@@ -133,6 +135,10 @@ class GradientFeaturizer:
             raise ValueError("the 'hooks' engine needs a model whose trainable parameters all sit in Linear, "
                              "zero-padded Conv2d or GroupNorm layers; use engine='vmap'")
         self.engine = ("hooks" if hooks_supported(unet) else "vmap") if engine == "auto" else engine
+        # gradients are float32 on every device (the precision policy never autocasts them)
+        self.device = resolve_device(device)
+        if next(unet.parameters()).device != self.device:  # a copy: the caller's model stays where it is
+            unet = copy.deepcopy(unet).to(self.device)
         self.unet = unet.eval()
         self.replicas = ModelReplicas(self.unet)
         self.output_fn_name = output_fn
@@ -141,10 +147,11 @@ class GradientFeaturizer:
         # add_noise only reads the scheduler (it re-binds alphas_cumprod to the sample's device, a no-op
         # once there), so featurizers on other threads can share it
         self.scheduler = scheduler
-        self.timesteps = timesteps_for(K, scheduler.config.num_train_timesteps)
-        self.weights = elbo_weights(scheduler)[self.timesteps]
-        cfg = unet.config
-        self.noise = timestep_noise(self.timesteps, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+        timesteps = timesteps_for(K, scheduler.config.num_train_timesteps)
+        self.weights = elbo_weights(scheduler)[timesteps].to(self.device)
+        cfg = unet.config  # the noise is drawn on the CPU, so it is the same on every device
+        self.noise = timestep_noise(timesteps, (cfg.in_channels, cfg.sample_size, cfg.sample_size)).to(self.device)
+        self.timesteps = timesteps.to(self.device)
         self.params = trainable_params(unet)
         self.dim = sum(p.numel() for p in self.params.values())
         self.timestep_chunk = timestep_chunk
@@ -203,17 +210,19 @@ class GradientFeaturizer:
                 for pname, value in _layer_grads(module, a, g, B).items():
                     key = f"{names[id(module)]}.{pname}" if names[id(module)] else pname
                     grads[key] = grads[key] + value if key in grads else value
-            return torch.cat([grads[n].reshape(B, -1) if n in grads else torch.zeros(B, p.numel())
+            return torch.cat([grads[n].reshape(B, -1) if n in grads else torch.zeros(B, p.numel(), device=p.device)
                               for n, p in self.params.items()], dim=1)
 
     def __call__(self, images: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> per-sample gradients (B, d), float32. `conditioning`: per-sample
-        tensors (B, ...) passed to the model by keyword, e.g. a text-to-image UNet's
+        """images (B, C, H, W) -> per-sample gradients (B, d), float32 on the CPU. `conditioning`:
+        per-sample tensors (B, ...) passed to the model by keyword, e.g. a text-to-image UNet's
         `encoder_hidden_states`."""
         for name, c in conditioning.items():
             if len(c) != len(images):
                 raise ValueError(f"conditioning {name!r} has {len(c)} rows for {len(images)} images")
-        out = torch.zeros(len(images), self.dim)
+        images = images.to(self.device)
+        conditioning = {name: c.to(self.device) for name, c in conditioning.items()}
+        out = torch.zeros(len(images), self.dim, device=self.device)
         with self.replicas.borrow() as unet:
             for start in range(0, self.K, self.timestep_chunk):
                 sl = slice(start, min(start + self.timestep_chunk, self.K))
@@ -223,4 +232,4 @@ class GradientFeaturizer:
                 objective = functools.partial(self._objective, unet=unet)
                 g = vmap(grad(objective), in_dims=(None, 0, 0, None))(self.params, images, conditioning, sl)
                 out += torch.cat([v.reshape(len(images), -1) for v in g.values()], dim=1)
-        return out / self.K
+        return (out / self.K).cpu()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
+from dtrak_core.devices import autocast, check_precision, resolve_device
 from dtrak_core.errors import Cancelled
 from dtrak_core.model.unet import build_unet
 
@@ -46,14 +47,20 @@ def batch_stream(n: int, batch_size: int, generator: torch.Generator):
 def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), *,
           progress: Callable[[int, int, float], None] | None = None,
           should_stop: Callable[[], bool] | None = None, show_bar: bool = True,
-          checkpoint_steps=(), on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None):
-    """Train a fresh UNet on `images` (N, C, H, W) in [-1, 1]; returns it in eval mode.
+          checkpoint_steps=(), on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
+          device="cpu", precision: str = "fp32"):
+    """Train a fresh UNet on `images` (N, C, H, W) in [-1, 1]; returns it in eval mode, on the CPU.
 
     `progress(step, steps, loss)` is called every step; `should_stop()` returning True raises
     `Cancelled`. `on_checkpoint(step, unet)` is called after each optimiser step listed in
     `checkpoint_steps` (1..steps) with the live model (for saving intermediate checkpoints,
     e.g. TracInCP); it must not modify the model. It does not change the training trajectory.
+    device, precision: where it trains and the forward pass's autocast policy (`devices`; fp16 scales
+    the loss); the random numbers are drawn on the CPU either way, so a seed means the same batches,
+    timesteps and noise on every device.
     """
+    dev = resolve_device(device)
+    check_precision(precision, dev)
     if len(images) == 0:
         raise ValueError("cannot train on an empty dataset")
     checkpoint_steps = set(int(s) for s in checkpoint_steps)
@@ -61,7 +68,8 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
         raise ValueError(f"checkpoint_steps must lie in 1..{config.steps}, got {sorted(checkpoint_steps)}")
     unet = build_unet(sample_size=images.shape[-1], channels=images.shape[1],
                       block_out_channels=config.block_out_channels, seed=config.seed)
-    unet.train()
+    unet.to(dev).train()
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(config.warmup_fraction * config.steps), config.steps)
@@ -74,12 +82,22 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
         x0 = images[next(batches)]
         t = torch.randint(0, T, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        x0, t, noise = x0.to(dev), t.to(dev), noise.to(dev)
         xt = scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(xt, t, return_dict=False)[0], noise)
+        with autocast(dev, precision):
+            pred = unet(xt, t, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            opt.step()
+        else:  # fp16: scaled loss, gradients unscaled before clipping, steps with inf/nan skipped
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            scaler.step(opt)
+            scaler.update()
         sched.step()
         if progress is not None:
             progress(step + 1, config.steps, loss.item())
@@ -89,4 +107,4 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval()
-    return unet
+    return unet.cpu()
