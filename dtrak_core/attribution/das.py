@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 RESIDUALS = ("code", "rms", "none")
+RESIDUAL_TIMESTEPS = torch.arange(5, 1000, 10)  # the midpoints of 100 equal timestep bins
+REGISTRY_LAMBDA = 0.05  # the app's DAS lambda: best on the validation LDS at k = 2048 (assets/benchmarks/study.md)
 POWERS = {"das": 1, "das-squared": 2}
 
 
@@ -55,12 +57,23 @@ def residual_weights(losses, kind: str = "code") -> np.ndarray:
     raise ValueError(f"unknown DAS residual {kind!r}; choose one of {list(RESIDUALS)}")
 
 
-def training_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, noise_seed: int = 0) -> np.ndarray:
-    """(N, T) eps-prediction MSE of each training image at each timestep, one noise draw per
-    (image, timestep) from `noise_seed` (`lds.eps_losses`)."""
-    from dtrak_core.evaluation.lds_run import eps_losses
-
-    return eps_losses(unet, scheduler, images, timesteps, (noise_seed,))[0].T
+@torch.no_grad()
+def training_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, noise_seed: int = 0,
+                    chunk: int = 4096) -> np.ndarray:
+    """(N, T) eps-prediction MSE of each training image at each timestep. The noise is one
+    (T * N, C, H, W) draw from a generator seeded by `noise_seed`, row t * N + n for (timestep t,
+    image n): the convention of the LDS ground truth's `lds_run.eps_losses`."""
+    unet.eval()
+    N, T = len(images), len(timesteps)
+    noise = torch.randn((T * N, *images.shape[1:]), generator=torch.Generator().manual_seed(int(noise_seed)))
+    t_flat = timesteps.repeat_interleave(N)
+    x_flat = images.repeat(T, 1, 1, 1)
+    out = torch.empty(T * N)
+    for a in range(0, T * N, chunk):
+        b = min(a + chunk, T * N)
+        xt = scheduler.add_noise(x_flat[a:b], noise[a:b], t_flat[a:b])
+        out[a:b] = (unet(xt, t_flat[a:b], return_dict=False)[0] - noise[a:b]).pow(2).flatten(1).mean(1)
+    return out.view(T, N).T.numpy()
 
 
 def das_scores(trak_scores, weights, method: str = "das") -> np.ndarray:
@@ -73,3 +86,18 @@ def das_scores(trak_scores, weights, method: str = "das") -> np.ndarray:
     if s.ndim != 2 or w.shape != (s.shape[1],):
         raise ValueError(f"need scores (Q, N) and weights (N,), got {s.shape} and {w.shape}")
     return (s * w) ** POWERS[method]
+
+
+def registry_scores(method, inputs, images: torch.Tensor, seeds, K) -> np.ndarray:
+    """The method registry's DAS: the paper's squared score over the model folder's `avg` store
+    (JL-projected, K timesteps), residuals from the training losses at RESIDUAL_TIMESTEPS (computed
+    once per attributor, ~1 s per 100 images on a CPU), lambda REGISTRY_LAMBDA."""
+    from dtrak_core.attribution.scoring import TRAKScorer
+
+    setting, _ = inputs.store(method.store, K)
+    att = inputs.attributor
+    scorer = inputs.cached(("das-scorer", setting),
+                           lambda: TRAKScorer(lam=REGISTRY_LAMBDA).fit(inputs.train_features(method.store, K)))
+    weights = inputs.cached("das-residuals", lambda: residual_weights(
+        training_losses(att.unet, att.scheduler, att.train.images, RESIDUAL_TIMESTEPS), "code"))
+    return das_scores(scorer.scores(inputs.query_features(images, method.store, K)), weights, "das-squared")

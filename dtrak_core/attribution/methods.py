@@ -15,6 +15,8 @@ Each `Method` belongs to one family:
   the attributor's feature store of that output function. 'square' is D-TRAK and 'loss' TRAK;
   'eta=<e>' names the interpolation for any e (built on request, not listed by `all`).
 - 'baseline': the methods the paper compares against (formulas in `baselines`).
+- 'successor': published methods after the paper, scored like the baselines through their own
+  `score` ('das': the Diffusion Attribution Score, in `das`).
 - 'control': the counterfactual's 'random' ranking, a seeded permutation of the training set; it
   has no scores.
 
@@ -32,7 +34,8 @@ import torch
 from dtrak_core.attribution import baselines
 from dtrak_core.errors import MethodUnavailable, UnknownMethod  # noqa: F401 (what the registry raises)
 
-FAMILIES = ("trak", "baseline", "control")
+FAMILIES = ("trak", "baseline", "successor", "control")
+SCORED_FAMILIES = ("baseline", "successor")  # families scored by their own `score`, checked by `problems`
 NEEDS = ("seeds", "clip", "tracin")  # inputs a method may need besides a feature store
 VARIANT_ORDER = 50  # `order` of TRAK-family variants and of names the registry does not know
 
@@ -89,6 +92,12 @@ class Method:
         return self.score(self, inputs_for(attributor, root, clip_path), images.float(), seeds, K)
 
 
+def _das_scores(method: Method, inputs, images, seeds, K) -> np.ndarray:
+    from dtrak_core.attribution import das
+
+    return das.registry_scores(method, inputs, images, seeds, K)
+
+
 def _trak(method: Method, inputs, images, seeds, K) -> np.ndarray:
     return inputs.attributor.scores(images, method.name, K)
 
@@ -130,6 +139,9 @@ _REGISTRY = (
     _baseline("renorm-ip", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm", store="loss"),
     _baseline("journey-trak", "TRAK on loss gradients averaged along the DDIM trajectory (generated samples)", 18,
               baselines.journey, store="loss", needs=("seeds",)),
+    Method("das", "DAS", "Diffusion Attribution Score (Lin et al. 2025): squared TRAK-form scores of the gradients "
+           "of mean(eps_theta), times each training sample's residual", "successor", 110, store="avg",
+           score=_das_scores),
     Method("random", "Random", "a random ranking of the training set, seeded by the target (the counterfactual's "
            "control)", "control", 0),
 )
@@ -236,7 +248,7 @@ def problems(attributor, root: str | None = None, clip_path: str | None = None) 
                 yield need, getattr(inputs, need)
 
     outcome, found = {}, {}  # input -> the ValueError that stops it, or None when it is present
-    for method in all("baseline"):
+    for method in (m for m in _REGISTRY if m.family in SCORED_FAMILIES):
         for key, check in needed(method):
             if key not in outcome:
                 try:
@@ -259,4 +271,5 @@ def available(attributor, root: str | None = None, clip_path: str | None = None)
     """The methods that can run now: the attributor's TRAK family (one per output function with a
     store, sorted by name), then the baselines whose inputs are present, in registry order."""
     missing = problems(attributor, root, clip_path)
-    return list(attributor.methods) + [m.name for m in all("baseline") if m.name not in missing]
+    return list(attributor.methods) + [m.name for m in _REGISTRY
+                                       if m.family in SCORED_FAMILIES and m.name not in missing]

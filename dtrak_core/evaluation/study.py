@@ -246,13 +246,17 @@ class Study:
         computed = set()
 
         def save():
-            # other processes may have added cells meanwhile: keep theirs, add (or replace) ours
-            on_disk = read_json(path, "study results", "delete it; `study lds` rewrites it") if os.path.isfile(path) else {}
-            cells.update({**on_disk.get("cells", {}), **{n: cells[n] for n in computed}})
-            merged = {"cells": cells, "missing": sorted(set(missing)), "subsets": int(len(self.gt["masks"])),
-                      "num_bootstrap": num_bootstrap, "test_sets": {s: len(self.images[s]) for s in TEST_SETS}}
-            atomic_write_json(path, json_safe(merged))
-            atomic_write_bytes(os.path.join(self.run_dir, REPORT), format_report(merged).encode())
+            import fcntl
+
+            # other processes may add cells meanwhile: under a lock, keep theirs and add (or replace) ours
+            with open(path + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                on_disk = read_json(path, "study results", "delete it; `study lds` rewrites it") if os.path.isfile(path) else {}
+                cells.update({**on_disk.get("cells", {}), **{n: cells[n] for n in computed}})
+                merged = {"cells": cells, "missing": sorted(set(missing)), "subsets": int(len(self.gt["masks"])),
+                          "num_bootstrap": num_bootstrap, "test_sets": {s: len(self.images[s]) for s in TEST_SETS}}
+                atomic_write_json(path, json_safe(merged))
+                atomic_write_bytes(os.path.join(self.run_dir, REPORT), format_report(merged).encode())
             return merged
 
         def grad_seconds(setting):
@@ -315,6 +319,18 @@ class Study:
                     cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
                                     "score_seconds": cell.pop("score_seconds")}
                     done(name, cell)
+        # Squared TRAK-form scores without DAS's residual: how much of DAS comes from squaring alone
+        for fn in ("square", "loss", "avg"):
+            setting = GradientSetting(fn, 100)
+            for k in (None, 2048):
+                name = f"squared/{fn}/{'exact' if k is None else f'k{k}'}"
+                if not todo(name) or not have(setting):
+                    continue
+                kern = self.kernels(setting, k)
+                cell = self.kernel_cell(kern, num_bootstrap, None, 2)
+                cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
+                                "score_seconds": cell.pop("score_seconds")}
+                done(name, cell)
         # EK-FAC influence: measurement gradient x training-loss gradient (and D-TRAK-style pairs)
         if want("ekfac") and any(todo(f"ekfac/{q}-x-{t}") for q, t in EKFAC_PAIRS):
             ekfac = self.ekfac()
@@ -454,12 +470,14 @@ def format_report(results: dict) -> str:
                          f"{c['cost']['kernel_seconds']:.1f} | {c['cost']['score_seconds']:.1f} | "
                          f"{c['cost']['train_feature_mb']:.0f} |")
         lines.append("")
-    das = [n for n in cells if n.startswith(("das", "trak-form"))]
+    das = [n for n in cells if n.startswith(("das", "trak-form", "squared"))]
     if das:
-        lines += ["## DAS (avg output, residual-weighted)", "", "| variant | features | validation | generated | score s |",
+        lines += ["## DAS (avg output, residual-weighted) and squared TRAK-form scores", "",
+                  "| variant | features | validation | generated | score s |",
                   "|---|---|---|---|---|"]
         for n in sorted(das):
             variant, feats, k = n.split("/")
+            feats = feats if "-K" in feats else f"{feats}-K100-full"
             lines.append(f"| {variant} | {feats} {k} | {_cell_text(cells[n], 'validation')} | "
                          f"{_cell_text(cells[n], 'generated')} | {cells[n]['cost']['score_seconds']:.1f} |")
         lines.append("")

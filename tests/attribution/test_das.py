@@ -86,3 +86,33 @@ def test_bad_inputs_are_refused():
         das_scores(np.ones((1, 2)), np.ones(2), "das-cubed")
     with pytest.raises(ValueError, match="weights"):
         das_scores(np.ones((1, 2)), np.ones(3))
+
+
+def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path, tiny_unet, scheduler, digits, one_thread):
+    from dtrak_core.attribution import methods
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.das import REGISTRY_LAMBDA, RESIDUAL_TIMESTEPS
+    from dtrak_core.attribution.features import Featurizer, FeatureSetting
+    from dtrak_core.attribution.scoring import TRAKScorer
+    from dtrak_core.attribution.store import FeatureStore
+    from dtrak_core.errors import MethodUnavailable
+    from dtrak_core.model.unet import checkpoint_hash
+
+    train = digits.subset(range(6))
+    queries = digits.images[200:202]
+    bare = Attributor(tiny_unet, scheduler, train, [])
+    assert "das" in methods.unavailable(bare) and "das" not in methods.available(bare)
+    with pytest.raises(MethodUnavailable, match="avg"):
+        methods.scores(bare, "das", queries)
+    setting = FeatureSetting("avg", K=4, k=32)
+    store = FeatureStore.create(str(tmp_path / "avg"), FeatureStore.identity(setting, checkpoint_hash(tiny_unet),
+                                                                           train.fingerprint), len(train), 32)
+    featurize = Featurizer(tiny_unet, scheduler, setting)
+    store.fill(featurize, train.images, show_bar=False)
+    att = Attributor(tiny_unet, scheduler, train, [store])
+    assert "das" in methods.available(att)
+    got = methods.scores(att, "DAS", queries)
+    base = TRAKScorer(lam=REGISTRY_LAMBDA).fit(np.array(store.features())).scores(featurize(queries))
+    r = residual_weights(training_losses(tiny_unet, scheduler, train.images, RESIDUAL_TIMESTEPS), "code")
+    np.testing.assert_allclose(got, (base * r) ** 2, rtol=1e-6, atol=1e-12)
+    assert methods.get("das").family == "successor" and methods.label("das") == "DAS"
