@@ -786,7 +786,7 @@ matter either way, so both the largest positive and the largest negative scores 
 NOISE_HELP = """A diffusion model learns to denoise at every noise level, and a training image can matter at one
 level and not at another: at **high noise** (large t) the model decides the rough shape, at **low noise**
 (small t) the strokes. This view splits the query's score into the timestep ranges its gradient is
-averaged over; the columns add up to the score shown above. No other attribution tool shows this."""
+averaged over; the columns add up to the score shown above."""
 
 ABOUT = r"""
 ## What the scores are
@@ -1128,7 +1128,7 @@ def build_demo() -> gr.Blocks:
                         query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
                                                  elem_id="query-info")
                         upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
-                                         type="filepath", height=130, elem_id="upload")
+                                         type="filepath", height=150, elem_id="upload")
                         invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
                                              info="set from each upload's border; untick or tick to override")
                         example_set = gr.Dataset(components=[gr.Image(render=False, type="filepath")],
@@ -1339,9 +1339,9 @@ def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
 
 def warm_up() -> None:
     """What a first visitor would otherwise wait for, computed once in the background after the
-    server is up: the page's first samples, the digit classifier, the default methods' scorers and
-    featurizers and the counterfactual examples. (The retrain time is measured when the Counterfactual
-    tab asks for it: measured now, it would count the start-up's own work.)"""
+    server is up: the page's first samples, the digit classifier and the default method's scorer
+    and featurizer. No more: on a busy server the warm-up competes with real requests (the second
+    method, the counterfactual examples and the retrain-time measurement are made when first asked for)."""
     def step(what, fn):
         t0 = time.perf_counter()
         try:
@@ -1355,13 +1355,14 @@ def warm_up() -> None:
         a = load_assets(ASSETS)
     except (ValueError, OSError):
         return  # the error page is up: nothing to warm
-    step("the first page's samples", lambda: samples(list(range(16)), 50))
-    first = samples(list(range(16)), 50)
-    step("the digit classifier", lambda: digit_labels(first.numpy()))
-    for m in [m for m in ("square", "loss") if m in a.attributor.methods] or a.attributor.methods[:1]:
-        step(sup.method_label(m), lambda m=m: a.attributor.scores(first[:1], m))
-    if a.can_retrain:
-        step("the counterfactual examples", lambda: example_targets(ASSETS))
+    first = []
+    step("the first page's samples", lambda: first.append(samples(list(range(16)), 50)))
+    if not first:
+        return
+    step("the digit classifier", lambda: digit_labels(first[0].numpy()))
+    default = sup.method_choices(a.attributor.methods)[:1]
+    for _, m in default:
+        step(sup.method_label(m), lambda m=m: a.attributor.scores(first[0][:1], m))
 
 
 def serve(demo: gr.Blocks) -> None:
