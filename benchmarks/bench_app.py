@@ -13,7 +13,10 @@ page as soon as the server answers HTTP. Measured, in one run:
 - **first click**: a sample clicked 3 s after the page became usable (a visitor looks first): time
   to its proponent cards and to both charts (histogram and per-class mass) drawn;
 - **warm clicks**: further samples, each a new attribution on a warm server (median, max);
-- **noise-level view**, **drill-down** (a card clicked -> its rank under every method) after a click.
+- **noise-level view**, **drill-down** (a card clicked -> its rank under every method) after a click;
+- in this process, before the server starts: the core cost of the noise-level split
+  (`app_support.noise_levels`, 10 timestep buckets) next to one plain attribution of the same
+  query (featurize + score), warm, median over the queries.
 
 Goals: page usable <= 10 s after `python app.py`; click to proponents and charts <= 1 s warm.
 With --screenshots the Generate, Attribute, Counterfactual and Benchmarks tabs are saved at
@@ -96,6 +99,28 @@ def drill_down(page) -> float:
     return time.perf_counter() - t0
 
 
+def core_costs(assets: str, n: int = 5) -> tuple[float, float]:
+    """(attribution, noise-level split) seconds per query, warm, median over n generated samples."""
+    from dtrak_core import app_support as sup
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.model.sampling import generate
+
+    attributor = Attributor.load(assets)
+    method = sup.method_choices(attributor.methods)[0][1]
+    images = generate(attributor.unet, attributor.scheduler, list(range(100, 101 + n)), steps=50)
+    attributor.scores(images[:1], method)
+    sup.noise_levels(attributor, images[0], method)  # (first calls build the scorer and featurizer)
+    plain, split = [], []
+    for x in images[1:]:
+        t0 = time.perf_counter()
+        attributor.scores(x[None], method)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sup.noise_levels(attributor, x, method)
+        split.append(time.perf_counter() - t0)
+    return statistics.median(plain), statistics.median(split)
+
+
 def screenshots(browser, url: str, folder: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     paths = []
@@ -134,6 +159,7 @@ def main():
     from playwright.sync_api import sync_playwright
 
     print(machine_line())
+    plain, split = core_costs(args.assets)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = os.path.join(tempfile.mkdtemp(prefix="bench-app-"), "app.log")
@@ -171,7 +197,9 @@ def main():
             ("warm click -> proponents and charts (median, max)", "%.2f s, %.2f s" % med("charts"),
              f"<= {GOALS['warm click -> proponents and charts']:.0f} s"),
             ("warm click -> noise-level view (median, max)", "%.2f s, %.2f s" % med("noise"), "~1 s"),
-            ("card click -> rank under every method", f"{drill:.2f} s", "-")]
+            ("card click -> rank under every method", f"{drill:.2f} s", "-"),
+            ("core: one attribution (featurize + score), warm", f"{plain:.2f} s", "-"),
+            ("core: noise-level split (10 buckets), warm", f"{split:.2f} s ({split / plain:.1f}x)", "~1 s")]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':<{width}}  {'measured':>18}  goal")
     for name, value, goal in rows:
