@@ -941,14 +941,6 @@ def _table(rows: list[dict], label: str) -> None:
                  label=label, interactive=False, wrap=True)
 
 
-def lds_chart(rows: list[dict], ceiling: dict | None = None):
-    return viz.lds_chart(rows, ceiling)
-
-
-def counterfactual_chart(summary: dict):
-    return viz.counterfactual_chart(summary)
-
-
 def methods_markdown(methods, unavailable) -> str:
     lines = ["## Methods in this app", "", "| method | scores by |", "|---|---|"]
     lines += [f"| {sup.escape_table_cell(sup.method_label(m))} | {sup.escape_table_cell(sup.method_description(m))} |"
@@ -1006,7 +998,7 @@ def benchmarks_blocks(root: str) -> None:
                         f"in the paper (optimistic). {same}*Default λ*: a rule that uses no evaluation data. "
                         "± is the bootstrap spread over the retrained subsets.")
             _table(rows, "LDS x 100 (higher is better), mean over test images")
-            gr.Plot(lds_chart(rows, data.get("noise_ceiling")), show_label=False)
+            gr.Plot(viz.lds_chart(rows, data.get("noise_ceiling")), show_label=False)
     if tables is not None and tables.get("data"):
         gr.Markdown("## LDS of every method: baselines, output functions x K, ensembles")
         if tables.get("markdown"):
@@ -1014,7 +1006,7 @@ def benchmarks_blocks(root: str) -> None:
         rows = sup.table_rows(tables["data"].get("methods", {}))
         if rows:
             gr.Markdown("The poster's methods, best on the validation digits at the top:")
-            gr.Plot(lds_chart(rows, tables["data"].get("noise_ceiling")), show_label=False)
+            gr.Plot(viz.lds_chart(rows, tables["data"].get("noise_ceiling")), show_label=False)
     if cf_summary is not None and cf_summary.get("data"):
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")
         gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root)))
@@ -1024,7 +1016,7 @@ def benchmarks_blocks(root: str) -> None:
                         "at 20% removed: " + ", ".join(f"{sup.method_label(m)} {v:.2f}" for m, v in published.items())
                         + ".")
         if cf_summary["data"].get("cells"):
-            gr.Plot(counterfactual_chart(cf_summary["data"]), show_label=False)
+            gr.Plot(viz.counterfactual_chart(cf_summary["data"]), show_label=False)
     for item in items.values():  # any other benchmark file, as generic tables
         with gr.Accordion(item["name"], open=False):
             if "error" in item:

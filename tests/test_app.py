@@ -377,10 +377,12 @@ def test_benchmark_rows():
     assert sup.lambdas_coincide(sup.lds_rows({"methods": {"trak": {"validation": dict(study, paper=study["honest"])}}}))
 
 
-def test_counterfactual_chart_shows_every_target(app):
+def test_counterfactual_chart_shows_every_target():
+    from dtrak_core import viz
+
     cell = lambda k, method, l2s: {"k": k, "ranking": method.lower(), "method": method, "per_target": [
         {"seed": 1000 + i, "l2": v, "label_before": 1, "label_after": 1 + (v > 2)} for i, v in enumerate(l2s)]}
-    fig = app.counterfactual_chart({"cells": [cell(75, "Random", [0.5, 1.0]), cell(300, "Random", [1.0, 1.5]),
+    fig = viz.counterfactual_chart({"cells": [cell(75, "Random", [0.5, 1.0]), cell(300, "Random", [1.0, 1.5]),
                                               cell(300, "D-TRAK", [2.0, 3.0, 2.5])]})
     boxes = {t.name: t for t in fig.data}
     assert list(boxes) == ["300 removed", "75 removed"] and all(t.boxpoints == "all" for t in fig.data)
