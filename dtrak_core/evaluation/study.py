@@ -8,14 +8,14 @@ and rerun (`--minutes` bounds one call, so long work runs in short chunks):
     python -m dtrak_core.evaluation.study gradients --output-fn square loss avg --minutes 4
     python -m dtrak_core.evaluation.study kernels --output-fn square loss avg
     python -m dtrak_core.evaluation.study residuals
-    python -m dtrak_core.evaluation.study kfac --samples 16
+    python -m dtrak_core.evaluation.study kfac           # EK-FAC, 4 (timestep, noise) draws per image per pass
     python -m dtrak_core.evaluation.study lds            # -> <run>/study.json, <run>/study.md
     python -m dtrak_core.evaluation.study publish        # -> assets/benchmarks/study.*, rows in tables.*
 
     <run>/grads/<set>/<setting>/      full per-sample gradients (FeatureStore, N x d float32)
     <run>/kernels/<setting>-<proj>.npz  Gram and cross Gram matrices (exact, or JL-projected to k)
     <run>/residuals.npz               per-timestep training losses (DAS's residuals)
-    <run>/kfac-<samples>.npz          EK-FAC eigenbases and eigenvalues of the training loss's GGN
+    <run>/ekfac-<samples>.pkl         the fitted EK-FAC of the training loss's GGN (eigenbases, eigenvalues)
     <run>/timings.json                seconds spent per artifact (the cost columns)
 
 Ground truth: assets/benchmarks/lds_ground_truth.npz (masks, F per test set, generated samples);
@@ -376,17 +376,18 @@ PUBLISHED = (
     ("loss/exact", "TRAK (loss), exact"),
     ("avg/k2048", "avg, sparse JL k=2048"),
     ("avg/exact", "avg, exact"),
-    ("das/avg-K100-full/k2048", "DAS (avg features x code residual), k=2048"),
-    ("das/avg-K100-full/exact", "DAS (avg features x code residual), exact"),
-    ("das-squared/avg-K100-full/exact", "DAS squared, exact"),
-    ("das-rms/avg-K100-full/exact", "DAS with the plain residual norm, exact"),
-    ("trak-form/avg-K100-unit-full/exact", "avg with unit-norm timesteps (DAS code's features), exact"),
-    ("das/avg-K100-unit-full/k2048", "DAS as the public code runs it (unit timesteps, k=2048)"),
-    ("das/avg-K100-unit-full/exact", "DAS as the public code runs it (unit timesteps), exact"),
-    ("ekfac/loss-x-loss", "EK-FAC influence (loss x loss)"),
-    ("ekfac/square-x-loss", "EK-FAC influence (square measurement x loss)"),
-    ("ekfac/square-x-square", "EK-FAC, square x square"),
-    ("ekfac/avg-x-avg", "EK-FAC, avg x avg"),
+    ("das-squared/avg-K100-full/k2048", "DAS, the paper's squared score, k=2048 (the registry's `das`)"),
+    ("das-squared/avg-K100-full/exact", "DAS, squared, exact"),
+    ("das-squared/avg-K100-unit-full/exact", "DAS, squared, unit-norm timesteps (public code), exact"),
+    ("das/avg-K100-full/k2048", "DAS, signed (the public code's DAS1), k=2048"),
+    ("das/avg-K100-full/exact", "DAS, signed, exact"),
+    ("squared/square/k2048", "squared D-TRAK scores (no residual), k=2048"),
+    ("squared/square/exact", "squared D-TRAK scores, exact"),
+    ("squared/loss/exact", "squared TRAK scores, exact"),
+    ("ekfac/loss-x-loss", "EK-FAC influence, loss x loss"),
+    ("ekfac/square-x-loss", "EK-FAC influence, square measurement x loss"),
+    ("ekfac/square-x-square", "EK-FAC influence, square x square"),
+    ("ekfac/avg-x-avg", "EK-FAC influence, avg x avg"),
 )
 
 
