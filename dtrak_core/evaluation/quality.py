@@ -16,11 +16,15 @@ CONFIDENCE = 0.8
 def digit_classifier():
     """Logistic regression on the 1,500 training digits (about 97% accurate on the 297 held out)."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     from dtrak_core.model.data import load_digits
 
     train = load_digits("train")
-    return LogisticRegression(max_iter=5000).fit(train.images.flatten(1).numpy(), train.labels.numpy())
+    # One BLAS thread: the problem is tiny, and on a loaded 2-core machine OpenBLAS's spinning
+    # threads made this fit take 10 s instead of 0.1 s (the app's first samples wait for it).
+    with threadpool_limits(1):
+        return LogisticRegression(max_iter=5000).fit(train.images.flatten(1).numpy(), train.labels.numpy())
 
 
 def classify(images) -> tuple[np.ndarray, np.ndarray]:
