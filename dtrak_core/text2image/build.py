@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import replace
 
@@ -29,12 +30,12 @@ import torch
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.folder import ModelFolder
-from dtrak_core.model.unet import build_scheduler, count_parameters
+from dtrak_core.model.unet import count_parameters
 from dtrak_core.text2image.attributor import KIND
 from dtrak_core.text2image.data import CaptionedDataset, digit_caption, load_captioned_dataset, load_digit_captions
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer, featurize_fn
 from dtrak_core.text2image.lora import load_lora, save_lora
-from dtrak_core.text2image.pipeline import TextToImagePipeline
+from dtrak_core.text2image.pipeline import TextToImagePipeline, build_latent_scheduler
 from dtrak_core.text2image.sampling import DEFAULT_GUIDANCE, generate
 from dtrak_core.text2image.tokenizer import build_word_tokenizer
 from dtrak_core.text2image.training import (
@@ -51,7 +52,7 @@ MINIATURE_ROOT = os.path.join("assets", "text2image")
 PRETRAIN_DIGITS = tuple(range(5))  # the base model's data
 FINETUNE_DIGITS = tuple(range(5, 10))  # the LoRA's data: what is attributed
 FINETUNE_SPEC = {"digits": list(FINETUNE_DIGITS), "split": "train"}
-# k = 1024: the LoRA has ~12K weights, and a store of the 750 fine-tuning digits stays at 3 MB
+# k = 1024: the LoRA has ~12K weights, and a store of the 747 fine-tuning digits stays at 3 MB
 DEFAULT_SETTINGS = (FeatureSetting("square", K=100, k=1024), FeatureSetting("loss", K=100, k=1024))
 QUALITY_PER_DIGIT = 40  # samples per prompt in the quality report, seeds 0..
 BUILD_THREADS = 2  # CPU training is bit-deterministic only at a fixed thread count
@@ -103,7 +104,7 @@ def build_store(root: str, pipeline, train: CaptionedDataset, setting: FeatureSe
 def _train_base(vae_config: VAEConfig, base_config: BaseConfig, show_bar: bool) -> tuple[TextToImagePipeline, dict]:
     pretraining = load_digit_captions("train", PRETRAIN_DIGITS)
     tokenizer = build_word_tokenizer()
-    scheduler = build_scheduler()
+    scheduler = build_latent_scheduler()
     t0 = time.perf_counter()
     vae = train_vae(pretraining.images, vae_config, show_bar=show_bar)
     t1 = time.perf_counter()
@@ -126,7 +127,7 @@ def build_miniature(root: str = MINIATURE_ROOT, vae_config: VAEConfig = VAEConfi
     same_base = old.get("recipe", {}).get("vae") == recipe["vae"] and old.get("recipe", {}).get("base") == recipe["base"]
     same_lora = same_base and old.get("recipe", {}).get("lora") == recipe["lora"]
     pipeline_dir, lora_dir = os.path.join(root, "pipeline"), os.path.join(root, "lora")
-    seconds = dict(old.get("train_seconds", {})) if same_base else {}
+    seconds = dict(old.get("stage_seconds", {})) if same_base else {}
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
@@ -143,8 +144,12 @@ def build_miniature(root: str = MINIATURE_ROOT, vae_config: VAEConfig = VAEConfi
             same_lora = False
         train = load_digit_captions("train", FINETUNE_DIGITS)
         inputs = CaptionedInputs.of(base, train.images, train.captions)
-        if same_lora and os.path.isdir(lora_dir):
+        reuse_lora = same_lora and os.path.isdir(lora_dir)
+        if reuse_lora:
             unet = load_lora(base.unet, lora_dir)
+            if replace(base, unet=unet).weights_hash() != folder.checkpoint_hash:
+                raise ValueError(f"{lora_dir} does not hold the LoRA {folder.path} records (checkpoint_hash "
+                                 f"{folder.checkpoint_hash}); delete {root} and build again")
         else:
             t0 = time.perf_counter()
             unet = finetune_lora(base.unet, base.scheduler, latent_inputs(base.vae, train.images, inputs.contexts),
@@ -155,11 +160,16 @@ def build_miniature(root: str = MINIATURE_ROOT, vae_config: VAEConfig = VAEConfi
     finally:
         torch.set_num_threads(threads)
     pipeline = replace(base, unet=unet)
+    if not reuse_lora and folder is not None:  # stores and samples of the replaced weights are stale
+        for rel in folder.stores or []:
+            shutil.rmtree(os.path.join(root, rel), ignore_errors=True)
     ModelFolder.edit(root, checkpoint="pipeline", checkpoint_hash=pipeline.weights_hash(), dataset=FINETUNE_SPEC,
                      dataset_fingerprint=train.fingerprint, num_train=len(train),
                      parameters=count_parameters(pipeline.unet),
-                     stores=(folder.stores if folder is not None and same_lora else []) or [],
-                     change=lambda f: f.extra.update(kind=KIND, lora="lora", recipe=recipe, train_seconds=seconds,
+                     stores=(folder.stores if folder is not None and reuse_lora else []) or [],
+                     featurize_seconds=(folder.featurize_seconds if folder is not None and reuse_lora else {}),
+                     quality=folder.quality if folder is not None and reuse_lora else None,
+                     change=lambda f: f.extra.update(kind=KIND, lora="lora", recipe=recipe, stage_seconds=seconds,
                                                      base_hash=base.weights_hash(), guidance_scale=DEFAULT_GUIDANCE,
                                                      base_parameters=count_parameters(base.unet)))
     for setting in settings:

@@ -33,7 +33,7 @@ def cmd_build(args):
     else:
         manifest = build_miniature(args.root, settings=settings)
     keys = ("parameters", "num_train", "stores", "featurize_seconds", "quality")
-    print(json.dumps({k: manifest.get(k) for k in keys + ("train_seconds",) if k in manifest}, indent=2))
+    print(json.dumps({k: manifest.get(k) for k in keys + ("stage_seconds",) if k in manifest}, indent=2))
     print(f"attribute with: python -m dtrak_core attribute --root {args.root} --prompt \"...\" --seed 0 --method d-trak")
 
 
@@ -88,7 +88,7 @@ def cmd_lds(args):
     print(table)
 
 
-def add_commands(sub, add_root) -> None:
+def add_commands(sub) -> None:
     """Register the text-to-image commands on the main parser's subcommands."""
     p = sub.add_parser("build-text2image", help="the text-to-image miniature (or your own pipeline + LoRA): "
                                                 "model folder with feature stores of the LoRA's fine-tuning set")

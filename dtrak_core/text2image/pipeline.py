@@ -192,6 +192,17 @@ def model_index(pipeline: TextToImagePipeline) -> dict:
 
 
 # -- tiny components, built locally and deterministically --------------------------------------------
+def build_latent_scheduler():
+    """The default's noise schedule (1000 steps, linear betas, epsilon prediction) without clipping
+    the predicted sample to [-1, 1] when sampling: latents are not bounded like pixels (Stable
+    Diffusion's schedulers set clip_sample False too; clipping them ruins the samples)."""
+    from diffusers import DDPMScheduler
+
+    # set in the constructor: a value registered later counts as a default, which from_config drops
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon", clip_sample=False)
+
+
 def build_vae(channels: int = 1, sample_size: int = 8, block_out_channels=(16, 32), latent_channels: int = 4,
               seed: int = 0):
     """An AutoencoderKL that halves the resolution once per extra block (8x8 -> 4x4 for two)."""

@@ -12,7 +12,9 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-DEFAULT_GUIDANCE = 2.0  # measured on the miniature: see its manifest's quality report
+# The miniature's LoRA follows its prompts in 48% / 80% / 85% of samples at guidance 1 / 2 / 3
+# (the digit classifier, 100 samples); Stable Diffusion's pipelines default to 7.5.
+DEFAULT_GUIDANCE = 3.0
 
 
 def prompt_list(prompts, n: int) -> list[str]:
@@ -43,7 +45,8 @@ def generate_latents(pipeline, prompts, seeds, *, steps: int = 50, guidance_scal
     guided = guidance_scale != 1.0
     if guided:
         context = torch.cat([pipeline.encode_prompts([""] * len(seeds)), context])
-    sched = DDIMScheduler.from_config(pipeline.scheduler.config)
+    config = pipeline.scheduler.config  # clip_sample passed on explicitly: from_config drops values it counts as defaults
+    sched = DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
     sched.set_timesteps(steps)
     unet = pipeline.unet.eval()
     for i, t in enumerate(tqdm(sched.timesteps, desc="sample", disable=not show_bar, leave=False)):

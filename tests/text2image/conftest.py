@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dtrak_core.model.unet import build_scheduler
 from dtrak_core.text2image.lora import LoraSetting, add_lora, save_lora
 from dtrak_core.text2image.pipeline import (
     TextToImagePipeline,
+    build_latent_scheduler,
     build_conditional_unet,
     build_text_encoder,
     build_vae,
@@ -25,7 +25,7 @@ def tiny_pipeline(seed: int = 0, channels: int = 1) -> TextToImagePipeline:
         vae=build_vae(channels=channels, sample_size=8, block_out_channels=(4, 8), latent_channels=4, seed=seed),
         text_encoder=build_text_encoder(len(tokenizer.get_vocab()), tokenizer.model_max_length, hidden_size=8,
                                         layers=1, heads=2, seed=seed),
-        tokenizer=tokenizer, scheduler=build_scheduler())
+        tokenizer=tokenizer, scheduler=build_latent_scheduler())
 
 
 def with_random_lora(pipeline: TextToImagePipeline, seed: int = 0) -> TextToImagePipeline:
