@@ -76,7 +76,7 @@ def cmd_lds(args):
     if args.action == "run":
         run = miniature_run(args.root, args.out, config)
         t0 = time.perf_counter()
-        ran = run.run(shard=parse_shard(args.shard))
+        ran = run.run(shard=parse_shard(args.shard), max_jobs=args.max_jobs)
         print(f"{len(ran)} LoRA retrains and their ground truth in {time.perf_counter() - t0:.0f} s; results in "
               f"{run.jobs_dir}")
         return
@@ -121,6 +121,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=LDS_OUT, help=f"run folder (default {LDS_OUT}: its small job results are committed)")
     p.add_argument("--subsets", type=int, default=None, help="M, random half subsets (default 64)")
     p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... of the list: i/n")
+    p.add_argument("--max-jobs", type=int, default=None, help="run: stop after this many retrains (resume later)")
     p.add_argument("--methods", nargs="+", default=["d-trak", "trak"], help="methods with stores in --root")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -107,8 +107,19 @@ class TextToImageLDSRun(LDSRun):
         return {**out, "train_seconds": np.float64(train_seconds), "eval_seconds": np.float64(time.perf_counter() - t0),
                 "keep": job.keep.astype(np.int32), "seed": np.int64(job.seed)}
 
-    def _work_many(self, jobs):
-        return [self._work(j) for j in jobs]
+    def run(self, shard: tuple[int, int] = (0, 1), max_jobs: int | None = None, show_bar: bool = True) -> list[str]:
+        """Retrain and measure this shard's unfinished jobs, at most `max_jobs` of them (in list order,
+        so a run done in pieces completes whole subsets first); returns the ids done now."""
+        from dtrak_core.evaluation.retrain import run_jobs
+
+        self.prepare()
+        jobs = self.jobs()
+        if max_jobs is not None:
+            i, n = shard
+            done = {f[:-4] for f in os.listdir(self.jobs_dir) if f.endswith(".npz")}
+            jobs = [j for k, j in enumerate(jobs) if k % n == i and j.id not in done][:max_jobs]
+            shard = (0, 1)
+        return run_jobs(jobs, self.jobs_dir, self._work, shard=shard, show_bar=show_bar)
 
 
 def miniature_test_sets(pipeline, config: LDSConfig, guidance_scale: float) -> dict[str, tuple[torch.Tensor, list[str]]]:
