@@ -79,6 +79,9 @@ def ranking_name(ranking: str) -> str:
     if not isinstance(ranking, str) or not ranking.strip():
         raise ValueError(f"ranking must be a method name such as 'd-trak', 'trak' or 'random', got {ranking!r}")
     name = ranking.strip().lower()
+    method = registry.find(name)
+    if method is not None and method.family == "successor":  # scored through the registry (DAS)
+        return method.name
     return RANDOM if name == RANDOM else canonical_name(name)
 
 
@@ -166,6 +169,9 @@ def removal(attributor, image: torch.Tensor, seed: int, ranking: str, k: int) ->
     n = len(attributor.train)
     if name == RANDOM:
         return np.random.default_rng([RANDOM_RANKING_SEED, int(seed)]).permutation(n)[:k]
+    if registry.get(name).family == "successor":  # its own scorer and lambda (DAS: `das.REGISTRY_LAMBDA`)
+        scores = registry.scores(attributor, name, image[None].float())[0]
+        return np.argsort(-scores, kind="stable")[:k].astype(np.int64)
     # the data-free lambda rule, not a lambda tuned on LDS data: the counterfactual evaluation stays
     # independent of the LDS ground truth (and of later re-tuning)
     return np.asarray(attributor.attribute(image, name, lam=RULE).proponents(k), dtype=np.int64)
@@ -350,7 +356,7 @@ def _identity(attributor, config: TrainConfig, rankings: list[str]) -> dict:
     settings = {}
     for name in rankings:
         if name != RANDOM:
-            setting, _ = attributor.setting(name)
+            setting, _ = attributor.setting(registry.get(name).store or name)
             settings[name] = setting.slug
     return {"checkpoint_hash": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint,
             "train_config": json.loads(json.dumps(config.to_dict())), "sampling": SAMPLING,

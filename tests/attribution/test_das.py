@@ -116,3 +116,8 @@ def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path,
     r = residual_weights(training_losses(tiny_unet, scheduler, train.images, RESIDUAL_TIMESTEPS), "code")
     np.testing.assert_allclose(got, (base * r) ** 2, rtol=1e-6, atol=1e-12)
     assert methods.get("das").family == "successor" and methods.label("das") == "DAS"
+    # the counterfactual harness ranks by it: its strongest proponents are the highest squared scores
+    from dtrak_core.evaluation import counterfactual as cf
+
+    assert cf.ranking_name(" DAS ") == "das"
+    assert list(cf.removal(att, queries[0], 0, "das", 3)) == list(np.argsort(-got[0], kind="stable")[:3])
