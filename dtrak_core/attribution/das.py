@@ -88,16 +88,54 @@ def das_scores(trak_scores, weights, method: str = "das") -> np.ndarray:
     return (s * w) ** POWERS[method]
 
 
+RESIDUALS_FILE = "das_residuals.npz"  # in a model folder: its training losses at RESIDUAL_TIMESTEPS
+
+
+def model_residuals(attributor) -> np.ndarray:
+    """(N, T) training losses at RESIDUAL_TIMESTEPS for DAS's residuals, read from
+    <model folder>/das_residuals.npz when it was computed for this model and training set, else
+    computed (N x 100 forward passes) and saved there when the folder is writable."""
+    import io
+    import os
+
+    from dtrak_core.errors import IntegrityError
+    from dtrak_core.files import atomic_write_bytes
+    from dtrak_core.model.unet import checkpoint_hash
+
+    identity = {"checkpoint": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint}
+    path = None if attributor.root is None else os.path.join(attributor.root, RESIDUALS_FILE)
+    if path is not None and os.path.isfile(path):
+        try:
+            with np.load(path) as z:
+                saved = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise IntegrityError(path, f"(DAS training losses) cannot be read ({type(e).__name__})",
+                                 "delete it; the next DAS query recomputes it") from None
+        same = all(str(saved.get(k)) == v for k, v in identity.items()) and "timesteps" in saved and \
+            np.array_equal(saved["timesteps"], RESIDUAL_TIMESTEPS.numpy())
+        if not same or saved.get("losses", np.zeros(0)).shape != (len(attributor.train), len(RESIDUAL_TIMESTEPS)):
+            raise IntegrityError(path, "(DAS training losses) was computed for another model, training set or "
+                                 "timesteps", "delete it; the next DAS query recomputes it")
+        return saved["losses"]
+    losses = training_losses(attributor.unet, attributor.scheduler, attributor.train.images, RESIDUAL_TIMESTEPS)
+    if path is not None:
+        buf = io.BytesIO()
+        np.savez(buf, losses=losses, timesteps=RESIDUAL_TIMESTEPS.numpy(), **identity)
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError:  # a read-only model folder: recomputed in the next process instead
+            pass
+    return losses
+
+
 def registry_scores(method, inputs, images: torch.Tensor, seeds, K) -> np.ndarray:
     """The method registry's DAS: the paper's squared score over the model folder's `avg` store
-    (JL-projected, K timesteps), residuals from the training losses at RESIDUAL_TIMESTEPS (computed
-    once per attributor, ~1 s per 100 images on a CPU), lambda REGISTRY_LAMBDA."""
+    (JL-projected, K timesteps), residuals from the training losses at RESIDUAL_TIMESTEPS
+    (`model_residuals`: saved in the model folder after the first query), lambda REGISTRY_LAMBDA."""
     from dtrak_core.attribution.scoring import TRAKScorer
 
     setting, _ = inputs.store(method.store, K)
-    att = inputs.attributor
     scorer = inputs.cached(("das-scorer", setting),
                            lambda: TRAKScorer(lam=REGISTRY_LAMBDA).fit(inputs.train_features(method.store, K)))
-    weights = inputs.cached("das-residuals", lambda: residual_weights(
-        training_losses(att.unet, att.scheduler, att.train.images, RESIDUAL_TIMESTEPS), "code"))
+    weights = inputs.cached("das-residuals", lambda: residual_weights(model_residuals(inputs.attributor), "code"))
     return das_scores(scorer.scores(inputs.query_features(images, method.store, K)), weights, "das-squared")

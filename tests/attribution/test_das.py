@@ -121,3 +121,24 @@ def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path,
 
     assert cf.ranking_name(" DAS ") == "das"
     assert list(cf.removal(att, queries[0], 0, "das", 3)) == list(np.argsort(-got[0], kind="stable")[:3])
+
+
+def test_model_residuals_are_saved_in_the_model_folder_and_checked(tmp_path, tiny_unet, scheduler, digits, one_thread):
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.das import RESIDUAL_TIMESTEPS, RESIDUALS_FILE, model_residuals
+    from dtrak_core.errors import IntegrityError
+    from dtrak_core.model.unet import build_unet
+
+    att = Attributor(tiny_unet, scheduler, digits.subset(range(3)), [])
+    att.root = str(tmp_path)
+    first = model_residuals(att)
+    assert (tmp_path / RESIDUALS_FILE).is_file()
+    np.testing.assert_array_equal(first, training_losses(tiny_unet, scheduler, att.train.images, RESIDUAL_TIMESTEPS))
+    np.testing.assert_array_equal(model_residuals(att), first)  # read back
+    other = Attributor(build_unet(block_out_channels=(4, 8), seed=9), scheduler, att.train, [])
+    other.root = str(tmp_path)
+    with pytest.raises(IntegrityError, match="another model"):
+        model_residuals(other)
+    (tmp_path / RESIDUALS_FILE).write_bytes(b"not a zip")
+    with pytest.raises(IntegrityError, match="cannot be read"):
+        model_residuals(att)
