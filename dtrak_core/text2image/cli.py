@@ -65,7 +65,7 @@ def query(attributor, args) -> tuple[torch.Tensor, dict]:
 
 
 def cmd_lds(args):
-    from dtrak_core.files import atomic_write_json, json_safe
+    from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
     from dtrak_core.evaluation.retrain import parse_shard
     from dtrak_core.text2image.attributor import TextToImageAttributor
     from dtrak_core.text2image.lds import MINIATURE_LDS, evaluate, format_table, miniature_run
@@ -80,11 +80,12 @@ def cmd_lds(args):
         print(f"{len(ran)} LoRA retrains and their ground truth in {time.perf_counter() - t0:.0f} s; results in "
               f"{run.jobs_dir}")
         return
-    results = evaluate(args.out, TextToImageAttributor.load(args.root), args.methods, num_bootstrap=args.bootstrap)
+    results = evaluate(args.out, TextToImageAttributor.load(args.root), args.methods, K=args.K,
+                       num_bootstrap=args.bootstrap)
     table = format_table(results)
-    atomic_write_json(os.path.join(args.out, "lds_results.json"), json_safe(results))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
+    suffix = "" if args.K is None else f"_K{args.K}"
+    atomic_write_json(os.path.join(args.out, f"lds_results{suffix}.json"), json_safe(results))
+    atomic_write_bytes(os.path.join(args.out, f"results{suffix}.md"), table.encode())
     print(table)
 
 
@@ -123,6 +124,8 @@ def add_commands(sub) -> None:
     p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... of the list: i/n")
     p.add_argument("--max-jobs", type=int, default=None, help="run: stop after this many retrains (resume later)")
     p.add_argument("--methods", nargs="+", default=["d-trak", "trak"], help="methods with stores in --root")
+    p.add_argument("--K", type=int, default=None, help="evaluate: timesteps of the features (default: the stores'; "
+                                                        "another K is featurized into the run folder)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.set_defaults(func=cmd_lds)

@@ -10,6 +10,7 @@ timesteps x fixed noise draws x training seeds. Retrains are jobs of `retrain.ru
     out_dir/setup.json, test_sets.npz, jobs/<id>.npz   as the default's run (jobs are committed)
     out_dir/models/<id>.safetensors                    each retrained LoRA (git-ignored)
     out_dir/queries/<set>/<setting>/                   test-set feature stores (cached)
+    out_dir/train/<setting>/                           training-set stores of settings the folder lacks (cached)
 
 Test sets: the validation digits of the fine-tuned classes with their captions, and generated
 samples (prompt i cycles through the fine-tuned digits, seed i).
@@ -173,16 +174,35 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def evaluate(run_dir: str, attributor, methods=("d-trak", "trak"), num_bootstrap: int = 1000) -> dict:
+# lambda = c x the mean squared training-feature norm, c in 1e-6..5e2 (1, 2, 5 per decade): the
+# paper's absolute grid (1e-2..5e6) starts above the best lambda of the LoRA features here, whose
+# squared norms are ~0.07.
+RELATIVE_GRID = tuple(float(f"{m}e{e}") for e in range(-6, 3) for m in (1, 2, 5))
+
+
+def training_features(attributor, setting: FeatureSetting, run_dir: str) -> np.ndarray:
+    """The training set's features for `setting`: the model folder's store if it has one, else a
+    store cached under run_dir/train/ (e.g. another K)."""
+    for s, store in attributor.stores.get(setting.output_fn, []):
+        if s == setting:
+            return np.asarray(store.features())
+    train = attributor.train
+    return query_features(attributor, setting, train.images, list(train.captions),
+                          os.path.join(run_dir, "train", setting.slug), show_bar=True)
+
+
+def evaluate(run_dir: str, attributor, methods=("d-trak", "trak"), K: int | None = None,
+             num_bootstrap: int = 1000) -> dict:
     """LDS x 100 of every method on each test set from the finished jobs of `run_dir`.
 
-    TRAK-family methods (a store per output function): lambda best on the test set itself (the
-    paper's choice) and 2-fold cross-fitted (`lds.lambda_sweep`). Baselines (no lambda): pixel and
-    latent similarity, loss-gradient dot / cosine (Charpiat et al.), renormalised IP (TRAK score
-    over the training feature's norm) at the `trak` store's lambda.
+    TRAK-family methods (K: the stores' timesteps, None the model folder's largest): lambda from
+    `RELATIVE_GRID`, best on the test set itself (the paper's choice) and 2-fold cross-fitted
+    (`lds.lambda_sweep`). Baselines (no lambda): pixel and latent similarity, loss-gradient dot /
+    cosine (Charpiat et al.), renormalised IP (TRAK score over the training feature's norm) at the
+    `trak` store's lambda.
     """
     from dtrak_core.attribution.output_functions import canonical_name
-    from dtrak_core.attribution.scoring import TRAKScorer
+    from dtrak_core.attribution.scoring import TRAKScorer, default_lambda
 
     col = collect(run_dir)
     M = len(col["subsets"])
@@ -197,15 +217,19 @@ def evaluate(run_dir: str, attributor, methods=("d-trak", "trak"), num_bootstrap
                                      "eval_mean": float(np.mean(col["eval_seconds"]))}}
     query = {}
     for name in methods:
-        setting, store = attributor.setting(name)
-        train_features = np.asarray(store.features())
-        results["methods"][name] = {"setting": setting.to_dict()}
+        setting = attributor.setting(name)[0]
+        if K is not None:
+            setting = setting.with_(K=K)
+        train_features = training_features(attributor, setting, run_dir)
+        scale = default_lambda(train_features, 1.0)  # the mean squared training-feature norm
+        grid = tuple(c * scale for c in RELATIVE_GRID)
+        results["methods"][name] = {"setting": setting.to_dict(), "mean_squared_norm": scale}
         for set_name, images in test_sets.items():
             q = query_features(attributor, setting, images, prompts[set_name],
                                os.path.join(run_dir, "queries", set_name, setting.slug))
             query[(canonical_name(name), set_name)] = (train_features, q)
             results["methods"][name][set_name] = lambda_study(train_features, q, col["masks"], col["F"][set_name],
-                                                              num_bootstrap=num_bootstrap)
+                                                              grid=grid, num_bootstrap=num_bootstrap)
     train_latents = CaptionedInputs.of(attributor.pipeline, attributor.train.images, attributor.train.captions).latents
     for set_name, images in test_sets.items():
         F, masks = col["F"][set_name], col["masks"]
@@ -231,12 +255,12 @@ def format_table(results: dict) -> str:
     done = f"{results['subsets_done']} of {results['subsets_planned']} subsets" if results["partial"] else \
         f"{results['subsets_done']} subsets"
     lines = [f"LDS x 100 ({done} x {len(results['train_seeds'])} LoRA retrains each; +- bootstrap over subsets)", "",
-             "| method | validation | generated | lambda (val / gen) |", "|---|---|---|---|"]
+             "| method | validation | generated | lambda / mean squared feature norm (val / gen) |", "|---|---|---|---|"]
     for name, r in results["methods"].items():
         cells = [f"{r[s]['paper']['lds']:.2f} +- {r[s]['paper']['pm']:.2f} (cross-fitted {r[s]['honest']['lds']:.2f})"
                  for s in ("validation", "generated")]
-        lines.append(f"| {name} (K={r['setting']['K']}) | {cells[0]} | {cells[1]} | "
-                     f"{r['validation']['paper']['lambda']:g} / {r['generated']['paper']['lambda']:g} |")
+        rel = [r[s]["paper"]["lambda"] / r["mean_squared_norm"] for s in ("validation", "generated")]
+        lines.append(f"| {name} (K={r['setting']['K']}) | {cells[0]} | {cells[1]} | {rel[0]:.0e} / {rel[1]:.0e} |")
     for name, r in results["baselines"].items():
         lines.append(f"| {name} | {r['validation']['lds']:.2f} +- {r['validation']['pm']:.2f} | "
                      f"{r['generated']['lds']:.2f} +- {r['generated']['pm']:.2f} | |")

@@ -45,5 +45,6 @@ def test_lora_retrain_run_resumes_and_evaluates(own):
     # two seeds of one subset are two different LoRA fine-tunings
     assert not np.allclose(col["F_seeds"]["validation"][0], col["F_seeds"]["validation"][1])
     results = evaluate(out, attributor, num_bootstrap=10)
+    assert evaluate(out, attributor, K=4, num_bootstrap=10)["methods"]["trak"]["setting"]["K"] == 4  # a K the folder lacks
     assert set(results["methods"]) == {"d-trak", "trak"} and "gradient-cosine" in results["baselines"]
     assert "| d-trak (K=2) |" in format_table(results)
