@@ -93,7 +93,8 @@ def _require_digits_model(root, what: str) -> None:
     if folder is not None and not folder.is_digits_default:
         raise ValueError(f"{what} needs a digits model trained by dtrak (`build-default`); {root!r} holds "
                          f"{folder.model_source or folder.checkpoint!r}, built with `build` "
-                         f"(attribute, featurize, generate and the app work with it)")
+                         f"(attribute, featurize, generate and the app work with it; for LDS and the counterfactual "
+                         f"with models retrained by your own script: `lds-own`, `counterfactual-own`)")
 
 
 def _load_model(root):
@@ -194,9 +195,8 @@ def cmd_quality(args):
 def cmd_counterfactual(args):
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.evaluation.counterfactual import run_counterfactual, target_seeds, train_config_from_manifest
-    from dtrak_core.evaluation.counterfactual_report import format_table, summarize, write_gallery
+    from dtrak_core.evaluation.counterfactual_report import write_gallery
     from dtrak_core.evaluation.retrain import parse_shard
-    from dtrak_core.files import atomic_write_json
 
     _require_digits_model(args.root, "counterfactual (remove and retrain)")
     shard = parse_shard(args.shard)
@@ -210,16 +210,92 @@ def cmd_counterfactual(args):
         ran = run_counterfactual(attributor, jobs_dir, seeds, args.rankings.split(","), args.k or ["20%", "5%"],
                                  train_config_from_manifest(args.root), shard=shard, control=not args.no_control)
         print(f"ran {len(ran)} job(s) now; results in {jobs_dir}")
-    summary = summarize(jobs_dir, attributor.train.labels.numpy())
-    table = format_table(summary, len(attributor.train))
-    atomic_write_json(os.path.join(args.out, "summary.json"), summary)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    print(table)
+    summary = _counterfactual_report(args.out, jobs_dir, attributor.train)
     if args.gallery and summary["cells"]:
         index = write_gallery(jobs_dir, os.path.join(args.out, "gallery"), attributor.train, args.gallery)
         print(f"gallery: seeds {index['seeds']} at k={index['k']} in {os.path.join(args.out, 'gallery')}")
 
+
+
+def _counterfactual_report(out: str, jobs_dir: str, train) -> dict:
+    """summary.json and results.md in `out` from the finished jobs in jobs_dir (printed); the summary."""
+    from dtrak_core.evaluation.counterfactual_report import format_table, summarize
+    from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+
+    summary = summarize(jobs_dir, train.labels.numpy())
+    table = format_table(summary, len(train))
+    atomic_write_json(os.path.join(out, "summary.json"), json_safe(summary))
+    atomic_write_bytes(os.path.join(out, "results.md"), table.encode())
+    print(table)
+    return summary
+
+
+def _shard_arg(args) -> tuple[int, int]:
+    from dtrak_core.evaluation.retrain import parse_shard
+
+    return parse_shard(args.shard)
+
+
+def cmd_lds_own(args):
+    from dtrak_core.devices import resolve_device
+    from dtrak_core.evaluation import lds_own
+    from dtrak_core.evaluation.lds_run import LDSConfig
+
+    _check_model_root(args.root)
+    torch.set_num_threads(args.threads)
+    if args.action == "prepare":
+        resolve_device(args.device)
+        config = LDSConfig(num_subsets=args.subsets, alpha=args.alpha, subset_seed=args.subset_seed,
+                           train_seeds=tuple(args.seeds), eval_timesteps=args.eval_timesteps,
+                           noise_seeds=tuple(args.noise_seeds), generated=args.generated, sample_steps=args.sample_steps)
+        _check_writable(args.out)
+        run = lds_own.prepare(args.root, args.out, config, masks=args.masks, validation=args.validation,
+                              device=args.device)
+        print(f"{len(run.jobs())} retrains ({len(run.masks)} subsets x {len(run.config.train_seeds)} seeds) listed in "
+              f"{os.path.join(args.out, lds_own.JOBS)}; save each UNet to <checkpoints>/<id>/, then run "
+              f"`python -m dtrak_core lds-own ground-truth --root {args.root} --out {args.out} --checkpoints DIR`")
+        return
+    if args.action == "ground-truth":
+        if not args.checkpoints:
+            raise ValueError("ground-truth needs --checkpoints, the folder your training script saved the models in")
+        resolve_device(args.device)
+        t0 = time.perf_counter()
+        done = lds_own.ground_truth(args.root, args.out, args.checkpoints, shard=_shard_arg(args), partial=args.partial,
+                                    device=args.device)
+        print(f"ground truth of {len(done)} checkpoint(s) measured in {time.perf_counter() - t0:.0f} s; results in "
+              f"{os.path.join(args.out, 'jobs')}")
+        return
+    from dtrak_core.evaluation.tables_report import format_report
+
+    dest = args.out if args.dest is None else args.dest
+    out = lds_own.evaluate(args.root, args.out, dest=dest or None, K=args.K, num_bootstrap=args.bootstrap,
+                           journey=not args.no_journey)
+    print(format_report(out))
+    if dest:
+        print(f"wrote {os.path.join(dest, 'tables.json')} and tables.md")
+
+
+def cmd_counterfactual_own(args):
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.evaluation import lds_own
+    from dtrak_core.evaluation.counterfactual import target_seeds
+
+    _check_model_root(args.root)
+    torch.set_num_threads(args.threads)
+    if args.action == "prepare":
+        _check_writable(args.out)
+        removals = lds_own.counterfactual_prepare(args.root, args.out, target_seeds(args.targets, args.first_seed),
+                                                  args.rankings.split(","), args.k or ["20%"])
+        print(f"{len(removals['jobs'])} retrains listed in {os.path.join(args.out, lds_own.REMOVALS)}; save each UNet "
+              f"to <checkpoints>/<id>/, then run `python -m dtrak_core counterfactual-own measure --root {args.root} "
+              f"--out {args.out} --checkpoints DIR`")
+        return
+    if not args.checkpoints:
+        raise ValueError("measure needs --checkpoints, the folder your training script saved the models in")
+    done = lds_own.counterfactual_measure(args.root, args.out, args.checkpoints, shard=_shard_arg(args),
+                                          partial=args.partial)
+    print(f"{len(done)} checkpoint(s) measured now; results in {os.path.join(args.out, 'jobs')}")
+    _counterfactual_report(args.out, os.path.join(args.out, "jobs"), Attributor.load(args.root).train)
 
 
 def cmd_build_baselines(args):
@@ -455,6 +531,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="tables: bootstrap resamples (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.set_defaults(func=cmd_lds)
+
+    p = sub.add_parser("lds-own", help="LDS of your own model: subsets to retrain on with your training script, "
+                                       "then ground truth and every method's LDS from your checkpoints")
+    _add_root(p)
+    p.add_argument("action", choices=("prepare", "ground-truth", "evaluate"),
+                   help="prepare: the subsets (masks.npz) and the retrains to run (jobs.json); ground-truth: measure "
+                        "your retrained checkpoints (resumable, shardable); evaluate: every method's LDS -> "
+                        "tables.json / tables.md")
+    p.add_argument("--out", required=True, help="the run folder (setup, masks, jobs.json, ground truth, features)")
+    p.add_argument("--masks", default=None, help="prepare: your subsets, a .npy/.npz of M x N booleans or a .json of "
+                                                 "M index lists (default: draw --subsets subsets)")
+    p.add_argument("--subsets", type=int, default=64, help="prepare: M subsets to draw (default 64)")
+    p.add_argument("--alpha", type=float, default=0.5, help="prepare: fraction of the training set per subset (0.5)")
+    p.add_argument("--subset-seed", type=int, default=0, help="prepare: seed of the drawn subsets (default 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="prepare: training seeds per subset (1 2)")
+    p.add_argument("--eval-timesteps", type=int, default=100, help="prepare: ground-truth timesteps (default 100)")
+    p.add_argument("--noise-seeds", type=int, nargs="+", default=[0, 1, 2], help="prepare: ground-truth noise draws")
+    p.add_argument("--generated", type=int, default=256, help="prepare: generated test samples (seeds 0..n-1)")
+    p.add_argument("--sample-steps", type=int, default=50, help="prepare: DDIM steps of the generated test samples")
+    p.add_argument("--validation", default=None, help="prepare: a folder of held-out images, a second test set")
+    p.add_argument("--checkpoints", default=None, help="ground-truth: the folder of retrained models, <id>/ each "
+                                                       "(or listed in checkpoints.json)")
+    p.add_argument("--shard", default=None, help="ground-truth: only jobs i, i+n, ... (i/n; under torchrun: each rank)")
+    p.add_argument("--partial", action="store_true", help="ground-truth: measure the checkpoints there, skip the missing")
+    p.add_argument("--dest", default=None, help="evaluate: where tables.json / tables.md go (default: --out)")
+    p.add_argument("--K", type=int, default=None, help="evaluate: timesteps of the stores (default: the largest)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="evaluate: bootstrap resamples (default 1000)")
+    p.add_argument("--no-journey", action="store_true", help="evaluate: skip Journey-TRAK (a backward pass per "
+                                                             "sampling step of each generated sample)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _add_device(p)
+    p.set_defaults(func=cmd_lds_own)
+
+    p = sub.add_parser("counterfactual-own", help="counterfactual of your own model: the top proponents to remove, "
+                                                  "then measure your checkpoints retrained without them")
+    _add_root(p)
+    p.add_argument("action", choices=("prepare", "measure"),
+                   help="prepare: rank each target's proponents -> removals.json (the retrains to run); measure: "
+                        "regenerate each target with its checkpoint -> summary.json / results.md")
+    p.add_argument("--out", required=True, help="the results folder (removals.json, targets.npz, jobs/, results.md)")
+    p.add_argument("--targets", type=int, default=60, help="prepare: number of target seeds (default 60)")
+    p.add_argument("--first-seed", type=int, default=1000, help="prepare: targets are seeds first-seed ...")
+    p.add_argument("--rankings", default="d-trak,trak,random", help="prepare: comma-separated rankings")
+    p.add_argument("--k", action="append", default=None, help="prepare: images to remove, a count, fraction or "
+                                                              "percentage; repeat for several (default 20%%)")
+    p.add_argument("--checkpoints", default=None, help="measure: the folder of retrained models, <id>/ each")
+    p.add_argument("--shard", default=None, help="measure: only jobs i, i+n, ... (i/n)")
+    p.add_argument("--partial", action="store_true", help="measure: the checkpoints there, skip the missing")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.set_defaults(func=cmd_counterfactual_own)
 
     from dtrak_core import space  # `space export DIR [--push REPO_ID]`
 

@@ -303,14 +303,31 @@ def retrain_and_measure(attributor, seed: int, before: torch.Tensor, removed: np
     if should_stop is not None and should_stop():
         raise Cancelled("cancelled before regenerating")
     on_sample = None if progress is None else (lambda i, n: progress(0.95 + 0.05 * i / n, f"regenerating: step {i}/{n}"))
-    after = sample(unet, attributor.scheduler, seed, progress=on_sample)
-    labels, conf = classify(torch.stack([before, after]))
+    return measure_after(unet, attributor.scheduler, seed, before, removed, ranking, train_seconds, config,
+                         progress=on_sample)
+
+
+def measure_after(unet, scheduler, seed: int, before: torch.Tensor, removed: np.ndarray, ranking: str,
+                  train_seconds: float, config: TrainConfig | None = None, *, digits: bool = True,
+                  progress=None) -> CounterfactualResult:
+    """Resample `seed` from a model retrained without `removed` and measure it against `before`.
+
+    Shared by dtrak's retrains and checkpoints retrained by your own script (`lds_own`). digits:
+    classify before and after with the digit classifier; False records labels -1 (unknown) and
+    confidences nan, for models of other images.
+    """
+    after = sample(unet, scheduler, seed, progress=progress)
+    if digits:
+        labels, conf = classify(torch.stack([before, after]))
+    else:
+        labels, conf = (-1, -1), (float("nan"), float("nan"))
     cos, status = clip_cosine(before, after)
     return CounterfactualResult(seed=int(seed), ranking=ranking_name(ranking), k=len(removed), before=before,
-                                after=after, removed_indices=removed, l2=pixel_l2(before, after),
-                                label_before=int(labels[0]), confidence_before=float(conf[0]),
-                                label_after=int(labels[1]), confidence_after=float(conf[1]),
-                                clip_cosine=cos, clip_status=status, train_seconds=train_seconds, config=config)
+                                after=after, removed_indices=np.asarray(removed, dtype=np.int64),
+                                l2=pixel_l2(before, after), label_before=int(labels[0]),
+                                confidence_before=float(conf[0]), label_after=int(labels[1]),
+                                confidence_after=float(conf[1]), clip_cosine=cos, clip_status=status,
+                                train_seconds=train_seconds, config=config)
 
 
 def remove_and_retrain(attributor, seed: int, ranking: str = "d-trak", k="20%", config: TrainConfig | None = None,
@@ -351,15 +368,16 @@ def job_id(ranking: str, k: int, seed: int) -> str:
     return f"{slug(ranking)}-k{k}-seed{seed}"
 
 
-def _identity(attributor, config: TrainConfig, rankings: list[str]) -> dict:
-    """What every job in an output folder must share; a resumed run must match it."""
+def _identity(attributor, config: TrainConfig | None, rankings: list[str]) -> dict:
+    """What every job in an output folder must share; a resumed run must match it (config None: the
+    models are retrained by your own script, `lds_own`)."""
     settings = {}
     for name in rankings:
         if name != RANDOM:
             setting, _ = attributor.setting(registry.get(name).store or name)
             settings[name] = setting.slug
     return {"checkpoint_hash": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint,
-            "train_config": json.loads(json.dumps(config.to_dict())), "sampling": SAMPLING,
+            "train_config": None if config is None else json.loads(json.dumps(config.to_dict())), "sampling": SAMPLING,
             "random_ranking_seed": RANDOM_RANKING_SEED, "stores": settings}
 
 

@@ -59,15 +59,17 @@ def summarize(out_dir: str, train_labels=None) -> dict:
     for (k, ranking), group in sorted(cells.items(), key=lambda kv: (-kv[0][0], display_name(kv[0][1]))):
         group.sort(key=lambda r: r.seed)
         clip = [r.clip_cosine for r in group if r.clip_cosine is not None]
+        labelled = any(r.label_before >= 0 for r in group)
         summary["cells"].append({
             "k": int(k), "ranking": ranking, "method": display_name(ranking),
             "l2": _quantiles([r.l2 for r in group]),
-            "label_changed": float(np.mean([r.label_changed for r in group])),
-            "median_confidence_before": float(np.median([r.confidence_before for r in group])),
-            "median_confidence_after": float(np.median([r.confidence_after for r in group])),
+            # None: no classifier for these images (a model of your own, `lds_own`)
+            "label_changed": None if not labelled else float(np.mean([r.label_changed for r in group])),
+            "median_confidence_before": None if not labelled else float(np.median([r.confidence_before for r in group])),
+            "median_confidence_after": None if not labelled else float(np.median([r.confidence_after for r in group])),
             "clip_cosine": _quantiles(clip) if clip else group[0].clip_status,
             "median_train_seconds": float(np.median([r.train_seconds for r in group])),
-            "removed_same_label_share": None if train_labels is None or k == 0 else float(np.mean(
+            "removed_same_label_share": None if train_labels is None or k == 0 or not labelled else float(np.mean(
                 [np.mean(np.asarray(train_labels)[r.removed_indices] == r.label_before) for r in group])),
             "per_target": [{"seed": r.seed, "l2": r.l2, "label_before": r.label_before, "label_after": r.label_after}
                            for r in group],
@@ -110,8 +112,9 @@ def format_table(summary: dict, n_train: int = 1500) -> str:
             return f(c) if c else "-"
         lines.append(f"| {label} | median L2 [p25, p75] (n) | " + " | ".join(fmt(m, lambda c: (
             f"**{c['l2']['median']:.2f}** [{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}] (n={c['l2']['n']})")) for m in methods) + " |")
-        lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
-            f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
+        if any(c["label_changed"] is not None for c in summary["cells"] if c["k"] == k):
+            lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
+                "-" if c["label_changed"] is None else f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
         if any(c.get("removed_same_label_share") is not None for c in summary["cells"] if c["k"] == k):
             lines.append(f"| {label} | removed images with the target's label | " + " | ".join(fmt(m, lambda c: (
                 "-" if c["removed_same_label_share"] is None else f"{100 * c['removed_same_label_share']:.0f}%"))

@@ -47,6 +47,7 @@ from dtrak_core.evaluation.retrain import (
     save_result,
     train_many,
 )
+from dtrak_core.errors import IntegrityError
 from dtrak_core.files import atomic_write_json, read_json
 from dtrak_core.model.training import TrainConfig
 
@@ -94,6 +95,17 @@ def subset_masks(n: int, num_subsets: int, alpha: float = 0.5, seed: int = 0) ->
     return masks
 
 
+def run_masks(out_dir: str, setup: dict) -> np.ndarray:
+    """(M, N) bool masks of a run: the subsets given to it (setup "masks": a file in out_dir, see
+    `lds_own`), else the drawn ones (`subset_masks` of its LDSConfig)."""
+    config = LDSConfig(**setup["lds_config"])
+    if setup.get("masks"):
+        from dtrak_core.evaluation.lds_own import read_masks  # (lds_own builds on this module)
+
+        return read_masks(os.path.join(out_dir, setup["masks"]), setup["num_train"])
+    return subset_masks(setup["num_train"], config.num_subsets, config.alpha, config.subset_seed)
+
+
 def job_id(m: int, seed: int) -> str:
     return f"m{m:03d}-s{seed}"
 
@@ -114,13 +126,17 @@ def eval_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, noise_seeds, chunk: int = 4096) -> np.ndarray:
+def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, noise_seeds, chunk: int = 4096,
+               device="cpu") -> np.ndarray:
     """(S, T, Q) eps-prediction MSE of each image at each timestep for each noise seed.
 
-    The noise for seed s is one (T, Q, C, H, W) draw from a generator seeded by s, so every model
-    is evaluated on the same noisy inputs.
+    The noise for seed s is one (T, Q, C, H, W) draw from a CPU generator seeded by s, so every model
+    is evaluated on the same noisy inputs, on any device (`device`: where the UNet runs, float32).
     """
-    unet.eval()
+    from dtrak_core.devices import resolve_device
+
+    device = resolve_device(device)
+    unet.eval().to(device)
     Q, T = len(images), len(timesteps)
     out = np.empty((len(noise_seeds), T, Q), dtype=np.float32)
     t_flat = timesteps.repeat_interleave(Q)  # (T * Q,) row-major over (T, Q)
@@ -131,8 +147,8 @@ def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, n
         for a in range(0, T * Q, chunk):
             b = min(a + chunk, T * Q)
             xt = scheduler.add_noise(x_flat[a:b], noise[a:b], t_flat[a:b])
-            pred = unet(xt, t_flat[a:b], return_dict=False)[0]
-            losses[a:b] = (pred - noise[a:b]).pow(2).flatten(1).mean(1)
+            pred = unet(xt.to(device), t_flat[a:b].to(device), return_dict=False)[0]
+            losses[a:b] = (pred.float() - noise[a:b].to(device)).pow(2).flatten(1).mean(1).cpu()
         out[si] = losses.view(T, Q).numpy()
     return out
 
@@ -143,7 +159,8 @@ class LDSRun:
     layout is in the module docstring).
 
     train_images: (N, C, H, W) in [-1, 1], the base model's training set; scheduler: its noise
-    schedule; train_config: its recipe (every subset is retrained with it, seed replaced);
+    schedule; train_config: its recipe (every subset is retrained with it, seed replaced; None for
+    models retrained by your own script, `lds_own`);
     config: the protocol (`LDSConfig`); test_sets: {name: (Q, C, H, W)} the test samples F is
     measured on; identity: fields recorded in setup.json and checked on resume (e.g. the base
     model's checkpoint hash and the training set's fingerprint).
@@ -160,7 +177,8 @@ class LDSRun:
         return os.path.join(self.out_dir, "jobs")
 
     def setup_dict(self) -> dict:
-        return {"lds_config": self.config.to_dict(), "train_config": json.loads(json.dumps(self.train_config.to_dict())),
+        recipe = None if self.train_config is None else json.loads(json.dumps(self.train_config.to_dict()))
+        return {"lds_config": self.config.to_dict(), "train_config": recipe,
                 "num_train": len(self.train_images), "test_sets": {k: len(v) for k, v in self.test_sets.items()},
                 **self.identity}
 
@@ -194,12 +212,19 @@ class LDSRun:
     def jobs(self) -> list[RetrainJob]:
         return lds_jobs(len(self.train_images), self.config)
 
-    def _measure(self, unet, job: RetrainJob, train_seconds: float) -> dict:
-        t0 = time.perf_counter()
+    def ground_truth(self, unet, device="cpu") -> dict:
+        """F_<test set> (`compact_losses`) of one retrained model: its eps losses on every test set at
+        the run's timesteps and noise seeds (the same noisy inputs for every model)."""
         ts = eval_timesteps(self.config.eval_timesteps, self.scheduler.config.num_train_timesteps)
         out = {}
         for name, images in self.test_sets.items():
-            out.update(compact_losses(name, eps_losses(unet, self.scheduler, images, ts, self.config.noise_seeds)))
+            out.update(compact_losses(name, eps_losses(unet, self.scheduler, images, ts, self.config.noise_seeds,
+                                                       device=device)))
+        return out
+
+    def _measure(self, unet, job: RetrainJob, train_seconds: float) -> dict:
+        t0 = time.perf_counter()
+        out = self.ground_truth(unet)
         model_dir = os.path.join(self.out_dir, "models", job.id)
         shutil.rmtree(model_dir + ".tmp", ignore_errors=True)
         unet.save_pretrained(model_dir + ".tmp", safe_serialization=True)
@@ -258,20 +283,24 @@ def collect(out_dir: str, timestep_stride: int = 1) -> dict:
     """
     setup = read_json(os.path.join(out_dir, SETUP), "LDS run setup", SETUP_REMEDY)
     config = LDSConfig(**setup["lds_config"])
-    n = setup["num_train"]
+    all_masks = run_masks(out_dir, setup)
     jobs_dir = os.path.join(out_dir, "jobs")
     done = []
     for m in range(config.num_subsets):
         if all(os.path.exists(os.path.join(jobs_dir, f"{job_id(m, s)}.npz")) for s in config.train_seeds):
             done.append(m)
     out = {"setup": setup, "subsets": np.array(done, dtype=np.int64),
-           "masks": subset_masks(n, config.num_subsets, config.alpha, config.subset_seed)[done], "F_seeds": {}, "F": {},
+           "masks": all_masks[done], "F_seeds": {}, "F": {},
            "train_seconds": [], "eval_seconds": []}
     per_set = {name: [] for name in setup["test_sets"]}
     for m in done:
         rows = {name: [] for name in per_set}
         for s in config.train_seeds:
-            r = load_result(os.path.join(jobs_dir, f"{job_id(m, s)}.npz"))
+            path = os.path.join(jobs_dir, f"{job_id(m, s)}.npz")
+            r = load_result(path)
+            if "keep" in r and not np.array_equal(np.sort(r["keep"]), np.flatnonzero(all_masks[m])):
+                raise IntegrityError(path, f"was measured on a model trained on other images than subset {m} of "
+                                     f"the run's masks", "delete it and rerun the ground truth for that model")
             out["train_seconds"].append(float(r["train_seconds"]))
             out["eval_seconds"].append(float(r["eval_seconds"]))
             for name in per_set:

@@ -133,8 +133,9 @@ class Bench:
         registered = {s: store.path for v in self.attributor.stores.values() for s, store in v}
         self.features = ModelFeatures(run_dir, self.attributor.unet, self.attributor.scheduler, train.images,
                                       train.fingerprint, self.test_sets, registered)
-        self.train_config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in setup["train_config"].items()})
+        recipe = setup.get("train_config")  # None: retrained by your own script (`lds_own`), no ensembles here
+        self.train_config = None if recipe is None else TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                                      for k, v in recipe.items()})
 
     def setting(self, output_fn: str, K: int) -> FeatureSetting:
         return self.base.with_(output_fn=output_fn, K=K)
@@ -150,6 +151,9 @@ class Bench:
         if not os.path.isdir(path):
             if not train:
                 return None
+            if self.train_config is None:
+                raise ValueError(f"the LDS run in {self.run_dir!r} has no training recipe (its models were retrained "
+                                 f"by your own script), so dtrak cannot train ensemble members for it")
             from dataclasses import replace
 
             keep = subset_indices(len(self.attributor.train), j, 0.5, ENSEMBLE_SUBSET_SEED)

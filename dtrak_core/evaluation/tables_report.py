@@ -30,16 +30,17 @@ REPORT = "tables.md"
 BEYOND = "beyond"  # rows beyond the paper's methods, from `evaluation.study` (same ground truth and bootstrap)
 
 def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_bootstrap: int = 1000,
-           which=("methods", "ablation", "ensembles"), **bench_options) -> dict:
+           which=("methods", "ablation", "ensembles"), title: str | None = None, **bench_options) -> dict:
     """Evaluate every cell whose inputs exist; with `dest`, write dest/tables.json and dest/tables.md.
 
     run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`);
     num_bootstrap: resamples of the subsets behind each +-; which: the tables to (re)compute;
-    `bench_options` go to `Bench` (which output functions, K, ensemble sizes).
+    title: the report's heading (None: the embedded default's); `bench_options` go to `Bench`
+    (which output functions, K, ensemble sizes).
     """
     bench = Bench(run_dir, root, **bench_options)
     M = len(bench.truth["subsets"])
-    out = {"subsets_done": M, "subsets_planned": bench.config.num_subsets, "partial": M < bench.config.num_subsets,
+    out = {**({"title": title} if title else {}), "subsets_done": M, "subsets_planned": bench.config.num_subsets, "partial": M < bench.config.num_subsets,
            "train_seeds": list(bench.config.train_seeds), "lambda_grid": list(LAMBDA_GRID),
            "num_bootstrap": num_bootstrap, "ensemble_K": bench.ensemble_K, "test_sets": {k: len(v) for k, v in bench.test_sets.items()},
            "noise_ceiling": {s: noise_ceiling(bench.truth["F_seeds"][s], num_bootstrap) for s in bench.test_sets}
@@ -97,12 +98,18 @@ def _fmt(cell: dict | None, set_name: str) -> str:
 def format_report(t: dict) -> str:
     """The Markdown of a `tables` result: the methods, ablation and ensemble tables, then the missing
     cells with the commands that fill them."""
-    sets = ("validation", "generated")
-    lines = ["# LDS benchmark tables (embedded default)", ""]
+    own = "title" in t  # another model's run: only its own test sets, described as they are
+    sets = tuple(s for s in ("validation", "generated") if s in t["test_sets"]) if own else ("validation", "generated")
+    lines = [f"# {t.get('title', 'LDS benchmark tables (embedded default)')}", ""]
     status = (f"**PARTIAL: {t['subsets_done']} of {t['subsets_planned']} subsets retrained**" if t.get("partial")
               else f"{t['subsets_done']} subsets")
-    lines += [f"LDS x 100 on the {t['test_sets'].get('validation', 0)} validation digits and the "
-              f"{t['test_sets'].get('generated', 0)} generated samples; {status}, "
+    if own:
+        on = " and the ".join(f"{t['test_sets'][s]} {'held-out validation images' if s == 'validation' else 'generated samples'}"
+                              for s in sets)
+    else:
+        on = (f"{t['test_sets'].get('validation', 0)} validation digits and the {t['test_sets'].get('generated', 0)} "
+              f"generated samples")
+    lines += [f"LDS x 100 on the {on}; {status}, "
               f"{len(t['train_seeds'])} training seeds each; +- = bootstrap std over subsets "
               f"({t['num_bootstrap']} resamples).", "",
               "Cells read `honest ± pm (paper)`: *honest* = lambda chosen by 2-fold cross-fitting over test "

@@ -95,6 +95,32 @@ def _checkpoint_remedy(path: str) -> str:
             f"model dtrak trained (`python -m dtrak_core build-default`; `build-baselines` for TracInCP checkpoints)")
 
 
+def unet_weights(unet_dir: str) -> list[str]:
+    """The weights files of a UNet folder written by `save_pretrained` (sorted; [] when none)."""
+    return [os.path.join(unet_dir, f) for f in sorted(os.listdir(unet_dir))
+            if f.startswith("diffusion_pytorch_model") and f.endswith((".safetensors", ".bin"))]
+
+
+def load_unet(unet_dir: str, remedy: str) -> UNet2DModel:
+    """The UNet2DModel `save_pretrained` wrote to unet_dir (config.json + weights), in eval mode; an
+    `IntegrityError` naming the file, with `remedy`, when the weights are absent or cannot be loaded."""
+    from dtrak_core.errors import IntegrityError
+
+    weights = unet_weights(unet_dir)
+    if not weights:
+        raise IntegrityError(unet_dir, "has no weights file (diffusion_pytorch_model.safetensors)", remedy)
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers and safetensors raise OSError, ValueError, RuntimeError, SafetensorError...
+        while (e.__cause__ or e.__context__) is not None:  # the root cause, not diffusers' wrapper naming the path
+            e = e.__cause__ or e.__context__
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise IntegrityError(weights[0] if len(weights) == 1 else unet_dir, f"(UNet weights) cannot be loaded "
+                             f"({type(e).__name__}: {reason}): it is truncated or corrupt, or does not fit "
+                             f"config.json", remedy) from None
+    return unet.eval()
+
+
 def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """A folder with unet/ and scheduler/ (a dtrak checkpoint or a saved diffusers DDPM/DDIM pipeline).
 
@@ -112,21 +138,7 @@ def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
         raise ValueError(f"{path!r} has no scheduler/ folder (the noise schedule the model was trained with)")
     scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
     read_json(scheduler_config, "noise schedule config", _checkpoint_remedy(path))
-    unet_dir = os.path.join(path, "unet")
-    weights = [os.path.join(unet_dir, f) for f in sorted(os.listdir(unet_dir))
-               if f.startswith("diffusion_pytorch_model") and f.endswith((".safetensors", ".bin"))]
-    if not weights:
-        raise IntegrityError(unet_dir, "has no weights file (diffusion_pytorch_model.safetensors)",
-                             _checkpoint_remedy(path))
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-    except Exception as e:  # diffusers and safetensors raise OSError, ValueError, RuntimeError, SafetensorError...
-        while (e.__cause__ or e.__context__) is not None:  # the root cause, not diffusers' wrapper naming the path
-            e = e.__cause__ or e.__context__
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise IntegrityError(weights[0] if len(weights) == 1 else unet_dir, f"(UNet weights) cannot be loaded "
-                             f"({type(e).__name__}: {reason}): it is truncated or corrupt, or does not fit "
-                             f"config.json", _checkpoint_remedy(path)) from None
+    unet = load_unet(os.path.join(path, "unet"), _checkpoint_remedy(path))
     # any DDPM-family schedule (DDPM, DDIM, PNDM configs) gives the same betas and alphas_cumprod
     try:
         scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))

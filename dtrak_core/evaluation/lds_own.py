@@ -1,0 +1,465 @@
+"""LDS and the counterfactual on your own model: subsets you retrain on with your own training
+script, checkpoints it saved, and the same ground truth, LDS and reports as the built-in harnesses.
+
+The model folder is one built with `python -m dtrak_core build` (your saved pipeline and training
+images, plus D-TRAK / TRAK feature stores). Then:
+
+1. `prepare`: the subsets, written as run_dir/masks.npz (M x N booleans) and run_dir/jobs.json
+   (one entry per retrain: its id, subset index, training seed and the kept training indices, in
+   the order of the training set your model folder reads). Bring your own masks instead with
+   `masks=` (a .npy / .npz of M x N booleans, or a JSON of M index lists).
+2. Retrain: your script trains one model per entry of jobs.json on the kept images and saves its
+   UNet with diffusers' `save_pretrained` (a UNet folder, or a pipeline folder with unet/) as
+   <checkpoints>/<id>/, ids `m<subset, 3 digits>-s<seed>` (`m000-s1`); or anywhere, listed in
+   <checkpoints>/checkpoints.json as {"m000-s1": "path/to/folder", ...} (relative to that file).
+3. `ground_truth`: each checkpoint's eps loss on the test sets at the built-in harness's timesteps
+   and noise seeds (`lds_run.LDSRun.ground_truth`), one result file per checkpoint (atomic,
+   resumable, shardable). Every checkpoint must have the base model's architecture; a result
+   records the weights file's checksum, so a checkpoint replaced later is noticed.
+4. `evaluate`: every registered method that runs on the folder (TRAK, D-TRAK and the paper's
+   baselines) scored against it: tables.json / tables.md as `lds tables` writes them for the
+   default, +- from the same `lds.SubsetBootstrap`.
+
+The test sets are the base model's own generated samples (seeds 0..generated-1, DDIM
+`sample_steps`), plus `validation` when a folder of held-out images is given. The noise schedule
+is the base model's: every retrain must use it.
+
+The counterfactual works the same way (`counterfactual_prepare`, `counterfactual_measure`): the
+top-k proponents of each target under each ranking, as jobs with the kept indices; your
+checkpoints, one per job id (`d-trak-k1000-seed1000`), regenerate the target from its seed; the
+report is the built-in harness's (median pixel L2, CLIP cosine when CLIP is local).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from dtrak_core.errors import IntegrityError
+from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, job_id, subset_masks
+from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
+from dtrak_core.files import atomic_write_json, json_safe, read_json, sha256_file
+
+MASKS = "masks.npz"  # the run's subsets (M, N) bool, key "masks"
+JOBS = "jobs.json"  # what your training script trains: one entry per (subset, seed)
+CHECKPOINTS = "checkpoints.json"  # optional, in the checkpoints folder: {job id: folder}
+TABLES_TITLE = "LDS of your model (checkpoints retrained by your training script)"
+
+
+# -- masks ----------------------------------------------------------------------------------------
+def read_masks(path: str, num_train: int) -> np.ndarray:
+    """(M, N) bool masks from `path`: a .npy of M x N booleans (or 0/1 integers), a .npz holding one
+    such array (key "masks", or its only array), or a .json of M lists of training indices (or
+    {"subsets": [...]}). Checked: two dimensions, N = num_train, M >= 3, every subset neither empty
+    nor the whole training set, no index out of range or repeated."""
+    def bad(problem: str, remedy: str = "write M x N booleans, one row per subset, N the training set's size"):
+        return ValueError(f"masks {path}: {problem}; {remedy}")
+
+    if not os.path.isfile(path):
+        raise ValueError(f"masks {path}: no such file; pass a .npy / .npz of M x N booleans or a .json of index lists")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise bad(f"is not readable JSON ({type(e).__name__}: {e})", "write a JSON list of M lists of training "
+                      "indices") from None
+        lists = data.get("subsets") if isinstance(data, dict) else data
+        if not isinstance(lists, list) or not all(isinstance(r, list) for r in lists):
+            raise bad("expected a list of index lists (or {\"subsets\": [...]})", "write M lists of training indices")
+        masks = np.zeros((len(lists), num_train), dtype=bool)
+        for m, row in enumerate(lists):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
+                raise bad(f"subset {m} holds a non-integer index", "write integer training indices")
+            idx = np.asarray(row, dtype=np.int64)
+            if len(idx) and (idx.min() < 0 or idx.max() >= num_train):
+                raise bad(f"subset {m} has an index outside 0..{num_train - 1} (the training set has {num_train} "
+                          f"images)", "index the training set in the order the model folder reads it")
+            if len(np.unique(idx)) != len(idx):
+                raise bad(f"subset {m} repeats an index", "list each training index once per subset")
+            masks[m, idx] = True
+    elif path.endswith((".npy", ".npz")):
+        try:
+            z = np.load(path, allow_pickle=False)
+            if isinstance(z, np.ndarray):  # .npy
+                arr = z
+            else:
+                with z:
+                    keys = list(z.files)
+                    if "masks" not in keys and len(keys) != 1:
+                        raise bad(f"holds arrays {keys}, none named 'masks'", "save the masks under the key 'masks'")
+                    arr = z["masks" if "masks" in keys else keys[0]]
+        except ValueError as e:
+            if str(e).startswith(f"masks {path}"):
+                raise
+            raise bad(f"cannot be read ({e})") from None
+        except (OSError, EOFError) as e:
+            raise bad(f"cannot be read ({type(e).__name__}: {e})") from None
+        if arr.ndim != 2:
+            raise bad(f"has shape {arr.shape}, not two dimensions (M, N)")
+        if arr.dtype != bool:
+            if not np.issubdtype(arr.dtype, np.integer) or not np.isin(arr, (0, 1)).all():
+                raise bad(f"has dtype {arr.dtype} with values other than 0 and 1")
+        masks = arr.astype(bool)
+    else:
+        raise bad("unknown file type", "use .npy, .npz or .json")
+    if masks.shape[1] != num_train:
+        raise bad(f"has {masks.shape[1]} columns but the training set has {num_train} images")
+    if masks.shape[0] < 3:
+        raise bad(f"has {masks.shape[0]} subsets; LDS needs at least 3")
+    sizes = masks.sum(1)
+    if (sizes == 0).any() or (sizes == num_train).any():
+        m = int(np.flatnonzero((sizes == 0) | (sizes == num_train))[0])
+        raise bad(f"subset {m} keeps {int(sizes[m])} of {num_train} images", "every subset must leave some images "
+                  "out and keep some")
+    return masks
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def find_checkpoints(checkpoints_dir: str, ids) -> dict[str, str | None]:
+    """{job id: its checkpoint folder, or None when absent}: from checkpoints_dir/checkpoints.json
+    when there is one, else checkpoints_dir/<id>/."""
+    if not os.path.isdir(checkpoints_dir):
+        raise ValueError(f"checkpoints folder {checkpoints_dir!r} does not exist; pass the folder your training "
+                         f"script saved the retrained models in")
+    listing = os.path.join(checkpoints_dir, CHECKPOINTS)
+    if os.path.isfile(listing):
+        mapping = read_json(listing, "checkpoint listing", 'write {"<job id>": "<folder>", ...}')
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ValueError(f"{listing}: expected an object mapping job ids to folders, e.g. "
+                             f'{{"m000-s1": "runs/m000-s1"}}')
+        known = set(ids)
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ValueError(f"{listing}: {unknown[0]!r} is no job of this run (ids look like {sorted(known)[0]!r}; "
+                             f"see {JOBS})")
+        paths = {i: os.path.join(checkpoints_dir, mapping[i]) if i in mapping else None for i in ids}
+        return {i: p if p is not None and os.path.isdir(p) else None for i, p in paths.items()}
+    return {i: (p if os.path.isdir(p) else None) for i in ids for p in [os.path.join(checkpoints_dir, i)]}
+
+
+def _unet_dir(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        return os.path.join(path, "unet")
+    raise ValueError(f"checkpoint {path!r} holds no UNet: expected config.json + diffusion_pytorch_model.safetensors "
+                     f"(`unet.save_pretrained(folder)`) or a pipeline folder with unet/")
+
+
+def _weights_file(path: str) -> str:
+    from dtrak_core.model.unet import unet_weights
+
+    weights = unet_weights(_unet_dir(path))
+    if not weights:
+        raise IntegrityError(_unet_dir(path), "has no weights file (diffusion_pytorch_model.safetensors)",
+                             "save the retrained UNet again with save_pretrained")
+    return weights[0]
+
+
+def check_architecture(path: str, base_unet) -> None:
+    """Refuse (ValueError naming it) a checkpoint whose UNet config is not the base model's: a
+    retrain of another model says nothing about this one's attributions. Reads config.json only."""
+    from diffusers import UNet2DModel
+
+    config_path = os.path.join(_unet_dir(path), "config.json")
+    config = read_json(config_path, "UNet config", "save the retrained UNet again with save_pretrained")
+    try:
+        with torch.device("meta"):  # the config with diffusers' defaults filled in, no weights allocated
+            have = dict(UNet2DModel.from_config(config).config)
+    except Exception as e:  # diffusers raises several types for a config it cannot build
+        raise ValueError(f"{config_path}: not a UNet2DModel config ({type(e).__name__}: {e})") from None
+    _compare_configs(path, have, dict(base_unet.config))
+
+
+def load_retrained(path: str, base_unet) -> torch.nn.Module:
+    """The retrained UNet saved at `path` (its architecture checked, `check_architecture`)."""
+    from dtrak_core.model.unet import load_unet
+
+    check_architecture(path, base_unet)
+    unet = load_unet(_unet_dir(path), "save the retrained UNet again with save_pretrained, or retrain it")
+    _compare_configs(path, dict(unet.config), dict(base_unet.config))
+    return unet
+
+
+def _compare_configs(path: str, have: dict, want: dict) -> None:
+    differ = sorted(k for k in set(have) | set(want) if not k.startswith("_")
+                    and json.dumps(have.get(k), default=str) != json.dumps(want.get(k), default=str))
+    if differ:
+        k = differ[0]
+        raise ValueError(f"checkpoint {path!r} has another architecture than the model folder's UNet ({k}: "
+                         f"{have.get(k)!r}, not {want.get(k)!r}{f', and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+                         f"retrain from the base model's UNet config (UNet2DModel.from_config(base.config))")
+
+
+def _weights_record(path: str) -> dict:
+    f = _weights_file(path)
+    st = os.stat(f)
+    return {"checkpoint": np.array(os.path.abspath(path)), "weights_sha256": np.array(sha256_file(f)),
+            "weights_size": np.int64(st.st_size), "weights_mtime_ns": np.int64(st.st_mtime_ns)}
+
+
+def _check_unchanged(result_path: str, result: dict, checkpoint: str | None) -> None:
+    """A finished result belongs to the checkpoint now at its place (size and mtime, else the checksum)."""
+    if checkpoint is None or "weights_sha256" not in result:
+        return
+    f = _weights_file(checkpoint)
+    st = os.stat(f)
+    if st.st_size == int(result["weights_size"]) and st.st_mtime_ns == int(result["weights_mtime_ns"]):
+        return
+    if sha256_file(f) != str(result["weights_sha256"]):
+        raise IntegrityError(result_path, f"was measured on another checkpoint than the one now at {checkpoint}",
+                             "delete the result file to measure the new checkpoint")
+
+
+def _shard_of(shard) -> tuple[int, int]:
+    """The shard to run: `shard`, or (rank, world) under torchrun (each rank its own jobs)."""
+    from dtrak_core import distributed
+
+    if distributed.launched() and tuple(shard) == (0, 1):
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return tuple(shard)
+
+
+def _measure_checkpoints(jobs: list[RetrainJob], out_dir: str, checkpoints_dir: str, base_unet, work, *,
+                         shard=(0, 1), partial: bool = False, show_bar: bool = True) -> list[str]:
+    """Run `work(unet, job, checkpoint) -> arrays` for this shard's jobs that have no result yet, one
+    result file per checkpoint (`retrain.run_jobs`: atomic, resumable). Missing checkpoints are an
+    error naming the first (with `partial`, they are skipped); finished results are checked against
+    the checkpoint now in their place."""
+    i, n = _shard_of(shard)
+    mine = [j for k, j in enumerate(jobs) if k % n == i]
+    found = find_checkpoints(checkpoints_dir, [j.id for j in jobs])
+    todo = []
+    for job in mine:
+        path = os.path.join(out_dir, f"{job.id}.npz")
+        if os.path.exists(path):
+            _check_unchanged(path, load_result(path), found[job.id])
+        elif found[job.id] is not None:
+            todo.append(job)
+    missing = [j.id for j in mine if found[j.id] is None and not os.path.exists(os.path.join(out_dir, f"{j.id}.npz"))]
+    if missing and not partial:
+        where = os.path.join(checkpoints_dir, CHECKPOINTS if os.path.isfile(os.path.join(checkpoints_dir, CHECKPOINTS))
+                             else missing[0])
+        raise ValueError(f"{len(missing)} of this shard's {len(mine)} checkpoints are missing, the first {missing[0]!r} "
+                         f"(looked for {where}); train them, or pass --partial to measure the ones there")
+    for job in todo:  # every architecture before any work: one foreign checkpoint stops the run up front
+        check_architecture(found[job.id], base_unet)
+    return run_jobs(todo, out_dir, lambda job: work(load_retrained(found[job.id], base_unet), job, found[job.id]),
+                    show_bar=show_bar)
+
+
+# -- the LDS run ----------------------------------------------------------------------------------
+def _load_base(root: str):
+    """(unet, scheduler, training set) of the model folder `root` (one built with `build`)."""
+    from dtrak_core.folder import ModelFolder
+
+    folder = ModelFolder.load(root).require("checkpoint", "dataset")
+    unet, scheduler = folder.load_model()
+    return unet, scheduler, folder.training_set()
+
+
+def _masks_hash(masks: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(masks.shape).encode() + np.packbits(masks, axis=1).tobytes()).hexdigest()[:16]
+
+
+class OwnLDSRun(LDSRun):
+    """An LDS run whose models your training script retrained: `LDSRun` (setup.json, test sets,
+    ground truth, `lds_run.collect`) with given masks, no recipe, and checkpoints measured where
+    they are. Made by `prepare`, reopened by `open_run`."""
+
+    def __init__(self, out_dir: str, root: str, masks: np.ndarray, config: LDSConfig,
+                 test_sets: dict[str, torch.Tensor], base=None):
+        from dtrak_core.model.unet import checkpoint_hash
+
+        unet, scheduler, train = base or _load_base(root)
+        if masks.shape[1] != len(train):
+            raise ValueError(f"the masks have {masks.shape[1]} columns but the training set of {root!r} has "
+                             f"{len(train)} images")
+        super().__init__(out_dir, train.images, scheduler, None, config, test_sets,
+                         {"checkpoint": checkpoint_hash(unet), "dataset": train.fingerprint,
+                          "masks": MASKS, "masks_sha256": _masks_hash(masks), "subsets_given": True})
+        self.root, self.base_unet, self.masks = root, unet, masks
+
+    def jobs(self) -> list[RetrainJob]:
+        return [RetrainJob(job_id(m, s), np.flatnonzero(self.masks[m]), s)
+                for m in range(len(self.masks)) for s in self.config.train_seeds]
+
+    def prepare(self) -> None:
+        """`LDSRun.prepare`, then masks.npz and jobs.json (what your training script reads)."""
+        path = os.path.join(self.out_dir, MASKS)
+        if os.path.exists(path) and not np.array_equal(read_masks(path, self.masks.shape[1]), self.masks):
+            raise ValueError(f"{self.out_dir!r} holds an LDS run with other masks ({path}); use another --out folder")
+        super().prepare()
+        if not os.path.exists(path):
+            save_result(path, masks=self.masks)
+        atomic_write_json(os.path.join(self.out_dir, JOBS), {
+            "num_train": int(self.masks.shape[1]),
+            "note": "train one model per job on the kept training indices (in the model folder's training-set order) "
+                    "with the job's seed; save its UNet with save_pretrained to <checkpoints>/<id>/",
+            "jobs": [{"id": j.id, "subset": m, "seed": j.seed, "keep": j.keep.tolist()}
+                     for m, j in zip(np.repeat(np.arange(len(self.masks)), len(self.config.train_seeds)).tolist(),
+                                     self.jobs())]})
+
+    def measure(self, checkpoints_dir: str, shard=(0, 1), partial: bool = False, device="cpu",
+                show_bar: bool = True) -> list[str]:
+        """Ground truth for this shard's checkpoints that have none yet; the job ids measured now."""
+        self.prepare()
+
+        def work(unet, job, checkpoint):
+            t0 = time.perf_counter()
+            out = self.ground_truth(unet, device=device)
+            return {**out, **_weights_record(checkpoint), "keep": job.keep.astype(np.int32), "seed": np.int64(job.seed),
+                    "train_seconds": np.float64(np.nan), "eval_seconds": np.float64(time.perf_counter() - t0)}
+
+        return _measure_checkpoints(self.jobs(), self.jobs_dir, checkpoints_dir, self.base_unet, work, shard=shard,
+                                    partial=partial, show_bar=show_bar)
+
+
+def open_run(out_dir: str, root: str) -> OwnLDSRun:
+    """The run `prepare` wrote in out_dir: its masks, config and saved test sets (not regenerated:
+    sampling is not bit-identical across devices), checked against the model folder `root`."""
+    from dtrak_core.evaluation.lds_run import SETUP, SETUP_REMEDY, load_test_sets
+
+    path = os.path.join(out_dir, SETUP)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir!r} holds no LDS run ({SETUP} missing); write it with `python -m dtrak_core "
+                         f"lds-own prepare --root {root} --out {out_dir}`")
+    setup = read_json(path, "LDS run setup", SETUP_REMEDY)
+    if not setup.get("subsets_given"):
+        raise ValueError(f"{out_dir!r} is a built-in LDS run (`python -m dtrak_core lds`), not one for your checkpoints")
+    masks = read_masks(os.path.join(out_dir, MASKS), setup["num_train"])
+    return OwnLDSRun(out_dir, root, masks, LDSConfig(**setup["lds_config"]), load_test_sets(out_dir))
+
+
+def prepare(root: str, out_dir: str, config: LDSConfig = LDSConfig(), masks: str | None = None,
+            validation: str | None = None, device="cpu") -> OwnLDSRun:
+    """Write the run folder: setup.json, test_sets.npz, masks.npz and jobs.json.
+
+    masks: a file of your subsets (`read_masks`); None draws config.num_subsets subsets of a
+    fraction config.alpha (`lds_run.subset_masks`, as the built-in harness does). validation: a
+    folder of held-out images, a second test set. device: where the generated test samples are
+    sampled. A folder prepared before must match."""
+    from dataclasses import replace
+
+    from dtrak_core.model.data import load_dataset
+    from dtrak_core.model.sampling import generate
+
+    unet, scheduler, train = base = _load_base(root)
+    if masks is not None:
+        given = read_masks(masks, len(train))
+        config = replace(config, num_subsets=len(given), alpha=float(np.clip(given.mean(), 1e-6, 1 - 1e-6)))
+    else:
+        given = subset_masks(len(train), config.num_subsets, config.alpha, config.subset_seed)
+    test_sets = {}
+    if validation is not None:
+        cfg = unet.config
+        test_sets["validation"] = load_dataset({"folder": validation, "resolution": int(cfg.sample_size),
+                                                "channels": int(cfg.in_channels)}).images
+    test_sets["generated"] = generate(unet, scheduler, range(config.generated), steps=config.sample_steps, device=device)
+    run = OwnLDSRun(out_dir, root, given, config, test_sets, base)
+    run.prepare()
+    return run
+
+
+def ground_truth(root: str, out_dir: str, checkpoints_dir: str, shard=(0, 1), partial: bool = False, device="cpu",
+                 show_bar: bool = True) -> list[str]:
+    """Measure the checkpoints of a prepared run (`OwnLDSRun.measure`); the job ids measured now."""
+    return open_run(out_dir, root).measure(checkpoints_dir, shard, partial, device, show_bar)
+
+
+def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = None, num_bootstrap: int = 1000,
+             journey: bool = True, show_bar: bool = True) -> dict:
+    """Every registered method that can run on the model folder, scored against the run's ground
+    truth (at least 3 subsets with every seed measured): the methods table of `tables_report.tables`
+    at the stores' K (None: the largest K of the D-TRAK store), the missing training- and test-set
+    features computed first (cached under out_dir). With `dest`: dest/tables.json and dest/tables.md."""
+    from dtrak_core.evaluation import tables as bm
+    from dtrak_core.evaluation.lds_run import collect
+    from dtrak_core.evaluation.tables_report import tables
+
+    done = len(collect(out_dir)["subsets"])
+    if done < 3:
+        raise ValueError(f"only {done} subsets of {out_dir!r} have every training seed measured; LDS needs at least 3 "
+                         f"(`python -m dtrak_core lds-own ground-truth`)")
+    bench = bm.Bench(out_dir, root, method_Ks=(1,))
+    if K is None:
+        K = bench.base.K
+    options = {"ablation_fns": (), "ablation_Ks": (), "method_Ks": (K,), "ensemble_sizes": (), "journey_K": K}
+    bench = bm.Bench(out_dir, root, **options)
+    for fn in ("loss", "square"):
+        bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
+    if journey and "generated" in bench.test_sets:
+        bm.journey_features(bench, bench.setting("loss", K), compute=True, show_bar=show_bar)
+    return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap, which=("methods",), title=TABLES_TITLE,
+                  **options)
+
+
+# -- the counterfactual ---------------------------------------------------------------------------
+TARGETS = "targets.npz"  # the targets (seeds, images) the removals were ranked for
+REMOVALS = "removals.json"  # what your training script trains: one entry per (target, ranking, k)
+
+
+def counterfactual_prepare(root: str, out_dir: str, seeds, rankings=("d-trak", "trak", "random"),
+                           ks=("20%",)) -> dict:
+    """Rank the training set for each target seed and write out_dir/removals.json (per job: id,
+    target seed, ranking, k, the removed indices strongest first and the kept ones) and
+    out_dir/targets.npz; the removals' content. A folder prepared before must match."""
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.evaluation.counterfactual import _check_identity, _identity, plan_jobs, ranking_name
+
+    attributor = Attributor.load(root)
+    names = list(dict.fromkeys(ranking_name(r) for r in rankings))
+    os.makedirs(out_dir, exist_ok=True)
+    _check_identity(os.path.join(out_dir, "identity.json"), {**_identity(attributor, None, names), "subsets_given": True})
+    jobs, specs, befores = plan_jobs(attributor, seeds, names, ks)
+    targets = os.path.join(out_dir, TARGETS)
+    if os.path.exists(targets):
+        have = load_result(targets, keys=("seeds", "images"))
+        if not np.array_equal(have["seeds"], list(befores)):
+            raise ValueError(f"{targets} holds targets {have['seeds'].tolist()}, not {list(befores)}; use another --out")
+    save_result(targets, seeds=np.array(list(befores)), images=torch.stack(list(befores.values())).numpy())
+    removals = {"num_train": len(attributor.train), "note": "train one model per job on the kept training indices "
+                "(the model folder's training-set order); save its UNet with save_pretrained to <checkpoints>/<id>/",
+                "jobs": [{"id": j.id, "seed": specs[j.id]["seed"], "ranking": specs[j.id]["ranking"],
+                          "k": specs[j.id]["k"], "removed": specs[j.id]["removed"].tolist(), "keep": j.keep.tolist()}
+                         for j in jobs]}
+    atomic_write_json(os.path.join(out_dir, REMOVALS), json_safe(removals))
+    return removals
+
+
+def counterfactual_measure(root: str, out_dir: str, checkpoints_dir: str, shard=(0, 1), partial: bool = False,
+                           show_bar: bool = True) -> list[str]:
+    """Regenerate each target from its seed with its job's checkpoint and measure it against the
+    target (`counterfactual.measure_after`); results in out_dir/jobs/<id>.npz, as the built-in
+    harness writes them. The job ids measured now."""
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.evaluation.counterfactual import measure_after
+
+    attributor = Attributor.load(root)
+    path = os.path.join(out_dir, REMOVALS)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir!r} has no {REMOVALS}; write it with `python -m dtrak_core counterfactual-own "
+                         f"prepare --root {root} --out {out_dir}`")
+    removals = read_json(path, "counterfactual removals", "rerun `counterfactual-own prepare`")
+    if removals.get("num_train") != len(attributor.train):
+        raise ValueError(f"{path} was written for a training set of {removals.get('num_train')} images, not "
+                         f"{len(attributor.train)} ({root!r})")
+    targets = load_result(os.path.join(out_dir, TARGETS), keys=("seeds", "images"))
+    befores = {int(s): torch.as_tensor(x) for s, x in zip(targets["seeds"], targets["images"])}
+    specs = {j["id"]: j for j in removals["jobs"]}
+    jobs = [RetrainJob(j["id"], np.asarray(j["keep"], dtype=np.int64)) for j in removals["jobs"]]
+
+    def work(unet, job, checkpoint):
+        spec = specs[job.id]
+        r = measure_after(unet, attributor.scheduler, spec["seed"], befores[spec["seed"]],
+                          np.asarray(spec["removed"], dtype=np.int64), spec["ranking"], float("nan"), digits=False)
+        return {**r.to_arrays(), **_weights_record(checkpoint)}
+
+    return _measure_checkpoints(jobs, os.path.join(out_dir, "jobs"), checkpoints_dir, attributor.unet, work,
+                                shard=shard, partial=partial, show_bar=show_bar)

@@ -1,0 +1,206 @@
+"""LDS and the counterfactual on a model dtrak did not train: a tiny saved pipeline and image folder,
+subsets retrained by "the user's own training script" (a plain diffusers loop here), ground truth,
+every method's LDS, and the errors for a missing checkpoint, bad masks and another architecture."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.build import build_from
+from dtrak_core.cli import main
+from dtrak_core.evaluation import lds_own
+from dtrak_core.evaluation.lds import lds
+from dtrak_core.evaluation.lds_run import LDSConfig, collect
+
+N = 24
+TINY_LDS = LDSConfig(num_subsets=4, train_seeds=(1,), eval_timesteps=10, noise_seeds=(0,), generated=6, sample_steps=4)
+
+
+def tiny_unet(block_out_channels=(4, 8), seed=0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=block_out_channels,
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       norm_num_groups=4, add_attention=False)
+
+
+def user_training_script(base_unet, scheduler, images: torch.Tensor, jobs: list, out: str, steps: int = 3) -> None:
+    """What a user's own script does: a fresh UNet from the base config per job, a few AdamW steps on
+    the kept images, `save_pretrained` to out/<id>/ (nothing of dtrak's training code)."""
+    from diffusers import UNet2DModel
+
+    for job in jobs:
+        torch.manual_seed(job.get("seed", 0))
+        unet = UNet2DModel.from_config(base_unet.config)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        x0 = images[torch.as_tensor(job["keep"])]
+        for _ in range(steps):
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (len(x0),))
+            loss = (unet(scheduler.add_noise(x0, noise, t), t).sample - noise).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        unet.save_pretrained(os.path.join(out, job["id"]))
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """(model folder, run folder, checkpoints folder, training images) after prepare + the user's retrains."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from dtrak_core.attribution.attributor import Attributor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("own")
+    pipeline = str(base / "pipeline")
+    DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+                 ).save_pretrained(pipeline)
+    data = base / "images"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(data / c)
+        for i in range(N // 2):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8) // (1 + (c == "b"))).save(data / c / f"{i}.png")
+    root = str(base / "root")
+    build_from(root, pipeline, str(data), (FeatureSetting("square", K=2, k=16), FeatureSetting("loss", K=2, k=16)),
+               show_bar=False)
+    run_dir = str(base / "run")
+    lds_own.prepare(root, run_dir, TINY_LDS)
+    jobs = json.load(open(os.path.join(run_dir, lds_own.JOBS)))["jobs"]
+    attributor = Attributor.load(root)
+    ckpts = str(base / "checkpoints")
+    user_training_script(attributor.unet, attributor.scheduler, attributor.train.images, jobs, ckpts)
+    yield root, run_dir, ckpts, attributor
+    torch.set_num_threads(threads)
+
+
+def test_ground_truth_and_lds_of_user_retrained_checkpoints(own, tmp_path, capsys):
+    root, run_dir, ckpts, attributor = own
+    jobs = json.load(open(os.path.join(run_dir, lds_own.JOBS)))
+    assert [j["id"] for j in jobs["jobs"]] == ["m000-s1", "m001-s1", "m002-s1", "m003-s1"] and jobs["num_train"] == N
+    masks = np.load(os.path.join(run_dir, lds_own.MASKS))["masks"]
+    assert masks.shape == (4, N) and all(np.array_equal(np.flatnonzero(masks[j["subset"]]), j["keep"])
+                                         for j in jobs["jobs"])
+
+    # a missing checkpoint is refused by name, unless --partial
+    moved = os.path.join(str(tmp_path), "m003-s1")
+    shutil.move(os.path.join(ckpts, "m003-s1"), moved)
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", run_dir, "--checkpoints", ckpts]) == 2
+    assert "'m003-s1'" in capsys.readouterr().err
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", run_dir, "--checkpoints", ckpts, "--partial",
+                 "--shard", "0/2"]) == 0
+    assert sorted(os.listdir(os.path.join(run_dir, "jobs"))) == ["m000-s1.npz", "m002-s1.npz"]
+    shutil.move(moved, os.path.join(ckpts, "m003-s1"))
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", run_dir, "--checkpoints", ckpts]) == 0
+    assert len(os.listdir(os.path.join(run_dir, "jobs"))) == 4
+
+    # the ground truth is the built-in harness's measurement of each checkpoint
+    from dtrak_core.evaluation.lds_run import compact_losses, eps_losses, eval_timesteps, load_test_sets
+
+    col = collect(run_dir)
+    assert np.array_equal(col["masks"], masks) and col["F"]["generated"].shape == (4, 6)
+    unet = lds_own.load_retrained(os.path.join(ckpts, "m002-s1"), attributor.unet)
+    expected = compact_losses("generated", eps_losses(unet, attributor.scheduler, load_test_sets(run_dir)["generated"],
+                                                      eval_timesteps(10), (0,)))["F_generated"][0]
+    np.testing.assert_allclose(col["F"]["generated"][2], expected, rtol=1e-6)
+
+    assert main(["lds-own", "evaluate", "--root", root, "--out", run_dir, "--bootstrap", "20", "--no-journey"]) == 0
+    t = json.load(open(os.path.join(run_dir, "tables.json")))
+    report = open(os.path.join(run_dir, "tables.md")).read()
+    assert t["subsets_done"] == 4 and set(t["test_sets"]) == {"generated"}
+    for row in ("d-trak/K2", "trak/K2", "pixel-cosine", "gradient-dot/K2", "relative-ip/K2"):
+        cell = t["methods"][row]["generated"]
+        assert -100 <= cell.get("honest", cell)["lds"] <= 100 and cell.get("honest", cell)["pm"] >= 0
+    assert "unavailable" in t["methods"]["tracin"]  # no replayable training run for a model dtrak did not train
+    assert report.startswith(f"# {lds_own.TABLES_TITLE}") and "| d-trak |" in report and "validation digits" not in report
+
+    # D-TRAK's cell is lds.lds of its scores at the cell's lambda, against this ground truth
+    from dtrak_core.evaluation import tables as bm
+
+    bench = bm.Bench(run_dir, root, method_Ks=(2,))
+    (phi,), queries = bench.trak_sweep_inputs(bench.setting("square", 2))
+    lam = t["methods"]["d-trak/K2"]["generated"]["paper"]["lambda"]
+    from dtrak_core.attribution.scoring import TRAKScorer
+
+    scores = TRAKScorer(lam=lam).fit(phi).scores(queries["generated"][0])
+    value, _ = lds(scores, masks, col["F"]["generated"], num_bootstrap=0)
+    assert value == pytest.approx(t["methods"]["d-trak/K2"]["generated"]["paper"]["lds"], abs=1e-6)
+
+
+def test_a_replaced_or_foreign_checkpoint_is_refused(own, tmp_path, capsys):
+    root, run_dir, ckpts, attributor = own
+    other = str(tmp_path / "ckpts")
+    shutil.copytree(ckpts, other)
+    shutil.rmtree(os.path.join(other, "m001-s1"))
+    tiny_unet((8, 16)).save_pretrained(os.path.join(other, "m001-s1"))
+    fresh = str(tmp_path / "run")
+    lds_own.prepare(root, fresh, TINY_LDS)
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", fresh, "--checkpoints", other]) == 2
+    err = capsys.readouterr().err
+    assert "m001-s1" in err and "another architecture" in err and "block_out_channels" in err
+
+    # a checkpoint listing instead of the naming convention; a checkpoint replaced after measuring is noticed
+    listing = {j: os.path.join("..", "ckpts", j) for j in ("m000-s1", "m002-s1", "m003-s1")}
+    os.makedirs(tmp_path / "listed")
+    json.dump(listing, open(tmp_path / "listed" / lds_own.CHECKPOINTS, "w"))
+    assert lds_own.ground_truth(root, fresh, str(tmp_path / "listed"), partial=True, show_bar=False) == \
+        ["m000-s1", "m002-s1", "m003-s1"]
+    shutil.rmtree(os.path.join(other, "m002-s1"))
+    tiny_unet(seed=5).save_pretrained(os.path.join(other, "m002-s1"))
+    with pytest.raises(ValueError, match="another checkpoint"):
+        lds_own.ground_truth(root, fresh, str(tmp_path / "listed"), partial=True, show_bar=False)
+
+
+def test_masks_are_validated(own, tmp_path, capsys):
+    root, run_dir, ckpts, attributor = own
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.ones((4, N + 1), dtype=bool))
+    assert main(["lds-own", "prepare", "--root", root, "--out", str(tmp_path / "r"), "--masks", str(wrong)]) == 2
+    assert f"has {N + 1} columns but the training set has {N} images" in capsys.readouterr().err
+    for bad, match in ((np.zeros((4, N), dtype=np.float32) + 0.5, "values other than 0 and 1"),
+                       (np.ones((2, N), dtype=bool), "at least 3"), (np.ones(N, dtype=bool), "two dimensions")):
+        np.save(wrong, bad)
+        with pytest.raises(ValueError, match=match):
+            lds_own.read_masks(str(wrong), N)
+    lists = tmp_path / "subsets.json"
+    json.dump([[0, 1, 2], [3, 4], [5, 6, 7, 8]], open(lists, "w"))
+    m = lds_own.read_masks(str(lists), N)
+    assert m.shape == (3, N) and m.sum() == 9 and m[2, 8]
+    json.dump([[0, N]], open(lists, "w"))
+    with pytest.raises(ValueError, match="outside"):
+        lds_own.read_masks(str(lists), N)
+    # a user's masks drive the jobs and the ground truth's masks
+    given = np.zeros((3, N), dtype=bool)
+    given[0, :12], given[1, 12:], given[2, ::2] = True, True, True
+    np.savez(tmp_path / "given.npz", masks=given)
+    run = lds_own.prepare(root, str(tmp_path / "given-run"), TINY_LDS, masks=str(tmp_path / "given.npz"))
+    assert [j.id for j in run.jobs()] == ["m000-s1", "m001-s1", "m002-s1"]
+    assert np.array_equal(run.jobs()[1].keep, np.arange(12, N))
+
+
+def test_counterfactual_of_user_retrained_checkpoints(own, tmp_path, capsys):
+    root, run_dir, ckpts, attributor = own
+    out = str(tmp_path / "cf")
+    assert main(["counterfactual-own", "prepare", "--root", root, "--out", out, "--targets", "2", "--rankings",
+                 "d-trak,random", "--k", "6"]) == 0
+    removals = json.load(open(os.path.join(out, lds_own.REMOVALS)))
+    assert [j["id"] for j in removals["jobs"]] == ["d-trak-k6-seed1000", "random-k6-seed1000", "d-trak-k6-seed1001",
+                                                   "random-k6-seed1001"]
+    assert all(len(j["removed"]) == 6 and sorted(j["removed"] + j["keep"]) == list(range(N)) for j in removals["jobs"])
+    user_training_script(attributor.unet, attributor.scheduler, attributor.train.images, removals["jobs"],
+                         str(tmp_path / "cf-ckpts"), steps=1)
+    capsys.readouterr()
+    assert main(["counterfactual-own", "measure", "--root", root, "--out", out, "--checkpoints",
+                 str(tmp_path / "cf-ckpts")]) == 0
+    table = open(os.path.join(out, "results.md")).read()
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert {c["method"] for c in summary["cells"]} == {"D-TRAK", "Random"} and all(c["l2"]["n"] == 2 for c in summary["cells"])
+    assert "median L2" in table and "digit label changed" not in table  # no digit classifier for these images
