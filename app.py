@@ -3,6 +3,7 @@ made them, and check by removing those images and retraining.
 
     python app.py                          # http://127.0.0.1:7860, assets from ./assets
     DTRAK_ASSETS=path/to/assets python app.py
+    DTRAK_ASSETS=assets/text2image python app.py   # the text-to-image miniature: prompts, LoRA attribution
 
 Layout and thin handlers only: every computation is a `dtrak_core` call (figures and HTML cards
 come from `dtrak_core.viz`, small helpers from `dtrak_core.app_support`). The model, training set
@@ -1062,8 +1063,33 @@ def cards_html(elem_id: str) -> gr.HTML:
     return gr.HTML(elem_id=elem_id, js_on_load=CARD_CLICK_JS)
 
 
+def text2image_folder(root: str) -> bool:
+    """A text-to-image model folder (its own page: `dtrak_core.text2image.app_views`); a folder whose
+    manifest cannot be read is not, and the default loader reports what is wrong with it."""
+    try:
+        return read_manifest(root).get("kind") == "text2image"
+    except (ValueError, OSError):
+        return False
+
+
+def text2image_demo() -> gr.Blocks:
+    from dtrak_core.text2image import app_views
+
+    try:
+        app_views.load(ASSETS)
+    except Exception as e:  # as for the default: the page says what is wrong
+        import traceback
+
+        traceback.print_exc()
+        return error_page(str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
+    return app_views.build_demo(ASSETS, cards_html=cards_html, about=ABOUT, how_to_read=HOW_TO_READ,
+                                opponent_note=OPPONENT_NOTE, cache_sweep=CACHE_SWEEP)
+
+
 def build_demo() -> gr.Blocks:
     print(f"dtrak: loading the model folder {ASSETS} ...", file=sys.stderr, flush=True)
+    if text2image_folder(ASSETS):
+        return text2image_demo()
     try:
         a = load_assets(ASSETS)
     except Exception as e:  # any damage to the folder: the page says what, instead of a dead server
@@ -1343,6 +1369,10 @@ def warm_up() -> None:
             return
         print(f"dtrak: warmed {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+    if text2image_folder(ASSETS):
+        from dtrak_core.text2image import app_views
+
+        return app_views.warm_up(ASSETS)
     try:
         a = load_assets(ASSETS)
     except (ValueError, OSError):

@@ -102,7 +102,9 @@ def class_mass_figure(attribution, word: str = "digit") -> go.Figure:
         fig.update_layout(**layout, xaxis=dict(visible=False), yaxis=dict(visible=False))
         return fig
     mass = sup.class_mass(attribution.scores, attribution.labels)
-    classes = [str(c) for c in range(len(mass["count"]))]
+    present = np.flatnonzero(mass["count"])  # classes with training images (a fine-tuning set may hold a few)
+    mass = {k: v[present] for k, v in mass.items()}
+    classes = [str(c) for c in present]
     base = mass["count"] / mass["count"].sum()
     fig.add_bar(x=classes, y=mass["positive"], name="proponent mass", marker_color=PROPONENT,
                 hovertemplate=word + " %{x}: %{y:.1%} of the positive score<extra></extra>")

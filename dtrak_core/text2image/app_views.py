@@ -1,0 +1,717 @@
+"""The app (`app.py`) on a text-to-image model folder: `DTRAK_ASSETS=assets/text2image python app.py`.
+
+The same views as the default app where they apply, with a prompt: Generate (prompt + seeds ->
+samples), Attribute (a sample or an upload with its prompt -> proponents and opponents, score
+histogram, per-class mass, method choice, comparison of two methods, a training image's rank under
+every method), Benchmarks (the miniature's sample quality and its LDS results) and About.
+Remove-and-retrain is not offered here: the Counterfactual tab says why.
+
+Concurrency as in the default app: the loaded folder is shared read-only (sampling is a plain
+forward under `no_grad`; the LoRA gradients run on private replicas inside the featurizer, see
+`dtrak_core.shared`), and every result is cached by its whole request in an `OnceCache`.
+
+The handlers are plain functions of (root, request values), so they are tested without a server;
+`build_demo` lays them out with gradio.
+"""
+
+import functools
+import html
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dtrak_core import app_support as sup
+from dtrak_core import viz
+from dtrak_core.attribution import methods as registry
+from dtrak_core.attribution.attributor import Attribution
+from dtrak_core.attribution.similarity import ip_norms, similarity
+from dtrak_core.images import load_user_image, to_pil
+from dtrak_core.shared import OnceCache
+from dtrak_core.text2image.attributor import TextToImageAttributor, is_text2image_folder
+
+DEFAULT_PROMPT = "a handwritten digit 7"
+MAX_PROMPT_CHARS = 200
+QUERY_PX = 192
+LDS_FOLDER = "lds"  # under the model folder: what `lds-text2image evaluate` writes
+
+# Baselines scored on this setting's own inputs (the registry's baselines take pixel-space queries
+# without a prompt): the similarities the text-to-image LDS evaluates. name -> (needs the loss store, what it is)
+BASELINES = {
+    "pixel-dot": (False, "dot product of flattened pixels"),
+    "pixel-cosine": (False, "cosine of flattened pixels"),
+    "latent-cosine": (False, "cosine of the VAE latents (what the UNet sees)"),
+    "gradient-dot": (True, "dot product of projected LoRA loss gradients (the TRAK store's features)"),
+    "gradient-cosine": (True, "cosine of projected LoRA loss gradients (Charpiat et al. 2019)"),
+    "relative-ip": (True, "TRAK score / ||(Phi^T Phi + lam I)^-1 phi_n|| (Barshan et al. 2020)"),
+    "renorm-ip": (True, "TRAK score / ||phi_n||"),
+}
+NOT_HERE = {
+    "clip-dot / clip-cosine": "CLIP image embeddings of 8x8 digits are not a meaningful similarity; they run on the "
+                              "default model when local CLIP weights are present",
+    "TracInCP / GAS": "they need the LoRA's intermediate checkpoints and their stores, which the folder does not keep",
+    "Journey-TRAK": "it follows the default model's pixel-space sampling trajectory; not implemented for latent, "
+                    "prompted sampling",
+}
+
+
+def is_text2image(root: str) -> bool:
+    """True for a text-to-image model folder; False otherwise, a damaged manifest included (the
+    default loader then reports the damage)."""
+    try:
+        return is_text2image_folder(root)
+    except (ValueError, OSError):
+        return False
+
+
+# ---------------------------------------------------------------- the loaded folder (one per process)
+
+@dataclass
+class TextToImageAssets:
+    root: str
+    attributor: TextToImageAttributor
+    methods: list  # TRAK family (one per store), then the baselines that run here
+    unavailable: dict  # {method: why it cannot run here}
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.attributor.train)
+
+    @property
+    def digits(self) -> bool:
+        """The digits miniature (or a folder like it): the digit classifier applies."""
+        return self.attributor.train.name.startswith("digits") and self.attributor.image_shape == (1, 8, 8)
+
+    @property
+    def class_word(self) -> str:
+        return "digit" if self.digits else "class"
+
+    def scale(self, px: int) -> int:
+        return max(1, px // self.attributor.image_shape[-1])
+
+
+_folders = OnceCache()
+
+
+def load(root: str) -> TextToImageAssets:
+    """The folder, loaded and verified once per process; ValueError with the reason when it is damaged."""
+    def make():
+        attributor = TextToImageAttributor.load(root)
+        has_loss = "loss" in attributor.methods
+        methods = list(attributor.methods) + [m for m, (needs_loss, _) in BASELINES.items() if has_loss or not needs_loss]
+        unavailable = {m: "needs the folder's `loss` (TRAK) store" for m, (needs_loss, _) in BASELINES.items()
+                       if needs_loss and not has_loss}
+        with open(os.path.join(root, "manifest.json")) as f:
+            manifest = json.load(f)
+        return TextToImageAssets(root, attributor, methods, {**unavailable, **NOT_HERE}, manifest)
+    return _folders.get(os.path.abspath(root), make)
+
+
+# ---------------------------------------------------------------- requests
+
+def parse_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("type a prompt, e.g. \"a handwritten digit 7\"")
+    prompt = " ".join(prompt.split())
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+def parse_guidance(value) -> float:
+    try:
+        g = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance must be a number in 0..20, got {sup._shown(value)}") from None
+    if not 0 <= g <= 20:
+        raise ValueError(f"guidance must be a number in 0..20, got {sup._shown(value)}")
+    return round(g, 2)
+
+
+def prompt_warning(a: TextToImageAssets, prompt: str) -> str | None:
+    """What the model will not read of a prompt: words outside its vocabulary (a word-level
+    tokenizer maps them all to one unknown token) and words past its token limit."""
+    tok = a.attributor.pipeline.tokenizer
+    notes = []
+    if tok.unk_token_id is not None and tok.unk_token_id not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
+        vocab = tok.get_vocab()
+        unknown = [w for w in prompt.lower().split() if w not in vocab]
+        if unknown:
+            notes.append(f"the model does not know the word{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(repr(w) for w in unknown[:5])} (it reads each as one unknown word)")
+    n = len(tok(prompt, truncation=False).input_ids)
+    if n > tok.model_max_length:
+        notes.append(f"only the first {tok.model_max_length - 2} words are read (the text encoder's limit)")
+    return "; ".join(notes) if notes else None
+
+
+_samples = OnceCache(64)  # (root, prompt, seeds, steps, guidance) -> images (B, C, H, W)
+_attributions = OnceCache(256)  # (root, query, method) -> Attribution
+_features = OnceCache(128)  # (root, query, output fn) -> projected query feature (1, k)
+
+
+def samples(a: TextToImageAssets, prompt: str, seeds, steps: int, guidance: float | None = None) -> torch.Tensor:
+    """DDIM samples of one prompt for these seeds, computed once per request."""
+    guidance = a.attributor.guidance_scale if guidance is None else guidance
+    return _samples.get((a.root, prompt, tuple(seeds), steps, guidance), lambda: a.attributor.generate(
+        list(seeds), prompt, steps=steps, guidance_scale=guidance))
+
+
+def digit_labels(a: TextToImageAssets, images: np.ndarray):
+    """(labels, confidences) from the digit classifier, or None when the folder is not digits."""
+    if not a.digits:
+        return None
+    from dtrak_core.evaluation.quality import classify
+
+    return classify(images)
+
+
+def generate_samples(root: str, prompt, mode, seed, start, end, count, steps, guidance=None, progress=None):
+    """(images (B, C, H, W) numpy, captions, batch) for a Generate request."""
+    a = load(root)
+    prompt = parse_prompt(prompt)
+    seeds = sup.parse_seeds(mode, seed, start, end, count)
+    steps = sup.parse_steps(steps)
+    guidance = a.attributor.guidance_scale if guidance is None else parse_guidance(guidance)
+    images = samples(a, prompt, seeds, steps, guidance).numpy()
+    found = digit_labels(a, images)
+    captions = [f"seed {s}" + ("" if found is None else f": {found[0][i]}") for i, s in enumerate(seeds)]
+    return images, captions, {"seeds": seeds, "steps": steps, "prompt": prompt, "guidance": guidance, "images": images}
+
+
+def sample_query(batch: dict, i: int) -> dict:
+    seed = batch["seeds"][i]
+    return {"pixels": batch["images"][i], "prompt": batch["prompt"], "seed": int(seed),
+            "title": f"Generated sample, seed {int(seed)} (DDIM {batch['steps']} steps, guidance {batch['guidance']:g}), "
+                     f"prompt “{batch['prompt']}”"}
+
+
+def with_prompt(q: dict, prompt) -> dict:
+    """The same image asked about with another prompt."""
+    return {**q, "prompt": parse_prompt(prompt)}
+
+
+def _query_key(q: dict) -> tuple:
+    return sup.QueryKey.for_pixels(q["pixels"]), q["prompt"]
+
+
+def query_feature(a: TextToImageAssets, q: dict, output_fn: str) -> torch.Tensor:
+    """The projected LoRA gradient (1, k) of the query with its prompt, for one store."""
+    setting, _ = a.attributor.setting(output_fn)
+    return _features.get((a.root, _query_key(q), setting), lambda: a.attributor.query_features(
+        torch.as_tensor(q["pixels"])[None], [q["prompt"]], setting))
+
+
+def baseline_scores(a: TextToImageAssets, q: dict, method: str) -> np.ndarray:
+    """(N,) scores of one of `BASELINES` for the query, on this setting's inputs."""
+    attributor, x = a.attributor, torch.as_tensor(q["pixels"], dtype=torch.float32)[None]
+    if method in ("pixel-dot", "pixel-cosine"):
+        return similarity(x.flatten(1), attributor.train.images.flatten(1), method.split("-")[1])[0]
+    if method == "latent-cosine":
+        train = _features.get((a.root, "train latents"), lambda: attributor.pipeline.encode_images(attributor.train.images))
+        return similarity(attributor.pipeline.encode_images(x).flatten(1), train.flatten(1), "cosine")[0]
+    scorer = attributor.scorer("loss")
+    phi = query_feature(a, q, "loss")
+    if method in ("gradient-dot", "gradient-cosine"):
+        return similarity(phi, scorer.train_features_, method.split("-")[1])[0]
+    kind = method.split("-")[0]  # relative-ip, renorm-ip
+    norms = _features.get((a.root, "ip norms", kind, scorer.lam_), lambda: ip_norms(scorer, kind))
+    return scorer.scores(phi)[0] / norms
+
+
+def attribution_for(root: str, q: dict, method: str) -> Attribution:
+    """Scores of any method here for a query (image + prompt), cached per (query, method)."""
+    a = load(root)
+    known = registry.find(method) if isinstance(method, str) else None  # 'd-trak', 'TRAK': the registry's aliases
+    method = sup.parse_method(known.name if known is not None and known.name in a.methods else method, a.methods)
+
+    def compute():
+        if method in BASELINES:
+            scores = baseline_scores(a, q, method)
+        else:
+            scores = a.attributor.scorer(method).scores(query_feature(a, q, method))[0]
+        return Attribution(method, np.asarray(scores, dtype=np.float64), a.attributor.train.labels.numpy())
+    return _attributions.get((a.root, _query_key(q), method), compute)
+
+
+def all_attributions(root: str, q: dict) -> dict:
+    out = {}
+    for method in load(root).methods:
+        try:
+            out[method] = attribution_for(root, q, method)
+        except ValueError as e:
+            out[method] = e
+    return out
+
+
+def summary_text(a: TextToImageAssets, q: dict, result: Attribution, k: int) -> str:
+    label = sup.method_label(result.method)
+    prop, opp = result.proponents(k), result.opponents(k)
+    found = digit_labels(a, q["pixels"][None])
+    if found is None:
+        return f"**{label}**: the top-{k} proponents and opponents of this image with the prompt “{q['prompt']}”."
+    digit = int(found[0][0])
+    return (f"**{label}**: **{int((result.labels[prop] == digit).sum())} of {k}** top proponents and "
+            f"**{int((result.labels[opp] == digit).sum())} of {k}** top opponents are {digit}s, the digit the "
+            f"classifier sees in the query (prompt “{q['prompt']}”).")
+
+
+def upload_query(root: str, path: str, prompt, invert: bool | None = None) -> tuple[dict, bool]:
+    """An uploaded image file with a prompt -> (query, inverted). invert None: detected from the
+    image's border (the digits are light ink on black; a drawing on paper is the other way round)."""
+    a = load(root)
+    c, r, _ = a.attributor.image_shape
+    name = os.path.basename(path)
+    try:
+        if invert is None:
+            invert = a.digits and sup.light_paper(load_user_image(path, r, c, invert=False).numpy())
+        pixels = load_user_image(path, r, c, invert=bool(invert)).numpy()
+    except ValueError as e:
+        raise ValueError(f"Could not use {name}: {e}") from None
+    return {"pixels": pixels, "prompt": parse_prompt(prompt), "seed": None,
+            "title": f"Your image {name}{' (inverted)' if invert else ''}, as the model sees it "
+                     f"({pixels.shape[-1]}x{pixels.shape[-2]})"}, bool(invert)
+
+
+def training_query(root: str, index) -> dict:
+    """A training image as the query, with its own caption as the prompt."""
+    a = load(root)
+    index = sup.parse_int(index, "training image index", 0, a.n_train - 1)
+    caption = a.attributor.train.captions[index]
+    return {"pixels": a.attributor.train.images[index].numpy(), "prompt": caption, "seed": None,
+            "title": f"Training image #{index}, caption “{caption}”"}
+
+
+# ---------------------------------------------------------------- Benchmarks: quality and LDS
+
+QUALITY_MODELS = {"lora": "base + LoRA (what the app samples)", "base_on_pretraining_digits": "base model alone",
+                  "base_on_finetuning_digits": "base model alone"}  # the base was measured on 0-4 and on 5-9
+
+
+def quality_rows(manifest: dict) -> list[dict]:
+    """One row per prompted digit: the share of samples the digit classifier reads as that digit,
+    for each model the build measured (the LoRA on 5-9; the base on its own 0-4 and asked for 5-9),
+    then one row per set of prompts measured together with its overall share."""
+    quality = manifest.get("quality") or {}
+    per_digit, overall = {}, {}
+    for key, q in quality.items():
+        if not isinstance(q, dict) or "prompt_accuracy_per_digit" not in q:
+            continue
+        model = QUALITY_MODELS.get(key, key)
+        digits = sorted(int(d) for d in q["prompt_accuracy_per_digit"])
+        for d, v in q["prompt_accuracy_per_digit"].items():
+            per_digit.setdefault(int(d), {})[model] = f"{float(v):.1%}"
+        overall.setdefault((digits[0], digits[-1]), {})[model] = f"{float(q['prompt_accuracy']):.1%}"
+    models = list(dict.fromkeys(m for d in per_digit.values() for m in d))
+    models.sort(key=lambda m: list(QUALITY_MODELS.values()).index(m) if m in QUALITY_MODELS.values() else 99)
+    rows = [{"prompt": f"“a handwritten digit {d}”", **{m: per_digit[d].get(m, "") for m in models}}
+            for d in sorted(per_digit)]
+    rows += [{"prompt": f"all of “{lo}” .. “{hi}”", **{m: shares.get(m, "") for m in models}}
+             for (lo, hi), shares in sorted(overall.items(), key=lambda kv: -kv[0][0])]
+    return rows
+
+
+def quality_markdown(a: TextToImageAssets) -> str:
+    q = (a.manifest.get("quality") or {}).get("lora")
+    if not isinstance(q, dict):
+        return ("### Sample quality\nNo sample-quality measurement for this folder: the build measures it with the "
+                "digit classifier for the digits miniature (`python -m dtrak_core build-text2image`).")
+    return (f"### Sample quality: does the model draw the digit it is asked for?\n"
+            f"{q.get('n')} samples of the LoRA (seeds {str(q.get('seeds', '?')).replace(' each', '')} for each prompt, "
+            f"sampler {q.get('sampler', '?')}, guidance {q.get('guidance_scale', '?')}), each read by the digit classifier (logistic regression, 97% on held-out "
+            f"digits): **{float(q['prompt_accuracy']):.1%}** are the prompted digit "
+            f"({float(q.get('prompt_accuracy_confident', 0)):.1%} with confidence ≥ {q.get('confidence_threshold', 0.8)}). "
+            "The base model alone draws the digits 5-9 almost never: they come from the LoRA, whose fine-tuning "
+            "set is what the Attribute tab attributes. Measured by the build and recorded in the folder's "
+            "`manifest.json`.")
+
+
+def read_lds(root: str) -> dict:
+    """The LDS results under `root/lds` as {'data', 'markdown', 'error'} (each None when absent)."""
+    folder = os.path.join(root, LDS_FOLDER)
+    out = {"folder": folder, "data": None, "markdown": None, "error": None}
+    path = os.path.join(folder, "lds_results.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                out["data"] = json.load(f)
+            if not isinstance(out["data"], dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            out["data"], out["error"] = None, f"{path}: {e}"
+    md = os.path.join(folder, "results.md")
+    if os.path.isfile(md):
+        with open(md) as f:
+            out["markdown"] = f.read()
+    return out
+
+
+def lds_rows(data: dict) -> list[dict]:
+    """One row per (method, test set): the TRAK family with its honest and paper lambda, then the baselines."""
+    return sup.lds_rows(data) + sup.table_rows(data.get("baselines") or {})
+
+
+def lds_intro(data: dict) -> str:
+    done, planned = data.get("subsets_done"), data.get("subsets_planned")
+    seeds = len(data.get("train_seeds") or []) or "?"
+    cost = data.get("seconds_per_model") or {}
+    text = (f"The LoRA retrained on **{done}** random half subsets of its fine-tuning set ({seeds} training seeds "
+            "each); LDS x 100, higher is better.")
+    if data.get("partial"):
+        text = (f"**Provisional:** {done} of {planned} half subsets were retrained when these numbers were written. "
+                + text)
+    if cost:
+        text += (f" Cost per retrained model: {cost.get('train_mean', float('nan')):.1f} s LoRA fine-tuning + "
+                 f"{cost.get('eval_mean', float('nan')):.1f} s ground truth on this CPU.")
+    return text
+
+
+LDS_NOT_RUN = ("### LDS: not run yet\nNo `{folder}/lds_results.json`. The linear datamodeling score retrains the LoRA "
+               "on random half subsets of its fine-tuning set: `python -m dtrak_core lds-text2image run` (resumable, "
+               "`--max-jobs N` runs it in pieces), then `python -m dtrak_core lds-text2image evaluate` writes "
+               "`lds_results.json` and `results.md` there. Restart the app to show them.")
+
+
+# ---------------------------------------------------------------- the page
+
+HEADER = """# D-TRAK explorer: text to image
+Which fine-tuning images made this picture? A small latent diffusion model with a text encoder, pretrained on
+the digits 0-4 and fine-tuned with **LoRA** on the digits 5-9 (the paper's Stable Diffusion + LoRA setting, in
+small). **TRAK** and **D-TRAK** score each of the {n:,} LoRA fine-tuning images by the gradient of the LoRA
+weights. **Generate** from a prompt and click a sample: **Attribute** shows which fine-tuning images made it."""
+
+ABOUT_TEXT2IMAGE = r"""
+**This setting.** Only the LoRA weights are featurized (the base UNet, the VAE and the text encoder are frozen),
+as in the paper's ArtBench experiments: a training image $x$ with caption $c$ enters as its VAE latent
+$z$ (posterior mode x the scaling factor), the UNet attends to the text encoder's hidden states $h(c)$, and
+$\phi(x, c) = P^\top \frac{1}{K}\sum_t \nabla_{\theta_\text{LoRA}} f(\epsilon_\theta(z_t, t, h(c)), \epsilon_t)$.
+A query is an image **and its prompt**: the same image asked about with another prompt gets other scores.
+Samples are DDIM in latent space with classifier-free guidance, decoded by the VAE. Everything runs on a CPU.
+"""
+
+COUNTERFACTUAL_TEXT = """### Remove-and-retrain is not offered for the text-to-image model
+In the default app this tab removes a sample's top proponents, retrains and regenerates the same seed. For
+this model it would retrain the LoRA on the rest of the fine-tuning set (about half a minute per retrain on
+this CPU, per visitor); this app does not run that. The same question, whether the scores predict what
+retraining does, is answered over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on
+random half subsets of its fine-tuning images (`python -m dtrak_core lds-text2image run`)."""
+
+
+def _readable(fn, gr):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            raise gr.Error(str(e), duration=8) from None
+    return wrapper
+
+
+def methods_markdown(a: TextToImageAssets) -> str:
+    """The methods of this page and what each scores by, then those that do not run here and why."""
+    lines = ["## Methods for this model", "", "| method | scores by |", "|---|---|"]
+    lines += [f"| {sup.escape_table_cell(sup.method_label(m))} | "
+              f"{sup.escape_table_cell(BASELINES[m][1] if m in BASELINES else sup.method_description(m))} |"
+              for m in a.methods]
+    lines += ["", "Not available for this model:", ""] + [f"- **{m}**: {why}." for m, why in a.unavailable.items()]
+    return "\n".join(lines)
+
+
+def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_note: str, cache_sweep=None):
+    """The gradio page for a text-to-image folder. The pieces shared with the default page (the
+    training-card widget, the About and reading help) come from `app.py`."""
+    import gradio as gr
+
+    a = load(root)
+    choices = sup.method_choices(a.methods)
+    default_method = choices[0][1]
+    second = "loss" if "loss" in a.methods and default_method != "loss" else choices[-1][1]
+    readable = functools.partial(_readable, gr=gr)
+
+    def no_query():
+        return gr.Error("No query yet: generate samples and click one, or upload an image.", duration=8)
+
+    def thumbs(images, captions):
+        return [(to_pil(torch.as_tensor(img), a.scale(2 * viz.THUMB_PX)), c) for img, c in zip(images, captions)]
+
+    @readable
+    def on_generate(prompt, mode, seed, start, end, count, steps, guidance, progress=gr.Progress()):
+        progress(0, desc="DDIM sampling")
+        images, captions, batch = generate_samples(root, prompt, mode, seed, start, end, count, steps, guidance)
+        warning = prompt_warning(a, batch["prompt"])
+        note = f"Samples of “{batch['prompt']}”" + ("" if not a.digits else " (seed: the digit the classifier sees)") + \
+            ". Click one to see which fine-tuning images made it." + (f"  \n⚠️ {warning}." if warning else "")
+        return thumbs(images, captions), batch, note
+
+    @readable
+    def check_generate(prompt, mode, seed, start, end, count, steps, guidance):
+        parse_prompt(prompt)
+        sup.parse_seeds(mode, seed, start, end, count, rng_seed=0)
+        sup.parse_steps(steps)
+        parse_guidance(guidance)
+
+    def query_view(q):
+        found = digit_labels(a, q["pixels"][None])
+        seen = "" if found is None else f"  \nlooks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
+        warning = prompt_warning(a, q["prompt"])
+        return (to_pil(torch.as_tensor(q["pixels"]), a.scale(QUERY_PX)), f"**{html.escape(q['title'])}**{seen}"
+                + (f"  \n⚠️ {warning}." if warning else ""), q["prompt"])
+
+    def select_sample(batch, evt: gr.SelectData):
+        if not batch or evt.index is None:
+            raise gr.Error("Generate samples first, then click one.", duration=8)
+        i = evt.index if isinstance(evt.index, int) else evt.index[0]
+        q = sample_query(batch, sup.parse_int(i, "sample", 0, len(batch["seeds"]) - 1))
+        return (q, gr.Tabs(selected="attribute"), *query_view(q))
+
+    def cards(result, indices, title, note=""):
+        return viz.training_cards(a.attributor.train, result, indices, title, a.class_word, note)
+
+    @readable
+    def attribute(q, method, k, progress=gr.Progress()):
+        if q is None:
+            raise no_query()
+        k = sup.parse_top_k(k)
+        progress(0, desc=f"attributing with {sup.method_label(method)}")
+        result = attribution_for(root, q, method)
+        prop, opp = result.proponents(k), result.opponents(k)
+        return (cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
+                cards(result, opp, f"Top-{k} opponents", opponent_note if a.digits else ""),
+                viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word),
+                summary_text(a, q, result, k))
+
+    @readable
+    def reprompt(q, prompt):
+        """The attribution prompt edited: the same image, asked about with the new prompt."""
+        if q is None:
+            raise no_query()
+        q = with_prompt(q, prompt)
+        return (q, *query_view(q)[:2])
+
+    @readable
+    def compare(q, method_a, method_b, k, progress=gr.Progress()):
+        if q is None:
+            raise no_query()
+        k = sup.parse_top_k(k)
+        progress(0, desc="attributing with both methods")
+        ra, rb = attribution_for(root, q, method_a), attribution_for(root, q, method_b)
+        text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: top-{k} overlap "
+                f"**{sup.top_k_overlap(ra.scores, rb.scores, k)} of {k}**; Spearman rank correlation of all "
+                f"{len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**.")
+        return (cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
+                cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
+
+    def follow_compare(q, method_a, method_b, k, shown):
+        if not shown or q is None:
+            return gr.update(), gr.update(), gr.update()
+        try:
+            return compare(q, method_a, method_b, k)
+        except gr.Error as e:
+            return "", "", f"Comparison not available: {e.message}"
+
+    @readable
+    def inspect_training(q, evt: gr.EventData):
+        if q is None:
+            raise no_query()
+        data = getattr(evt, "_data", None) or {}
+        index = sup.parse_int(data.get("index") if isinstance(data, dict) else None, "training image index", 0,
+                              a.n_train - 1)
+        rows = sup.ranks_under_methods(all_attributions(root, q), index)
+        details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)
+        caption = html.escape(a.attributor.train.captions[index])
+        return index, f'<div class="muted">caption: “{caption}”</div>' + details, gr.Column(visible=True)
+
+    @readable
+    def use_training_image(index):
+        q = training_query(root, index)
+        return (q, *query_view(q), gr.Column(visible=False))
+
+    @readable
+    def read_upload(path, prompt):
+        if not path:
+            return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+        q, inverted = upload_query(root, path, prompt)
+        img, info, prompt = query_view(q)
+        detected = "dark ink on light paper: inverted" if inverted else "light ink on a dark background: used as it is"
+        return q, img, info + (f"  \nInk detected: {detected} (change it with the box below)." if a.digits else ""), \
+            prompt, inverted
+
+    @readable
+    def use_upload(path, prompt, invert):
+        if not path:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        q, _ = upload_query(root, path, prompt, bool(invert))
+        return (q, *query_view(q))
+
+    with gr.Blocks(title="D-TRAK explorer: text to image", delete_cache=cache_sweep) as demo:
+        batch = gr.State(None)
+        query = gr.State(None)  # pixels, prompt, seed, title
+        picked = gr.State(None)
+        compare_on = gr.State(False)
+        gr.Markdown(HEADER.format(n=a.n_train))
+        with gr.Tabs(overflow_behavior="wrap") as tabs:
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=260):
+                        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=1, elem_id="prompt",
+                                            info="the miniature knows “a handwritten digit 0” .. “9”; the LoRA "
+                                                 "taught it 5-9")
+                        mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
+                        seed = gr.Number(0, precision=0, label="Seed", visible=False)
+                        with gr.Row() as range_row:
+                            start = gr.Number(0, precision=0, label="First seed", min_width=100)
+                            end = gr.Number(15, precision=0, label="Last seed", min_width=100)
+                        count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
+                        steps = gr.Slider(1, sup.MAX_DDIM_STEPS, 50, step=1, label="DDIM steps")
+                        guidance = gr.Slider(0, 10, a.attributor.guidance_scale, step=0.5,
+                                             label="Guidance (classifier-free; 1 = none)")
+                        gen_btn = gr.Button("Generate", variant="primary")
+                    with gr.Column(scale=3):
+                        gen_note = gr.Markdown("**Samples**. Click one to see which fine-tuning images made it.",
+                                               elem_id="samples-note")
+                        gallery = gr.Gallery(label="Samples", show_label=False, columns=6, fit_columns=False,
+                                             format="png", object_fit="contain", allow_preview=False, height="auto",
+                                             elem_id="samples", buttons=[])
+            with gr.Tab("Attribute", id="attribute"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=240):
+                        query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
+                                             buttons=[], elem_classes="pixel")
+                        query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
+                                                 elem_id="query-info")
+                        query_prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt of the query", max_lines=1,
+                                                  elem_id="query-prompt",
+                                                  info="the caption the image is attributed under; Enter applies it")
+                        upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
+                                         type="filepath", height=150, elem_id="upload")
+                        invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
+                                             info="set from each upload's border; untick or tick to override",
+                                             visible=a.digits)
+                    with gr.Column(scale=3, min_width=300):
+                        with gr.Row():
+                            method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
+                            topk = gr.Slider(1, sup.MAX_TOP_K, 8, step=1, label="Top-k shown", min_width=200,
+                                             elem_id="topk")
+                        summary = gr.Markdown(elem_id="summary")
+                        with gr.Accordion("How to read this", open=False):
+                            gr.Markdown(how_to_read)
+                        prop_cards = cards_html("proponents")
+                        opp_cards = cards_html("opponents")
+                        with gr.Column(visible=False, elem_id="drill") as drill_box:
+                            drill = gr.HTML(elem_id="drill-details")
+                            with gr.Row():
+                                use_btn = gr.Button("Use as query", variant="primary", size="sm")
+                                close_btn = gr.Button("Close", size="sm")
+                        with gr.Row():
+                            hist = gr.Plot(show_label=False, elem_id="histogram", min_width=280)
+                            mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
+                with gr.Accordion("Compare two methods", open=True):
+                    with gr.Row():
+                        method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3, min_width=200)
+                        compare_btn = gr.Button("Compare", scale=1, min_width=120)
+                    compare_text = gr.Markdown()
+                    with gr.Row():
+                        gal_a = cards_html("compare-a")
+                        gal_b = cards_html("compare-b")
+            with gr.Tab("Counterfactual", id="counterfactual"):
+                gr.Markdown(COUNTERFACTUAL_TEXT, elem_id="cf-not-offered")
+            with gr.Tab("Benchmarks", id="benchmarks"):
+                benchmarks_blocks(a, gr)
+            with gr.Tab("About", id="about"):
+                gr.Markdown(about + ABOUT_TEXT2IMAGE, latex_delimiters=[
+                    {"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}])
+                gr.Markdown(methods_markdown(a))
+
+        def seed_inputs(m):
+            return gr.Number(visible=m == "single"), gr.Row(visible=m == "range"), gr.Slider(visible=m == "random")
+        mode.change(seed_inputs, mode, [seed, range_row, count], queue=False)
+        gen_inputs = [prompt, mode, seed, start, end, count, steps, guidance]
+        gen_outputs = [gallery, batch, gen_note]
+        gen_btn.click(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
+            on_generate, gen_inputs, gen_outputs, concurrency_id="compute")
+        prompt.submit(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
+            on_generate, gen_inputs, gen_outputs, concurrency_id="compute")
+        demo.load(on_generate, gen_inputs, gen_outputs, concurrency_id="compute")
+
+        attr_inputs, attr_outputs = [query, method, topk], [prop_cards, opp_cards, hist, mass, summary]
+        busy = dict(concurrency_id="compute", show_progress="minimal", show_progress_on=[summary])
+        cmp_inputs, cmp_outputs = [query, method, method_b, topk], [gal_a, gal_b, compare_text]
+
+        def after(event):
+            event.success(follow_compare, [*cmp_inputs, compare_on], cmp_outputs, concurrency_id="compute",
+                          show_progress="hidden")
+
+        def show_query(event):
+            event.then(lambda: gr.Column(visible=False), None, drill_box, queue=False)
+            after(event.success(attribute, attr_inputs, attr_outputs, **busy))
+
+        show_query(gallery.select(select_sample, batch, [query, tabs, query_img, query_info, query_prompt]))
+        show_query(upload.upload(read_upload, [upload, query_prompt], [query, query_img, query_info, query_prompt,
+                                                                       invert], show_progress="hidden"))
+        show_query(invert.input(use_upload, [upload, query_prompt, invert], [query, query_img, query_info,
+                                                                             query_prompt], show_progress="hidden"))
+        show_query(query_prompt.submit(reprompt, [query, query_prompt], [query, query_img, query_info],
+                                       show_progress="hidden"))
+        for trigger in (method.input, topk.release):
+            after(trigger(attribute, attr_inputs, attr_outputs, trigger_mode="always_last", **busy))
+        for event in (compare_btn.click, method_b.input):
+            event(compare, cmp_inputs, cmp_outputs, concurrency_id="compute", trigger_mode="always_last").success(
+                lambda: True, None, compare_on, queue=False)
+        for widget in (prop_cards, opp_cards, gal_a, gal_b):
+            widget.click(inspect_training, [query], [picked, drill, drill_box], concurrency_id="compute",
+                         show_progress="minimal", trigger_mode="always_last")
+        show_query(use_btn.click(use_training_image, [picked], [query, query_img, query_info, query_prompt,
+                                                                drill_box]))
+        close_btn.click(lambda: gr.Column(visible=False), None, drill_box, queue=False)
+    return demo
+
+
+def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
+    """Sample quality (from the build) and the LDS results of `lds-text2image`, or that it has not run."""
+    gr.Markdown(quality_markdown(a))
+    rows = quality_rows(a.manifest)
+    if rows:
+        headers = list(dict.fromkeys(h for r in rows for h in r))
+        gr.Dataframe(value=[["" if r.get(h) is None else r.get(h) for h in headers] for r in rows], headers=headers,
+                     label="share of samples classified as the prompted digit", interactive=False, wrap=True,
+                     elem_id="quality-table")
+    lds = read_lds(a.root)
+    if lds["data"] is None:
+        gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`" if lds["error"] else
+                     LDS_NOT_RUN.format(folder=lds["folder"])), elem_id="lds-status")
+        return
+    gr.Markdown("### LDS: D-TRAK, TRAK and the baselines, with LoRA retrains", elem_id="lds-status")
+    gr.Markdown(lds_intro(lds["data"]))
+    rows = lds_rows(lds["data"])
+    if rows:
+        headers = list(dict.fromkeys(h for r in rows for h in r))
+        gr.Dataframe(value=[["" if r.get(h) is None else r.get(h) for h in headers] for r in rows], headers=headers,
+                     label="LDS x 100 (higher is better), mean over test images", interactive=False, wrap=True,
+                     elem_id="lds-table")
+        gr.Plot(viz.lds_chart(rows, lds["data"].get("noise_ceiling")), show_label=False)
+    if lds["markdown"]:
+        with gr.Accordion("The evaluation's report (results.md)", open=False):
+            gr.Markdown(sup.relabel_tables(lds["markdown"]))
+
+
+def warm_up(root: str) -> None:
+    """The first page's samples and the default method's scorer, computed in the background once
+    the server is up (what a first visitor would otherwise wait for)."""
+    try:
+        a = load(root)
+    except (ValueError, OSError):
+        return
+    for what, fn in (("the first page's samples", lambda: samples(a, DEFAULT_PROMPT, range(16), 50)),
+                     ("the default method's scorer", lambda: a.attributor.scorer(sup.method_choices(a.methods)[0][1]))):
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # the cache stays cold; the request that needs it computes (or reports) it
+            print(f"dtrak: warm-up of {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return
+        print(f"dtrak: warmed {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -1,0 +1,96 @@
+"""The app's text-to-image handlers on the committed miniature, checked against the attributor itself."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core.attribution.similarity import similarity
+from dtrak_core.text2image import app_views as views
+from dtrak_core.text2image.build import MINIATURE_ROOT
+
+PROMPT = "a handwritten digit 7"
+
+
+@pytest.fixture(scope="module")
+def t2i(one_thread):
+    return views.load(MINIATURE_ROOT)
+
+
+@pytest.fixture(scope="module")
+def sample(t2i):
+    images, captions, batch = views.generate_samples(MINIATURE_ROOT, f"  {PROMPT} ", "range", None, 0, 1, None, 50)
+    return images, captions, batch
+
+
+def test_generate_is_the_attributors_sampling(t2i, sample):
+    images, captions, batch = sample
+    assert batch["prompt"] == PROMPT and batch["seeds"] == [0, 1] and images.shape == (2, 1, 8, 8)
+    direct = t2i.attributor.generate([0, 1], PROMPT, steps=50).numpy()
+    np.testing.assert_allclose(images, direct, atol=1e-5)
+    assert captions[0].startswith("seed 0: ") and captions[1].startswith("seed 1: ")  # the classifier's digit
+
+
+def test_attribute_gives_the_attributors_scores_and_follows_the_prompt(t2i, sample):
+    _, _, batch = sample
+    q = views.sample_query(batch, 0)
+    image = torch.as_tensor(batch["images"][0])
+    app = views.attribution_for(MINIATURE_ROOT, q, "d-trak")
+    direct = t2i.attributor.attribute(image, "d-trak", prompt=PROMPT)
+    np.testing.assert_allclose(app.scores, direct.scores, rtol=1e-6, atol=1e-12)
+    assert app.method == direct.method == "square"
+    assert views.attribution_for(MINIATURE_ROOT, q, "square") is app  # cached per (image, prompt, method)
+    other = views.attribution_for(MINIATURE_ROOT, views.with_prompt(q, "a handwritten digit 5"), "d-trak")
+    assert np.corrcoef(other.scores, app.scores)[0, 1] < 0.99  # the prompt is part of the query
+
+
+def test_every_method_runs_and_a_training_image_finds_itself(t2i):
+    assert t2i.methods[:2] == ["loss", "square"] and set(views.BASELINES) <= set(t2i.methods)
+    index = 300
+    q = views.training_query(MINIATURE_ROOT, index)
+    assert q["prompt"] == t2i.attributor.train.captions[index]
+    found = views.all_attributions(MINIATURE_ROOT, q)
+    for method in ("square", "loss", "pixel-cosine", "latent-cosine", "gradient-cosine"):
+        assert int(np.argmax(found[method].scores)) == index, method
+    pixels = torch.as_tensor(q["pixels"])[None].flatten(1)
+    np.testing.assert_allclose(found["pixel-dot"].scores,
+                               similarity(pixels, t2i.attributor.train.images.flatten(1), "dot")[0])
+
+
+def test_request_values_are_checked(t2i):
+    with pytest.raises(ValueError, match="type a prompt"):
+        views.generate_samples(MINIATURE_ROOT, "   ", "single", 0, None, None, None, 50)
+    with pytest.raises(ValueError, match="at most"):
+        views.parse_prompt("a" * (views.MAX_PROMPT_CHARS + 1))
+    with pytest.raises(ValueError, match="guidance"):
+        views.parse_guidance("lots")
+    with pytest.raises(ValueError, match="method must be one of"):
+        views.attribution_for(MINIATURE_ROOT, views.training_query(MINIATURE_ROOT, 0), "journey-trak")
+    assert "'cat'" in views.prompt_warning(t2i, "a handwritten cat 7")
+    assert views.prompt_warning(t2i, PROMPT) is None
+
+
+def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
+    rows = views.quality_rows(t2i.manifest)
+    lora, base = "base + LoRA (what the app samples)", "base model alone"
+    assert [r["prompt"] for r in rows[:10]] == [f"“a handwritten digit {d}”" for d in range(10)]
+    assert rows[7][lora] == "95.0%" and rows[7][base] == "5.0%" and rows[2][lora] == "" and rows[2][base] == "95.0%"
+    assert list(rows[0]) == ["prompt", lora, base]
+    assert rows[10] == {"prompt": "all of “5” .. “9”", lora: "88.5%", base: "3.5%"}
+    assert rows[11] == {"prompt": "all of “0” .. “4”", lora: "", base: "96.5%"}
+    assert views.read_lds(str(tmp_path))["data"] is None  # nothing there: the page says "not run yet"
+    study = {"honest": {"lds": 31.0, "pm": 2.0}, "paper": {"lds": 32.0, "pm": 2.0, "lambda": 0.1}}
+    results = {"subsets_done": 6, "subsets_planned": 64, "partial": True, "train_seeds": [0, 1],
+               "methods": {"d-trak": {"setting": {"K": 100}, "validation": study, "generated": study}},
+               "baselines": {"pixel-dot": {"validation": {"lds": 20.0, "pm": 3.0}, "generated": {"lds": 10.0, "pm": 3.0}}},
+               "seconds_per_model": {"train_mean": 33.0, "eval_mean": 5.0}}
+    (tmp_path / "lds").mkdir()
+    (tmp_path / "lds" / "lds_results.json").write_text(json.dumps(results))
+    lds = views.read_lds(str(tmp_path))
+    got = views.lds_rows(lds["data"])
+    assert [(r["method"], r["test set"]) for r in got] == [("D-TRAK (square)", "validation"), ("D-TRAK (square)", "generated"),
+                                                           ("pixel-dot", "validation"), ("pixel-dot", "generated")]
+    assert "Provisional" in views.lds_intro(lds["data"]) and "6 of 64" in views.lds_intro(lds["data"])
+    (tmp_path / "lds" / "lds_results.json").write_text("{not json")
+    assert views.read_lds(str(tmp_path))["error"].endswith("lds_results.json: Expecting property name enclosed in "
+                                                           "double quotes: line 1 column 2 (char 1)")
