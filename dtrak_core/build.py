@@ -98,7 +98,7 @@ def build_default(root: str | None = None, config: TrainConfig = DEFAULT_TRAIN_C
 
 
 def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, invert: bool = False,
-               show_bar: bool = True) -> dict:
+               show_bar: bool = True, device="cpu") -> dict:
     """A model folder for your own model and training images: feature stores under `root`, the
     model and the images referenced where they are (nothing is copied or downloaded).
 
@@ -107,6 +107,8 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     data: the folder of images the model was trained on (labels from class sub-folders, if any),
         resized to the model's resolution and channels; `invert` for dark-on-light images.
     Resumable: run it again to finish stores; a root built for another model or data is refused.
+    device: where the gradients are computed. settings=(): the manifest only (fill the stores
+    later, e.g. with `torchrun ... featurize`).
     """
     folder = resolve_model(model)
     unet, scheduler = load_checkpoint(folder)
@@ -124,5 +126,5 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     ModelFolder.edit(root, lambda f: setattr(f, "stores", f.stores or []), **identity, model_source=model,
                      parameters=count_parameters(unet), num_train=len(train_set))
     for setting in settings:
-        build_store(root, unet, scheduler, setting, show_bar, train_set=train_set)
+        build_store(root, unet, scheduler, setting, show_bar, train_set=train_set, device=device)
     return ModelFolder.load(root).to_dict()

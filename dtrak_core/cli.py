@@ -244,10 +244,15 @@ def cmd_lds_own(args):
     _check_model_root(args.root)
     torch.set_num_threads(args.threads)
     if args.action == "prepare":
+        from dataclasses import asdict
+
         resolve_device(args.device)
-        config = LDSConfig(num_subsets=args.subsets, alpha=args.alpha, subset_seed=args.subset_seed,
-                           train_seeds=tuple(args.seeds), eval_timesteps=args.eval_timesteps,
-                           noise_seeds=tuple(args.noise_seeds), generated=args.generated, sample_steps=args.sample_steps)
+        # each option: as given, else the setting's (--config), else the built-in harness's default
+        base = asdict(_setting(args).lds_config if args.config else LDSConfig())
+        given = {"num_subsets": args.subsets, "alpha": args.alpha, "subset_seed": args.subset_seed,
+                 "train_seeds": args.seeds, "eval_timesteps": args.eval_timesteps, "noise_seeds": args.noise_seeds,
+                 "generated": args.generated, "sample_steps": args.sample_steps}
+        config = LDSConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
         _check_writable(args.out)
         run = lds_own.prepare(args.root, args.out, config, masks=args.masks, validation=args.validation,
                               device=args.device)
@@ -284,8 +289,12 @@ def cmd_counterfactual_own(args):
     torch.set_num_threads(args.threads)
     if args.action == "prepare":
         _check_writable(args.out)
-        removals = lds_own.counterfactual_prepare(args.root, args.out, target_seeds(args.targets, args.first_seed),
-                                                  args.rankings.split(","), args.k or ["20%"])
+        cf = _setting(args).counterfactual if args.config else {}
+        targets = args.targets if args.targets is not None else cf.get("targets", 60)
+        first = args.first_seed if args.first_seed is not None else cf.get("first_seed", 1000)
+        rankings = args.rankings.split(",") if args.rankings else cf.get("rankings", ["d-trak", "trak", "random"])
+        removals = lds_own.counterfactual_prepare(args.root, args.out, target_seeds(targets, first), rankings,
+                                                  args.k or cf.get("k", ["20%"]))
         print(f"{len(removals['jobs'])} retrains listed in {os.path.join(args.out, lds_own.REMOVALS)}; save each UNet "
               f"to <checkpoints>/<id>/, then run `python -m dtrak_core counterfactual-own measure --root {args.root} "
               f"--out {args.out} --checkpoints DIR`")
@@ -296,6 +305,49 @@ def cmd_counterfactual_own(args):
                                           partial=args.partial)
     print(f"{len(done)} checkpoint(s) measured now; results in {os.path.join(args.out, 'jobs')}")
     _counterfactual_report(args.out, os.path.join(args.out, "jobs"), Attributor.load(args.root).train)
+
+
+def _setting(args):
+    from dtrak_core.setting import load_setting
+
+    return load_setting(args.config)
+
+
+def cmd_setting(args):
+    from dtrak_core import setting as st
+    from dtrak_core.devices import check_precision, resolve_device
+
+    setting = _setting(args)
+    if args.action == "show":
+        print(st.describe(setting))
+        if args.json:
+            print(st.config_json(setting))
+        return
+    resolve_device(args.device)
+    check_precision(args.precision, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    need = {"data": ("source", "data"), "train": ("data", "model"), "build": ("data", "model", "root"),
+            "retrain": ("data", "jobs", "checkpoints")}[args.action]
+    missing = [f"--{k}" for k in need if not getattr(args, k)]
+    if missing:
+        raise ValueError(f"setting {args.action} needs {', '.join(missing)}")
+    t0 = time.perf_counter()
+    if args.action == "data":
+        done = st.write_data(setting, args.source, args.data)
+        print(f"{args.data}: {', '.join(f'{v} {k}' for k, v in done['counts'].items())}")
+    elif args.action == "train":
+        _check_writable(args.model)
+        done = st.train_base(setting, args.data, args.model, device=args.device, precision=args.precision)
+        print(f"base model ({done['parameters']:,} parameters) in {args.model} ({done['train_seconds']:.0f} s)")
+    elif args.action == "build":
+        _check_writable(args.root)
+        st.build_folder(setting, args.data, args.model, args.root, stores=not args.manifest_only, device=args.device)
+        print(f"model folder {args.root} ready ({time.perf_counter() - t0:.0f} s)")
+    else:
+        done = st.retrain(setting, args.data, args.jobs, args.checkpoints, shard=_shard_arg(args), device=args.device,
+                          precision=args.precision)
+        print(f"{len(done)} model(s) retrained into {args.checkpoints} in {time.perf_counter() - t0:.0f} s")
 
 
 def cmd_build_baselines(args):
@@ -542,15 +594,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run folder (setup, masks, jobs.json, ground truth, features)")
     p.add_argument("--masks", default=None, help="prepare: your subsets, a .npy/.npz of M x N booleans or a .json of "
                                                  "M index lists (default: draw --subsets subsets)")
-    p.add_argument("--subsets", type=int, default=64, help="prepare: M subsets to draw (default 64)")
-    p.add_argument("--alpha", type=float, default=0.5, help="prepare: fraction of the training set per subset (0.5)")
-    p.add_argument("--subset-seed", type=int, default=0, help="prepare: seed of the drawn subsets (default 0)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="prepare: training seeds per subset (1 2)")
-    p.add_argument("--eval-timesteps", type=int, default=100, help="prepare: ground-truth timesteps (default 100)")
-    p.add_argument("--noise-seeds", type=int, nargs="+", default=[0, 1, 2], help="prepare: ground-truth noise draws")
-    p.add_argument("--generated", type=int, default=256, help="prepare: generated test samples (seeds 0..n-1)")
-    p.add_argument("--sample-steps", type=int, default=50, help="prepare: DDIM steps of the generated test samples")
+    p.add_argument("--subsets", type=int, default=None, help="prepare: M subsets to draw (default 64)")
+    p.add_argument("--alpha", type=float, default=None, help="prepare: fraction of the training set per subset (0.5)")
+    p.add_argument("--subset-seed", type=int, default=None, help="prepare: seed of the drawn subsets (default 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="prepare: training seeds per subset (1 2)")
+    p.add_argument("--eval-timesteps", type=int, default=None, help="prepare: ground-truth timesteps (default 100)")
+    p.add_argument("--noise-seeds", type=int, nargs="+", default=None, help="prepare: ground-truth noise draws (0 1 2)")
+    p.add_argument("--generated", type=int, default=None, help="prepare: generated test samples, seeds 0..n-1 (256)")
+    p.add_argument("--sample-steps", type=int, default=None, help="prepare: DDIM steps of the generated test samples (50)")
     p.add_argument("--validation", default=None, help="prepare: a folder of held-out images, a second test set")
+    p.add_argument("--config", default=None, help="prepare: a setting (preset name such as cifar2, or a JSON file) whose "
+                                                  "lds section gives the defaults of the options above")
     p.add_argument("--checkpoints", default=None, help="ground-truth: the folder of retrained models, <id>/ each "
                                                        "(or listed in checkpoints.json)")
     p.add_argument("--shard", default=None, help="ground-truth: only jobs i, i+n, ... (i/n; under torchrun: each rank)")
@@ -571,9 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare: rank each target's proponents -> removals.json (the retrains to run); measure: "
                         "regenerate each target with its checkpoint -> summary.json / results.md")
     p.add_argument("--out", required=True, help="the results folder (removals.json, targets.npz, jobs/, results.md)")
-    p.add_argument("--targets", type=int, default=60, help="prepare: number of target seeds (default 60)")
-    p.add_argument("--first-seed", type=int, default=1000, help="prepare: targets are seeds first-seed ...")
-    p.add_argument("--rankings", default="d-trak,trak,random", help="prepare: comma-separated rankings")
+    p.add_argument("--config", default=None, help="prepare: a setting (preset or JSON file) whose counterfactual "
+                                                  "section gives the defaults of the options below")
+    p.add_argument("--targets", type=int, default=None, help="prepare: number of target seeds (default 60)")
+    p.add_argument("--first-seed", type=int, default=None, help="prepare: targets are seeds first-seed ... (1000)")
+    p.add_argument("--rankings", default=None, help="prepare: comma-separated rankings (d-trak,trak,random)")
     p.add_argument("--k", action="append", default=None, help="prepare: images to remove, a count, fraction or "
                                                               "percentage; repeat for several (default 20%%)")
     p.add_argument("--checkpoints", default=None, help="measure: the folder of retrained models, <id>/ each")
@@ -581,6 +637,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", action="store_true", help="measure: the checkpoints there, skip the missing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.set_defaults(func=cmd_counterfactual_own)
+
+    p = sub.add_parser("setting", help="a documented experimental setting (the paper's CIFAR-2: --config cifar2): "
+                                       "its data, base model, model folder and retrains")
+    p.add_argument("action", choices=("show", "data", "train", "build", "retrain"),
+                   help="show: what the setting is; data: the training and validation image folders; train: the "
+                        "base model; build: its model folder and feature stores; retrain: the LDS / counterfactual "
+                        "retrains of a jobs.json or removals.json (resumable, shardable)")
+    p.add_argument("--config", required=True, help="a preset name (cifar2) or a JSON file of the same form")
+    p.add_argument("--json", action="store_true", help="show: print the whole config too")
+    p.add_argument("--source", default=None, help="data: the unpacked cifar-10-batches-py folder, or an image folder "
+                                                  "with train/<class>/ and test/<class>/")
+    p.add_argument("--data", default=None, help="the setting's data folder (written by `setting data`)")
+    p.add_argument("--model", default=None, help="train: where the base model goes; build: the base model")
+    p.add_argument("--root", default=None, help="build: the model folder to write")
+    p.add_argument("--manifest-only", action="store_true", help="build: no stores (fill them with torchrun featurize)")
+    p.add_argument("--jobs", default=None, help="retrain: jobs.json (lds-own prepare) or removals.json "
+                                                "(counterfactual-own prepare)")
+    p.add_argument("--checkpoints", default=None, help="retrain: where the retrained UNets go, <id>/ each")
+    p.add_argument("--shard", default=None, help="retrain: only jobs i, i+n, ... (i/n; a SLURM array task each)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    _add_device(p, precision=True)
+    p.set_defaults(func=cmd_setting)
 
     from dtrak_core import space  # `space export DIR [--push REPO_ID]`
 

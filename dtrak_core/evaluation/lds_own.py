@@ -215,7 +215,7 @@ def _check_unchanged(result_path: str, result: dict, checkpoint: str | None) -> 
                              "delete the result file to measure the new checkpoint")
 
 
-def _shard_of(shard) -> tuple[int, int]:
+def shard_of(shard) -> tuple[int, int]:
     """The shard to run: `shard`, or (rank, world) under torchrun (each rank its own jobs)."""
     from dtrak_core import distributed
 
@@ -230,7 +230,7 @@ def _measure_checkpoints(jobs: list[RetrainJob], out_dir: str, checkpoints_dir: 
     result file per checkpoint (`retrain.run_jobs`: atomic, resumable). Missing checkpoints are an
     error naming the first (with `partial`, they are skipped); finished results are checked against
     the checkpoint now in their place."""
-    i, n = _shard_of(shard)
+    i, n = shard_of(shard)
     mine = [j for k, j in enumerate(jobs) if k % n == i]
     found = find_checkpoints(checkpoints_dir, [j.id for j in jobs])
     todo = []

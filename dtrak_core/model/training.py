@@ -48,7 +48,7 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
           progress: Callable[[int, int, float], None] | None = None,
           should_stop: Callable[[], bool] | None = None, show_bar: bool = True,
           checkpoint_steps=(), on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
-          device="cpu", precision: str = "fp32"):
+          device="cpu", precision: str = "fp32", unet_config: dict | None = None):
     """Train a fresh UNet on `images` (N, C, H, W) in [-1, 1]; returns it in eval mode, on the CPU.
 
     `progress(step, steps, loss)` is called every step; `should_stop()` returning True raises
@@ -57,7 +57,8 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
     e.g. TracInCP); it must not modify the model. It does not change the training trajectory.
     device, precision: where it trains and the forward pass's autocast policy (`devices`; fp16 scales
     the loss); the random numbers are drawn on the CPU either way, so a seed means the same batches,
-    timesteps and noise on every device.
+    timesteps and noise on every device. unet_config: the architecture, a diffusers UNet2DModel
+    config (e.g. a setting's, `dtrak_core.setting`); None: `build_unet` at config.block_out_channels.
     """
     dev = resolve_device(device)
     check_precision(precision, dev)
@@ -66,8 +67,17 @@ def train(images: torch.Tensor, scheduler, config: TrainConfig = TrainConfig(), 
     checkpoint_steps = set(int(s) for s in checkpoint_steps)
     if any(not 1 <= s <= config.steps for s in checkpoint_steps):
         raise ValueError(f"checkpoint_steps must lie in 1..{config.steps}, got {sorted(checkpoint_steps)}")
-    unet = build_unet(sample_size=images.shape[-1], channels=images.shape[1],
-                      block_out_channels=config.block_out_channels, seed=config.seed)
+    if unet_config is None:
+        unet = build_unet(sample_size=images.shape[-1], channels=images.shape[1],
+                          block_out_channels=config.block_out_channels, seed=config.seed)
+    else:
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(config.seed)  # the init, from the seed as build_unet does
+        unet = UNet2DModel.from_config(unet_config)
+        if (unet.config.in_channels, unet.config.sample_size) != (images.shape[1], images.shape[-1]):
+            raise ValueError(f"the UNet config takes {unet.config.in_channels}x{unet.config.sample_size}px images, "
+                             f"the training images are {images.shape[1]}x{images.shape[-1]}px")
     unet.to(dev).train()
     scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     gen = torch.Generator().manual_seed(config.seed)

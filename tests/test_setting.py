@@ -1,0 +1,137 @@
+"""The paper's CIFAR-2 setting as a config: the preset itself (35.7M UNet built locally, M = 64 x 3),
+the documented commands (they parse), and their code paths end to end on a scaled-down copy of the
+config on the CPU: fake CIFAR-10 batches -> data folders -> base model -> model folder -> LDS jobs
+-> sharded retrains -> ground truth."""
+import json
+import os
+import pickle
+import re
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+from dtrak_core import setting as st
+from dtrak_core.cli import build_parser, main
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "CIFAR2.md")
+
+
+def test_the_cifar2_preset_is_the_papers_setting():
+    s = st.load_setting("cifar2")
+    with torch.device("meta"):
+        unet = s.build_unet()
+    assert sum(p.numel() for p in unet.parameters()) == 35_746_307  # google/ddpm-cifar10-32's architecture
+    assert s.lds_config.num_subsets == 64 and s.lds_config.train_seeds == (1, 2, 3)
+    assert s.lds_config.eval_timesteps == 1000 and s.lds_config.generated == 1000
+    assert s.train_config.steps == 8000 and s.train_config.batch_size == 128 and s.train_config.lr == 1e-4
+    assert s.data["classes"] == ["automobile", "horse"] and 2 * s.data["train_per_class"] == 5000
+    assert [f.output_fn for f in s.feature_settings] == ["square", "loss"] and s.feature_settings[0].K == 100
+
+
+def test_the_documented_commands_parse():
+    text = open(DOCS).read()
+    commands = re.findall(r"^(?:python|torchrun[^\n]*?) -m dtrak_core (.+)$", text, flags=re.M)
+    assert len(commands) >= 15
+    parser = build_parser()
+    for line in commands:
+        args = parser.parse_args(shlex.split(line.replace('"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"', "0/64")))
+        assert args.func is not None
+
+
+def test_a_broken_config_is_refused(tmp_path):
+    raw = json.load(open(os.path.join(st.CONFIGS, "cifar2.json")))
+    del raw["lds"]
+    json.dump(raw, open(tmp_path / "c.json", "w"))
+    with pytest.raises(ValueError, match="lacks lds"):
+        st.load_setting(str(tmp_path / "c.json"))
+    raw = json.load(open(os.path.join(st.CONFIGS, "cifar2.json")))
+    raw["train"]["learning_rate"] = 1
+    json.dump(raw, open(tmp_path / "c.json", "w"))
+    with pytest.raises(ValueError, match="learning_rate"):
+        st.load_setting(str(tmp_path / "c.json"))
+    with pytest.raises(ValueError, match="not a preset"):
+        st.load_setting("cifar3")
+
+
+def tiny_config(path) -> str:
+    """cifar2.json with every size scaled down: the same keys, the same code paths."""
+    raw = json.load(open(os.path.join(st.CONFIGS, "cifar2.json")))
+    raw["name"] = "cifar2-tiny"
+    raw["data"].update(train_per_class=6, validation_per_class=2)
+    raw["unet"].update(sample_size=8, block_out_channels=[4, 8], layers_per_block=1, norm_num_groups=4,
+                       down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+    raw["train"].update(steps=2, batch_size=4)
+    raw["features"].update(K=2, k=16)
+    raw["lds"].update(num_subsets=3, train_seeds=[1], eval_timesteps=10, noise_seeds=[0], generated=3, sample_steps=3)
+    json.dump(raw, open(path, "w"))
+    return str(path)
+
+
+def fake_cifar10(folder) -> None:
+    """The layout of cifar-10-batches-py: five training batches and a test batch of 20 images each."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [i % 10 for i in range(20)]
+        data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data}, f, protocol=2)
+
+
+def test_the_cifar2_commands_on_a_tiny_stand_in(tmp_path, one_thread):
+    config = tiny_config(tmp_path / "tiny.json")
+    src, data, model, root = (str(tmp_path / n) for n in ("cifar-10-batches-py", "data", "model", "root"))
+    fake_cifar10(src)
+    assert main(["setting", "data", "--config", config, "--source", src, "--data", data]) == 0
+    assert sorted(os.listdir(os.path.join(data, "train", "horse"))) == [f"{i:05d}.png" for i in range(6)]
+    assert len(os.listdir(os.path.join(data, "validation", "automobile"))) == 2
+    # horse images are CIFAR-10 label 7: the first written one is a label-7 image of the batches
+    from PIL import Image
+
+    first = np.asarray(Image.open(os.path.join(data, "train", "horse", "00000.png")))
+    batches = [st._cifar_batch(os.path.join(src, f"data_batch_{i}")) for i in range(1, 6)]
+    horses = np.concatenate([x[y == 7] for x, y in batches])
+    assert any(np.array_equal(first, h) for h in horses)
+
+    assert main(["setting", "train", "--config", config, "--data", data, "--model", model]) == 0
+    assert main(["setting", "build", "--config", config, "--data", data, "--model", model, "--root", root]) == 0
+    lds = str(tmp_path / "lds")
+    assert main(["lds-own", "prepare", "--config", config, "--root", root, "--out", lds,
+                 "--validation", os.path.join(data, "validation")]) == 0
+    jobs = json.load(open(os.path.join(lds, "jobs.json")))["jobs"]
+    assert [j["id"] for j in jobs] == ["m000-s1", "m001-s1", "m002-s1"] and all(len(j["keep"]) == 6 for j in jobs)
+    ckpts = str(tmp_path / "ckpts")
+    for shard in ("0/2", "1/2"):  # two SLURM array tasks
+        assert main(["setting", "retrain", "--config", config, "--data", data, "--jobs", os.path.join(lds, "jobs.json"),
+                     "--checkpoints", ckpts, "--shard", shard]) == 0
+    assert sorted(os.listdir(ckpts)) == ["m000-s1", "m001-s1", "m002-s1"]
+    # a retrain is the setting's recipe on the kept images with the job's seed
+    from dataclasses import replace
+
+    from dtrak_core.evaluation.retrain import retrain
+    from dtrak_core.evaluation.lds_own import load_retrained
+    from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+
+    s = st.load_setting(config)
+    base, _ = load_checkpoint(model)
+    expected = retrain(st.training_images(s, data).images, jobs[1]["keep"], s.scheduler(),
+                       replace(s.train_config, seed=1), unet_config=s.unet, show_bar=False)
+    assert checkpoint_hash(load_retrained(os.path.join(ckpts, "m001-s1"), base)) == checkpoint_hash(expected)
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", lds, "--checkpoints", ckpts]) == 0
+    from dtrak_core.evaluation.lds_run import collect
+
+    col = collect(lds)
+    assert col["F"]["validation"].shape == (3, 4) and col["F"]["generated"].shape == (3, 3)
+
+
+def test_a_cifar_batch_that_calls_anything_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match="refusing.*system"):
+        st._cifar_batch(str(tmp_path / "data_batch_1"))
