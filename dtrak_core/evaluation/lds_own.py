@@ -387,17 +387,15 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
     if done < 3:
         raise ValueError(f"only {done} subsets of {out_dir!r} have every training seed measured; LDS needs at least 3 "
                          f"(`python -m dtrak_core lds-own ground-truth`)")
-    bench = bm.Bench(out_dir, root, method_Ks=(1,))
-    if K is None:
-        K = bench.base.K
-    options = {"ablation_fns": (), "ablation_Ks": (), "method_Ks": (K,), "ensemble_sizes": (), "journey_K": K}
-    bench = bm.Bench(out_dir, root, **options)
+    bench = bm.Bench(out_dir, root, ablation_fns=(), ablation_Ks=(), ensemble_sizes=())
+    K = bench.base.K if K is None else K  # the K of the folder's D-TRAK store, by default
+    bench.method_Ks, bench.journey_K = (K,), K
     for fn in ("loss", "square"):
         bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
     if journey and "generated" in bench.test_sets:
         bm.journey_features(bench, bench.setting("loss", K), compute=True, show_bar=show_bar)
     return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap, which=("methods",), title=TABLES_TITLE,
-                  **options)
+                  ablation_fns=(), ablation_Ks=(), method_Ks=(K,), ensemble_sizes=(), journey_K=K)
 
 
 # -- the counterfactual ---------------------------------------------------------------------------
