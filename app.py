@@ -1083,7 +1083,7 @@ def text2image_demo() -> gr.Blocks:
         traceback.print_exc()
         return error_page(str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
     return app_views.build_demo(ASSETS, cards_html=cards_html, about=ABOUT, how_to_read=HOW_TO_READ,
-                                opponent_note=OPPONENT_NOTE, cache_sweep=CACHE_SWEEP)
+                                opponent_note=OPPONENT_NOTE, noise_help=NOISE_HELP, cache_sweep=CACHE_SWEEP)
 
 
 def build_demo() -> gr.Blocks:

@@ -432,11 +432,13 @@ def _bucket_gradients(gradients, sl: slice):
     return gradients.subset(sl)
 
 
-def noise_levels(attributor, image, method: str, buckets: int = 10) -> NoiseLevels:
+def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str | None = None) -> NoiseLevels:
     """`image` (C, H, W) attributed by a TRAK-family `method`, split into `buckets` timestep buckets
     (at most one per timestep of the method's store). Costs about one featurization of the query:
     the buckets together run the same K timesteps; the store's training features are reused as they
-    are (the split is on the query side only). ValueError for a method without a store."""
+    are (the split is on the query side only). ValueError for a method without a store.
+    `prompt`: a text-to-image attributor's query prompt (the gradients are then taken at the
+    image's VAE latent, conditioned on the prompt)."""
     import torch
 
     setting, _ = attributor.setting(method)
@@ -446,7 +448,15 @@ def noise_levels(attributor, image, method: str, buckets: int = 10) -> NoiseLeve
     n = max(1, min(int(buckets), K))
     edges = np.linspace(0, K, n + 1).round().astype(int)
     x = torch.as_tensor(image, dtype=torch.float32)[None]
-    feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(x)) for a, b in zip(edges, edges[1:])]
+    if prompt is None:
+        inputs, conditioning = x, {}
+    else:
+        from dtrak_core.text2image.features import CaptionedInputs
+
+        captioned = CaptionedInputs.of(attributor.pipeline, x, [prompt])
+        inputs, conditioning = captioned.latents, {"encoder_hidden_states": captioned.contexts}
+    feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(inputs, **conditioning))
+             for a, b in zip(edges, edges[1:])]
     scores = attributor.scorer(method).scores(torch.cat(feats))  # (B, N), each bucket as if it were the whole query
     weights = np.diff(edges) / K
     steps = gradients.timesteps.tolist()

@@ -2,8 +2,8 @@
 
 The same views as the default app where they apply, with a prompt: Generate (prompt + seeds ->
 samples), Attribute (a sample or an upload with its prompt -> proponents and opponents, score
-histogram, per-class mass, method choice, comparison of two methods, a training image's rank under
-every method), Benchmarks (the miniature's sample quality and its LDS results) and About.
+histogram, per-class mass, method choice, the score split by noise level, comparison of two methods,
+a training image's rank under every method), Benchmarks (the miniature's sample quality and its LDS results) and About.
 Remove-and-retrain is not offered here: the Counterfactual tab says why.
 
 Concurrency as in the default app: the loaded folder is shared read-only (sampling is a plain
@@ -239,6 +239,21 @@ def attribution_for(root: str, q: dict, method: str) -> Attribution:
     return _attributions.get((a.root, _query_key(q), method), compute)
 
 
+NOISE_BUCKETS = 10
+_noise = OnceCache(128)  # (root, query, method) -> NoiseLevels
+
+
+def noise_levels(root: str, q: dict, method: str):
+    """A TRAK-family score of the query split by noise level (`app_support.NoiseLevels`); None for a
+    method without a store (a baseline has no timesteps)."""
+    a = load(root)
+    method = attribution_for(root, q, method).method  # checked, canonical, and the score it splits cached
+    if method not in a.attributor.methods:
+        return None
+    return _noise.get((a.root, _query_key(q), method), lambda: sup.noise_levels(
+        a.attributor, torch.as_tensor(q["pixels"]), method, NOISE_BUCKETS, prompt=q["prompt"]))
+
+
 def all_attributions(root: str, q: dict) -> dict:
     out = {}
     for method in load(root).methods:
@@ -422,9 +437,10 @@ def methods_markdown(a: TextToImageAssets) -> str:
     return "\n".join(lines)
 
 
-def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_note: str, cache_sweep=None):
+def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_note: str, noise_help: str,
+               cache_sweep=None):
     """The gradio page for a text-to-image folder. The pieces shared with the default page (the
-    training-card widget, the About and reading help) come from `app.py`."""
+    training-card widget, the About text and the reading help) come from `app.py`."""
     import gradio as gr
 
     a = load(root)
@@ -486,6 +502,26 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
                 summary_text(a, q, result, k))
 
     @readable
+    def noise_view(q, method):
+        if q is None:
+            raise no_query()
+        levels = noise_levels(root, q, method)
+        if levels is None:
+            return (None, "", f"The noise-level view splits a TRAK-family score (a method with a feature store: "
+                              f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
+                              f"{sup.method_label(method)} has no timesteps to split.")
+        labels = a.attributor.train.labels.numpy()
+        low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
+        share = np.abs(levels.contributions).sum(1)
+        share = share / share.sum()
+        text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's LoRA gradient is "
+                f"averaged over (the columns sum to the score). At low noise ({levels.labels()[0]}) fine-tuning image "
+                f"**#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range "
+                f"carries {share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.")
+        return (viz.noise_level_figure(levels, labels, a.class_word),
+                viz.noise_level_cards(a.attributor.train, levels, a.class_word), text)
+
+    @readable
     def reprompt(q, prompt):
         """The attribution prompt edited: the same image, asked about with the new prompt."""
         if q is None:
@@ -524,7 +560,7 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
         rows = sup.ranks_under_methods(all_attributions(root, q), index)
         details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)
         caption = html.escape(a.attributor.train.captions[index])
-        return index, f'<div class="muted">caption: “{caption}”</div>' + details, gr.Column(visible=True)
+        return index, details + f'<div class="muted">its caption: “{caption}”</div>', gr.Column(visible=True)
 
     @readable
     def use_training_image(index):
@@ -610,6 +646,12 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
                         with gr.Row():
                             hist = gr.Plot(show_label=False, elem_id="histogram", min_width=280)
                             mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
+                with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
+                                  open=True, elem_id="noise-levels"):
+                    gr.Markdown(noise_help)
+                    noise_text = gr.Markdown(elem_id="noise-text")
+                    noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
+                    noise_cards = cards_html("noise-cards")
                 with gr.Accordion("Compare two methods", open=True):
                     with gr.Row():
                         method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3, min_width=200)
@@ -643,8 +685,10 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
         cmp_inputs, cmp_outputs = [query, method, method_b, topk], [gal_a, gal_b, compare_text]
 
         def after(event):
-            event.success(follow_compare, [*cmp_inputs, compare_on], cmp_outputs, concurrency_id="compute",
-                          show_progress="hidden")
+            """Once the cards and charts are shown: the noise-level view, then the comparison (if shown)."""
+            event.success(noise_view, [query, method], [noise_plot, noise_cards, noise_text], concurrency_id="compute",
+                          show_progress="hidden").then(
+                follow_compare, [*cmp_inputs, compare_on], cmp_outputs, concurrency_id="compute", show_progress="hidden")
 
         def show_query(event):
             event.then(lambda: gr.Column(visible=False), None, drill_box, queue=False)
@@ -662,7 +706,7 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
         for event in (compare_btn.click, method_b.input):
             event(compare, cmp_inputs, cmp_outputs, concurrency_id="compute", trigger_mode="always_last").success(
                 lambda: True, None, compare_on, queue=False)
-        for widget in (prop_cards, opp_cards, gal_a, gal_b):
+        for widget in (prop_cards, opp_cards, gal_a, gal_b, noise_cards):
             widget.click(inspect_training, [query], [picked, drill, drill_box], concurrency_id="compute",
                          show_progress="minimal", trigger_mode="always_last")
         show_query(use_btn.click(use_training_image, [picked], [query, query_img, query_info, query_prompt,

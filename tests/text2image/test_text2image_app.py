@@ -40,6 +40,10 @@ def test_attribute_gives_the_attributors_scores_and_follows_the_prompt(t2i, samp
     np.testing.assert_allclose(app.scores, direct.scores, rtol=1e-6, atol=1e-12)
     assert app.method == direct.method == "square"
     assert views.attribution_for(MINIATURE_ROOT, q, "square") is app  # cached per (image, prompt, method)
+    levels = views.noise_levels(MINIATURE_ROOT, q, "d-trak")  # the same score, split by timestep range
+    assert levels.contributions.shape == (views.NOISE_BUCKETS, t2i.n_train)
+    np.testing.assert_allclose(levels.scores, app.scores, rtol=1e-4, atol=1e-6 * np.abs(app.scores).max())
+    assert views.noise_levels(MINIATURE_ROOT, q, "pixel-cosine") is None  # a baseline has no timesteps
     other = views.attribution_for(MINIATURE_ROOT, views.with_prompt(q, "a handwritten digit 5"), "d-trak")
     assert np.corrcoef(other.scores, app.scores)[0, 1] < 0.99  # the prompt is part of the query
 
@@ -55,6 +59,19 @@ def test_every_method_runs_and_a_training_image_finds_itself(t2i):
     pixels = torch.as_tensor(q["pixels"])[None].flatten(1)
     np.testing.assert_allclose(found["pixel-dot"].scores,
                                similarity(pixels, t2i.attributor.train.images.flatten(1), "dot")[0])
+
+
+def test_an_upload_is_read_with_its_ink_the_right_way_round(t2i, tmp_path):
+    from PIL import Image
+
+    digit = ((t2i.attributor.train.images[0, 0].numpy() + 1) * 127.5).astype(np.uint8)
+    Image.fromarray(255 - digit).resize((64, 64), Image.Resampling.NEAREST).save(tmp_path / "on-paper.png")
+    q, inverted = views.upload_query(MINIATURE_ROOT, str(tmp_path / "on-paper.png"), "a handwritten digit 5")
+    assert inverted and q["prompt"] == "a handwritten digit 5" and q["pixels"].shape == (1, 8, 8)
+    np.testing.assert_allclose(q["pixels"], t2i.attributor.train.images[0].numpy(), atol=0.02)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="Could not use notes.png"):
+        views.upload_query(MINIATURE_ROOT, str(tmp_path / "notes.png"), "a handwritten digit 5")
 
 
 def test_request_values_are_checked(t2i):

@@ -123,7 +123,16 @@ def test_prompt_generate_click_proponents_and_the_other_tabs(browser, server):
         expect(page.locator("#class-mass .js-plotly-plot")).to_be_visible()
         labels = page.locator("#proponents figcaption").all_inner_texts()
         assert sum("digit 5" in t for t in labels) >= 4, labels  # a prompted 5 comes mostly from fine-tuning 5s
+        expect(page.locator("#noise-plot .js-plotly-plot .heatmaplayer")).to_have_count(1)
         shot(page, "t2i-1280x900-attribute")
+        card = page.locator("#proponents [data-index]").nth(1)
+        index = card.get_attribute("data-index")
+        card.click()  # the drill-down: that fine-tuning image under every method
+        expect(page.locator("#drill-details")).to_contain_text(f"Training image #{index}")
+        expect(page.locator("#drill-details tbody tr")).to_have_count(9)  # D-TRAK, TRAK and 7 baselines
+        page.get_by_role("button", name="Compare", exact=True).click()
+        expect(page.get_by_text("Spearman rank correlation")).to_be_visible()
+        expect(page.locator("#compare-b [data-index]").first).to_be_visible()
         page.get_by_role("tab", name="Counterfactual").click()
         expect(page.locator("#cf-not-offered")).to_contain_text("not offered")
         page.get_by_role("tab", name="Benchmarks").click()
