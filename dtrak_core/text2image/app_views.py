@@ -264,6 +264,19 @@ def all_attributions(root: str, q: dict) -> dict:
     return out
 
 
+def attribute_prompt(root: str, prompt, seed=0, steps=50, method="square", k=8) -> dict:
+    """The generated sample of (prompt, seed) attributed with `method`: its top-k proponents and
+    opponents among the fine-tuning images, as JSON (the page's API, like `attribute --prompt --json`)."""
+    a = load(root)
+    prompt, k = parse_prompt(prompt), sup.parse_top_k(k)
+    images, captions, batch = generate_samples(root, prompt, "single", seed, None, None, None, steps)
+    result = attribution_for(root, sample_query(batch, 0), method)
+    found = digit_labels(a, images)
+    query = {"prompt": prompt, "seed": batch["seeds"][0], "steps": batch["steps"], "guidance": batch["guidance"]}
+    return {**result.table(k), "query": query | ({} if found is None else {"label": int(found[0][0])}),
+            "n_train": a.n_train}
+
+
 def summary_text(a: TextToImageAssets, q: dict, result: Attribution, k: int) -> str:
     label = sup.method_label(result.method)
     prop, opp = result.proponents(k), result.opponents(k)
@@ -695,8 +708,10 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
             after(event.success(attribute, attr_inputs, attr_outputs, **busy))
 
         show_query(gallery.select(select_sample, batch, [query, tabs, query_img, query_info, query_prompt]))
-        show_query(upload.upload(read_upload, [upload, query_prompt], [query, query_img, query_info, query_prompt,
-                                                                       invert], show_progress="hidden"))
+        uploaded = upload.upload(read_upload, [upload, query_prompt], [query, query_img, query_info, query_prompt,
+                                                                     invert], show_progress="hidden")
+        show_query(uploaded)
+        uploaded.failure(lambda: None, None, upload, queue=False)  # a refused file does not stay named in the box
         show_query(invert.input(use_upload, [upload, query_prompt, invert], [query, query_img, query_info,
                                                                              query_prompt], show_progress="hidden"))
         show_query(query_prompt.submit(reprompt, [query, query_prompt], [query, query_img, query_info],
@@ -712,6 +727,14 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
         show_query(use_btn.click(use_training_image, [picked], [query, query_img, query_info, query_prompt,
                                                                 drill_box]))
         close_btn.click(lambda: gr.Column(visible=False), None, drill_box, queue=False)
+
+        @readable
+        def attribute_prompt_api(prompt: str, seed: int = 0, steps: int = 50, method: str = "square",
+                                 k: int = 8) -> dict:
+            """Attribute the generated sample of (prompt, seed) (DDIM, `steps` steps) with `method`: its
+            top-k proponents and opponents among the fine-tuning images, as JSON."""
+            return attribute_prompt(root, prompt, seed, steps, method, k)
+        gr.api(attribute_prompt_api, api_name="attribute_prompt", concurrency_id="compute")
     return demo
 
 

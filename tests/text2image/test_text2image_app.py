@@ -40,6 +40,11 @@ def test_attribute_gives_the_attributors_scores_and_follows_the_prompt(t2i, samp
     np.testing.assert_allclose(app.scores, direct.scores, rtol=1e-6, atol=1e-12)
     assert app.method == direct.method == "square"
     assert views.attribution_for(MINIATURE_ROOT, q, "square") is app  # cached per (image, prompt, method)
+    table = views.attribute_prompt(MINIATURE_ROOT, PROMPT, 0, 50, "d-trak", 5)  # the page's API
+    assert table["query"]["prompt"] == PROMPT and table["query"]["seed"] == 0 and table["n_train"] == t2i.n_train
+    _, _, single = views.generate_samples(MINIATURE_ROOT, PROMPT, "single", 0, None, None, None, 50)  # cached
+    assert [r["index"] for r in table["proponents"]] == list(
+        views.attribution_for(MINIATURE_ROOT, views.sample_query(single, 0), "square").proponents(5))
     levels = views.noise_levels(MINIATURE_ROOT, q, "d-trak")  # the same score, split by timestep range
     assert levels.contributions.shape == (views.NOISE_BUCKETS, t2i.n_train)
     np.testing.assert_allclose(levels.scores, app.scores, rtol=1e-4, atol=1e-6 * np.abs(app.scores).max())

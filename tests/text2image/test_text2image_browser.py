@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from dtrak_core.text2image.build import MINIATURE_ROOT
@@ -155,3 +156,22 @@ def test_phone(browser, server):
         shot(page, "t2i-phone-390x844-attribute")
     finally:
         page.context.close()
+
+
+def test_attribute_prompt_endpoint_equals_the_core(server):
+    from gradio_client import Client
+
+    from dtrak_core.text2image import TextToImageAttributor
+
+    out = Client(server, verbose=False).predict("a handwritten digit 6", 2, 50, "d-trak", 5,
+                                                api_name="/attribute_prompt")
+    attributor = TextToImageAttributor.load(MINIATURE_ROOT)
+    image = attributor.generate([2], "a handwritten digit 6")[0]
+    expected = attributor.attribute(image, "d-trak", prompt="a handwritten digit 6")
+    assert out["query"] == {"prompt": "a handwritten digit 6", "seed": 2, "steps": 50, "guidance": 3.0,
+                            "label": out["query"]["label"]}
+    assert [r["index"] for r in out["proponents"]] == expected.proponents(5).tolist()
+    np.testing.assert_allclose([r["score"] for r in out["proponents"]], expected.scores[expected.proponents(5)],
+                               rtol=1e-5)
+    with pytest.raises(Exception, match="type a prompt"):
+        Client(server, verbose=False).predict("  ", 2, 50, "d-trak", 5, api_name="/attribute_prompt")
