@@ -377,8 +377,10 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
              journey: bool = True, show_bar: bool = True) -> dict:
     """Every registered method that can run on the model folder, scored against the run's ground
     truth (at least 3 subsets with every seed measured): the methods table of `tables_report.tables`
-    at the stores' K (None: the largest K of the D-TRAK store), the missing training- and test-set
-    features computed first (cached under out_dir). With `dest`: dest/tables.json and dest/tables.md."""
+    at the stores' K (None: the K of the D-TRAK store) with the registry's successors (DAS, when the
+    folder has an `avg` store), and an ablation row per other output function with a store there;
+    the missing test-set features computed first (cached under out_dir). With `dest`:
+    dest/tables.json and dest/tables.md."""
     from dtrak_core.evaluation import tables as bm
     from dtrak_core.evaluation.lds_run import collect
     from dtrak_core.evaluation.tables_report import tables
@@ -394,8 +396,15 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
         bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
     if journey and "generated" in bench.test_sets:
         bm.journey_features(bench, bench.setting("loss", K), compute=True, show_bar=show_bar)
-    return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap, which=("methods",), title=TABLES_TITLE,
-                  ablation_fns=(), ablation_Ks=(), method_Ks=(K,), ensemble_sizes=(), journey_K=K)
+    # the other output functions whose training store the folder has (same projection): the ablation rows
+    variants = tuple(fn for fn in bench.attributor.methods if fn not in ("loss", "square")
+                     and bench.setting(fn, K) in bench.features.registered)
+    for fn in variants:
+        bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
+    return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap,
+                  which=("methods", "ablation") if variants else ("methods",), title=TABLES_TITLE,
+                  ablation_fns=variants, ablation_Ks=(K,), method_Ks=(K,), ensemble_sizes=(), journey_K=K,
+                  successors=True)
 
 
 # -- the counterfactual ---------------------------------------------------------------------------

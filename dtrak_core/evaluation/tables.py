@@ -111,11 +111,12 @@ class Bench:
 
     def __init__(self, run_dir: str, root: str | None = None, *, ablation_fns=ABLATION_OUTPUT_FNS, ablation_Ks=ABLATION_K,
                  method_Ks=METHOD_K, ensemble_sizes=ENSEMBLE_SIZES, ensemble_K: int = ENSEMBLE_K,
-                 journey_K: int = 100):
+                 journey_K: int = 100, successors: bool = False):
         root = default_root() if root is None else root
         self.run_dir, self.root = run_dir, root
         self.ablation_fns, self.ablation_Ks, self.method_Ks = tuple(ablation_fns), tuple(ablation_Ks), tuple(method_Ks)
         self.ensemble_sizes, self.ensemble_K, self.journey_K = tuple(ensemble_sizes), ensemble_K, journey_K
+        self.successors = successors  # methods_table: a row per registered successor (DAS) too
         self.attributor = Attributor.load(root)
         stores = [s for v in self.attributor.stores.values() for s, _ in v]
         if not stores:
@@ -304,6 +305,13 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
         square = bench.trak_sweep_inputs(bench.setting("square", K))
         rows[f"d-trak/K{K}"] = ({"missing": _featurize_cmd("square", K)} if square is None else
                                 sweep_cell(bench, *square, num_bootstrap, default_lambda(square[0][0])))
+    if bench.successors:  # the registry's own scorer and lambda, over the folder's largest-K store
+        for method in methods.all("successor"):
+            try:
+                fixed(method.name, {s: method.scores(bench.attributor, x) for s, x in bench.test_sets.items()},
+                      method.description)
+            except MethodUnavailable as e:
+                rows[method.name] = {"unavailable": str(e)}
     return rows
 
 

@@ -70,7 +70,7 @@ def own(tmp_path_factory):
         for i in range(N // 2):
             Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8) // (1 + (c == "b"))).save(data / c / f"{i}.png")
     root = str(base / "root")
-    build_from(root, pipeline, str(data), (FeatureSetting("square", K=2, k=16), FeatureSetting("loss", K=2, k=16)),
+    build_from(root, pipeline, str(data), [FeatureSetting(fn, K=2, k=16) for fn in ("square", "loss", "avg")],
                show_bar=False)
     run_dir = str(base / "run")
     lds_own.prepare(root, run_dir, TINY_LDS)
@@ -120,6 +120,9 @@ def test_ground_truth_and_lds_of_user_retrained_checkpoints(own, tmp_path, capsy
         cell = t["methods"][row]["generated"]
         assert -100 <= cell.get("honest", cell)["lds"] <= 100 and cell.get("honest", cell)["pm"] >= 0
     assert "unavailable" in t["methods"]["tracin"]  # no replayable training run for a model dtrak did not train
+    assert -100 <= t["methods"]["das"]["generated"]["lds"] <= 100  # the registry's successor, over the avg store
+    assert set(t["ablation"]) == {"avg/K2"}  # another output function with a store in the folder
+    assert "| das |" in report and "| avg |" in report
     assert report.startswith(f"# {lds_own.TABLES_TITLE}") and "| d-trak |" in report and "validation digits" not in report
 
     # D-TRAK's cell is lds.lds of its scores at the cell's lambda, against this ground truth
@@ -189,12 +192,13 @@ def test_masks_are_validated(own, tmp_path, capsys):
 def test_counterfactual_of_user_retrained_checkpoints(own, tmp_path, capsys):
     root, run_dir, ckpts, attributor = own
     out = str(tmp_path / "cf")
-    assert main(["counterfactual-own", "prepare", "--root", root, "--out", out, "--targets", "2", "--rankings",
-                 "d-trak,random", "--k", "6"]) == 0
+    assert main(["counterfactual-own", "prepare", "--root", root, "--out", out, "--targets", "1", "--rankings",
+                 "d-trak,random", "--k", "6", "--k", "3"]) == 0
     removals = json.load(open(os.path.join(out, lds_own.REMOVALS)))
-    assert [j["id"] for j in removals["jobs"]] == ["d-trak-k6-seed1000", "random-k6-seed1000", "d-trak-k6-seed1001",
-                                                   "random-k6-seed1001"]
-    assert all(len(j["removed"]) == 6 and sorted(j["removed"] + j["keep"]) == list(range(N)) for j in removals["jobs"])
+    assert [j["id"] for j in removals["jobs"]] == ["d-trak-k6-seed1000", "random-k6-seed1000", "d-trak-k3-seed1000",
+                                                   "random-k3-seed1000"]
+    assert all(len(j["removed"]) == j["k"] and sorted(j["removed"] + j["keep"]) == list(range(N)) for j in removals["jobs"])
+    assert removals["jobs"][2]["removed"] == removals["jobs"][0]["removed"][:3]  # the top 3 of the same ranking
     user_training_script(attributor.unet, attributor.scheduler, attributor.train.images, removals["jobs"],
                          str(tmp_path / "cf-ckpts"), steps=1)
     capsys.readouterr()
@@ -202,5 +206,12 @@ def test_counterfactual_of_user_retrained_checkpoints(own, tmp_path, capsys):
                  str(tmp_path / "cf-ckpts")]) == 0
     table = open(os.path.join(out, "results.md")).read()
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert {c["method"] for c in summary["cells"]} == {"D-TRAK", "Random"} and all(c["l2"]["n"] == 2 for c in summary["cells"])
+    assert {(c["method"], c["k"]) for c in summary["cells"]} == {(m, k) for m in ("D-TRAK", "Random") for k in (6, 3)}
+    # the L2 recorded is the target's distance to its regeneration by the job's checkpoint
+    from dtrak_core.evaluation.counterfactual import load_job, pixel_l2, sample
+
+    r = load_job(os.path.join(out, "jobs", "d-trak-k6-seed1000.npz"))
+    unet = lds_own.load_retrained(str(tmp_path / "cf-ckpts" / "d-trak-k6-seed1000"), attributor.unet)
+    assert r.l2 == pytest.approx(pixel_l2(sample(attributor.unet, attributor.scheduler, 1000),
+                                          sample(unet, attributor.scheduler, 1000)), rel=1e-6)
     assert "median L2" in table and "digit label changed" not in table  # no digit classifier for these images
