@@ -3,8 +3,8 @@
 The same views as the default app where they apply, with a prompt: Generate (prompt + seeds ->
 samples), Attribute (a sample or an upload with its prompt -> proponents and opponents, score
 histogram, per-class mass, method choice, the score split by noise level, comparison of two methods,
-a training image's rank under every method), Benchmarks (the miniature's sample quality and its LDS results) and About.
-Remove-and-retrain is not offered here: the Counterfactual tab says why.
+a training image's rank under every method), Benchmarks (the miniature's sample quality and its LDS
+results) and About. Remove-and-retrain is not offered here: the Counterfactual tab says why.
 
 Concurrency as in the default app: the loaded folder is shared read-only (sampling is a plain
 forward under `no_grad`; the LoRA gradients run on private replicas inside the featurizer, see
@@ -30,9 +30,10 @@ from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution
 from dtrak_core.attribution.similarity import ip_norms, similarity
+from dtrak_core.folder import read_manifest
 from dtrak_core.images import load_user_image, to_pil
 from dtrak_core.shared import OnceCache
-from dtrak_core.text2image.attributor import TextToImageAttributor, is_text2image_folder
+from dtrak_core.text2image.attributor import TextToImageAttributor
 
 DEFAULT_PROMPT = "a handwritten digit 7"
 MAX_PROMPT_CHARS = 200
@@ -51,21 +52,12 @@ BASELINES = {
     "renorm-ip": (True, "TRAK score / ||phi_n||"),
 }
 NOT_HERE = {
-    "clip-dot / clip-cosine": "CLIP image embeddings of 8x8 digits are not a meaningful similarity; they run on the "
-                              "default model when local CLIP weights are present",
+    "clip-dot / clip-cosine": "not offered on this page (the default model's page runs them when local CLIP "
+                              "weights are present)",
     "TracInCP / GAS": "they need the LoRA's intermediate checkpoints and their stores, which the folder does not keep",
     "Journey-TRAK": "it follows the default model's pixel-space sampling trajectory; not implemented for latent, "
                     "prompted sampling",
 }
-
-
-def is_text2image(root: str) -> bool:
-    """True for a text-to-image model folder; False otherwise, a damaged manifest included (the
-    default loader then reports the damage)."""
-    try:
-        return is_text2image_folder(root)
-    except (ValueError, OSError):
-        return False
 
 
 # ---------------------------------------------------------------- the loaded folder (one per process)
@@ -103,12 +95,11 @@ def load(root: str) -> TextToImageAssets:
     def make():
         attributor = TextToImageAttributor.load(root)
         has_loss = "loss" in attributor.methods
-        methods = list(attributor.methods) + [m for m, (needs_loss, _) in BASELINES.items() if has_loss or not needs_loss]
+        methods = list(attributor.methods) + [m for m, (needs_loss, _) in BASELINES.items()
+                                              if has_loss or not needs_loss]
         unavailable = {m: "needs the folder's `loss` (TRAK) store" for m, (needs_loss, _) in BASELINES.items()
                        if needs_loss and not has_loss}
-        with open(os.path.join(root, "manifest.json")) as f:
-            manifest = json.load(f)
-        return TextToImageAssets(root, attributor, methods, {**unavailable, **NOT_HERE}, manifest)
+        return TextToImageAssets(root, attributor, methods, {**unavailable, **NOT_HERE}, read_manifest(root))
     return _folders.get(os.path.abspath(root), make)
 
 
@@ -171,7 +162,7 @@ def digit_labels(a: TextToImageAssets, images: np.ndarray):
     return classify(images)
 
 
-def generate_samples(root: str, prompt, mode, seed, start, end, count, steps, guidance=None, progress=None):
+def generate_samples(root: str, prompt, mode, seed, start, end, count, steps, guidance=None):
     """(images (B, C, H, W) numpy, captions, batch) for a Generate request."""
     a = load(root)
     prompt = parse_prompt(prompt)
@@ -213,7 +204,8 @@ def baseline_scores(a: TextToImageAssets, q: dict, method: str) -> np.ndarray:
     if method in ("pixel-dot", "pixel-cosine"):
         return similarity(x.flatten(1), attributor.train.images.flatten(1), method.split("-")[1])[0]
     if method == "latent-cosine":
-        train = _features.get((a.root, "train latents"), lambda: attributor.pipeline.encode_images(attributor.train.images))
+        train = _features.get((a.root, "train latents"),
+                              lambda: attributor.pipeline.encode_images(attributor.train.images))
         return similarity(attributor.pipeline.encode_images(x).flatten(1), train.flatten(1), "cosine")[0]
     scorer = attributor.scorer("loss")
     phi = query_feature(a, q, "loss")
@@ -269,7 +261,7 @@ def attribute_prompt(root: str, prompt, seed=0, steps=50, method="square", k=8) 
     opponents among the fine-tuning images, as JSON (the page's API, like `attribute --prompt --json`)."""
     a = load(root)
     prompt, k = parse_prompt(prompt), sup.parse_top_k(k)
-    images, captions, batch = generate_samples(root, prompt, "single", seed, None, None, None, steps)
+    images, _, batch = generate_samples(root, prompt, "single", seed, None, None, None, steps)
     result = attribution_for(root, sample_query(batch, 0), method)
     found = digit_labels(a, images)
     query = {"prompt": prompt, "seed": batch["seeds"][0], "steps": batch["steps"], "guidance": batch["guidance"]}
@@ -349,14 +341,15 @@ def quality_markdown(a: TextToImageAssets) -> str:
     if not isinstance(q, dict):
         return ("### Sample quality\nNo sample-quality measurement for this folder: the build measures it with the "
                 "digit classifier for the digits miniature (`python -m dtrak_core build-text2image`).")
+    seeds = str(q.get("seeds", "?")).replace(" each", "")
+    confident = float(q.get("prompt_accuracy_confident", 0))
     return (f"### Sample quality: does the model draw the digit it is asked for?\n"
-            f"{q.get('n')} samples of the LoRA (seeds {str(q.get('seeds', '?')).replace(' each', '')} for each prompt, "
-            f"sampler {q.get('sampler', '?')}, guidance {q.get('guidance_scale', '?')}), each read by the digit classifier (logistic regression, 97% on held-out "
-            f"digits): **{float(q['prompt_accuracy']):.1%}** are the prompted digit "
-            f"({float(q.get('prompt_accuracy_confident', 0)):.1%} with confidence ≥ {q.get('confidence_threshold', 0.8)}). "
-            "The base model alone draws the digits 5-9 almost never: they come from the LoRA, whose fine-tuning "
-            "set is what the Attribute tab attributes. Measured by the build and recorded in the folder's "
-            "`manifest.json`.")
+            f"{q.get('n')} samples of the LoRA (seeds {seeds} for each prompt, sampler {q.get('sampler', '?')}, "
+            f"guidance {q.get('guidance_scale', '?')}), each read by the digit classifier (logistic regression, 97% "
+            f"on held-out digits): **{float(q['prompt_accuracy']):.1%}** are the prompted digit ({confident:.1%} "
+            f"with confidence ≥ {q.get('confidence_threshold', 0.8)}). The base model alone draws the digits 5-9 "
+            "almost never: they come from the LoRA, whose fine-tuning set is what the Attribute tab attributes. "
+            "Measured by the build and recorded in the folder's `manifest.json`.")
 
 
 def read_lds(root: str) -> dict:

@@ -104,14 +104,16 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
     study = {"honest": {"lds": 31.0, "pm": 2.0}, "paper": {"lds": 32.0, "pm": 2.0, "lambda": 0.1}}
     results = {"subsets_done": 6, "subsets_planned": 64, "partial": True, "train_seeds": [0, 1],
                "methods": {"d-trak": {"setting": {"K": 100}, "validation": study, "generated": study}},
-               "baselines": {"pixel-dot": {"validation": {"lds": 20.0, "pm": 3.0}, "generated": {"lds": 10.0, "pm": 3.0}}},
+               "baselines": {"pixel-dot": {"validation": {"lds": 20.0, "pm": 3.0},
+                                           "generated": {"lds": 10.0, "pm": 3.0}}},
                "seconds_per_model": {"train_mean": 33.0, "eval_mean": 5.0}}
     (tmp_path / "lds").mkdir()
     (tmp_path / "lds" / "lds_results.json").write_text(json.dumps(results))
     lds = views.read_lds(str(tmp_path))
     got = views.lds_rows(lds["data"])
-    assert [(r["method"], r["test set"]) for r in got] == [("D-TRAK (square)", "validation"), ("D-TRAK (square)", "generated"),
-                                                           ("pixel-dot", "validation"), ("pixel-dot", "generated")]
+    assert [(r["method"], r["test set"]) for r in got] == [
+        ("D-TRAK (square)", "validation"), ("D-TRAK (square)", "generated"),
+        ("pixel-dot", "validation"), ("pixel-dot", "generated")]
     assert "Provisional" in views.lds_intro(lds["data"]) and "6 of 64" in views.lds_intro(lds["data"])
     (tmp_path / "lds" / "lds_results.json").write_text("{not json")
     assert views.read_lds(str(tmp_path))["error"].endswith("lds_results.json: Expecting property name enclosed in "
