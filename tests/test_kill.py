@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from dtrak_core import cli
 from dtrak_core.build import train_or_load
 from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
 from dtrak_core.attribution.store import DONE, FEATURES, METADATA, FeatureStore
@@ -76,12 +77,11 @@ def _rows_done(store_dir: str) -> int:
         return 0
 
 
-def test_featurize_killed_mid_fill_resumes_bit_identical(model_folder, tmp_path):
+def test_featurize_killed_mid_fill_resumes_bit_identical(model_folder, tmp_path, one_thread):
     killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
     shutil.copytree(model_folder, killed)
     shutil.copytree(model_folder, clean)
     store_dir = os.path.join(killed, "stores", SLUG)
-    uninterrupted = _start(["-m", "dtrak_core", *FEATURIZE, "--root", clean])
     proc = _start(["-m", "dtrak_core", *FEATURIZE, "--root", killed])
     _kill_when(proc, lambda: 0 < _rows_done(store_dir) < N_TRAIN)
 
@@ -91,7 +91,7 @@ def test_featurize_killed_mid_fill_resumes_bit_identical(model_folder, tmp_path)
         partial.features()
 
     _finish(_start(["-m", "dtrak_core", *FEATURIZE, "--root", killed]))
-    _finish(uninterrupted)
+    assert cli.main([*FEATURIZE, "--root", clean]) == 0  # the uninterrupted run, here on one thread too
     resumed = FeatureStore.open(store_dir)  # verifies metadata_sha256 and features_sha256
     reference = FeatureStore.open(os.path.join(clean, "stores", SLUG))
     assert resumed.complete and resumed.metadata == reference.metadata
@@ -133,11 +133,19 @@ def _results(out_dir: str) -> list[str]:
     return sorted(f for f in os.listdir(out_dir) if f.endswith(".npz")) if os.path.isdir(out_dir) else []
 
 
-def test_retrain_runner_killed_mid_job_resumes_to_the_same_results(tmp_path):
+def _run_script_here(script, out_dir: str) -> None:
+    argv = sys.argv
+    sys.argv = [str(script), out_dir]
+    try:
+        exec(compile(script.read_text(), str(script), "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = argv
+
+
+def test_retrain_runner_killed_mid_job_resumes_to_the_same_results(tmp_path, one_thread):
     script = tmp_path / "runner.py"
     script.write_text(RETRAIN_SCRIPT)
     killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
-    uninterrupted = _start([str(script), clean])
     proc = _start([str(script), killed])
     _kill_when(proc, lambda: 0 < len(_results(killed)) < 4)  # killed while training the next job
 
@@ -156,7 +164,7 @@ def test_retrain_runner_killed_mid_job_resumes_to_the_same_results(tmp_path):
                  lambda job: pytest.fail("ran a job before checking the results"), show_bar=False)
 
     _finish(_start([str(script), killed]))
-    _finish(uninterrupted)
+    _run_script_here(script, clean)  # the uninterrupted run, here on one thread too
     assert _results(killed) == _results(clean) == [f"job{j}.npz" for j in range(4)]
     for name in _results(clean):
         np.testing.assert_array_equal(np.load(os.path.join(killed, name))["params"],

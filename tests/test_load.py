@@ -2,7 +2,9 @@
 
 `python app.py` runs in a subprocess on a copy of the tiny model folder; visitors are
 gradio_client sessions driven by benchmarks/load_test.py (the same code as the full load test).
-Deselect with -m "not server".
+Three servers start (reference, load, restart), minutes on a loaded 2-core machine, so the module
+is opt-in: `pytest -m slow tests/test_load.py`. In-process concurrency is checked by
+test_concurrency.py and the server's queue bounds by test_serving.py in the default suite.
 """
 import importlib.util
 import os
@@ -11,7 +13,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
