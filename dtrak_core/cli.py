@@ -265,10 +265,11 @@ def cmd_lds_own(args):
             raise ValueError("ground-truth needs --checkpoints, the folder your training script saved the models in")
         resolve_device(args.device)
         t0 = time.perf_counter()
-        done = lds_own.ground_truth(args.root, args.out, args.checkpoints, shard=_shard_arg(args), partial=args.partial,
+        shard = lds_own.shard_of(_shard_arg(args))
+        done = lds_own.ground_truth(args.root, args.out, args.checkpoints, shard=shard, partial=args.partial,
                                     device=args.device)
-        print(f"ground truth of {len(done)} checkpoint(s) measured in {time.perf_counter() - t0:.0f} s; results in "
-              f"{os.path.join(args.out, 'jobs')}")
+        print(f"shard {shard[0]}/{shard[1]}: ground truth of {len(done)} checkpoint(s) measured in "
+              f"{time.perf_counter() - t0:.0f} s; results in {os.path.join(args.out, 'jobs')}")
         return
     from dtrak_core.evaluation.tables_report import format_report
 
@@ -345,9 +346,13 @@ def cmd_setting(args):
         st.build_folder(setting, args.data, args.model, args.root, stores=not args.manifest_only, device=args.device)
         print(f"model folder {args.root} ready ({time.perf_counter() - t0:.0f} s)")
     else:
-        done = st.retrain(setting, args.data, args.jobs, args.checkpoints, shard=_shard_arg(args), device=args.device,
+        from dtrak_core.evaluation.lds_own import shard_of
+
+        shard = shard_of(_shard_arg(args))
+        done = st.retrain(setting, args.data, args.jobs, args.checkpoints, shard=shard, device=args.device,
                           precision=args.precision)
-        print(f"{len(done)} model(s) retrained into {args.checkpoints} in {time.perf_counter() - t0:.0f} s")
+        print(f"shard {shard[0]}/{shard[1]}: {len(done)} model(s) retrained into {args.checkpoints} in "
+              f"{time.perf_counter() - t0:.0f} s")
 
 
 def cmd_build_baselines(args):

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -65,6 +66,7 @@ def tiny_config(path) -> str:
     raw["train"].update(steps=2, batch_size=4)
     raw["features"].update(K=2, k=16)
     raw["lds"].update(num_subsets=3, train_seeds=[1], eval_timesteps=10, noise_seeds=[0], generated=3, sample_steps=3)
+    raw["counterfactual"].update(targets=1, k=[3], rankings=["d-trak", "random"])
     json.dump(raw, open(path, "w"))
     return str(path)
 
@@ -80,11 +82,27 @@ def fake_cifar10(folder) -> None:
             pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data}, f, protocol=2)
 
 
-def test_the_cifar2_commands_on_a_tiny_stand_in(tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """The documented one-GPU commands up to the LDS jobs, on the CPU, for a scaled-down cifar2.json."""
+    tmp_path = tmp_path_factory.mktemp("cifar2-tiny")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     config = tiny_config(tmp_path / "tiny.json")
     src, data, model, root = (str(tmp_path / n) for n in ("cifar-10-batches-py", "data", "model", "root"))
     fake_cifar10(src)
     assert main(["setting", "data", "--config", config, "--source", src, "--data", data]) == 0
+    assert main(["setting", "train", "--config", config, "--data", data, "--model", model]) == 0
+    assert main(["setting", "build", "--config", config, "--data", data, "--model", model, "--root", root]) == 0
+    lds = str(tmp_path / "lds")
+    assert main(["lds-own", "prepare", "--config", config, "--root", root, "--out", lds,
+                 "--validation", os.path.join(data, "validation")]) == 0
+    yield {"config": config, "src": src, "data": data, "model": model, "root": root, "lds": lds}
+    torch.set_num_threads(threads)
+
+
+def test_the_cifar2_commands_on_a_tiny_stand_in(stand_in, tmp_path):
+    config, src, data, model, root, lds = (stand_in[k] for k in ("config", "src", "data", "model", "root", "lds"))
     assert sorted(os.listdir(os.path.join(data, "train", "horse"))) == [f"{i:05d}.png" for i in range(6)]
     assert len(os.listdir(os.path.join(data, "validation", "automobile"))) == 2
     # horse images are CIFAR-10 label 7: the first written one is a label-7 image of the batches
@@ -94,12 +112,8 @@ def test_the_cifar2_commands_on_a_tiny_stand_in(tmp_path, one_thread):
     batches = [st._cifar_batch(os.path.join(src, f"data_batch_{i}")) for i in range(1, 6)]
     horses = np.concatenate([x[y == 7] for x, y in batches])
     assert any(np.array_equal(first, h) for h in horses)
+    assert json.load(open(os.path.join(model, st.MODEL_MARKER)))["setting"]["name"] == "cifar2-tiny"
 
-    assert main(["setting", "train", "--config", config, "--data", data, "--model", model]) == 0
-    assert main(["setting", "build", "--config", config, "--data", data, "--model", model, "--root", root]) == 0
-    lds = str(tmp_path / "lds")
-    assert main(["lds-own", "prepare", "--config", config, "--root", root, "--out", lds,
-                 "--validation", os.path.join(data, "validation")]) == 0
     jobs = json.load(open(os.path.join(lds, "jobs.json")))["jobs"]
     assert [j["id"] for j in jobs] == ["m000-s1", "m001-s1", "m002-s1"] and all(len(j["keep"]) == 6 for j in jobs)
     ckpts = str(tmp_path / "ckpts")
@@ -125,6 +139,18 @@ def test_the_cifar2_commands_on_a_tiny_stand_in(tmp_path, one_thread):
     col = collect(lds)
     assert col["F"]["validation"].shape == (3, 4) and col["F"]["generated"].shape == (3, 3)
 
+    # the counterfactual's removals, retrained with the base recipe's own seed (as the paper retrains)
+    cf = str(tmp_path / "cf")
+    assert main(["counterfactual-own", "prepare", "--config", config, "--root", root, "--out", cf]) == 0
+    removals = json.load(open(os.path.join(cf, "removals.json")))["jobs"]
+    assert [j["id"] for j in removals] == ["d-trak-k3-seed1000", "random-k3-seed1000"]
+    assert main(["setting", "retrain", "--config", config, "--data", data, "--jobs", os.path.join(cf, "removals.json"),
+                 "--checkpoints", str(tmp_path / "cf-ckpts")]) == 0
+    expected = retrain(st.training_images(s, data).images, removals[0]["keep"], s.scheduler(), s.train_config,
+                       unet_config=s.unet, show_bar=False)
+    assert checkpoint_hash(load_retrained(str(tmp_path / "cf-ckpts" / removals[0]["id"]), base)) == \
+        checkpoint_hash(expected)
+
 
 def test_a_cifar_batch_that_calls_anything_is_refused(tmp_path):
     class Payload:
@@ -135,3 +161,37 @@ def test_a_cifar_batch_that_calls_anything_is_refused(tmp_path):
         pickle.dump({b"data": Payload(), b"labels": []}, f, protocol=2)
     with pytest.raises(ValueError, match="refusing.*system"):
         st._cifar_batch(str(tmp_path / "data_batch_1"))
+
+
+@pytest.mark.slow
+def test_torchrun_retrains_and_ground_truth_equal_one_process(stand_in, tmp_path):
+    """The cluster commands: `setting retrain` and `lds-own ground-truth` under torchrun (2 CPU
+    processes, each rank its own jobs) give the single process's checkpoints and ground truth."""
+    import subprocess
+    import sys
+
+    from dtrak_core.evaluation.lds_run import collect
+
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root_dir, "OMP_NUM_THREADS": "1"}
+    jobs = os.path.join(stand_in["lds"], "jobs.json")
+    out = {}
+    for name, launcher in (("one", []), ("ranks", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        lds = str(tmp_path / f"lds-{name}")
+        shutil.copytree(stand_in["lds"], lds, ignore=shutil.ignore_patterns("jobs"))
+        ckpts = str(tmp_path / f"ckpts-{name}")
+        for command in (["setting", "retrain", "--config", stand_in["config"], "--data", stand_in["data"], "--jobs",
+                         jobs, "--checkpoints", ckpts],
+                        ["lds-own", "ground-truth", "--root", stand_in["root"], "--out", lds, "--checkpoints", ckpts]):
+            res = subprocess.run([sys.executable, *(launcher or ["-m", "dtrak_core"]),
+                                  *(["-m", "dtrak_core"] if launcher else []), *command],
+                                 env=env, capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, res.stdout + res.stderr
+        if launcher:
+            assert "shard 0/2" in res.stdout and "shard 1/2" in res.stdout
+        out[name] = ckpts, collect(lds)
+    for j in ("m000-s1", "m001-s1", "m002-s1"):
+        a, b = (open(os.path.join(c, j, "diffusion_pytorch_model.safetensors"), "rb").read() for c, _ in out.values())
+        assert a == b
+    for s in ("validation", "generated"):
+        assert np.array_equal(out["one"][1]["F"][s], out["ranks"][1]["F"][s])
