@@ -8,7 +8,8 @@ recipe, feature stores, LDS and counterfactual protocol. The paper's CIFAR-2 is 
     build_folder(setting, "cifar2-data", "cifar2-model", "cifar2")     # model folder + D-TRAK / TRAK stores
     retrain(setting, "cifar2-data", "lds/jobs.json", "ckpts", shard=(i, n))   # the LDS / counterfactual retrains
 
-The UNet is built locally from the config's `unet` entry (a diffusers UNet2DModel config; nothing is
+The UNet is built locally from the config's `unet` entry (a diffusers UNet2DModel config, or the
+name of a local model folder / a repo in the local Hugging Face cache whose config is read; nothing is
 downloaded). The retrains play the part of "your own training script" of `evaluation.lds_own`:
 they train each job of its jobs.json (LDS, with the job's seed) or removals.json (counterfactual,
 with the base recipe's seed, as the paper retrains) and save the UNet as <checkpoints>/<id>/.
@@ -51,7 +52,20 @@ class Setting:
 
     @property
     def unet(self) -> dict:
-        return self.raw["unet"]
+        """The UNet2DModel config: the `unet` entry itself, or, when it is a string, the config.json of
+        that local model folder or Hugging Face repo id in the local cache (its architecture only:
+        the setting trains from scratch; nothing is downloaded)."""
+        spec = self.raw["unet"]
+        if isinstance(spec, dict):
+            return spec
+        from dtrak_core.model.unet import resolve_model
+
+        folder = resolve_model(spec)
+        for path in (os.path.join(folder, "unet", "config.json"), os.path.join(folder, "config.json")):
+            if os.path.isfile(path):
+                config = read_json(path, "UNet config", f"restore the model {spec!r}, or write the config in the setting")
+                return {k: v for k, v in config.items() if not k.startswith("_")}
+        raise ValueError(f"{self.path}: unet {spec!r} ({folder}) has no unet/config.json")
 
     @property
     def train_config(self):
@@ -119,8 +133,10 @@ def load_setting(spec: str) -> Setting:
         int(raw["data"]["train_per_class"]), int(raw["data"]["validation_per_class"])
         with torch.device("meta"):
             setting.build_unet()
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, KeyError) as e:
         raise ValueError(f"{path}: {type(e).__name__}: {e} (see dtrak_core/configs/cifar2.json)") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path not in str(e) else str(e)) from None
     if not classes or len(set(classes)) != len(classes):
         raise ValueError(f"{path}: data.classes must name distinct classes, got {classes}")
     return setting

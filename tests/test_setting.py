@@ -54,6 +54,21 @@ def test_a_broken_config_is_refused(tmp_path):
         st.load_setting(str(tmp_path / "c.json"))
     with pytest.raises(ValueError, match="not a preset"):
         st.load_setting("cifar3")
+    raw["train"].pop("learning_rate")
+    raw["unet"] = "nobody/no-such-model"  # an architecture from the Hugging Face cache, never downloaded
+    json.dump(raw, open(tmp_path / "c.json", "w"))
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        st.load_setting(str(tmp_path / "c.json"))
+
+
+def test_the_architecture_from_a_local_model_folder(tmp_path):
+    raw = json.load(open(os.path.join(st.CONFIGS, "cifar2.json")))
+    with torch.device("meta"):
+        st.load_setting("cifar2").build_unet().save_config(str(tmp_path / "ddpm" / "unet"))
+    raw["unet"] = str(tmp_path / "ddpm")
+    json.dump(raw, open(tmp_path / "c.json", "w"))
+    s = st.load_setting(str(tmp_path / "c.json"))
+    assert s.unet["block_out_channels"] == [128, 256, 256, 256] and "35,746,307 parameters" in st.describe(s)
 
 
 def tiny_config(path) -> str:
