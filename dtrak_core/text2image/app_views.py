@@ -415,12 +415,16 @@ A query is an image **and its prompt**: the same image asked about with another 
 Samples are DDIM in latent space with classifier-free guidance, decoded by the VAE. Everything runs on a CPU.
 """
 
-COUNTERFACTUAL_TEXT = """### Remove-and-retrain is not offered for the text-to-image model
-In the default app this tab removes a sample's top proponents, retrains and regenerates the same seed. For
-this model it would retrain the LoRA on the rest of the fine-tuning set (about half a minute per retrain on
-this CPU, per visitor); this app does not run that. The same question, whether the scores predict what
-retraining does, is answered over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on
-random half subsets of its fine-tuning images (`python -m dtrak_core lds-text2image run`)."""
+def counterfactual_text(root: str) -> str:
+    """Why the Counterfactual tab has no retrain here, with a LoRA retrain's cost when the LDS run measured it."""
+    cost = (read_lds(root)["data"] or {}).get("seconds_per_model", {}).get("train_mean")
+    each = f" ({cost:.0f} s per LoRA retrain in the LDS run)" if isinstance(cost, (int, float)) else ""
+    return ("### Remove-and-retrain is not offered for the text-to-image model\n"
+            "In the default app this tab removes a sample's top proponents, retrains and regenerates the same seed. "
+            f"For this model that is a LoRA fine-tuning on the rest of the fine-tuning set per request{each}; this "
+            "app does not run it. The same question, whether the scores predict what retraining does, is answered "
+            "over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on random half subsets "
+            "of its fine-tuning images (`python -m dtrak_core lds-text2image run`).")
 
 
 def _readable(fn, gr):
@@ -667,7 +671,7 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
                         gal_a = cards_html("compare-a")
                         gal_b = cards_html("compare-b")
             with gr.Tab("Counterfactual", id="counterfactual"):
-                gr.Markdown(COUNTERFACTUAL_TEXT, elem_id="cf-not-offered")
+                gr.Markdown(counterfactual_text(root), elem_id="cf-not-offered")
             with gr.Tab("Benchmarks", id="benchmarks"):
                 benchmarks_blocks(a, gr)
             with gr.Tab("About", id="about"):

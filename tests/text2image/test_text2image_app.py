@@ -115,6 +115,8 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
         ("D-TRAK (square)", "validation"), ("D-TRAK (square)", "generated"),
         ("pixel-dot", "validation"), ("pixel-dot", "generated")]
     assert "Provisional" in views.lds_intro(lds["data"]) and "6 of 64" in views.lds_intro(lds["data"])
+    assert "(33 s per LoRA retrain in the LDS run)" in views.counterfactual_text(str(tmp_path))
+    assert "not offered" in views.counterfactual_text(MINIATURE_ROOT + "/no-such-folder")
     (tmp_path / "lds" / "lds_results.json").write_text("{not json")
     assert views.read_lds(str(tmp_path))["error"].endswith("lds_results.json: Expecting property name enclosed in "
                                                            "double quotes: line 1 column 2 (char 1)")
