@@ -16,9 +16,11 @@ request (`OnceCache`: built once, identical for everyone). The queue is bounded 
 client address, a retrain stops when its visitor leaves, cancels or runs past a time limit, and
 the upload cache is swept.
 
-Start-up: `python app.py` serves as soon as the model folder is loaded and warms what a first
-visitor needs (samples, the default methods' scorers, the counterfactual examples) in the background
-afterwards.
+Start-up: `python app.py` serves as soon as the model folder is loaded and checked by its small
+files (stores, the TracInCP index, the precomputed results' identity), and warms what a first
+visitor needs (samples, the default method's scorer) in the background afterwards; the full check
+of the large files (TracInCP checkpoints, every precomputed result) follows, and the page's banner
+reports what it finds.
 """
 from __future__ import annotations
 
@@ -85,7 +87,9 @@ class Assets:
 
 def _load_assets(root: str) -> Assets:
     attributor = Attributor.load(root)
-    problems = registry.problems(attributor, root)
+    # quick: TracInCP by its index, not by loading its checkpoints (`full_check` does that after
+    # the first page is shown)
+    problems = registry.problems(attributor, root, quick=True)
     methods = list(attributor.methods) + [m.name for m in registry.all("baseline") if m.name not in problems]
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
                   {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)})
@@ -140,6 +144,10 @@ _counterfactual_cache = OnceCache(64)  # (seed, ranking, k) -> CounterfactualVie
 _retrain_cost = OnceCache(4)  # (root, recipe, 10-minute period) -> RetrainCost measured on this machine
 RETRAIN_COST_SECONDS = 600
 _cancelled_at: dict[str, float] = {}  # session -> time.monotonic() of its last Cancel
+_page_served = threading.Event()  # a page has had its samples (the warm-up's later steps wait for it)
+_warming, _warm_done = threading.Event(), threading.Event()  # the warm-up thread is running / has finished
+WARM_UP_WAIT = 120  # seconds a page waits at most for the warm-up before checking the files itself
+FIRST_PAGE_WAIT = 30  # seconds the warm-up waits for a first visitor before warming the rest anyway
 _cancel_lock = threading.Lock()
 
 
@@ -200,6 +208,7 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
     found = digit_labels(images.numpy())
     captions = [f"seed {s}" + ("" if found is None else f": {found[0][i]}") for i, s in enumerate(seeds)]
     items = [(to_pil(img, a.scale(2 * THUMB_PX)), c) for img, c in zip(images, captions)]
+    _page_served.set()
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
 
 
@@ -510,6 +519,62 @@ def committed(root: str) -> dict:
 
 
 _damaged_results: dict[str, str] = {}  # root -> why its precomputed counterfactual results cannot be used
+
+
+def quick_damage(root: str) -> dict:
+    """{part: why it is off} from the checks that cost no more than reading a few small files:
+    the stores and the TracInCP index (`load_assets`) and the precomputed counterfactual results'
+    identity.json. What they miss (a replaced checkpoint, a damaged job file) `full_check` finds."""
+    from dtrak_core.errors import IntegrityError
+
+    a = load_assets(root)
+    damaged = dict(a.damaged)
+    if root in _damaged_results:
+        damaged["precomputed counterfactuals"] = _damaged_results[root]
+    elif a.can_retrain:
+        try:
+            cf = _counterfactual()
+            cf.reproducible_rankings(a.attributor, os.path.join(root, "counterfactual", "jobs"),
+                                     cf.train_config_from_manifest(root))
+        except IntegrityError as e:
+            damaged["precomputed counterfactuals"] = str(e)
+        except (gr.Error, ValueError, OSError):
+            pass
+    return damaged
+
+
+@once_per_root
+def full_check(root: str) -> dict:
+    """{part: why it is off}, every file read: the TracInCP checkpoints loaded and hashed, every
+    precomputed counterfactual job read (its zip checksums too). Made once, after the first page's
+    samples are shown (it costs seconds), and shown in the page's banner."""
+    a = load_assets(root)
+    full = registry.problems(a.attributor, root)
+    damaged = {m: str(e) for m, e in full.items() if not isinstance(e, registry.MethodUnavailable)}
+    committed(root)
+    if root in _damaged_results:
+        damaged["precomputed counterfactuals"] = _damaged_results[root]
+    return {**quick_damage(root), **damaged}
+
+
+def damage_banner(damaged: dict) -> str:
+    if not damaged:
+        return ""
+    return ("**Some files under the model folder are damaged**, so these parts are off until they are restored or "
+            "rebuilt:\n\n" + "\n".join(f"- **{m}**: {html.escape(why)}" for m, why in damaged.items()))
+
+
+def show_damage():
+    """The banner once every file has been checked (the page starts with the quick checks' findings).
+    While the server's warm-up runs, it waits for it: the warm-up makes the full check after the
+    default method's scorer, which a first click needs sooner."""
+    if _warming.is_set():
+        _warm_done.wait(WARM_UP_WAIT)
+    try:
+        damaged = full_check(ASSETS)
+    except (ValueError, OSError):
+        return gr.update()
+    return gr.Markdown(damage_banner(damaged), visible=bool(damaged))
 
 
 def stored_view(root: str, key: tuple) -> CounterfactualView | None:
@@ -914,7 +979,7 @@ ENTER_APPLIES_JS = ("document.addEventListener('keydown', (e) => { if (e.key ===
 
 def page_head() -> str:
     """Scripts for the page's head: Enter in the top-k box, and the plotly bundle loaded while the
-    visitor is still on the Generate tab, so the first attribution's charts arrive with its cards
+    visitor is still on the Generate tab (once its samples are shown), so the first attribution's charts arrive with its cards
     instead of seconds later. Gradio loads its plot component only when a plot is first shown;
     importing the same module early fills the browser's module cache (the file name changes with
     Gradio, so it is looked up, not hard-coded)."""
@@ -922,10 +987,13 @@ def page_head() -> str:
 
     folder = os.path.join(os.path.dirname(gr.__file__), "templates", "frontend", "assets")
     found = sorted(glob.glob(os.path.join(folder, "PlotlyPlot-*.js")))
+    # after the first samples are drawn: parsing plotly takes the browser seconds on a busy machine,
+    # which would otherwise delay the page itself
     preload = "" if not found else (
-        "(() => { const go = () => setTimeout(() => "
-        f"import(new URL('assets/{os.path.basename(found[0])}', document.baseURI).href).catch(() => {{}}), 500); "
-        "if (document.readyState === 'complete') go(); else window.addEventListener('load', go); })();")
+        "(() => { const url = new URL('assets/" + os.path.basename(found[0]) + "', document.baseURI).href; "
+        "const since = Date.now(); const wait = () => { "
+        "if (document.querySelector('#samples img') || Date.now() - since > 30000) "
+        "setTimeout(() => import(url).catch(() => {}), 300); else setTimeout(wait, 250); }; wait(); })();")
     return f"<script>{ENTER_APPLIES_JS}{preload}</script>"
 
 
@@ -1111,14 +1179,8 @@ def build_demo() -> gr.Blocks:
         compare_on = gr.State(False)  # the visitor asked for a comparison: keep it in step with the query
         cf_visited = gr.State(False)  # the Counterfactual tab has shown its first example to this visitor
         gr.Markdown(header_markdown(a))
-        committed(ASSETS)  # (checks the precomputed counterfactual results before the banner is drawn)
-        damaged = {**a.damaged, **({"precomputed counterfactuals": _damaged_results[ASSETS]}
-                                   if ASSETS in _damaged_results else {})}
-        if damaged:
-            gr.Markdown("**Some files under the model folder are damaged**, so these parts are off until they "
-                        "are restored or rebuilt:\n\n" + "\n".join(f"- **{m}**: {html.escape(why)}"
-                                                                for m, why in damaged.items()),
-                        elem_id="damaged")
+        damaged = quick_damage(ASSETS)  # what reading a few small files finds; the rest after the samples
+        damaged_md = gr.Markdown(damage_banner(damaged), visible=bool(damaged), elem_id="damaged")
         with gr.Tabs(overflow_behavior="wrap") as tabs:  # every tab in sight, on a phone too
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -1246,7 +1308,8 @@ def build_demo() -> gr.Blocks:
         gen_inputs = [mode, seed, start, end, count, steps]
         gen_btn.click(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
             generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
-        demo.load(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
+        demo.load(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute").then(
+            show_damage, None, damaged_md, concurrency_id="checks", show_progress="hidden")
 
         attr_inputs, attr_outputs = [query, method, topk], [prop_gallery, opp_gallery, hist, mass, summary]
         busy = dict(concurrency_id="compute", show_progress="minimal", show_progress_on=[summary])
@@ -1357,9 +1420,11 @@ def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
 
 def warm_up() -> None:
     """What a first visitor would otherwise wait for, computed once in the background after the
-    server is up: the page's first samples, the digit classifier and the default method's scorer
-    and featurizer. No more: on a busy server the warm-up competes with real requests (the second
-    method, the counterfactual examples and the retrain-time measurement are made when first asked for)."""
+    server is up: the page's first samples and the digit classifier; then, once a page has shown
+    its samples (or after FIRST_PAGE_WAIT), the default method's scorer and featurizer and the full
+    check of the files (the page's banner waits for it). No more: on a busy server the warm-up
+    competes with real requests (the second method, the counterfactual examples and the
+    retrain-time measurement are made when first asked for)."""
     def step(what, fn):
         t0 = time.perf_counter()
         try:
@@ -1373,6 +1438,14 @@ def warm_up() -> None:
         from dtrak_core.text2image import app_views
 
         return app_views.warm_up(ASSETS)
+    _warming.set()
+    try:
+        _warm(step)
+    finally:
+        _warm_done.set()
+
+
+def _warm(step) -> None:
     try:
         a = load_assets(ASSETS)
     except (ValueError, OSError):
@@ -1382,9 +1455,13 @@ def warm_up() -> None:
     if not first:
         return
     step("the digit classifier", lambda: digit_labels(first[0].numpy()))
+    # the scorer and featurizer take seconds of both cores: not while a first visitor's browser is
+    # still drawing the page and asking for its samples
+    _page_served.wait(FIRST_PAGE_WAIT)
     default = sup.method_choices(a.attributor.methods)[:1]
     for _, m in default:
         step(sup.method_label(m), lambda m=m: a.attributor.scores(first[0][:1], m))
+    step("the full check of the files (TracInCP checkpoints, precomputed results)", lambda: full_check(ASSETS))
 
 
 def serve(demo: gr.Blocks) -> None:

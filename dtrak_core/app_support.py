@@ -435,10 +435,10 @@ def _bucket_gradients(gradients, sl: slice):
 def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str | None = None) -> NoiseLevels:
     """`image` (C, H, W) attributed by a TRAK-family `method`, split into `buckets` timestep buckets
     (at most one per timestep of the method's store). Costs about one featurization of the query:
-    the buckets together run the same K timesteps; the store's training features are reused as they
-    are (the split is on the query side only). ValueError for a method without a store.
-    `prompt`: a text-to-image attributor's query prompt (the gradients are then taken at the
-    image's VAE latent, conditioned on the prompt)."""
+    the buckets together run the same K timesteps (in one batched pass when they are equal); the
+    store's training features are reused as they are (the split is on the query side only).
+    ValueError for a method without a store. `prompt`: a text-to-image attributor's query prompt
+    (the gradients are then taken at the image's VAE latent, conditioned on the prompt)."""
     import torch
 
     setting, _ = attributor.setting(method)
@@ -455,8 +455,13 @@ def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str 
 
         captioned = CaptionedInputs.of(attributor.pipeline, x, [prompt])
         inputs, conditioning = captioned.latents, {"encoder_hidden_states": captioned.contexts}
-    feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(inputs, **conditioning))
-             for a, b in zip(edges, edges[1:])]
+    if K % n == 0:  # equal buckets: one batched pass, row b of the copies averaged over bucket b only
+        rows = torch.arange(K).reshape(n, K // n)
+        copies = {name: c.expand(n, *c.shape[1:]) for name, c in conditioning.items()}
+        feats = [featurizer.projector.project(gradients(inputs.expand(n, *inputs.shape[1:]), timesteps=rows, **copies))]
+    else:
+        feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(inputs, **conditioning))
+                 for a, b in zip(edges, edges[1:])]
     scores = attributor.scorer(method).scores(torch.cat(feats))  # (B, N), each bucket as if it were the whole query
     weights = np.diff(edges) / K
     steps = gradients.timesteps.tolist()

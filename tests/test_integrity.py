@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dtrak_core import cli
+from dtrak_core.attribution import methods
 from dtrak_core.evaluation import counterfactual as cf
 from dtrak_core.evaluation.counterfactual_report import summarize
 from dtrak_core.attribution.attributor import Attributor
@@ -169,6 +170,11 @@ def test_damaged_tracin_files_are_named(folder):
     shutil.copyfile(early, final)  # a checkpoint swapped for another one
     with pytest.raises(IntegrityError, match=r"step-00006/unet \(TracInCP checkpoint weights\) hashes to .* records"):
         load_tracin(folder, attributor)
+    # the quick check (the app's, at start-up) reads the index only; the full one loads the weights
+    assert "tracin" not in methods.problems(attributor, folder, quick=True)
+    assert "hashes to" in str(methods.problems(attributor, folder)["tracin"])
+    shutil.rmtree(os.path.dirname(os.path.dirname(final)))
+    assert "(TracInCP checkpoint) is missing" in str(methods.problems(Attributor.load(folder), folder, quick=True)["tracin"])
 
 
 # -- counterfactual results -----------------------------------------------------------------------

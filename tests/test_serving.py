@@ -271,10 +271,13 @@ def test_damaged_precomputed_counterfactuals_are_reported_not_dropped(app, tiny_
     try:
         with torch_threads(1):
             page = _markdown(app.build_demo())
+            banner = app.show_damage()  # after the samples: every file read
     finally:
         app.load_assets.cache_clear()
         app.committed.cache_clear()
+        app.full_check.cache_clear()
     assert "precomputed counterfactuals" in page and "identity.json" in page
+    assert banner.visible and "identity.json" in banner.value
 
 
 def test_client_address_trusts_forwarded_for_only_from_a_private_proxy(app):

@@ -10,6 +10,7 @@ The baselines score through the method registry: `methods.scores(attributor, nam
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -26,6 +27,13 @@ from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.folder import ModelFolder
 
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
+QUERY_FEATURES_KEPT = 64  # recent queries' features kept per attributor (several methods share one store's)
+
+
+def image_digest(images: torch.Tensor) -> tuple:
+    """A key for a batch of images: its shape and the digest of its float32 values."""
+    x = images.detach().to("cpu", torch.float32).contiguous()
+    return tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -86,6 +94,9 @@ class Attributor:
         # built on first use, once, whichever thread asks first (featurizers and scorers are then
         # read-only, so every request can share them)
         self._scorers, self._featurizers = OnceCache(), OnceCache()
+        # the features of recent queries: TRAK (loss) and the gradient and IP baselines all score
+        # the query's loss features, so an image asked about under every method featurizes once
+        self._query_features = OnceCache(QUERY_FEATURES_KEPT)
 
     @classmethod
     def load(cls, root: str | None = None) -> "Attributor":
@@ -123,6 +134,14 @@ class Attributor:
         """The shared `Featurizer` of this model for `setting`: images (Q, C, H, W) -> (Q, k)."""
         return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting))
 
+    def query_features(self, images: torch.Tensor, setting: FeatureSetting) -> torch.Tensor:
+        """(Q, k) float32 features of query images (Q, C, H, W) under `setting`: the featurizer's
+        output, kept for the QUERY_FEATURES_KEPT most recent (images, setting) pairs (the
+        featurizer is deterministic, so a kept result is the one it would compute)."""
+        images = images.float()
+        features = self._query_features.get((setting, image_digest(images)), lambda: self.featurizer(setting)(images))
+        return features.clone()  # (callers may write to theirs)
+
     def lambda_for(self, setting: FeatureSetting, lam=None) -> float | None:
         """The ridge lambda for a store: `lam` if given (RULE: the data-free rule), else the
         attributor's override, else the lambda tuned on validation LDS (manifest 'tuned_lambda'),
@@ -148,7 +167,7 @@ class Attributor:
         expected = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        return self.scorer(method, K, lam).scores(self.featurizer(setting)(images.float()))
+        return self.scorer(method, K, lam).scores(self.query_features(images, setting))
 
     def attribute(self, image: torch.Tensor, method: str = "d-trak", K: int | None = None, lam=None) -> Attribution:
         """One image (C, H, W) -> its `Attribution` over the training set (`lam`: see `lambda_for`)."""

@@ -49,7 +49,8 @@ def gradients(method, inputs, images, seeds, K) -> np.ndarray:
 
 
 def tracin(method, inputs, images, seeds, K) -> np.ndarray:
-    return sum(similarity(c.featurizer(images), c.train_features, method.kind) for c in inputs.tracin())
+    return sum(similarity(q, c.train_features, method.kind)
+               for q, c in zip(inputs.tracin_query_features(images), inputs.tracin()))
 
 
 def inner_product(method, inputs, images, seeds, K) -> np.ndarray:

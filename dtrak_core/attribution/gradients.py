@@ -167,22 +167,29 @@ class GradientFeaturizer:
             raise ValueError(f"no timesteps in {timesteps} of a featurizer with K={self.K}")
         return sub
 
-    def _objective(self, params, x, conditioning: dict, sl: slice, unet):
-        """Sum over timesteps in `sl` of f for one sample x (C, H, W) and its conditioning, run on
-        `unet` (a replica)."""
+    def _objective(self, params, x, conditioning: dict, sl, unet):
+        """Sum over timesteps `sl` (a slice of the K timesteps, or this sample's own (m,) indices
+        into them) of f for one sample x (C, H, W) and its conditioning, run on `unet` (a replica)."""
         eps = self.noise[sl]
         xt = self.scheduler.add_noise(x.expand_as(eps), eps, self.timesteps[sl])  # (k, C, H, W)
         kwargs = {name: c.expand(len(xt), *c.shape) for name, c in conditioning.items()}  # the same for every t
         pred = functional_call(unet, params, (xt, self.timesteps[sl]), {**kwargs, "return_dict": False})[0]
         return self.f(pred, eps, self.weights[sl]).sum()
 
-    def _hooks_grads(self, images: torch.Tensor, conditioning: dict, sl: slice, unet) -> torch.Tensor:
-        """Per-sample gradients (B, d) of the sum over timesteps in `sl`, by per-layer contraction,
-        with hooks on `unet` (a replica no other thread runs)."""
+    def _hooks_grads(self, images: torch.Tensor, conditioning: dict, sl, unet) -> torch.Tensor:
+        """Per-sample gradients (B, d) of the sum over timesteps `sl` (a slice of the K timesteps,
+        or a (B, m) tensor of each sample's own indices into them), by per-layer contraction, with
+        hooks on `unet` (a replica no other thread runs)."""
         B = len(images)
-        m = len(range(self.K)[sl])
-        eps = self.noise[sl].repeat(B, 1, 1, 1)  # (B*m, C, H, W), row b*m + j is (sample b, timestep j)
-        xt = self.scheduler.add_noise(images.repeat_interleave(m, 0), eps, self.timesteps[sl].repeat(B))
+        if isinstance(sl, slice):
+            m = len(range(self.K)[sl])
+            eps = self.noise[sl].repeat(B, 1, 1, 1)  # (B*m, C, H, W), row b*m + j is (sample b, timestep j)
+            t, w = self.timesteps[sl].repeat(B), self.weights[sl].repeat(B)
+        else:
+            m = sl.shape[1]
+            rows = sl.reshape(-1)
+            eps, t, w = self.noise[rows], self.timesteps[rows], self.weights[rows]
+        xt = self.scheduler.add_noise(images.repeat_interleave(m, 0), eps, t)
         calls = []  # (module, input, output) for every call of a parametrised layer, in call order
 
         def record(module, inputs, output):
@@ -194,8 +201,8 @@ class GradientFeaturizer:
         try:
             with torch.enable_grad():
                 kwargs = {name: c.repeat_interleave(m, 0) for name, c in conditioning.items()}
-                pred = unet(xt, self.timesteps[sl].repeat(B), **kwargs, return_dict=False)[0]
-                total = self.f(pred, eps, self.weights[sl].repeat(B)).sum()
+                pred = unet(xt, t, **kwargs, return_dict=False)[0]
+                total = self.f(pred, eps, w).sum()
                 # Gradients w.r.t. layer outputs only: autograd then skips every weight gradient.
                 outs = torch.autograd.grad(total, [o for _, _, o in calls], allow_unused=True)
         finally:
@@ -213,23 +220,40 @@ class GradientFeaturizer:
             return torch.cat([grads[n].reshape(B, -1) if n in grads else torch.zeros(B, p.numel(), device=p.device)
                               for n, p in self.params.items()], dim=1)
 
-    def __call__(self, images: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, timesteps: torch.Tensor | None = None,
+                 **conditioning: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> per-sample gradients (B, d), float32 on the CPU. `conditioning`:
         per-sample tensors (B, ...) passed to the model by keyword, e.g. a text-to-image UNet's
-        `encoder_hidden_states`."""
+        `encoder_hidden_states`.
+
+        timesteps: (B, m) indices into the K timesteps, row b the ones sample b's gradient is
+        averaged over (None: all K for every sample). The rows of one image with disjoint index
+        sets give that image's gradient split by timestep range in one batched pass."""
         for name, c in conditioning.items():
             if len(c) != len(images):
                 raise ValueError(f"conditioning {name!r} has {len(c)} rows for {len(images)} images")
+        if timesteps is not None:
+            timesteps = torch.as_tensor(timesteps, dtype=torch.long)
+            if timesteps.ndim != 2 or len(timesteps) != len(images) or timesteps.shape[1] < 1:
+                raise ValueError(f"timesteps must be (B, m) indices with B = {len(images)} images and m >= 1, "
+                                 f"got shape {tuple(timesteps.shape)}")
+            if timesteps.min() < 0 or timesteps.max() >= self.K:
+                raise ValueError(f"timestep indices must lie in [0, {self.K - 1}] (this featurizer's K timesteps)")
+            timesteps = timesteps.to(self.device)
+        m = self.K if timesteps is None else timesteps.shape[1]
         images = images.to(self.device)
         conditioning = {name: c.to(self.device) for name, c in conditioning.items()}
         out = torch.zeros(len(images), self.dim, device=self.device)
         with self.replicas.borrow() as unet:
-            for start in range(0, self.K, self.timestep_chunk):
-                sl = slice(start, min(start + self.timestep_chunk, self.K))
+            for start in range(0, m, self.timestep_chunk):
+                sl = slice(start, min(start + self.timestep_chunk, m))
+                if timesteps is not None:
+                    sl = timesteps[:, sl]
                 if self.engine == "hooks":
                     out += self._hooks_grads(images, conditioning, sl, unet)
                     continue
                 objective = functools.partial(self._objective, unet=unet)
-                g = vmap(grad(objective), in_dims=(None, 0, 0, None))(self.params, images, conditioning, sl)
+                per_row = None if isinstance(sl, slice) else 0
+                g = vmap(grad(objective), in_dims=(None, 0, 0, per_row))(self.params, images, conditioning, sl)
                 out += torch.cat([v.reshape(len(images), -1) for v in g.values()], dim=1)
-        return (out / self.K).cpu()
+        return (out / m).cpu()

@@ -15,12 +15,12 @@ import weakref
 import numpy as np
 import torch
 
-from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.attributor import QUERY_FEATURES_KEPT, Attributor, image_digest
 from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.journey import JourneyFeaturizer
 from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.attribution.tracin import TracInCheckpoint, load_tracin
+from dtrak_core.attribution.tracin import TracInCheckpoint, load_tracin, tracin_index
 from dtrak_core.errors import MethodUnavailable
 from dtrak_core.shared import OnceCache
 
@@ -35,6 +35,7 @@ class MethodInputs:
     def __init__(self, attributor: Attributor, root: str | None, clip_path: str | None):
         self.attributor, self.root, self.clip_path = attributor, root, clip_path
         self._cache = OnceCache()
+        self._queries = OnceCache(QUERY_FEATURES_KEPT)  # recent queries' TracInCP features (tracin and gas share them)
 
     def cached(self, key, make):
         """`make()` once per key (see `shared.OnceCache`)."""
@@ -56,7 +57,7 @@ class MethodInputs:
     def query_features(self, images: torch.Tensor, output_fn: str, K: int | None = None) -> torch.Tensor:
         """(Q, k) float64 features of query images (Q, C, H, W), with that store's featurizer."""
         setting, _ = self.store(output_fn, K)
-        return self.attributor.featurizer(setting)(images).double()
+        return self.attributor.query_features(images, setting).double()
 
     def clip(self) -> ClipImageEncoder:
         """The CLIP image encoder; `MethodUnavailable` (cached, so not searched again) when absent."""
@@ -81,6 +82,19 @@ class MethodInputs:
             raise MethodUnavailable("TracInCP needs the training run's checkpoints, which live in a model folder; "
                                     "this attributor was not loaded from one (pass root=)")
         return self.cached("tracin", lambda: load_tracin(self.root, self.attributor))
+
+    def tracin_query_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(Q, k) features of query images under each TracInCP checkpoint, kept for recent queries."""
+        checkpoints = self.tracin()
+        images = images.float()
+        return self._queries.get(("tracin", image_digest(images)), lambda: [c.featurizer(images) for c in checkpoints])
+
+    def tracin_index(self) -> dict:
+        """The TracInCP index, checked as `tracin` checks it but without loading (and hashing)
+        the checkpoints: a quick check of whether TracInCP can run."""
+        if self.root is None:
+            self.tracin()  # (raises why)
+        return self.cached("tracin-index", lambda: tracin_index(self.root, self.attributor)[0])
 
     def journey(self, setting: FeatureSetting) -> JourneyFeaturizer:
         """Journey-TRAK's featurizer, projecting with the projector of the store of `setting`."""

@@ -232,10 +232,15 @@ def scores(attributor, name: str, images: torch.Tensor, seeds=None, *, K: int | 
     return get(name).scores(attributor, images, seeds, K=K, root=root, clip_path=clip_path)
 
 
-def problems(attributor, root: str | None = None, clip_path: str | None = None) -> dict[str, ValueError]:
+def problems(attributor, root: str | None = None, clip_path: str | None = None,
+             quick: bool = False) -> dict[str, ValueError]:
     """{baseline name: why it cannot run here}: a `MethodUnavailable` when its inputs are absent,
     another ValueError (naming the file) when they are present but damaged. Each input is checked
-    once; a need for seeds is a property of the query and is not checked here."""
+    once; a need for seeds is a property of the query and is not checked here.
+
+    quick: check the TracInCP checkpoints by their index only (present, complete, this model's),
+    not by loading and hashing their weights; damaged weights are then found when TracInCP first
+    runs (or by a full check)."""
     from dtrak_core.attribution.inputs import inputs_for
 
     inputs = inputs_for(attributor, root, clip_path)
@@ -245,7 +250,7 @@ def problems(attributor, root: str | None = None, clip_path: str | None = None) 
             yield ("store", method.store), lambda: inputs.train_features(method.store)
         for need in ("clip", "tracin"):
             if need in method.needs:
-                yield need, getattr(inputs, need)
+                yield need, getattr(inputs, "tracin_index" if quick and need == "tracin" else need)
 
     outcome, found = {}, {}  # input -> the ValueError that stops it, or None when it is present
     for method in (m for m in _REGISTRY if m.family in SCORED_FAMILIES):

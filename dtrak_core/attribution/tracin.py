@@ -156,8 +156,10 @@ class TracInCheckpoint:
     train_features: torch.Tensor  # (N, k) float64
 
 
-def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
-    """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
+def tracin_index(root: str, attributor: Attributor) -> tuple[dict, str]:
+    """(index entry, its path) of the checkpoints registered under manifest['tracin'], checked
+    to be complete and to belong to the attributor's model and data, without loading the
+    checkpoints themselves (`load_tracin` does, and verifies their weights)."""
     folder = ModelFolder.load(root, missing_ok=True)
     index = None if folder is None else folder.tracin
     if index and not os.path.isfile(os.path.join(root, index)):
@@ -181,6 +183,17 @@ def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
     if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
         raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
                                 f"on data {entry['dataset']}, not to this model ({model_hash}, data {attributor.train.fingerprint})")
+    for c in entry["checkpoints"]:
+        for rel, what in ((c["checkpoint"], "TracInCP checkpoint"), (c["store"], "TracInCP feature store")):
+            if not os.path.exists(os.path.join(root, rel)):
+                raise IntegrityError(os.path.join(root, rel), f"({what}) is missing, though {index_path} registers it",
+                                     "rebuild it with `python -m dtrak_core build-baselines`")
+    return entry, index_path
+
+
+def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
+    """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
+    entry, index_path = tracin_index(root, attributor)
     setting = FeatureSetting(**entry["setting"])
     out = []
     for c in entry["checkpoints"]:

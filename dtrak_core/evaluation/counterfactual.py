@@ -494,7 +494,7 @@ def committed_results(attributor, out_dir: str | None = None,
     Damage is never skipped silently: an unreadable identity.json (or a missing one beside job
     files) or job file raises `errors.IntegrityError` (a ValueError) naming the file."""
     out_dir = _jobs_dir(attributor) if out_dir is None else out_dir
-    rankings = _reproducible_rankings(attributor, out_dir, config)
+    rankings = reproducible_rankings(attributor, out_dir, config)
     found = {}
     if not rankings:
         return found
@@ -515,9 +515,10 @@ def job_files(out_dir: str) -> list[str]:
     return [p for p in sorted(glob.glob(os.path.join(out_dir, "*.npz"))) if os.path.basename(p) != f"{CONTROL_ID}.npz"]
 
 
-def _reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None) -> set[str]:
+def reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None) -> set[str]:
     """The rankings whose jobs in out_dir a live retrain here would reproduce (same model, data,
-    recipe, sampler; same store for a scored ranking); empty when the folder's identity differs."""
+    recipe, sampler; same store for a scored ranking); empty when the folder's identity differs.
+    Reads identity.json only (not the job files), so it is also the quick check of that file."""
     path = os.path.join(out_dir, "identity.json")
     if not os.path.isfile(path):
         if glob.glob(os.path.join(out_dir, "*.npz")):
@@ -552,6 +553,6 @@ def load_precomputed(attributor, seed: int, ranking: str, k,
     name = ranking_name(ranking)
     out_dir = _jobs_dir(attributor) if out_dir is None else out_dir
     path = os.path.join(out_dir, f"{job_id(name, parse_k(k, len(attributor.train)), int(seed))}.npz")
-    if not os.path.isfile(path) or name not in _reproducible_rankings(attributor, out_dir, config):
+    if not os.path.isfile(path) or name not in reproducible_rankings(attributor, out_dir, config):
         return None
     return load_job(path)

@@ -69,6 +69,20 @@ def test_timestep_subsets_add_up_to_the_whole(tiny_unet, scheduler, digits, engi
         full.subset(slice(4, 9))
 
 
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
+def test_per_row_timesteps_give_each_subset_in_one_pass(tiny_unet, scheduler, digits, engine):
+    full = GradientFeaturizer(tiny_unet, scheduler, "square", K=4, engine=engine, timestep_chunk=1)
+    x = digits.images[:2]
+    rows = torch.tensor([[0, 1], [2, 3], [3, 0]])  # image 0 over two buckets, image 1 over t 750 and 0
+    out = full(torch.stack([x[0], x[0], x[1]]), timesteps=rows)
+    expected = torch.cat([full.subset(slice(0, 2))(x[:1]), full.subset(slice(2, 4))(x[:1]),
+                          (full.subset(slice(3, 4))(x[1:]) + full.subset(slice(0, 1))(x[1:])) / 2])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
+    for bad in (torch.tensor([[0, 4]] * 3), torch.tensor([0, 1, 2]), torch.tensor([[0]] * 2)):
+        with pytest.raises(ValueError, match="timestep"):
+            full(torch.stack([x[0], x[0], x[1]]), timesteps=bad)
+
+
 def test_eta_interpolation_endpoints(tiny_unet, scheduler, digits):
     x = digits.images[:2]
     g = lambda n: GradientFeaturizer(tiny_unet, scheduler, n, 10)(x)
