@@ -125,6 +125,19 @@ def eval_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     return torch.arange(step // 2, num_train_timesteps, step)
 
 
+def noise_chunks(seed: int, rows: int, shape, chunk: int):
+    """The rows of one (rows, *shape) normal draw from a CPU generator seeded by `seed`, `chunk` rows
+    at a time, so the whole draw is never held. torch's CPU sampler turns uniforms into normals 16 at
+    a time, so consecutive draws of multiples of 16 values continue one draw exactly; other shapes
+    are drawn whole, then sliced."""
+    gen = torch.Generator().manual_seed(int(seed))
+    per_row = int(np.prod(shape))
+    whole = None if per_row % 16 == 0 else torch.randn((rows, *shape), generator=gen)
+    for a in range(0, rows, chunk):
+        b = min(a + chunk, rows)
+        yield whole[a:b] if whole is not None else torch.randn((b - a, *shape), generator=gen)
+
+
 @torch.no_grad()
 def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, noise_seeds, chunk: int = 4096,
                device="cpu") -> np.ndarray:
@@ -132,6 +145,7 @@ def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, n
 
     The noise for seed s is one (T, Q, C, H, W) draw from a CPU generator seeded by s, so every model
     is evaluated on the same noisy inputs, on any device (`device`: where the UNet runs, float32).
+    Memory is bounded by `chunk` (image, timestep) pairs, whatever T x Q is.
     """
     from dtrak_core.devices import resolve_device
 
@@ -139,16 +153,14 @@ def eps_losses(unet, scheduler, images: torch.Tensor, timesteps: torch.Tensor, n
     unet.eval().to(device)
     Q, T = len(images), len(timesteps)
     out = np.empty((len(noise_seeds), T, Q), dtype=np.float32)
-    t_flat = timesteps.repeat_interleave(Q)  # (T * Q,) row-major over (T, Q)
-    x_flat = images.repeat(T, 1, 1, 1)
     for si, s in enumerate(noise_seeds):
-        noise = torch.randn((T * Q, *images.shape[1:]), generator=torch.Generator().manual_seed(int(s)))
         losses = torch.empty(T * Q)
-        for a in range(0, T * Q, chunk):
-            b = min(a + chunk, T * Q)
-            xt = scheduler.add_noise(x_flat[a:b], noise[a:b], t_flat[a:b])
-            pred = unet(xt.to(device), t_flat[a:b].to(device), return_dict=False)[0]
-            losses[a:b] = (pred.float() - noise[a:b].to(device)).pow(2).flatten(1).mean(1).cpu()
+        for a, noise in zip(range(0, T * Q, chunk), noise_chunks(s, T * Q, images.shape[1:], chunk)):
+            rows = torch.arange(a, a + len(noise))  # row-major over (T, Q): timestep rows // Q, image rows % Q
+            t = timesteps[rows // Q]
+            xt = scheduler.add_noise(images[rows % Q], noise, t)
+            pred = unet(xt.to(device), t.to(device), return_dict=False)[0]
+            losses[a:a + len(noise)] = (pred.float() - noise.to(device)).pow(2).flatten(1).mean(1).cpu()
         out[si] = losses.view(T, Q).numpy()
     return out
 

@@ -18,6 +18,7 @@ from dtrak_core.evaluation.lds_run import (
     collect,
     compact_losses,
     eps_losses,
+    noise_chunks,
     eval_timesteps,
     full_timestep_check,
     job_F,
@@ -58,6 +59,14 @@ def test_eval_timesteps_and_eps_losses(tiny_unet, scheduler):
             with torch.no_grad():
                 pred = tiny_unet(xt[None], t[None]).sample[0]
             assert got[0, ti, q] == pytest.approx(float(((pred - noise[ti, q]) ** 2).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (3, 3, 3)])
+def test_noise_in_chunks_is_one_draw(shape):
+    """The ground truth's noise drawn chunk by chunk (memory bounded at any T x Q) is the one draw of
+    the published protocol, bit for bit."""
+    whole = torch.randn((23, *shape), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.cat(list(noise_chunks(5, 23, shape, 4))), whole)
 
 
 def _tiny_run(tmp_path, digits, scheduler, name="run", num_subsets=4):
