@@ -46,6 +46,7 @@ from dtrak_core.files import atomic_write_json, json_safe, read_json, sha256_fil
 MASKS = "masks.npz"  # the run's subsets (M, N) bool, key "masks"
 JOBS = "jobs.json"  # what your training script trains: one entry per (subset, seed)
 CHECKPOINTS = "checkpoints.json"  # optional, in the checkpoints folder: {job id: folder}
+SAMPLE_BATCH = 256  # generated test samples per sampling batch
 TABLES_TITLE = "LDS of your model (checkpoints retrained by your training script)"
 
 
@@ -361,7 +362,9 @@ def prepare(root: str, out_dir: str, config: LDSConfig = LDSConfig(), masks: str
         cfg = unet.config
         test_sets["validation"] = load_dataset({"folder": validation, "resolution": int(cfg.sample_size),
                                                 "channels": int(cfg.in_channels)}).images
-    test_sets["generated"] = generate(unet, scheduler, range(config.generated), steps=config.sample_steps, device=device)
+    seeds = list(range(config.generated))  # sampled SAMPLE_BATCH at a time: memory bounded at any test-set size
+    test_sets["generated"] = torch.cat([generate(unet, scheduler, seeds[a:a + SAMPLE_BATCH], steps=config.sample_steps,
+                                                 device=device) for a in range(0, len(seeds), SAMPLE_BATCH)])
     run = OwnLDSRun(out_dir, root, given, config, test_sets, base)
     run.prepare()
     return run
