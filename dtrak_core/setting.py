@@ -334,6 +334,15 @@ def _read_jobs(path: str, n_train: int) -> tuple[list[dict], bool]:
     if content.get("num_train") != n_train:
         raise ValueError(f"{path} was written for a training set of {content.get('num_train')} images, the data "
                          f"folder has {n_train}; prepare the jobs for the model folder built from this data")
+    ids = [j["id"] for j in jobs]
+    for j in jobs:
+        keep = j["keep"]
+        if not (isinstance(j["id"], str) and j["id"] and os.sep not in j["id"] and not j["id"].startswith(".")):
+            raise ValueError(f"{path}: job id {j['id']!r} is not a plain folder name")
+        if not isinstance(keep, list) or not keep or not all(isinstance(i, int) and 0 <= i < n_train for i in keep):
+            raise ValueError(f"{path}: job {j['id']!r} must keep a non-empty list of training indices in 0..{n_train - 1}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: job ids repeat; rerun the prepare command that wrote it")
     return jobs, any("ranking" in j for j in jobs)
 
 

@@ -136,6 +136,11 @@ def test_the_cifar2_commands_on_a_tiny_stand_in(stand_in, tmp_path):
         assert main(["setting", "retrain", "--config", config, "--data", data, "--jobs", os.path.join(lds, "jobs.json"),
                      "--checkpoints", ckpts, "--shard", shard]) == 0
     assert sorted(os.listdir(ckpts)) == ["m000-s1", "m001-s1", "m002-s1"]
+    bad = json.load(open(os.path.join(lds, "jobs.json")))
+    bad["jobs"][0]["keep"] = [0, 99]
+    json.dump(bad, open(tmp_path / "bad.json", "w"))
+    with pytest.raises(ValueError, match=r"bad.json: job 'm000-s1' must keep .* in 0\.\.11"):
+        st.retrain(st.load_setting(config), data, str(tmp_path / "bad.json"), ckpts)
     # a retrain is the setting's recipe on the kept images with the job's seed
     from dataclasses import replace
 
