@@ -449,13 +449,16 @@ def counterfactual_measure(root: str, out_dir: str, checkpoints_dir: str, shard=
     target (`counterfactual.measure_after`); results in out_dir/jobs/<id>.npz, as the built-in
     harness writes them. The job ids measured now."""
     from dtrak_core.attribution.attributor import Attributor
-    from dtrak_core.evaluation.counterfactual import measure_after
+    from dtrak_core.evaluation.counterfactual import _identity, _identity_mismatch, _read_identity, measure_after
 
     attributor = Attributor.load(root)
     path = os.path.join(out_dir, REMOVALS)
     if not os.path.isfile(path):
         raise ValueError(f"{out_dir!r} has no {REMOVALS}; write it with `python -m dtrak_core counterfactual-own "
                          f"prepare --root {root} --out {out_dir}`")
+    why = _identity_mismatch(_read_identity(os.path.join(out_dir, "identity.json")), _identity(attributor, None, []))
+    if why is not None:  # the model folder changed since the removals were ranked
+        raise ValueError(f"{os.path.join(out_dir, 'identity.json')}: {why}; prepare the removals again in another --out")
     removals = read_json(path, "counterfactual removals", "rerun `counterfactual-own prepare`")
     if removals.get("num_train") != len(attributor.train):
         raise ValueError(f"{path} was written for a training set of {removals.get('num_train')} images, not "
