@@ -254,15 +254,20 @@ def format_table(results: dict) -> str:
     """The LDS results as a Markdown table (validation / generated)."""
     done = f"{results['subsets_done']} of {results['subsets_planned']} subsets" if results["partial"] else \
         f"{results['subsets_done']} subsets"
-    lines = [f"LDS x 100 ({done} x {len(results['train_seeds'])} LoRA retrains each; +- bootstrap over subsets)", "",
-             "| method | validation | generated | lambda / mean squared feature norm (val / gen) |", "|---|---|---|---|"]
+    from dtrak_core.attribution.methods import label
+
+    lines = [f"LDS x 100 ({done} x {len(results['train_seeds'])} LoRA retrains each; +- bootstrap over subsets; "
+             "higher is better). TRAK-family cells: lambda cross-fitted over test samples (2 folds), then in "
+             "parentheses the best lambda on the reported samples themselves (the paper's choice).", "",
+             "| method | validation | generated | paper lambda / mean squared feature norm (val / gen) |",
+             "|---|---|---|---|"]
     for name, r in results["methods"].items():
-        cells = [f"{r[s]['paper']['lds']:.2f} +- {r[s]['paper']['pm']:.2f} (cross-fitted {r[s]['honest']['lds']:.2f})"
+        cells = [f"{r[s]['honest']['lds']:.2f} +- {r[s]['honest']['pm']:.2f} ({r[s]['paper']['lds']:.2f})"
                  for s in ("validation", "generated")]
         rel = [r[s]["paper"]["lambda"] / r["mean_squared_norm"] for s in ("validation", "generated")]
-        lines.append(f"| {name} (K={r['setting']['K']}) | {cells[0]} | {cells[1]} | {rel[0]:.0e} / {rel[1]:.0e} |")
+        lines.append(f"| {label(name)}, K={r['setting']['K']} | {cells[0]} | {cells[1]} | {rel[0]:.0e} / {rel[1]:.0e} |")
     for name, r in results["baselines"].items():
-        lines.append(f"| {name} | {r['validation']['lds']:.2f} +- {r['validation']['pm']:.2f} | "
+        lines.append(f"| {label(name)} | {r['validation']['lds']:.2f} +- {r['validation']['pm']:.2f} | "
                      f"{r['generated']['lds']:.2f} +- {r['generated']['pm']:.2f} | |")
     s = results["seconds_per_model"]
     lines += ["", f"Cost per retrained model: {s['train_mean']:.1f} s LoRA fine-tuning + {s['eval_mean']:.1f} s ground truth."]
