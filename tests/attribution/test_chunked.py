@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+from dtrak_core.attribution import chunked
 from dtrak_core.attribution.chunked import KERNEL, ChunkedTRAKScorer
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
@@ -48,16 +49,20 @@ def test_float32_compute_and_float16_store_match_to_their_rounding(tmp_path):
     np.testing.assert_allclose(got16, TRAKScorer(lam=5.0).fit(half.astype(np.float32)).scores(q), rtol=1e-9, atol=1e-11)
 
 
-def test_top_k_equals_sorting_all_scores_including_ties(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_top_k_equals_sorting_all_scores_including_ties(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 3 * 8 * 4)  # 3-row blocks: workers split every chunk
     rng = np.random.default_rng(4)
     phi = rng.normal(size=(101, 8)).astype(np.float32)
     phi[60:70] = phi[5]  # ten rows tied with row 5, across chunks
     phi[80:90] = -phi[5]
+    phi[95:] = np.round(phi[95:])  # and a few with integer features, ties of other values
     store = make_store(tmp_path / "s", phi)
-    scorer = ChunkedTRAKScorer(compute_dtype="float64", chunk_rows=16).fit(store)
-    q = np.stack([phi[5], rng.normal(size=8)]).astype(np.float32)
+    scorer = ChunkedTRAKScorer(compute_dtype="float64", chunk_rows=16, threads=threads).fit(store)
+    q = np.stack([phi[5], rng.normal(size=8), np.ones(8), -phi[5]]).astype(np.float32)
     full = scorer.scores(q)
-    for n in (1, 3, 12, 101):
+    np.testing.assert_allclose(full, TRAKScorer(lam=scorer.lam_).fit(phi).scores(q), rtol=1e-9, atol=1e-11)
+    for n in (1, 3, 10, 11, 12, 16, 17, 101):
         pro, opp, pro_s, opp_s = scorer.top_k(q, n, return_scores=True)
         for r in range(len(q)):
             want_pro, want_opp = top_k(full[r], n)
@@ -67,6 +72,29 @@ def test_top_k_equals_sorting_all_scores_including_ties(tmp_path):
             np.testing.assert_array_equal(opp_s[r], full[r][want_opp])
     with pytest.raises(ValueError, match="n must be"):
         scorer.top_k(q, 0)
+
+
+def test_threads_blocks_and_chunks_do_not_change_the_scores(tmp_path, monkeypatch):
+    # a float16 store scored by 1..3 workers in blocks of 5 rows and chunks of any size: every
+    # layout gives the scores of the dense in-memory formula (to float32 rounding) and the same top-k
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 5 * 24 * 2)
+    phi = features(1000, 24).astype(np.float16)
+    store = make_store(tmp_path / "s", phi, dtype="float16", slice_size=256)
+    q = features(3, 24, seed=5)
+    dense = TRAKScorer(lam=2.0).fit(phi.astype(np.float32)).scores(q)
+    base = ChunkedTRAKScorer(lam=2.0, threads=1, save_kernel=False).fit(store)
+    got = base.scores(q)
+    np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-5 * np.abs(dense).max())
+    want = [top_k(row, 7) for row in got]
+    for threads, chunk_rows in ((2, None), (2, 64), (3, 33), (1, 999)):
+        scorer = ChunkedTRAKScorer(lam=2.0, threads=threads, chunk_rows=chunk_rows, save_kernel=False).fit(store)
+        np.testing.assert_allclose(scorer.scores(q), got, rtol=1e-6, atol=1e-6 * np.abs(got).max())
+        pro, opp = scorer.top_k(q, 7)
+        for r in range(len(q)):
+            np.testing.assert_array_equal(pro[r], want[r][0])
+            np.testing.assert_array_equal(opp[r], want[r][1])
+    with pytest.raises(ValueError, match="threads"):
+        ChunkedTRAKScorer(threads=0).fit(phi)
 
 
 def test_kernel_is_saved_reused_refactorised_and_verified(tmp_path):
