@@ -108,10 +108,13 @@ def cmd_attribute(args):
     from dtrak_core.attribution import methods
     from dtrak_core.attribution.attributor import Attribution, Attributor
     from dtrak_core.images import load_user_image
+    from dtrak_core.devices import resolve_device
     from dtrak_core.model.sampling import generate
 
+    resolve_device(args.device)  # refused before the model loads
     attributor = Attributor.load(args.root)
     attributor.lam = args.lam
+    attributor.device = args.device  # the query's gradients and the TRAK scores (baselines stay on the CPU)
     t0 = time.perf_counter()
     text2image = getattr(attributor, "pipeline", None) is not None  # a text-to-image folder: queries carry a prompt
     if text2image:
@@ -125,7 +128,7 @@ def cmd_attribute(args):
         image = load_user_image(args.image, cfg.sample_size, cfg.in_channels, invert=args.invert)
         query = {"image": args.image}
     else:
-        image = generate(attributor.unet, attributor.scheduler, [args.seed])[0]
+        image = generate(attributor.unet, attributor.scheduler, [args.seed], device=args.device)[0]
         query = {"seed": args.seed}
     method = methods.get(args.method)
     if method.family == "trak":
@@ -512,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge lambda (default: the documented rule)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
+    _add_device(p)
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("featurize", help="build (or finish) a feature store for any setting")

@@ -1,5 +1,7 @@
 """Devices and the precision policy: CPU by default, clear errors for what this machine lacks,
-bf16 autocast where it is safe; the GPU smoke test runs only with -m gpu on a CUDA machine."""
+bf16 autocast where it is safe; the GPU smoke tests run only with -m gpu on a CUDA machine."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from dtrak_core import cli
 from dtrak_core.attribution.chunked import ChunkedTRAKScorer
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.scoring import TRAKScorer
+from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.devices import autocast, check_precision, describe, resolve_device
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
@@ -64,6 +67,8 @@ def test_cli_refuses_an_unavailable_device_before_any_work(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
     assert cli.main(["generate", "--root", tiny_root, "--seed", "0", "--precision", "fp16", "--steps", "2"]) == 2
     assert "fp16" in capsys.readouterr().err
+    assert cli.main(["attribute", "--root", tiny_root, "--seed", "0", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -85,5 +90,33 @@ def test_gpu_smoke_featurize_sample_train_score_match_cpu(tiny_unet, scheduler, 
         assert all(torch.isfinite(p).all() and p.device.type == "cpu" for p in model.parameters())
     phi = np.random.default_rng(0).normal(size=(300, 32)).astype(np.float32)
     q = phi[:2]
+    dense = TRAKScorer(lam=1.0).fit(phi).scores(q)
+    on_gpu = TRAKScorer(lam=1.0, device="cuda").fit(phi)
+    assert on_gpu.weights_.device.type == "cpu"
+    np.testing.assert_allclose(on_gpu.scores(q), dense, rtol=1e-9, atol=1e-12)  # float64 there too
     scorer = ChunkedTRAKScorer(lam=1.0, chunk_rows=64, device="cuda").fit(phi)
-    np.testing.assert_allclose(scorer.scores(q), TRAKScorer(lam=1.0).fit(phi).scores(q), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(scorer.scores(q), dense, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")  # before the tiny model is built
+def test_gpu_smoke_out_of_core_store_and_attribute_cli_match_cpu(tmp_path, tiny_root, capsys):
+    phi = np.random.default_rng(1).normal(size=(5000, 64)).astype(np.float16)
+    identity = FeatureStore.identity(FeatureSetting("square", K=4, k=64), checkpoint="c0ffee", dataset="d4t4")
+    store = FeatureStore.create(str(tmp_path / "s"), identity, n=len(phi), k=64, slice_size=1000, dtype="float16")
+    store.fill(lambda rows: rows, phi, show_bar=False)
+    q = np.random.default_rng(2).normal(size=(3, 64))
+    cpu = ChunkedTRAKScorer(lam=5.0, chunk_rows=1024).fit(store)
+    gpu = ChunkedTRAKScorer(lam=5.0, chunk_rows=1024, device="cuda").fit(store)
+    assert gpu.kernel_source_ == "loaded"  # the kernel saved by the CPU fit serves the GPU one
+    want = cpu.scores(q)
+    np.testing.assert_allclose(gpu.scores(q), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(gpu.top_k(q, 5)[0], cpu.top_k(q, 5)[0])
+    runs = {}
+    for device in ("cpu", "cuda"):
+        assert cli.main(["attribute", "--root", tiny_root, "--seed", "3", "--top", "4", "--json", "--device", device]) == 0
+        runs[device] = json.loads(capsys.readouterr().out)
+    for kind in ("proponents", "opponents"):
+        got, ref = runs["cuda"][kind], runs["cpu"][kind]
+        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in ref], rtol=1e-3,
+                                   atol=1e-4 * max(abs(r["score"]) for r in ref))

@@ -76,12 +76,17 @@ class Attributor:
         lam: a ridge lambda for every store, overriding the tuned ones (None: see `lambda_for`).
         tuned_lambdas: {store slug: lambda} chosen on validation LDS (a model folder's manifest).
 
-    Featurizers and fitted `TRAKScorer`s are built on first use, once, and shared by every thread.
+    Featurizers and fitted `TRAKScorer`s are built on first use, once, and shared by every thread;
+    `device` ("cpu", the default, or "cuda"; set it before the first query) is where they compute the
+    query's gradients and the scores.
     """
 
+    device = "cpu"
+
     def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
-                 tuned_lambdas: dict[str, float] | None = None):
+                 tuned_lambdas: dict[str, float] | None = None, device="cpu"):
         self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
+        self.device = device
         self.root = None  # the model folder, when loaded from one (`load`)
         self.lam = lam  # overrides every store's lambda when set
         self.tuned_lambdas = dict(tuned_lambdas or {})  # store slug -> lambda chosen on validation LDS
@@ -132,7 +137,7 @@ class Attributor:
 
     def featurizer(self, setting: FeatureSetting) -> Featurizer:
         """The shared `Featurizer` of this model for `setting`: images (Q, C, H, W) -> (Q, k)."""
-        return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting))
+        return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting, device=self.device))
 
     def query_features(self, images: torch.Tensor, setting: FeatureSetting) -> torch.Tensor:
         """(Q, k) float32 features of query images (Q, C, H, W) under `setting`: the featurizer's
@@ -158,7 +163,7 @@ class Attributor:
         """The `TRAKScorer` fitted on that store's training features (N, k), with `lambda_for`'s lambda."""
         setting, store = self.setting(method, K)
         key = (setting, self.lambda_for(setting, lam))
-        return self._scorers.get(key, lambda: TRAKScorer(lam=key[1]).fit(store.features()))
+        return self._scorers.get(key, lambda: TRAKScorer(lam=key[1], device=self.device).fit(store.features()))
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
         """Scores (B, N) float64 of images (B, C, H, W) in [-1, 1] under a TRAK-family method

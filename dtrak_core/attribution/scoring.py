@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dtrak_core.devices import resolve_device
+
 DEFAULT_RELATIVE_LAMBDA = 0.1
 
 
@@ -43,18 +45,26 @@ class TRAKScorer:
         lam: the ridge lambda; None applies the data-free rule `relative_lambda` x the mean squared
             training-feature norm (`default_lambda`).
         relative_lambda: the rule's factor (used when `lam` is None).
+        device: where the system is solved and queries are scored ("cpu", the default, or "cuda"),
+            in float64 on every device; the scores come back on the CPU.
 
     Fitted attributes:
         lam_: the lambda used (float, > 0).
-        weights_: (k, N) float64, the columns (Phi^T Phi + lam I)^-1 phi_n, so scores = q @ weights_.
-        train_features_: (N, k) float64 copy of Phi.
+        weights_: (k, N) float64 on the CPU, the columns (Phi^T Phi + lam I)^-1 phi_n, so scores = q @ weights_
+            (a copy stays on the device for the queries).
+        train_features_: (N, k) float64 CPU copy of Phi.
     """
 
-    def __init__(self, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA):
+    def __init__(self, lam: float | None = None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA, device="cpu"):
         self.lam = lam
         self.relative_lambda = relative_lambda
+        self.device = device
 
     def fit(self, train_features) -> "TRAKScorer":
+        device = resolve_device(self.device)
+        if device.type == "mps":
+            raise ValueError("TRAKScorer solves in float64, which mps lacks; use device 'cpu' or 'cuda', or "
+                             "ChunkedTRAKScorer(device='mps'), which multiplies in float32")
         phi = _float64(train_features)  # (N, k)
         if phi.ndim != 2:
             raise ValueError(f"train features must be (N, k), got {tuple(phi.shape)}")
@@ -62,15 +72,17 @@ class TRAKScorer:
         if not lam > 0:
             raise ValueError(f"lambda must be positive, got {lam}")
         n, k = phi.shape
+        x = phi.to(device)
         if k > n:  # dual: X = Phi^T (Phi Phi^T + lam I)^-1, (k, N)
-            gram = phi @ phi.T
+            gram = x @ x.T
             gram.diagonal().add_(lam)
-            weights = torch.linalg.solve(gram, phi).T
+            weights = torch.linalg.solve(gram, x).T
         else:  # primal: X = (Phi^T Phi + lam I)^-1 Phi^T, (k, N)
-            cov = phi.T @ phi
+            cov = x.T @ x
             cov.diagonal().add_(lam)
-            weights = torch.linalg.solve(cov, phi.T)
-        self.lam_, self.weights_, self.train_features_ = lam, weights, phi
+            weights = torch.linalg.solve(cov, x.T)
+        self._device, self._device_weights = device, weights
+        self.lam_, self.weights_, self.train_features_ = lam, weights.cpu(), phi
         return self
 
     def scores(self, query_features) -> np.ndarray:
@@ -82,7 +94,7 @@ class TRAKScorer:
             q = q[None]
         if q.shape[1] != self.weights_.shape[0]:
             raise ValueError(f"query features have dim {q.shape[1]}, the store has k={self.weights_.shape[0]}")
-        return (q @ self.weights_).numpy()
+        return (q.to(self._device) @ self._device_weights).cpu().numpy()
 
 
 class SpectralTRAK:

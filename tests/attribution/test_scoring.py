@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from dtrak_core.attribution.scoring import SpectralTRAK, TRAKScorer, default_lambda, ensemble_scores, top_k
 
@@ -46,6 +47,19 @@ def test_scorers_store_arguments_and_fit_does_the_work():
     for lam in (0.05, rule.lam_, 30.0):
         np.testing.assert_allclose(spectral.scores(phi[:3], lam), TRAKScorer(lam).fit(phi).scores(phi[:3]), rtol=1e-8,
                                    atol=1e-12)
+
+
+def test_device_is_checked_by_fit_and_cpu_is_the_default():
+    phi = np.random.default_rng(2).normal(size=(20, 6))
+    plain = TRAKScorer(lam=1.0).fit(phi)
+    on_cpu = TRAKScorer(lam=1.0, device="cpu").fit(phi)
+    np.testing.assert_array_equal(on_cpu.scores(phi[:2]), plain.scores(phi[:2]))
+    assert on_cpu.weights_.device.type == "cpu" and on_cpu.scores(phi[:2]).dtype == np.float64
+    with pytest.raises(ValueError, match="unknown device"):
+        TRAKScorer(device="tpu").fit(phi)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            TRAKScorer(device="cuda").fit(phi)
 
 
 def test_top_k_and_ensembles():
