@@ -201,8 +201,11 @@ def cmd_counterfactual(args):
     from dtrak_core.evaluation.counterfactual_report import write_gallery
     from dtrak_core.evaluation.retrain import parse_shard
 
+    from dtrak_core import distributed
+    from dtrak_core.evaluation.lds_own import shard_of
+
     _require_digits_model(args.root, "counterfactual (remove and retrain)")
-    shard = parse_shard(args.shard)
+    shard = shard_of(parse_shard(args.shard))  # under torchrun: each rank its own jobs
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     attributor = Attributor.load(args.root)
@@ -213,6 +216,10 @@ def cmd_counterfactual(args):
         ran = run_counterfactual(attributor, jobs_dir, seeds, args.rankings.split(","), args.k or ["20%", "5%"],
                                  train_config_from_manifest(args.root), shard=shard, control=not args.no_control)
         print(f"ran {len(ran)} job(s) now; results in {jobs_dir}")
+        if distributed.launched():  # ranks finish at different times: summarize once, when all are done
+            print(f"rank {shard[0]}/{shard[1]} done; when every rank is, summarize with `counterfactual "
+                  f"--summary-only --out {args.out}`")
+            return
     summary = _counterfactual_report(args.out, jobs_dir, attributor.train)
     if args.gallery and summary["cells"]:
         index = write_gallery(jobs_dir, os.path.join(args.out, "gallery"), attributor.train, args.gallery)
@@ -396,7 +403,9 @@ def cmd_lds(args):
         print(f"all-1000-timestep ground truth for {len(done)} more models in {os.path.join(args.out, 'full_t')}")
         return
     if args.action == "run":
-        shard = parse_shard(args.shard)
+        from dtrak_core.evaluation.lds_own import shard_of
+
+        shard = shard_of(parse_shard(args.shard))  # under torchrun: each rank its own jobs
         run = default_run(args.root, args.out, config)
         t0 = time.perf_counter()
         ran = run.run(shard=shard, batch_models=args.batch_models)
@@ -549,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", action="append", default=None,
                    help="training images to remove: a count (300), fraction (0.2) or percentage (20%%); repeat for several "
                         "(default: 20%% then 5%%)")
-    p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... (e.g. 0/4)")
+    p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... (e.g. 0/4; a SLURM array task each; "
+                                                 "under torchrun each rank its own)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-control", action="store_true", help="skip the nothing-removed control retrain")
     p.add_argument("--summary-only", action="store_true", help="only summarize finished jobs")
@@ -576,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default <root>/benchmarks/lds_run: its small job results are committed)")
     p.add_argument("--dest", default=None, help="evaluate: where results go (default <root>/benchmarks; '' = nowhere)")
     p.add_argument("--subsets", type=int, default=64, help="M, number of random half-subsets (default 64)")
-    p.add_argument("--shard", default=None, help="run only jobs i, i+n, ... of the list: i/n")
+    p.add_argument("--shard", default=None, help="run: only jobs i, i+n, ... of the list: i/n (a SLURM array task "
+                                                 "each; under torchrun each rank its own)")
     p.add_argument("--batch-models", type=int, default=1, help="models trained at once with torch.func (default 1)")
     p.add_argument("--methods", nargs="+", default=["d-trak", "trak"], help="methods with stores in --root")
     p.add_argument("--K", type=int, default=100, help="timesteps of the stores to use (default 100)")

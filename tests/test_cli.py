@@ -44,3 +44,21 @@ def test_featurize_new_store_and_errors(tiny_root, tmp_path, capsys):
     assert main(["attribute", "--root", tiny_root, "--image", str(bad)]) == 2
     assert "not a readable image" in capsys.readouterr().err
     assert main(["attribute", "--root", str(tmp_path), "--seed", "1"]) == 2
+
+
+def test_counterfactual_under_torchrun_runs_each_ranks_jobs_then_summarizes(tiny_root, tmp_path, monkeypatch, capsys):
+    """Each torchrun rank takes its own jobs (i, i+n, ...), as --shard does; the summary waits for all."""
+    out = str(tmp_path / "cf")
+    args = ["counterfactual", "--root", tiny_root, "--out", out, "--targets", "2", "--rankings", "random",
+            "--k", "5", "--no-control", "--gallery", "0", "--threads", "1"]
+    jobs = os.path.join(out, "jobs")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(args) == 0
+        assert f"rank {rank}/2 done" in capsys.readouterr().out and not os.path.exists(os.path.join(out, "summary.json"))
+        assert len([f for f in os.listdir(jobs) if f.endswith(".npz")]) == 2 - int(rank)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main([*args, "--summary-only"]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert [c["l2"]["n"] for c in summary["cells"]] == [2]
