@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+STARTED = time.perf_counter()  # the start-up log says how long each stage took from here
 from functools import lru_cache
 
 import dtrak_core  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
@@ -1154,8 +1156,13 @@ def text2image_demo() -> gr.Blocks:
                                 opponent_note=OPPONENT_NOTE, noise_help=NOISE_HELP, cache_sweep=CACHE_SWEEP)
 
 
+def since_start() -> str:
+    return f"{time.perf_counter() - STARTED:.1f} s"
+
+
 def build_demo() -> gr.Blocks:
-    print(f"dtrak: loading the model folder {ASSETS} ...", file=sys.stderr, flush=True)
+    print(f"dtrak: libraries imported ({since_start()}); loading the model folder {ASSETS} ...", file=sys.stderr,
+          flush=True)
     if text2image_folder(ASSETS):
         return text2image_demo()
     try:
@@ -1171,6 +1178,7 @@ def build_demo() -> gr.Blocks:
     rankings = sup.method_choices(ranked) + [("random", "random")]  # the counterfactual retrains on TRAK-family rankings
     second = "loss" if "loss" in methods and default_method != "loss" else (choices[-1][1] if choices else None)
     examples = example_uploads()
+    print(f"dtrak: model folder loaded and checked ({since_start()}); building the page", file=sys.stderr, flush=True)
 
     with gr.Blocks(title="D-TRAK explorer", delete_cache=CACHE_SWEEP) as demo:
         batch = gr.State(None)  # the last generated batch: seeds, steps, images
@@ -1326,7 +1334,8 @@ def build_demo() -> gr.Blocks:
             event.then(lambda: gr.Column(visible=False), None, drill_box, queue=False)
             after_attribute(event.success(attribute, attr_inputs, attr_outputs, **busy))
 
-        show_query(gallery.select(select_sample, batch, [query, tabs, query_img, query_info, cf_seed]))
+        # (unqueued: picking the query is cheap, and the attribution it leads to waits in the queue anyway)
+        show_query(gallery.select(select_sample, batch, [query, tabs, query_img, query_info, cf_seed], queue=False))
         uploaded = upload.upload(read_upload, [upload], [query, query_img, query_info, invert], show_progress="hidden")
         show_query(uploaded)
         uploaded.failure(clear_upload, None, upload, queue=False)
@@ -1432,7 +1441,7 @@ def warm_up() -> None:
         except Exception as e:  # a cache stays cold; the request that needs it computes (or reports) it
             print(f"dtrak: warm-up of {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return
-        print(f"dtrak: warmed {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(f"dtrak: warmed {what} in {time.perf_counter() - t0:.1f} s ({since_start()} after start)", file=sys.stderr)
 
     if text2image_folder(ASSETS):
         from dtrak_core.text2image import app_views
@@ -1469,7 +1478,8 @@ def serve(demo: gr.Blocks) -> None:
     configure(demo)
     demo.launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
                 footer_links=["gradio"], head=page_head(), prevent_thread_lock=True)
-    print("dtrak: serving; warming the caches in the background", file=sys.stderr, flush=True)
+    print(f"dtrak: serving ({since_start()} after start); warming the caches in the background", file=sys.stderr,
+          flush=True)
     threading.Thread(target=warm_up, name="dtrak-warm-up", daemon=True).start()
     demo.block_thread()
 
