@@ -7,7 +7,8 @@
 torch threads as it sets them), and headless Chromium (Debian's, driven by Playwright) opens the
 page as soon as the server answers HTTP. Measured, in one run:
 
-- **answers HTTP**: seconds from starting `python app.py` to its first HTTP answer;
+- **answers HTTP**: seconds from starting `python app.py` to its first HTTP answer; before it, the
+  stages app.py logs by its own clock (libraries imported, model folder loaded and checked, serving);
 - **page usable**: to the Generate tab showing its samples (the page fills itself on load), in a
   browser that opened the page as soon as the server answered;
 - **first click**: a sample clicked 3 s after the page became usable (a visitor looks first): time
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -70,6 +72,13 @@ def wait_http(proc, url: str, t0: float, log: str, timeout: float = 300) -> floa
             if time.perf_counter() - t0 > timeout:
                 raise SystemExit(f"app.py did not answer within {timeout:.0f} s:\n{open(log).read()[-3000:]}")
             time.sleep(0.05)
+
+
+def stages(log: str) -> list[tuple[str, float]]:
+    """The start-up stages app.py logs, with their seconds since it started (its own clock)."""
+    found = re.findall(r"dtrak: (libraries imported|model folder loaded and checked|serving) \((\d+(?:\.\d+)?) s",
+                       open(log).read())
+    return [(name, float(t)) for name, t in found]
 
 
 def click_sample(page, seed: int) -> dict:
@@ -189,7 +198,8 @@ def main():
     def med(key):
         return statistics.median(c[key] for c in warm), max(c[key] for c in warm)
 
-    rows = [("answers HTTP", f"{http:.1f} s", "-"),
+    rows = [(f"  app.py's log: {name}", f"{t:.1f} s", "-") for name, t in stages(log)]
+    rows += [("answers HTTP", f"{http:.1f} s", "-"),
             ("page usable (samples shown)", f"{usable:.1f} s", f"<= {GOALS['page usable']:.0f} s"),
             ("first click -> proponents", f"{first['cards']:.2f} s", "-"),
             ("first click -> proponents and charts", f"{first['charts']:.2f} s", "-"),

@@ -51,11 +51,21 @@ def test_per_sample_gradients_match_plain_loop(tiny_unet, scheduler, digits, nam
         torch.testing.assert_close(fast[i], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
 
 
-def test_timestep_chunking_does_not_change_result(tiny_unet, scheduler, digits):
+def test_timestep_chunking_does_not_change_result(tiny_unet, scheduler, digits, monkeypatch):
+    from dtrak_core.attribution import gradients
+
     x = digits.images[:2]
+    passes = []
+    plain = GradientFeaturizer._hooks_grads
+    monkeypatch.setattr(GradientFeaturizer, "_hooks_grads", lambda self, *a: passes.append(1) or plain(self, *a))
     a = GradientFeaturizer(tiny_unet, scheduler, "square", 10, timestep_chunk=10)(x)
+    c = GradientFeaturizer(tiny_unet, scheduler, "square", 10, timestep_chunk=3)(x)  # a small batch: one pass
+    assert len(passes) == 2
+    monkeypatch.setattr(gradients, "MIN_ROWS_PER_PASS", 1)
     b = GradientFeaturizer(tiny_unet, scheduler, "square", 10, timestep_chunk=3)(x)
+    assert len(passes) == 2 + 4
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("engine", ["hooks", "vmap"])
@@ -70,7 +80,11 @@ def test_timestep_subsets_add_up_to_the_whole(tiny_unet, scheduler, digits, engi
 
 
 @pytest.mark.parametrize("engine", ["hooks", "vmap"])
-def test_per_row_timesteps_give_each_subset_in_one_pass(tiny_unet, scheduler, digits, engine):
+@pytest.mark.parametrize("min_rows", [1, 100])  # a pass per timestep column, or all in one pass
+def test_per_row_timesteps_give_each_subset_in_one_pass(tiny_unet, scheduler, digits, engine, min_rows, monkeypatch):
+    from dtrak_core.attribution import gradients
+
+    monkeypatch.setattr(gradients, "MIN_ROWS_PER_PASS", min_rows)
     full = GradientFeaturizer(tiny_unet, scheduler, "square", K=4, engine=engine, timestep_chunk=1)
     x = digits.images[:2]
     rows = torch.tensor([[0, 1], [2, 3], [3, 0]])  # image 0 over two buckets, image 1 over t 750 and 0
