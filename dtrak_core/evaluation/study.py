@@ -189,9 +189,11 @@ class Study:
 
         return lambda_sweep(g_fn, {s: self.gt["F"][s] for s in TEST_SETS}, grid, num_bootstrap)
 
-    def kernel_cell(self, kernels: dict, num_bootstrap: int, weights=None, power: int = 1) -> dict:
+    def kernel_cell(self, kernels: dict, num_bootstrap: int, weights=None, power: int = 1,
+                    positive: bool = False) -> dict:
         """TRAK (weights None, power 1) or DAS (residual weights, power 1 or 2) from kernels, every
-        lambda of the ridge grid, honest and paper lambda (`lds.lambda_sweep`)."""
+        lambda of the ridge grid, honest and paper lambda (`lds.lambda_sweep`). positive: opponents'
+        scores set to 0 before the power (a sharpening that keeps the proponents' ranking)."""
         from dtrak_core.evaluation.tables import LAMBDA_GRID
 
         t0 = time.perf_counter()
@@ -201,10 +203,13 @@ class Study:
         masks = torch.as_tensor(self.gt["masks"], dtype=torch.float64)
         w = np.ones(len(kt.U_)) if weights is None else np.asarray(weights, dtype=np.float64)
 
+        def transformed(scores):
+            return (np.maximum(scores, 0) if positive else scores) ** power
+
         def g_fn(lam):
-            if power == 1:
+            if power == 1 and not positive:
                 return {s: kt.subset_sums(masks, proj[s], lam, w) for s in TEST_SETS}
-            return {s: (masks @ torch.as_tensor((kt.scores_from(proj[s], lam) * w) ** power).T).numpy()
+            return {s: (masks @ torch.as_tensor(transformed(kt.scores_from(proj[s], lam) * w)).T).numpy()
                     for s in TEST_SETS}
 
         out = self._sweep(g_fn, LAMBDA_GRID, num_bootstrap)
@@ -331,6 +336,19 @@ class Study:
                 cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
                                 "score_seconds": cell.pop("score_seconds")}
                 done(name, cell)
+        # Squared proponent scores (opponents at 0): the same top proponents as the signed score, so the
+        # same counterfactual removals; does the LDS gain of squaring survive without ranking opponents up?
+        for fn in ("square", "avg"):
+            setting = GradientSetting(fn, 100)
+            for k in (None, 2048):
+                name = f"positive-squared/{fn}/{'exact' if k is None else f'k{k}'}"
+                if not todo(name) or not have(setting):
+                    continue
+                kern = self.kernels(setting, k)
+                cell = self.kernel_cell(kern, num_bootstrap, None, 2, positive=True)
+                cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
+                                "score_seconds": cell.pop("score_seconds")}
+                done(name, cell)
         # EK-FAC influence: measurement gradient x training-loss gradient (and D-TRAK-style pairs)
         if want("ekfac") and any(todo(f"ekfac/{q}-x-{t}") for q, t in EKFAC_PAIRS):
             ekfac = self.ekfac()
@@ -384,6 +402,9 @@ PUBLISHED = (
     ("squared/square/k2048", "squared D-TRAK scores (no residual), k=2048"),
     ("squared/square/exact", "squared D-TRAK scores, exact"),
     ("squared/loss/exact", "squared TRAK scores, exact"),
+    ("positive-squared/square/k2048", "squared D-TRAK proponent scores (opponents 0), k=2048"),
+    ("positive-squared/square/exact", "squared D-TRAK proponent scores (opponents 0), exact"),
+    ("positive-squared/avg/k2048", "squared avg proponent scores (opponents 0), k=2048"),
     ("ekfac/loss-x-loss", "EK-FAC influence, loss x loss"),
     ("ekfac/square-x-loss", "EK-FAC influence, square measurement x loss"),
     ("ekfac/square-x-square", "EK-FAC influence, square x square"),
@@ -471,7 +492,7 @@ def format_report(results: dict) -> str:
                          f"{c['cost']['kernel_seconds']:.1f} | {c['cost']['score_seconds']:.1f} | "
                          f"{c['cost']['train_feature_mb']:.0f} |")
         lines.append("")
-    das = [n for n in cells if n.startswith(("das", "trak-form", "squared"))]
+    das = [n for n in cells if n.startswith(("das", "trak-form", "squared", "positive-squared"))]
     if das:
         lines += ["## DAS (avg output, residual-weighted) and squared TRAK-form scores", "",
                   "| variant | features | validation | generated | score s |",
