@@ -324,31 +324,22 @@ class Study:
                     cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
                                     "score_seconds": cell.pop("score_seconds")}
                     done(name, cell)
-        # Squared TRAK-form scores without DAS's residual: how much of DAS comes from squaring alone
-        for fn in ("square", "loss", "avg"):
-            setting = GradientSetting(fn, 100)
-            for k in (None, 2048):
-                name = f"squared/{fn}/{'exact' if k is None else f'k{k}'}"
-                if not todo(name) or not have(setting):
-                    continue
-                kern = self.kernels(setting, k)
-                cell = self.kernel_cell(kern, num_bootstrap, None, 2)
-                cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
-                                "score_seconds": cell.pop("score_seconds")}
-                done(name, cell)
-        # Squared proponent scores (opponents at 0): the same top proponents as the signed score, so the
-        # same counterfactual removals; does the LDS gain of squaring survive without ranking opponents up?
-        for fn in ("square", "avg"):
-            setting = GradientSetting(fn, 100)
-            for k in (None, 2048):
-                name = f"positive-squared/{fn}/{'exact' if k is None else f'k{k}'}"
-                if not todo(name) or not have(setting):
-                    continue
-                kern = self.kernels(setting, k)
-                cell = self.kernel_cell(kern, num_bootstrap, None, 2, positive=True)
-                cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
-                                "score_seconds": cell.pop("score_seconds")}
-                done(name, cell)
+        # Squared TRAK-form scores without DAS's residual: how much of DAS comes from squaring alone;
+        # then squared proponent scores (opponents at 0), which keep the signed score's top proponents
+        # and so its counterfactual removals: does the gain survive without ranking opponents up?
+        for prefix, fns, positive in (("squared", ("square", "loss", "avg"), False),
+                                      ("positive-squared", ("square", "avg"), True)):
+            for fn in fns:
+                setting = GradientSetting(fn, 100)
+                for k in (None, 2048):
+                    name = f"{prefix}/{fn}/{'exact' if k is None else f'k{k}'}"
+                    if not todo(name) or not have(setting):
+                        continue
+                    kern = self.kernels(setting, k)
+                    cell = self.kernel_cell(kern, num_bootstrap, None, 2, positive=positive)
+                    cell["cost"] = {"gradient_seconds": grad_seconds(setting), "kernel_seconds": float(kern["seconds"]),
+                                    "score_seconds": cell.pop("score_seconds")}
+                    done(name, cell)
         # EK-FAC influence: measurement gradient x training-loss gradient (and D-TRAK-style pairs)
         if want("ekfac") and any(todo(f"ekfac/{q}-x-{t}") for q, t in EKFAC_PAIRS):
             ekfac = self.ekfac()
