@@ -17,10 +17,11 @@ client address, a retrain stops when its visitor leaves, cancels or runs past a 
 the upload cache is swept.
 
 Start-up: `python app.py` serves as soon as the model folder is loaded and checked by its small
-files (stores, the TracInCP index, the precomputed results' identity), and warms what a first
-visitor needs (samples, the default method's scorer) in the background afterwards; the full check
-of the large files (TracInCP checkpoints, every precomputed result) follows, and the page's banner
-reports what it finds.
+files (stores, the TracInCP index, the precomputed results' identity). A background warm-up
+computes the first page's samples while the page is built, then what a first click needs (the
+default method's scorer, plotly's figure classes) and last the full check of the large files
+(TracInCP checkpoints, every precomputed result), whose findings the page's banner reports. The
+Benchmarks charts are drawn when that tab is first shown.
 """
 from __future__ import annotations
 
@@ -212,6 +213,16 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
     items = [(to_pil(img, a.scale(2 * THUMB_PX)), c) for img, c in zip(images, captions)]
     _page_served.set()
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
+
+
+FIRST_SEEDS, FIRST_STEPS = list(range(16)), 50  # what the Generate tab's controls show on a new page
+
+
+@readable
+def first_page():
+    """The samples a new page opens with (the Generate tab's default seeds and steps)."""
+    return generate_samples("range", FIRST_SEEDS[0], FIRST_SEEDS[0], FIRST_SEEDS[-1], len(FIRST_SEEDS), FIRST_STEPS,
+                            progress=lambda *args, **kwargs: None)
 
 
 @readable
@@ -1043,9 +1054,17 @@ def _digits_root(root: str) -> bool:
         return True  # nothing loadable: the default's instructions apply
 
 
-def benchmarks_blocks(root: str) -> None:
+def benchmarks_blocks(root: str) -> list:
     """The LDS and counterfactual results under `root` (tables, charts, the harnesses' reports) and
-    any other assets/benchmarks/*.json as generic tables; an empty state when there are none."""
+    any other assets/benchmarks/*.json as generic tables; an empty state when there are none.
+
+    The charts are empty plots here, returned as [(plot, draw)] for the tab to fill when it is first
+    shown: plotly builds its figure classes on first use (about 0.5 s), which the page's start-up
+    would otherwise wait for."""
+    charts = []
+
+    def chart(draw) -> None:
+        charts.append((gr.Plot(show_label=False), draw))
     bench, cf_dir = os.path.join(root, "benchmarks"), os.path.join(root, "counterfactual")
     items = {i["name"]: i for i in sup.read_benchmarks(bench)}
     cf_items = {i["name"]: i for i in sup.read_benchmarks(cf_dir)}
@@ -1069,7 +1088,7 @@ def benchmarks_blocks(root: str) -> None:
                         f"in the paper (optimistic). {same}*Default λ*: a rule that uses no evaluation data. "
                         "± is the bootstrap spread over the retrained subsets.")
             _table(rows, "LDS x 100 (higher is better), mean over test images")
-            gr.Plot(viz.lds_chart(rows, data.get("noise_ceiling")), show_label=False)
+            chart(functools.partial(viz.lds_chart, rows, data.get("noise_ceiling")))
     if tables is not None and tables.get("data"):
         gr.Markdown("## LDS of every method: baselines, output functions x K, ensembles")
         if tables.get("markdown"):
@@ -1077,7 +1096,7 @@ def benchmarks_blocks(root: str) -> None:
         rows = sup.table_rows(tables["data"].get("methods", {}))
         if rows:
             gr.Markdown("The poster's methods, best on the validation digits at the top:")
-            gr.Plot(viz.lds_chart(rows, tables["data"].get("noise_ceiling")), show_label=False)
+            chart(functools.partial(viz.lds_chart, rows, tables["data"].get("noise_ceiling")))
     if cf_summary is not None and cf_summary.get("data"):
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")
         gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root)))
@@ -1087,7 +1106,7 @@ def benchmarks_blocks(root: str) -> None:
                         "at 20% removed: " + ", ".join(f"{sup.method_label(m)} {v:.2f}" for m, v in published.items())
                         + ".")
         if cf_summary["data"].get("cells"):
-            gr.Plot(viz.counterfactual_chart(cf_summary["data"]), show_label=False)
+            chart(functools.partial(viz.counterfactual_chart, cf_summary["data"]))
     for item in items.values():  # any other benchmark file, as generic tables
         with gr.Accordion(item["name"], open=False):
             if "error" in item:
@@ -1095,9 +1114,9 @@ def benchmarks_blocks(root: str) -> None:
                 continue
             for path, rows in sup.records(item["data"]):
                 _table(rows, path)
-                fig = viz.benchmark_chart(rows, list(dict.fromkeys(h for r in rows for h in r)), path)
-                if fig is not None:
-                    gr.Plot(fig, show_label=False)
+                headers = list(dict.fromkeys(h for r in rows for h in r))
+                if viz.chartable(rows, headers):
+                    chart(functools.partial(viz.benchmark_chart, rows, headers, path))
     readme = _read_text(os.path.join(bench, "README.md"))
     if shown and readme:
         with gr.Accordion("How the benchmarks were measured", open=False):
@@ -1113,6 +1132,14 @@ def benchmarks_blocks(root: str) -> None:
             "produced by the evaluation harnesses (`python -m dtrak_core lds ...` writes "
             "`benchmarks/lds_results.json`, `python -m dtrak_core counterfactual ...` writes "
             "`counterfactual/summary.json`; see `python -m dtrak_core --help`); restart the app to show them.")
+    return charts
+
+
+def draw_charts(charts: list, cache: OnceCache):
+    """The figures of `benchmarks_blocks`' charts, drawn once per process (as one value when there
+    is one chart, as Gradio expects for a single output)."""
+    figures = cache.get("figures", lambda: [draw() for _, draw in charts])
+    return figures[0] if len(figures) == 1 else figures
 
 
 def error_page(error: str) -> gr.Blocks:
@@ -1196,10 +1223,10 @@ def build_demo() -> gr.Blocks:
                         mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
                         seed = gr.Number(0, precision=0, label="Seed", visible=False)
                         with gr.Row() as range_row:
-                            start = gr.Number(0, precision=0, label="First seed", min_width=100)
-                            end = gr.Number(15, precision=0, label="Last seed", min_width=100)
+                            start = gr.Number(FIRST_SEEDS[0], precision=0, label="First seed", min_width=100)
+                            end = gr.Number(FIRST_SEEDS[-1], precision=0, label="Last seed", min_width=100)
                         count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
-                        steps = gr.Slider(1, sup.MAX_DDIM_STEPS, 50, step=1, label="DDIM steps")
+                        steps = gr.Slider(1, sup.MAX_DDIM_STEPS, FIRST_STEPS, step=1, label="DDIM steps")
                         gen_btn = gr.Button("Generate", variant="primary")
                     with gr.Column(scale=3):
                         gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
@@ -1299,8 +1326,8 @@ def build_demo() -> gr.Blocks:
                                            max_height=420, column_widths=["14%", "16%", "35%", "35%"])
                 with gr.Accordion("What a pixel L2 of 1 or 3 looks like", open=False):
                     l2_html = gr.HTML(elem_id="l2-examples")
-            with gr.Tab("Benchmarks", id="benchmarks"):
-                benchmarks_blocks(ASSETS)
+            with gr.Tab("Benchmarks", id="benchmarks") as bench_tab:
+                charts = benchmarks_blocks(ASSETS)
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT + (ABOUT_DEFAULT if a.digits else ""), latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                      {"left": "$", "right": "$", "display": False}])
@@ -1316,8 +1343,12 @@ def build_demo() -> gr.Blocks:
         gen_inputs = [mode, seed, start, end, count, steps]
         gen_btn.click(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
             generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute")
-        demo.load(generate_samples, gen_inputs, [gallery, batch], concurrency_id="compute").then(
+        # unqueued: the first page's samples take no input and are computed once, by the warm-up
+        demo.load(first_page, None, [gallery, batch], queue=False).then(
             show_damage, None, damaged_md, concurrency_id="checks", show_progress="hidden")
+        if charts:
+            bench_tab.select(functools.partial(draw_charts, charts, OnceCache(1)), None, [p for p, _ in charts],
+                             queue=False, show_progress="hidden")
 
         attr_inputs, attr_outputs = [query, method, topk], [prop_gallery, opp_gallery, hist, mass, summary]
         busy = dict(concurrency_id="compute", show_progress="minimal", show_progress_on=[summary])
@@ -1460,16 +1491,18 @@ def _warm(step) -> None:
     except (ValueError, OSError):
         return  # the error page is up: nothing to warm
     first = []
-    step("the first page's samples", lambda: first.append(samples(list(range(16)), 50)))
+    step("the first page's samples", lambda: first.append(samples(FIRST_SEEDS, FIRST_STEPS)))
     if not first:
         return
     step("the digit classifier", lambda: digit_labels(first[0].numpy()))
     # the scorer and featurizer take seconds of both cores: not while a first visitor's browser is
     # still drawing the page and asking for its samples
     _page_served.wait(FIRST_PAGE_WAIT)
-    default = sup.method_choices(a.attributor.methods)[:1]
-    for _, m in default:
-        step(sup.method_label(m), lambda m=m: a.attributor.scores(first[0][:1], m))
+    q = sample_query(FIRST_SEEDS[0], FIRST_STEPS, first[0][0].numpy())
+    for _, m in sup.method_choices(a.attributor.methods)[:1]:
+        # the charts too: plotly builds its figure classes on first use, which a first click would wait for
+        step(f"{sup.method_label(m)} and its charts", lambda m=m: (
+            viz.score_histogram(attribution_for(q, m), DEFAULT_K), viz.class_mass_figure(attribution_for(q, m))))
     step("the full check of the files (TracInCP checkpoints, precomputed results)", lambda: full_check(ASSETS))
 
 
@@ -1478,12 +1511,22 @@ def serve(demo: gr.Blocks) -> None:
     configure(demo)
     demo.launch(max_file_size=MAX_UPLOAD_BYTES, show_error=True, css=CSS, theme=gr.themes.Soft(),
                 footer_links=["gradio"], head=page_head(), prevent_thread_lock=True)
-    print(f"dtrak: serving ({since_start()} after start); warming the caches in the background", file=sys.stderr,
-          flush=True)
-    threading.Thread(target=warm_up, name="dtrak-warm-up", daemon=True).start()
+    print(f"dtrak: serving ({since_start()} after start)", file=sys.stderr, flush=True)
+    start_warm_up()
     demo.block_thread()
 
 
+_warm_up_started = threading.Lock()
+
+
+def start_warm_up() -> None:
+    """`warm_up` in a background thread, once per process."""
+    if _warm_up_started.acquire(blocking=False):
+        threading.Thread(target=warm_up, name="dtrak-warm-up", daemon=True).start()
+
+
+if __name__ == "__main__":  # the first page's samples are computed while the page is built
+    start_warm_up()
 demo = build_demo()
 
 if __name__ == "__main__":

@@ -282,13 +282,24 @@ def lds_chart(rows: list[dict], ceiling: dict | None = None) -> go.Figure:
     return fig
 
 
-def benchmark_chart(rows, headers, title) -> go.Figure | None:
-    """A bar chart of a table's first numeric column against its first text column, if it has both."""
+def _chart_columns(rows, headers) -> tuple[list, list]:
     text = [h for h in headers if all(isinstance(r.get(h), str) for r in rows)]
     numeric = [h for h in headers if all(isinstance(r.get(h), (int, float)) and not isinstance(r.get(h), bool)
                                          for r in rows)]
-    if not text or not numeric or len(rows) < 2:
+    return text, numeric
+
+
+def chartable(rows, headers) -> bool:
+    """Whether `benchmark_chart` draws this table: it has a text and a numeric column and 2+ rows."""
+    text, numeric = _chart_columns(rows, headers)
+    return bool(text and numeric and len(rows) >= 2)
+
+
+def benchmark_chart(rows, headers, title) -> go.Figure | None:
+    """A bar chart of a table's first numeric column against its first text column, if it has both."""
+    if not chartable(rows, headers):
         return None
+    text, numeric = _chart_columns(rows, headers)
     fig = go.Figure(go.Bar(x=[r[text[0]] for r in rows], y=[r[numeric[0]] for r in rows], marker_color="#2563eb"))
     fig.update_layout(template="plotly_white", height=280, margin=dict(l=10, r=10, t=30, b=10),
                       title=dict(text=f"{title}: {numeric[0]}", font=dict(size=13)))

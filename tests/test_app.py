@@ -138,6 +138,16 @@ def test_generate_and_select(app):
     assert img.size == (app.QUERY_PX,) * 2
 
 
+def test_a_new_page_opens_with_the_samples_its_controls_show(app):
+    items, batch = app.first_page()
+    assert batch["seeds"] == app.FIRST_SEEDS == list(range(16)) and batch["steps"] == app.FIRST_STEPS == 50
+    shown = {b.label: b.value for b in app.demo.blocks.values()
+             if getattr(b, "label", None) in ("First seed", "Last seed", "DDIM steps")}
+    assert shown == {"First seed": 0, "Last seed": 15, "DDIM steps": 50}
+    _, again = app.generate_samples("range", 0, 0, 15, 1, 50)
+    np.testing.assert_array_equal(again["images"], batch["images"])  # the Generate button's batch: the same key
+
+
 def test_attribute_and_compare(app):
     import gradio as gr
 
@@ -350,9 +360,17 @@ def test_benchmarks_tab_renders(app, tmp_path):
             "validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}, "clip-dot": {"unavailable": "x"}}}))
     (tmp_path / "benchmarks" / "tables.md").write_text("# title\n| method | validation |\n| pixel-cosine | 5.0 ± 2.0 |")
     with gr.Blocks() as full:
-        app.benchmarks_blocks(str(tmp_path))
+        charts = app.benchmarks_blocks(str(tmp_path))
     kinds = [type(b).__name__ for b in full.blocks.values()]
     assert kinds.count("Plot") == 4 and kinds.count("Dataframe") == 2  # LDS, tables, counterfactual, other.json
+    assert [p for p, _ in charts] == [b for b in full.blocks.values() if isinstance(b, gr.Plot)]
+    assert all(p.value is None for p, _ in charts)  # drawn when the tab is first shown, not at start-up
+    cache = app.OnceCache(1)
+    figures = app.draw_charts(charts, cache)
+    assert len(figures) == 4 and all(f.data for f in figures) and app.draw_charts(charts, cache)[0] is figures[0]
+    bars = figures[0].data[0]
+    assert bars.orientation == "h" and list(bars.x) == [28.0]  # the honest λ
+    assert app.draw_charts(charts[:1], app.OnceCache(1)).data[0].orientation == "h"  # one chart: one value
     text = texts(full)
     assert "Provisional" in text and "protocol notes" in text and "Higher is better" in text
     assert "| pixel-cosine | 5.0 ± 2.0 |" in text and "# title" not in text

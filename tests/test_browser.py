@@ -6,6 +6,7 @@ is checked at 1280x900 unless it says otherwise; the phone checks run at 390x844
 screenshots (artifacts/screenshots/, git-ignored) at 1280x900, 1600x1000 and 390x844.
 Needs: `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
 """
+import json
 import os
 import re
 import socket
@@ -51,6 +52,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = build_tiny_assets(str(tmp_path_factory.getbasetemp() / "app_assets"))
+    os.makedirs(os.path.join(root, "benchmarks"), exist_ok=True)  # an LDS result for the Benchmarks tab to chart
+    cell = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.0, "pm": 1.5}}
+    with open(os.path.join(root, "benchmarks", "lds_results.json"), "w") as f:
+        json.dump({"methods": {"square": {"validation": cell, "generated": cell, "setting": {"K": 100}}}}, f)
     port = free_port()
     env = dict(os.environ, DTRAK_ASSETS=root, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
                GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
@@ -290,9 +295,10 @@ def test_retrain_estimate_progress_cancel_and_finish(page):
     shot(page, "1280x900-retrain-done")
 
 
-def test_benchmarks_empty_state_and_about(page):
+def test_benchmarks_chart_drawn_when_shown_and_about(page):
     page.get_by_role("tab", name="Benchmarks").click()
-    expect(page.get_by_text("No benchmark results yet")).to_be_visible()
+    expect(page.get_by_text("LDS x 100 (higher is better)").first).to_be_visible()
+    expect(page.locator(".js-plotly-plot .bars path").first).to_be_visible()  # drawn on first showing the tab
     page.get_by_role("tab", name="About").click()
     expect(page.get_by_text("TRAK vs D-TRAK")).to_be_visible()
     expect(page.locator(".katex").first).to_be_visible()  # formulas rendered
