@@ -93,7 +93,8 @@ def _load_assets(root: str) -> Assets:
     # quick: TracInCP by its index, not by loading its checkpoints (`full_check` does that after
     # the first page is shown)
     problems = registry.problems(attributor, root, quick=True)
-    methods = list(attributor.methods) + [m.name for m in registry.all("baseline") if m.name not in problems]
+    methods = list(attributor.methods) + [m.name for m in registry.all() if m.family in registry.SCORED_FAMILIES
+                                          and m.name not in problems]
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
                   {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)})
 

@@ -15,8 +15,9 @@ Each `Method` belongs to one family:
   the attributor's feature store of that output function. 'square' is D-TRAK and 'loss' TRAK;
   'eta=<e>' names the interpolation for any e (built on request, not listed by `all`).
 - 'baseline': the methods the paper compares against (formulas in `baselines`).
-- 'successor': published methods after the paper, scored like the baselines through their own
-  `score` ('das': the Diffusion Attribution Score, in `das`).
+- 'successor': methods after the paper, scored like the baselines through their own `score`
+  ('das': the Diffusion Attribution Score, in `das`; 'd-trak-sharp' and 'avg-sharp': TRAK-family
+  scores sharpened as s|s|, which keeps their rankings and lifts their LDS).
 - 'control': the counterfactual's 'random' ranking, a seeded permutation of the training set; it
   has no scores.
 
@@ -102,6 +103,31 @@ def _trak(method: Method, inputs, images, seeds, K) -> np.ndarray:
     return inputs.attributor.scores(images, method.name, K)
 
 
+def sharpen(scores) -> np.ndarray:
+    """s |s|: strictly increasing, so every ranking of s (proponents, opponents, the counterfactual's
+    removals) is kept, while the strongest scores weigh more in any sum of them (the LDS's)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s * np.abs(s)
+
+
+def sharpened_lambda_key(method_name: str, store_slug: str) -> str:
+    """The manifest's `tuned_lambda` key of a sharpened method over one store (`lds tune-lambda`)."""
+    return f"{method_name}/{store_slug}"
+
+
+def _sharpened(method: Method, inputs, images, seeds, K) -> np.ndarray:
+    """`sharpen` of the TRAK scores of the method's store, at the lambda tuned for the sharpened
+    scores when the folder has one (the best lambda moves with the transform), else the store's."""
+    setting, _ = inputs.store(method.store, K)  # MethodUnavailable, naming the store to build, when absent
+    lam = inputs.attributor.tuned_lambdas.get(sharpened_lambda_key(method.name, setting.slug))
+    return sharpen(inputs.attributor.scores(images, method.store, K, lam))
+
+
+def sharpened(store: str) -> list["Method"]:
+    """The registered sharpened methods over a store's output function ('square' -> [d-trak-sharp])."""
+    return [m for m in _REGISTRY if m.score is _sharpened and m.store == store]
+
+
 def _output_function(name, label, description, aliases=(), paper_name="", slug="", order=VARIANT_ORDER) -> Method:
     return Method(name, label, description, "trak", order, aliases, paper_name, slug, store=name, score=_trak)
 
@@ -142,6 +168,11 @@ _REGISTRY = (
     Method("das", "DAS", "Diffusion Attribution Score (Lin et al. 2025): squared TRAK-form scores of the gradients "
            "of mean(eps_theta), times each training sample's residual", "successor", 110, store="avg",
            score=_das_scores),
+    Method("d-trak-sharp", "D-TRAK, sharpened", "D-TRAK's scores s as s|s|: its proponents and opponents in its "
+           "order, the strongest weighted up (the squaring of DAS's score, sign kept)", "successor", 112,
+           ("sharp-d-trak",), store="square", score=_sharpened),
+    Method("avg-sharp", "avg, sharpened", "the avg output function's TRAK scores s as s|s| (DAS's features and "
+           "squaring, sign kept, without its residual)", "successor", 111, store="avg", score=_sharpened),
     Method("random", "Random", "a random ranking of the training set, seeded by the target (the counterfactual's "
            "control)", "control", 0),
 )

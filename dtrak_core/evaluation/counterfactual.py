@@ -376,6 +376,9 @@ def _identity(attributor, config: TrainConfig | None, rankings: list[str]) -> di
         if name != RANDOM:
             setting, _ = attributor.setting(registry.get(name).store or name)
             settings[name] = setting.slug
+            lam = attributor.tuned_lambdas.get(registry.sharpened_lambda_key(name, setting.slug))
+            if lam is not None:  # a sharpened ranking follows its tuned lambda: re-tuning must not mix results
+                settings[name] += f" at lambda {lam:g}"
     return {"checkpoint_hash": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint,
             "train_config": None if config is None else json.loads(json.dumps(config.to_dict())), "sampling": SAMPLING,
             "random_ranking_seed": RANDOM_RANKING_SEED, "stores": settings}

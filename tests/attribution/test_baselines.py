@@ -184,8 +184,8 @@ def test_tracin_replay_mismatch_and_unavailable(case, scheduler, tmp_path):
                      setting=TRACIN, show_bar=False)
     assert not (tmp_path / "a" / "tracin" / "checkpoints").exists()
     missing = methods.unavailable(case["att"], root=str(tmp_path), clip_path=case["empty"])
-    # (DAS scores with an `avg` store, which this tiny folder lacks)
-    assert set(missing) - {"das"} == {"tracin", "gas", "clip-dot", "clip-cosine"}
+    # (the successors score with `avg` or `square` stores, which this tiny folder lacks)
+    assert set(missing) - {"das", "avg-sharp", "d-trak-sharp"} == {"tracin", "gas", "clip-dot", "clip-cosine"}
     assert "build-baselines" in missing["tracin"]
     with pytest.raises(MethodUnavailable, match="build-baselines"):
         methods.scores(case["att"], "gas", case["queries"], root=str(tmp_path))

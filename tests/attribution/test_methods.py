@@ -86,3 +86,37 @@ def test_scores_errors_are_typed(tiny_unet, scheduler, digits):
     assert torch.equal(torch.as_tensor(methods.scores(att, "pixel-dot", images)),
                        images.flatten(1).double() @ att.train.images.flatten(1).double().T)
     assert methods.available(att, clip_path="/nonexistent") == ["pixel-dot", "pixel-cosine"]
+
+
+def test_sharpened_scores_are_s_abs_s_and_keep_every_ranking(tmp_path, tiny_unet, scheduler, digits, one_thread):
+    import numpy as np
+
+    from dtrak_core.attribution.attributor import Attribution
+    from dtrak_core.attribution.features import Featurizer, FeatureSetting
+    from dtrak_core.attribution.scoring import TRAKScorer
+    from dtrak_core.attribution.store import FeatureStore
+    from dtrak_core.evaluation import counterfactual as cf
+    from dtrak_core.model.unet import checkpoint_hash
+
+    train, queries = digits.subset(range(40)), digits.images[200:203]
+    bare = Attributor(tiny_unet, scheduler, train, [])
+    with pytest.raises(MethodUnavailable, match="square"):
+        methods.scores(bare, "d-trak-sharp", queries)
+    setting = FeatureSetting("square", K=4, k=64)
+    store = FeatureStore.create(str(tmp_path / "square"), FeatureStore.identity(setting, checkpoint_hash(tiny_unet),
+                                                                              train.fingerprint), len(train), 64)
+    featurize = Featurizer(tiny_unet, scheduler, setting)
+    store.fill(featurize, train.images, show_bar=False)
+    att = Attributor(tiny_unet, scheduler, train, [store])
+    got = methods.scores(att, "sharp-d-trak", queries)
+    # the closed form, from the store's features and the attributor's lambda
+    s = TRAKScorer(lam=att.lambda_for(setting)).fit(np.array(store.features())).scores(featurize(queries))
+    np.testing.assert_allclose(got, s * np.abs(s), rtol=1e-6, atol=1e-15)
+    signed = methods.scores(att, "d-trak", queries)
+    labels = train.labels.numpy()
+    for q in range(len(queries)):
+        sharp, plain = Attribution("d-trak-sharp", got[q], labels), Attribution("square", signed[q], labels)
+        assert list(sharp.proponents(10)) == list(plain.proponents(10))
+        assert list(sharp.opponents(10)) == list(plain.opponents(10))
+        assert list(cf.removal(att, queries[q], 0, "d-trak-sharp", 12)) == list(cf.removal(att, queries[q], 0, "square", 12))
+    assert methods.get("d-trak-sharp").family == "successor" and methods.label("avg-sharp") == "avg, sharpened"

@@ -241,3 +241,26 @@ def test_clip_cosine_with_local_weights_and_without(tmp_path, monkeypatch):
         assert cos is None and status.startswith("unavailable")
     finally:
         cf._clip_encoder.cache_clear()
+
+
+def test_a_sharpened_ranking_is_recorded_with_its_tuned_lambda(attributor, tmp_path):
+    """d-trak-sharp removes the top of D-TRAK's scores at the lambda tuned for it; results made at
+    one lambda are refused once the folder's tuned lambda changes."""
+    from dtrak_core.attribution import methods
+
+    seeds = cf.target_seeds(1, start=60)
+    image = cf.sample(attributor.unet, attributor.scheduler, seeds[0])
+    setting, _ = attributor.setting("square")
+    key = methods.sharpened_lambda_key("d-trak-sharp", setting.slug)
+    att = Attributor(attributor.unet, attributor.scheduler, attributor.train,
+                     [s for v in attributor.stores.values() for _, s in v], tuned_lambdas={key: 0.5})
+    assert cf.ranking_name("sharp-d-trak") == "d-trak-sharp"
+    removed = cf.removal(att, image, seeds[0], "d-trak-sharp", 6)
+    assert list(removed) == list(att.attribute(image, "square", lam=0.5).proponents(6))
+    out = str(tmp_path / "jobs")
+    cf.run_counterfactual(att, out, seeds, ["d-trak-sharp"], [2], TINY, control=False, show_bar=False)
+    ident = json.load(open(os.path.join(out, "identity.json")))
+    assert ident["stores"]["d-trak-sharp"] == f"{setting.slug} at lambda 0.5"
+    att.tuned_lambdas[key] = 0.2
+    with pytest.raises(ValueError, match="at lambda 0.5"):
+        cf.run_counterfactual(att, out, seeds, ["d-trak-sharp"], [2], TINY, control=False, show_bar=False)

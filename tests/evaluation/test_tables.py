@@ -8,6 +8,7 @@ import torch
 
 from dtrak_core.evaluation import tables as bm
 from dtrak_core.evaluation import tables_report
+from dtrak_core.attribution import methods
 from dtrak_core.evaluation.tuning import tune_lambdas
 from dtrak_core.attribution.similarity import similarity
 from dtrak_core.build import build_store
@@ -160,15 +161,22 @@ def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
     root, run_dir, _ = tiny_bench
     tuned = tune_lambdas(run_dir, root, num_bootstrap=10)
     att = Attributor.load(root)
-    assert set(tuned) == set(att.tuned_lambdas) == {"square-K2-sparse-jl-k32-s42", "loss-K2-sparse-jl-k32-s42"}
+    sharp = "d-trak-sharp/square-K2-sparse-jl-k32-s42"  # the sharpened D-TRAK's own lambda, over the square store
+    assert set(tuned) == set(att.tuned_lambdas) == {"square-K2-sparse-jl-k32-s42", "loss-K2-sparse-jl-k32-s42", sharp}
     setting, store = att.setting("d-trak")
     entry = tuned[setting.slug]
-    # the pick is the validation sweep's best lambda
+    # the pick is the validation sweep's best lambda, for the signed and for the sharpened scores
     bench = bm.Bench(run_dir, root)
     q = bench.features.query("validation", setting)
-    sweep = [lds(TRAKScorer(lam=lam).fit(store.features()).scores(q), bench.truth["masks"], bench.truth["F"]["validation"], 0)[0]
-             for lam in bm.LAMBDA_GRID]
+    scores = [TRAKScorer(lam=lam).fit(store.features()).scores(q) for lam in bm.LAMBDA_GRID]
+    masks, F = bench.truth["masks"], bench.truth["F"]["validation"]
+    sweep = [lds(s, masks, F, 0)[0] for s in scores]
     assert entry["lambda"] == bm.LAMBDA_GRID[int(np.argmax(sweep))]
+    sharp_sweep = [lds(methods.sharpen(s), masks, F, 0)[0] for s in scores]
+    assert tuned[sharp]["lambda"] == bm.LAMBDA_GRID[int(np.argmax(sharp_sweep))]
+    got = methods.scores(att, "d-trak-sharp", bench.test_sets["validation"][:2])
+    np.testing.assert_allclose(got, methods.sharpen(att.scores(bench.test_sets["validation"][:2], "d-trak",
+                                                               lam=tuned[sharp]["lambda"])))
     assert att.scorer("d-trak").lam_ == entry["lambda"]
     assert att.scorer("d-trak", lam=RULE).lam_ == pytest.approx(default_lambda(store.features()))
     assert att.scorer("d-trak", lam=3.0).lam_ == 3.0
