@@ -1,8 +1,11 @@
-"""DAS beside D-TRAK, TRAK and random in the counterfactual harness: one table, paired per target.
+"""DAS and the sharpened rankings beside D-TRAK, TRAK and random in the counterfactual harness: one
+table, paired per target.
 
 The paper's rankings were run into `assets/counterfactual/jobs/`, DAS into
-`assets/benchmarks/das_counterfactual/jobs/` (same model, recipe, targets and removal sizes; each
-run's identity.json says so). This reads both job sets as one (linked into a temporary folder) and
+`assets/benchmarks/das_counterfactual/jobs/`, the sharpened D-TRAK and avg (`d-trak-sharp`,
+`avg-sharp`: their signed rankings at the lambdas tuned for the sharpened scores) into
+`assets/benchmarks/sharpened_counterfactual/jobs/` (same model, recipe, targets and removal
+sizes; each run's identity.json says so; a run not there yet is left out). This reads both job sets as one (linked into a temporary folder) and
 prints the harness's own table: median pixel L2 per ranking and k, label changes, and the paired
 per-target comparisons (share of targets where a ranking moves the image more, Wilcoxon p).
 
@@ -29,14 +32,18 @@ from dtrak_core.evaluation.counterfactual import load_job
 from dtrak_core.evaluation.counterfactual_report import format_table, summarize
 from dtrak_core.model.data import load_digits
 
-RUNS = (os.path.join(ROOT, "assets", "counterfactual", "jobs"),
-        os.path.join(ROOT, "assets", "benchmarks", "das_counterfactual", "jobs"))
+DAS_RUN = os.path.join(ROOT, "assets", "benchmarks", "das_counterfactual", "jobs")
+RUNS = [run for run in (os.path.join(ROOT, "assets", "counterfactual", "jobs"), DAS_RUN,
+                        os.path.join(ROOT, "assets", "benchmarks", "sharpened_counterfactual", "jobs"))
+        if os.path.isfile(os.path.join(run, "identity.json"))]
 
 
-def same_identity(a: dict, b: dict) -> None:
-    for key in ("checkpoint_hash", "dataset", "sampling", "train_config", "random_ranking_seed"):
-        if a.get(key) != b.get(key):
-            raise SystemExit(f"the runs differ in {key}: {a.get(key)} vs {b.get(key)}; they cannot be compared")
+def same_identity(first: dict, *others: dict) -> None:
+    for other in others:
+        for key in ("checkpoint_hash", "dataset", "sampling", "train_config", "random_ranking_seed"):
+            if first.get(key) != other.get(key):
+                raise SystemExit(f"the runs differ in {key}: {first.get(key)} vs {other.get(key)}; they cannot be "
+                                 "compared")
 
 
 def main():
@@ -57,9 +64,9 @@ def main():
     attributor = Attributor.load(os.path.join(ROOT, "assets"))
     for k in sorted({c["k"] for c in summary["cells"] if c["ranking"] == "das"}, reverse=True):
         shares = []
-        for name in sorted(os.listdir(RUNS[1])):
+        for name in sorted(os.listdir(DAS_RUN)):
             if name.startswith(f"das-k{k}-") and name.endswith(".npz"):
-                job = load_job(os.path.join(RUNS[1], name))
+                job = load_job(os.path.join(DAS_RUN, name))
                 signed = attributor.attribute(job.before.float(), "avg", lam=REGISTRY_LAMBDA).scores
                 shares.append(float(np.mean(signed[job.removed_indices] < 0)))
         print(f"DAS k={k}: opponents (negative signed score) among the removed: median {np.median(shares):.0%} "

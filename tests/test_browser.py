@@ -9,44 +9,20 @@ Needs: `apt-get install -y chromium` and `pip install playwright` (never `playwr
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
+from browser_support import (PHONE, SHOTS, WIDE, app_server, chromium, no_sideways_overflow, open_page, require_browser,
+                             sample, shot)
+
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"]
-DESKTOP, WIDE, PHONE = (1280, 900), (1600, 1000), (390, 844)
-STALE = re.compile(r"\bstale\b")  # the class that dims a counterfactual result while a new one computes
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # skipped below with a reason
-    sync_playwright = None
-
-if sync_playwright is None:
-    pytest.skip("playwright for Python is not installed (pip install playwright)", allow_module_level=True)
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)",
-                allow_module_level=True)
+_, expect = require_browser()
 
 from conftest import EXAMPLE_SEED, build_tiny_assets  # noqa: E402
 
 expect.set_options(timeout=60_000)  # a busy shared machine; assertions return as soon as they hold
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STALE = re.compile(r"\bstale\b")  # the class that dims a counterfactual result while a new one computes
 
 
 @pytest.fixture(scope="module")
@@ -56,52 +32,14 @@ def server(tmp_path_factory):
     cell = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.0, "pm": 1.5}}
     with open(os.path.join(root, "benchmarks", "lds_results.json"), "w") as f:
         json.dump({"methods": {"square": {"validation": cell, "generated": cell, "setting": {"K": 100}}}}, f)
-    port = free_port()
-    env = dict(os.environ, DTRAK_ASSETS=root, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")  # one torch thread: the machine running the tests is shared
-    log = tmp_path_factory.mktemp("server") / "app.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.perf_counter()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.perf_counter() - t0 > 300:  # generous: a loaded 2-core machine imports slowly
-                    pytest.fail(f"app.py did not answer within 300 s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        print(f"\napp.py answered after {time.perf_counter() - t0:.1f} s")
+    with app_server(root, tmp_path_factory.mktemp("server")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
-
-
-def open_page(browser, url, size=DESKTOP):
-    phone = size[0] < 500
-    context = browser.new_context(viewport={"width": size[0], "height": size[1]}, is_mobile=phone, has_touch=phone)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    expect(sample(page, 15)).to_be_visible()  # the Generate tab fills itself with seeds 0..15 on load
-    return page
 
 
 @pytest.fixture
@@ -109,20 +47,6 @@ def page(browser, server):
     page = open_page(browser, server)
     yield page
     page.context.close()
-
-
-def shot(page, name: str) -> str:
-    os.makedirs(SHOTS, exist_ok=True)
-    path = os.path.join(SHOTS, f"{name}.png")
-    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # lazily loaded images load
-    page.wait_for_timeout(300)  # let fades finish
-    page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=path, full_page=True)
-    return path
-
-
-def sample(page, seed: int):
-    return page.locator("#samples .caption-label", has_text=f"seed {seed}:")
 
 
 def button(page, name):
@@ -139,10 +63,6 @@ def attribute_sample(page, seed: int):
     sample(page, seed).click()
     expect(page.get_by_text(f"Generated sample, seed {seed}").first).to_be_visible()
     expect(page.locator("#proponents [data-index]").first).to_be_visible()
-
-
-def no_sideways_overflow(page) -> bool:
-    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
 # ---------------------------------------------------------------- generate and attribute

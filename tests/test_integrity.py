@@ -328,3 +328,24 @@ def test_every_committed_store_carries_a_metadata_checksum_and_verifies():
     for path in stores:
         store = FeatureStore.open(path)  # metadata_sha256, shapes, features_sha256
         assert store.complete and store.metadata["format_version"] == 2 and "metadata_sha256" in store.metadata
+
+
+def test_a_replaced_tracin_checkpoint_passes_start_up_and_reaches_the_apps_banner(folder, monkeypatch):
+    """Start-up checks TracInCP by its index only; the background full check hashes its weights,
+    and the page's banner (`show_damage`) then names the replaced checkpoint and turns TracInCP off."""
+    import importlib
+    import sys
+
+    early, final = (os.path.join(folder, "tracin", "checkpoints", s, "unet", "diffusion_pytorch_model.safetensors")
+                    for s in ("step-00003", "step-00006"))
+    shutil.copyfile(early, final)
+    monkeypatch.setenv("DTRAK_ASSETS", folder)
+    app = importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+    try:
+        assert "tracin" in app.assets().methods and not app.quick_damage(folder)
+        banner = app.show_damage()
+        assert banner.visible and "step-00006/unet" in banner.value and "hashes to" in banner.value
+        assert "tracin" in app.full_check(folder) and "gas" in app.full_check(folder)
+    finally:
+        app.load_assets.cache_clear()
+        app.full_check.cache_clear()

@@ -4,110 +4,33 @@ sample, read its proponents; the phone layout. Screenshots go to artifacts/scree
 About 50 s (a server start), so it is marked slow: `pytest -m browser tests/text2image/test_text2image_browser.py`.
 """
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 
+from browser_support import (DESKTOP, PHONE, ROOT, app_server, chromium, no_sideways_overflow, open_page, require_browser,
+                             sample, shot)
 from dtrak_core.text2image.build import MINIATURE_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]  # ~50 s: run with -m browser
-
-CHROMIUM = "/usr/bin/chromium"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHOTS = os.path.join(ROOT, "artifacts", "screenshots")
-DESKTOP, PHONE = (1280, 900), (390, 844)
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    sync_playwright = None
-if sync_playwright is None:
-    pytest.skip("playwright for Python is not installed (pip install playwright)", allow_module_level=True)
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)",
-                allow_module_level=True)
-
+_, expect = require_browser()
 expect.set_options(timeout=90_000)  # a busy shared machine; assertions return as soon as they hold
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, DTRAK_ASSETS=MINIATURE_ROOT,  # relative to cwd=ROOT, as a visitor types it
-               GRADIO_SERVER_PORT=str(port),
-               GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
-    log = tmp_path_factory.mktemp("server") / "app.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.perf_counter()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.perf_counter() - t0 > 300:
-                    pytest.fail(f"app.py did not answer within 300 s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        print(f"\napp.py answered after {time.perf_counter() - t0:.1f} s")
+    with app_server(MINIATURE_ROOT, tmp_path_factory.mktemp("server")) as url:  # relative to cwd=ROOT, as typed
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+    with chromium() as b:
         yield b
-        b.close()
-
-
-def open_page(browser, url, size):
-    phone = size[0] < 500
-    context = browser.new_context(viewport={"width": size[0], "height": size[1]}, is_mobile=phone, has_touch=phone)
-    page = context.new_page()
-    page.set_default_timeout(90_000)
-    page.goto(url)
-    expect(sample(page, 15)).to_be_visible()  # the page fills itself with "a handwritten digit 7", seeds 0..15
-    return page
-
-
-def sample(page, seed: int):
-    return page.locator("#samples .caption-label", has_text=f"seed {seed}:")
-
-
-def shot(page, name: str) -> None:
-    os.makedirs(SHOTS, exist_ok=True)
-    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
-    page.wait_for_timeout(300)
-    page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
-
-
-def no_sideways_overflow(page) -> bool:
-    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
 def test_prompt_generate_click_proponents_and_the_other_tabs(browser, server):
-    page = open_page(browser, server, DESKTOP)
+    page = open_page(browser, server, DESKTOP, timeout_ms=90_000)
     try:
         page.locator("#prompt textarea, #prompt input").first.fill("a handwritten digit 5")
         page.get_by_label("Last seed").fill("7")
@@ -146,7 +69,7 @@ def test_prompt_generate_click_proponents_and_the_other_tabs(browser, server):
 
 
 def test_phone(browser, server):
-    page = open_page(browser, server, PHONE)
+    page = open_page(browser, server, PHONE, timeout_ms=90_000)
     try:
         assert no_sideways_overflow(page)
         shot(page, "t2i-phone-390x844-generate")
