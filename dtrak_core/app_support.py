@@ -51,9 +51,15 @@ def short_reason(text: str) -> str:
     return first + "."
 
 
+# The app's default method first (the best on both LDS test sets without losing the counterfactual:
+# `benchmarks/sharpening.py`, `benchmarks/das_counterfactual.py`), then D-TRAK and TRAK.
+PREFERRED_METHODS = ("avg-sharp", "square", "loss")
+
+
 def method_choices(methods) -> list[tuple[str, str]]:
-    """(label, name) pairs, D-TRAK and TRAK first, then the rest in the given order."""
-    first = [m for m in ("square", "loss") if m in methods]
+    """(label, name) pairs, the preferred methods first (`PREFERRED_METHODS`, those present), then
+    the rest in the given order: the first pair is the default."""
+    first = [m for m in PREFERRED_METHODS if m in methods]
     return [(method_label(m), m) for m in first + [m for m in methods if m not in first]]
 
 
@@ -432,13 +438,15 @@ def _bucket_gradients(gradients, sl: slice):
     return gradients.subset(sl)
 
 
-def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str | None = None) -> NoiseLevels:
+def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str | None = None,
+                 lam=None) -> NoiseLevels:
     """`image` (C, H, W) attributed by a TRAK-family `method`, split into `buckets` timestep buckets
     (at most one per timestep of the method's store). Costs about one featurization of the query:
     the buckets together run the same K timesteps (in one batched pass when they are equal); the
     store's training features are reused as they are (the split is on the query side only).
     ValueError for a method without a store. `prompt`: a text-to-image attributor's query prompt
-    (the gradients are then taken at the image's VAE latent, conditioned on the prompt)."""
+    (the gradients are then taken at the image's VAE latent, conditioned on the prompt); `lam`: the
+    ridge lambda (see `Attributor.lambda_for`)."""
     import torch
 
     setting, _ = attributor.setting(method)
@@ -462,7 +470,7 @@ def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str 
     else:
         feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(inputs, **conditioning))
                  for a, b in zip(edges, edges[1:])]
-    scores = attributor.scorer(method).scores(torch.cat(feats))  # (B, N), each bucket as if it were the whole query
+    scores = attributor.scorer(method, lam=lam).scores(torch.cat(feats))  # (B, N), each bucket as if it were the whole query
     weights = np.diff(edges) / K
     steps = gradients.timesteps.tolist()
     spans = tuple((int(steps[a]), int(steps[b - 1])) for a, b in zip(edges, edges[1:]))

@@ -541,6 +541,13 @@ def test_noise_view_handler(app):
     assert "At low noise" in text and len(card_indices(cards)) == len(fig.data[0].x)
     fig, cards, text = app.noise_view(q, "pixel-cosine")
     assert fig is None and cards == "" and "has no timesteps to split" in text
+    # a sharpened method: the split of the signed score it sharpens (s|s| of a sum is not a sum)
+    fig, cards, text = app.noise_view(q, "d-trak-sharp")
+    assert fig.data[0].type == "heatmap" and "splits the signed D-TRAK (square) score" in text
+    levels = app._noise_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), "d-trak-sharp", app.NOISE_BUCKETS),
+                                  None)
+    signed = app.assets().attributor.scores(torch.as_tensor(q["pixels"])[None], "square")[0]
+    np.testing.assert_allclose(levels.scores, signed, rtol=1e-4, atol=3e-6 * np.abs(signed).max())
 
 
 # ---------------------------------------------------------------- uploads: ink
