@@ -1221,8 +1221,11 @@ def build_demo() -> gr.Blocks:
     methods, ranked, n_train, unavailable = a.methods, a.attributor.methods, a.n_train, a.unavailable
     choices = sup.method_choices(methods)
     default_method = choices[0][1] if choices else None
-    rankings = sup.method_choices(ranked) + [("random", "random")]  # the counterfactual retrains on TRAK-family rankings
-    default_ranking = default_method if default_method in ranked else rankings[0][1]
+    # the counterfactual retrains on TRAK-family and successor rankings; it opens on D-TRAK's, whose
+    # examples are precomputed
+    ranked = list(ranked) + [m for m in methods if registry.get(m).family == "successor"]
+    rankings = sup.method_choices(ranked) + [("random", "random")]
+    default_ranking = "square" if "square" in ranked else rankings[0][1]
     # compare the default with the paper's D-TRAK (or D-TRAK with TRAK)
     second = next((m for m in ("square", "loss") if m in methods and m != default_method),
                   choices[-1][1] if choices else None)
