@@ -346,10 +346,10 @@ def noise_view(q, method):
         raise no_query()
     method = sup.parse_method(method, a.methods)
     split, lam, note = method, None, ""
-    sharpened = registry.get(method)
-    if sharpened.store in a.attributor.methods and sharpened in registry.sharpened(sharpened.store):
+    chosen = registry.get(method)
+    if chosen.store in a.attributor.methods and chosen in registry.sharpened(chosen.store):
         # s|s| of a sum is not a sum of parts: split the signed score it sharpens, at its lambda
-        split = sharpened.store
+        split = chosen.store
         lam = a.attributor.tuned_lambdas.get(registry.sharpened_lambda_key(method, a.attributor.setting(split)[0].slug))
         note = (f" It splits the signed {sup.method_label(split)} score that {sup.method_label(method)} sharpens "
                 "(same ranking).")
@@ -913,8 +913,9 @@ ABOUT_DEFAULT = r"""
 **This app.** The model is a diffusers UNet trained from scratch on scikit-learn's digits; the
 projection is a sparse Johnson-Lindenstrauss transform; $\lambda$ is the value that was best on the
 validation digits' LDS (recorded in `assets/manifest.json`; without it, 0.1 times the mean squared
-training feature norm). The counterfactual rankings always use that data-free rule, so they do not
-depend on the LDS data. Everything runs on a CPU.
+training feature norm). The counterfactual's TRAK-family rankings use that data-free rule, so they
+do not depend on the LDS data (the sharpened rankings use their own tuned $\lambda$, and say so in
+their results). Everything runs on a CPU.
 
 **The default method** is *avg, sharpened*: the gradient of $\mathrm{mean}(\epsilon_\theta)$ (the
 *avg* output function, a D-TRAK variant of the paper's ablation), with each TRAK score $s$ reported
