@@ -63,6 +63,17 @@ def torch_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
+def filled_store(path, unet, scheduler, train, setting: FeatureSetting):
+    """A complete feature store of `train` under `setting`, filled by the real featurizer."""
+    from dtrak_core.attribution.features import Featurizer
+    from dtrak_core.attribution.store import FeatureStore
+    from dtrak_core.model.unet import checkpoint_hash
+
+    identity = FeatureStore.identity(setting, checkpoint_hash(unet), train.fingerprint)
+    store = FeatureStore.create(str(path), identity, len(train), setting.k)
+    return store.fill(Featurizer(unet, scheduler, setting), train.images, show_bar=False)
+
+
 def build_tiny_assets(root: str) -> str:
     """A complete tiny model folder: model, two stores, and a precomputed counterfactual gallery
     written by the counterfactual harness (idempotent: a finished folder is reused)."""

@@ -13,12 +13,12 @@ import torch
 
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution import methods
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.gradients import GradientFeaturizer
-from dtrak_core.model.unet import checkpoint_hash
 from dtrak_core.model.sampling import generate
 from dtrak_core.shared import ModelReplicas, OnceCache
-from dtrak_core.attribution.store import FeatureStore
+
+from conftest import filled_store
 
 SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
 METHODS = ("square", "loss", "journey-trak", "pixel-dot", "gradient-cosine", "relative-ip", "renorm-ip")
@@ -30,11 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def attributor(tiny_unet, scheduler, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrency")
     train = digits.subset(range(24))
-    stores = []
-    for s in SETTINGS:
-        store = FeatureStore.create(str(root / s.slug), FeatureStore.identity(s, checkpoint_hash(tiny_unet), train.fingerprint),
-                                    len(train), s.k)
-        stores.append(store.fill(Featurizer(tiny_unet, scheduler, s), train.images, show_bar=False))
+    stores = [filled_store(root / s.slug, tiny_unet, scheduler, train, s) for s in SETTINGS]
     return Attributor(tiny_unet, scheduler, train, stores), str(root)
 
 

@@ -16,13 +16,14 @@ from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.tracin import build_tracin, tracin_steps
 from dtrak_core.errors import MethodUnavailable
 from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable, find_clip
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.journey import JourneyFeaturizer
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 from dtrak_core.attribution.projectors import make_projector
 from dtrak_core.model.sampling import generate
-from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.model.training import TrainConfig, train
+
+from conftest import filled_store
 
 CONFIG = TrainConfig(steps=6, batch_size=8, block_out_channels=(4, 8), seed=3)
 SETTING = FeatureSetting("loss", K=2, k=16)
@@ -37,9 +38,7 @@ def case(one_thread, tmp_path_factory, digits, scheduler):
     root = str(tmp_path_factory.mktemp("assets"))
     train_set = digits.subset(range(10))
     unet = train(train_set.images, scheduler, CONFIG, show_bar=False)
-    store = FeatureStore.create(f"{root}/stores/loss", FeatureStore.identity(SETTING, checkpoint_hash(unet), train_set.fingerprint),
-                                len(train_set), SETTING.k)
-    store.fill(Featurizer(unet, scheduler, SETTING), train_set.images, show_bar=False)
+    store = filled_store(f"{root}/stores/loss", unet, scheduler, train_set, SETTING)
     build_tracin(root, train_set, scheduler, CONFIG, expected_final=checkpoint_hash(unet), steps=(2, 4, 6),
                  setting=TRACIN, show_bar=False)
     attributor = Attributor(unet, scheduler, train_set, [store])

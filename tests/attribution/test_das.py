@@ -10,6 +10,8 @@ from dtrak_core.attribution.exact import GradientSetting, KernelTRAK, TimestepGr
 from dtrak_core.attribution.gradients import timestep_noise, timesteps_for, trainable_params
 from dtrak_core.model.unet import build_unet
 
+from conftest import filled_store
+
 
 @pytest.fixture(scope="module")
 def micro_unet():
@@ -94,9 +96,7 @@ def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path,
     from dtrak_core.attribution.das import REGISTRY_LAMBDA, RESIDUAL_TIMESTEPS
     from dtrak_core.attribution.features import Featurizer, FeatureSetting
     from dtrak_core.attribution.scoring import TRAKScorer
-    from dtrak_core.attribution.store import FeatureStore
     from dtrak_core.errors import MethodUnavailable
-    from dtrak_core.model.unet import checkpoint_hash
 
     train = digits.subset(range(6))
     queries = digits.images[200:202]
@@ -105,10 +105,8 @@ def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path,
     with pytest.raises(MethodUnavailable, match="avg"):
         methods.scores(bare, "das", queries)
     setting = FeatureSetting("avg", K=4, k=32)
-    store = FeatureStore.create(str(tmp_path / "avg"), FeatureStore.identity(setting, checkpoint_hash(tiny_unet),
-                                                                           train.fingerprint), len(train), 32)
+    store = filled_store(tmp_path / "avg", tiny_unet, scheduler, train, setting)
     featurize = Featurizer(tiny_unet, scheduler, setting)
-    store.fill(featurize, train.images, show_bar=False)
     att = Attributor(tiny_unet, scheduler, train, [store])
     assert "das" in methods.available(att)
     got = methods.scores(att, "DAS", queries)

@@ -9,6 +9,8 @@ from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, canonical_name
 from dtrak_core.errors import MethodUnavailable, UnknownMethod
 
+from conftest import filled_store
+
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
 
 
@@ -94,19 +96,15 @@ def test_sharpened_scores_are_s_abs_s_and_keep_every_ranking(tmp_path, tiny_unet
     from dtrak_core.attribution.attributor import Attribution
     from dtrak_core.attribution.features import Featurizer, FeatureSetting
     from dtrak_core.attribution.scoring import TRAKScorer
-    from dtrak_core.attribution.store import FeatureStore
     from dtrak_core.evaluation import counterfactual as cf
-    from dtrak_core.model.unet import checkpoint_hash
 
     train, queries = digits.subset(range(40)), digits.images[200:203]
     bare = Attributor(tiny_unet, scheduler, train, [])
     with pytest.raises(MethodUnavailable, match="square"):
         methods.scores(bare, "d-trak-sharp", queries)
     setting = FeatureSetting("square", K=4, k=64)
-    store = FeatureStore.create(str(tmp_path / "square"), FeatureStore.identity(setting, checkpoint_hash(tiny_unet),
-                                                                              train.fingerprint), len(train), 64)
+    store = filled_store(tmp_path / "square", tiny_unet, scheduler, train, setting)
     featurize = Featurizer(tiny_unet, scheduler, setting)
-    store.fill(featurize, train.images, show_bar=False)
     att = Attributor(tiny_unet, scheduler, train, [store])
     got = methods.scores(att, "sharp-d-trak", queries)
     # the closed form, from the store's features and the attributor's lambda

@@ -10,12 +10,14 @@ import dtrak_core.evaluation.retrain as retrain_module
 from dtrak_core.evaluation import counterfactual as cf
 from dtrak_core.evaluation import counterfactual_report as report
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
-from dtrak_core.model.unet import build_scheduler, checkpoint_hash
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.model.unet import build_scheduler
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.files import atomic_write_json
 from dtrak_core.errors import Cancelled
 from dtrak_core.model.training import TrainConfig, train
+
+from conftest import filled_store
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8), seed=3)
 N = 64
@@ -31,10 +33,7 @@ def attributor(tmp_path_factory, digits):
     stores = []
     for fn in ("square", "loss"):
         setting = FeatureSetting(fn, K=2, k=32)
-        identity = FeatureStore.identity(setting, checkpoint_hash(unet), train_set.fingerprint)
-        store = FeatureStore.create(str(root / setting.slug), identity, N, setting.k)
-        featurize = Featurizer(unet, scheduler, setting)
-        store.fill(lambda x: featurize(x).detach(), train_set.images, show_bar=False)
+        store = filled_store(root / setting.slug, unet, scheduler, train_set, setting)
         stores.append(FeatureStore.open(store.path))
     return Attributor(unet, scheduler, train_set, stores)
 
