@@ -43,15 +43,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_server(assets: str, log_dir, timeout: float = 300):
-    """`python app.py` on the model folder `assets` (one torch thread: the machine running the tests
-    is shared); yields its URL once it answers HTTP, and stops it afterwards."""
+def app_server(assets: str | None, log_dir, timeout: float = 300, cwd: str = ROOT):
+    """`python app.py` in `cwd` on the model folder `assets` (one torch thread: the machine running
+    the tests is shared); yields its URL once it answers HTTP, and stops it afterwards. assets None:
+    the folder's own app alone, as a Space runs it (no $DTRAK_ASSETS, no $PYTHONPATH)."""
     port = free_port()
-    env = dict(os.environ, DTRAK_ASSETS=assets, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DTRAK_ASSETS")}
+    if assets is not None:
+        env = dict(os.environ, DTRAK_ASSETS=assets)
+    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     log = os.path.join(str(log_dir), "app.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
 

@@ -1,14 +1,12 @@
 """The Space export: a folder that can be pushed to a Hugging Face Space as it is, whose app starts
 from that folder alone; the push goes through huggingface_hub (mocked here: nothing is uploaded)."""
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
+from browser_support import app_server
 from conftest import ROOT
 from dtrak_core import cli, space
 
@@ -121,44 +119,17 @@ def test_cli_exports_and_pushes_through_the_hub_client(tiny_root, tmp_path, monk
         space.push(dest, "not a repo id")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.server
 def test_the_exported_app_starts_from_its_folder_alone(exported, tmp_path):
     """`python app.py` in the exported folder, with nothing of this checkout on its path, serves
     the model it ships (the Hub runs the Space the same way)."""
     dest, _ = exported
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DTRAK_ASSETS")}
-    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     elsewhere = subprocess.run([sys.executable, "-c", "import dtrak_core"], cwd=str(tmp_path), env=env,
                                capture_output=True)
     assert elsewhere.returncode != 0  # so the app below can only run on the folder's own copy
-    log = tmp_path / "space.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=dest, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, f"the exported app exited:\n{log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() - t0 < 240, f"the exported app did not answer:\n{log.read_text()[-3000:]}"
-                time.sleep(0.5)
+    with app_server(None, tmp_path, timeout=240, cwd=dest) as url:
         from gradio_client import Client
 
-        out = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(3, 10, "square", 4, api_name="/attribute_seed")
+        out = Client(url, verbose=False).predict(3, 10, "square", 4, api_name="/attribute_seed")
         assert len(out["proponents"]) == 4 and out["n_train"] > 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
