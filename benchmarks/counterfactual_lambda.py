@@ -81,13 +81,10 @@ def run(args) -> None:
     print(f"ran {len(ran)} job(s); results in {os.path.relpath(JOBS, ROOT)}")
 
 
-def l2s(lam: float, seeds) -> dict[int, float]:
-    out = {}
-    for s in seeds:
-        path = os.path.join(JOBS, f"{job_id(lam, s)}.npz")
-        if os.path.isfile(path):
-            out[s] = load_job(path).l2
-    return out
+def jobs_of(lam: float, seeds) -> dict:
+    """seed -> the finished job's `CounterfactualResult`, for the seeds done."""
+    paths = {s: os.path.join(JOBS, f"{job_id(lam, s)}.npz") for s in seeds}
+    return {s: load_job(p) for s, p in paths.items() if os.path.isfile(p)}
 
 
 def dtrak_l2s(seeds) -> dict[int, float]:
@@ -121,17 +118,21 @@ def report() -> None:
     for lam, cells in lds_at(CANDIDATES).items():
         print(f"  lambda {lam:<5g} " + "  ".join(f"{n} {c['lds']:.1f} ± {c['pm']:.1f} ({c['lds'] / dtrak[n]:.2f}x)"
                                                  for n, c in cells.items()))
-    print(f"`{STORE}` ranking at k = {K}: median pixel L2 [p25, p75] (targets done)")
+    labels = Attributor.load(MODEL).train.labels.numpy()
+    print(f"`{STORE}` ranking at k = {K}: median pixel L2 [p25, p75] (targets done); digit label changed; "
+          "removed images with the target's label")
     picked = None
     for name, seeds in TARGETS.items():
-        rows = {lam: l2s(lam, seeds) for lam in CANDIDATES}
-        if name == "report":
-            rows = {lam: v for lam, v in rows.items() if v}
+        done = {lam: jobs_of(lam, seeds) for lam in CANDIDATES}
+        rows = {lam: {s: r.l2 for s, r in got.items()} for lam, got in done.items() if got or name == "tune"}
         for lam, got in rows.items():
             if got:
                 v = np.array(list(got.values()))
+                results = list(done[lam].values())
+                changed = np.mean([r.label_changed for r in results])
+                same = np.mean([np.mean(labels[r.removed_indices] == r.label_before) for r in results])
                 print(f"  {name:<6} lambda {lam:<5g} {np.median(v):.2f} [{np.percentile(v, 25):.2f}, "
-                      f"{np.percentile(v, 75):.2f}] (n={len(v)})")
+                      f"{np.percentile(v, 75):.2f}] (n={len(v)}); {100 * changed:.0f}%; {100 * same:.0f}%")
         if name == "tune":
             complete = {lam: got for lam, got in rows.items() if len(got) == len(seeds)}
             if len(complete) == len(CANDIDATES):
@@ -150,7 +151,7 @@ def report() -> None:
                     diff = np.array([got[s] - dtrak[s] for s in common_seeds])
                     print(f"  report lambda {lam:g} vs D-TRAK: further on {100 * np.mean(diff > 0):.0f}% of "
                           f"{len(diff)}, median difference {np.median(diff):+.2f}, Wilcoxon p {wilcoxon(diff).pvalue:.2g}")
-    if picked is not None and not l2s(picked, TARGETS["report"]):
+    if picked is not None and not jobs_of(picked, TARGETS["report"]):
         print(f"next: python benchmarks/counterfactual_lambda.py run --targets report --lambdas {picked:g}")
 
 
