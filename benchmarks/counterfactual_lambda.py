@@ -81,19 +81,19 @@ def run(args) -> None:
     print(f"ran {len(ran)} job(s); results in {os.path.relpath(JOBS, ROOT)}")
 
 
-def jobs_of(lam: float, seeds) -> dict:
-    """seed -> the finished job's `CounterfactualResult`, for the seeds done."""
-    paths = {s: os.path.join(JOBS, f"{job_id(lam, s)}.npz") for s in seeds}
+def finished(folder: str, ids: dict) -> dict:
+    """seed -> the `CounterfactualResult` of job ids[seed] in `folder`, for the jobs done."""
+    paths = {s: os.path.join(folder, f"{jid}.npz") for s, jid in ids.items()}
     return {s: load_job(p) for s, p in paths.items() if os.path.isfile(p)}
 
 
+def jobs_of(lam: float, seeds) -> dict:
+    return finished(JOBS, {s: job_id(lam, s) for s in seeds})
+
+
 def dtrak_l2s(seeds) -> dict[int, float]:
-    out = {}
-    for s in seeds:
-        path = os.path.join(HARNESS_JOBS, f"d-trak-k{K}-seed{s}.npz")
-        if os.path.isfile(path):
-            out[s] = load_job(path).l2
-    return out
+    done = finished(HARNESS_JOBS, {s: f"d-trak-k{K}-seed{s}" for s in seeds})
+    return {s: r.l2 for s, r in done.items()}
 
 
 def lds_at(lambdas) -> dict[float, dict]:
