@@ -45,6 +45,7 @@ from scipy.stats import wilcoxon
 MODEL = os.path.join(ROOT, "assets")
 JOBS = os.path.join(ROOT, "assets", "benchmarks", "counterfactual_lambda", "jobs")
 HARNESS_JOBS = os.path.join(ROOT, "assets", "counterfactual", "jobs")
+SHIPPED_JOBS = os.path.join(ROOT, "assets", "benchmarks", "sharpened_counterfactual", "jobs")  # avg-sharp, lambda 0.05
 LDS_RUN = os.path.join(ROOT, "assets", "benchmarks", "lds_run")
 SHARPENING = os.path.join(ROOT, "assets", "benchmarks", "sharpening.json")
 STORE = "avg"
@@ -96,6 +97,13 @@ def dtrak_l2s(seeds) -> dict[int, float]:
     return {s: r.l2 for s, r in done.items()}
 
 
+def shipped_l2s(seeds) -> dict[int, float]:
+    """`avg-sharp` at its LDS-tuned lambda 0.05, from the sharpening benchmark's jobs (same removals
+    as this script's lambda 0.05)."""
+    done = finished(SHIPPED_JOBS, {s: f"avg-sharp-k{K}-seed{s}" for s in seeds})
+    return {s: r.l2 for s, r in done.items()}
+
+
 def lds_at(lambdas) -> dict[float, dict]:
     """LDS x 100 (+- the bootstrap over subsets) of the sharpened scores at each fixed lambda, per
     test set, on the committed LDS run (K = 100, the shipped k)."""
@@ -141,16 +149,18 @@ def report() -> None:
             else:
                 print("  tuning incomplete: no lambda picked yet")
         if name == "report":
-            dtrak = dtrak_l2s(seeds)
-            if dtrak:
-                v = np.array(list(dtrak.values()))
-                print(f"  report D-TRAK at the rule's lambda {np.median(v):.2f} (n={len(v)})")
-            for lam, got in rows.items():
-                common_seeds = sorted(set(got) & set(dtrak))
-                if common_seeds:
-                    diff = np.array([got[s] - dtrak[s] for s in common_seeds])
-                    print(f"  report lambda {lam:g} vs D-TRAK: further on {100 * np.mean(diff > 0):.0f}% of "
-                          f"{len(diff)}, median difference {np.median(diff):+.2f}, Wilcoxon p {wilcoxon(diff).pvalue:.2g}")
+            for other, l2s in (("D-TRAK at the rule's lambda", dtrak_l2s(seeds)),
+                               ("lambda 0.05 (sharpened_counterfactual jobs)", shipped_l2s(seeds))):
+                if not l2s:
+                    continue
+                v = np.array(list(l2s.values()))
+                print(f"  report {other} {np.median(v):.2f} (n={len(v)})")
+                for lam, got in rows.items():
+                    common_seeds = sorted(set(got) & set(l2s))
+                    if common_seeds and lam != 0.05:
+                        diff = np.array([got[s] - l2s[s] for s in common_seeds])
+                        print(f"    lambda {lam:g} vs it: further on {100 * np.mean(diff > 0):.0f}% of {len(diff)}, "
+                              f"median difference {np.median(diff):+.2f}, Wilcoxon p {wilcoxon(diff).pvalue:.2g}")
     if picked is not None and not jobs_of(picked, TARGETS["report"]):
         print(f"next: python benchmarks/counterfactual_lambda.py run --targets report --lambdas {picked:g}")
 

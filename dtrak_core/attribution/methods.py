@@ -116,10 +116,13 @@ def sharpened_lambda_key(method_name: str, store_slug: str) -> str:
 
 
 def _sharpened(method: Method, inputs, images, seeds, K) -> np.ndarray:
-    """`sharpen` of the TRAK scores of the method's store, at the lambda tuned for the sharpened
-    scores when the folder has one (the best lambda moves with the transform), else the store's."""
+    """`sharpen` of the TRAK scores of the method's store, at the attributor's lambda override when
+    set (`attribute --lambda`), else the lambda tuned for the sharpened scores when the folder has
+    one (the best lambda moves with the transform), else the store's."""
     setting, _ = inputs.store(method.store, K)  # MethodUnavailable, naming the store to build, when absent
-    lam = inputs.attributor.tuned_lambdas.get(sharpened_lambda_key(method.name, setting.slug))
+    lam = inputs.attributor.lam
+    if lam is None:
+        lam = inputs.attributor.tuned_lambdas.get(sharpened_lambda_key(method.name, setting.slug))
     return sharpen(inputs.attributor.scores(images, method.store, K, lam))
 
 

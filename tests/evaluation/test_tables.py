@@ -177,6 +177,12 @@ def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
     got = methods.scores(att, "d-trak-sharp", bench.test_sets["validation"][:2])
     np.testing.assert_allclose(got, methods.sharpen(att.scores(bench.test_sets["validation"][:2], "d-trak",
                                                                lam=tuned[sharp]["lambda"])))
+    att.lam = 0.37  # (off the grid) an explicit override (`attribute --lambda`) wins over the tuned lambda
+    try:
+        np.testing.assert_allclose(methods.scores(att, "d-trak-sharp", bench.test_sets["validation"][:2]),
+                                   methods.sharpen(att.scores(bench.test_sets["validation"][:2], "d-trak", lam=0.37)))
+    finally:
+        att.lam = None
     assert att.scorer("d-trak").lam_ == entry["lambda"]
     assert att.scorer("d-trak", lam=RULE).lam_ == pytest.approx(default_lambda(store.features()))
     assert att.scorer("d-trak", lam=3.0).lam_ == 3.0
