@@ -926,8 +926,8 @@ models far better than D-TRAK (LDS 78.3 / 58.0 on validation / generated digits,
 (median pixel L2 3.01 against 3.18 over 60 targets; no significant difference, p = 0.12). At
 $\lambda$ 0.2, picked on separate targets for the counterfactual, its removals move the digit further
 than D-TRAK's (3.41, p = 0.021) for a little LDS (75.9 / 55.0): `attribute --method avg-sharp
---lambda 0.2` on the command line. DAS's own squared score gains as much LDS but ranks strong opponents among its top proponents, and its
-removals move the digits less (2.58). D-TRAK and TRAK are one click away in the menu.
+--lambda 0.2` on the command line. DAS's own squared score gains as much LDS but ranks strong
+opponents among its top proponents, and its removals move the digits less (2.58). D-TRAK and TRAK are one click away in the menu.
 """
 
 BENCHMARKS_HELP = """### How to read these numbers

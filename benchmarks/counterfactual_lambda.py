@@ -45,7 +45,8 @@ from scipy.stats import wilcoxon
 MODEL = os.path.join(ROOT, "assets")
 JOBS = os.path.join(ROOT, "assets", "benchmarks", "counterfactual_lambda", "jobs")
 HARNESS_JOBS = os.path.join(ROOT, "assets", "counterfactual", "jobs")
-SHIPPED_JOBS = os.path.join(ROOT, "assets", "benchmarks", "sharpened_counterfactual", "jobs")  # avg-sharp, lambda 0.05
+SHIPPED_JOBS = os.path.join(ROOT, "assets", "benchmarks", "sharpened_counterfactual", "jobs")  # avg-sharp's own runs
+SHIPPED_LAMBDA = 0.05  # its LDS-tuned lambda: those jobs remove what this script's 0.05 removes
 LDS_RUN = os.path.join(ROOT, "assets", "benchmarks", "lds_run")
 SHARPENING = os.path.join(ROOT, "assets", "benchmarks", "sharpening.json")
 STORE = "avg"
@@ -92,16 +93,9 @@ def jobs_of(lam: float, seeds) -> dict:
     return finished(JOBS, {s: job_id(lam, s) for s in seeds})
 
 
-def dtrak_l2s(seeds) -> dict[int, float]:
-    done = finished(HARNESS_JOBS, {s: f"d-trak-k{K}-seed{s}" for s in seeds})
-    return {s: r.l2 for s, r in done.items()}
-
-
-def shipped_l2s(seeds) -> dict[int, float]:
-    """`avg-sharp` at its LDS-tuned lambda 0.05, from the sharpening benchmark's jobs (same removals
-    as this script's lambda 0.05)."""
-    done = finished(SHIPPED_JOBS, {s: f"avg-sharp-k{K}-seed{s}" for s in seeds})
-    return {s: r.l2 for s, r in done.items()}
+def l2s(folder: str, ranking: str, seeds) -> dict[int, float]:
+    """seed -> the pixel L2 of `ranking`'s k = K job in `folder`, for the jobs done."""
+    return {s: r.l2 for s, r in finished(folder, {s: f"{ranking}-k{K}-seed{s}" for s in seeds}).items()}
 
 
 def lds_at(lambdas) -> dict[float, dict]:
@@ -149,16 +143,17 @@ def report() -> None:
             else:
                 print("  tuning incomplete: no lambda picked yet")
         if name == "report":
-            for other, l2s in (("D-TRAK at the rule's lambda", dtrak_l2s(seeds)),
-                               ("lambda 0.05 (sharpened_counterfactual jobs)", shipped_l2s(seeds))):
-                if not l2s:
+            for other, theirs in (("D-TRAK at the rule's lambda", l2s(HARNESS_JOBS, "d-trak", seeds)),
+                                  (f"lambda {SHIPPED_LAMBDA:g} (sharpened_counterfactual jobs)",
+                                   l2s(SHIPPED_JOBS, "avg-sharp", seeds))):
+                if not theirs:
                     continue
-                v = np.array(list(l2s.values()))
+                v = np.array(list(theirs.values()))
                 print(f"  report {other} {np.median(v):.2f} (n={len(v)})")
                 for lam, got in rows.items():
-                    common_seeds = sorted(set(got) & set(l2s))
-                    if common_seeds and lam != 0.05:
-                        diff = np.array([got[s] - l2s[s] for s in common_seeds])
+                    common_seeds = sorted(set(got) & set(theirs))
+                    if common_seeds and lam != SHIPPED_LAMBDA:
+                        diff = np.array([got[s] - theirs[s] for s in common_seeds])
                         print(f"    lambda {lam:g} vs it: further on {100 * np.mean(diff > 0):.0f}% of {len(diff)}, "
                               f"median difference {np.median(diff):+.2f}, Wilcoxon p {wilcoxon(diff).pvalue:.2g}")
     if picked is not None and not jobs_of(picked, TARGETS["report"]):
