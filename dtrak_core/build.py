@@ -19,7 +19,7 @@ import torch
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.evaluation.quality import sample_quality
-from dtrak_core.folder import MANIFEST, ModelFolder, default_root
+from dtrak_core.folder import MANIFEST, ModelFolder, default_root, path_in_root
 from dtrak_core.model.data import Dataset, load_dataset, load_digits
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
@@ -116,7 +116,8 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     spec = {"folder": os.path.abspath(data), "resolution": int(cfg.sample_size), "channels": int(cfg.in_channels),
             "invert": bool(invert)}
     train_set = load_dataset(spec)
-    identity = {"checkpoint": folder, "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
+    spec["folder"] = path_in_root(root, data)
+    identity = {"checkpoint": path_in_root(root, folder), "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
                 "dataset_fingerprint": train_set.fingerprint}
     existing = ModelFolder.load(root, missing_ok=True)
     for key in ("checkpoint_hash", "dataset_fingerprint"):

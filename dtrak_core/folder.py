@@ -37,6 +37,14 @@ MANIFEST_REMEDY = ("rebuild the model folder with `python -m dtrak_core build-de
                    "model; finished feature stores are reused)")
 
 
+def path_in_root(root: str, path: str) -> str:
+    """`path` relative to `root` when it lies inside it (a folder that carries its model and data can
+    be moved or cloned), else absolute."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    rel = os.path.relpath(path, root)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
 def default_root() -> str:
     """The model folder used when none is given: $DTRAK_ASSETS if set, else ./assets."""
     return os.environ.get(ENV_ROOT) or "assets"
@@ -226,8 +234,11 @@ class ModelFolder:
     def training_set(self) -> Dataset:
         """The `Dataset` the manifest names; a ValueError naming manifest.json when it cannot be loaded."""
         self.require("dataset")
+        spec = self.dataset
+        if isinstance(spec, dict) and isinstance(spec.get("folder"), str) and not os.path.isabs(spec["folder"]):
+            spec = {**spec, "folder": os.path.join(self.root, spec["folder"])}  # data kept inside the folder
         try:
-            return load_dataset(self.dataset)
+            return load_dataset(spec)
         except ValueError as e:
             raise ValueError(f"{self.path}: {e}") from None
 

@@ -33,6 +33,11 @@ SECTIONS = ("name", "description", "data", "unet", "scheduler", "train", "featur
 DATA_MARKER = "data.json"  # written last into the data folder: what it holds, from what
 MODEL_MARKER = "setting.json"  # written into the base model's folder: the setting it was trained with
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Fashion-MNIST's labels 0..9, named as folder names ("T-shirt/top" has a slash)
+FASHION_MNIST_CLASSES = ("tshirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle-boot")
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,20 @@ def _from_pickles(source: str) -> dict[str, dict[str, list]]:
     return out
 
 
+def _from_idx(source: str) -> dict[str, dict[str, list]]:
+    """{split: {class: [images]}} from the Fashion-MNIST IDX files in `source` (each checked)."""
+    from dtrak_core.model.idx import read_images_and_labels
+
+    out = {}
+    for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+        images, labels = read_images_and_labels(os.path.join(source, images_file), os.path.join(source, labels_file))
+        if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{os.path.join(source, labels_file)}: label {labels.max()} is not a Fashion-MNIST class "
+                             f"(0..9); reinstall the dataset")
+        out[split] = {name: list(images[labels == c]) for c, name in enumerate(FASHION_MNIST_CLASSES)}
+    return out
+
+
 def _from_folders(source: str, classes) -> dict[str, dict[str, list]]:
     """{split: {class: [image files]}} from source/train/<class>/ and source/test/<class>/."""
     from dtrak_core.model.data import IMAGE_SUFFIXES
@@ -202,6 +221,12 @@ def _from_folders(source: str, classes) -> dict[str, dict[str, list]]:
             out[split][name] = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
                                 if f.lower().endswith(IMAGE_SUFFIXES)]
     return out
+
+
+def selected(selection_seed: int, class_position: int, available: int, per_class: int) -> np.ndarray:
+    """The sorted indices, among one class's `available` images of a split, that a setting's data
+    folder takes (a permutation seeded by (selection_seed, class position), its first per_class)."""
+    return np.sort(np.random.default_rng([selection_seed, class_position]).permutation(available)[:per_class])
 
 
 def write_data(setting: Setting, source: str, out: str) -> dict:
@@ -230,6 +255,11 @@ def write_data(setting: Setting, source: str, out: str) -> dict:
         if unknown:
             raise ValueError(f"{setting.path}: {unknown} are not CIFAR-10 classes ({', '.join(CIFAR10_CLASSES)})")
         splits = _from_pickles(source)
+    elif os.path.isfile(os.path.join(source, FASHION_MNIST_FILES["train"][0])):
+        unknown = [c for c in classes if c not in FASHION_MNIST_CLASSES]
+        if unknown:
+            raise ValueError(f"{setting.path}: {unknown} are not Fashion-MNIST classes ({', '.join(FASHION_MNIST_CLASSES)})")
+        splits = _from_idx(source)
     else:
         splits = _from_folders(source, classes)
     parent = os.path.dirname(os.path.abspath(out))
@@ -243,7 +273,7 @@ def write_data(setting: Setting, source: str, out: str) -> dict:
                 items = splits[split][name]
                 if len(items) < per_class:
                     raise ValueError(f"{source!r}: {split} has {len(items)} {name} images, the setting takes {per_class}")
-                chosen = np.sort(np.random.default_rng([int(d["selection_seed"]), c]).permutation(len(items))[:per_class])
+                chosen = selected(int(d["selection_seed"]), c, len(items), per_class)
                 folder = os.path.join(tmp, target, name)
                 os.makedirs(folder)
                 for j, i in enumerate(chosen):
@@ -251,7 +281,7 @@ def write_data(setting: Setting, source: str, out: str) -> dict:
                     dest = os.path.join(folder, f"{j:05d}.png")
                     if isinstance(item, str):
                         with Image.open(item) as img:
-                            img.convert("RGB").save(dest)
+                            img.convert("RGB" if setting.channels == 3 else "L").save(dest)
                     else:
                         Image.fromarray(item).save(dest)
                 counts[f"{target}/{name}"] = int(per_class)

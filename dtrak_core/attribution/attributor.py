@@ -84,12 +84,13 @@ class Attributor:
     device = "cpu"
 
     def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
-                 tuned_lambdas: dict[str, float] | None = None, device="cpu"):
+                 tuned_lambdas: dict[str, float] | None = None, device="cpu", tuned_params: dict | None = None):
         self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
         self.device = device
         self.root = None  # the model folder, when loaded from one (`load`)
         self.lam = lam  # overrides every store's lambda when set
         self.tuned_lambdas = dict(tuned_lambdas or {})  # store slug -> lambda chosen on validation LDS
+        self.tuned_params = dict(tuned_params or {})  # the manifest's tuned entries (kernel baselines: lambda, gamma)
         self.stores = {}
         ckpt = checkpoint_hash(unet)
         for store in stores:
@@ -115,7 +116,7 @@ class Attributor:
         folder.require("checkpoint", "dataset", "stores")
         unet, scheduler = folder.load_model()
         attributor = cls(unet, scheduler, folder.training_set(), folder.open_stores(),
-                         tuned_lambdas=folder.tuned_lambdas())
+                         tuned_lambdas=folder.tuned_lambdas(), tuned_params=dict(folder.tuned_lambda))
         attributor.root = folder.root
         return attributor
 

@@ -18,6 +18,16 @@ Score of training sample n for a query q (higher = stronger proponent, as for TR
 | journey-trak    | TRAK score of the loss gradient averaged along the query's DDIM trajectory: |
 |                 | at each step the predicted x0, re-noised at that step's timestep            |
 |                 | (Georgiev et al. 2023; generated samples only, needs their seeds)           |
+| pixel-nn        | -||x_q - x_n||^2: nearest neighbours in pixel space                         |
+| pixel-trak      | the TRAK formula on raw pixels: linear kernel ridge, k(q, X) (K + lam I)^-1 |
+| pixel-rbf       | RBF kernel ridge on raw pixels (`kernels`), gamma and lambda tuned          |
+| pixel-arccos    | arc-cosine kernel ridge on raw pixels (an infinitely wide ReLU layer)       |
+| optimal-denoiser| the training image's posterior weight in the empirical optimal denoiser,    |
+|                 | averaged over noise levels (what a model that memorised its data would use) |
+
+The last five use no model at all: they are the strong nonparametric bar (`kernels`). A method is
+only worth its margin over them. Their lambda (and the RBF's gamma) come from the folder's
+manifest when tuned (`tuned_lambda[<name>]`, `lds tune-lambda`), else from data-free rules.
 
 "Loss gradient" features are the attributor's `loss` (TRAK) store and featurizer, so gradient-*,
 relative-ip, renorm-ip and journey-trak share the TRAK projection and lambda. TracInCP needs the
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dtrak_core.attribution.kernels import KernelRidge, optimal_denoiser_scores
 from dtrak_core.attribution.similarity import ip_norms, similarity
 from dtrak_core.errors import MethodUnavailable
 
@@ -66,3 +77,27 @@ def journey(method, inputs, images, seeds, K) -> np.ndarray:
         raise MethodUnavailable(f"{method.name} attributes generated samples only: pass the generation seeds")
     setting, _ = inputs.store(method.store, K)
     return inputs.attributor.scorer(method.store, setting.K).scores(inputs.journey(setting)(seeds, images))
+
+
+def nearest(method, inputs, images, seeds, K) -> np.ndarray:
+    q, x = images.flatten(1).double(), inputs.attributor.train.images.flatten(1).double()
+    return -(q.pow(2).sum(1)[:, None] + x.pow(2).sum(1)[None] - 2 * q @ x.T).numpy()
+
+
+def hyperparameters(method, attributor) -> dict:
+    """{"lambda": ..., "gamma": ...} of a kernel baseline: tuned in the folder's manifest, else None each."""
+    entry = getattr(attributor, "tuned_params", {}).get(method.name, {})
+    return {"lambda": entry.get("lambda"), "gamma": entry.get("gamma")}
+
+
+def kernel_ridge(method, inputs, images, seeds, K) -> np.ndarray:
+    params = hyperparameters(method, inputs.attributor)
+    lam = params["lambda"]  # (not `attribute --lambda`: a TRAK lambda is on another scale)
+    gamma = params["gamma"] if params["gamma"] is not None else KernelRidge(method.kind).gamma
+    ridge = inputs.cached(("kernel", method.kind, gamma),
+                          lambda: KernelRidge(method.kind, gamma).fit(inputs.attributor.train.images))
+    return ridge.scores(images, lam)
+
+
+def optimal_denoiser(method, inputs, images, seeds, K) -> np.ndarray:
+    return optimal_denoiser_scores(images, inputs.attributor.train.images, inputs.attributor.scheduler.alphas_cumprod)

@@ -168,6 +168,16 @@ _REGISTRY = (
     _baseline("renorm-ip", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm", store="loss"),
     _baseline("journey-trak", "TRAK on loss gradients averaged along the DDIM trajectory (generated samples)", 18,
               baselines.journey, store="loss", needs=("seeds",)),
+    _baseline("pixel-nn", "nearest neighbours in pixel space: minus the squared distance (no model)", 21,
+              baselines.nearest),
+    _baseline("pixel-trak", "the TRAK formula on raw pixels: linear kernel ridge (no model)", 22,
+              baselines.kernel_ridge, "linear"),
+    _baseline("pixel-rbf", "RBF kernel ridge on raw pixels, its bandwidth and lambda tuned like TRAK's (no model)", 23,
+              baselines.kernel_ridge, "rbf"),
+    _baseline("pixel-arccos", "arc-cosine kernel ridge on raw pixels: an infinitely wide ReLU layer (no model)", 24,
+              baselines.kernel_ridge, "arccos"),
+    _baseline("optimal-denoiser", "posterior weight in the training set's empirical optimal denoiser, averaged over "
+              "noise levels (no model)", 25, baselines.optimal_denoiser),
     Method("das", "DAS", "Diffusion Attribution Score (Lin et al. 2025): squared TRAK-form scores of the gradients "
            "of mean(eps_theta), times each training sample's residual", "successor", 110, store="avg",
            score=_das_scores),

@@ -119,6 +119,27 @@ class SubsetBootstrap:
             warnings.simplefilter("ignore", RuntimeWarning)
             return float(np.nanstd(np.nanmean(per, axis=1)))
 
+def rank_normalise(scores) -> np.ndarray:
+    """Each query's scores (Q, N) replaced by their centred ranks, (rank - (N + 1) / 2) / N in
+    (-1/2, 1/2): the LDS of these ("rank LDS") is the same for every strictly increasing transform
+    of a method's scores, so it measures the ranking alone, not how the scores are spread."""
+    s = np.asarray(scores, dtype=np.float64)
+    return (rankdata(s, axis=1) - (s.shape[1] + 1) / 2) / s.shape[1]
+
+
+def top_share(scores, share: float = 0.01) -> np.ndarray:
+    """Each query's scores (Q, N) replaced by 1 for its top round(share x N) training samples (at
+    least 1) and 0 elsewhere: like `rank_normalise`, the same for every strictly increasing
+    transform of the scores, but it asks only whether the head of the ranking is right (the
+    "top-k LDS": the subsets that hold more of a query's top proponents should fit it better)."""
+    s = np.asarray(scores, dtype=np.float64)
+    k = max(1, int(round(share * s.shape[1])))
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    out = np.zeros_like(s)
+    np.put_along_axis(out, top, 1.0, axis=1)
+    return out
+
+
 def lds(scores, masks, F, num_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float]:
     """(LDS x 100, +- x 100): mean Spearman over test samples, +- its bootstrap std over subsets.
 

@@ -1,4 +1,4 @@
-"""Sample quality for digits: a plain classifier trained on the real training digits.
+"""Sample quality: a classifier of real images (for the digits, a plain one trained on the training digits).
 
 Reported for generated images: the share classified with confidence >= 0.8 and the histogram of
 predicted classes (a model that forgot a class shows a hole there).
@@ -36,12 +36,14 @@ def classify(images) -> tuple[np.ndarray, np.ndarray]:
     return p.argmax(1), p.max(1)
 
 
-def sample_quality(images) -> dict:
-    labels, conf = classify(images)
+def sample_quality(images, classifier=None) -> dict:
+    """The report for generated images, read by `classifier` (an object with `classify(images)`;
+    None: the digit classifier)."""
+    labels, conf = classify(images) if classifier is None else classifier.classify(images)
     return {
         "n": int(len(labels)),
         "share_confident": float((conf >= CONFIDENCE).mean()),
         "confidence_threshold": CONFIDENCE,
-        "class_histogram": np.bincount(labels, minlength=10).tolist(),
+        "class_histogram": np.bincount(labels, minlength=len(getattr(classifier, "classes", range(10)))).tolist(),
         "mean_confidence": float(conf.mean()),
     }

@@ -87,7 +87,34 @@ def test_scores_errors_are_typed(tiny_unet, scheduler, digits):
     assert methods.scores(att, "pixel-dot", images).shape == (2, 4)
     assert torch.equal(torch.as_tensor(methods.scores(att, "pixel-dot", images)),
                        images.flatten(1).double() @ att.train.images.flatten(1).double().T)
-    assert methods.available(att, clip_path="/nonexistent") == ["pixel-dot", "pixel-cosine"]
+    assert methods.available(att, clip_path="/nonexistent") == [
+        "pixel-dot", "pixel-cosine", "pixel-nn", "pixel-trak", "pixel-rbf", "pixel-arccos", "optimal-denoiser"]
+
+
+def test_model_free_baselines_score_as_their_formulas(tiny_unet, scheduler, digits):
+    import numpy as np
+
+    from dtrak_core.attribution.kernels import KernelRidge, optimal_denoiser_scores
+
+    train = digits.subset(range(30))
+    images = digits.images[40:43]
+    att = Attributor(tiny_unet, scheduler, train, [])
+    x, q = train.images.flatten(1).double(), images.flatten(1).double()
+    np.testing.assert_allclose(methods.scores(att, "pixel-nn", images), -torch.cdist(q, x).pow(2).numpy(), atol=1e-9)
+    ridge = KernelRidge("rbf").fit(train.images)
+    np.testing.assert_allclose(methods.scores(att, "pixel-rbf", images), ridge.scores(images), rtol=1e-9)
+    np.testing.assert_allclose(methods.scores(att, "optimal-denoiser", images),
+                               optimal_denoiser_scores(images, train.images, scheduler.alphas_cumprod), rtol=1e-9)
+    # tuned hyperparameters from the manifest's entry are used
+    att.tuned_params = {"pixel-rbf": {"lambda": 0.5, "gamma": 3.0}}
+    np.testing.assert_allclose(methods.scores(att, "pixel-rbf", images),
+                               KernelRidge("rbf", 3.0).fit(train.images).scores(images, 0.5), rtol=1e-9)
+    # the TRAK formula on pixels is TRAK's scorer on the pixels as features
+    from dtrak_core.attribution.scoring import TRAKScorer
+
+    lam = KernelRidge("linear").fit(train.images).default_lambda
+    np.testing.assert_allclose(methods.scores(att, "pixel-trak", images),
+                               TRAKScorer(lam=lam).fit(x.float()).scores(q.float()), rtol=1e-6, atol=1e-9)
 
 
 def test_sharpened_scores_are_s_abs_s_and_keep_every_ranking(tmp_path, tiny_unet, scheduler, digits, one_thread):

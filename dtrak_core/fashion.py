@@ -1,0 +1,163 @@
+"""The Fashion-MNIST model folder (assets/fashion), built from Debian's dataset-fashion-mnist by one
+resumable command:
+
+    apt-get install dataset-fashion-mnist
+    python -m dtrak_core build-fashion                  # every stage; rerun to resume
+    python -m dtrak_core build-fashion --stage lds      # one stage (data, classifier, model, folder, lds, counterfactual)
+
+The setting is the preset `fashion-mnist` (dtrak_core/configs/fashion-mnist.json): the data, the UNet,
+the recipe, the stores and the LDS / counterfactual protocol. What the folder holds, all committed
+but the retrained models:
+
+    data/train/<class>/*.png, data/validation/<class>/*.png   the subset (the app and tests need no package)
+    classifier/        a small CNN trained on Fashion-MNIST images outside the subset (sample quality)
+    model/             the base model (diffusers unet/ + scheduler/, setting.json)
+    manifest.json, stores/     the model folder (`build`): D-TRAK, TRAK and avg stores
+    lds/               `lds-own` run: jobs.json, per-checkpoint ground truth, tables.md / tables.json
+    counterfactual/    `counterfactual-own` run: removals.json, per-job results, results.md
+
+Retrained models go to lds-models/ and counterfactual-models/ (git-ignored); a killed run loses at
+most the model in training.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"  # where Debian's package installs the IDX files
+DEFAULT_ROOT = os.path.join("assets", "fashion")
+PRESET = "fashion-mnist"
+STAGES = ("data", "classifier", "model", "folder", "lds", "counterfactual")
+CLASSIFIER_PER_CLASS = 2000  # training images per class for the quality classifier, none in the subset
+QUALITY_SEEDS = range(100)
+
+
+def _setting():
+    from dtrak_core.setting import load_setting
+
+    return load_setting(PRESET)
+
+
+def classifier_data(setting, source: str):
+    """((train images, labels), (test images, labels)) for the quality classifier: training-split
+    images that are not in the setting's subset, and the test split without its validation picks;
+    images (N, 1, 28, 28) float32 in [-1, 1]."""
+    import torch
+
+    from dtrak_core.model.idx import read_images_and_labels
+    from dtrak_core.setting import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, selected
+
+    d = setting.data
+    out = []
+    for split, per_class, take in (("train", int(d["train_per_class"]), CLASSIFIER_PER_CLASS),
+                                   ("test", int(d["validation_per_class"]), None)):
+        images, labels = read_images_and_labels(*(os.path.join(source, f) for f in FASHION_MNIST_FILES[split]))
+        keep = []
+        for c, name in enumerate(FASHION_MNIST_CLASSES):
+            if name not in d["classes"]:
+                continue
+            members = np.flatnonzero(labels == c)
+            rest = np.delete(members, selected(int(d["selection_seed"]), c, len(members), per_class))
+            keep.append(rest[:take])
+        idx = np.sort(np.concatenate(keep))
+        x = torch.from_numpy(images[idx].astype(np.float32) / 127.5 - 1.0)[:, None]
+        y = torch.as_tensor([d["classes"].index(FASHION_MNIST_CLASSES[c]) for c in labels[idx]])
+        out.append((x, y))
+    return out
+
+
+def build_classifier(root: str, source: str, setting=None) -> dict:
+    """The quality classifier in root/classifier (reused when present); its card."""
+    import torch
+
+    from dtrak_core.model.classifier import CARD, ImageClassifier
+
+    folder = os.path.join(root, "classifier")
+    if os.path.isfile(os.path.join(folder, CARD)):
+        return ImageClassifier.load(folder).card
+    setting = setting or _setting()
+    (x, y), (xt, yt) = classifier_data(setting, source)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a fixed thread count: the same weights on every machine with this torch
+    try:
+        t0 = time.perf_counter()
+        clf = ImageClassifier(setting.data["classes"], setting.resolution).fit(x, y)
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    clf.card = {"trained_on": f"{len(x)} Fashion-MNIST training images, none in the attributed subset",
+                "accuracy": clf.accuracy(xt, yt), "tested_on": f"{len(xt)} test-split images, none a validation query",
+                "train_seconds": seconds}
+    clf.save(folder)
+    return clf.card
+
+
+def measure_quality(root: str) -> dict:
+    """Sample quality of the base model (DDIM 50, seeds 0..99) by the folder's classifier, into the manifest."""
+    from dtrak_core.evaluation.quality import sample_quality
+    from dtrak_core.folder import ModelFolder
+    from dtrak_core.model.classifier import ImageClassifier
+    from dtrak_core.model.sampling import generate
+
+    folder = ModelFolder.load(root)
+    unet, scheduler = folder.load_model()
+    samples = generate(unet, scheduler, QUALITY_SEEDS)
+    clf = ImageClassifier.load(os.path.join(root, "classifier"))
+    quality = {"seeds": f"0..{len(QUALITY_SEEDS) - 1}", "sampler": "ddim-50", "classifier": "classifier/",
+               "classifier_accuracy": clf.card.get("accuracy"), **sample_quality(samples, clf)}
+    ModelFolder.edit(root, quality=quality)
+    return quality
+
+
+def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages=STAGES, shard=(0, 1),
+                  show_bar: bool = True) -> None:
+    """Run `stages` in order (each resumes what an earlier run finished). `shard`: this process's
+    share of the retrains (i, n), so two processes can train side by side."""
+    from dtrak_core import setting as st
+
+    setting = _setting()
+    data, model = os.path.join(root, "data"), os.path.join(root, "model")
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+        t0 = time.perf_counter()
+        if stage == "data":
+            st.write_data(setting, source, data)
+        elif stage == "classifier":
+            print(build_classifier(root, source, setting))
+        elif stage == "model":
+            st.train_base(setting, data, model, show_bar=show_bar)
+        elif stage == "folder":
+            st.build_folder(setting, data, model, root, show_bar=show_bar)
+            print(measure_quality(root))
+        elif stage == "lds":
+            _lds(setting, root, data, shard, show_bar)
+        elif stage == "counterfactual":
+            _counterfactual(setting, root, data, shard, show_bar)
+        print(f"{stage}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _lds(setting, root, data, shard, show_bar):
+    from dtrak_core import setting as st
+    from dtrak_core.evaluation import lds_own
+
+    out, ckpts = os.path.join(root, "lds"), os.path.join(root, "lds-models")
+    if not os.path.isfile(os.path.join(out, lds_own.JOBS)):
+        lds_own.prepare(root, out, setting.lds_config, validation=os.path.join(data, "validation"))
+    st.retrain(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard=shard, show_bar=show_bar)
+    lds_own.ground_truth(root, out, ckpts, shard=shard)
+
+
+def _counterfactual(setting, root, data, shard, show_bar):
+    from dtrak_core import setting as st
+    from dtrak_core.evaluation import lds_own
+
+    cf = setting.counterfactual
+    out, ckpts = os.path.join(root, "counterfactual"), os.path.join(root, "counterfactual-models")
+    if not os.path.isfile(os.path.join(out, "removals.json")):
+        seeds = range(int(cf["first_seed"]), int(cf["first_seed"]) + int(cf["targets"]))
+        lds_own.counterfactual_prepare(root, out, seeds, rankings=tuple(cf["rankings"]), ks=tuple(cf["k"]))
+    st.retrain(setting, data, os.path.join(out, "removals.json"), ckpts, shard=shard, show_bar=show_bar)
+    lds_own.counterfactual_measure(root, out, ckpts, shard=shard)
