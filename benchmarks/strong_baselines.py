@@ -6,6 +6,7 @@ hyperparameter cross-fitted by the same rule (`dtrak_core.evaluation.evidence`).
     python benchmarks/strong_baselines.py                 # the digits (assets/, its committed LDS run)
     python benchmarks/strong_baselines.py --write         # also assets/benchmarks/evidence.json / evidence.md
     python benchmarks/strong_baselines.py --root assets/fashion --run assets/fashion/lds --write
+    python benchmarks/strong_baselines.py --text2image --write    # the text-to-image miniature: pixels and VAE latents
 
 The gradient methods' test-set features are computed on first use and cached in the run folder
 (minutes per store); the model-free rows take seconds.
@@ -23,7 +24,7 @@ from dtrak_core.evaluation import evidence
 from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench
 from dtrak_core.files import atomic_write_bytes, atomic_write_json
 
-GRADIENT_STORES = {"square": "D-TRAK", "loss": "TRAK", "avg": "avg"}
+GRADIENT_STORES = ("square", "loss", "avg")  # D-TRAK, TRAK, and the best signed output function here
 
 
 def main():
@@ -33,8 +34,13 @@ def main():
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--write", action="store_true", help="write <run's benchmarks folder>/evidence.json and .md")
     p.add_argument("--dest", default=None, help="where --write writes (default: <root>/benchmarks)")
+    p.add_argument("--text2image", action="store_true", help="the text-to-image miniature (assets/text2image, its "
+                                                              "lds/ run): model-free baselines on pixels and on VAE latents")
     args = p.parse_args()
     print(machine_line())
+    if args.text2image:
+        root = os.path.join(ROOT, "assets", "text2image") if args.root == p.get_default("root") else args.root
+        return report(*text2image_candidates(root, args.run or os.path.join(root, "lds")), args, root)
     run = args.run or os.path.join(args.root, "benchmarks", "lds_run")
     bench = Bench(run, args.root)
     masks, F = bench.truth["masks"], bench.truth["F"]
@@ -43,28 +49,71 @@ def main():
           ", ".join(f"{n} ({len(x)})" for n, x in tests.items()))
     candidates = []
     K = max(s.K for per in bench.attributor.stores.values() for s, _ in per)
-    for fn, label in GRADIENT_STORES.items():
+    for fn in GRADIENT_STORES:
         if fn not in bench.attributor.stores:
             continue
         setting = bench.setting(fn, K)
         train = bench.features.train(setting, compute=True, show_bar=False)
         queries = {n: bench.features.query(n, setting, compute=True, show_bar=False) for n in tests}
-        candidates.append(evidence.trak_candidate(label, train, queries, LAMBDA_GRID,
+        candidates.append(evidence.trak_candidate(fn, train, queries, LAMBDA_GRID,
                                                   f"{setting.K} timesteps of per-sample gradients, k = {setting.k}"))
     if "avg" in bench.attributor.stores and "generated" in tests:  # DAS as the registry scores it
         try:
             das = {n: methods.scores(bench.attributor, "das", x) for n, x in tests.items()}
-            candidates.append(evidence.fixed_candidate("DAS (registry lambda)", "model", das, "avg store + residuals"))
+            candidates.append(evidence.fixed_candidate("das", "model", das, "avg store + residuals (registry lambda)"))
         except ValueError as e:
             print(f"DAS skipped: {e}")
     train_images = bench.attributor.train.images
     candidates += evidence.pixel_candidates(train_images, tests, bench.attributor.scheduler.alphas_cumprod)
+    report(candidates, masks, F, tests, args, args.root)
+
+
+def text2image_candidates(root: str, run: str):
+    """D-TRAK and TRAK on the LoRA features, and every model-free baseline twice: on the pixels and
+    on the VAE latents the LoRA is trained on (`latent-*`; the optimal denoiser of the latents is the
+    miniature's memorising model)."""
+    import torch
+
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.scoring import default_lambda
+    from dtrak_core.evaluation.lds_run import collect
+    from dtrak_core.evaluation.retrain import load_result
+    from dtrak_core.text2image import lds as t2l
+    from dtrak_core.text2image.data import CaptionedInputs
+
+    col = collect(run)
+    prompts = col["setup"]["test_prompts"]
+    tests = {k: torch.from_numpy(v) for k, v in load_result(os.path.join(run, t2l.TEST_SETS)).items()}
+    attributor = Attributor.load(root)
+    print(f"LDS run {os.path.relpath(run, ROOT)}: {len(col['subsets'])} subsets, test sets " +
+          ", ".join(f"{n} ({len(x)})" for n, x in tests.items()))
+    candidates = []
+    for fn in ("square", "loss"):
+        setting = attributor.setting(fn)[0]
+        train = t2l.training_features(attributor, setting, run)
+        queries = {n: t2l.query_features(attributor, setting, x, prompts[n], os.path.join(run, "queries", n, setting.slug))
+                   for n, x in tests.items()}
+        scale = default_lambda(train, 1.0)
+        candidates.append(evidence.trak_candidate(fn, train, queries, [c * scale for c in t2l.RELATIVE_GRID],
+                                                  f"{setting.K} timesteps of LoRA gradients, k = {setting.k}"))
+    train_images = attributor.train.images
+    candidates += evidence.pixel_candidates(train_images, tests, attributor.scheduler.alphas_cumprod)
+    with torch.no_grad():
+        train_latents = CaptionedInputs.of(attributor.pipeline, train_images, attributor.train.captions).latents
+        latents = {n: attributor.pipeline.encode_images(x) for n, x in tests.items()}
+    for c in evidence.pixel_candidates(train_latents, latents, attributor.scheduler.alphas_cumprod):
+        c.name = "latent-" + c.name.removeprefix("pixel-")
+        candidates.append(c)
+    return candidates, col["masks"], col["F"], tests
+
+
+def report(candidates, masks, F, tests, args, root):
     rows = evidence.evaluate(candidates, masks, F, args.bootstrap)
     table = evidence.format_table(rows, list(tests))
     print()
     print(table)
     if args.write:
-        dest = args.dest or os.path.join(args.root, "benchmarks")
+        dest = args.dest or os.path.join(root, "benchmarks")
         os.makedirs(dest, exist_ok=True)
         atomic_write_json(os.path.join(dest, "evidence.json"), {
             "subsets": int(len(masks)), "test_sets": {n: int(len(x)) for n, x in tests.items()},

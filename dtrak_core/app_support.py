@@ -51,15 +51,11 @@ def short_reason(text: str) -> str:
     return first + "."
 
 
-# The app's default method first (the best on both LDS test sets without losing the counterfactual:
-# `benchmarks/sharpening.py`, `benchmarks/das_counterfactual.py`), then D-TRAK and TRAK.
-PREFERRED_METHODS = ("avg-sharp", "square", "loss")
-
-
 def method_choices(methods) -> list[tuple[str, str]]:
-    """(label, name) pairs, the preferred methods first (`PREFERRED_METHODS`, those present), then
-    the rest in the given order: the first pair is the default."""
-    first = [m for m in PREFERRED_METHODS if m in methods]
+    """(label, name) pairs, the registry's default first (`methods.default_method`), then D-TRAK and
+    TRAK, then the rest in the given order: the first pair is the default."""
+    first = list(dict.fromkeys(m for m in (registry.default_method(methods), "square", "loss") if m in methods)) \
+        if methods else []
     return [(method_label(m), m) for m in first + [m for m in methods if m not in first]]
 
 
@@ -119,6 +115,56 @@ def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> int:
     """Number of training images among the top-k proponents of both score vectors."""
     k = int(np.clip(k, 1, len(a)))
     return len(set(np.argsort(-np.asarray(a), kind="stable")[:k]) & set(np.argsort(-np.asarray(b), kind="stable")[:k]))
+
+
+# -- look-alikes ------------------------------------------------------------------------------------
+EVIDENCE = os.path.join("benchmarks", "evidence.json")  # a folder's evidence table (benchmarks/strong_baselines.py)
+LOOKALIKE_FALLBACK = "pixel-rbf"  # the strongest model-free baseline on the digits, when a folder has measured none
+
+
+def read_evidence(root: str) -> dict | None:
+    """<root>/benchmarks/evidence.json, or None when absent or unreadable (the flag then says less)."""
+    try:
+        with open(os.path.join(root, EVIDENCE)) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
+    except (OSError, ValueError):
+        return None
+
+
+def lookalike_baseline(evidence: dict | None) -> str:
+    """The model-free baseline with the highest signed validation LDS (generated when there is no
+    validation set) in a folder's evidence, else `LOOKALIKE_FALLBACK`."""
+    rows = [r for r in (evidence or {}).get("rows", []) if isinstance(r, dict) and r.get("group") == "model-free"]
+    key = "validation/signed" if any("validation/signed" in r for r in rows) else "generated/signed"
+    rows = [r for r in rows if isinstance(r.get(key), (int, float)) and registry.find(r.get("method")) is not None]
+    return max(rows, key=lambda r: r[key])["method"] if rows else LOOKALIKE_FALLBACK
+
+
+def similarity_flag(method: str, scores: np.ndarray, baseline: str, baseline_scores: np.ndarray, k: int,
+                    evidence: dict | None = None) -> str:
+    """One line: how many of the method's top-k proponents are also the look-alike baseline's top-k,
+    what that means, and, where the folder measured both, their LDS side by side."""
+    if registry.find(method) is not None and registry.get(method).name == registry.get(baseline).name:
+        return f"This is the model-free look-alike baseline itself ({method_label(baseline)})."
+    shared = top_k_overlap(scores, baseline_scores, k)
+    if shared >= 0.75 * k:
+        verdict = "here the attribution says little beyond pixel similarity"
+    elif shared <= 0.25 * k:
+        verdict = "most proponents are not the query's pixel look-alikes"
+    else:
+        verdict = "partly pixel look-alikes"
+    text = (f"Look-alike check: **{shared} of {k}** top proponents are also in the top {k} of "
+            f"{method_label(baseline)}, a model-free pixel baseline: {verdict}.")
+    rows = {r.get("method"): r for r in (evidence or {}).get("rows", []) if isinstance(r, dict)}
+    mine, base = rows.get(registry.find(method).name if registry.find(method) else method), rows.get(baseline)
+    for test_set in ("validation", "generated"):
+        key = f"{test_set}/signed"
+        if mine and base and isinstance(mine.get(key), (int, float)) and isinstance(base.get(key), (int, float)):
+            text += (f" Measured on this model ({test_set} LDS): {method_label(method)} {mine[key]:.1f}, "
+                     f"{method_label(baseline)} {base[key]:.1f}.")
+            break
+    return text
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -346,6 +392,27 @@ def parse_int(value, name: str, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise error
     return v
+
+
+def parse_bool(value, name: str) -> bool:
+    """A tick box's value from a request: True or False (numpy's too), or the strings "true" and
+    "false" (any case, spaces around); ValueError with a message for the visitor otherwise (1, "yes",
+    "0", a list: a truthy value is not a tick)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {_shown(value)}")
+
+
+def parse_index(value, name: str, n: int) -> int:
+    """A 0-based position among n items from a request (a gallery click's index; [row, col] gives its
+    row): a whole number in 0..n-1 (-1 is not "the last" here); ValueError for the visitor otherwise."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    if n < 1:
+        raise ValueError(f"there is no {name} to select")
+    return parse_int(value, name, 0, n - 1)
 
 
 def parse_steps(value) -> int:

@@ -30,8 +30,11 @@ DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"  # where Debian's package i
 DEFAULT_ROOT = os.path.join("assets", "fashion")
 PRESET = "fashion-mnist"
 STAGES = ("data", "classifier", "model", "folder", "lds", "counterfactual")
-CLASSIFIER_PER_CLASS = 2000  # training images per class for the quality classifier, none in the subset
+CLASSIFIER_PER_CLASS = None  # training images per class for the quality classifier (None: all), none in the subset
 QUALITY_SEEDS = range(100)
+# CPU training is bit-deterministic for a seed only at a fixed thread count; one thread is also the
+# fastest way to run two jobs side by side on 2 cores (two threads each oversubscribe them)
+BUILD_THREADS = 1
 
 
 def _setting():
@@ -63,7 +66,8 @@ def classifier_data(setting, source: str):
             keep.append(rest[:take])
         idx = np.sort(np.concatenate(keep))
         x = torch.from_numpy(images[idx].astype(np.float32) / 127.5 - 1.0)[:, None]
-        y = torch.as_tensor([d["classes"].index(FASHION_MNIST_CLASSES[c]) for c in labels[idx]])
+        # labels in the data folder's order (sorted class names), as the model folder's training set has them
+        y = torch.as_tensor([sorted(d["classes"]).index(FASHION_MNIST_CLASSES[c]) for c in labels[idx]])
         out.append((x, y))
     return out
 
@@ -83,7 +87,7 @@ def build_classifier(root: str, source: str, setting=None) -> dict:
     torch.set_num_threads(2)  # a fixed thread count: the same weights on every machine with this torch
     try:
         t0 = time.perf_counter()
-        clf = ImageClassifier(setting.data["classes"], setting.resolution).fit(x, y)
+        clf = ImageClassifier(sorted(setting.data["classes"]), setting.resolution).fit(x, y)
         seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -115,6 +119,8 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
                   show_bar: bool = True) -> None:
     """Run `stages` in order (each resumes what an earlier run finished). `shard`: this process's
     share of the retrains (i, n), so two processes can train side by side."""
+    import torch
+
     from dtrak_core import setting as st
 
     setting = _setting()
@@ -128,7 +134,12 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
         elif stage == "classifier":
             print(build_classifier(root, source, setting))
         elif stage == "model":
-            st.train_base(setting, data, model, show_bar=show_bar)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(BUILD_THREADS)
+            try:
+                st.train_base(setting, data, model, show_bar=show_bar)
+            finally:
+                torch.set_num_threads(threads)
         elif stage == "folder":
             st.build_folder(setting, data, model, root, show_bar=show_bar)
             print(measure_quality(root))

@@ -105,10 +105,11 @@ class Attributor:
         self._query_features = OnceCache(QUERY_FEATURES_KEPT)
 
     @classmethod
-    def load(cls, root: str | None = None) -> "Attributor":
+    def load(cls, root: str | None = None, *, tuned: bool = True) -> "Attributor":
         """Load a model folder (checkpoint, training set, stores, tuned lambdas; see `folder.ModelFolder`),
-        every file verified; root None: `folder.default_root()` ($DTRAK_ASSETS, else ./assets)."""
-        folder = ModelFolder.load(root)
+        every file verified; root None: `folder.default_root()` ($DTRAK_ASSETS, else ./assets).
+        tuned=False: without the manifest's tuned lambdas (unchecked, unused: `lds tune-lambda`)."""
+        folder = ModelFolder.load(root, tuned=tuned)
         if cls is Attributor and folder.extra.get("kind") == "text2image":  # written by text2image/build.py
             from dtrak_core.text2image.attributor import TextToImageAttributor
 
@@ -116,7 +117,8 @@ class Attributor:
         folder.require("checkpoint", "dataset", "stores")
         unet, scheduler = folder.load_model()
         attributor = cls(unet, scheduler, folder.training_set(), folder.open_stores(),
-                         tuned_lambdas=folder.tuned_lambdas(), tuned_params=dict(folder.tuned_lambda))
+                         tuned_lambdas=folder.tuned_lambdas() if tuned else {},
+                         tuned_params=dict(folder.tuned_lambda) if tuned else {})
         attributor.root = folder.root
         return attributor
 

@@ -21,6 +21,15 @@ Each `Method` belongs to one family:
 - 'control': the counterfactual's 'random' ranking, a seeded permutation of the training set; it
   has no scores.
 
+`DEFAULT` is the one default method of the app, the CLI and the API, chosen by a rule that a
+monotone transform of the scores cannot game and that is measured on data it does not report on:
+among the methods that use the model and need nothing but the query, the highest top-1% LDS
+(`evaluation.lds.top_share`: the LDS of an indicator of each query's top 1%, the same for any
+increasing transform) on the digits folder's *validation* set, every lambda cross-fitted
+(`benchmarks/strong_baselines.py`, assets/benchmarks/evidence.json); a sharpened method has its
+base's ranking, so it ties with it and the base is kept. Its numbers are reported on the generated
+set. `default_method(available)` is the default among what a folder can run.
+
 Names are case-insensitive and accept the aliases ('d-trak', 'trak'). The canonical name is what
 stores, job files and JSON results record; the label is what people read.
 """
@@ -190,6 +199,8 @@ _REGISTRY = (
            "control)", "control", 0),
 )
 _BY_NAME = {m.name: m for m in _REGISTRY}
+DEFAULT = "avg"  # by the rule in the module docstring; tests/attribution/test_methods.py re-applies it
+DEFAULT_CANDIDATE_FAMILIES = ("trak", "successor")  # the rule's candidates: methods that use the model
 _BY_SPELLING = {**_BY_NAME, **{alias: m for m in _REGISTRY for alias in m.aliases}}
 
 
@@ -201,6 +212,17 @@ def _eta(name: str) -> Method:
     canonical = f"eta={eta:g}"
     return _output_function(canonical, canonical, f"gradient of {eta:g} L_square + {1 - eta:g} (L_simple - L_square): "
                             "eta=1 is D-TRAK, eta=0.5 half of TRAK's gradient")
+
+
+def default_method(available) -> str:
+    """`DEFAULT` when it can run here, else D-TRAK, else TRAK, else the first available method."""
+    available = list(available)
+    for name in (DEFAULT, "square", "loss"):
+        if name in available:
+            return name
+    if not available:
+        raise MethodUnavailable("no attribution method can run on this model folder (no feature store)")
+    return available[0]
 
 
 def find(name) -> Method | None:

@@ -43,6 +43,20 @@ def _quantiles(values) -> dict:
             "p25": float(q[2]), "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6])}
 
 
+def holm(paired: list[dict], key: str = "wilcoxon_p") -> list[dict]:
+    """Add "holm_p" to each comparison: its p-value adjusted by Holm's step-down method over every
+    comparison reported beside it (the family), so a table of many paired tests does not read one
+    lucky p < 0.05 as a finding. None where the test was not run."""
+    tested = sorted((p for p in paired if p.get(key) is not None), key=lambda p: p[key])
+    running = 0.0
+    for i, p in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - i) * p[key]))
+        p["holm_p"] = running
+    for p in paired:
+        p.setdefault("holm_p", None)
+    return paired
+
+
 def summarize(out_dir: str, train_labels=None) -> dict:
     """Medians and distributions per (k, ranking), paired per-target comparisons, and the control,
     of the finished jobs in `out_dir`.
@@ -86,6 +100,7 @@ def summarize(out_dir: str, train_labels=None) -> dict:
                 summary["paired"].append({"k": int(k), "a": display_name(a), "b": display_name(b), "n": len(common),
                                           "share_a_moves_more": float(np.mean(diff > 0)),
                                           "median_difference": float(np.median(diff)), "wilcoxon_p": p})
+    holm(summary["paired"])
     control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
     if os.path.isfile(control):
         z = load_result(control, keys=("l2", "same_weights", "train_seconds", "threads"))
@@ -122,12 +137,14 @@ def format_table(summary: dict, n_train: int = 1500) -> str:
         lines.append(f"| {label} | median CLIP cosine | " + " | ".join(fmt(m, lambda c: (
             f"{c['clip_cosine']['median']:.3f}" if isinstance(c["clip_cosine"], dict) else "unavailable")) for m in methods) + " |")
     if summary["paired"]:
-        lines += ["", "| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p |",
-                  "|---|---|---|---|---|---|"]
+        tests = sum(p["wilcoxon_p"] is not None for p in summary["paired"])
+        lines += ["", f"| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p | "
+                      f"Holm-adjusted p ({tests} tests) |", "|---|---|---|---|---|---|---|"]
         for p in summary["paired"]:
             pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.2g}"
+            hv = "-" if p.get("holm_p") is None else f"{p['holm_p']:.2g}"
             lines.append(f"| {p['k']} | {p['a']} vs {p['b']} | {p['n']} | {100 * p['share_a_moves_more']:.0f}% | "
-                         f"{p['median_difference']:+.2f} | {pv} |")
+                         f"{p['median_difference']:+.2f} | {pv} | {hv} |")
     if "control" in summary:
         c = summary["control"]
         lines += ["", f"Control (nothing removed, {c['threads']} thread(s)): same weights as the committed model: "

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dtrak_core.attribution import methods
 from dtrak_core.attribution.kernels import KernelRidge, optimal_denoiser_scores
 from dtrak_core.attribution.scoring import SpectralTRAK
 from dtrak_core.attribution.similarity import similarity
@@ -115,7 +116,7 @@ def evaluate(candidates, masks, F: dict, num_bootstrap: int = 1000, transforms=t
     masks = np.asarray(masks, dtype=np.float64)
     rows = []
     for c in candidates:
-        row = {"method": c.name, "group": c.group, "cost": c.cost}
+        row = {"method": c.name, "label": methods.label(c.name), "group": c.group, "cost": c.cost}
         t0 = time.perf_counter()
         for tname in transforms:
             f = TRANSFORMS[tname]
@@ -147,15 +148,16 @@ def format_table(rows: list[dict], sets) -> str:
     best_free = {n: max((r for r in rows if r["group"] == "model-free"), key=lambda r: r[f"{n}/signed"])
                  for n in sets}
     head = "| method | " + " | ".join(" | ".join(f"{n} {t}" for t in TRANSFORMS) for n in sets) + \
-           " | signed / best model-free | s |"
-    lines = [head, "|" + "---|" * (3 + len(TRANSFORMS) * len(sets))]
+           " | signed / best model-free | cost | evaluation s |"
+    lines = [head, "|" + "---|" * (4 + len(TRANSFORMS) * len(sets))]
     for r in rows:
         cells = []
         for n in sets:
             cells += [f"{r[f'{n}/{t}']:.1f} ± {r[f'{n}/{t} pm']:.1f}" if f"{n}/{t}" in r else "" for t in TRANSFORMS]
         ratio = " / ".join(f"{r[f'{n}/signed'] / best_free[n][f'{n}/signed']:.2f}" for n in sets)
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {ratio} | {r['seconds']:.0f} |")
+        lines.append(f"| {r.get('label', r['method'])} | " + " | ".join(cells) + f" | {ratio} | {r.get('cost') or ''} | "
+                     f"{r['seconds']:.0f} |")
     lines.append("")
     lines.append("Strongest model-free baseline (signed): " + ", ".join(
-        f"{n}: {best_free[n]['method']} ({best_free[n][f'{n}/signed']:.1f})" for n in sets))
+        f"{n}: {best_free[n].get('label', best_free[n]['method'])} ({best_free[n][f'{n}/signed']:.1f})" for n in sets))
     return "\n".join(lines)

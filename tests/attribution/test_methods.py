@@ -145,3 +145,24 @@ def test_sharpened_scores_are_s_abs_s_and_keep_every_ranking(tmp_path, tiny_unet
         assert list(sharp.opponents(10)) == list(plain.opponents(10))
         assert list(cf.removal(att, queries[q], 0, "d-trak-sharp", 12)) == list(cf.removal(att, queries[q], 0, "square", 12))
     assert methods.get("d-trak-sharp").family == "successor" and methods.label("avg-sharp") == "avg, sharpened"
+
+
+def test_the_default_is_what_its_rule_picks_from_the_committed_evidence():
+    """The rule of `methods.DEFAULT` re-applied to assets/benchmarks/evidence.json: among the methods
+    that use the model and need only the query, the highest validation top-1% LDS (a sharpened
+    method ties with its base, which is kept)."""
+    import json
+    import os
+
+    from tests.conftest import ASSETS
+
+    with open(os.path.join(ASSETS, "benchmarks", "evidence.json")) as f:
+        rows = json.load(f)["rows"]
+    candidates = [r for r in rows if methods.find(r["method"]) is not None
+                  and methods.get(r["method"]).family in methods.DEFAULT_CANDIDATE_FAMILIES
+                  and "seeds" not in methods.get(r["method"]).needs]
+    assert {"square", "loss", "avg", "das"} <= {r["method"] for r in candidates}
+    best = max(candidates, key=lambda r: r["validation/top-1%"])
+    assert best["method"] == methods.DEFAULT
+    assert methods.default_method(["loss", "square", methods.DEFAULT]) == methods.DEFAULT
+    assert methods.default_method(["loss", "square"]) == "square"

@@ -73,6 +73,12 @@ def test_bad_k_and_ranking_rejected_before_training(attributor, captured):
     with pytest.raises(ValueError, match="no feature store"):
         cf.remove_and_retrain(attributor, 7, "l1-norm", 4, config=TINY)
     assert captured == []
+    # the shared retrain step (the harness and benchmarks call it directly) checks its ranking first too
+    before = torch.zeros(1, 8, 8)
+    for bad in ("nope", "", None, 3):
+        with pytest.raises(ValueError, match="unknown output function|ranking must be a method name"):
+            cf.retrain_and_measure(attributor, 7, before, np.arange(4), bad, TINY)
+    assert captured == []
 
 
 def test_pixel_l2_matches_brute_force():
@@ -263,3 +269,12 @@ def test_a_sharpened_ranking_is_recorded_with_its_tuned_lambda(attributor, tmp_p
     att.tuned_lambdas[key] = 0.2
     with pytest.raises(ValueError, match="at lambda 0.5"):
         cf.run_counterfactual(att, out, seeds, ["d-trak-sharp"], [2], TINY, control=False, show_bar=False)
+
+
+def test_holm_adjusts_every_reported_paired_test():
+    from dtrak_core.evaluation.counterfactual_report import holm
+
+    paired = [{"wilcoxon_p": 0.01}, {"wilcoxon_p": 0.04}, {"wilcoxon_p": None}, {"wilcoxon_p": 0.03}]
+    holm(paired)
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+    assert [p["holm_p"] for p in paired] == [pytest.approx(0.03), pytest.approx(0.06), None, pytest.approx(0.06)]

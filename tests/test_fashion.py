@@ -1,0 +1,74 @@
+"""The Fashion-MNIST folder's data stage on tiny IDX files made here: the subset written from the
+IDX files (deterministic, stratified), the quality classifier's data disjoint from it."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dtrak_core import fashion
+from dtrak_core.model.data import load_image_folder
+from dtrak_core.setting import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, load_setting, write_data
+from tests.model.test_idx import write_idx
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A tiny Fashion-MNIST: 6 training and 3 test images per class, each image's pixels encoding
+    (split, class, position) so a test can tell which image went where."""
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for split, per in (("train", 6), ("test", 3)):
+        labels = np.repeat(np.arange(10), per)[np.random.default_rng(1).permutation(10 * per)]
+        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+        images[:, 0, 0] = np.arange(len(labels))
+        images[:, 0, 1] = labels
+        images[:, 0, 2] = split == "train"
+        images[:, 5:20, 8:20] = 200
+        write_idx(folder / FASHION_MNIST_FILES[split][0], images)
+        write_idx(folder / FASHION_MNIST_FILES[split][1], labels)
+    return str(folder)
+
+
+@pytest.fixture
+def setting(tmp_path):
+    raw = json.loads(open(load_setting(fashion.PRESET).path).read())
+    raw["data"].update(train_per_class=2, validation_per_class=1)
+    path = tmp_path / "tiny-fashion.json"
+    path.write_text(json.dumps(raw))
+    return load_setting(str(path))
+
+
+def test_data_stage_writes_a_stratified_deterministic_subset(tmp_path, source, setting):
+    done = write_data(setting, source, str(tmp_path / "data"))
+    assert done["counts"]["train/ankle-boot"] == 2 and done["counts"]["validation/tshirt-top"] == 1
+    train = load_image_folder(str(tmp_path / "data" / "train"), 28, 1)
+    assert len(train) == 20 and np.bincount(train.labels.numpy()).tolist() == [2] * 10
+    # the folder's labels are the sorted class names; each image is one of that class
+    encoded = np.rint((train.images[:, 0, 0, 1].numpy() + 1) * 127.5).astype(int)
+    assert [FASHION_MNIST_CLASSES[c] for c in encoded] == [sorted(FASHION_MNIST_CLASSES)[y] for y in train.labels]
+    again = write_data(setting, source, str(tmp_path / "again"))
+    assert again["counts"] == done["counts"]
+    assert load_image_folder(str(tmp_path / "again" / "train"), 28, 1).fingerprint == train.fingerprint
+
+
+def test_classifier_data_is_disjoint_from_the_subset(tmp_path, source, setting):
+    write_data(setting, source, str(tmp_path / "data"))
+    (x, y), (xt, yt) = fashion.classifier_data(setting, source)
+    assert len(x) == 60 - 20 and len(xt) == 30 - 10
+    position = lambda images: set(np.rint((images[:, 0, 0, 0].numpy() + 1) * 127.5).astype(int).tolist())  # noqa: E731
+    subset = load_image_folder(str(tmp_path / "data" / "train"), 28, 1).images
+    held_out = load_image_folder(str(tmp_path / "data" / "validation"), 28, 1).images
+    assert not position(x) & position(subset) and not position(xt) & position(held_out)
+    # the classifier's labels use the data folder's order, as the model folder's training set does
+    encoded = np.rint((x[:, 0, 0, 1].numpy() + 1) * 127.5).astype(int)
+    assert [FASHION_MNIST_CLASSES[c] for c in encoded] == [sorted(FASHION_MNIST_CLASSES)[i] for i in y]
+
+
+def test_a_damaged_idx_file_is_named(tmp_path, source, setting):
+    path = os.path.join(source, FASHION_MNIST_FILES["train"][1])
+    with open(path, "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(ValueError, match=FASHION_MNIST_FILES["train"][1]):
+        write_data(setting, source, str(tmp_path / "data"))
+    assert not os.path.exists(tmp_path / "data")
