@@ -65,6 +65,13 @@ class Assets:
     methods: list  # every method that can run here: TRAK family (one per store) and baselines
     unavailable: dict  # {baseline: why it cannot run here}
     damaged: dict  # {baseline: the damaged file that stops it} (a subset of `unavailable`)
+    classifier: object = None  # the folder's own sample classifier (<root>/classifier/), if it has one
+
+    def label_name(self, label: int) -> str:
+        """A class label as people read it: the digit, or the folder classifier's class name."""
+        if self.classifier is not None and 0 <= int(label) < len(self.classifier.classes):
+            return self.classifier.classes[int(label)]
+        return str(int(label))
 
     @property
     def n_train(self) -> int:
@@ -95,8 +102,13 @@ def _load_assets(root: str) -> Assets:
     problems = registry.problems(attributor, root, quick=True)
     methods = list(attributor.methods) + [m.name for m in registry.all() if m.family in registry.SCORED_FAMILIES
                                           and m.name not in problems]
+    classifier = None
+    if os.path.isdir(os.path.join(root, "classifier")):
+        from dtrak_core.model.classifier import ImageClassifier
+
+        classifier = ImageClassifier.load(os.path.join(root, "classifier"))
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
-                  {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)})
+                  {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)}, classifier)
 
 
 def once_per_root(fn):
@@ -129,6 +141,26 @@ NOISE_BUCKETS = 10
 MAX_PENDING_PER_SESSION = int(os.environ.get("DTRAK_MAX_PENDING_PER_SESSION", 4))  # queued + running
 MAX_PENDING_PER_CLIENT = int(os.environ.get("DTRAK_MAX_PENDING_PER_CLIENT", 12))  # per address, all its sessions
 MAX_RETRAIN_SECONDS = float(os.environ.get("DTRAK_MAX_RETRAIN_SECONDS", 900))  # wall time of one retrain request
+
+
+def trusted_proxies(environ=os.environ) -> int:
+    """How many reverse proxies stand in front of the server, each appending to X-Forwarded-For the
+    address it was reached from: $DTRAK_TRUSTED_PROXIES (a whole number), else 1 on a Hugging Face
+    Space (which sets $SPACE_ID and serves through one proxy), else 0 (reached directly)."""
+    raw = environ.get("DTRAK_TRUSTED_PROXIES")
+    if raw is None or not raw.strip():
+        return 1 if environ.get("SPACE_ID") else 0
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"DTRAK_TRUSTED_PROXIES must be a whole number >= 0 (the reverse proxies in front of the "
+                         f"server: 0 when reached directly, 1 on a Hugging Face Space), got {raw!r}")
+    return n
+
+
+TRUSTED_PROXIES = trusted_proxies()  # X-Forwarded-For hops to trust (`client_address`)
 CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
 ERROR_SECONDS = 8  # an error message fades after this long (they would pile up otherwise)
 
@@ -187,13 +219,19 @@ def sample_query(seed: int, steps: int, pixels: np.ndarray) -> dict:
 
 
 def digit_labels(images: np.ndarray):
-    """(labels, confidences) from the digit classifier, or None when the model is not a digits model."""
-    return classify(images) if assets().digits else None
+    """(labels, confidences) from the digit classifier (or the folder's own classifier), or None
+    when the folder has none."""
+    a = assets()
+    if a.digits:
+        return classify(images)
+    return None if a.classifier is None else a.classifier.classify(images)
 
 
 def classifier_text(pixels: np.ndarray) -> str:
     found = digit_labels(pixels[None])
-    return "" if found is None else f"looks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
+    a = assets()
+    return "" if found is None else (f"looks like a **{a.label_name(found[0][0])}** ({found[1][0]:.0%} by the "
+                                     f"{a.class_word} classifier)")
 
 
 def training_cards(attribution, indices, title: str, note: str = "") -> str:
@@ -210,7 +248,7 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
     steps = sup.parse_steps(steps)
     images = samples(seeds, steps, progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
     found = digit_labels(images.numpy())
-    captions = [f"seed {s}" + ("" if found is None else f": {found[0][i]}") for i, s in enumerate(seeds)]
+    captions = [f"seed {s}" + ("" if found is None else f": {a.label_name(found[0][i])}") for i, s in enumerate(seeds)]
     items = [(to_pil(img, a.scale(2 * THUMB_PX)), c) for img, c in zip(images, captions)]
     _page_served.set()
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
@@ -243,9 +281,12 @@ def samples(seeds, steps: int, progress=None) -> torch.Tensor:
 
 def select_sample(batch, evt: gr.SelectData):
     """A click on a gallery item -> it becomes the query; switch to the Attribute tab."""
-    if not batch or evt.index is None:
+    if not batch or not batch.get("seeds") or evt.index is None:
         raise gr.Error("Generate samples first, then click one.", duration=ERROR_SECONDS)
-    i = evt.index if isinstance(evt.index, int) else evt.index[0]
+    try:
+        i = sup.parse_index(evt.index, "sample", len(batch["seeds"]))
+    except ValueError as e:
+        raise gr.Error(f"Click one of the {len(batch['seeds'])} samples shown: {e}.", duration=ERROR_SECONDS) from None
     q = sample_query(batch["seeds"][i], batch["steps"], batch["images"][i])
     return (q, gr.Tabs(selected="attribute"), *query_view(q), q["seed"])
 
@@ -269,6 +310,23 @@ def attribution_for(q, method: str) -> Attribution:
     return _attribution_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), method), compute)
 
 
+@once_per_root
+def evidence(root: str) -> dict | None:
+    return sup.read_evidence(root)
+
+
+def lookalike_line(q, method: str, k: int) -> str:
+    """How much of the top-k the strongest model-free pixel baseline shares (the similarity flag)."""
+    a = assets()
+    found = evidence(a.root)
+    baseline = sup.lookalike_baseline(found)
+    try:
+        base = attribution_for(q, baseline)
+    except ValueError:
+        return ""
+    return sup.similarity_flag(method, attribution_for(q, method).scores, baseline, base.scores, k, found)
+
+
 OPPONENT_NOTE = ("Opponents are often the query's own class: an image like the query but drawn differently pulls the "
                  "model towards its own version, so the largest scores of both signs go to similar images.")
 
@@ -286,10 +344,12 @@ def attribute(q, method, k, progress=gr.Progress()):
     if found is None:
         summary = f"**{sup.method_label(method)}**: the top-{k} proponents and opponents of this query."
     else:
-        digit = found[0][0]
+        digit, a = found[0][0], assets()
+        shown = f"{digit}s" if a.digits else f"{a.label_name(digit)}"
         summary = (f"**{sup.method_label(method)}**: **{int((result.labels[prop] == digit).sum())} of {k}** top "
                    f"proponents and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents are "
-                   f"{digit}s, the digit the classifier sees in the query.")
+                   f"{shown}, the {a.class_word} the classifier sees in the query.")
+    summary += "\n\n" + lookalike_line(q, method, k)
     return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
             training_cards(result, opp, f"Top-{k} opponents", OPPONENT_NOTE if found is not None else ""),
             viz.score_histogram(result, k), viz.class_mass_figure(result, assets().class_word), summary)
@@ -414,9 +474,10 @@ def use_training_image(index):
 
 
 def _upload_query(path, invert: bool):
+    invert = sup.parse_bool(invert, "the ink setting (invert)")
     unet = assets().attributor.unet
     try:
-        image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=bool(invert))
+        image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=invert)
     except ValueError as e:
         raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image",
                        duration=ERROR_SECONDS) from None
@@ -914,20 +975,22 @@ ABOUT_DEFAULT = r"""
 projection is a sparse Johnson-Lindenstrauss transform; $\lambda$ is the value that was best on the
 validation digits' LDS (recorded in `assets/manifest.json`; without it, 0.1 times the mean squared
 training feature norm). The counterfactual's TRAK-family rankings use that data-free rule, so they
-do not depend on the LDS data (the sharpened rankings use their own tuned $\lambda$, and say so in
-their results). Everything runs on a CPU.
+do not depend on the LDS data. Everything runs on a CPU.
 
-**The default method** is *avg, sharpened*: the gradient of $\mathrm{mean}(\epsilon_\theta)$ (the
-*avg* output function, a D-TRAK variant of the paper's ablation), with each TRAK score $s$ reported
-as $s|s|$. That keeps its proponents and opponents in their order and weighs the strongest up, the
-squaring of DAS (Lin et al., ICLR 2025) with the sign kept. On this model it predicts the retrained
-models far better than D-TRAK (LDS 78.3 / 58.0 on validation / generated digits, against 58.2 /
-34.0), and removing its top 300 proponents moves a regenerated digit about as far as D-TRAK's
-(median pixel L2 3.01 against 3.18 over 60 targets; no significant difference, p = 0.12). At
-$\lambda$ 0.2, picked on separate targets for the counterfactual, its removals move the digit further
-than D-TRAK's (3.41, p = 0.021) for a little LDS (75.9 / 55.0): `attribute --method avg-sharp
---lambda 0.2` on the command line. DAS's own squared score gains as much LDS but ranks strong
-opponents among its top proponents, and its removals move the digits less (2.58). D-TRAK and TRAK are one click away in the menu.
+**Attribution or look-alikes?** On this 8x8 model a model-free kernel on raw pixels (RBF kernel
+ridge, `pixel-rbf`) predicts the retrained models as well as any gradient method (validation LDS
+77.2 against D-TRAK's 58.2 and avg's 63.6), and its removals move the samples about as far: a small
+model trained on 1,500 tiny images behaves much like the training set's optimal denoiser, whose
+output is a similarity-weighted average of training images, so "which images made it" and "which
+images look like it" nearly coincide. The line under the proponents says how many of them are also
+the pixel kernel's. The Fashion-MNIST folder is the setting where the two can come apart.
+
+**The default method** is *avg* (the gradient of $\mathrm{mean}(\epsilon_\theta)$, a D-TRAK variant
+of the paper's ablation), chosen by a rule fixed before it was applied: among the methods that use
+the model, the highest LDS of each query's top 1% (a measure no monotone transform of the scores can
+change) on the validation digits; it is reported on the generated ones. *Sharpened* methods
+($s|s|$) keep every ranking: their higher LDS is what the metric rewards for concentrating the
+predicted effect on a few images, and it lifts pixel kernels just as much.
 """
 
 BENCHMARKS_HELP = """### How to read these numbers
@@ -1434,22 +1497,24 @@ def build_demo() -> gr.Blocks:
 
 # ---------------------------------------------------------------- serving
 
-def client_address(request) -> str:
-    """The visitor's address: the socket's peer, or, when that peer is a proxy on a private or
-    loopback address (a hosted Space sits behind one), the address that proxy recorded last in
-    X-Forwarded-For. A client reaching the server directly cannot choose its address this way."""
-    import ipaddress
-
+def client_address(request, proxies: int | None = None) -> str:
+    """The visitor's address, for the per-address limits: the socket's peer when no proxy is
+    trusted (`TRUSTED_PROXIES` 0, the default: X-Forwarded-For is ignored, since any client can
+    write it, on a LAN too); behind n trusted proxies (1 on a Space), the n-th entry from the end
+    of X-Forwarded-For, the one the outermost trusted proxy appended (what a client wrote into the
+    header itself lies further left). A header with fewer entries did not pass every trusted
+    proxy: the peer then. proxies: overrides `TRUSTED_PROXIES`."""
+    proxies = TRUSTED_PROXIES if proxies is None else proxies
     client = getattr(request, "client", None)
     peer = getattr(client, "host", None) or "unknown"
-    try:
-        behind_proxy = ipaddress.ip_address(peer).is_private  # loopback addresses count as private
-    except ValueError:
-        behind_proxy = False
-    forwarded = request.headers.get("x-forwarded-for", "") if request is not None else ""
-    if behind_proxy and forwarded.strip():
-        return forwarded.split(",")[-1].strip()
-    return peer
+    if proxies <= 0 or request is None:
+        return peer
+    headers = request.headers
+    values = headers.getlist("x-forwarded-for") if hasattr(headers, "getlist") else [headers.get("x-forwarded-for", "")]
+    hops = [h.strip() for h in ",".join(v for v in values if v).split(",")]
+    if len(hops) < proxies or not hops[-proxies]:
+        return peer
+    return hops[-proxies]
 
 
 def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,
@@ -1480,7 +1545,12 @@ def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,
 
 def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
               per_client: int = MAX_PENDING_PER_CLIENT) -> gr.Blocks:
-    """Queue and limits for serving `demo` to many visitors (also used by the tests' servers)."""
+    """Queue and limits for serving `demo` to many visitors (also used by the tests' servers).
+
+    The visitor's address is decided by `client_address` alone, from DTRAK_TRUSTED_PROXIES: uvicorn's
+    own X-Forwarded-For handling, which believes the header from any loopback peer by default, is
+    turned off (FORWARDED_ALLOW_IPS, read when the server starts)."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ""
     demo.queue(max_size=64, default_concurrency_limit=2)
     bound_queue_per_visitor(demo._queue, per_session, per_client)
     return demo

@@ -18,6 +18,7 @@ import torch
 
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.store import FeatureStore, cached_store
+from dtrak_core.errors import SealMismatch
 from dtrak_core.evaluation.quality import sample_quality
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root, path_in_root
 from dtrak_core.model.data import Dataset, load_dataset, load_digits
@@ -26,6 +27,7 @@ from dtrak_core.model.training import TrainConfig, train
 from dtrak_core.model.unet import (
     build_scheduler,
     checkpoint_hash,
+    config_hashes,
     count_parameters,
     load_checkpoint,
     resolve_model,
@@ -42,9 +44,16 @@ BUILD_THREADS = 2
 
 def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
     """The checkpoint under root/model if it was trained with `config`, else train and save it
-    (a new manifest: what was built for another model does not belong to this one)."""
+    (a new manifest: what was built for another model does not belong to this one). A manifest
+    whose training recipe was edited by hand is not trusted to say how the model was trained: the
+    model is trained again (the rebuild its error message names)."""
     ckpt = os.path.join(root, "model")
-    folder = ModelFolder.load(root, missing_ok=True)
+    try:
+        folder = ModelFolder.load(root, missing_ok=True, tuned=False)
+    except SealMismatch as e:
+        if e.entry != "train_config":
+            raise
+        folder = None
     if folder is not None and folder.trained_with(config) and os.path.isdir(ckpt):
         unet, scheduler = load_checkpoint(ckpt)
         folder.check_weights(unet)
@@ -57,7 +66,7 @@ def train_or_load(root: str, config: TrainConfig, show_bar: bool = True):
     save_checkpoint(ckpt, unet, scheduler)
     unet, scheduler = load_checkpoint(ckpt)  # what users get: the saved weights
     ModelFolder(root, checkpoint="model", dataset="digits-train", checkpoint_hash=checkpoint_hash(unet),
-                train_config=config, train_seconds=seconds, stores=[]).save()
+                config_hash=config_hashes(ckpt), train_config=config, train_seconds=seconds, stores=[]).save()
     return unet, scheduler, seconds
 
 
@@ -94,7 +103,7 @@ def build_default(root: str | None = None, config: TrainConfig = DEFAULT_TRAIN_C
     samples = generate(unet, scheduler, QUALITY_SEEDS)
     quality = {"seeds": f"0..{len(QUALITY_SEEDS) - 1}", "sampler": "ddim-50", **sample_quality(samples)}
     return ModelFolder.edit(root, parameters=count_parameters(unet), checkpoint_hash=checkpoint_hash(unet),
-                            quality=quality, torch_version=torch.__version__, threads=BUILD_THREADS).to_dict()
+                            config_hash=config_hashes(os.path.join(root, "model")), quality=quality, torch_version=torch.__version__, threads=BUILD_THREADS).to_dict()
 
 
 def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, invert: bool = False,
@@ -118,7 +127,7 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     train_set = load_dataset(spec)
     spec["folder"] = path_in_root(root, data)
     identity = {"checkpoint": path_in_root(root, folder), "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
-                "dataset_fingerprint": train_set.fingerprint}
+                "config_hash": config_hashes(folder), "dataset_fingerprint": train_set.fingerprint}
     existing = ModelFolder.load(root, missing_ok=True)
     for key in ("checkpoint_hash", "dataset_fingerprint"):
         if existing is not None and getattr(existing, key) != identity[key]:

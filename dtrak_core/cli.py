@@ -89,7 +89,7 @@ def _require_digits_model(root, what: str) -> None:
     up front, with the reason, instead of failing deep inside."""
     from dtrak_core.folder import ModelFolder
 
-    folder = ModelFolder.load(root, missing_ok=True)
+    folder = ModelFolder.load(root, missing_ok=True, tuned=False)  # (the tuned lambdas: checked where used)
     if folder is not None and not folder.is_digits_default:
         raise ValueError(f"{what} needs a digits model trained by dtrak (`build-default`); {root!r} holds "
                          f"{folder.model_source or folder.checkpoint!r}, built with `build` "
@@ -130,6 +130,9 @@ def cmd_attribute(args):
     else:
         image = generate(attributor.unet, attributor.scheduler, [args.seed], device=args.device)[0]
         query = {"seed": args.seed}
+    if args.method is None:
+        args.method = methods.default_method(methods.available(attributor, args.root) if not text2image
+                                             else attributor.methods)
     method = methods.get(args.method)
     if method.family == "trak":
         result = attributor.attribute(image, args.method, K=args.K, **({"prompt": args.prompt} if text2image else {}))
@@ -373,6 +376,17 @@ def cmd_build_baselines(args):
     print(json.dumps({k: entry[k] for k in ("checkpoints", "train_seconds", "featurize_seconds")}, indent=2))
 
 
+def cmd_build_das(args):
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.das import build_residuals
+
+    _check_model_root(args.root)
+    _check_writable(args.root)
+    t0 = time.perf_counter()
+    path, computed = build_residuals(Attributor.load(args.root))
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)" if computed else f"{path} is already built for this model")
+
+
 def cmd_methods(args):
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.attribution import methods
@@ -444,7 +458,7 @@ def _lds_tables(args):
     from dtrak_core.evaluation.tables_report import format_report, tables
     from dtrak_core.evaluation.tuning import tune_lambdas
 
-    bench = bm.Bench(args.out, args.root)
+    bench = bm.Bench(args.out, args.root, tuned=args.action != "tune-lambda")  # (tune-lambda replaces them)
     Ks = args.K_list or [args.K]
     if args.action == "features":
         for fn in args.output_fn or []:
@@ -480,6 +494,18 @@ def _lds_tables(args):
     print(format_report(out))
 
 
+def cmd_build_fashion(args):
+    from dtrak_core import fashion
+    from dtrak_core.evaluation.lds_own import shard_of
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    fashion.build_fashion(args.root or fashion.DEFAULT_ROOT, args.source or fashion.DEFAULT_SOURCE,
+                          tuple(args.stage or fashion.STAGES), shard=shard_of(_shard_arg(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtrak_core", description="D-TRAK data attribution for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -488,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the committed recipe)")
     p.set_defaults(func=cmd_build_default)
+
+    p = sub.add_parser("build-fashion", help="the Fashion-MNIST model folder from Debian's dataset-fashion-mnist "
+                                             "(resumable: data, classifier, model, folder, lds, counterfactual)")
+    p.add_argument("--root", default=os.path.join("assets", "fashion"), help="the folder to write (default assets/fashion)")
+    p.add_argument("--source", default=None, help="the IDX files (default: where the Debian package installs them)")
+    p.add_argument("--stage", nargs="+", default=None, help="only these stages, in the given order (default: all)")
+    p.add_argument("--shard", default=None, help="lds / counterfactual: this process's share of the retrains (i/n)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.set_defaults(func=cmd_build_fashion)
 
     p = sub.add_parser("build", help="feature stores for your own diffusers model and training images")
     p.add_argument("--root", required=True, help="folder to write (manifest + stores); the model and images stay where they are")
@@ -519,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", help="attribute this image file")
     p.add_argument("--invert", action="store_true", help="the image has dark ink on a light background")
     p.add_argument("--prompt", default=None, help="text-to-image folders: the query's prompt (e.g. \"a handwritten digit 7\")")
-    p.add_argument("--method", default="d-trak", help="d-trak, trak, an output function or a baseline (see `methods`; default d-trak)")
+    p.add_argument("--method", default=None, help="d-trak, trak, an output function or a baseline (see `methods`; "
+                                                  "default: the registry's default, avg, else d-trak)")
     p.add_argument("--K", type=int, default=None, help="timesteps of the store to use (default: the largest)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="ridge lambda (default: the documented rule)")
     p.add_argument("--top", type=int, default=10)
@@ -569,6 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-baselines", help="TracInCP checkpoints (replayed training run) and their feature stores")
     _add_root(p)
     p.set_defaults(func=cmd_build_baselines)
+
+    p = sub.add_parser("build-das", help="DAS's training losses (das_residuals.npz: N x 100 forward passes) for the "
+                                         "model folder; DAS is unavailable until they are built")
+    _add_root(p)
+    p.set_defaults(func=cmd_build_das)
 
     p = sub.add_parser("methods", help="attribution methods that can run on this model (and why others cannot)")
     _add_root(p)

@@ -33,6 +33,15 @@ class IntegrityError(ValueError):
         super().__init__(f"{path} {problem}; {hint + ', or ' if hint else ''}{remedy}")
 
 
+class SealMismatch(IntegrityError):
+    """A sealed manifest entry (`folder.ModelFolder.settings_hash`) that no longer matches its seal:
+    it was edited by hand. `entry` is the sealed entry ("train_config", "tuned_lambda/<key>")."""
+
+    def __init__(self, path: str, entry: str, problem: str, remedy: str):
+        self.entry = entry
+        super().__init__(path, problem, remedy)
+
+
 def restore_hint(path: str) -> str:
     """'restore the committed copy with `git checkout -- <file>`' for a file git tracks (the
     embedded default ships in the repository), else ''."""

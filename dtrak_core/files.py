@@ -83,6 +83,13 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def json_hash(obj) -> str:
+    """16 hex digits of sha256 over `obj` as canonical JSON (sorted keys, no spaces): the same for
+    the same content however a file holding it is indented or ordered."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

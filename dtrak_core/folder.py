@@ -7,10 +7,15 @@ manifest.json, which `ModelFolder` alone reads and writes.
     <root>/tracin/index.json         TracInCP checkpoints and their stores (`build-baselines`)
     <root>/counterfactual/, <root>/benchmarks/     evaluation results
 
-    folder = ModelFolder.load("assets")           # fields checked: an IntegrityError names manifest.json
-    unet, scheduler = folder.load_model()         # weights checked against checkpoint_hash
+    folder = ModelFolder.load("assets")           # fields and seals checked: an IntegrityError names manifest.json
+    unet, scheduler = folder.load_model()         # configs checked (config_hash), weights (checkpoint_hash)
     train = folder.training_set()                 # the Dataset it was trained on
     ModelFolder.edit(root, tracin="tracin/index.json")   # read-modify-write, saved atomically
+
+What an answer depends on besides the weights is sealed in the manifest: the checkpoint's config
+files (`config_hash`) and the manifest's own settings, the training recipe and the tuned lambdas
+(`settings_hash`, one hash per entry). `save` (and so `edit`) re-seals what its writer changed; an
+entry changed by hand no longer matches its seal and is refused on load, naming manifest.json.
 
 A folder is found by argument, else by the DTRAK_ASSETS environment variable, else ./assets
 (`default_root`, the one place that default lives), so the installed package works from any
@@ -25,11 +30,11 @@ from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.errors import IntegrityError
-from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.errors import IntegrityError, SealMismatch
+from dtrak_core.files import atomic_write_json, json_hash, read_json
 from dtrak_core.model.data import Dataset, load_dataset
 from dtrak_core.model.training import TrainConfig
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+from dtrak_core.model.unet import CONFIG_FILES, checkpoint_hash, config_file_hash, load_checkpoint
 
 MANIFEST = "manifest.json"
 ENV_ROOT = "DTRAK_ASSETS"
@@ -66,6 +71,7 @@ class ModelFolder:
     root: str  # the folder (not written into the manifest)
     checkpoint: str | None = None  # checkpoint folder, relative to root ("model"), or absolute for `build`
     checkpoint_hash: str | None = None  # `unet.checkpoint_hash` of the weights; loaded weights must match it
+    config_hash: dict | None = None  # checkpoint config file ("unet/config.json", ...) -> `unet.config_hashes` of it
     dataset: str | dict | None = None  # the training set, as `data.load_dataset` reads it
     dataset_fingerprint: str | None = None  # `Dataset.fingerprint` of it (`build` records it and refuses other data)
     stores: list | None = None  # training-set feature store folders, relative to root
@@ -80,6 +86,7 @@ class ModelFolder:
     tuned_lambda: dict = field(default_factory=dict)  # store slug -> {"lambda": ..., how it was chosen}
     model_source: str | None = None  # what `build --model` was given (a folder or a Hugging Face repo id)
     num_train: int | None = None  # training images (`build`)
+    settings_hash: dict | None = None  # sealed entry ("train_config", "tuned_lambda/<key>") -> `files.json_hash` of it
     extra: dict = field(default_factory=dict)  # manifest keys this version does not know, kept as they are
 
     # -- finding and loading ----------------------------------------------------------------------
@@ -88,12 +95,22 @@ class ModelFolder:
         return os.path.join(self.root, MANIFEST)
 
     @classmethod
-    def load(cls, root: str | None = None, *, missing_ok: bool = False) -> "ModelFolder | None":
-        """The folder at `root` (None: `default_root()`), its manifest's fields checked.
+    def load(cls, root: str | None = None, *, missing_ok: bool = False, tuned: bool = True) -> "ModelFolder | None":
+        """The folder at `root` (None: `default_root()`), its manifest's fields and seals checked.
 
         No manifest: a ValueError saying how to build one (None with `missing_ok`). A damaged
-        manifest, or a field of the wrong type: an `IntegrityError` naming manifest.json.
+        manifest, a field of the wrong type or a sealed entry edited by hand (`check_settings`): an
+        `IntegrityError` naming manifest.json. tuned=False: the `tuned_lambda` entries are not
+        checked, for a caller that does not use them (`lds tune-lambda`, which replaces them).
         """
+        folder = cls._read(root, missing_ok)
+        if folder is not None:
+            folder.check_settings(tuned=tuned)
+        return folder
+
+    @classmethod
+    def _read(cls, root: str | None, missing_ok: bool) -> "ModelFolder | None":
+        """`load` without the seals' check (`edit` re-seals what its writer changes, nothing else)."""
         root = default_root() if root is None else root
         path = os.path.join(root, MANIFEST)
         if not os.path.isfile(path):
@@ -113,6 +130,9 @@ class ModelFolder:
         def number(v, kinds=(int, float)):
             return isinstance(v, kinds) and not isinstance(v, bool)
 
+        def hashes(v):
+            return isinstance(v, dict) and all(isinstance(k, str) and isinstance(h, str) for k, h in v.items())
+
         checks = {
             "checkpoint": lambda v: isinstance(v, str), "checkpoint_hash": lambda v: isinstance(v, str),
             "dataset": lambda v: isinstance(v, (str, dict)), "dataset_fingerprint": lambda v: isinstance(v, str),
@@ -125,6 +145,7 @@ class ModelFolder:
             "tuned_lambda": lambda v: isinstance(v, dict) and all(
                 isinstance(e, dict) and number(e.get("lambda")) for e in v.values()),
             "model_source": lambda v: isinstance(v, str), "num_train": lambda v: number(v, int),
+            "config_hash": hashes, "settings_hash": hashes,
         }
         values, extra = {}, {}
         for key, value in manifest.items():
@@ -144,7 +165,9 @@ class ModelFolder:
                 values["train_config"] = TrainConfig(**cfg)
             except TypeError:  # a missing or unknown recipe field
                 raise bad("train_config") from None
-        return cls(root, **values, extra=extra)
+        folder = cls(root, **values, extra=extra)
+        folder._loaded = folder.sealed_entries()  # what `save` compares against: an entry it changed is re-sealed
+        return folder
 
     def to_dict(self) -> dict:
         """manifest.json's content: the fields that are set (JSON types), then the unknown keys."""
@@ -160,6 +183,60 @@ class ModelFolder:
             out["torch" if f.name == "torch_version" else f.name] = value
         return out
 
+    # -- the seals ----------------------------------------------------------------------------------
+    def sealed_entries(self) -> dict[str, str]:
+        """{entry: `files.json_hash` of its value now} for the manifest entries an answer depends on:
+        "train_config" (what a retrain replays) and "tuned_lambda/<key>" for each tuned lambda."""
+        out = {} if self.train_config is None else {"train_config": json_hash(_jsonable(self.train_config.to_dict()))}
+        out.update({f"tuned_lambda/{key}": json_hash(entry) for key, entry in self.tuned_lambda.items()})
+        return out
+
+    def check_settings(self, tuned: bool = True) -> None:
+        """Every sealed entry matches its seal in `settings_hash` (none recorded, an older folder:
+        nothing to check); else a `SealMismatch` (an `IntegrityError`) naming manifest.json, the entry
+        and its fix.
+        tuned=False: the tuned_lambda entries are skipped."""
+        if self.settings_hash is None:
+            return
+        have, sealed = self.sealed_entries(), self.settings_hash
+        for key in sorted(set(have) | set(sealed)):
+            if have.get(key) == sealed.get(key) or (not tuned and key.startswith("tuned_lambda/")):
+                continue
+            if key == "train_config":
+                entry, why = "'train_config'", "it is the recipe a live retrain replays"
+                remedy = f"rebuild the model folder with `python -m dtrak_core build-default --root {self.root}`"
+            else:
+                entry, why = f"tuned_lambda[{key.split('/', 1)[1]!r}]", "the lambda changes the method's ranking"
+                remedy = (f"re-run `python -m dtrak_core lds tune-lambda --root {self.root}`, which tunes the lambdas "
+                          f"again and re-seals them")
+            if key not in sealed:
+                state = "has no seal in 'settings_hash' (it was added by hand)"
+            elif key not in have:
+                state = "is sealed in 'settings_hash' but missing (it was removed by hand)"
+            else:
+                state = (f"hashes to {have[key]}, not to its seal {sealed[key]} in 'settings_hash' (it was edited by "
+                         f"hand)")
+            raise SealMismatch(self.path, key, f"(model manifest) entry {entry} {state}; {why}", remedy)
+
+    def _reseal(self) -> None:
+        """Seal what this process changed: an entry changed since the manifest was read (or every
+        entry of a new manifest) gets a new seal; an unchanged one keeps the seal it had, so that an
+        entry edited by hand stays refused whoever saves the manifest next, and an older manifest
+        with no seals keeps none until a writer changes a sealed entry."""
+        now, loaded = self.sealed_entries(), getattr(self, "_loaded", None)
+        if loaded is not None and now == loaded:
+            return
+        if loaded is None or self.settings_hash is None:
+            self.settings_hash = dict(now) or None
+            return
+        seal = {}
+        for key, h in now.items():
+            if loaded.get(key) != h:
+                seal[key] = h
+            elif key in self.settings_hash:
+                seal[key] = self.settings_hash[key]
+        self.settings_hash = seal or None
+
     def require(self, *keys: str) -> "ModelFolder":
         """self, or an `IntegrityError` naming manifest.json for the first of `keys` it lacks."""
         for key in keys:
@@ -169,8 +246,11 @@ class ModelFolder:
 
     # -- saving -----------------------------------------------------------------------------------
     def save(self) -> None:
-        """Write manifest.json atomically (a killed process leaves the old one or this one)."""
+        """Write manifest.json atomically (a killed process leaves the old one or this one), the
+        entries this process changed re-sealed (`_reseal`)."""
+        self._reseal()
         atomic_write_json(self.path, self.to_dict())
+        self._loaded = self.sealed_entries()
 
     @classmethod
     def edit(cls, root: str, change: Callable[["ModelFolder"], None] | None = None, **values) -> "ModelFolder":
@@ -182,7 +262,7 @@ class ModelFolder:
         """
         os.makedirs(root, exist_ok=True)
         with _locked(root):
-            folder = cls.load(root, missing_ok=True) or cls(root)
+            folder = cls._read(root, missing_ok=True) or cls(root)
             for key, value in values.items():
                 if key in ("root", "extra") or key not in {f.name for f in fields(cls)}:
                     raise TypeError(f"ModelFolder has no field {key!r}")
@@ -214,9 +294,28 @@ class ModelFolder:
         """A digits model trained by dtrak (what the retraining harnesses can replay)."""
         return self.dataset == "digits-train" and self.train_config is not None
 
+    def check_configs(self) -> None:
+        """The checkpoint's config files are the ones the manifest recorded (`config_hash`, when
+        recorded; an older folder has none): an edited architecture or noise schedule, which would
+        change every answer, is refused, naming the edited file."""
+        if not self.config_hash:
+            return
+        ckpt = self.checkpoint_path
+        for rel, want in sorted(self.config_hash.items()):
+            have = config_file_hash(ckpt, rel)
+            if have != want:
+                path, what = os.path.join(ckpt, *rel.split("/")), CONFIG_FILES.get(rel, "checkpoint config")
+                raise IntegrityError(path, f"({what}) hashes to {have}, but {self.path} records config_hash "
+                                     f"{want} for it (the config was edited; it changes every answer)",
+                                     f"restore the config file as it was built, or rebuild the model folder (delete "
+                                     f"{ckpt} and run `python -m dtrak_core build-default`; for your own model, "
+                                     f"`build` into a new --root)")
+
     def check_weights(self, unet) -> None:
-        """The loaded weights are the ones the manifest recorded (`checkpoint_hash`, when recorded): a
-        replaced or damaged weights file that still loads is refused, not trusted."""
+        """The checkpoint's configs (`check_configs`) and the loaded weights are the ones the manifest
+        recorded (`checkpoint_hash`, when recorded): a replaced or damaged weights file that still
+        loads is refused, not trusted."""
+        self.check_configs()
         have = checkpoint_hash(unet)
         if self.checkpoint_hash is not None and self.checkpoint_hash != have:
             ckpt = os.path.join(self.root, self.checkpoint or "model")
@@ -226,7 +325,10 @@ class ModelFolder:
                                  "dtrak_core build-default`, or `build` for your own model)")
 
     def load_model(self):
-        """(unet, scheduler) of the checkpoint, its weights checked against `checkpoint_hash`."""
+        """(unet, scheduler) of the checkpoint, its configs checked against `config_hash` (first: an
+        edited config is named as such, not as weights that do not fit it), its weights against
+        `checkpoint_hash`."""
+        self.check_configs()
         unet, scheduler = load_checkpoint(self.checkpoint_path)
         self.check_weights(unet)
         return unet, scheduler

@@ -4,7 +4,14 @@
     python -m dtrak_core space export DIR --push USER/NAME  # ... and upload it (huggingface_hub)
 
 Run it from the checkout (the folder with app.py; `--source` points elsewhere). The folder holds
-what `python app.py` needs and nothing else:
+what `python app.py` needs and nothing else, an allow-list of product files:
+
+- where the checkout (or the model folder) is a git work tree, only the files git tracks there
+  (`git ls-files`): never an untracked or git-ignored file (a run's outputs, a cache, a token);
+- elsewhere (a model folder outside any repository), the files found in it;
+- in both cases never a hidden file or folder (a path component starting with '.': .env, .git,
+  .venv, .cache/huggingface/token), and never a symbolic link: a link among the files to ship is
+  refused, naming it (a link could publish whatever it points to);
 
 - README.md: the project README, whose front matter configures the Space (checked: sdk gradio,
   app_file app.py, sdk_version the installed gradio, short_description at most 60 characters);
@@ -24,6 +31,7 @@ import fnmatch
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -129,12 +137,83 @@ def _excluded(rel: str) -> bool:
                or p in parts for p in ASSET_EXCLUDES)
 
 
+def _hidden(rel: str) -> bool:
+    """A path ('/'-separated) with a hidden component: a dot-file or anything inside a dot-folder."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def git_tracked(folder: str) -> set[str] | None:
+    """The files git tracks under `folder` ('/'-separated, relative to it), or None when `folder`
+    is not inside a git work tree (or git is not installed)."""
+    try:
+        inside = subprocess.run(["git", "-C", folder, "rev-parse", "--is-inside-work-tree"], capture_output=True,
+                                text=True, timeout=60)
+        if inside.returncode != 0 or inside.stdout.strip() != "true":
+            return None
+        listed = subprocess.run(["git", "-C", folder, "ls-files", "-z", "--cached", "--", "."], capture_output=True,
+                                timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if listed.returncode != 0:
+        raise ValueError(f"`git ls-files` failed in {folder}: {listed.stderr.decode(errors='replace').strip()}")
+    return {os.fsdecode(p).replace(os.sep, "/") for p in listed.stdout.split(b"\0") if p}
+
+
+def _refuse_link(path: str) -> None:
+    raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)!r}); the Space export ships no links (one "
+                     f"could publish whatever it points to): replace it with the file itself, or remove it")
+
+
+def product_files(folder: str, tracked: set[str] | None, skip=lambda rel: False) -> list[str]:
+    """The files of `folder` to ship, relative to it ('/'-separated), sorted: those in `tracked`
+    (git's, `git_tracked`) when it is a set, else every regular file found without following links;
+    never a hidden file or folder, nor one `skip(rel)` excludes. A symbolic link among them (or on
+    the way to one) is a ValueError naming it."""
+    out = []
+    if tracked is None:
+        for d, dirs, files in os.walk(folder):
+            base = os.path.relpath(d, folder).replace(os.sep, "/")
+            rel_of = (lambda n: n) if base == "." else (lambda n: f"{base}/{n}")
+            dirs[:] = sorted(n for n in dirs if not _hidden(rel_of(n)) and not skip(rel_of(n)))
+            for name in dirs + sorted(files):
+                rel = rel_of(name)
+                if _hidden(rel) or skip(rel):
+                    continue
+                if os.path.islink(os.path.join(d, name)):
+                    _refuse_link(os.path.join(d, name))
+                if name in files and os.path.isfile(os.path.join(d, name)):  # (not a socket, pipe or device)
+                    out.append(rel)
+        return sorted(out)
+    for rel in sorted(tracked):
+        if _hidden(rel) or skip(rel):
+            continue
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):  # the file, or a folder on the way to it, may be a link
+            if os.path.islink(os.path.join(folder, *parts[:i])):
+                _refuse_link(os.path.join(folder, *parts[:i]))
+        if os.path.isfile(os.path.join(folder, *parts)):  # (a tracked file deleted here, or a submodule: skipped)
+            out.append(rel)
+    return out
+
+
+def _copy_files(src: str, dst: str, rels: list[str]) -> None:
+    for rel in rels:
+        target = os.path.join(dst, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(src, *rel.split("/")), target, follow_symlinks=False)
+
+
+def _code_skip(rel: str) -> bool:
+    return "__pycache__" in rel.split("/") or rel.endswith(".pyc")
+
+
 # ---------------------------------------------------------------- export and push
 
 def export(dest: str, source: str = ".", assets: str | None = None) -> dict:
     """Write the Space folder `dest` from the checkout `source` and the model folder `assets`
-    (default: source/assets). `dest` must not exist or be empty. Returns a summary: the folder,
-    its file count, binary files, total bytes, the LFS patterns."""
+    (default: source/assets): the allow-list of `product_files` (git's tracked files where either
+    is a git work tree). `dest` must not exist or be empty. Returns a summary: the folder, its file
+    count, binary files, total bytes, the LFS patterns."""
     source = os.path.abspath(source)
     assets = os.path.abspath(assets or os.path.join(source, "assets"))
     for need in ("app.py", "README.md", "requirements.txt", os.path.join("dtrak_core", "__init__.py")):
@@ -149,6 +228,20 @@ def export(dest: str, source: str = ".", assets: str | None = None) -> dict:
     readme = open(os.path.join(source, "README.md"), encoding="utf-8").read()
     check_front_matter(read_front_matter(readme))
     requirements = space_requirements(open(os.path.join(source, "requirements.txt"), encoding="utf-8").read())
+    tracked = git_tracked(source)
+    if tracked is not None and "app.py" not in tracked:
+        raise ValueError(f"{source} is a git work tree whose app.py git does not track; the export ships tracked files "
+                         f"only: add and commit it")
+    code = product_files(os.path.join(source, "dtrak_core"), None if tracked is None else
+                         {r[len("dtrak_core/"):] for r in tracked if r.startswith("dtrak_core/")}, _code_skip)
+    if os.path.islink(os.path.join(source, "app.py")):
+        _refuse_link(os.path.join(source, "app.py"))
+    assets_tracked = git_tracked(assets)
+    if assets_tracked is not None and "manifest.json" not in assets_tracked:
+        raise ValueError(f"{assets} lies in a git work tree but git does not track its manifest.json; the export ships "
+                         f"tracked files only: commit the model folder, or pass --assets a folder outside any "
+                         f"repository")
+    shipped = product_files(assets, assets_tracked, _excluded)
 
     from dtrak_core.files import atomic_write_bytes
 
@@ -156,12 +249,9 @@ def export(dest: str, source: str = ".", assets: str | None = None) -> dict:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.partial-", dir=parent)
     try:
-        shutil.copy2(os.path.join(source, "app.py"), os.path.join(staging, "app.py"))
-        shutil.copytree(os.path.join(source, "dtrak_core"), os.path.join(staging, "dtrak_core"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        shutil.copytree(assets, os.path.join(staging, "assets"),
-                        ignore=lambda d, names: [n for n in names if _excluded(
-                            os.path.relpath(os.path.join(d, n), assets).replace(os.sep, "/"))])
+        _copy_files(source, staging, ["app.py"])
+        _copy_files(os.path.join(source, "dtrak_core"), os.path.join(staging, "dtrak_core"), code)
+        _copy_files(assets, os.path.join(staging, "assets"), shipped)
         atomic_write_bytes(os.path.join(staging, "README.md"), readme.encode("utf-8"))
         atomic_write_bytes(os.path.join(staging, "requirements.txt"), requirements.encode("utf-8"))
         patterns = lfs_patterns(staging)

@@ -138,6 +138,24 @@ def test_generate_and_select(app):
     assert img.size == (app.QUERY_PX,) * 2
 
 
+def test_select_sample_refuses_bad_indices_with_a_readable_message(app):
+    """The reported defect: index -1 selected the last sample, and bad indices were answered with raw
+    Python messages ("list indices must be integers or slices, not str")."""
+    import gradio as gr
+
+    _, batch = app.generate_samples("range", 0, 3, 5, 1, 10)
+    for bad in (-1, 3, 10 ** 30, "abc", True, 1.5, float("nan"), [7, 0], {"i": 1}):
+        with pytest.raises(gr.Error, match=r"Click one of the 3 samples shown: sample must be a whole number in "
+                                           r"0\.\.2, got "):
+            app.select_sample(batch, Select(bad))
+    with pytest.raises(gr.Error, match="Generate samples first"):
+        app.select_sample(batch, Select(None))
+    with pytest.raises(gr.Error, match="Generate samples first"):
+        app.select_sample({"seeds": [], "steps": 10, "images": batch["images"][:0]}, Select(0))
+    assert app.select_sample(batch, Select([2, 0]))[0]["seed"] == 5  # a gallery's [row, col]
+    assert app.select_sample(batch, Select(0))[0]["seed"] == 3
+
+
 def test_a_new_page_opens_with_the_samples_its_controls_show(app):
     items, batch = app.first_page()
     assert batch["seeds"] == app.FIRST_SEEDS == list(range(16)) and batch["steps"] == app.FIRST_STEPS == 50
@@ -314,10 +332,9 @@ def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path
     assert app.committed(root) == {}  # the jobs used another recipe than the model's manifest: never shown
     assert app.example_targets(root) == []
 
-    manifest_path = os.path.join(root, "manifest.json")
-    manifest = json.load(open(manifest_path))
-    manifest["train_config"] = EXAMPLE_TRAIN.to_dict()
-    json.dump(manifest, open(manifest_path, "w"))
+    from dtrak_core.folder import ModelFolder
+
+    ModelFolder.edit(root, train_config=EXAMPLE_TRAIN)  # (a writer: sealed; a hand edit of the recipe is refused)
     app.committed.cache_clear()
     app.outcomes.cache_clear()
     assert sorted(app.committed(root)) == [(EXAMPLE_SEED, "random", EXAMPLE_K), (EXAMPLE_SEED, "square", EXAMPLE_K)]
@@ -565,6 +582,24 @@ def test_ink_polarity_is_read_from_the_border(app, tmp_path):
     assert invert2 is False and "used as it is" in info2
     np.testing.assert_allclose(q2["pixels"], q["pixels"], atol=1e-6)  # the same digit either way round
     assert app.use_upload(str(tmp_path / "paper.png"), False)[0]["pixels"][0, 0, 0] > 0.5  # the box overrides
+
+
+def test_invert_takes_only_true_or_false(app, tmp_path):
+    """The reported defect: any truthy `invert` (1, "yes", [0]) counted as ticked."""
+    import gradio as gr
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(img).rectangle([24, 8, 39, 55], fill=0)
+    path = str(tmp_path / "paper.png")
+    img.save(path)
+    ticked, plain = app.use_upload(path, True)[0], app.use_upload(path, False)[0]
+    for value, want in (("true", ticked), (" FALSE ", plain), (np.True_, ticked), ("False", plain)):
+        np.testing.assert_array_equal(app.use_upload(path, value)[0]["pixels"], want["pixels"])
+    for bad in (1, 0, "yes", "1", "on", "", None, [True], 2.0):
+        with pytest.raises(gr.Error, match="the ink setting \\(invert\\) must be true or false, got "):
+            app.use_upload(path, bad)
+    assert sup.parse_bool("true", "x") is True and sup.parse_bool(False, "x") is False
 
 
 def test_unusual_ink_warns():

@@ -62,3 +62,26 @@ def test_counterfactual_under_torchrun_runs_each_ranks_jobs_then_summarizes(tiny
     assert main([*args, "--summary-only"]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert [c["l2"]["n"] for c in summary["cells"]] == [2]
+
+
+def test_das_is_unavailable_until_build_das_writes_its_training_losses(tiny_root, capsys):
+    """No request computes DAS's training losses into the model folder (it used to, on the first DAS
+    query); `build-das` is the one writer, and the error names it."""
+    residuals = os.path.join(tiny_root, "das_residuals.npz")
+    assert main(["featurize", "--root", tiny_root, "--output-fn", "avg", "--K", "10", "--k", "32"]) == 0
+    capsys.readouterr()
+    assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "das"]) == 2
+    err = capsys.readouterr().err
+    assert f"build them with `python -m dtrak_core build-das --root {tiny_root}`" in err and "Traceback" not in err
+    assert not os.path.exists(residuals)
+    assert main(["build-das", "--root", tiny_root]) == 0
+    assert f"wrote {residuals}" in capsys.readouterr().out and os.path.isfile(residuals)
+    assert main(["build-das", "--root", tiny_root]) == 0
+    assert "already built" in capsys.readouterr().out
+    assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "das", "--top", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["proponents"]) == 3
+    with open(residuals, "r+b") as f:  # truncated: named, with the command that rebuilds it
+        f.truncate(os.path.getsize(residuals) // 2)
+    assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "das"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {residuals} (DAS training losses) cannot be read" in err and "build-das" in err

@@ -174,3 +174,107 @@ def test_the_store_cache_builds_once_then_verifies(tmp_path):
         f.write(b"\x01")
     with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
         cached_store(path, identity, inputs, make, 3, slice_size=4)
+
+
+# -- the seals: what an answer depends on, besides the weights ------------------------------------
+TUNED = {"square-K2": {"lambda": 0.05, "chosen_on": "validation LDS"},
+         "d-trak-sharp/square-K2": {"lambda": 0.2, "chosen_on": "validation LDS"}}
+
+
+def _sealed_folder(root) -> str:
+    """A manifest saved by a writer (`save`): its recipe and tuned lambdas sealed."""
+    ModelFolder(root, checkpoint="model", dataset="digits-train", stores=[], train_config=TINY,
+                tuned_lambda=json.loads(json.dumps(TUNED))).save()
+    return os.path.join(root, MANIFEST)
+
+
+def _hand_edit(path, change):
+    with open(path) as f:
+        manifest = json.load(f)
+    change(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_a_writer_seals_the_recipe_and_the_tuned_lambdas(tmp_path):
+    path = _sealed_folder(str(tmp_path))
+    saved = json.load(open(path))
+    assert set(saved["settings_hash"]) == {"train_config", "tuned_lambda/square-K2", "tuned_lambda/d-trak-sharp/square-K2"}
+    folder = ModelFolder.load(str(tmp_path))
+    assert folder.tuned_lambdas() == {"square-K2": 0.05, "d-trak-sharp/square-K2": 0.2}
+    assert folder.to_dict() == saved  # loads and round-trips unchanged
+
+
+@pytest.mark.parametrize("change, entry, fix", [
+    (lambda m: m["tuned_lambda"]["d-trak-sharp/square-K2"].update({"lambda": 50}),
+     r"tuned_lambda\['d-trak-sharp/square-K2'\] hashes to \w+, not to its seal", "lds tune-lambda"),
+    (lambda m: m["tuned_lambda"].update({"avg-K2": {"lambda": 1.0}}),
+     r"tuned_lambda\['avg-K2'\] has no seal in 'settings_hash' \(it was added by hand\)", "lds tune-lambda"),
+    (lambda m: m["tuned_lambda"].pop("square-K2"),
+     r"tuned_lambda\['square-K2'\] is sealed in 'settings_hash' but missing", "lds tune-lambda"),
+    (lambda m: m["train_config"].update({"steps": 1}), r"'train_config' hashes to \w+, not to its seal", "build-default"),
+])
+def test_a_hand_edited_setting_is_refused_naming_the_manifest_and_the_fix(tmp_path, change, entry, fix):
+    root = str(tmp_path)
+    path = _sealed_folder(root)
+    _hand_edit(path, change)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(model manifest\\) entry {entry}.*`python -m dtrak_core "
+                                             f"{fix} --root {root}`") as e:
+        ModelFolder.load(root)
+    assert e.value.path == path
+    with pytest.raises(IntegrityError, match=entry):
+        read_manifest(root)
+    # a writer that does not change the edited entry keeps it refused (no laundering by the next save)
+    ModelFolder.edit(root, lambda f: f.add_store("stores/b", 1.0))
+    with pytest.raises(IntegrityError, match=entry):
+        ModelFolder.load(root)
+
+
+def test_the_tuned_lambdas_writer_reseals_them(tmp_path):
+    root = str(tmp_path)
+    path = _sealed_folder(root)
+    _hand_edit(path, lambda m: m["tuned_lambda"]["square-K2"].update({"lambda": 50}))
+    with pytest.raises(IntegrityError, match="lds tune-lambda"):
+        ModelFolder.load(root)
+    assert ModelFolder.load(root, tuned=False).train_config == TINY  # what tune-lambda reads: the rest still checked
+    retuned = {"square-K2": {"lambda": 0.1, "chosen_on": "validation LDS"}}
+    ModelFolder.edit(root, tuned_lambda=retuned)  # what `lds tune-lambda` does (evaluation/tuning.py)
+    assert ModelFolder.load(root).tuned_lambdas() == {"square-K2": 0.1}
+    assert set(json.load(open(path))["settings_hash"]) == {"train_config", "tuned_lambda/square-K2"}
+    # a recipe edited by hand is not laundered by re-tuning
+    _hand_edit(path, lambda m: m["train_config"].update({"steps": 1}))
+    ModelFolder.edit(root, tuned_lambda=TUNED)
+    with pytest.raises(IntegrityError, match="'train_config' hashes to"):
+        ModelFolder.load(root)
+
+
+def test_an_older_manifest_without_seals_still_loads_and_is_sealed_by_its_next_writer(tmp_path):
+    root = str(tmp_path)
+    path = _write(root, {"checkpoint": "model", "dataset": "digits-train", "stores": [], "train_config": TINY.to_dict(),
+                         "tuned_lambda": {"square-K2": {"lambda": 7}}})
+    assert ModelFolder.load(root).tuned_lambdas() == {"square-K2": 7}
+    ModelFolder.edit(root, tracin="tracin/index.json")  # changes nothing sealed: no seal appears
+    assert "settings_hash" not in json.load(open(path))
+    ModelFolder.edit(root, tuned_lambda={"square-K2": {"lambda": 0.5}})
+    assert set(json.load(open(path))["settings_hash"]) == {"train_config", "tuned_lambda/square-K2"}
+    _hand_edit(path, lambda m: m["tuned_lambda"]["square-K2"].update({"lambda": 7}))
+    with pytest.raises(IntegrityError, match="tune-lambda"):
+        ModelFolder.load(root)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ASSETS, MANIFEST)), reason="assets/ not built")
+def test_the_committed_manifest_is_sealed_and_a_hand_edited_lambda_is_refused(tmp_path):
+    """The reported defect: avg-sharp's tuned lambda edited from 0.05 to 50 changed the default
+    method's ranking with no warning."""
+    from dtrak_core.model.unet import config_hashes
+
+    committed = ModelFolder.load(ASSETS)
+    assert committed.config_hash == config_hashes(os.path.join(ASSETS, "model"))
+    assert committed.settings_hash == committed.sealed_entries() and "train_config" in committed.settings_hash
+    key = "avg-sharp/avg-K100-sparse-jl-k2048-s42"
+    path = _write(str(tmp_path), committed.to_dict())
+    assert ModelFolder.load(str(tmp_path)).tuned_lambdas()[key] == 0.05
+    _hand_edit(path, lambda m: m["tuned_lambda"][key].update({"lambda": 50}))
+    with pytest.raises(IntegrityError, match=f"^{path} \\(model manifest\\) entry tuned_lambda\\['{key}'\\] hashes to "
+                                             f".*re-run `python -m dtrak_core lds tune-lambda"):
+        ModelFolder.load(str(tmp_path))

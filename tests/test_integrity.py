@@ -138,6 +138,60 @@ def test_replaced_weights_that_still_load_are_refused(folder):
         train_or_load(folder, TINY_TRAIN, show_bar=False)  # nor reused by a build
 
 
+@pytest.mark.parametrize("rel, what, change", [
+    (os.path.join("model", "unet", "config.json"), "UNet config", {"norm_eps": 0.1}),
+    (os.path.join("model", "scheduler", "scheduler_config.json"), "noise schedule config", {"beta_end": 0.05}),
+])
+def test_an_edited_config_is_refused_naming_it(folder, capsys, rel, what, change):
+    """The reported defect: norm_eps or beta_end edited in a config changed every answer with no warning;
+    the manifest's config_hash seals both config files."""
+    path = os.path.join(folder, rel)
+    with open(path) as f:
+        original = json.load(f)
+    _edit_json(path, **change)
+    load_checkpoint(os.path.join(folder, "model"))  # still a valid checkpoint...
+    pattern = (f"^{path} \\({what}\\) hashes to \\w+, but {os.path.join(folder, 'manifest.json')} records config_hash "
+               f"\\w+ for it \\(the config was edited.*restore the config file.*build-default")
+    with pytest.raises(IntegrityError, match=pattern) as e:
+        Attributor.load(folder)  # ...but not the one the folder was built with
+    assert e.value.path == path
+    with pytest.raises(IntegrityError, match=pattern):
+        train_or_load(folder, TINY_TRAIN, show_bar=False)  # nor reused by a build
+    code, err = _run(capsys, "attribute", "--root", folder, "--seed", "3", "--top", "3")
+    assert code == 2 and f"error: {path} ({what}) hashes to" in err
+    with open(path, "w") as f:  # re-indented and reordered, the same content is the same config
+        json.dump(dict(reversed(list(original.items()))), f, indent=7)
+    Attributor.load(folder)
+
+
+def test_a_folder_recorded_without_config_hash_still_loads(folder):
+    """Folders built before config_hash existed keep loading (their configs are not checked)."""
+    manifest = os.path.join(folder, "manifest.json")
+    with open(manifest) as f:
+        content = json.load(f)
+    assert set(content["config_hash"]) == {"unet/config.json", "scheduler/scheduler_config.json"}
+    del content["config_hash"]
+    with open(manifest, "w") as f:
+        json.dump(content, f)
+    _edit_json(os.path.join(folder, "model", "unet", "config.json"), norm_eps=0.1)  # (unchecked)
+    assert Attributor.load(folder).methods == ["square"]
+
+
+def test_a_hand_edited_recipe_is_refused_and_rebuilt_by_build_default(folder):
+    manifest = os.path.join(folder, "manifest.json")
+    with open(manifest) as f:
+        content = json.load(f)
+    content["train_config"]["steps"] = 2
+    with open(manifest, "w") as f:
+        json.dump(content, f)
+    with pytest.raises(IntegrityError, match=f"^{manifest} \\(model manifest\\) entry 'train_config' hashes to .*"
+                                             f"build-default --root {folder}"):
+        Attributor.load(folder)
+    train_or_load(folder, TINY_TRAIN, show_bar=False)  # the fix it names: the model is trained again, the recipe resealed
+    rebuilt = json.load(open(manifest))
+    assert rebuilt["train_config"]["steps"] == TINY_TRAIN.steps and "train_config" in rebuilt["settings_hash"]
+
+
 def test_edited_store_metadata_is_refused_on_load(folder):
     """The reported defect: K edited in a complete store's metadata.json used to change the proponents."""
     meta = os.path.join(folder, "stores", SETTING.slug, "metadata.json")

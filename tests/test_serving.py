@@ -4,6 +4,7 @@ process) driven over HTTP by gradio_client sessions and a raw event stream.
 The slow parts are replaced by controllable stand-ins (a sampler that waits, a retrain that polls
 its stop condition), so each limit is checked deterministically in seconds.
 """
+import html
 import json
 import os
 import socket
@@ -95,6 +96,28 @@ def test_one_address_cannot_fill_the_queue_with_many_sessions(served, monkeypatc
     monkeypatch.setattr(app, "generate", slow)
     sessions = [client(url) for _ in range(4)]
     jobs = [s.submit("single", 7000 + 10 * i + j, 0, 0, 1, 3, api_name="/generate_samples")
+            for i, s in enumerate(sessions) for j in range(2)]
+    wait_for(lambda: sum(j.done() for j in jobs) >= 3, what="the refused joins")
+    assert sum(j.done() for j in jobs) == 3  # 8 asked, 5 (the per-address bound) held
+    slow.release.set()
+    for j in jobs:
+        try:
+            j.result(timeout=60)
+        except Exception as e:
+            assert "400" in str(e)
+
+
+def test_a_client_cannot_dodge_the_per_address_bound_with_its_own_forwarded_for(served, monkeypatch):
+    """With no trusted proxy (the default) X-Forwarded-For is ignored: four sessions from one address,
+    each claiming another address in the header, share that address's bound."""
+    from gradio_client import Client
+
+    app, url = served
+    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    slow = SlowSampler(app.generate)
+    monkeypatch.setattr(app, "generate", slow)
+    sessions = [Client(url, verbose=False, headers={"X-Forwarded-For": f"203.0.113.{i}"}) for i in range(4)]
+    jobs = [s.submit("single", 8000 + 10 * i + j, 0, 0, 1, 3, api_name="/generate_samples")
             for i, s in enumerate(sessions) for j in range(2)]
     wait_for(lambda: sum(j.done() for j in jobs) >= 3, what="the refused joins")
     assert sum(j.done() for j in jobs) == 3  # 8 asked, 5 (the per-address bound) held
@@ -226,13 +249,32 @@ def _markdown(demo) -> str:
     return "\n".join(str(b.value) for b in demo.blocks.values() if type(b).__name__ == "Markdown")
 
 
-@pytest.mark.parametrize("damage", ["missing folder", "truncated features", "corrupt manifest"])
+def _edit_json(path, change):
+    with open(path) as f:
+        content = json.load(f)
+    change(content)
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
+@pytest.mark.parametrize("damage", ["missing folder", "truncated features", "corrupt manifest", "edited unet config",
+                                    "edited noise schedule", "hand-edited recipe"])
 def test_a_damaged_model_folder_gives_an_error_page(app, tiny_root, tmp_path, monkeypatch, damage):
     root = _copy(tiny_root, tmp_path)
+    named = root
     if damage == "missing folder":
-        root = str(tmp_path / "nowhere")
+        root = named = str(tmp_path / "nowhere")
     elif damage == "truncated features":
         _truncate_features(root)
+    elif damage == "edited unet config":  # configs and the recipe are sealed in the manifest: named, never used
+        named = os.path.join(root, "model", "unet", "config.json")
+        _edit_json(named, lambda c: c.update(norm_eps=0.1))
+    elif damage == "edited noise schedule":
+        named = os.path.join(root, "model", "scheduler", "scheduler_config.json")
+        _edit_json(named, lambda c: c.update(beta_end=0.05))
+    elif damage == "hand-edited recipe":
+        named = os.path.join(root, "manifest.json") + " (model manifest) entry 'train_config'"
+        _edit_json(os.path.join(root, "manifest.json"), lambda c: c["train_config"].update(steps=10))
     else:
         open(os.path.join(root, "manifest.json"), "w").write("{ not json")
     monkeypatch.setattr(app, "ASSETS", root)
@@ -241,7 +283,7 @@ def test_a_damaged_model_folder_gives_an_error_page(app, tiny_root, tmp_path, mo
         page = _markdown(app.build_demo())
     finally:
         app.load_assets.cache_clear()
-    assert "The model assets could not be loaded" in page and "How to fix it" in page and root in page
+    assert "The model assets could not be loaded" in page and "How to fix it" in page and html.escape(named) in page
 
 
 def test_a_damaged_optional_file_turns_its_methods_off_and_says_so(app, tiny_root, tmp_path, monkeypatch):
@@ -280,13 +322,36 @@ def test_damaged_precomputed_counterfactuals_are_reported_not_dropped(app, tiny_
     assert banner.visible and "identity.json" in banner.value
 
 
-def test_client_address_trusts_forwarded_for_only_from_a_private_proxy(app):
+def test_client_address_trusts_only_the_configured_proxy_hops(app, monkeypatch):
+    """The reported defect: X-Forwarded-For was trusted from any private or loopback peer, so on a
+    LAN any client could dodge the per-address limit by writing the header itself."""
     class Request:
         def __init__(self, peer, forwarded=None):
             self.client = type("Client", (), {"host": peer})()
             self.headers = {} if forwarded is None else {"x-forwarded-for": forwarded}
 
-    assert app.client_address(Request("10.0.3.7", "198.51.100.9, 203.0.113.5")) == "203.0.113.5"  # a Space's proxy
-    assert app.client_address(Request("127.0.0.1", "203.0.113.5")) == "203.0.113.5"
-    assert app.client_address(Request("93.184.216.34", "1.2.3.4")) == "93.184.216.34"  # direct: the header is ignored
-    assert app.client_address(Request("93.184.216.34")) == "93.184.216.34"
+    # 0 trusted proxies (the default): the header is ignored, whoever the peer is
+    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    assert app.client_address(Request("192.168.1.20", "203.0.113.5")) == "192.168.1.20"  # a LAN client's own header
+    assert app.client_address(Request("127.0.0.1", "203.0.113.5")) == "127.0.0.1"
+    assert app.client_address(Request("93.184.216.34", "1.2.3.4")) == "93.184.216.34"
+    # 1 (a Space): the last entry, the one its proxy appended; what the client wrote lies further left
+    monkeypatch.setattr(app, "TRUSTED_PROXIES", 1)
+    assert app.client_address(Request("10.0.3.7", "198.51.100.9, 203.0.113.5")) == "203.0.113.5"
+    assert app.client_address(Request("10.0.3.7", "203.0.113.5")) == "203.0.113.5"
+    assert app.client_address(Request("10.0.3.7")) == "10.0.3.7"  # not through the proxy: the peer
+    assert app.client_address(Request("10.0.3.7", " ")) == "10.0.3.7"
+    # 2: the second entry from the end
+    assert app.client_address(Request("10.0.0.2", "6.6.6.6, 203.0.113.5, 10.0.0.1"), proxies=2) == "203.0.113.5"
+    assert app.client_address(Request("10.0.0.2", "10.0.0.1"), proxies=2) == "10.0.0.2"  # too few hops: the peer
+
+
+def test_trusted_proxies_come_from_the_environment(app):
+    app_module = app
+    assert app_module.trusted_proxies({}) == 0
+    assert app_module.trusted_proxies({"SPACE_ID": "someone/dtrak"}) == 1  # a Hugging Face Space: one proxy
+    assert app_module.trusted_proxies({"DTRAK_TRUSTED_PROXIES": "2", "SPACE_ID": "someone/dtrak"}) == 2
+    assert app_module.trusted_proxies({"DTRAK_TRUSTED_PROXIES": "0", "SPACE_ID": "someone/dtrak"}) == 0
+    for bad in ("-1", "yes", "1.5"):
+        with pytest.raises(ValueError, match=f"DTRAK_TRUSTED_PROXIES must be a whole number >= 0.*got '{bad}'"):
+            app_module.trusted_proxies({"DTRAK_TRUSTED_PROXIES": bad})

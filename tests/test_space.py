@@ -1,6 +1,7 @@
 """The Space export: a folder that can be pushed to a Hugging Face Space as it is, whose app starts
 from that folder alone; the push goes through huggingface_hub (mocked here: nothing is uploaded)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,6 +84,95 @@ def test_export_refuses_a_folder_in_use(tiny_root, tmp_path):
     with pytest.raises(ValueError, match="run from the checkout"):
         space.export(str(tmp_path / "new"), str(tmp_path), tiny_root)
     assert os.listdir(tmp_path) == ["busy"]
+
+
+# -- an allow-list: what is planted beside the product is never published ---------------------------
+SECRET = "hf_PLANTED_SECRET_never_published"
+NEVER = (".env", "assets/.env", "dtrak_core/.env",  # hidden files (dtrak_core/.env tracked, below)
+         "assets/.git/config", "dtrak_core/.git/config",  # .git-like folders
+         ".venv/lib/site.py", "assets/.venv/bin/activate", "dtrak_core/.venv/lib/site.py",
+         "assets/.cache/huggingface/token", "dtrak_core/.cache/huggingface/token",  # (the first tracked, below)
+         "assets/runs/models/m000.npz", "dtrak_core/featurize.out",  # git-ignored outputs
+         "assets/notes-untracked.txt", "dtrak_core/scratch_untracked.py")  # neither tracked nor ignored
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, timeout=120)
+
+
+def _plant(root, rels):
+    for rel in rels:
+        path = os.path.join(root, *rel.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(SECRET)
+
+
+@pytest.fixture
+def checkout(tiny_root, tmp_path):
+    """A temporary checkout, a git repository: the app, its package and its model folder tracked,
+    and beside them every kind of file the export must never publish (some of them tracked)."""
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    for name in ("app.py", "README.md", "requirements.txt"):
+        shutil.copy2(os.path.join(ROOT, name), repo / name)
+    shutil.copytree(os.path.join(ROOT, "dtrak_core"), repo / "dtrak_core", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tiny_root, repo / "assets")
+    (repo / ".gitignore").write_text("assets/runs/\ndtrak_core/*.out\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _plant(str(repo), NEVER)
+    _git(repo, "add", "-f", "dtrak_core/.env", "assets/.cache/huggingface/token")  # tracked, and still hidden
+    outside = tmp_path / "outside.txt"
+    outside.write_text(SECRET)
+    os.symlink(outside, repo / "assets" / "linked.txt")  # untracked links to a file outside
+    os.symlink(outside, repo / "dtrak_core" / "linked.py")
+    os.symlink(os.path.join(ROOT, ".git"), repo / "assets" / "linked-git")  # a whole linked .git
+    return repo, tmp_path
+
+
+def _exported_files(dest):
+    return {os.path.relpath(p, dest).replace(os.sep, "/") for p in space.walk_files(dest)}
+
+
+def test_export_from_a_git_checkout_ships_tracked_product_files_only(checkout):
+    """The reported defect: `space export` copied hidden files (.env, .git, .venv, a Hugging Face
+    token), followed symlinks and exported git-ignored run outputs, and `--push` uploaded them."""
+    repo, tmp_path = checkout
+    dest = str(tmp_path / "space")
+    space.export(dest, str(repo))
+    files = _exported_files(dest)
+    assert not [f for f in files if f in NEVER or "linked" in f]
+    assert [f for f in files if space._hidden(f)] == [".gitattributes"]  # the export's own, none copied
+    assert not [f for f in files if SECRET in open(os.path.join(dest, f), errors="replace").read()]
+    tracked = subprocess.run(["git", "-C", str(repo), "ls-files"], capture_output=True, text=True).stdout.split()
+    product = {f for f in tracked if f.startswith(("dtrak_core/", "assets/")) and not space._hidden(f)
+               and "__pycache__" not in f}
+    assert files == product | {"app.py", "README.md", "requirements.txt", ".gitattributes"}
+    assert "assets/manifest.json" in files and "dtrak_core/space.py" in files
+
+
+def test_export_refuses_a_tracked_symbolic_link_naming_it(checkout):
+    repo, tmp_path = checkout
+    _git(repo, "add", "assets/linked.txt")
+    with pytest.raises(ValueError, match=f"^{repo / 'assets' / 'linked.txt'} is a symbolic link .*ships no links"):
+        space.export(str(tmp_path / "space"), str(repo))
+    assert not (tmp_path / "space").exists()
+
+
+def test_export_of_a_model_folder_outside_git_skips_hidden_files_and_refuses_links(tiny_root, tmp_path, capsys):
+    assets = tmp_path / "assets"
+    shutil.copytree(tiny_root, assets)
+    _plant(str(assets), (".env", ".git/config", ".venv/bin/activate", ".cache/huggingface/token",
+                         "counterfactual/.token"))
+    dest = tmp_path / "space"
+    space.export(str(dest), ROOT, str(assets))
+    shipped = {f[len("assets/"):] for f in _exported_files(dest) if f.startswith("assets/")}
+    assert shipped == {os.path.relpath(p, tiny_root).replace(os.sep, "/") for p in space.walk_files(tiny_root)}
+    os.symlink(os.path.join(ROOT, "README.md"), assets / "counterfactual" / "readme-link.md")
+    code = cli.main(["space", "export", str(tmp_path / "again"), "--source", ROOT, "--assets", str(assets)])
+    assert code == 2 and f"{assets / 'counterfactual' / 'readme-link.md'} is a symbolic link" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
 
 
 class FakeHub:

@@ -91,47 +91,90 @@ def das_scores(trak_scores, weights, method: str = "das") -> np.ndarray:
 RESIDUALS_FILE = "das_residuals.npz"  # in a model folder: its training losses at RESIDUAL_TIMESTEPS
 
 
+def residuals_command(root: str) -> str:
+    """The command that writes a model folder's DAS training losses (`build_residuals`)."""
+    return f"python -m dtrak_core build-das --root {root}"
+
+
+def _identity(attributor) -> dict:
+    from dtrak_core.model.unet import checkpoint_hash
+
+    return {"checkpoint": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint}
+
+
+def _read_residuals(path: str, attributor, remedy: str) -> np.ndarray:
+    """The (N, T) losses saved at `path`, checked: an unreadable file (truncated, not a zip, a
+    failed checksum) or one computed for another model, training set or timesteps is an
+    `IntegrityError` naming it, with `remedy`."""
+    from dtrak_core.errors import IntegrityError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            saved = {k: z[k] for k in z.files}
+    except Exception as e:  # OSError, ValueError, EOFError, zipfile.BadZipFile (a CRC error too), zlib.error...
+        raise IntegrityError(path, f"(DAS training losses) cannot be read ({type(e).__name__}: {e}): it is truncated "
+                             f"or corrupt", remedy) from None
+    same = all(str(saved.get(k)) == v for k, v in _identity(attributor).items()) and "timesteps" in saved and \
+        np.array_equal(saved["timesteps"], RESIDUAL_TIMESTEPS.numpy())
+    losses = saved.get("losses", np.zeros(0))
+    if not same or losses.shape != (len(attributor.train), len(RESIDUAL_TIMESTEPS)):
+        raise IntegrityError(path, "(DAS training losses) was computed for another model, training set or timesteps",
+                             remedy)
+    if not np.isfinite(losses).all() or (losses < 0).any():
+        raise IntegrityError(path, "(DAS training losses) holds losses that are not finite and non-negative", remedy)
+    return losses
+
+
 def model_residuals(attributor) -> np.ndarray:
     """(N, T) training losses at RESIDUAL_TIMESTEPS for DAS's residuals, read from
-    <model folder>/das_residuals.npz when it was computed for this model and training set, else
-    computed (N x 100 forward passes) and saved there when the folder is writable."""
+    <model folder>/das_residuals.npz (`build_residuals` writes it). Nothing is computed into a
+    model folder here, on a visitor's request: a missing file is a `MethodUnavailable` naming the
+    command that builds it, a damaged one an `IntegrityError` naming it. An attributor with no
+    model folder (built in memory) computes them (N x 100 forward passes) and keeps nothing."""
+    import os
+
+    from dtrak_core.errors import MethodUnavailable
+
+    if attributor.root is None:
+        return training_losses(attributor.unet, attributor.scheduler, attributor.train.images, RESIDUAL_TIMESTEPS)
+    path = os.path.join(attributor.root, RESIDUALS_FILE)
+    command = residuals_command(attributor.root)
+    if not os.path.isfile(path):
+        raise MethodUnavailable(f"DAS needs the model's training losses ({path}), which are not built; build them "
+                                f"with `{command}`")
+    return _read_residuals(path, attributor, f"rebuild it with `{command}`")
+
+
+def build_residuals(attributor) -> tuple[str, bool]:
+    """Write <model folder>/das_residuals.npz (atomically) for the attributor's model and training
+    set, unless a valid one is there; (its path, whether it was computed). `python -m dtrak_core
+    build-das`: the one writer of the file, run by the folder's owner, never by a request."""
     import io
     import os
 
     from dtrak_core.errors import IntegrityError
     from dtrak_core.files import atomic_write_bytes
-    from dtrak_core.model.unet import checkpoint_hash
 
-    identity = {"checkpoint": checkpoint_hash(attributor.unet), "dataset": attributor.train.fingerprint}
-    path = None if attributor.root is None else os.path.join(attributor.root, RESIDUALS_FILE)
-    if path is not None and os.path.isfile(path):
+    if attributor.root is None:
+        raise ValueError("the attributor has no model folder to write DAS's training losses into")
+    path = os.path.join(attributor.root, RESIDUALS_FILE)
+    if os.path.isfile(path):
         try:
-            with np.load(path) as z:
-                saved = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise IntegrityError(path, f"(DAS training losses) cannot be read ({type(e).__name__})",
-                                 "delete it; the next DAS query recomputes it") from None
-        same = all(str(saved.get(k)) == v for k, v in identity.items()) and "timesteps" in saved and \
-            np.array_equal(saved["timesteps"], RESIDUAL_TIMESTEPS.numpy())
-        if not same or saved.get("losses", np.zeros(0)).shape != (len(attributor.train), len(RESIDUAL_TIMESTEPS)):
-            raise IntegrityError(path, "(DAS training losses) was computed for another model, training set or "
-                                 "timesteps", "delete it; the next DAS query recomputes it")
-        return saved["losses"]
-    losses = training_losses(attributor.unet, attributor.scheduler, attributor.train.images, RESIDUAL_TIMESTEPS)
-    if path is not None:
-        buf = io.BytesIO()
-        np.savez(buf, losses=losses, timesteps=RESIDUAL_TIMESTEPS.numpy(), **identity)
-        try:
-            atomic_write_bytes(path, buf.getvalue())
-        except OSError:  # a read-only model folder: recomputed in the next process instead
+            _read_residuals(path, attributor, "")
+            return path, False
+        except IntegrityError:  # damaged or stale: rebuilt below (what its error message says to do)
             pass
-    return losses
+    losses = training_losses(attributor.unet, attributor.scheduler, attributor.train.images, RESIDUAL_TIMESTEPS)
+    buf = io.BytesIO()
+    np.savez(buf, losses=losses, timesteps=RESIDUAL_TIMESTEPS.numpy(), **_identity(attributor))
+    atomic_write_bytes(path, buf.getvalue())
+    return path, True
 
 
 def registry_scores(method, inputs, images: torch.Tensor, seeds, K) -> np.ndarray:
     """The method registry's DAS: the paper's squared score over the model folder's `avg` store
     (JL-projected, K timesteps), residuals from the training losses at RESIDUAL_TIMESTEPS
-    (`model_residuals`: saved in the model folder after the first query), lambda REGISTRY_LAMBDA."""
+    (`model_residuals`: read from the model folder, built by `build-das`), lambda REGISTRY_LAMBDA."""
     from dtrak_core.attribution.scoring import TRAKScorer
 
     setting, _ = inputs.store(method.store, K)

@@ -80,7 +80,7 @@ def ranking_name(ranking: str) -> str:
         raise ValueError(f"ranking must be a method name such as 'd-trak', 'trak' or 'random', got {ranking!r}")
     name = ranking.strip().lower()
     method = registry.find(name)
-    if method is not None and method.family == "successor":  # scored through the registry (DAS)
+    if method is not None and method.family in registry.SCORED_FAMILIES:  # scored through the registry (DAS, baselines)
         return method.name
     return RANDOM if name == RANDOM else canonical_name(name)
 
@@ -169,7 +169,8 @@ def removal(attributor, image: torch.Tensor, seed: int, ranking: str, k: int) ->
     n = len(attributor.train)
     if name == RANDOM:
         return np.random.default_rng([RANDOM_RANKING_SEED, int(seed)]).permutation(n)[:k]
-    if registry.get(name).family == "successor":  # its own scorer and lambda (DAS: `das.REGISTRY_LAMBDA`)
+    if registry.get(name).family in registry.SCORED_FAMILIES:  # its own scorer (DAS: `das.REGISTRY_LAMBDA`; a kernel
+        # baseline: the folder's tuned entry, else its data-free rules, as D-TRAK's rule lambda below)
         scores = registry.scores(attributor, name, image[None].float())[0]
         return np.argsort(-scores, kind="stable")[:k].astype(np.int64)
     # the data-free lambda rule, not a lambda tuned on LDS data: the counterfactual evaluation stays
@@ -287,8 +288,10 @@ def retrain_and_measure(attributor, seed: int, before: torch.Tensor, removed: np
     before: (C, H, W) the target, `seed`'s sample from the attributor's model; removed: (k,) training
     indices to leave out, strongest proponent first; ranking: the name recorded with the result;
     config: the retraining recipe (its seed included: the original model's, for a fair comparison).
-    progress / should_stop: as for `remove_and_retrain`.
+    progress / should_stop: as for `remove_and_retrain`. A bad ranking name (a ValueError) is
+    refused before the retrain, not after it.
     """
+    ranking = ranking_name(ranking)
     removed = np.asarray(removed, dtype=np.int64)
     keep = keep_indices(len(attributor.train), removed)
 
@@ -373,7 +376,11 @@ def _identity(attributor, config: TrainConfig | None, rankings: list[str]) -> di
     models are retrained by your own script, `lds_own`)."""
     settings = {}
     for name in rankings:
-        if name != RANDOM:
+        if name != RANDOM and registry.get(name).family == "baseline" and registry.get(name).store is None:
+            # a model-free baseline: what its scores depend on is its tuned entry, if any
+            tuned = getattr(attributor, "tuned_params", {}).get(name)
+            settings[name] = f"no store; {json.dumps(tuned, sort_keys=True) if tuned else 'data-free rules'}"
+        elif name != RANDOM:
             setting, _ = attributor.setting(registry.get(name).store or name)
             settings[name] = setting.slug
             lam = attributor.tuned_lambdas.get(registry.sharpened_lambda_key(name, setting.slug))

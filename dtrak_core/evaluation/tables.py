@@ -111,13 +111,13 @@ class Bench:
 
     def __init__(self, run_dir: str, root: str | None = None, *, ablation_fns=ABLATION_OUTPUT_FNS, ablation_Ks=ABLATION_K,
                  method_Ks=METHOD_K, ensemble_sizes=ENSEMBLE_SIZES, ensemble_K: int = ENSEMBLE_K,
-                 journey_K: int = 100, successors: bool = False):
+                 journey_K: int = 100, successors: bool = False, tuned: bool = True):
         root = default_root() if root is None else root
         self.run_dir, self.root = run_dir, root
         self.ablation_fns, self.ablation_Ks, self.method_Ks = tuple(ablation_fns), tuple(ablation_Ks), tuple(method_Ks)
         self.ensemble_sizes, self.ensemble_K, self.journey_K = tuple(ensemble_sizes), ensemble_K, journey_K
         self.successors = successors  # methods_table: a row per registered successor (DAS) too
-        self.attributor = Attributor.load(root)
+        self.attributor = Attributor.load(root, tuned=tuned)  # tuned=False: `tune_lambdas`, which replaces them
         stores = [s for v in self.attributor.stores.values() for s, _ in v]
         if not stores:
             raise ValueError(f"the model in {root!r} has no feature stores; build them with `python -m dtrak_core build-default`")

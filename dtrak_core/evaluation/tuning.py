@@ -25,7 +25,7 @@ def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200
     run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`).
     Returns {store slug or sharpened key: {"lambda", "chosen_on", "validation_lds", "generated_lds", ...}}.
     """
-    bench = Bench(run_dir, root)
+    bench = Bench(run_dir, root, tuned=False)  # the lambdas it replaces are neither used nor checked
     masks = np.asarray(bench.truth["masks"], dtype=np.float64)
     F = {s: bench.truth["F"][s] for s in TEST_SETS}
     tuned = {}
@@ -52,5 +52,5 @@ def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200
                 record(methods.sharpened_lambda_key(method.name, setting.slug), lambda_sweep(
                     lambda lam: {s: masks @ methods.sharpen(spectral.scores(q, lam)).T for s, q in queries.items()},
                     F, LAMBDA_GRID, num_bootstrap, default_lambda=default_lambda(train)))
-    ModelFolder.edit(bench.root, tuned_lambda=tuned)
+    ModelFolder.edit(bench.root, tuned_lambda=tuned)  # saved with new seals (`ModelFolder.save`)
     return tuned

@@ -152,6 +152,26 @@ def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     return unet, scheduler
 
 
+# the config files that, besides the weights, shape every answer (relative to a checkpoint folder -> what it is)
+CONFIG_FILES = {"unet/config.json": "UNet config", "scheduler/scheduler_config.json": "noise schedule config"}
+
+
+def config_file_hash(path: str, rel: str) -> str:
+    """`files.json_hash` of the content of the config file `rel` (a key of CONFIG_FILES) of the
+    checkpoint folder `path`; a damaged file is an `IntegrityError` naming it."""
+    from dtrak_core.files import json_hash, read_json
+
+    return json_hash(read_json(os.path.join(path, *rel.split("/")), CONFIG_FILES.get(rel, "checkpoint config"),
+                               _checkpoint_remedy(path)))
+
+
+def config_hashes(path: str) -> dict[str, str]:
+    """{config file: `config_file_hash`} for CONFIG_FILES of the checkpoint folder `path`: the
+    architecture and the noise schedule, which change every answer as much as the weights do (a
+    model folder records them as `config_hash`, canonical JSON: indentation and key order aside)."""
+    return {rel: config_file_hash(path, rel) for rel in CONFIG_FILES}
+
+
 def checkpoint_hash(unet: torch.nn.Module) -> str:
     """Content hash of the weights (not of the file), so a store knows which model it belongs to."""
     h = hashlib.sha256()

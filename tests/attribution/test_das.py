@@ -1,5 +1,7 @@
 """DAS against a direct computation of its definition on a tiny model (torch.func gradients,
 a dense primal solve), and its residual weights against the public code's formula."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -121,22 +123,73 @@ def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path,
     assert list(cf.removal(att, queries[0], 0, "das", 3)) == list(np.argsort(-got[0], kind="stable")[:3])
 
 
-def test_model_residuals_are_saved_in_the_model_folder_and_checked(tmp_path, tiny_unet, scheduler, digits, one_thread):
+def test_model_residuals_are_built_explicitly_and_checked(tmp_path, tiny_unet, scheduler, digits, one_thread):
     from dtrak_core.attribution.attributor import Attributor
-    from dtrak_core.attribution.das import RESIDUAL_TIMESTEPS, RESIDUALS_FILE, model_residuals
-    from dtrak_core.errors import IntegrityError
+    from dtrak_core.attribution.das import RESIDUAL_TIMESTEPS, RESIDUALS_FILE, build_residuals, model_residuals
+    from dtrak_core.errors import IntegrityError, MethodUnavailable
     from dtrak_core.model.unet import build_unet
 
     att = Attributor(tiny_unet, scheduler, digits.subset(range(3)), [])
     att.root = str(tmp_path)
+    # missing: unavailable, naming the command that builds it; nothing is computed into the folder
+    with pytest.raises(MethodUnavailable, match=f"build them with `python -m dtrak_core build-das --root {tmp_path}`"):
+        model_residuals(att)
+    assert os.listdir(tmp_path) == []
+    path, computed = build_residuals(att)  # the explicit writer (`build-das`)
+    assert computed and path == str(tmp_path / RESIDUALS_FILE)
     first = model_residuals(att)
-    assert (tmp_path / RESIDUALS_FILE).is_file()
     np.testing.assert_array_equal(first, training_losses(tiny_unet, scheduler, att.train.images, RESIDUAL_TIMESTEPS))
     np.testing.assert_array_equal(model_residuals(att), first)  # read back
+    assert build_residuals(att) == (path, False)  # a valid file is kept
     other = Attributor(build_unet(block_out_channels=(4, 8), seed=9), scheduler, att.train, [])
     other.root = str(tmp_path)
-    with pytest.raises(IntegrityError, match="another model"):
+    with pytest.raises(IntegrityError, match=f"^{path} .*another model.*build-das --root {tmp_path}"):
         model_residuals(other)
     (tmp_path / RESIDUALS_FILE).write_bytes(b"not a zip")
-    with pytest.raises(IntegrityError, match="cannot be read"):
+    with pytest.raises(IntegrityError, match=f"^{path} .*cannot be read.*build-das"):
         model_residuals(att)
+    assert build_residuals(att) == (path, True)  # the fix it names
+    np.testing.assert_array_equal(model_residuals(att), first)
+
+
+def _flip_last_data_byte(path):
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("losses.npy")
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.compress_size - 1)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "bit-flip"])
+def test_a_damaged_residuals_file_is_an_integrity_error_naming_it(tmp_path, tiny_unet, scheduler, digits, one_thread,
+                                                                   damage):
+    """The reported defect: a truncated das_residuals.npz raised an uncaught BadZipFile ("File is not
+    a zip file") that broke DAS and every drill-down."""
+    from dtrak_core.attribution import methods
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.das import build_residuals, model_residuals
+    from dtrak_core.attribution.features import FeatureSetting
+    from dtrak_core.errors import IntegrityError
+
+    train = digits.subset(range(3))
+    store = filled_store(tmp_path / "avg", tiny_unet, scheduler, train, FeatureSetting("avg", K=2, k=16))
+    att = Attributor(tiny_unet, scheduler, train, [store])
+    att.root = str(tmp_path)
+    path, _ = build_residuals(att)
+    if damage == "bit-flip":
+        _flip_last_data_byte(path)
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(0 if damage == "empty" else os.path.getsize(path) // 2)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(DAS training losses\\) cannot be read") as e:
+        model_residuals(att)
+    assert e.value.path == path
+    with pytest.raises(IntegrityError, match=f"^{path} "):
+        methods.scores(att, "das", digits.images[200:201])

@@ -188,3 +188,32 @@ def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
     assert att.scorer("d-trak", lam=3.0).lam_ == 3.0
     att.lam = 5.0  # an explicit override beats the tuned value
     assert att.scorer("d-trak").lam_ == 5.0
+
+
+def test_a_hand_edited_tuned_lambda_is_refused_until_tune_lambda_reseals_it(tiny_bench, capsys):
+    """The reported defect: a tuned lambda edited by hand (0.05 -> 50) silently changed a method's
+    ranking. The manifest seals it; the fix the error names, `lds tune-lambda`, re-seals it."""
+    import json
+
+    from dtrak_core import cli
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.errors import IntegrityError
+
+    root, run_dir, _ = tiny_bench
+    tuned = tune_lambdas(run_dir, root, num_bootstrap=10)
+    path = os.path.join(root, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    key = "d-trak-sharp/square-K2-sparse-jl-k32-s42"
+    assert f"tuned_lambda/{key}" in manifest["settings_hash"]
+    manifest["tuned_lambda"][key]["lambda"] = 1234.5  # (off the grid)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(model manifest\\) entry tuned_lambda\\['{key}'\\] hashes to .*"
+                                             f"re-run `python -m dtrak_core lds tune-lambda --root {root}`"):
+        Attributor.load(root)
+    assert cli.main(["lds", "tables", "--out", run_dir, "--root", root]) == 2  # what uses the lambdas refuses
+    assert f"tuned_lambda['{key}'] hashes to" in capsys.readouterr().err
+    assert cli.main(["lds", "tune-lambda", "--out", run_dir, "--root", root]) == 0  # the fix
+    assert f"recorded under 'tuned_lambda' in {path}" in capsys.readouterr().out
+    assert Attributor.load(root).tuned_lambdas[key] == tuned[key]["lambda"]
