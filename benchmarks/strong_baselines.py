@@ -79,7 +79,7 @@ def text2image_candidates(root: str, run: str):
     from dtrak_core.evaluation.lds_run import collect
     from dtrak_core.evaluation.retrain import load_result
     from dtrak_core.text2image import lds as t2l
-    from dtrak_core.text2image.data import CaptionedInputs
+    from dtrak_core.text2image.features import CaptionedInputs
 
     col = collect(run)
     prompts = col["setup"]["test_prompts"]

@@ -1,0 +1,37 @@
+"""The similarity flag: how much of a method's top-k the strongest model-free baseline shares."""
+import json
+
+import numpy as np
+
+from dtrak_core import app_support as sup
+
+
+def test_similarity_flag_counts_the_shared_top_k_and_reads_it():
+    base = np.arange(20, dtype=float)  # top 4: 19, 18, 17, 16
+    same = base.copy()
+    other = -base
+    half = base.copy()
+    half[[19, 18]] = -100
+    half[[0, 1]] = 100
+    assert "**4 of 4**" in sup.similarity_flag("square", same, "pixel-rbf", base, 4) and "little beyond" in \
+        sup.similarity_flag("square", same, "pixel-rbf", base, 4)
+    assert "**0 of 4**" in sup.similarity_flag("square", other, "pixel-rbf", base, 4)
+    assert "not the query's pixel look-alikes" in sup.similarity_flag("square", other, "pixel-rbf", base, 4)
+    assert "**2 of 4**" in sup.similarity_flag("avg", half, "pixel-rbf", base, 4)
+    assert "itself" in sup.similarity_flag("pixel-rbf", base, "pixel-rbf", base, 4)
+
+
+def test_the_baseline_and_the_measured_lds_come_from_the_folders_evidence(tmp_path):
+    assert sup.read_evidence(str(tmp_path)) is None
+    assert sup.lookalike_baseline(None) == sup.LOOKALIKE_FALLBACK
+    (tmp_path / "benchmarks").mkdir()
+    rows = [{"method": "pixel-arccos", "group": "model-free", "validation/signed": 70.0},
+            {"method": "pixel-nn", "group": "model-free", "validation/signed": 20.0},
+            {"method": "square", "group": "model", "validation/signed": 80.0}]
+    (tmp_path / "benchmarks" / "evidence.json").write_text(json.dumps({"rows": rows}))
+    evidence = sup.read_evidence(str(tmp_path))
+    assert sup.lookalike_baseline(evidence) == "pixel-arccos"  # the best model-free row, not the best row
+    text = sup.similarity_flag("d-trak", np.arange(5.0), "pixel-arccos", np.arange(5.0), 2, evidence)
+    assert "validation LDS" in text and "80.0" in text and "70.0" in text
+    (tmp_path / "benchmarks" / "evidence.json").write_text("{not json")
+    assert sup.read_evidence(str(tmp_path)) is None
