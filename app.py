@@ -13,8 +13,9 @@ per-user selections live in `gr.State`.
 Many visitors at once: handlers share only read-only state (the model is run read-only; the
 gradient engines work on private replicas, see `dtrak_core.shared`) and caches keyed by the whole
 request (`OnceCache`: built once, identical for everyone). The queue is bounded per session and per
-client address, a retrain stops when its visitor leaves, cancels or runs past a time limit, and
-the upload cache is swept.
+client address, a retrain stops when its visitor leaves, cancels or runs past a time limit, uploads
+are bounded per address before they reach the disk (`UploadGate`), and the upload cache is bounded
+in size and swept.
 
 Start-up: `python app.py` serves as soon as the model folder is loaded and checked by its small
 files (stores, the TracInCP index, the precomputed results' identity). A background warm-up
@@ -96,10 +97,14 @@ class Assets:
 
 
 def _load_assets(root: str) -> Assets:
-    attributor = Attributor.load(root)
+    # a damaged or mismatched feature store is left out (as long as one loads): only the methods that
+    # need it are turned off, and the banner names it (the CLI refuses the folder instead)
+    damaged_stores = {}
+    attributor = Attributor.load(root, damaged=damaged_stores)
     # quick: TracInCP by its index, not by loading its checkpoints (`full_check` does that after
     # the first page is shown)
-    problems = registry.problems(attributor, root, quick=True)
+    problems = dict(registry.problems(attributor, root, quick=True))
+    problems.update(store_problems(attributor, damaged_stores, problems))
     methods = list(attributor.methods) + [m.name for m in registry.all() if m.family in registry.SCORED_FAMILIES
                                           and m.name not in problems]
     classifier = None
@@ -109,6 +114,39 @@ def _load_assets(root: str) -> Assets:
         classifier = ImageClassifier.load(os.path.join(root, "classifier"))
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
                   {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)}, classifier)
+
+
+def _store_output_fn(path: str) -> str:
+    """The output function a store folder was built for: its metadata's, else its name's
+    (`FeatureSetting.slug`, '<output_fn>-K<K>-...') when the metadata is what is damaged."""
+    import json
+
+    try:
+        with open(os.path.join(path, "metadata.json")) as f:
+            fn = json.load(f).get("output_fn")
+        if isinstance(fn, str) and fn:
+            return fn
+    except (OSError, ValueError, AttributeError):
+        pass
+    return os.path.basename(os.path.normpath(path)).rsplit("-K", 1)[0]
+
+
+def store_problems(attributor, damaged_stores: dict, problems: dict) -> dict:
+    """{method: the damaged store's error} for the methods that a damaged store (left out by
+    `Attributor.load(damaged=...)`) turns off: its TRAK-family method, when no other store serves
+    it, and the registered methods that score with that store (which `registry.problems` reports
+    as merely unavailable: here the damaged file is named)."""
+    found = {}
+    for path, error in damaged_stores.items():
+        fn = _store_output_fn(path)
+        if fn in attributor.stores:  # another store (another K) still serves the method
+            continue
+        found[fn] = error
+        for m in registry.all():
+            if m.store == fn and m.family in registry.SCORED_FAMILIES and \
+                    (m.name not in problems or isinstance(problems[m.name], registry.MethodUnavailable)):
+                found[m.name] = error
+    return found
 
 
 def once_per_root(fn):
@@ -161,6 +199,11 @@ def trusted_proxies(environ=os.environ) -> int:
 
 
 TRUSTED_PROXIES = trusted_proxies()  # X-Forwarded-For hops to trust (`client_address`)
+# Uploads (Gradio's /gradio_api/upload), bounded per address before a byte reaches the disk (`UploadGate`)
+UPLOAD_WINDOW_SECONDS = float(os.environ.get("DTRAK_UPLOAD_WINDOW_SECONDS", 600))  # the window of the two below
+UPLOADS_PER_WINDOW = int(os.environ.get("DTRAK_UPLOADS_PER_WINDOW", 30))  # files per address per window
+UPLOAD_MB_PER_WINDOW = float(os.environ.get("DTRAK_UPLOAD_MB_PER_WINDOW", 50))  # MB per address per window
+UPLOAD_CACHE_MB = float(os.environ.get("DTRAK_UPLOAD_CACHE_MB", 500))  # Gradio's upload cache, all visitors
 CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
 ERROR_SECONDS = 8  # an error message fades after this long (they would pile up otherwise)
 
@@ -566,10 +609,20 @@ class CounterfactualView:
 
     @classmethod
     def from_gallery(cls, e: dict) -> "CounterfactualView":
+        """A gallery entry (`app_support.counterfactual_gallery`, verified); an image that cannot be
+        decoded is an `IntegrityError` naming the PNG."""
         from PIL import Image
 
+        from dtrak_core.errors import IntegrityError
+        from dtrak_core.evaluation.counterfactual_report import gallery_remedy
+
         def load(path):
-            img = Image.open(path).convert("L")
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("L")
+            except Exception as exc:  # PIL raises many types ("image file is truncated", ...)
+                raise IntegrityError(path, f"(counterfactual gallery image) cannot be read ({type(exc).__name__}: "
+                                     f"{exc})", gallery_remedy(path)) from None
             return img.resize((img.width * assets().scale(QUERY_PX), img.height * assets().scale(QUERY_PX)),
                               Image.Resampling.NEAREST)
         return cls(int(e["seed"]), e["ranking"], int(e["k"]), load(e["before_png"]), load(e["after_png"]),
@@ -580,8 +633,62 @@ class CounterfactualView:
 
 @once_per_root
 def precomputed(root: str) -> dict:
-    """(seed, ranking, k) -> CounterfactualView for every gallery entry shipped under the assets."""
-    return {(v.seed, v.ranking, v.k): v for v in map(CounterfactualView.from_gallery, sup.counterfactual_gallery(root))}
+    """(seed, ranking, k) -> CounterfactualView for every entry of the galleries shipped under the
+    assets, each gallery verified against the checksums its writer recorded. A damaged or edited
+    gallery is left out and reported (`_damaged_gallery`, the banner); the others are shown."""
+    from dtrak_core.errors import IntegrityError
+
+    galleries, damaged = sup.counterfactual_gallery(root)
+    views = {}
+    for index_path, entries in galleries:
+        try:
+            found = [CounterfactualView.from_gallery(e) for e in entries]
+        except IntegrityError as e:
+            damaged[index_path] = str(e)
+            continue
+        views.update({(v.seed, v.ranking, v.k): v for v in found})
+    _damaged_gallery[root] = {f"precomputed gallery ({os.path.relpath(os.path.dirname(p), root)})": why
+                              for p, why in damaged.items()}
+    return views
+
+
+_damaged_gallery: dict[str, dict] = {}  # root -> {"precomputed gallery (<folder>)": why it is off}
+
+
+def verified_results(root: str) -> dict:
+    """{name: {"path", and "data" or "error"}} for the benchmark results the app shows whole:
+    benchmarks/tables.json and counterfactual/summary.json (when present), each verified against
+    the checksum its writer recorded. "error" (unreadable, edited, unrecorded) turns off that part
+    of the Benchmarks tab, which then says why, as the banner does. (Two small files: read each
+    time it is asked, when the page is built and by the banner's checks.)"""
+    from dtrak_core import checksums
+    from dtrak_core.errors import IntegrityError
+    from dtrak_core.evaluation.counterfactual_report import summary_remedy
+    from dtrak_core.evaluation.tables_report import TABLES_REMEDY
+
+    out = {}
+    for name, path, what, remedy in (
+            ("tables", os.path.join(root, "benchmarks", "tables.json"), "benchmark tables", TABLES_REMEDY),
+            ("summary", os.path.join(root, "counterfactual", "summary.json"), "counterfactual summary",
+             summary_remedy(os.path.join(root, "counterfactual", "summary.json")))):
+        if not os.path.exists(path):
+            continue
+        try:
+            out[name] = {"path": path, "data": checksums.read_sealed_json(path, what, remedy)}
+        except IntegrityError as e:
+            out[name] = {"path": path, "error": str(e)}
+    return out
+
+
+RESULT_PARTS = {"tables": "Benchmarks: LDS tables", "summary": "Benchmarks: counterfactual summary"}
+
+
+def results_damage(root: str) -> dict:
+    """{part: why it is off} for the precomputed results (galleries, tables, summary)."""
+    precomputed(root)
+    damaged = dict(_damaged_gallery.get(root, {}))
+    damaged.update({RESULT_PARTS[name]: r["error"] for name, r in verified_results(root).items() if "error" in r})
+    return damaged
 
 
 @once_per_root
@@ -606,12 +713,13 @@ _damaged_results: dict[str, str] = {}  # root -> why its precomputed counterfact
 
 def quick_damage(root: str) -> dict:
     """{part: why it is off} from the checks that cost no more than reading a few small files:
-    the stores and the TracInCP index (`load_assets`) and the precomputed counterfactual results'
-    identity.json. What they miss (a replaced checkpoint, a damaged job file) `full_check` finds."""
+    the stores and the TracInCP index (`load_assets`), the precomputed counterfactual results'
+    identity.json, the galleries and the benchmark tables and summary (their checksums). What they
+    miss (a replaced checkpoint, a damaged job file) `full_check` finds."""
     from dtrak_core.errors import IntegrityError
 
     a = load_assets(root)
-    damaged = dict(a.damaged)
+    damaged = {**a.damaged, **results_damage(root)}
     if root in _damaged_results:
         damaged["precomputed counterfactuals"] = _damaged_results[root]
     elif a.can_retrain:
@@ -1155,9 +1263,24 @@ def benchmarks_blocks(root: str) -> list:
     cf_items = {i["name"]: i for i in sup.read_benchmarks(cf_dir)}
     lds, cf_summary = items.pop("lds_results", None), cf_items.get("summary")
     tables = items.pop("tables", None)
-    shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary)) or bool(items)
+    # the tables and the summary are shown only as their writers wrote them (checksums verified);
+    # one that is not is named in place of its section (and in the banner), never silently left out
+    checked = verified_results(root)
+    if tables is not None:
+        tables = {**tables, **checked.get("tables", {})}
+    if cf_summary is not None:
+        cf_summary = {**cf_summary, **checked.get("summary", {})}
+    broken = [(title, x) for title, x in (("LDS: D-TRAK and TRAK", lds), ("LDS of every method", tables),
+                                          ("Counterfactual: remove the top proponents and retrain", cf_summary))
+              if x is not None and "error" in x]
+    for _, x in broken:
+        x.pop("data", None)
+    shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary)) or bool(items) or bool(broken)
     if shown:
         gr.Markdown(BENCHMARKS_HELP)
+    for title, x in broken:
+        gr.Markdown(f"## {title}\n\n**Not shown: this result file is unreadable, or not the one its writer wrote.** "
+                    f"{html.escape(x['error'])}", elem_classes="damaged-result")
     if lds is not None and lds.get("data"):
         data = lds["data"]
         gr.Markdown("## LDS: D-TRAK and TRAK")
@@ -1227,15 +1350,19 @@ def draw_charts(charts: list, cache: OnceCache):
     return figures[0] if len(figures) == 1 else figures
 
 
-def error_page(error: str) -> gr.Blocks:
-    """What the app shows when its model folder cannot be loaded: what is wrong and how to fix it."""
+def error_page(error: str, text2image: bool = False) -> gr.Blocks:
+    """What the app shows when its model folder cannot be loaded: what is wrong and how to fix it
+    (text2image: a text-to-image folder, rebuilt by `build-text2image`)."""
+    rebuild = ("rebuild it with `python -m dtrak_core build-text2image` (your own Stable Diffusion and LoRA: "
+               "`python -m dtrak_core build-text2image --root FOLDER --pipeline SD --lora L --data D`)" if text2image else
+               "rebuild it with `python -m dtrak_core build-default` (a model of your own: `python -m dtrak_core build "
+               "--root FOLDER --model M --data D`)")
     with gr.Blocks(title="D-TRAK explorer", delete_cache=CACHE_SWEEP) as page:
         gr.Markdown(HEADER)
         gr.Markdown(f"## The model assets could not be loaded\n\n**Folder:** `{ASSETS}`\n\n**What is wrong:** "
-                    f"{html.escape(error)}\n\n**How to fix it:** point `DTRAK_ASSETS` at a complete model folder, "
-                    "restore the embedded default with `git checkout -- assets` (or `git lfs pull` if it came "
-                    "without its binaries), or rebuild it with `python -m dtrak_core build-default` "
-                    "(a model of your own: `python -m dtrak_core build --root FOLDER --model M --data D`). "
+                    f"{html.escape(error)}\n\n**How to fix it:** do what the message above says, point "
+                    "`DTRAK_ASSETS` at a complete model folder, restore the embedded default with `git checkout -- "
+                    f"assets` (or `git lfs pull` if it came without its binaries), or {rebuild}. "
                     "Then restart the app.", elem_id="assets-error")
     return page
 
@@ -1246,12 +1373,16 @@ def cards_html(elem_id: str) -> gr.HTML:
 
 
 def text2image_folder(root: str) -> bool:
-    """A text-to-image model folder (its own page: `dtrak_core.text2image.app_views`); a folder whose
-    manifest cannot be read is not, and the default loader reports what is wrong with it."""
+    """A text-to-image model folder (its own page: `dtrak_core.text2image.app_views`), by its
+    manifest; one whose manifest cannot be read or checked is, when what remains of it or the
+    folder's layout says so (`folder.manifest_remedy`), so that its error page says how to rebuild
+    it (`build-text2image`)."""
+    from dtrak_core.folder import TEXT2IMAGE_REMEDY, manifest_remedy
+
     try:
         return read_manifest(root).get("kind") == "text2image"
     except (ValueError, OSError):
-        return False
+        return os.path.isfile(os.path.join(root, "manifest.json")) and manifest_remedy(root) == TEXT2IMAGE_REMEDY
 
 
 def text2image_demo() -> gr.Blocks:
@@ -1263,7 +1394,8 @@ def text2image_demo() -> gr.Blocks:
         import traceback
 
         traceback.print_exc()
-        return error_page(str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
+        return error_page(str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}",
+                          text2image=True)
     return app_views.build_demo(ASSETS, cards_html=cards_html, about=ABOUT, how_to_read=HOW_TO_READ,
                                 opponent_note=OPPONENT_NOTE, noise_help=NOISE_HELP, cache_sweep=CACHE_SWEEP)
 
@@ -1543,9 +1675,235 @@ def bound_queue_per_visitor(queue, per_session: int = MAX_PENDING_PER_SESSION,
     queue.push = bounded_push
 
 
+class UploadLimits:
+    """What one address may upload through Gradio's upload route, and how large the upload cache may
+    grow, checked before the body is read (`admit`, from Content-Length) and once it is buffered in
+    memory (`count_files`), never after it is written. Thread-safe; times are `time.monotonic()`.
+
+    per window of `window` seconds, per address: `files` files and `mb` MB (what was admitted
+    counts, whether Gradio then kept it or not); per request: `max_file_bytes` (the per-file limit)
+    plus the multipart framing; all visitors together: the upload cache (Gradio's folder, swept of
+    files older than 30 minutes by `CACHE_SWEEP`) at most `cache_mb` MB, uploads in flight included.
+    """
+
+    FRAMING = 64 * 1024  # multipart headers and boundaries around a file's bytes
+
+    def __init__(self, files: int = UPLOADS_PER_WINDOW, mb: float = UPLOAD_MB_PER_WINDOW,
+                 window: float = UPLOAD_WINDOW_SECONDS, cache_mb: float = UPLOAD_CACHE_MB,
+                 max_file_bytes: int = MAX_UPLOAD_BYTES, cache_dir: str | None = None):
+        self.files, self.bytes, self.window = int(files), int(mb * 2**20), float(window)
+        self.cache_bytes, self.max_request = int(cache_mb * 2**20), int(max_file_bytes) + self.FRAMING
+        self.max_file_bytes = int(max_file_bytes)
+        self._cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._recent: dict[str, list] = {}  # address -> [[time, files, bytes], ...] in the window
+        self._in_flight = 0  # bytes admitted and not yet finished
+        self._measured = (-1e9, 0)  # (when, bytes) of the last walk of the cache folder
+
+    @property
+    def cache_dir(self) -> str:
+        if self._cache_dir is None:
+            from gradio.utils import get_upload_folder
+
+            self._cache_dir = get_upload_folder()
+        return self._cache_dir
+
+    def cache_size(self, max_age: float = 2.0) -> int:
+        """Bytes in the upload cache folder, walked at most every `max_age` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            when, size = self._measured
+        if now - when <= max_age:
+            return size
+        size = 0
+        for folder, _, names in os.walk(self.cache_dir):
+            for name in names:
+                try:
+                    size += os.lstat(os.path.join(folder, name)).st_size
+                except OSError:  # swept meanwhile
+                    pass
+        with self._lock:
+            self._measured = (now, size)
+        return size
+
+    def _used(self, address: str, now: float) -> tuple[int, int, float]:
+        """(files, bytes, seconds until the oldest leaves the window) of `address` in the window."""
+        recent = [r for r in self._recent.get(address, []) if now - r[0] < self.window]
+        if recent:
+            self._recent[address] = recent
+        else:
+            self._recent.pop(address, None)
+        wait = self.window - (now - recent[0][0]) if recent else 0.0
+        return sum(r[1] for r in recent), sum(r[2] for r in recent), wait
+
+    def admit(self, address: str, length: int | None):
+        """(entry, None) when a request of `length` bytes from `address` may go on (the entry is what
+        `count_files` and `done` take), else (None, (status, message, retry-after seconds or None))."""
+        mb = _size
+        if length is None:
+            return None, (411, "An upload must say its size (Content-Length).", None)
+        if length > self.max_request:
+            return None, (413, f"The file is over {mb(self.max_file_bytes)}, the upload limit of this server.", None)
+        cached = self.cache_size()
+        now = time.monotonic()
+        with self._lock:
+            if len(self._recent) > 1000:  # forget the addresses that have left the window
+                for other in list(self._recent):
+                    self._used(other, now)
+            files, used, wait = self._used(address, now)
+            if files + 1 > self.files or used + length > self.bytes:
+                return None, (429, f"Too many uploads from your address: {files} file(s), {mb(used)} in the last "
+                                   f"{self.window / 60:.0f} minutes (the limit is {self.files} files and "
+                                   f"{mb(self.bytes)}). Try again in {wait:.0f} s.", max(1, int(wait + 1)))
+            if cached + self._in_flight + length > self.cache_bytes:
+                return None, (503, "The server's upload space is full (uploads are kept 30 minutes); try again in a "
+                                   "few minutes.", 60)
+            entry = [now, 1, length]
+            self._recent.setdefault(address, []).append(entry)
+            self._in_flight += length
+        return entry, None
+
+    def count_files(self, address: str, entry: list, files: int):
+        """None when the `files` files of an admitted request fit the address's window, else its refusal."""
+        with self._lock:
+            entry[1] = max(1, files)
+            total, _, wait = self._used(address, time.monotonic())
+            if total > self.files:
+                return (429, f"Too many files from your address: this request holds {files}, and the limit is "
+                             f"{self.files} files in {self.window / 60:.0f} minutes. Try again in {wait:.0f} s.",
+                        max(1, int(wait + 1)))
+        return None
+
+    def done(self, entry: list) -> None:
+        with self._lock:
+            self._in_flight -= entry[2]
+            when, size = self._measured  # what it wrote counts until the next walk of the folder
+            self._measured = (when, size + entry[2])
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{max(1, round(n / 1024))} KB"
+
+
+def _multipart_parts(content_type: str, body: bytes) -> int:
+    """How many parts (files) a multipart body holds, counted by its boundary (1 when it has none)."""
+    import re
+
+    found = re.search(r'boundary="?([^";]+)"?', content_type or "")
+    if not found:
+        return 1
+    return max(1, body.count(b"--" + found.group(1).strip().encode("latin-1")) - 1)
+
+
+class UploadGate:
+    """ASGI middleware in front of Gradio's upload route (POST .../gradio_api/upload): an upload over
+    its address's window or the cache's size is refused (HTTP 429, 413, 411 or 503, with a message
+    a person can read, and Retry-After) before its body is written to disk; an admitted one is read
+    into memory (at most the per-file limit plus framing), its files counted, and then handed to
+    Gradio as it came. Everything else passes untouched. `limits`: an `UploadLimits`."""
+
+    def __init__(self, app, limits: UploadLimits):
+        self.app, self.limits = app, limits
+
+    @staticmethod
+    def is_upload(scope) -> bool:
+        return (scope["type"] == "http" and scope.get("method") == "POST"
+                and scope.get("path", "").rstrip("/").endswith("/gradio_api/upload"))
+
+    async def __call__(self, scope, receive, send):
+        if not self.is_upload(scope):
+            return await self.app(scope, receive, send)
+        from starlette.requests import Request
+
+        request = Request(scope)
+        address = client_address(request)
+        try:
+            length = int(request.headers["content-length"])
+            length = length if length >= 0 else None
+        except (KeyError, ValueError):
+            length = None
+        entry, refusal = self.limits.admit(address, length)
+        if refusal is not None:
+            if length is not None and length <= self.limits.max_request:
+                await self._drain(receive)  # so that the client reads the answer instead of a reset connection
+            return await self._refuse(send, *refusal)
+        try:
+            body, complete = await self._read(receive, length)
+            if not complete:
+                return await self._refuse(send, 400, "The upload's body does not match its Content-Length.", None)
+            refusal = self.limits.count_files(address, entry, _multipart_parts(request.headers.get("content-type"),
+                                                                                body))
+            if refusal is not None:
+                return await self._refuse(send, *refusal)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: the disconnect, when it comes
+            return await self.app(scope, replay, send)
+        finally:
+            self.limits.done(entry)
+
+    async def _read(self, receive, length: int) -> tuple[bytes, bool]:
+        """(the body, whether it came whole): at most `length` bytes, which must all come."""
+        chunks, got = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", False
+            chunk = message.get("body", b"")
+            got += len(chunk)
+            if got > length:
+                return b"", False
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), got == length
+
+    async def _drain(self, receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+    async def _refuse(self, send, status: int, message: str, retry_after) -> None:
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(int(retry_after)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": message.encode()})
+
+
+def bound_uploads(demo: gr.Blocks, limits: UploadLimits | None = None) -> UploadLimits:
+    """Put `UploadGate` in front of the upload route of every server `demo.launch` starts from now
+    on, with the per-file limit (max_file_size) set: Gradio builds its FastAPI app inside `launch`,
+    so the gate goes in through launch's public `app_kwargs` (FastAPI's `middleware`). Returns the
+    limits in force (their counts are shared by every launch of this demo)."""
+    from starlette.middleware import Middleware
+
+    limits = UploadLimits() if limits is None else limits
+    launch = getattr(demo, "_dtrak_unbounded_launch", None) or demo.launch
+    demo._dtrak_unbounded_launch = launch
+    demo.upload_limits = limits
+
+    def bounded_launch(*args, app_kwargs=None, max_file_size=None, **kwargs):
+        app_kwargs = dict(app_kwargs or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(UploadGate, limits=demo.upload_limits)]
+        return launch(*args, app_kwargs=app_kwargs, max_file_size=demo.upload_limits.max_file_bytes
+                      if max_file_size is None else max_file_size, **kwargs)
+
+    demo.launch = bounded_launch
+    return limits
+
+
 def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
-              per_client: int = MAX_PENDING_PER_CLIENT) -> gr.Blocks:
-    """Queue and limits for serving `demo` to many visitors (also used by the tests' servers).
+              per_client: int = MAX_PENDING_PER_CLIENT, uploads: UploadLimits | None = None) -> gr.Blocks:
+    """Queue and limits for serving `demo` to many visitors (also used by the tests' servers): the
+    queue bounded per session and per address (`bound_queue_per_visitor`), uploads per address and
+    the upload cache (`bound_uploads`; uploads: the limits, default from the DTRAK_UPLOAD_*
+    environment variables).
 
     The visitor's address is decided by `client_address` alone, from DTRAK_TRUSTED_PROXIES: uvicorn's
     own X-Forwarded-For handling, which believes the header from any loopback peer by default, is
@@ -1553,6 +1911,7 @@ def configure(demo: gr.Blocks, per_session: int = MAX_PENDING_PER_SESSION,
     os.environ["FORWARDED_ALLOW_IPS"] = ""
     demo.queue(max_size=64, default_concurrency_limit=2)
     bound_queue_per_visitor(demo._queue, per_session, per_client)
+    bound_uploads(demo, uploads)
     return demo
 
 

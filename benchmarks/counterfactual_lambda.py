@@ -79,7 +79,7 @@ def run(args) -> None:
         s, removed = specs[job.id]
         return retrain_and_measure(attributor, s, befores[s], removed, STORE, config).to_arrays()
 
-    ran = run_jobs(jobs, JOBS, work, shard=parse_shard(args.shard))
+    ran = run_jobs(jobs, JOBS, work, shard=parse_shard(args.shard), checksums=True)  # load_job verifies them
     print(f"ran {len(ran)} job(s); results in {os.path.relpath(JOBS, ROOT)}")
 
 

@@ -199,6 +199,11 @@ class Server:
                    GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
                    GRADIO_TEMP_DIR=self.temp_dir, OMP_NUM_THREADS=str(self.threads),
                    PYTHONPATH=self.code + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # every simulated visitor reaches the server from this machine's one address: the app's upload
+        # bound per address (DTRAK_UPLOADS_PER_WINDOW, DTRAK_UPLOAD_MB_PER_WINDOW) would refuse their
+        # uploads together, so it is lifted here unless asked for; the upload cache's bound stays
+        for key in ("DTRAK_UPLOADS_PER_WINDOW", "DTRAK_UPLOAD_MB_PER_WINDOW"):
+            env.setdefault(key, "1000000")
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=self.code, env=env, stdout=out,
                                          stderr=subprocess.STDOUT)

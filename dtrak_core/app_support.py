@@ -255,26 +255,24 @@ class QueryKey:
 
 
 
-def counterfactual_gallery(root: str) -> list[dict]:
-    """Precomputed counterfactual entries from every gallery.json under `root` (written by
-    `counterfactual.write_gallery`), with image paths made absolute; [] when there are none.
-    Entries whose images are missing are skipped."""
+def counterfactual_gallery(root: str) -> tuple[list[tuple[str, list[dict]]], dict[str, str]]:
+    """The precomputed counterfactual galleries under `root` (every gallery.json, written by
+    `counterfactual_report.write_gallery`), each verified against the checksums its writer recorded
+    (`counterfactual_report.read_gallery`): ([(gallery.json, its entries with absolute image
+    paths)], {gallery.json: why it cannot be used}). A damaged, edited or unrecorded gallery is
+    reported, never shown and never silently dropped; the others are unaffected."""
     import glob
 
-    entries = []
+    from dtrak_core.errors import IntegrityError
+    from dtrak_core.evaluation.counterfactual_report import read_gallery
+
+    found, damaged = [], {}
     for index_path in sorted(glob.glob(os.path.join(root, "**", "gallery.json"), recursive=True)):
-        folder = os.path.dirname(index_path)
         try:
-            with open(index_path) as f:
-                index = json.load(f)
-        except (OSError, ValueError):
-            continue
-        for e in index.get("entries", []):
-            paths = {key: os.path.join(folder, str(e.get(key, "")).split(" ")[0]) for key in ("before_png", "after_png")}
-            if not all(os.path.isfile(p) for p in paths.values()):
-                continue
-            entries.append({**e, **paths})
-    return entries
+            found.append((index_path, read_gallery(os.path.dirname(index_path))))
+        except IntegrityError as e:
+            damaged[index_path] = str(e)
+    return found, damaged
 
 
 HONEST, PM, PAPER, DEFAULT = "LDS (honest λ)", "±", "LDS (paper λ)", "LDS (default λ)"

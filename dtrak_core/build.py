@@ -107,7 +107,7 @@ def build_default(root: str | None = None, config: TrainConfig = DEFAULT_TRAIN_C
 
 
 def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, invert: bool = False,
-               show_bar: bool = True, device="cpu") -> dict:
+               show_bar: bool = True, device="cpu", precision: str = "fp32") -> dict:
     """A model folder for your own model and training images: feature stores under `root`, the
     model and the images referenced where they are (nothing is copied or downloaded).
 
@@ -116,9 +116,16 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     data: the folder of images the model was trained on (labels from class sub-folders, if any),
         resized to the model's resolution and channels; `invert` for dark-on-light images.
     Resumable: run it again to finish stores; a root built for another model or data is refused.
-    device: where the gradients are computed. settings=(): the manifest only (fill the stores
-    later, e.g. with `torchrun ... featurize`).
+    device: where the gradients are computed ("cpu", "cuda", "cuda:<i>", "mps"); precision: the
+    policy of the model's forward passes outside the features (`devices.py`): the features are
+    float32 whatever it is, so it changes no store. Both are checked (an unavailable device, fp16 on
+    a CPU: a ValueError) before any work. settings=(): the manifest only (fill the stores later with
+    `featurize --device ...`, or `torchrun ... featurize`).
     """
+    from dtrak_core.devices import check_precision, resolve_device
+
+    resolve_device(device)
+    check_precision(precision, device)
     folder = resolve_model(model)
     unet, scheduler = load_checkpoint(folder)
     cfg = unet.config

@@ -1,4 +1,8 @@
-"""Command line: python -m dtrak_core <command> ...  (run with -h for each command's options)."""
+"""Command line: python -m dtrak_core <command> ...  (run with -h for each command's options).
+
+The arguments are parsed before anything heavy is imported: torch, diffusers and the text-to-image
+stack load inside the command that needs them, so `-h` and a mistyped option answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +11,29 @@ import os
 import sys
 import time
 
-import torch
+# The text-to-image commands (dtrak_core/text2image/cli.py) register their options from a module that
+# imports torch: they are listed with these lines and their parser is built only when one is run.
+TEXT2IMAGE_COMMANDS = {
+    "build-text2image": "the text-to-image miniature (or your own pipeline + LoRA): model folder with feature "
+                        "stores of the LoRA's fine-tuning set (needs pip install .[text2image])",
+    "generate-text2image": "sample a text-to-image model folder from a prompt and seeds (needs .[text2image])",
+    "lds-text2image": "LDS of a text-to-image folder: LoRA retrains on half subsets (needs .[text2image])",
+}
+# what a missing optional module needs installed: the package's extras (pyproject.toml)
+EXTRAS = {"transformers": "text2image", "peft": "text2image", "gradio": "app"}
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _root_option(root) -> str:
+    from dtrak_core.errors import root_option
+
+    return root_option(root)
 
 
 def _add_root(p):
@@ -55,15 +81,27 @@ def cmd_build_default(args):
 
 
 def cmd_build(args):
+    from dtrak_core.devices import check_precision, resolve_device
+
+    resolve_device(args.device)  # an unavailable device or precision: refused before any work
+    check_precision(args.precision, args.device)
     from dtrak_core.build import build_from
     from dtrak_core.attribution.features import FeatureSetting
 
-    settings = [FeatureSetting(fn, K=args.K, projector=args.projector, k=args.k) for fn in args.output_fn]
+    settings = [] if args.manifest_only else [FeatureSetting(fn, K=args.K, projector=args.projector, k=args.k)
+                                              for fn in args.output_fn]
     _check_writable(args.root)
-    manifest = build_from(args.root, args.model, args.data, settings, invert=args.invert)
+    manifest = build_from(args.root, args.model, args.data, settings, invert=args.invert, device=args.device,
+                          precision=args.precision)
     print(json.dumps({k: manifest.get(k) for k in ("checkpoint", "dataset", "num_train", "parameters", "stores",
                                                     "featurize_seconds")}, indent=2))
-    print(f"attribute with: python -m dtrak_core attribute --root {args.root} --image FILE --method d-trak")
+    if args.manifest_only:  # on a GPU: --device cuda; under torchrun each rank fills its share of a store
+        print("fill the stores with:")
+        for fn in args.output_fn:
+            print(f"  python -m dtrak_core featurize{_root_option(args.root)} --output-fn {fn} --K {args.K} "
+                  f"--k {args.k} --projector {args.projector} --device {args.device}")
+    else:
+        print(f"attribute with: python -m dtrak_core attribute{_root_option(args.root)} --image FILE --method d-trak")
 
 
 def cmd_generate(args):
@@ -94,7 +132,19 @@ def _require_digits_model(root, what: str) -> None:
         raise ValueError(f"{what} needs a digits model trained by dtrak (`build-default`); {root!r} holds "
                          f"{folder.model_source or folder.checkpoint!r}, built with `build` "
                          f"(attribute, featurize, generate and the app work with it; for LDS and the counterfactual "
-                         f"with models retrained by your own script: `lds-own`, `counterfactual-own`)")
+                         f"with models retrained by your own script: `lds-own`, `counterfactual-own`; the lambda "
+                         f"measured there is recorded by `python -m dtrak_core lds-own tune-lambda"
+                         f"{_root_option(root)} --out RUN`)")
+
+
+def _own_lds_run(args) -> bool:
+    """Whether `lds tune-lambda` was given a folder not trained by dtrak and an `lds-own` run (--out);
+    such a folder without one is refused by `_require_digits_model`, which names `lds-own tune-lambda`."""
+    from dtrak_core.evaluation.lds_own import is_own_run
+    from dtrak_core.folder import ModelFolder
+
+    folder = ModelFolder.load(args.root, missing_ok=True, tuned=False)
+    return folder is not None and not folder.is_digits_default and args.out is not None and is_own_run(args.out)
 
 
 def _load_model(root):
@@ -137,22 +187,40 @@ def cmd_attribute(args):
     if method.family == "trak":
         result = attributor.attribute(image, args.method, K=args.K, **({"prompt": args.prompt} if text2image else {}))
         lam = attributor.scorer(args.method, args.K).lam_
+        lam_source = _lambda_source(attributor, args.method, args.K, args.lam)
     elif text2image:
         raise ValueError(f"{method.label} is not available on a text-to-image folder from the command line; its "
                          f"TRAK-family methods are: {', '.join(attributor.methods)}")
     else:  # a baseline, through the registry (Journey-TRAK follows the seed's own trajectory)
         scores = methods.scores(attributor, method.name, image[None], None if args.image else [args.seed], K=args.K)
-        result, lam = Attribution(method.name, scores[0], attributor.train.labels.numpy()), None
+        result, lam, lam_source = Attribution(method.name, scores[0], attributor.train.labels.numpy()), None, None
     seconds = time.perf_counter() - t0
-    table = {**query, **result.table(args.top), "lambda": lam, "seconds": round(seconds, 3)}
+    table = {**query, **result.table(args.top), "lambda": lam, **({"lambda_source": lam_source} if lam_source else {}),
+             "seconds": round(seconds, 3)}
     if args.json:
         print(json.dumps(table, indent=2))
         return
-    print(f"{method.label} attribution for {query}{'' if lam is None else f', lambda {lam:.4g}'} ({seconds:.2f} s)")
+    print(f"{method.label} attribution for {query}{'' if lam is None else f', lambda {lam:.4g} ({lam_source})'} "
+          f"({seconds:.2f} s)")
     for kind in ("proponents", "opponents"):
         print(f"\n{kind}:\n  rank  train-index  label      score")
         for r, row in enumerate(table[kind], 1):
             print(f"  {r:4d}  {row['index']:11d}  {row['label']:5d}  {row['score']:+.4e}")
+
+
+def _lambda_source(attributor, method: str, K, given) -> str | None:
+    """Where a TRAK-family answer's lambda comes from: --lambda, the manifest's recorded one (and
+    how it was chosen), or the data-free rule."""
+    if given is not None:
+        return "given with --lambda"
+    try:
+        slug = attributor.setting(method, K)[0].slug
+    except (ValueError, AttributeError):
+        return None
+    if slug in attributor.tuned_lambdas:
+        chosen = ((getattr(attributor, "tuned_params", {}).get(slug) or {}).get("chosen_on") or "").split(";")[0]
+        return f"recorded in manifest.json{f', chosen on {chosen}' if chosen else ''}"
+    return "the data-free rule: no lambda recorded for this store"
 
 
 def cmd_featurize(args):
@@ -209,8 +277,7 @@ def cmd_counterfactual(args):
 
     _require_digits_model(args.root, "counterfactual (remove and retrain)")
     shard = shard_of(parse_shard(args.shard))  # under torchrun: each rank its own jobs
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     attributor = Attributor.load(args.root)
     args.out = os.path.join(args.root, "counterfactual") if args.out is None else args.out
     jobs_dir = os.path.join(args.out, "jobs")
@@ -220,8 +287,8 @@ def cmd_counterfactual(args):
                                  train_config_from_manifest(args.root), shard=shard, control=not args.no_control)
         print(f"ran {len(ran)} job(s) now; results in {jobs_dir}")
         if distributed.launched():  # ranks finish at different times: summarize once, when all are done
-            print(f"rank {shard[0]}/{shard[1]} done; when every rank is, summarize with `counterfactual "
-                  f"--summary-only --out {args.out}`")
+            print(f"rank {shard[0]}/{shard[1]} done; when every rank is, summarize with `python -m dtrak_core "
+                  f"counterfactual{_root_option(args.root)} --summary-only --out {args.out}`")
             return
     summary = _counterfactual_report(args.out, jobs_dir, attributor.train)
     if args.gallery and summary["cells"]:
@@ -230,13 +297,27 @@ def cmd_counterfactual(args):
 
 
 
-def _counterfactual_report(out: str, jobs_dir: str, train) -> dict:
-    """summary.json and results.md in `out` from the finished jobs in jobs_dir (printed); the summary."""
+def _counterfactual_report(out: str, jobs_dir: str, train, planned: list[str] | None = None,
+                           measure_hint: str | None = None) -> dict:
+    """summary.json and results.md in `out` from the finished jobs in jobs_dir (printed); the summary.
+
+    planned: the ids of every job of the run (`counterfactual-own`: removals.json), for a model not
+    trained by dtrak: a run with some not measured yet is marked PARTIAL (in summary.json and at the
+    top of results.md, with `measure_hint`, the command that measures the rest), and the published
+    CIFAR-2 row gets its caveat (another model and dataset)."""
     from dtrak_core.evaluation.counterfactual_report import format_table, summarize
     from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
 
     summary = summarize(jobs_dir, train.labels.numpy())
     table = format_table(summary, len(train))
+    if planned is not None:
+        done = sum(os.path.isfile(os.path.join(jobs_dir, f"{i}.npz")) for i in planned)
+        summary.update(jobs_planned=len(planned), jobs_done=done, partial=done < len(planned))
+        table += ("\nThe '20% (CIFAR-2, published)' row is the paper's medians for its CIFAR-2 model: another model "
+                  "and dataset, shown for scale, not for comparison.\n")
+        if done < len(planned):
+            table = (f"**PARTIAL: {done} of {len(planned)} retrains measured**; the cells cover the measured ones "
+                     f"only{f' (measure the rest with `{measure_hint}`)' if measure_hint else ''}.\n\n" + table)
     atomic_write_json(os.path.join(out, "summary.json"), json_safe(summary))
     atomic_write_bytes(os.path.join(out, "results.md"), table.encode())
     print(table)
@@ -255,7 +336,7 @@ def cmd_lds_own(args):
     from dtrak_core.evaluation.lds_run import LDSConfig
 
     _check_model_root(args.root)
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.action == "prepare":
         from dataclasses import asdict
 
@@ -284,6 +365,9 @@ def cmd_lds_own(args):
         print(f"shard {shard[0]}/{shard[1]}: ground truth of {len(done)} checkpoint(s) measured in "
               f"{time.perf_counter() - t0:.0f} s; results in {os.path.join(args.out, 'jobs')}")
         return
+    if args.action == "tune-lambda":
+        _tune_own(args.root, args.out, args.dest, args.bootstrap)
+        return
     from dtrak_core.evaluation.tables_report import format_report
 
     dest = args.out if args.dest is None else args.dest
@@ -294,13 +378,32 @@ def cmd_lds_own(args):
         print(f"wrote {os.path.join(dest, 'tables.json')} and tables.md")
 
 
+def _print_tuned(tuned: dict, root: str) -> None:
+    """One line per recorded lambda: where it was chosen, its LDS, and the data-free rule's beside it."""
+    for slug, e in tuned.items():
+        where = (f"best on {e['chosen_on']}: LDS {e['validation_lds']:.1f}" if e.get("validation_lds") is not None
+                 else f"chosen on {e['chosen_on']}")
+        print(f"{slug}: lambda {e['lambda']:g} ({where}); generated-set LDS {e['generated_lds']:.1f} at it vs "
+              f"{e['generated_lds_rule']:.1f} with the rule's {e['rule_lambda']:.3g}")
+    print(f"recorded under 'tuned_lambda' in {os.path.join(root, 'manifest.json')}: `attribute`, Attributor.load and "
+          f"the app use these lambdas from now on (`attribute --lambda` overrides them)")
+
+
+def _tune_own(root: str, out: str, dest: str | None, num_bootstrap: int) -> None:
+    from dtrak_core.evaluation import lds_own
+
+    _check_writable(root)
+    tuned = lds_own.tune_lambda(root, out, dest=dest or None, num_bootstrap=num_bootstrap)
+    _print_tuned(tuned, root)
+
+
 def cmd_counterfactual_own(args):
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.evaluation import lds_own
     from dtrak_core.evaluation.counterfactual import target_seeds
 
     _check_model_root(args.root)
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.action == "prepare":
         _check_writable(args.out)
         cf = _setting(args).counterfactual if args.config else {}
@@ -318,7 +421,14 @@ def cmd_counterfactual_own(args):
     done = lds_own.counterfactual_measure(args.root, args.out, args.checkpoints, shard=_shard_arg(args),
                                           partial=args.partial)
     print(f"{len(done)} checkpoint(s) measured now; results in {os.path.join(args.out, 'jobs')}")
-    _counterfactual_report(args.out, os.path.join(args.out, "jobs"), Attributor.load(args.root).train)
+    from dtrak_core.files import read_json
+
+    removals = read_json(os.path.join(args.out, lds_own.REMOVALS), "counterfactual removals",
+                         "rerun `counterfactual-own prepare`")
+    _counterfactual_report(args.out, os.path.join(args.out, "jobs"), Attributor.load(args.root).train,
+                           planned=[j["id"] for j in removals["jobs"]],
+                           measure_hint=f"python -m dtrak_core counterfactual-own measure{_root_option(args.root)} "
+                                        f"--out {args.out} --checkpoints DIR")
 
 
 def _setting(args):
@@ -332,15 +442,12 @@ def cmd_setting(args):
     from dtrak_core.devices import check_precision, resolve_device
 
     setting = _setting(args)
-    if args.action == "show":
-        print(st.describe(setting))
-        if args.json:
-            print(st.config_json(setting))
+    if args.action == "show":  # --json: stdout is the config's JSON and nothing else
+        print(st.config_json(setting) if args.json else st.describe(setting))
         return
     resolve_device(args.device)
     check_precision(args.precision, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     need = {"data": ("source", "data"), "train": ("data", "model"), "build": ("data", "model", "root"),
             "retrain": ("data", "jobs", "checkpoints")}[args.action]
     missing = [f"--{k}" for k in need if not getattr(args, k)]
@@ -403,12 +510,15 @@ def cmd_lds(args):
     from dtrak_core.evaluation.lds_run import LDSConfig
     from dtrak_core.evaluation.retrain import parse_shard
 
+    if args.action == "tune-lambda" and _own_lds_run(args):  # a model of your own, measured with `lds-own`
+        _tune_own(args.root, args.out, args.dest, args.bootstrap)
+        return
     _require_digits_model(args.root, "lds (retrains on subsets)")
     if args.out is None:
         args.out = os.path.join(args.root, "benchmarks", "lds_run")
     if args.dest is None:
         args.dest = os.path.join(args.root, "benchmarks")
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     config = LDSConfig(num_subsets=args.subsets)
     if args.action == "check-timesteps":
         from dtrak_core.evaluation.lds_run import full_timestep_check
@@ -485,10 +595,7 @@ def _lds_tables(args):
             print(f"ensemble member {j} ready ({time.perf_counter() - t0:.0f} s)")
         return
     if args.action == "tune-lambda":
-        for slug, e in tune_lambdas(args.out, args.root).items():
-            print(f"{slug}: lambda {e['lambda']:g} (best on {e['chosen_on']}: LDS {e['validation_lds']:.1f}); generated-set "
-                  f"LDS {e['generated_lds']:.1f} at it vs {e['generated_lds_rule']:.1f} with the rule's {e['rule_lambda']:.3g}")
-        print(f"recorded under 'tuned_lambda' in {os.path.join(args.root, 'manifest.json')}")
+        _print_tuned(tune_lambdas(args.out, args.root), args.root)
         return
     out = tables(args.out, args.root, dest=args.dest or None, num_bootstrap=args.bootstrap, which=args.only)
     print(format_report(out))
@@ -498,16 +605,22 @@ def cmd_build_fashion(args):
     from dtrak_core import fashion
     from dtrak_core.evaluation.lds_own import shard_of
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     fashion.build_fashion(args.root or fashion.DEFAULT_ROOT, args.source or fashion.DEFAULT_SOURCE,
                           tuple(args.stage or fashion.STAGES), shard=shard_of(_shard_arg(args)))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dtrak_core", description="D-TRAK data attribution for diffusion models")
+def _prog() -> str:
+    """The name the help shows: `dtrak` when run as the console script, else `python -m dtrak_core`."""
+    return "dtrak" if os.path.basename(sys.argv[0] or "") in ("dtrak", "dtrak.exe") else "python -m dtrak_core"
+
+
+def build_parser(text2image: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser, built without importing torch (or anything heavy): every command
+    imports what it needs when it runs. text2image: register the text-to-image commands' own
+    options (their module imports torch); otherwise they are listed by name only (`main` builds the
+    full parser when one of them is asked for)."""
+    parser = argparse.ArgumentParser(prog=_prog(), description="D-TRAK data attribution for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-default", help="train the default digits model and build its feature stores")
@@ -534,6 +647,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--K", type=int, default=100, help="timesteps per feature (default 100)")
     p.add_argument("--projector", choices=("sparse-jl", "dense-gaussian"), default="sparse-jl")
     p.add_argument("--k", type=int, default=2048, help="projected dimension (default 2048)")
+    p.add_argument("--manifest-only", action="store_true",
+                   help="write the model folder's manifest only, no stores (fill them with `featurize --device ...`, "
+                        "or under torchrun)")
+    p.add_argument("--device", default="cpu", help="where the features' gradients are computed: cpu (default), cuda, "
+                                                   "cuda:<i> or mps; an unavailable one is refused before any work")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="the model's forward passes outside the features (checked against --device; fp16 needs a "
+                        "GPU); the features themselves are float32 on every device, whatever this says "
+                        "(attribution ranks small differences; devices.py)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="generate images from seeds")
@@ -621,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(cached, resumable); evaluate: D-TRAK/TRAK LDS + noise ceiling + timestep check; "
                         "check-timesteps: all-1000-timestep ground truth for finished models; ensemble: train and "
                         "featurize ensemble members; tables: every method's LDS -> tables.json / tables.md; "
-                        "tune-lambda: each store's lambda chosen on the validation LDS -> manifest.json")
+                        "tune-lambda: each store's lambda chosen on the validation LDS -> manifest.json (a folder "
+                        "built with `build`: --out its `lds-own` run, as `lds-own tune-lambda` does)")
     p.add_argument("--check-subsets", type=int, default=None, help="check-timesteps: at most this many subsets")
     p.add_argument("--out", default=None,
                    help="run folder (default <root>/benchmarks/lds_run: its small job results are committed)")
@@ -648,10 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lds-own", help="LDS of your own model: subsets to retrain on with your training script, "
                                        "then ground truth and every method's LDS from your checkpoints")
     _add_root(p)
-    p.add_argument("action", choices=("prepare", "ground-truth", "evaluate"),
+    p.add_argument("action", choices=("prepare", "ground-truth", "evaluate", "tune-lambda"),
                    help="prepare: the subsets (masks.npz) and the retrains to run (jobs.json); ground-truth: measure "
                         "your retrained checkpoints (resumable, shardable); evaluate: every method's LDS -> "
-                        "tables.json / tables.md")
+                        "tables.json / tables.md; tune-lambda: record each store's lambda measured on this run "
+                        "(chosen on the validation LDS, or with no validation set on the generated samples, its LDS "
+                        "cross-fitted) in the model folder's manifest.json, where attribute, the API and the app "
+                        "take it from")
     p.add_argument("--out", required=True, help="the run folder (setup, masks, jobs.json, ground truth, features)")
     p.add_argument("--masks", default=None, help="prepare: your subsets, a .npy/.npz of M x N booleans or a .json of "
                                                  "M index lists (default: draw --subsets subsets)")
@@ -670,9 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(or listed in checkpoints.json)")
     p.add_argument("--shard", default=None, help="ground-truth: only jobs i, i+n, ... (i/n; under torchrun: each rank)")
     p.add_argument("--partial", action="store_true", help="ground-truth: measure the checkpoints there, skip the missing")
-    p.add_argument("--dest", default=None, help="evaluate: where tables.json / tables.md go (default: --out)")
+    p.add_argument("--dest", default=None, help="evaluate, tune-lambda: where tables.json / tables.md are (default: "
+                                                "--out)")
     p.add_argument("--K", type=int, default=None, help="evaluate: timesteps of the stores (default: the largest)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="evaluate: bootstrap resamples (default 1000)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="evaluate, tune-lambda: bootstrap resamples "
+                                                                "(default 1000)")
     p.add_argument("--no-journey", action="store_true", help="evaluate: skip Journey-TRAK (a backward pass per "
                                                              "sampling step of each generated sample)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -706,7 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "base model; build: its model folder and feature stores; retrain: the LDS / counterfactual "
                         "retrains of a jobs.json or removals.json (resumable, shardable)")
     p.add_argument("--config", required=True, help="a preset name (cifar2) or a JSON file of the same form")
-    p.add_argument("--json", action="store_true", help="show: print the whole config too")
+    p.add_argument("--json", action="store_true", help="show: print the whole config as JSON (only the JSON, "
+                                                       "instead of the description)")
     p.add_argument("--source", default=None, help="data: the unpacked cifar-10-batches-py folder, or an image folder "
                                                   "with train/<class>/ and test/<class>/")
     p.add_argument("--data", default=None, help="the setting's data folder (written by `setting data`)")
@@ -724,22 +853,56 @@ def build_parser() -> argparse.ArgumentParser:
     from dtrak_core import space  # `space export DIR [--push REPO_ID]`
 
     space.add_parser(sub)
-    from dtrak_core.text2image import cli as text2image_cli  # build-text2image, generate-text2image, lds-text2image
+    if text2image:
+        from dtrak_core.text2image import cli as text2image_cli  # build-text2image, generate-text2image, lds-text2image
 
-    text2image_cli.add_commands(sub)
+        text2image_cli.add_commands(sub)
+    else:
+        for name, help in TEXT2IMAGE_COMMANDS.items():  # listed; `main` parses them with their own options
+            sub.add_parser(name, help=help, add_help=False).set_defaults(func=_text2image_stub)
     return parser
 
 
+def _text2image_stub(args):
+    raise ValueError(f"{args.command}: parse it with build_parser(text2image=True) (as `main` does)")
+
+
+def _missing_module(e: ModuleNotFoundError) -> int:
+    """An optional dependency that is not installed: the extras that bring it (then exit status 2);
+    any other missing module is a real error (re-raised)."""
+    top = (e.name or "").split(".")[0]
+    if top not in EXTRAS:
+        raise e
+    extra = EXTRAS[top]
+    print(f"error: this command needs the Python package {top!r}, which is not installed; install dtrak's "
+          f"{extra} extras: pip install .[{extra}] (in the dtrak checkout)", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "root", "") is None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # the text-to-image commands' options live in a module that needs torch and transformers
+        parser = build_parser(text2image=bool(argv) and argv[0] in TEXT2IMAGE_COMMANDS)
+    except ModuleNotFoundError as e:
+        return _missing_module(e)
+    args = parser.parse_args(argv)
+    root_defaulted = getattr(args, "root", "") is None
+    if root_defaulted:
         from dtrak_core.folder import default_root
 
         args.root = default_root()
     try:
         args.func(args)
+    except ModuleNotFoundError as e:
+        return _missing_module(e)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if root_defaulted and repr(args.root) in message and not os.path.isfile(os.path.join(args.root,
+                                                                                             "manifest.json")):
+            from dtrak_core.errors import no_model_folder
+
+            message += f"\n  ({no_model_folder(args.root, '--root DIR')})"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a disk that fills up or turns read-only midway: the file and the reason
         where = e.filename if e.filename is not None else ""

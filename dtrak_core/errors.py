@@ -61,3 +61,27 @@ def restore_hint(path: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return f"restore the committed copy with `git checkout -- {rel}`" if tracked.returncode == 0 else ""
+
+
+def root_option(root) -> str:
+    """' --root <root>' for a command named in a hint, so that the hint runs as written; '' for the
+    built-in default (./assets with no $DTRAK_ASSETS), which every command finds by itself."""
+    import shlex
+
+    if root is None:
+        return ""
+    if not os.environ.get("DTRAK_ASSETS") and os.path.abspath(root) == os.path.abspath("assets"):
+        return ""
+    return f" --root {shlex.quote(str(root))}"
+
+
+def no_model_folder(root: str, given_as: str = "--root") -> str:
+    """Why no model folder is at the default place, and the two ways to name one: `given_as` (the
+    CLI's --root, the API's root=) or the DTRAK_ASSETS environment variable."""
+    env = os.environ.get("DTRAK_ASSETS")
+    where = (f"DTRAK_ASSETS={env!r} holds no model folder (no manifest.json)" if env else
+             f"no model folder was given and the default, {os.path.abspath(root)!r} ('assets' in the working "
+             f"folder), has none (no manifest.json)")
+    return (f"{where}; name a model folder (one built with `python -m dtrak_core build-default` or `build`) with "
+            f"{given_as}, or set DTRAK_ASSETS to it (e.g. DTRAK_ASSETS=path/to/dtrak/assets, a clone's embedded "
+            f"default; the installed package ships no model folder)")

@@ -34,12 +34,33 @@ from dtrak_core.errors import IntegrityError, SealMismatch
 from dtrak_core.files import atomic_write_json, json_hash, read_json
 from dtrak_core.model.data import Dataset, load_dataset
 from dtrak_core.model.training import TrainConfig
-from dtrak_core.model.unet import CONFIG_FILES, checkpoint_hash, config_file_hash, load_checkpoint
+from dtrak_core.model.unet import CONFIG_NAMES, checkpoint_hash, config_file_hash, load_checkpoint
 
 MANIFEST = "manifest.json"
+# manifest keys of a folder kind's own (kept in `extra`) that are sealed like the recipe: what each changes
+SEALED_EXTRA = {"guidance_scale": "it is the classifier-free guidance of every text-to-image sample"}
 ENV_ROOT = "DTRAK_ASSETS"
 MANIFEST_REMEDY = ("rebuild the model folder with `python -m dtrak_core build-default` (or `build` for your own "
                    "model; finished feature stores are reused)")
+TEXT2IMAGE_REMEDY = ("rebuild the text-to-image model folder with `python -m dtrak_core build-text2image` (the "
+                     "miniature; your own model: `build-text2image --root R --pipeline SD --lora L --data IMAGES`; a "
+                     "pipeline, LoRA and stores that match their recorded hashes are reused)")
+
+
+def manifest_remedy(root: str, manifest: dict | None = None) -> str:
+    """How to rebuild the folder whose manifest is damaged: `build-text2image` for a text-to-image
+    folder (kind "text2image" in what can still be read of the manifest, or its layout: a
+    pipeline/ and a lora/ folder), else `build-default`."""
+    if isinstance(manifest, dict):
+        return TEXT2IMAGE_REMEDY if manifest.get("kind") == "text2image" else MANIFEST_REMEDY
+    try:
+        with open(os.path.join(root, MANIFEST), "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError:
+        raw = b""
+    if b'"text2image"' in raw or all(os.path.isdir(os.path.join(root, d)) for d in ("pipeline", "lora")):
+        return TEXT2IMAGE_REMEDY
+    return MANIFEST_REMEDY
 
 
 def path_in_root(root: str, path: str) -> str:
@@ -117,7 +138,7 @@ class ModelFolder:
             if missing_ok:
                 return None
             raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
-        return cls.from_dict(root, read_json(path, "model manifest", MANIFEST_REMEDY))
+        return cls.from_dict(root, read_json(path, "model manifest", manifest_remedy(root)))
 
     @classmethod
     def from_dict(cls, root: str, manifest: dict) -> "ModelFolder":
@@ -125,7 +146,7 @@ class ModelFolder:
         path = os.path.join(root, MANIFEST)
 
         def bad(key):
-            return IntegrityError(path, f"(model manifest) has no valid {key!r} entry", MANIFEST_REMEDY)
+            return IntegrityError(path, f"(model manifest) has no valid {key!r} entry", manifest_remedy(root, manifest))
 
         def number(v, kinds=(int, float)):
             return isinstance(v, kinds) and not isinstance(v, bool)
@@ -186,10 +207,21 @@ class ModelFolder:
     # -- the seals ----------------------------------------------------------------------------------
     def sealed_entries(self) -> dict[str, str]:
         """{entry: `files.json_hash` of its value now} for the manifest entries an answer depends on:
-        "train_config" (what a retrain replays) and "tuned_lambda/<key>" for each tuned lambda."""
+        "train_config" (what a retrain replays), "tuned_lambda/<key>" for each tuned lambda and, in a
+        text-to-image folder, "guidance_scale" (every sample's classifier-free guidance)."""
         out = {} if self.train_config is None else {"train_config": json_hash(_jsonable(self.train_config.to_dict()))}
         out.update({f"tuned_lambda/{key}": json_hash(entry) for key, entry in self.tuned_lambda.items()})
+        out.update({key: json_hash(self.extra[key]) for key in SEALED_EXTRA if key in self.extra})
         return out
+
+    def reseal(self, *keys: str) -> None:
+        """Seal `keys` (entries of `sealed_entries`) at the next `save`, as for entries this process
+        changed: for a writer that sets them to what they must be (a build), even to the value they
+        had (a folder written before they were sealed gets its seals)."""
+        loaded = dict(getattr(self, "_loaded", None) or {})
+        for key in keys:
+            loaded[key] = None
+        self._loaded = loaded
 
     def check_settings(self, tuned: bool = True) -> None:
         """Every sealed entry matches its seal in `settings_hash` (none recorded, an older folder:
@@ -202,9 +234,15 @@ class ModelFolder:
         for key in sorted(set(have) | set(sealed)):
             if have.get(key) == sealed.get(key) or (not tuned and key.startswith("tuned_lambda/")):
                 continue
+            if key in SEALED_EXTRA and key not in sealed:  # sealed by a writer from before it was sealed
+                continue
             if key == "train_config":
                 entry, why = "'train_config'", "it is the recipe a live retrain replays"
                 remedy = f"rebuild the model folder with `python -m dtrak_core build-default --root {self.root}`"
+            elif key in SEALED_EXTRA:
+                entry, why = f"{key!r}", SEALED_EXTRA[key]
+                remedy = (f"rebuild the model folder with `python -m dtrak_core build-text2image --root {self.root}` "
+                          f"(it sets the value it was built with; the pipeline, LoRA and stores are reused)")
             else:
                 entry, why = f"tuned_lambda[{key.split('/', 1)[1]!r}]", "the lambda changes the method's ranking"
                 remedy = (f"re-run `python -m dtrak_core lds tune-lambda --root {self.root}`, which tunes the lambdas "
@@ -237,11 +275,20 @@ class ModelFolder:
                 seal[key] = self.settings_hash[key]
         self.settings_hash = seal or None
 
+    @property
+    def text2image(self) -> bool:
+        return self.extra.get("kind") == "text2image"
+
+    @property
+    def remedy(self) -> str:
+        """How to rebuild this folder (`build-text2image` for a text-to-image one, else `build-default`)."""
+        return manifest_remedy(self.root, {"kind": self.extra.get("kind")})
+
     def require(self, *keys: str) -> "ModelFolder":
         """self, or an `IntegrityError` naming manifest.json for the first of `keys` it lacks."""
         for key in keys:
             if getattr(self, key) is None:
-                raise IntegrityError(self.path, f"(model manifest) has no valid {key!r} entry", MANIFEST_REMEDY)
+                raise IntegrityError(self.path, f"(model manifest) has no valid {key!r} entry", self.remedy)
         return self
 
     # -- saving -----------------------------------------------------------------------------------
@@ -301,15 +348,19 @@ class ModelFolder:
         if not self.config_hash:
             return
         ckpt = self.checkpoint_path
+        if self.text2image:
+            remedy = (f"restore the file as it was built, or rebuild the model folder (delete {ckpt} and run "
+                      f"`python -m dtrak_core build-text2image --root {self.root}`; for your own model, "
+                      f"`build-text2image` into a new --root)")
+        else:
+            remedy = (f"restore the config file as it was built, or rebuild the model folder (delete {ckpt} and run "
+                      f"`python -m dtrak_core build-default`; for your own model, `build` into a new --root)")
         for rel, want in sorted(self.config_hash.items()):
-            have = config_file_hash(ckpt, rel)
+            have = config_file_hash(ckpt, rel, remedy if self.text2image else None)
             if have != want:
-                path, what = os.path.join(ckpt, *rel.split("/")), CONFIG_FILES.get(rel, "checkpoint config")
+                path, what = os.path.join(ckpt, *rel.split("/")), CONFIG_NAMES.get(rel, "checkpoint config")
                 raise IntegrityError(path, f"({what}) hashes to {have}, but {self.path} records config_hash "
-                                     f"{want} for it (the config was edited; it changes every answer)",
-                                     f"restore the config file as it was built, or rebuild the model folder (delete "
-                                     f"{ckpt} and run `python -m dtrak_core build-default`; for your own model, "
-                                     f"`build` into a new --root)")
+                                     f"{want} for it (the config was edited; it changes every answer)", remedy)
 
     def check_weights(self, unet) -> None:
         """The checkpoint's configs (`check_configs`) and the loaded weights are the ones the manifest
@@ -344,9 +395,25 @@ class ModelFolder:
         except ValueError as e:
             raise ValueError(f"{self.path}: {e}") from None
 
-    def open_stores(self) -> list[FeatureStore]:
-        """Every registered feature store, opened and verified (attribution/store.py)."""
-        return [FeatureStore.open(os.path.join(self.root, rel)) for rel in self.stores or []]
+    def open_stores(self, damaged: dict | None = None) -> list[FeatureStore]:
+        """Every registered feature store, opened and verified (attribution/store.py); the first that
+        cannot be is an error naming its file (the CLI's strict path).
+
+        damaged: a dict instead collects {store folder: the error} of the stores that cannot be
+        opened, which are left out (the app, which turns off only the methods that need them); at
+        least one store must open, else the first error is raised."""
+        stores = []
+        for rel in self.stores or []:
+            path = os.path.join(self.root, rel)
+            try:
+                stores.append(FeatureStore.open(path))
+            except (ValueError, OSError) as e:
+                if damaged is None:
+                    raise
+                damaged[path] = e
+        if damaged and not stores:
+            raise next(iter(damaged.values()))
+        return stores
 
     def tuned_lambdas(self) -> dict[str, float]:
         """Store slug -> the ridge lambda tuned on validation LDS (`lds tune-lambda`)."""

@@ -398,7 +398,7 @@ def retrain(setting: Setting, data: str, jobs_path: str, checkpoints: str, shard
         dest = os.path.join(checkpoints, job["id"])
         if os.path.isfile(os.path.join(dest, "config.json")):
             continue
-        seed = setting.train_config.seed if counterfactual else int(job["seed"])
+        seed = setting.train_config.seed if counterfactual else int(job.get("train_seed", job["seed"]))
         unet = retrain_subset(train_set.images, np.asarray(job["keep"], dtype=np.int64), scheduler,
                               replace(setting.train_config, seed=seed), unet_config=setting.unet, device=device,
                               precision=precision, show_bar=show_bar)

@@ -366,15 +366,17 @@ def test_benchmarks_tab_renders(app, tmp_path):
          "methods": {"square": {"validation": study, "generated": study, "setting": {"K": 100}}}}))
     (tmp_path / "benchmarks" / "other.json").write_text('[{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}]')
     (tmp_path / "benchmarks" / "README.md").write_text("protocol notes")
-    (tmp_path / "counterfactual" / "summary.json").write_text(json.dumps({"cells": [
+    from dtrak_core.checksums import seal  # (as their writers do: the app shows only results with their checksum)
+
+    (tmp_path / "counterfactual" / "summary.json").write_text(json.dumps(seal({"cells": [
         {"k": 300, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
          "l2": {"median": 2.0, "p25": 1.5, "p75": 2.5, "n": 2},
          "per_target": [{"seed": 1000, "l2": 1.5, "label_before": 3, "label_after": 3},
-                        {"seed": 1001, "l2": 2.5, "label_before": 4, "label_after": 9}]}]}))
+                        {"seed": 1001, "l2": 2.5, "label_before": 4, "label_after": 9}]}]})))
     (tmp_path / "counterfactual" / "results.md").write_text("| removed k | D-TRAK |")
-    (tmp_path / "benchmarks" / "tables.json").write_text(json.dumps(
+    (tmp_path / "benchmarks" / "tables.json").write_text(json.dumps(seal(
         {"methods": {"d-trak/K100": {"validation": study, "generated": study}, "pixel-cosine": {
-            "validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}, "clip-dot": {"unavailable": "x"}}}))
+            "validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}, "clip-dot": {"unavailable": "x"}}})))
     (tmp_path / "benchmarks" / "tables.md").write_text("# title\n| method | validation |\n| pixel-cosine | 5.0 ± 2.0 |")
     with gr.Blocks() as full:
         charts = app.benchmarks_blocks(str(tmp_path))

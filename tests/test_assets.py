@@ -95,6 +95,28 @@ def test_committed_counterfactual_results_belong_to_this_model(attributor):
         [(c["ranking"], c["k"], c["l2"]) for c in committed["cells"]]
 
 
+def test_committed_results_carry_their_writers_checksums():
+    """The app shows the committed counterfactual jobs, gallery and summary and the benchmark tables
+    only as their writers wrote them: each verifies against its recorded checksum."""
+    from dtrak_core import checksums
+    from dtrak_core.evaluation import counterfactual as cf
+    from dtrak_core.evaluation.counterfactual_report import read_gallery, read_summary
+    from dtrak_core.evaluation.tables_report import load_tables
+
+    folder = os.path.join(ASSETS, "counterfactual")
+    if not os.path.isfile(os.path.join(folder, "summary.json")):
+        pytest.skip("no committed counterfactual results")
+    jobs = os.path.join(folder, "jobs")
+    recorded = checksums.read_sidecar(jobs)
+    assert set(recorded) == {f for f in os.listdir(jobs) if f.endswith(".npz")} | {"identity.json"}
+    for name in recorded:
+        checksums.verify(os.path.join(jobs, name), "counterfactual job result", cf.job_remedy(name))
+    entries = read_gallery(os.path.join(folder, "gallery"))
+    assert entries and all(os.path.isfile(e["after_png"]) for e in entries)
+    assert read_summary(os.path.join(folder, "summary.json"))["cells"]
+    assert load_tables(os.path.join(ASSETS, "benchmarks", "tables.json"), required=True)["methods"]
+
+
 def test_committed_lds_tables_recompute_from_the_ground_truth(attributor):
     """Anyone can score a method against the committed ground truth without retraining: raw-pixel
     cosine and the noise ceiling recomputed from lds_ground_truth.npz equal tables.json."""

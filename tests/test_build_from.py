@@ -166,3 +166,38 @@ def test_harnesses_that_retrain_refuse_an_external_model(built, capsys):
                  ["quality", "--count", "2"]):
         assert main([*argv, "--root", built]) == 2
         assert "needs a digits model trained by dtrak" in capsys.readouterr().err
+
+
+def test_build_on_a_device_or_manifest_only_then_featurize_there(pipeline, images, tmp_path, capsys):
+    """`build --device/--precision` (checked before any work) and `build --manifest-only`, whose folder
+    `featurize --device` fills: the stores equal those `build` computes itself."""
+    root = str(tmp_path / "manifest-only")
+    assert main(["build", "--root", root, "--model", pipeline, "--data", images, "--manifest-only", "--output-fn",
+                 "square", "--K", "2", "--k", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert json.load(open(os.path.join(root, "manifest.json")))["stores"] == []
+    assert f"featurize --root {root} --output-fn square --K 2 --k 16 --projector sparse-jl --device cpu" in out
+    assert main(["featurize", "--root", root, "--output-fn", "square", "--K", "2", "--k", "16", "--device", "cpu"]) == 0
+    direct = str(tmp_path / "direct")
+    assert main(["build", "--root", direct, "--model", pipeline, "--data", images, "--output-fn", "square", "--K", "2",
+                 "--k", "16", "--device", "cpu", "--precision", "bf16"]) == 0
+    a, b = Attributor.load(root), Attributor.load(direct)
+    np.testing.assert_array_equal(np.asarray(a.setting("square")[1].features()),
+                                  np.asarray(b.setting("square")[1].features()))
+    capsys.readouterr()
+    assert main(["attribute", "--root", root, "--image", os.path.join(images, "cats", "1.png"), "--top", "2",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["proponents"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_build_refuses_an_unavailable_device_before_any_work(pipeline, images, tmp_path, capsys):
+    root = str(tmp_path / "never")
+    for options, message in ((["--device", "cuda"], "CUDA is not available"), (["--device", "tpu"], "unknown device"),
+                             (["--precision", "fp16"], "precision 'fp16' is for a GPU")):
+        assert main(["build", "--root", root, "--model", pipeline, "--data", images, *options]) == 2
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(root)  # nothing written, nothing loaded
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        build_from(root, pipeline, images, SETTINGS, device="cuda", show_bar=False)
+    assert not os.path.exists(root)

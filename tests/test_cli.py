@@ -1,6 +1,10 @@
 """CLI smoke test on a tiny config: build, generate, attribute (seed and image), featurize, errors."""
 import json
 import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from PIL import Image
@@ -9,6 +13,8 @@ from dtrak_core.build import build_default
 from dtrak_core.cli import main
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.model.training import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,9 @@ def test_featurize_new_store_and_errors(tiny_root, tmp_path, capsys):
     assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "l2-norm", "--json"]) == 0
     capsys.readouterr()
     assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "avg"]) == 2
-    assert "no feature store for method 'avg'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no feature store for method 'avg'" in err
+    assert f"`python -m dtrak_core featurize --root {tiny_root} --output-fn avg`" in err  # the hint runs as written
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG garbage")
     assert main(["attribute", "--root", tiny_root, "--image", str(bad)]) == 2
@@ -85,3 +93,78 @@ def test_das_is_unavailable_until_build_das_writes_its_training_losses(tiny_root
     assert main(["attribute", "--root", tiny_root, "--seed", "1", "--method", "das"]) == 2
     err = capsys.readouterr().err
     assert f"error: {residuals} (DAS training losses) cannot be read" in err and "build-das" in err
+
+
+def _python(code: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with this checkout importable (as after `pip install .`)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_the_command_line_parses_before_importing_torch(tmp_path):
+    """-h (top level and every command) answers without importing torch, diffusers or transformers;
+    the console script `dtrak` shows its own name."""
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        from dtrak_core.cli import build_parser, main
+        parser = build_parser()
+        commands = [a for a in parser._subparsers._group_actions[0].choices]
+        for argv in [["-h"]] + [[c, "-h"] for c in commands if not c.endswith("text2image")]:
+            with contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    main(argv)
+                except SystemExit as e:
+                    assert e.code == 0, argv
+        heavy = sorted(m for m in ("torch", "diffusers", "transformers", "numpy") if m in sys.modules)
+        print(len(commands), heavy)
+        sys.argv[0] = "/usr/local/bin/dtrak"
+        print(build_parser().prog, build_parser().format_usage().split()[1])
+    """)
+    done = _python(code, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    count, heavy = done.stdout.splitlines()[0].split(" ", 1)
+    assert int(count) >= 20 and heavy == "[]"
+    assert done.stdout.splitlines()[1] == "dtrak dtrak"
+    usage = _python("import runpy, sys; sys.argv = ['dtrak_core', '-h']; runpy.run_module('dtrak_core', run_name='__main__')")
+    assert usage.stdout.startswith("usage: python -m dtrak_core") and "lds-own" in usage.stdout
+
+
+def test_setting_show_json_is_json_only(capsys):
+    assert main(["setting", "show", "--config", "cifar2", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["name"] == "cifar2" and "lds" in config
+
+
+def test_no_model_folder_names_dtrak_assets_and_root(tmp_path, monkeypatch, capsys):
+    """From a folder with no ./assets (an installed package ships none): the CLI and the API say how
+    to name a model folder."""
+    from dtrak_core import Attributor
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DTRAK_ASSETS", raising=False)
+    assert main(["attribute", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "DTRAK_ASSETS" in err and "--root" in err
+    with pytest.raises(ValueError, match=r"no model folder was given.*root=.*DTRAK_ASSETS"):
+        Attributor.load()
+    monkeypatch.setenv("DTRAK_ASSETS", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="DTRAK_ASSETS='.*nowhere' holds no model folder"):
+        Attributor.load()
+
+
+def test_a_text2image_command_without_its_extras_names_them(tmp_path):
+    done = _python("import sys; sys.modules['transformers'] = sys.modules['peft'] = None\n"
+                   "from dtrak_core.cli import main\n"
+                   f"sys.exit(main(['build-text2image', '--root', {str(tmp_path / 't2i')!r}]))")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "pip install .[text2image]" in done.stderr and "'transformers'" in done.stderr
+
+
+def test_the_readme_lists_every_extra_and_what_to_set_for_the_api():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    api = readme[readme.index("## Python API"):readme.index("## Layout")]
+    extras = re.findall(r"^(\w+) = \[", open(os.path.join(ROOT, "pyproject.toml")).read().split(
+        "[project.optional-dependencies]")[1].split("\n[")[0], flags=re.M)
+    assert sorted(extras) == ["app", "clip", "test", "text2image"]
+    assert all(f"`pip install .[{e}]`" in api for e in extras)
+    assert "DTRAK_ASSETS" in api and "root=" in api

@@ -1,6 +1,7 @@
 """Every file of a model folder is verified on load: damage or a mismatch is an `IntegrityError`
 (a ValueError) that names the file, says what it is and what to do; nothing is silently skipped
 or silently trusted. Each test damages one file of a copy of a tiny but complete model folder."""
+import hashlib
 import json
 import os
 import shutil
@@ -266,6 +267,82 @@ def test_damaged_job_result_is_named_not_skipped(folder, damage, problem):
         cf.committed_results(attributor, jobs, RETRAIN)
     with pytest.raises(IntegrityError, match=f"^{path} "):
         summarize(jobs)
+
+
+def test_job_files_carry_the_checksums_their_writer_recorded(folder):
+    jobs = os.path.join(folder, JOBS)
+    recorded = json.load(open(os.path.join(jobs, "checksums.json")))["sha256"]
+    assert set(recorded) == {JOB, "identity.json"}
+    assert recorded[JOB] == hashlib.sha256(open(os.path.join(jobs, JOB), "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("field, edit", [("l2", lambda v: 42.0), ("label_after", lambda v: (int(v) + 1) % 10),
+                                         ("removed", lambda v: v[::-1])])
+def test_a_resaved_job_with_edited_numbers_is_refused_naming_it(folder, field, edit):
+    """The reported defect: a job file re-saved with l2 42 (a valid zip, its CRCs right) was shown as a result."""
+    attributor = Attributor.load(folder)
+    jobs = os.path.join(folder, JOBS)
+    path = os.path.join(jobs, JOB)
+    arrays = load_result(path)
+    save_result(path, **{**arrays, field: np.asarray(edit(arrays[field]))})
+    pattern = (rf"^{path} \(counterfactual job result\) hashes to \w+, not to its checksum \w+ in "
+               rf"{os.path.join(jobs, 'checksums.json')} \(it was edited, re-saved.*delete it and rerun")
+    with pytest.raises(IntegrityError, match=pattern):
+        cf.committed_results(attributor, jobs, RETRAIN)
+    with pytest.raises(IntegrityError, match=pattern):
+        cf.load_precomputed(attributor, 1000, "random", 30, out_dir=jobs, config=RETRAIN)
+    with pytest.raises(IntegrityError, match=pattern):
+        summarize(jobs)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(job result\\) hashes to"):  # nor skipped as finished
+        cf.run_counterfactual(attributor, jobs, [1000], ("random",), (30,), RETRAIN, control=False, show_bar=False)
+
+
+def test_an_edited_identity_or_an_unrecorded_job_is_refused(folder):
+    attributor = Attributor.load(folder)
+    jobs = os.path.join(folder, JOBS)
+    identity = os.path.join(jobs, "identity.json")
+    original = open(identity).read()
+    _edit_json(identity, sampling="ddim-50 (edited)")
+    with pytest.raises(IntegrityError, match=rf"^{identity} \(counterfactual results' identity\) hashes to"):
+        cf.committed_results(attributor, jobs, RETRAIN)
+    open(identity, "w").write(original)
+    assert list(cf.committed_results(attributor, jobs, RETRAIN)) == [(1000, "random", 30)]
+    shutil.copyfile(os.path.join(jobs, JOB), os.path.join(jobs, "random-k30-seed1001.npz"))  # added by hand
+    with pytest.raises(IntegrityError, match=r"random-k30-seed1001.npz \(counterfactual job result\) has no checksum in"):
+        cf.committed_results(attributor, jobs, RETRAIN)
+    os.remove(os.path.join(jobs, "random-k30-seed1001.npz"))
+    os.remove(os.path.join(jobs, "checksums.json"))
+    with pytest.raises(IntegrityError, match="has no recorded checksum .*python -m dtrak_core.checksums "):
+        cf.committed_results(attributor, jobs, RETRAIN)
+
+
+def test_a_resumed_run_adopts_the_jobs_an_older_dtrak_wrote(folder):
+    """A results folder from before checksums were recorded: the harness resuming in it reads each job
+    whole and records it, so that the folder's readers can verify every job."""
+    from dtrak_core import checksums
+
+    attributor = Attributor.load(folder)
+    jobs = os.path.join(folder, JOBS)
+    os.remove(os.path.join(jobs, "checksums.json"))
+    assert cf.run_counterfactual(attributor, jobs, [1000], ("random",), (30,), RETRAIN, control=False,
+                                 show_bar=False) == []  # nothing to rerun
+    assert set(checksums.read_sidecar(jobs)) == {JOB, "identity.json"}
+    assert list(cf.committed_results(attributor, jobs, RETRAIN)) == [(1000, "random", 30)]
+
+
+def test_the_checksum_recorder_reads_each_file_whole_first(folder, capsys):
+    """`python -m dtrak_core.checksums FOLDER`: for results written before checksums were recorded."""
+    from dtrak_core import checksums
+
+    attributor = Attributor.load(folder)
+    jobs = os.path.join(folder, JOBS)
+    os.remove(os.path.join(jobs, "checksums.json"))
+    assert checksums.main([jobs]) == 0 and "2 file(s)" in capsys.readouterr().out
+    assert list(cf.committed_results(attributor, jobs, RETRAIN)) == [(1000, "random", 30)]
+    os.remove(os.path.join(jobs, "checksums.json"))
+    _truncate(os.path.join(jobs, JOB))
+    assert checksums.main([jobs]) == 2 and "is not a readable result file" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(jobs, "checksums.json"))  # nothing recorded for a damaged folder
 
 
 def test_a_bit_flip_inside_a_result_is_caught_by_the_zip_crc(tmp_path):

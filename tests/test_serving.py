@@ -209,6 +209,76 @@ def test_upload_cache_is_swept(app):
     assert app.demo.delete_cache == app.CACHE_SWEEP
 
 
+def _files_under(folder) -> set:
+    return {os.path.join(d, n) for d, _, names in os.walk(folder) for n in names}
+
+
+def _upload(url, sizes, headers=None):
+    import httpx
+
+    files = [("files", (f"upload-{i}-{time.monotonic_ns()}.png", os.urandom(n), "image/png")) for i, n in enumerate(sizes)]
+    return httpx.post(url + "gradio_api/upload", files=files, headers=headers or {}, timeout=30)
+
+
+def test_uploads_are_bounded_per_address_before_they_reach_the_disk(served, monkeypatch):
+    """The reported defect: one client uploaded 50 files of 10 MB in 17 s, all kept in Gradio's cache.
+    Now an address's uploads are counted (files and bytes per window) before the body is written: over
+    the bound, HTTP 429 with a message and Retry-After, and nothing on disk."""
+    app, url = served
+    limits = app.demo.upload_limits
+    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    monkeypatch.setattr(limits, "files", 3)
+    monkeypatch.setattr(limits, "bytes", 40_000)
+    monkeypatch.setattr(limits, "_recent", {})
+    cache = limits.cache_dir
+    for _ in range(3):
+        r = _upload(url, [1000])
+        assert r.status_code == 200 and os.path.isfile(r.json()[0]) and r.json()[0].startswith(cache)
+    before = _files_under(cache)
+    r = _upload(url, [1000], headers={"X-Forwarded-For": "203.0.113.9"})  # its own header changes nothing
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert r.text.startswith("Too many uploads from your address: 3 file(s)") and "the limit is 3 files" in r.text
+    assert _files_under(cache) == before
+    monkeypatch.setattr(app, "TRUSTED_PROXIES", 1)  # behind one trusted proxy, the address it recorded counts
+    assert _upload(url, [1000], headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 200
+    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+
+    monkeypatch.setattr(limits, "_recent", {})  # bytes per window
+    assert _upload(url, [30_000]).status_code == 200
+    before = _files_under(cache)
+    r = _upload(url, [30_000])
+    assert r.status_code == 429 and "the limit is 3 files and 39 KB" in r.text and _files_under(cache) == before
+
+    monkeypatch.setattr(limits, "_recent", {})  # files per request: counted before Gradio writes any of them
+    r = _upload(url, [100] * 5)
+    assert r.status_code == 429 and "this request holds 5" in r.text and _files_under(cache) == before
+
+    monkeypatch.setattr(limits, "_recent", {})  # the per-file limit
+    monkeypatch.setattr(limits, "max_request", 20_000)
+    r = _upload(url, [30_000])
+    assert r.status_code == 413 and "the upload limit of this server" in r.text and _files_under(cache) == before
+    monkeypatch.setattr(limits, "max_request", limits.max_file_bytes + limits.FRAMING)
+
+    monkeypatch.setattr(limits, "_recent", {})  # the whole upload cache, every visitor's
+    monkeypatch.setattr(limits, "cache_bytes", limits.cache_size(max_age=0) + 500)
+    r = _upload(url, [1000])
+    assert r.status_code == 503 and "upload space is full" in r.text and _files_under(cache) == before
+
+
+def test_uploads_within_the_bounds_reach_the_app(served, monkeypatch, tmp_path):
+    """The gate passes an admitted upload to Gradio whole: the app reads the image a client uploaded."""
+    from PIL import Image
+
+    from gradio_client import handle_file
+
+    app, url = served
+    monkeypatch.setattr(app.demo.upload_limits, "_recent", {})
+    path = str(tmp_path / "seven.png")
+    Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(path)
+    out = client(url).predict(handle_file(path), api_name="/read_upload")
+    assert "seven.png" in json.dumps(out)
+
+
 def test_attribute_seed_endpoint_equals_the_core(served):
     app, url = served
     out = client(url).predict(3, 50, "square", 5, api_name="/attribute_seed")
@@ -230,11 +300,12 @@ def _copy(tiny_root, tmp_path):
     return root
 
 
-def _truncate_features(root):
+def _truncate_features(root, every=False):
     manifest = json.load(open(os.path.join(root, "manifest.json")))
-    path = os.path.join(root, manifest["stores"][0], "features.npy")
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+    for store in manifest["stores"] if every else manifest["stores"][:1]:
+        path = os.path.join(root, store, "features.npy")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
 
 
 def _corrupt_tracin(root):
@@ -257,15 +328,15 @@ def _edit_json(path, change):
         json.dump(content, f)
 
 
-@pytest.mark.parametrize("damage", ["missing folder", "truncated features", "corrupt manifest", "edited unet config",
-                                    "edited noise schedule", "hand-edited recipe"])
+@pytest.mark.parametrize("damage", ["missing folder", "truncated features of every store", "corrupt manifest",
+                                    "edited unet config", "edited noise schedule", "hand-edited recipe"])
 def test_a_damaged_model_folder_gives_an_error_page(app, tiny_root, tmp_path, monkeypatch, damage):
     root = _copy(tiny_root, tmp_path)
     named = root
     if damage == "missing folder":
         root = named = str(tmp_path / "nowhere")
-    elif damage == "truncated features":
-        _truncate_features(root)
+    elif damage == "truncated features of every store":  # (one damaged store turns off only its methods)
+        _truncate_features(root, every=True)
     elif damage == "edited unet config":  # configs and the recipe are sealed in the manifest: named, never used
         named = os.path.join(root, "model", "unet", "config.json")
         _edit_json(named, lambda c: c.update(norm_eps=0.1))
@@ -320,6 +391,138 @@ def test_damaged_precomputed_counterfactuals_are_reported_not_dropped(app, tiny_
         app.full_check.cache_clear()
     assert "precomputed counterfactuals" in page and "identity.json" in page
     assert banner.visible and "identity.json" in banner.value
+
+
+def _flip_byte(path, offset=-1):
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def _page(app, root, monkeypatch):
+    """(markdown of the page built on `root`, its assets or None, the banner once every file is read)."""
+    monkeypatch.setattr(app, "ASSETS", root)
+    for cached in (app.load_assets, app.committed, app.full_check, app.precomputed, app.outcomes):
+        cached.cache_clear()
+    try:
+        with torch_threads(1):
+            page = _markdown(app.build_demo())
+            try:
+                a = app.load_assets(root)
+            except ValueError:
+                a = None
+            banner = app.show_damage() if a is not None else None
+    finally:
+        for cached in (app.load_assets, app.committed, app.full_check, app.precomputed, app.outcomes):
+            cached.cache_clear()
+    return page, a, banner
+
+
+def test_one_damaged_store_turns_off_only_its_methods_and_says_so(app, tiny_root, tmp_path, monkeypatch, capsys):
+    """The reported defect: a bit flip in one optional store took the whole app to its error page."""
+    from dtrak_core import cli
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.errors import IntegrityError
+
+    root = _copy(tiny_root, tmp_path)
+    loss = [s for s in json.load(open(os.path.join(root, "manifest.json")))["stores"] if s.startswith("stores/loss")][0]
+    features = os.path.join(root, loss, "features.npy")
+    _flip_byte(features)
+    with pytest.raises(IntegrityError, match=f"^{features} "):  # the command line stays strict, naming the file
+        Attributor.load(root)
+    assert cli.main(["attribute", "--root", root, "--seed", "3", "--top", "3"]) == 2
+    assert f"error: {features} " in capsys.readouterr().err
+    page, a, banner = _page(app, root, monkeypatch)
+    assert "The model assets could not be loaded" not in page
+    assert "Some files under the model folder are damaged" in page and html.escape(features) in page
+    assert a.attributor.methods == ["square"] and "square" in a.methods and "loss" not in a.methods
+    needs_loss = {"gradient-dot", "gradient-cosine", "relative-ip", "renorm-ip", "journey-trak"}
+    assert needs_loss <= set(a.damaged) and not needs_loss & set(a.methods)
+    assert all(features in a.damaged[m] for m in needs_loss | {"loss"})
+    assert "pixel-cosine" in a.methods  # what needs no store is unaffected
+    assert banner.visible and html.escape(features) in banner.value
+
+
+def _edit_json_file(path, change):
+    with open(path) as f:
+        content = json.load(f)
+    change(content)
+    with open(path, "w") as f:
+        json.dump(content, f)
+
+
+@pytest.mark.parametrize("damage", ["edited gallery.json", "truncated PNG", "removed checksums"])
+def test_a_damaged_gallery_turns_off_only_the_gallery_and_says_so(app, tiny_root, tmp_path, monkeypatch, damage):
+    """The reported defects: gallery.json with l2 99 was shown as a precomputed result, and a truncated
+    gallery PNG failed with "image file is truncated", naming no file."""
+    root = _copy(tiny_root, tmp_path)
+    gallery = os.path.join(root, "counterfactual", "gallery")
+    index = json.load(open(os.path.join(gallery, "gallery.json")))
+    if damage == "edited gallery.json":
+        named = os.path.join(gallery, "gallery.json")
+        _edit_json_file(named, lambda c: c["entries"][0].update(l2=99.0))
+    elif damage == "truncated PNG":
+        named = os.path.join(gallery, index["entries"][0]["after_png"])
+        with open(named, "r+b") as f:
+            f.truncate(os.path.getsize(named) // 2)
+    else:
+        named = os.path.join(gallery, "checksums.json")
+        os.remove(named)
+    page, a, banner = _page(app, root, monkeypatch)
+    assert "The model assets could not be loaded" not in page and "square" in a.methods
+    assert "precomputed gallery (counterfactual/gallery)" in page and html.escape(named) in page
+    assert banner.visible and html.escape(named) in banner.value and "rewrite the gallery" in banner.value
+    monkeypatch.setattr(app, "ASSETS", root)
+    try:
+        assert app.precomputed(root) == {} and app.example_targets(root) == []  # never shown
+    finally:
+        app.precomputed.cache_clear()
+        app.outcomes.cache_clear()
+
+
+def test_damaged_benchmark_results_are_named_in_the_benchmarks_tab_and_the_banner(app, tiny_root, tmp_path,
+                                                                                   monkeypatch):
+    """The reported defect: an unreadable counterfactual/summary.json or benchmarks/tables.json made the
+    Benchmarks section disappear with no message; an edited one was shown as it was."""
+    import gradio as gr
+
+    from dtrak_core.checksums import seal
+
+    root = _copy(tiny_root, tmp_path)
+    os.makedirs(os.path.join(root, "benchmarks"))
+    tables, summary = os.path.join(root, "benchmarks", "tables.json"), os.path.join(root, "counterfactual", "summary.json")
+    study = {"validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}
+    cell = {"k": 30, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
+            "l2": {"median": 2.0, "p25": 1.5, "p75": 2.5, "n": 2}, "per_target": []}
+    for path, content in ((tables, {"methods": {"pixel-cosine": study}}), (summary, {"cells": [cell]})):
+        with open(path, "w") as f:
+            json.dump(seal(content), f)
+
+    def tab():
+        with gr.Blocks() as blocks:
+            app.benchmarks_blocks(root)
+        return _markdown(blocks)
+
+    shown = tab()
+    assert "## LDS of every method" in shown and "## Counterfactual" in shown and "Not shown" not in shown
+    assert not app.results_damage(root)
+    _edit_json_file(tables, lambda c: c["methods"]["pixel-cosine"]["validation"].update(lds=99.0))
+    with open(summary, "w") as f:
+        f.write('{"cells": [')
+    shown = tab()
+    assert shown.count("Not shown") == 2 and "99" not in shown
+    assert f"{html.escape(tables)} (benchmark tables) does not match its own content_sha256" in shown
+    assert f"{html.escape(summary)} (counterfactual summary) is not valid JSON" in shown
+    damaged = app.results_damage(root)
+    assert tables in damaged["Benchmarks: LDS tables"] and summary in damaged["Benchmarks: counterfactual summary"]
+    with open(tables, "w") as f:
+        json.dump({"methods": {"pixel-cosine": study}}, f)  # no checksum at all: not shown either
+    assert "(benchmark tables) has no recorded checksum" in tab()
+    page, a, banner = _page(app, root, monkeypatch)
+    assert "Benchmarks: LDS tables" in page and "Benchmarks: counterfactual summary" in page
+    assert banner.visible and html.escape(summary) in banner.value
 
 
 def test_client_address_trusts_only_the_configured_proxy_hops(app, monkeypatch):

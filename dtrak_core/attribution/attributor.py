@@ -24,6 +24,7 @@ from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
 from dtrak_core.shared import OnceCache
 from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.errors import root_option
 from dtrak_core.folder import ModelFolder
 
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
@@ -57,6 +58,22 @@ class Attribution:
         def rows(idx):
             return [{"index": int(i), "label": int(self.labels[i]), "score": float(self.scores[i])} for i in idx]
         return {"method": self.method, "proponents": rows(self.proponents(n)), "opponents": rows(self.opponents(n))}
+
+
+def _matching(stores: list, checkpoint: str, dataset: str, damaged: dict) -> list:
+    """The stores built for this checkpoint and dataset; the others are recorded in `damaged`
+    ({store folder: the error}); at least one must remain, else the first error is raised."""
+    kept = []
+    for store in stores:
+        try:
+            setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
+            store.check_identity(FeatureStore.identity(setting, checkpoint, dataset))
+            kept.append(store)
+        except (KeyError, TypeError, ValueError) as e:
+            damaged[store.path] = e if isinstance(e, ValueError) else ValueError(f"{store.path}: {e}")
+    if damaged and not kept:
+        raise next(iter(damaged.values()))
+    return kept
 
 
 class Attributor:
@@ -105,10 +122,24 @@ class Attributor:
         self._query_features = OnceCache(QUERY_FEATURES_KEPT)
 
     @classmethod
-    def load(cls, root: str | None = None, *, tuned: bool = True) -> "Attributor":
+    def load(cls, root: str | None = None, *, tuned: bool = True, damaged: dict | None = None) -> "Attributor":
         """Load a model folder (checkpoint, training set, stores, tuned lambdas; see `folder.ModelFolder`),
         every file verified; root None: `folder.default_root()` ($DTRAK_ASSETS, else ./assets).
-        tuned=False: without the manifest's tuned lambdas (unchecked, unused: `lds tune-lambda`)."""
+        tuned=False: without the manifest's tuned lambdas (unchecked, unused: `lds tune-lambda`).
+        damaged: None (the default, the CLI's): a damaged store is an error naming its file; a dict:
+        a store that cannot be opened or was built for another model is left out and recorded there
+        ({store folder: the error}), as long as one store loads (the app: only the methods that
+        need it are turned off, see `folder.ModelFolder.open_stores`).
+        With no root and no model folder where the default points, the ValueError says how to name
+        one (root=, or $DTRAK_ASSETS): an installed package ships none."""
+        if root is None:
+            import os
+
+            from dtrak_core.errors import no_model_folder
+            from dtrak_core.folder import MANIFEST, default_root
+
+            if not os.path.isfile(os.path.join(default_root(), MANIFEST)):
+                raise ValueError(no_model_folder(default_root(), "root= (Attributor.load('path/to/folder'))"))
         folder = ModelFolder.load(root, tuned=tuned)
         if cls is Attributor and folder.extra.get("kind") == "text2image":  # written by text2image/build.py
             from dtrak_core.text2image.attributor import TextToImageAttributor
@@ -116,7 +147,11 @@ class Attributor:
             return TextToImageAttributor.load(folder.root)
         folder.require("checkpoint", "dataset", "stores")
         unet, scheduler = folder.load_model()
-        attributor = cls(unet, scheduler, folder.training_set(), folder.open_stores(),
+        train = folder.training_set()
+        stores = folder.open_stores(damaged)
+        if damaged is not None:
+            stores = _matching(stores, checkpoint_hash(unet), train.fingerprint, damaged)
+        attributor = cls(unet, scheduler, train, stores,
                          tuned_lambdas=folder.tuned_lambdas() if tuned else {},
                          tuned_params=dict(folder.tuned_lambda) if tuned else {})
         attributor.root = folder.root
@@ -135,7 +170,8 @@ class Attributor:
         if not options:
             have = ", ".join(f"{s.output_fn} (K={s.K})" for v in self.stores.values() for s, _ in v) or "none"
             raise ValueError(f"no feature store for method {method!r}" + (f" with K={K}" if K else "")
-                             + f"; stores present: {have}. Build one with `python -m dtrak_core featurize --output-fn {name}`")
+                             + f"; stores present: {have}. Build one with `python -m dtrak_core featurize"
+                             f"{root_option(self.root)} --output-fn {name}" + (f" --K {K}" if K else "") + "`")
         return max(options, key=lambda s: s[0].K)  # the most accurate one by default
 
     def featurizer(self, setting: FeatureSetting) -> Featurizer:

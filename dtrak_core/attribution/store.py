@@ -294,6 +294,35 @@ def cached_store(path: str, identity: dict, inputs, make_featurizer, k: int, *, 
     return store
 
 
+def compact_store(path: str, dtype: str = "float16") -> FeatureStore:
+    """Rewrite a complete store in a smaller dtype (its identity kept), swapped in atomically: the
+    same rows, rounded; a store already in `dtype` is returned as it is."""
+    import shutil
+    import tempfile
+
+    store = FeatureStore.open(path)
+    if not store.complete:
+        raise ValueError(f"{path}: the store is not complete; finish it before compacting it")
+    if store.metadata["dtype"] == dtype:
+        return store
+    features = np.asarray(store.features(), dtype=np.float32)
+    identity = {key: store.metadata[key] for key in store.metadata if key not in (
+        "format_version", "n", "k", "dtype", "complete", "features_sha256", "metadata_sha256", "slice_size")}
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-compact-", dir=parent)
+    try:
+        new = FeatureStore.create(os.path.join(tmp, "store"), identity, len(features), features.shape[1],
+                                  slice_size=int(store.metadata.get("slice_size", 256)), dtype=dtype)
+        new.fill(lambda rows: rows, features, show_bar=False)
+        old = tempfile.mkdtemp(prefix=".old-store-", dir=parent)
+        os.replace(path, os.path.join(old, "store"))
+        os.replace(os.path.join(tmp, "store"), path)
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureStore.open(path)
+
+
 # -- migration of format-1 stores -----------------------------------------------------------------
 def migrate_store(path: str) -> bool:
     """Upgrade one format-1 store to format 2 (metadata sealed by `metadata_sha256`); True if it was

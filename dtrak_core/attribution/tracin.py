@@ -25,7 +25,7 @@ import torch
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.attribution.store import FeatureStore, cached_store
-from dtrak_core.errors import IntegrityError, MethodUnavailable
+from dtrak_core.errors import IntegrityError, MethodUnavailable, root_option
 from dtrak_core.files import atomic_write_json, read_json
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root
 from dtrak_core.model.training import TrainConfig, train
@@ -105,7 +105,8 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
 def register_tracin(root: str) -> None:
     """Point manifest['tracin'] at tracin/index.json (read-modify-write of the manifest, written atomically)."""
     if not os.path.isfile(os.path.join(root, TRACIN_INDEX)):
-        raise ValueError(f"no {TRACIN_INDEX} under {root!r}; build it with `python -m dtrak_core build-baselines`")
+        raise ValueError(f"no {TRACIN_INDEX} under {root!r}; build it with `python -m dtrak_core "
+                         f"build-baselines{root_option(root)}`")
     folder = ModelFolder.load(root, missing_ok=True)
     if folder is None or folder.tracin != TRACIN_INDEX:
         ModelFolder.edit(root, tracin=TRACIN_INDEX)
@@ -125,7 +126,8 @@ def build_default_baselines(root: str | None = None, show_bar: bool = True, regi
     root = default_root() if root is None else root
     folder = ModelFolder.load(root, missing_ok=True)
     if folder is None or folder.train_config is None or folder.checkpoint is None:
-        raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; run `python -m dtrak_core build-default` first")
+        raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; run `python -m dtrak_core "
+                         f"build-default{root_option(root)}` first")
     if folder.dataset != "digits-train":
         raise ValueError(f"build-baselines knows the digits default only, not dataset {folder.dataset!r}")
     unet, scheduler = folder.load_model()
@@ -165,11 +167,12 @@ def tracin_index(root: str, attributor: Attributor) -> tuple[dict, str]:
     if index and not os.path.isfile(os.path.join(root, index)):
         raise IntegrityError(os.path.join(root, index), f"(TracInCP index) is missing, though "
                              f"{os.path.join(root, MANIFEST)} registers it",
-                             "rebuild it with `python -m dtrak_core build-baselines`")
+                             f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`")
     entry = _read_json(os.path.join(root, index)) if index else {}
     if not entry:
         raise MethodUnavailable(f"TracInCP needs the training run's checkpoints: none registered in "
-                                f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core build-baselines` "
+                                f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core "
+                                f"build-baselines{root_option(root)}` "
                                 f"(it replays the training run, so it needs a model trained by dtrak)")
     index_path = os.path.join(root, index)
     fields = {"model_checkpoint_hash": str, "dataset": str, "setting": dict, "checkpoints": list}
@@ -178,7 +181,7 @@ def tracin_index(root: str, attributor: Attributor) -> tuple[dict, str]:
             if not (isinstance(c, dict) and {"step", "checkpoint", "checkpoint_hash", "store"} <= set(c))]
     if bad:
         raise IntegrityError(index_path, f"(TracInCP index) lacks or garbles {', '.join(bad)}",
-                             "rebuild it with `python -m dtrak_core build-baselines`")
+                             f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`")
     model_hash = checkpoint_hash(attributor.unet)
     if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
         raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
@@ -187,7 +190,7 @@ def tracin_index(root: str, attributor: Attributor) -> tuple[dict, str]:
         for rel, what in ((c["checkpoint"], "TracInCP checkpoint"), (c["store"], "TracInCP feature store")):
             if not os.path.exists(os.path.join(root, rel)):
                 raise IntegrityError(os.path.join(root, rel), f"({what}) is missing, though {index_path} registers it",
-                                     "rebuild it with `python -m dtrak_core build-baselines`")
+                                     f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`")
     return entry, index_path
 
 
@@ -202,7 +205,7 @@ def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
         if h != c["checkpoint_hash"]:
             raise IntegrityError(os.path.join(root, c["checkpoint"], "unet"), f"(TracInCP checkpoint weights) "
                                  f"hashes to {h}, but {index_path} records {c['checkpoint_hash']} (the weights were "
-                                 f"replaced or are corrupt)", "rebuild them with `python -m dtrak_core build-baselines`")
+                                 f"replaced or are corrupt)", f"rebuild them with `python -m dtrak_core build-baselines{root_option(root)}`")
         store = FeatureStore.open(os.path.join(root, c["store"]), FeatureStore.identity(setting, h, attributor.train.fingerprint))
         out.append(TracInCheckpoint(c["step"], Featurizer(unet, scheduler, setting),
                                     torch.from_numpy(np.array(store.features())).double()))

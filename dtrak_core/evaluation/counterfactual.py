@@ -38,6 +38,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,6 +47,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dtrak_core import checksums
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import RULE
 from dtrak_core.attribution.output_functions import canonical_name
@@ -410,12 +412,18 @@ def _identity_remedy(out_dir: str) -> str:
             f"counterfactual` to recompute them")
 
 
-def _read_identity(path: str) -> dict:
-    return read_json(path, "counterfactual results' identity", _identity_remedy(os.path.dirname(path)))
+def _read_identity(path: str, verified: bool = False) -> dict:
+    """identity.json; verified: also against the checksum its writer recorded (what a reader of the
+    results needs: an identity edited to match another model would pass stale results off as this one's)."""
+    found = read_json(path, "counterfactual results' identity", _identity_remedy(os.path.dirname(path)))
+    if verified:
+        checksums.verify(path, "counterfactual results' identity", _identity_remedy(os.path.dirname(path)))
+    return found
 
 
 def _check_identity(path: str, identity: dict) -> None:
-    """Write identity.json, or check the existing one (new rankings may be added)."""
+    """Write identity.json, or check the existing one (new rankings may be added); its checksum is
+    recorded beside the job files' (`checksums.record`)."""
     if os.path.isfile(path):
         have = _read_identity(path)
         why = _identity_mismatch(have, identity)
@@ -423,7 +431,34 @@ def _check_identity(path: str, identity: dict) -> None:
             raise ValueError(f"{path}: {why}; use another output folder")
         have["stores"] = {**identity["stores"], **have.get("stores", {})}
         identity = have
+    _adopt_unrecorded(os.path.dirname(path))
     atomic_write_json(path, identity)
+    checksums.record(os.path.dirname(path), [IDENTITY])
+
+
+def _adopt_unrecorded(out_dir: str) -> None:
+    """A results folder written by a dtrak that recorded no checksums: its job files are read whole
+    (zip CRCs) and their checksums recorded before this run adds its own, so that the folder's
+    readers can verify every job in it."""
+    if checksums.read_sidecar(out_dir) is not None:
+        return
+    names = [os.path.basename(p) for p in sorted(glob.glob(os.path.join(out_dir, "*.npz")))
+             if re.fullmatch(r".+-k\d+-seed\d+\.npz", os.path.basename(p)) or os.path.basename(p) == f"{CONTROL_ID}.npz"]
+    for name in names:
+        load_result(os.path.join(out_dir, name))
+    if os.path.isfile(os.path.join(out_dir, IDENTITY)):
+        names.append(IDENTITY)
+    if names:
+        checksums.record(out_dir, names)
+
+
+IDENTITY = "identity.json"
+
+
+def job_remedy(path: str) -> str:
+    """What to do about a damaged or edited job file: recompute it."""
+    return (f"delete it and rerun the `python -m dtrak_core counterfactual` command that wrote "
+            f"{os.path.dirname(path) or '.'} (finished jobs are kept; this one is retrained and its checksum recorded)")
 
 
 def plan_jobs(attributor, seeds, rankings, ks) -> tuple[list[RetrainJob], dict, dict]:
@@ -484,7 +519,7 @@ def run_counterfactual(attributor, out_dir: str, seeds, rankings=("d-trak", "tra
                                 config)
         return {**r.to_arrays(), "threads": np.array(threads)}
 
-    return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar)
+    return run_jobs(jobs, out_dir, work, shard=shard, show_bar=show_bar, checksums=True)
 
 
 def _jobs_dir(attributor) -> str:
@@ -502,7 +537,9 @@ def committed_results(attributor, out_dir: str | None = None,
     else (e.g. the model was rebuilt since), so a stale result is never shown as this model's.
 
     Damage is never skipped silently: an unreadable identity.json (or a missing one beside job
-    files) or job file raises `errors.IntegrityError` (a ValueError) naming the file."""
+    files) or job file, or one that does not match the checksum its writer recorded in
+    out_dir/checksums.json (edited, re-saved, or never recorded), raises `errors.IntegrityError`
+    (a ValueError) naming the file."""
     out_dir = _jobs_dir(attributor) if out_dir is None else out_dir
     rankings = reproducible_rankings(attributor, out_dir, config)
     found = {}
@@ -510,6 +547,7 @@ def committed_results(attributor, out_dir: str | None = None,
         return found
     for path in job_files(out_dir):
         z = load_result(path, keys=JOB_KEYS)  # every array is read, so zip CRCs are checked too
+        checksums.verify(path, "counterfactual job result", job_remedy(path))
         key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
         if key[1] in rankings:
             found[key] = path
@@ -528,14 +566,15 @@ def job_files(out_dir: str) -> list[str]:
 def reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None) -> set[str]:
     """The rankings whose jobs in out_dir a live retrain here would reproduce (same model, data,
     recipe, sampler; same store for a scored ranking); empty when the folder's identity differs.
-    Reads identity.json only (not the job files), so it is also the quick check of that file."""
-    path = os.path.join(out_dir, "identity.json")
+    Reads identity.json only (not the job files), so it is also the quick check of that file (its
+    checksum included)."""
+    path = os.path.join(out_dir, IDENTITY)
     if not os.path.isfile(path):
         if glob.glob(os.path.join(out_dir, "*.npz")):
             raise IntegrityError(path, "(counterfactual results' identity) is missing beside their job files",
                                  _identity_remedy(out_dir))
         return set()  # no results here
-    have = _read_identity(path)
+    have = _read_identity(path, verified=True)
     config = _default_config(attributor) if config is None else config
     if _identity_mismatch(have, _identity(attributor, config, [])) is not None:
         return set()
@@ -550,8 +589,12 @@ def reproducible_rankings(attributor, out_dir: str, config: TrainConfig | None) 
 
 
 def load_job(path: str) -> CounterfactualResult:
-    """One finished harness job as a `CounterfactualResult` (what `remove_and_retrain` returns)."""
-    return CounterfactualResult.from_arrays(load_result(path, keys=JOB_KEYS))
+    """One finished harness job as a `CounterfactualResult` (what `remove_and_retrain` returns),
+    checked against the checksum recorded for it (in a folder that records checksums: one written
+    before they were recorded is read as it is)."""
+    z = load_result(path, keys=JOB_KEYS)
+    checksums.verify(path, "counterfactual job result", job_remedy(path), required=False)
+    return CounterfactualResult.from_arrays(z)
 
 
 def load_precomputed(attributor, seed: int, ranking: str, k,

@@ -4,6 +4,12 @@ before/after gallery, from the finished job files of `counterfactual.run_counter
     summary = summarize(jobs_dir, train_labels)       # medians and distributions per (k, ranking), paired tests
     print(format_table(summary, n_train))              # Markdown
     write_gallery(jobs_dir, gallery_dir, train_set)   # PNGs + gallery.json for the first targets
+    entries = read_gallery(gallery_dir)                # verified against the checksums write_gallery recorded
+
+Every result carries a checksum from its writer: `summarize` returns the summary sealed
+(`checksums.seal`: summary.json holds its own checksum), `write_gallery` records the sha256 of
+gallery.json and of every PNG in gallery/checksums.json; `read_summary` and `read_gallery` refuse
+what does not match, naming the file.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import numpy as np
 import torch
 from scipy.stats import wilcoxon
 
+from dtrak_core import checksums
 from dtrak_core.attribution import methods as registry
 from dtrak_core.evaluation.counterfactual import (
     CONTROL_ID,
@@ -22,8 +29,9 @@ from dtrak_core.evaluation.counterfactual import (
     load_job,
     slug,
 )
+from dtrak_core.errors import IntegrityError
 from dtrak_core.evaluation.retrain import load_result
-from dtrak_core.files import atomic_write_json
+from dtrak_core.files import atomic_write_json, json_safe
 from dtrak_core.images import grid, save_png, to_pil
 
 PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},
@@ -57,9 +65,35 @@ def holm(paired: list[dict], key: str = "wilcoxon_p") -> list[dict]:
     return paired
 
 
+def harness_command(results_dir: str) -> str:
+    """The command that rewrites summary.json, results.md and gallery/ in `results_dir` (the
+    harness's --out) from its finished jobs."""
+    root = os.path.dirname(os.path.abspath(results_dir))
+    in_folder = os.path.isfile(os.path.join(root, "manifest.json"))
+    return (f"`python -m dtrak_core counterfactual {'--root ' + os.path.dirname(results_dir) + ' ' if in_folder else ''}"
+            f"--out {results_dir} --summary-only`")
+
+
+def summary_remedy(path: str) -> str:
+    return f"rewrite it from the finished jobs with {harness_command(os.path.dirname(path) or '.')}"
+
+
+def gallery_remedy(path: str) -> str:
+    """What to do about a damaged or edited gallery file (gallery.json or one of its PNGs)."""
+    return (f"rewrite the gallery from the finished jobs with "
+            f"{harness_command(os.path.dirname(os.path.dirname(os.path.abspath(path))))}")
+
+
+def read_summary(path: str) -> dict:
+    """A summary.json written from `summarize`, verified (its own checksum, or its folder's
+    checksums.json); an `IntegrityError` naming it when it is unreadable, edited or unrecorded."""
+    return checksums.read_sealed_json(path, "counterfactual summary", summary_remedy(path))
+
+
 def summarize(out_dir: str, train_labels=None) -> dict:
     """Medians and distributions per (k, ranking), paired per-target comparisons, and the control,
-    of the finished jobs in `out_dir`.
+    of the finished jobs in `out_dir`, as strict JSON sealed with its checksum (`checksums.seal`:
+    summary.json is this dict; `read_summary` verifies it).
 
     With `train_labels`, each cell also reports the share of removed images whose label is the
     target's (classifier) label: with 10 classes of ~150 digits, removing 300 can empty a class.
@@ -104,10 +138,12 @@ def summarize(out_dir: str, train_labels=None) -> dict:
     control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
     if os.path.isfile(control):
         z = load_result(control, keys=("l2", "same_weights", "train_seconds", "threads"))
+        checksums.verify(control, "counterfactual control job", "delete it and rerun the counterfactual harness",
+                         required=False)
         summary["control"] = {"n": int(len(z["l2"])), "same_weights": bool(z["same_weights"]),
                               "median_l2": float(np.median(z["l2"])), "max_l2": float(np.max(z["l2"])),
                               "train_seconds": float(z["train_seconds"]), "threads": int(z["threads"])}
-    return summary
+    return checksums.seal(json_safe(summary))
 
 
 def format_table(summary: dict, n_train: int = 1500) -> str:
@@ -156,7 +192,9 @@ def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: 
                   scale: int = 16) -> dict:
     """Before/after PNGs (and the removed images) for the first `n_targets` targets finished under every
     ranking at k (None: the largest k), written to gallery_dir with gallery.json describing them;
-    `train`: the training `Dataset` (for the removed images). Returns gallery.json's content."""
+    `train`: the training `Dataset` (for the removed images). Returns gallery.json's content.
+    The sha256 of gallery.json and of every PNG are recorded in gallery_dir/checksums.json (which
+    then lists exactly this gallery's files), for `read_gallery`."""
     rows = load_results(out_dir)
     if not rows:
         raise ValueError(f"no finished counterfactual jobs in {out_dir!r}")
@@ -189,5 +227,38 @@ def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: 
     save_png(grid(torch.stack(tiles), columns=1 + len(rankings), scale=scale), os.path.join(gallery_dir, "gallery.png"))
     index = {"k": int(k), "seeds": [int(s) for s in seeds], "columns": ["before"] + [display_name(n) for n in rankings],
              "grid_png": "gallery.png", "entries": entries}
-    atomic_write_json(os.path.join(gallery_dir, "gallery.json"), index)
+    atomic_write_json(os.path.join(gallery_dir, GALLERY), index)
+    written = [GALLERY, "gallery.png"] + [e[key] for e in entries for key in ("after_png", "removed_png")] + \
+        [f"seed{s}-before.png" for s in seeds]
+    checksums.record(gallery_dir, sorted(set(written)), replace=True)
     return index
+
+
+GALLERY = "gallery.json"
+
+
+def read_gallery(gallery_dir: str) -> list[dict]:
+    """The entries of gallery_dir/gallery.json (written by `write_gallery`), each with its image
+    paths ("before_png", "after_png", "removed_png") made absolute, gallery.json and every image it
+    names verified against gallery_dir/checksums.json. A missing, unreadable, edited or unrecorded
+    file is an `IntegrityError` naming it, with the fix."""
+    path = os.path.join(gallery_dir, GALLERY)
+    remedy = gallery_remedy(path)
+    index = checksums.read_sealed_json(path, "counterfactual gallery index", remedy)
+    entries = index.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise IntegrityError(path, "(counterfactual gallery index) has no valid 'entries' list", remedy)
+    out = []
+    for i, e in enumerate(entries):
+        paths = {}
+        for key in ("before_png", "after_png", "removed_png"):
+            name = e.get(key)
+            if key == "removed_png" and name is None:
+                continue
+            if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".png"):
+                raise IntegrityError(path, f"(counterfactual gallery index) entries[{i}] has no valid {key!r}", remedy)
+            image = os.path.join(gallery_dir, name)
+            checksums.verify(image, "counterfactual gallery image", gallery_remedy(image))
+            paths[key] = image
+        out.append({**e, **paths})
+    return out

@@ -5,8 +5,8 @@ The model folder is one built with `python -m dtrak_core build` (your saved pipe
 images, plus D-TRAK / TRAK feature stores). Then:
 
 1. `prepare`: the subsets, written as run_dir/masks.npz (M x N booleans) and run_dir/jobs.json
-   (one entry per retrain: its id, subset index, training seed and the kept training indices, in
-   the order of the training set your model folder reads). Bring your own masks instead with
+   (one entry per retrain: its id, subset index, training seed `train_seed` and the kept training
+   indices, in the order of the training set your model folder reads). Bring your own masks instead with
    `masks=` (a .npy / .npz of M x N booleans, or a JSON of M index lists).
 2. Retrain: your script trains one model per entry of jobs.json on the kept images and saves its
    UNet with diffusers' `save_pretrained` (a UNet folder, or a pipeline folder with unet/) as
@@ -18,7 +18,10 @@ images, plus D-TRAK / TRAK feature stores). Then:
    records the weights file's checksum, so a checkpoint replaced later is noticed.
 4. `evaluate`: every registered method that runs on the folder (TRAK, D-TRAK and the paper's
    baselines) scored against it: tables.json / tables.md as `lds tables` writes them for the
-   default, +- from the same `lds.SubsetBootstrap`.
+   default, +- from the same `lds.SubsetBootstrap`, and which lambda the shipped answers use.
+5. `tune_lambda`: each store's lambda measured on the run (validation LDS; with no validation set,
+   the generated samples, cross-fitted) recorded in the model folder's manifest (`tuned_lambda`),
+   where `attribute`, `Attributor.load` and the app take it from.
 
 The test sets are the base model's own generated samples (seeds 0..generated-1, DDIM
 `sample_steps`), plus `validation` when a folder of held-out images is given. The noise schedule
@@ -38,7 +41,7 @@ import time
 import numpy as np
 import torch
 
-from dtrak_core.errors import IntegrityError
+from dtrak_core.errors import IntegrityError, root_option
 from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, job_id, subset_masks
 from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
 from dtrak_core.files import atomic_write_json, json_safe, read_json, sha256_file
@@ -302,8 +305,9 @@ class OwnLDSRun(LDSRun):
         atomic_write_json(os.path.join(self.out_dir, JOBS), {
             "num_train": int(self.masks.shape[1]),
             "note": "train one model per job on the kept training indices (in the model folder's training-set order) "
-                    "with the job's seed; save its UNet with save_pretrained to <checkpoints>/<id>/",
-            "jobs": [{"id": j.id, "subset": m, "seed": j.seed, "keep": j.keep.tolist()}
+                    "with the job's training seed, train_seed; save its UNet with save_pretrained to "
+                    "<checkpoints>/<id>/ ('seed' repeats train_seed for readers of older files)",
+            "jobs": [{"id": j.id, "subset": m, "train_seed": j.seed, "seed": j.seed, "keep": j.keep.tolist()}
                      for m, j in zip(np.repeat(np.arange(len(self.masks)), len(self.config.train_seeds)).tolist(),
                                      self.jobs())]})
 
@@ -385,13 +389,9 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
     the missing test-set features computed first (cached under out_dir). With `dest`:
     dest/tables.json and dest/tables.md."""
     from dtrak_core.evaluation import tables as bm
-    from dtrak_core.evaluation.lds_run import collect
-    from dtrak_core.evaluation.tables_report import tables
+    from dtrak_core.evaluation.tables_report import SHIPPED, tables
 
-    done = len(collect(out_dir)["subsets"])
-    if done < 3:
-        raise ValueError(f"only {done} subsets of {out_dir!r} have every training seed measured; LDS needs at least 3 "
-                         f"(`python -m dtrak_core lds-own ground-truth`)")
+    _require_subsets(out_dir, root)
     bench = bm.Bench(out_dir, root, ablation_fns=(), ablation_Ks=(), ensemble_sizes=())
     K = bench.base.K if K is None else K  # the K of the folder's D-TRAK store, by default
     bench.method_Ks, bench.journey_K = (K,), K
@@ -406,8 +406,97 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
         bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
     return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap,
                   which=("methods", "ablation") if variants else ("methods",), title=TABLES_TITLE,
+                  annotate=lambda results: {SHIPPED: shipped_lambdas(root, out_dir, results)},
                   ablation_fns=variants, ablation_Ks=(K,), method_Ks=(K,), ensemble_sizes=(), journey_K=K,
                   successors=True)
+
+
+def _require_subsets(out_dir: str, root: str) -> None:
+    from dtrak_core.evaluation.lds_run import collect
+
+    done = len(collect(out_dir)["subsets"])
+    if done < 3:
+        raise ValueError(f"only {done} subsets of {out_dir!r} have every training seed measured; LDS needs at least 3 "
+                         f"(`python -m dtrak_core lds-own ground-truth{root_option(root)} --out {out_dir} "
+                         f"--checkpoints DIR`)")
+
+
+def is_own_run(out_dir: str) -> bool:
+    """Whether out_dir holds an LDS run of checkpoints retrained by your own script (`prepare`)."""
+    from dtrak_core.evaluation.lds_run import SETUP
+
+    path = os.path.join(out_dir, SETUP)
+    if not os.path.isfile(path):
+        return False
+    setup = read_json(path, "LDS run setup", "prepare the run again")
+    return isinstance(setup, dict) and bool(setup.get("subsets_given"))
+
+
+def tune_lambda(root: str, out_dir: str, dest: str | None = None, num_bootstrap: int = 200,
+                show_bar: bool = True) -> dict:
+    """Record in the model folder's manifest (`tuned_lambda`, through `ModelFolder.edit`, which
+    re-seals it) each store's lambda measured on this run: chosen on the validation LDS, or, with no
+    validation set, on the generated samples with its LDS cross-fitted (`tuning.tune_lambdas`).
+    `attribute`, `Attributor.load` and the app use it from then on. The run's report
+    (dest/tables.json and tables.md, dest None: out_dir), when written, is updated to say so.
+    Returns the recorded entries."""
+    from dtrak_core.evaluation import tables as bm
+    from dtrak_core.evaluation.tables_report import REPORT, SHIPPED, TABLES, format_report, load_tables
+    from dtrak_core.evaluation.tuning import tune_lambdas
+    from dtrak_core.files import atomic_write_bytes
+
+    if not is_own_run(out_dir):
+        raise ValueError(f"{out_dir!r} holds no LDS run of your checkpoints; write one with `python -m dtrak_core "
+                         f"lds-own prepare{root_option(root)} --out {out_dir}` (then ground-truth)")
+    _require_subsets(out_dir, root)
+    bench = bm.Bench(out_dir, root, tuned=False, ablation_fns=(), ablation_Ks=(), ensemble_sizes=())
+    for per_fn in bench.attributor.stores.values():  # every store's test-set features, cached under out_dir
+        for setting, _ in per_fn:
+            bench.features.compute(setting, show_bar=show_bar)
+    tuned = tune_lambdas(out_dir, root, num_bootstrap, bench=bench)
+    dest = out_dir if dest is None else dest
+    results = load_tables(os.path.join(dest, TABLES))
+    if results is not None:  # the report written by `evaluate`: it now names the recorded lambdas
+        results[SHIPPED] = shipped_lambdas(root, out_dir, results)
+        atomic_write_json(os.path.join(dest, TABLES), json_safe(results))
+        atomic_write_bytes(os.path.join(dest, REPORT), format_report(results).encode())
+    return tuned
+
+
+def shipped_lambdas(root: str, out_dir: str, results: dict | None = None) -> dict:
+    """{store slug (or sharpened method key): {"method", "lambda", "source", ...}}: the lambda the
+    shipped answers (`attribute`, `Attributor.load`, the app) use for each of the folder's stores now:
+    "recorded" (manifest `tuned_lambda`, with "chosen_on" and its "generated_lds"), or "rule" (the
+    data-free `scoring.default_lambda`; its generated-sample LDS read from `results`, the tables of
+    this run, when they have the cell; "record": the command that records a measured one)."""
+    from dtrak_core.attribution.features import FeatureSetting
+    from dtrak_core.attribution.scoring import default_lambda
+    from dtrak_core.folder import ModelFolder
+
+    folder = ModelFolder.load(root)
+    names = {"square": "d-trak", "loss": "trak"}
+    out = {}
+    for store in folder.open_stores():
+        setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
+        fn, slug = setting.output_fn, setting.slug
+        method = names.get(fn, fn)
+        entry = folder.tuned_lambda.get(slug)
+        if entry is not None:
+            out[slug] = {"method": method, "lambda": float(entry["lambda"]), "source": "recorded",
+                         "chosen_on": entry.get("chosen_on", "recorded"), "generated_lds": entry.get("generated_lds")}
+            continue
+        cell = None
+        for table, key in (("methods", f"{method}/K{setting.K}"), ("ablation", f"{fn}/K{setting.K}")):
+            cell = cell or ((results or {}).get(table, {}).get(key) or {}).get("generated")
+        rule = (cell or {}).get("default")
+        out[slug] = {"method": method, "lambda": default_lambda(store.features()), "source": "rule",
+                     "generated_lds": None if rule is None else rule["lds"],
+                     "record": f"python -m dtrak_core lds-own tune-lambda{root_option(root)} --out {out_dir}"}
+    for key, entry in folder.tuned_lambda.items():  # the sharpened methods' own lambdas (`methods.sharpened`)
+        if key not in out and "/" in key:
+            out[key] = {"method": key.split("/", 1)[0], "lambda": float(entry["lambda"]), "source": "recorded",
+                        "chosen_on": entry.get("chosen_on", "recorded"), "generated_lds": entry.get("generated_lds")}
+    return out
 
 
 # -- the counterfactual ---------------------------------------------------------------------------
@@ -418,7 +507,8 @@ REMOVALS = "removals.json"  # what your training script trains: one entry per (t
 def counterfactual_prepare(root: str, out_dir: str, seeds, rankings=("d-trak", "trak", "random"),
                            ks=("20%",)) -> dict:
     """Rank the training set for each target seed and write out_dir/removals.json (per job: id,
-    target seed, ranking, k, the removed indices strongest first and the kept ones) and
+    target_seed (the target's sampling seed; also as `seed`, as older files have it), ranking, k,
+    the removed indices strongest first and the kept ones) and
     out_dir/targets.npz; the removals' content. A folder prepared before must match."""
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.evaluation.counterfactual import _check_identity, _identity, plan_jobs, ranking_name
@@ -435,12 +525,27 @@ def counterfactual_prepare(root: str, out_dir: str, seeds, rankings=("d-trak", "
             raise ValueError(f"{targets} holds targets {have['seeds'].tolist()}, not {list(befores)}; use another --out")
     save_result(targets, seeds=np.array(list(befores)), images=torch.stack(list(befores.values())).numpy())
     removals = {"num_train": len(attributor.train), "note": "train one model per job on the kept training indices "
-                "(the model folder's training-set order); save its UNet with save_pretrained to <checkpoints>/<id>/",
-                "jobs": [{"id": j.id, "seed": specs[j.id]["seed"], "ranking": specs[j.id]["ranking"],
+                "(the model folder's training-set order) with the base model's own recipe and training seed; save its "
+                "UNet with save_pretrained to <checkpoints>/<id>/. target_seed is the sampling seed of the target "
+                "image, not a training seed ('seed' repeats it for readers of older files)",
+                "jobs": [{"id": j.id, "target_seed": specs[j.id]["seed"], "seed": specs[j.id]["seed"],
+                          "ranking": specs[j.id]["ranking"],
                           "k": specs[j.id]["k"], "removed": specs[j.id]["removed"].tolist(), "keep": j.keep.tolist()}
                          for j in jobs]}
     atomic_write_json(os.path.join(out_dir, REMOVALS), json_safe(removals))
     return removals
+
+
+def target_seed(job: dict) -> int:
+    """The sampling seed of a removals.json job's target: `target_seed`, or `seed` in files written
+    before it was named so."""
+    return int(job["target_seed"] if "target_seed" in job else job["seed"])
+
+
+def train_seed(job: dict) -> int:
+    """The training seed of a jobs.json job: `train_seed`, or `seed` in files written before it was
+    named so."""
+    return int(job["train_seed"] if "train_seed" in job else job["seed"])
 
 
 def counterfactual_measure(root: str, out_dir: str, checkpoints_dir: str, shard=(0, 1), partial: bool = False,
@@ -470,7 +575,8 @@ def counterfactual_measure(root: str, out_dir: str, checkpoints_dir: str, shard=
 
     def work(unet, job, checkpoint):
         spec = specs[job.id]
-        r = measure_after(unet, attributor.scheduler, spec["seed"], befores[spec["seed"]],
+        seed = target_seed(spec)
+        r = measure_after(unet, attributor.scheduler, seed, befores[seed],
                           np.asarray(spec["removed"], dtype=np.int64), spec["ranking"], float("nan"), digits=False)
         return {**r.to_arrays(), **_weights_record(checkpoint)}
 

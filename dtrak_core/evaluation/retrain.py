@@ -162,8 +162,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _pending(jobs: list[RetrainJob], out_dir: str, shard: tuple[int, int]) -> list[RetrainJob]:
-    """This shard's jobs (i, i+n, ...) whose result file does not exist yet."""
+def _pending(jobs: list[RetrainJob], out_dir: str, shard: tuple[int, int], checksums: bool = False) -> list[RetrainJob]:
+    """This shard's jobs (i, i+n, ...) whose result file does not exist yet (checksums: a finished
+    one must also match the checksum recorded for it, when its folder records checksums)."""
     os.makedirs(out_dir, exist_ok=True)
     ids = [j.id for j in jobs]
     if len(set(ids)) != len(ids):
@@ -175,25 +176,40 @@ def _pending(jobs: list[RetrainJob], out_dir: str, shard: tuple[int, int]) -> li
         path = os.path.join(out_dir, f"{j.id}.npz")
         if os.path.exists(path):
             load_result(path)  # a finished job is skipped only if its result reads back whole
+            if checksums:
+                from dtrak_core.checksums import verify
+
+                verify(path, "job result", "delete it and rerun the same command to recompute that job", required=False)
         else:
             todo.append(j)
     return todo
 
 
 def run_jobs(jobs: list[RetrainJob], out_dir: str, work: Callable[[RetrainJob], dict], *,
-             shard: tuple[int, int] = (0, 1), show_bar: bool = True) -> list[str]:
-    """Run `work(job) -> dict of arrays` for this shard's unfinished jobs; returns the ids run now."""
-    todo = _pending(jobs, out_dir, shard)
+             shard: tuple[int, int] = (0, 1), show_bar: bool = True, checksums: bool = False) -> list[str]:
+    """Run `work(job) -> dict of arrays` for this shard's unfinished jobs; returns the ids run now.
+    checksums: record each result's sha256 in out_dir/checksums.json as it is written (`checksums.record`:
+    results that readers verify, such as the counterfactual's job files)."""
+    todo = _pending(jobs, out_dir, shard, checksums)
     i, n = shard
     ran = []
     for job in tqdm(todo, desc=f"retrain {os.path.basename(out_dir)} shard {i}/{n}", disable=not show_bar):
-        save_result(os.path.join(out_dir, f"{job.id}.npz"), **work(job))
+        _save(out_dir, job, work(job), checksums)
         ran.append(job.id)
     return ran
 
 
+def _save(out_dir: str, job: RetrainJob, result: dict, checksums: bool) -> None:
+    save_result(os.path.join(out_dir, f"{job.id}.npz"), **result)
+    if checksums:
+        from dtrak_core.checksums import record
+
+        record(out_dir, [f"{job.id}.npz"])
+
+
 def run_job_groups(jobs: list[RetrainJob], out_dir: str, work_many: Callable[[list[RetrainJob]], list[dict]], *,
-                   group_size: int = 1, shard: tuple[int, int] = (0, 1), show_bar: bool = True) -> list[str]:
+                   group_size: int = 1, shard: tuple[int, int] = (0, 1), show_bar: bool = True,
+                   checksums: bool = False) -> list[str]:
     """`run_jobs` for a worker that handles several jobs at once (e.g. with `train_many`).
 
     This shard's unfinished jobs are taken `group_size` at a time, in list order; each group's
@@ -201,7 +217,7 @@ def run_job_groups(jobs: list[RetrainJob], out_dir: str, work_many: Callable[[li
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    todo = _pending(jobs, out_dir, shard)
+    todo = _pending(jobs, out_dir, shard, checksums)
     i, n = shard
     groups = [todo[a:a + group_size] for a in range(0, len(todo), group_size)]
     ran = []
@@ -211,6 +227,6 @@ def run_job_groups(jobs: list[RetrainJob], out_dir: str, work_many: Callable[[li
         if len(results) != len(group):
             raise ValueError(f"work_many returned {len(results)} results for {len(group)} jobs")
         for job, result in zip(group, results):
-            save_result(os.path.join(out_dir, f"{job.id}.npz"), **result)
+            _save(out_dir, job, result, checksums)
             ran.append(job.id)
     return ran

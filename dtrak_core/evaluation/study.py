@@ -435,8 +435,10 @@ def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benc
         rows.append({"cell": name, "label": label, "validation": c["validation"], "generated": c["generated"],
                      "feature_seconds": cost["gradient_seconds"] or 0.0, "scoring_seconds": scoring})
     t[BEYOND] = {"rows": rows, "source": "python -m dtrak_core.evaluation.study lds, then publish"}
-    atomic_write_json(tables_path, json_safe(t))
+    from dtrak_core.checksums import seal
     from dtrak_core.files import atomic_write_bytes
+
+    atomic_write_json(tables_path, seal(json_safe(t)))  # its checksum in it (the app verifies it)
 
     atomic_write_bytes(os.path.join(dest, TABLES_REPORT), tables_report(t).encode())
     for f in (RESULTS, REPORT):

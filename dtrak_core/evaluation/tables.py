@@ -141,6 +141,20 @@ class Bench:
     def setting(self, output_fn: str, K: int) -> FeatureSetting:
         return self.base.with_(output_fn=output_fn, K=K)
 
+    def command(self, action: str) -> str:
+        """The command that computes a missing input of this bench, as it runs on its model folder
+        and run (--root / --out named unless they are the defaults): `lds <action>` for a run of the
+        built-in harness; for a run of checkpoints your own script retrained (`lds_own`), `lds-own
+        evaluate`, which computes every missing feature first."""
+        from dtrak_core.errors import root_option
+
+        root = root_option(self.root)
+        if self.truth["setup"].get("subsets_given"):
+            return f"python -m dtrak_core lds-own evaluate{root} --out {self.run_dir}"
+        default_out = os.path.join(self.root, "benchmarks", "lds_run")
+        out = "" if os.path.abspath(self.run_dir) == os.path.abspath(default_out) else f" --out {self.run_dir}"
+        return f"python -m dtrak_core lds {action}{root}{out}"
+
     # -- ensemble members --------------------------------------------------------------------------
     def member_dir(self, j: int) -> str:
         return os.path.join(self.run_dir, "ensemble", f"e{j}")
@@ -209,8 +223,8 @@ def fixed_cell(scores: np.ndarray, masks, F, bootstrap: SubsetBootstrap) -> dict
 
 
 # -- the tables ------------------------------------------------------------------------------------
-def _featurize_cmd(output_fn: str, K: int) -> str:
-    return f"python -m dtrak_core lds features --output-fn {output_fn} --K {K}"
+def _featurize_cmd(bench: Bench, output_fn: str, K: int) -> str:
+    return bench.command(f"features --output-fn {output_fn} --K {K}")
 
 
 def sweep_cell(bench: Bench, trains, queries, num_bootstrap: int, default: float | None = None,
@@ -231,7 +245,7 @@ def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
             inputs = bench.trak_sweep_inputs(setting)
             key = f"{setting.output_fn}/K{K}"
             if inputs is None:
-                rows[key] = {"missing": _featurize_cmd(fn, K)}
+                rows[key] = {"missing": _featurize_cmd(bench, fn, K)}
                 continue
             t0 = time.perf_counter()
             rows[key] = {"setting": setting.to_dict(),
@@ -276,7 +290,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     else:
         per_ckpt = tracin_queries(bench, checkpoints, compute=False)
         if per_ckpt is None:
-            rows["tracin"] = rows["gas"] = {"missing": "python -m dtrak_core lds features --tracin"}
+            rows["tracin"] = rows["gas"] = {"missing": bench.command("features --tracin")}
         else:
             for name, kind in (("tracin", "dot"), ("gas", "cosine")):
                 fixed(name, {s: sum(similarity(q[s], c.train_features, kind) for c, q in zip(checkpoints, per_ckpt))
@@ -288,14 +302,14 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
         loss = bench.trak_sweep_inputs(bench.setting("loss", K))
         if loss is None:
             for name in ("gradient-dot", "gradient-cosine", "journey-trak", "relative-ip", "renorm-ip", "trak"):
-                rows[f"{name}/K{K}"] = {"missing": _featurize_cmd("loss", K)}
+                rows[f"{name}/K{K}"] = {"missing": _featurize_cmd(bench, "loss", K)}
         else:
             (phi,), queries = loss
             for kind in ("dot", "cosine"):
                 fixed(f"gradient-{kind}/K{K}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
                       methods.get(f"gradient-{kind}").description)
             rows[f"journey-trak/K{K}"] = (
-                {"missing": "python -m dtrak_core lds features --journey"} if journey is None else
+                {"missing": bench.command("features --journey")} if journey is None else
                 {"note": methods.get("journey-trak").description + "; generated samples only",
                  **sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)})
             for kind in ("relative", "renorm"):
@@ -303,7 +317,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
                                            **sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
             rows[f"trak/K{K}"] = sweep_cell(bench, [phi], queries, num_bootstrap, default_lambda(phi))
         square = bench.trak_sweep_inputs(bench.setting("square", K))
-        rows[f"d-trak/K{K}"] = ({"missing": _featurize_cmd("square", K)} if square is None else
+        rows[f"d-trak/K{K}"] = ({"missing": _featurize_cmd(bench, "square", K)} if square is None else
                                 sweep_cell(bench, *square, num_bootstrap, default_lambda(square[0][0])))
     if bench.successors:  # the registry's own scorer and lambda, over the folder's largest-K store
         for method in methods.all("successor"):
@@ -367,7 +381,7 @@ def ensemble_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
         for S in sizes:
             key = f"{label}/S{S}"
             if len(ready) < S:
-                rows[key] = {"missing": f"python -m dtrak_core lds ensemble --models {S} --K {K}"}
+                rows[key] = {"missing": bench.command(f"ensemble --models {S} --K {K}")}
                 continue
             inputs = bench.trak_sweep_inputs(setting, ready[:S])
             rows[key] = {"models": S, "K": K, **sweep_cell(bench, *inputs, num_bootstrap)}

@@ -8,10 +8,10 @@ Recomputing some tables (`which`) keeps the others already in dest/tables.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from dtrak_core import checksums
 from dtrak_core.attribution import methods
 from dtrak_core.evaluation.lds import noise_ceiling
 from dtrak_core.evaluation.tables import (
@@ -28,15 +28,18 @@ from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
 TABLES = "tables.json"
 REPORT = "tables.md"
 BEYOND = "beyond"  # rows beyond the paper's methods, from `evaluation.study` (same ground truth and bootstrap)
+SHIPPED = "shipped_lambda"  # the lambda `attribute`, the API and the app use per store (`lds_own.shipped_lambdas`)
 
 def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_bootstrap: int = 1000,
-           which=("methods", "ablation", "ensembles"), title: str | None = None, **bench_options) -> dict:
+           which=("methods", "ablation", "ensembles"), title: str | None = None, annotate=None,
+           **bench_options) -> dict:
     """Evaluate every cell whose inputs exist; with `dest`, write dest/tables.json and dest/tables.md.
 
     run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`);
     num_bootstrap: resamples of the subsets behind each +-; which: the tables to (re)compute;
-    title: the report's heading (None: the embedded default's); `bench_options` go to `Bench`
-    (which output functions, K, ensemble sizes).
+    title: the report's heading (None: the embedded default's); annotate: a function of the
+    results adding keys to them before they are written (e.g. `lds_own`'s "shipped_lambda");
+    `bench_options` go to `Bench` (which output functions, K, ensemble sizes).
     """
     bench = Bench(run_dir, root, **bench_options)
     M = len(bench.truth["subsets"])
@@ -51,6 +54,8 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
         out[name] = builders[name](bench, num_bootstrap)
         out.setdefault("eval_seconds", {})[name] = time.perf_counter() - t0
         out.setdefault("subsets_per_table", {})[name] = M
+    if annotate is not None:
+        out.update(annotate(out))
     if dest is not None:
         previous = load_tables(os.path.join(dest, TABLES)) or {}
         # "beyond" (exact kernels, DAS, EK-FAC) is written by `evaluation.study publish`: kept as it is
@@ -58,18 +63,24 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
         merged["subsets_per_table"] = {**{k: v for k, v in previous.get("subsets_per_table", {}).items()
                                           if k in merged and k not in which}, **out.get("subsets_per_table", {})}
         os.makedirs(dest, exist_ok=True)
-        atomic_write_json(os.path.join(dest, TABLES), json_safe(merged))
+        atomic_write_json(os.path.join(dest, TABLES), checksums.seal(json_safe(merged)))  # its checksum in it
         atomic_write_bytes(os.path.join(dest, REPORT), format_report(merged).encode())
         out = merged
     return out
 
 
-def load_tables(path: str) -> dict | None:
-    """A written tables.json, or None when there is none."""
+TABLES_REMEDY = ("rewrite it with `python -m dtrak_core lds tables` (and `python -m dtrak_core.evaluation.study "
+                 "publish` for its 'beyond' rows), which record its checksum in it")
+
+
+def load_tables(path: str, required: bool = False) -> dict | None:
+    """A written tables.json, or None when there is none; verified against the checksum its writer
+    sealed into it (`checksums.read_sealed_json`: an `IntegrityError` naming it when it was edited).
+    required: a tables.json with no checksum at all (written before dtrak recorded them) is refused
+    too, as the app does; else it is read as it is (a writer merging it into a new, sealed one)."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return checksums.read_sealed_json(path, "benchmark tables", TABLES_REMEDY, required=required)
 
 
 # -- the Markdown ----------------------------------------------------------------------------------
@@ -168,8 +179,36 @@ def format_report(t: dict) -> str:
             lines.append(f"| {row['label']} | {_fmt(row, 'validation')} | {_fmt(row, 'generated')} | "
                          f"{row['feature_seconds']:.0f} | {row['scoring_seconds']:.0f} |")
         lines.append("")
+    if t.get(SHIPPED):
+        lines += _shipped_lines(t[SHIPPED])
     missing = sorted({c["missing"] for tab in ("methods", "ablation", "ensembles") for c in t.get(tab, {}).values()
                       if "missing" in c})
     if missing:
         lines += ["## Missing cells and the commands that fill them", ""] + [f"- `{m}`" for m in missing] + [""]
     return "\n".join(lines)
+
+
+def _shipped_lines(shipped: dict) -> list[str]:
+    """The section saying which lambda the shipped answers (`attribute`, the API, the app) use for
+    each store: the one recorded in the model folder, or the data-free rule; its LDS beside it."""
+    lines = ["## The lambda of the shipped answers (`attribute`, the Python API, the app)", "",
+             "The cells above sweep lambda; the answers rank with one lambda per store, this one:", "",
+             "| store | method | lambda | from | generated LDS at it |", "|---|---|---|---|---|"]
+    hint, crossfit = None, False
+    for slug, e in shipped.items():
+        lds = "n/a" if e.get("generated_lds") is None else f"{e['generated_lds']:.1f}"
+        if e["source"] == "recorded":
+            chosen = str(e.get("chosen_on", ""))
+            crossfit = crossfit or "cross-fitted" in chosen
+            source = f"recorded in manifest.json ({chosen.split(';')[0]})"
+        else:
+            source = "the data-free rule (0.1 x mean squared training-feature norm): no lambda recorded"
+            hint = e.get("record")
+        lines.append(f"| {slug} | {e['method']} | {e['lambda']:.3g} | {source} | {lds} |")
+    lines.append("")
+    if crossfit:
+        lines += ["A lambda chosen on the generated samples (no validation set) shows their 2-fold cross-fitted LDS: "
+                  "each half scored at the lambda best on the other half.", ""]
+    if hint:
+        lines += [f"Record the lambda measured here, so that the answers use it: `{hint}`.", ""]
+    return lines

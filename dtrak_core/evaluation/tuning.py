@@ -1,7 +1,8 @@
 """The app's ridge lambda per feature store, tuned on the validation LDS and recorded in the model
 folder's manifest (`tuned_lambda`, read by `Attributor`).
 
-    python -m dtrak_core lds tune-lambda
+    python -m dtrak_core lds tune-lambda                               # the embedded default
+    python -m dtrak_core lds-own tune-lambda --root R --out RUN        # your own model's LDS run
 """
 from __future__ import annotations
 
@@ -15,35 +16,54 @@ from dtrak_core.folder import ModelFolder
 
 TEST_SETS = ("validation", "generated")
 
-def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200) -> dict:
+def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200, bench: Bench | None = None) -> dict:
     """Pick each of the model's stores' lambda on the *validation* LDS (LAMBDA_GRID) and record it in
     root/manifest.json as 'tuned_lambda' (used by `Attributor` by default); the same for each
     registered sharpened method over a store (`methods.sharpened`), keyed
     `methods.sharpened_lambda_key`. The generated-set LDS at
     that lambda is reported beside it: chosen on another test set, it is an honest number.
 
-    run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`).
+    A run with no validation set (`lds-own prepare` without --validation): the lambda best on the
+    generated samples, and as its `generated_lds` the 2-fold cross-fitted LDS (each half of the
+    samples scored with the lambda best on the other half: an honest estimate of a lambda chosen
+    this way), said so in `chosen_on`; `validation_lds` is None.
+
+    run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`); bench: the
+    run's `Bench` when the caller has one (made with tuned=False).
     Returns {store slug or sharpened key: {"lambda", "chosen_on", "validation_lds", "generated_lds", ...}}.
     """
-    bench = Bench(run_dir, root, tuned=False)  # the lambdas it replaces are neither used nor checked
+    bench = bench or Bench(run_dir, root, tuned=False)  # the lambdas it replaces are neither used nor checked
+    sets = tuple(s for s in TEST_SETS if s in bench.test_sets)
+    if "generated" not in sets:
+        raise ValueError(f"the LDS run in {run_dir!r} has no generated test set; prepare it again")
     masks = np.asarray(bench.truth["masks"], dtype=np.float64)
-    F = {s: bench.truth["F"][s] for s in TEST_SETS}
+    F = {s: bench.truth["F"][s] for s in sets}
+    M = len(bench.truth["subsets"])
     tuned = {}
 
     def record(key, res):
-        lam = res["validation"]["paper"]["lambda"]
         gen = res["generated"]
-        tuned[key] = {
-            "lambda": lam, "chosen_on": f"validation LDS, {len(bench.truth['subsets'])} subsets",
-            "validation_lds": res["validation"]["paper"]["lds"],
-            "generated_lds": gen["lds_by_lambda"][LAMBDA_GRID.index(lam)],
-            "rule_lambda": gen["default"]["lambda"], "generated_lds_rule": gen["default"]["lds"],
-            "at_grid_edge": res["validation"]["paper"]["at_grid_edge"]}
+        common = {"rule_lambda": gen["default"]["lambda"], "generated_lds_rule": gen["default"]["lds"]}
+        if "validation" in res:
+            lam = res["validation"]["paper"]["lambda"]
+            tuned[key] = {
+                "lambda": lam, "chosen_on": f"validation LDS, {M} subsets",
+                "validation_lds": res["validation"]["paper"]["lds"],
+                "generated_lds": gen["lds_by_lambda"][LAMBDA_GRID.index(lam)],
+                **common, "at_grid_edge": res["validation"]["paper"]["at_grid_edge"]}
+        else:  # no held-out images: chosen on the generated samples, its LDS estimated by cross-fitting
+            tuned[key] = {
+                "lambda": gen["paper"]["lambda"],
+                "chosen_on": f"generated-sample LDS (no validation set), {M} subsets; generated_lds is the 2-fold "
+                             f"cross-fitted LDS (each half scored at the lambda best on the other half)",
+                "validation_lds": None, "generated_lds": gen["honest"]["lds"],
+                "generated_lds_in_sample": gen["paper"]["lds"], "fold_lambdas": list(gen["honest"]["lambdas"]),
+                **common, "at_grid_edge": gen["paper"]["at_grid_edge"]}
 
     for per_fn in bench.attributor.stores.values():
         for setting, store in per_fn:
             train = np.array(store.features())
-            queries = {s: bench.features.query(s, setting, compute=True) for s in TEST_SETS}
+            queries = {s: bench.features.query(s, setting, compute=True) for s in sets}
             record(setting.slug, sweep_cell(bench, [train], {s: [q] for s, q in queries.items()}, num_bootstrap,
                                             default=default_lambda(train)))
             spectral = None

@@ -156,13 +156,34 @@ def load_checkpoint(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
 CONFIG_FILES = {"unet/config.json": "UNet config", "scheduler/scheduler_config.json": "noise schedule config"}
 
 
-def config_file_hash(path: str, rel: str) -> str:
-    """`files.json_hash` of the content of the config file `rel` (a key of CONFIG_FILES) of the
-    checkpoint folder `path`; a damaged file is an `IntegrityError` naming it."""
+# what each sealed config file of a checkpoint folder is (the text-to-image pipeline's too: its
+# text encoder, VAE, tokenizer and pipeline index change answers as much as the UNet's config)
+CONFIG_NAMES = {**CONFIG_FILES, "text_encoder/config.json": "text encoder config", "vae/config.json": "VAE config",
+                "tokenizer/tokenizer.json": "tokenizer vocabulary", "tokenizer/tokenizer_config.json": "tokenizer config",
+                "tokenizer/vocab.json": "tokenizer vocabulary", "tokenizer/merges.txt": "tokenizer merges",
+                "tokenizer/special_tokens_map.json": "tokenizer special tokens", "model_index.json": "pipeline index"}
+
+
+def config_file_hash(path: str, rel: str, remedy: str | None = None) -> str:
+    """`files.json_hash` of the content of the config file `rel` (a key of CONFIG_NAMES) of the
+    checkpoint folder `path` (a file that is not JSON, such as a tokenizer's merges.txt: 16 hex
+    digits of the sha256 of its bytes); a damaged file is an `IntegrityError` naming it."""
+    import hashlib
+
+    from dtrak_core.errors import IntegrityError
     from dtrak_core.files import json_hash, read_json
 
-    return json_hash(read_json(os.path.join(path, *rel.split("/")), CONFIG_FILES.get(rel, "checkpoint config"),
-                               _checkpoint_remedy(path)))
+    file, what = os.path.join(path, *rel.split("/")), CONFIG_NAMES.get(rel, "checkpoint config")
+    remedy = _checkpoint_remedy(path) if remedy is None else remedy
+    if rel.endswith(".json"):
+        return json_hash(read_json(file, what, remedy))
+    try:
+        with open(file, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except FileNotFoundError:
+        raise IntegrityError(file, f"({what}) is missing", remedy) from None
+    except OSError as e:
+        raise IntegrityError(file, f"({what}) cannot be read ({e.strerror or e})", remedy) from None
 
 
 def config_hashes(path: str) -> dict[str, str]:

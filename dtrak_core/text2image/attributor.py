@@ -21,12 +21,12 @@ from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.errors import IntegrityError
-from dtrak_core.folder import MANIFEST_REMEDY, ModelFolder
+from dtrak_core.folder import ModelFolder
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.data import CaptionedDataset, load_captioned_dataset
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer
-from dtrak_core.text2image.lora import load_lora
-from dtrak_core.text2image.pipeline import TextToImagePipeline
+from dtrak_core.text2image.lora import WEIGHTS_NAME as LORA_WEIGHTS, load_lora, lora_hash
+from dtrak_core.text2image.pipeline import TextToImagePipeline, component_file
 from dtrak_core.text2image.sampling import DEFAULT_GUIDANCE, generate
 
 KIND = "text2image"  # manifest key "kind" of a text-to-image model folder
@@ -38,21 +38,78 @@ def is_text2image_folder(root: str) -> bool:
 
 
 def load_folder_pipeline(folder: ModelFolder) -> TextToImagePipeline:
-    """The folder's pipeline with its LoRA adapters on the UNet, weights checked against the
-    manifest's `checkpoint_hash` (`TextToImagePipeline.weights_hash`)."""
+    """The folder's pipeline with its LoRA adapters on the UNet: its configs, tokenizer files and
+    pipeline index checked against the manifest's `config_hash`, its weights and vocabulary against
+    `checkpoint_hash` (`TextToImagePipeline.weights_hash`). A mismatch names the file that changed
+    (`component_hash`, else `base_hash`, tell which) with the fix for that file."""
     folder.require("checkpoint")
     lora = folder.extra.get("lora")
     if not isinstance(lora, str):
-        raise IntegrityError(folder.path, "(model manifest) has no valid 'lora' entry", MANIFEST_REMEDY)
+        raise IntegrityError(folder.path, "(model manifest) has no valid 'lora' entry", folder.remedy)
+    folder.check_configs()  # first: an edited config is named as such, not as weights that do not fit it
     base = TextToImagePipeline.load(folder.checkpoint_path)
-    pipeline = replace(base, unet=load_lora(base.unet, os.path.join(folder.root, lora)))
+    lora_path = os.path.join(folder.root, lora)
+    pipeline = replace(base, unet=load_lora(base.unet, lora_path))
     have = pipeline.weights_hash()
     if folder.checkpoint_hash is not None and folder.checkpoint_hash != have:
-        raise IntegrityError(os.path.join(folder.root, lora), f"(pipeline + LoRA weights) hash to {have}, but "
-                             f"{folder.path} records checkpoint_hash {folder.checkpoint_hash} (the weights were "
-                             f"replaced or are corrupt)", "restore the pipeline and LoRA files, or rebuild the "
-                             "folder (`python -m dtrak_core build-text2image`)")
+        raise changed_weights(folder, base, pipeline, lora_path, have)
     return pipeline
+
+
+COMPONENT_NAMES = {"unet": "UNet weights", "vae": "VAE weights", "text_encoder": "text encoder weights",
+                   "tokenizer": "tokenizer vocabulary", "lora": "LoRA weights"}
+
+
+def component_hashes(base: TextToImagePipeline, pipeline: TextToImagePipeline) -> dict[str, str]:
+    """What a model folder records as `component_hash`: the base pipeline's components, one by one
+    (`TextToImagePipeline.component_hashes`), and the LoRA's weights."""
+    return {**base.component_hashes(), "lora": lora_hash(pipeline.unet)}
+
+
+def _lora_file(lora_path: str) -> str:
+    return lora_path if os.path.isfile(lora_path) else os.path.join(lora_path, LORA_WEIGHTS)
+
+
+def changed_weights(folder: ModelFolder, base: TextToImagePipeline, pipeline: TextToImagePipeline, lora_path: str,
+                    have: str) -> IntegrityError:
+    """The error for weights that do not hash to the manifest's checkpoint_hash, naming what changed:
+    the component whose hash differs from the one recorded in `component_hash` (its weights file;
+    the tokenizer's vocabulary file), else, with `base_hash` only (a folder built before components
+    were recorded), the base pipeline folder or the LoRA file."""
+    ckpt, root = folder.checkpoint_path, folder.root
+    inside = not os.path.isabs(folder.checkpoint or "")  # the miniature's pipeline lives in the folder
+    rebuild_pipeline = (f"or rebuild it: delete {ckpt} and run `python -m dtrak_core build-text2image --root {root}` "
+                        "(the miniature's pipeline is trained again, then its LoRA and stores)" if inside else
+                        "or build a new folder for the pipeline you have (`python -m dtrak_core build-text2image "
+                        "--root NEW --pipeline ... --lora ... --data ...`)")
+    rebuild_lora = (f"or train it again: delete {os.path.dirname(_lora_file(lora_path))} and run `python -m dtrak_core "
+                    f"build-text2image --root {root}` (the stores are rebuilt for it)" if inside else
+                    "or build a new folder for the LoRA you have (`build-text2image --root NEW ...`)")
+    recorded = folder.extra.get("component_hash")
+    if isinstance(recorded, dict):
+        now = component_hashes(base, pipeline)
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "lora"):
+            if name in recorded and recorded[name] != now[name]:
+                path = _lora_file(lora_path) if name == "lora" else component_file(ckpt, name)
+                return IntegrityError(path, f"({COMPONENT_NAMES[name]}) hash to {now[name]}, but {folder.path} "
+                                      f"records component_hash {recorded[name]} for them (the pipeline no longer "
+                                      f"hashes to its checkpoint_hash: the file was replaced or is corrupt; every "
+                                      f"answer would change)",
+                                      f"restore it, {rebuild_lora if name == 'lora' else rebuild_pipeline}")
+    base_hash = folder.extra.get("base_hash")
+    if isinstance(base_hash, str):
+        have_base = base.weights_hash()
+        if have_base != base_hash:
+            return IntegrityError(ckpt, f"(base pipeline: UNet, VAE and text encoder weights, tokenizer vocabulary) "
+                                  f"hashes to {have_base}, but {folder.path} records base_hash {base_hash} (a file in "
+                                  f"it was replaced or is corrupt; every answer would change)",
+                                  f"restore the pipeline folder, {rebuild_pipeline}")
+        return IntegrityError(_lora_file(lora_path), f"(LoRA weights) with the recorded base pipeline hash to {have}, "
+                              f"but {folder.path} records checkpoint_hash {folder.checkpoint_hash} (the LoRA was "
+                              f"replaced or is corrupt)", f"restore it, {rebuild_lora}")
+    return IntegrityError(ckpt, f"(pipeline) with the LoRA {_lora_file(lora_path)} hashes to {have}, but {folder.path} "
+                          f"records checkpoint_hash {folder.checkpoint_hash} (a pipeline or LoRA file was replaced or "
+                          f"is corrupt)", f"restore the pipeline and LoRA files, {rebuild_pipeline}")
 
 
 class TextToImageAttributor(Attributor):

@@ -31,11 +31,11 @@ from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.folder import ModelFolder
 from dtrak_core.model.unet import count_parameters
-from dtrak_core.text2image.attributor import KIND
+from dtrak_core.text2image.attributor import KIND, component_hashes
 from dtrak_core.text2image.data import CaptionedDataset, digit_caption, load_captioned_dataset, load_digit_captions
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer, featurize_fn
 from dtrak_core.text2image.lora import load_lora, save_lora
-from dtrak_core.text2image.pipeline import TextToImagePipeline, build_latent_scheduler
+from dtrak_core.text2image.pipeline import TextToImagePipeline, build_latent_scheduler, config_hashes
 from dtrak_core.text2image.sampling import DEFAULT_GUIDANCE, generate
 from dtrak_core.text2image.tokenizer import build_word_tokenizer
 from dtrak_core.text2image.training import (
@@ -84,6 +84,14 @@ def quality_report(pipeline, digits=FINETUNE_DIGITS, per_digit: int = QUALITY_PE
     images = generate(pipeline, [digit_caption(d) for d in prompted], seeds, guidance_scale=guidance_scale)
     return {"prompts": f"a handwritten digit {{{','.join(map(str, digits))}}}", "seeds": f"0..{per_digit - 1} each",
             "sampler": "ddim-50", "guidance_scale": guidance_scale, **prompt_quality(images, prompted)}
+
+
+def _set_extra(folder: ModelFolder, **values) -> None:
+    """Set the text-to-image manifest keys (`values`) of `folder`; guidance_scale, which the build
+    sets to what the folder is built with, is sealed (`settings_hash`), so that a hand edit is refused
+    on load, naming manifest.json (a folder built before guidance was sealed gets its seal now)."""
+    folder.extra.update(values)
+    folder.reseal("guidance_scale")
 
 
 def build_store(root: str, pipeline, train: CaptionedDataset, setting: FeatureSetting, inputs=None,
@@ -165,19 +173,40 @@ def build_miniature(root: str = MINIATURE_ROOT, vae_config: VAEConfig = VAEConfi
             shutil.rmtree(os.path.join(root, rel), ignore_errors=True)
     ModelFolder.edit(root, checkpoint="pipeline", checkpoint_hash=pipeline.weights_hash(), dataset=FINETUNE_SPEC,
                      dataset_fingerprint=train.fingerprint, num_train=len(train),
-                     parameters=count_parameters(pipeline.unet),
+                     parameters=count_parameters(pipeline.unet), config_hash=config_hashes(pipeline_dir),
                      stores=(folder.stores if folder is not None and reuse_lora else []) or [],
                      featurize_seconds=(folder.featurize_seconds if folder is not None and reuse_lora else {}),
                      quality=folder.quality if folder is not None and reuse_lora else None,
-                     change=lambda f: f.extra.update(kind=KIND, lora="lora", recipe=recipe, stage_seconds=seconds,
-                                                     base_hash=base.weights_hash(), guidance_scale=DEFAULT_GUIDANCE,
-                                                     base_parameters=count_parameters(base.unet)))
+                     change=lambda f: _set_extra(f, kind=KIND, lora="lora", recipe=recipe, stage_seconds=seconds,
+                                                 base_hash=base.weights_hash(), guidance_scale=DEFAULT_GUIDANCE,
+                                                 base_parameters=count_parameters(base.unet),
+                                                 component_hash=component_hashes(base, pipeline)))
     for setting in settings:
         build_store(root, pipeline, train, setting, inputs, show_bar)
     if quality:
         report = {"lora": quality_report(pipeline), "base_on_pretraining_digits": quality_report(base, PRETRAIN_DIGITS),
                   "base_on_finetuning_digits": quality_report(base)}
         ModelFolder.edit(root, quality=report)
+    return ModelFolder.load(root).to_dict()
+
+
+def seal_folder(root: str) -> dict:
+    """Record what a text-to-image folder built before they were recorded lacks: `config_hash` (the
+    pipeline's configs, tokenizer files and index), `component_hash` (each component's weights and
+    the LoRA's) and the seal of guidance_scale, after loading it and checking that its weights are
+    the ones its checkpoint_hash records (nothing else is rebuilt or changed). Returns the manifest."""
+    from dtrak_core.text2image.attributor import load_folder_pipeline
+
+    folder = ModelFolder.load(root)
+    if folder.extra.get("kind") != KIND:
+        raise ValueError(f"{folder.path} is not a text-to-image model folder")
+    pipeline = load_folder_pipeline(folder)  # its weights checked against checkpoint_hash first
+    if folder.checkpoint_hash is None:
+        raise ValueError(f"{folder.path} records no checkpoint_hash: nothing to seal against; rebuild the folder")
+    base = TextToImagePipeline.load(folder.checkpoint_path)
+    hashes = component_hashes(base, pipeline)
+    ModelFolder.edit(root, config_hash=config_hashes(folder.checkpoint_path),
+                     change=lambda f: _set_extra(f, component_hash=hashes))
     return ModelFolder.load(root).to_dict()
 
 
@@ -208,9 +237,11 @@ def build_text2image_from(root: str, pipeline_source: str, lora: str, data: str,
     lora_path = os.path.abspath(lora)
     ModelFolder.edit(root, checkpoint=folder_path, checkpoint_hash=have, dataset=spec,
                      dataset_fingerprint=train.fingerprint, num_train=len(train), model_source=pipeline_source,
-                     parameters=count_parameters(pipeline.unet),
+                     parameters=count_parameters(pipeline.unet), config_hash=config_hashes(folder_path),
                      stores=(folder.stores if folder is not None else []) or [],
-                     change=lambda f: f.extra.update(kind=KIND, lora=lora_path, guidance_scale=7.5))
+                     change=lambda f: _set_extra(f, kind=KIND, lora=lora_path, guidance_scale=7.5,
+                                                 base_hash=base.weights_hash(),
+                                                 component_hash=component_hashes(base, pipeline)))
     inputs = CaptionedInputs.of(pipeline, train.images, train.captions)
     for setting in settings:
         build_store(root, pipeline, train, setting, inputs, show_bar)

@@ -69,6 +69,18 @@ def lora_parameters(unet) -> dict[str, torch.Tensor]:
     return {n: p for n, p in unet.named_parameters() if p.requires_grad}
 
 
+def lora_hash(unet) -> str:
+    """Content hash of the LoRA adapters' weights of `unet` (a model folder records it in
+    `component_hash`, to tell a changed LoRA from a changed base pipeline)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, tensor in sorted(lora_state_dict(unet).items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The adapters' weights in diffusers' key format (`<module>.lora.down.weight`, ...)."""
     from diffusers.utils import convert_state_dict_to_diffusers

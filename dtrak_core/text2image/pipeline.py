@@ -93,6 +93,24 @@ class TextToImagePipeline:
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
     # -- identity ---------------------------------------------------------------------------------
+    def component_hashes(self) -> dict[str, str]:
+        """{component: content hash} of the UNet's, the VAE's and the text encoder's weights and of
+        the tokenizer's vocabulary, one by one: a model folder records them (`component_hash`), so
+        that weights that no longer match `weights_hash` are traced to the file that changed."""
+        out = {}
+        for name in ("unet", "vae", "text_encoder"):
+            h = hashlib.sha256()
+            for key, tensor in sorted(getattr(self, name).state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+            out[name] = h.hexdigest()[:16]
+        h = hashlib.sha256()
+        for token, index in sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{index}:{token}\n".encode())
+        h.update(str(self.tokenizer.model_max_length).encode())
+        out["tokenizer"] = h.hexdigest()[:16]
+        return out
+
     def weights_hash(self) -> str:
         """Content hash of every component's weights and of the vocabulary: feature stores record it,
         so a store computed with another VAE, text encoder or LoRA is refused."""
@@ -171,6 +189,34 @@ class TextToImagePipeline:
         for name in ("unet", "vae", "text_encoder"):
             parts[name] = parts[name].float().eval()
         return cls(**parts)
+
+
+# the files of a pipeline folder whose content `TextToImagePipeline.load` reads besides the weights:
+# sealed in a model folder's manifest (`config_hash`, see `folder.ModelFolder.check_configs`)
+CONFIG_CANDIDATES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
+                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+                     "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", MODEL_INDEX)
+
+
+def config_hashes(path: str) -> dict[str, str]:
+    """{file: `unet.config_file_hash`} for the configs, tokenizer files and pipeline index present in
+    the pipeline folder `path` (the text-to-image folder's `config_hash`)."""
+    from dtrak_core.model.unet import config_file_hash
+
+    return {rel: config_file_hash(path, rel, _remedy(path)) for rel in CONFIG_CANDIDATES
+            if os.path.isfile(os.path.join(path, *rel.split("/")))}
+
+
+def component_file(path: str, component: str) -> str:
+    """The file of the pipeline folder `path` that holds `component`'s weights (the tokenizer: its
+    vocabulary), for an error that names it; the component's folder when there is none."""
+    folder = os.path.join(path, component)
+    if component == "tokenizer":
+        names = [n for n in ("tokenizer.json", "vocab.json", "vocab.txt") if os.path.isfile(os.path.join(folder, n))]
+    else:
+        names = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if n.endswith((".safetensors", ".bin")))
+    return os.path.join(folder, names[0]) if len(names) == 1 else folder
 
 
 def _remedy(path: str) -> str:

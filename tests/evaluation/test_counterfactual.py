@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dtrak_core.evaluation.retrain as retrain_module
+from dtrak_core import checksums
 from dtrak_core.evaluation import counterfactual as cf
 from dtrak_core.evaluation import counterfactual_report as report
 from dtrak_core.attribution.attributor import Attributor
@@ -198,6 +199,7 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
     ident = json.load(open(os.path.join(out, "identity.json")))
     ident["stores"]["loss"] = "loss-K99-other"
     atomic_write_json(os.path.join(out, "identity.json"), ident)
+    checksums.record(out, ["identity.json"])  # (as a writer would: an identity edited by hand is refused)
     assert {r for _, r, _ in cf.committed_results(attributor, out, TINY)} == {"square", "random"}
 
     index = report.write_gallery(out, str(tmp_path / "gallery"), attributor.train, n_targets=2)
@@ -205,6 +207,56 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
     for e in index["entries"]:
         assert os.path.isfile(tmp_path / "gallery" / e["after_png"])
     assert os.path.isfile(tmp_path / "gallery" / "gallery.png")
+
+
+def test_summary_and_gallery_are_verified_against_their_writers_checksums(attributor, tmp_path):
+    """The reported defects: gallery.json with l2 99 was shown as a result, and a truncated gallery PNG
+    failed with "image file is truncated", naming no file. Each result now carries its writer's
+    checksum and its reader names the file that does not match it, with the fix."""
+    from PIL import Image
+
+    from dtrak_core.errors import IntegrityError
+
+    out = str(tmp_path / "cf" / "jobs")
+    cf.run_counterfactual(attributor, out, cf.target_seeds(1, start=60), ["trak", "random"], [4], TINY, control=False,
+                          show_bar=False)
+    summary = report.summarize(out)
+    assert summary[checksums.FIELD] == checksums.json_digest({k: v for k, v in summary.items() if k != checksums.FIELD})
+    path = str(tmp_path / "cf" / "summary.json")
+    atomic_write_json(path, summary)
+    assert report.read_summary(path) == {k: v for k, v in summary.items() if k != checksums.FIELD}
+    summary["cells"][0]["l2"]["median"] = 99.0
+    atomic_write_json(path, summary)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(counterfactual summary\\) does not match its own "
+                                             f"content_sha256.*--summary-only"):
+        report.read_summary(path)
+
+    gallery = str(tmp_path / "cf" / "gallery")
+    index = report.write_gallery(out, gallery, attributor.train, n_targets=1)
+    recorded = json.load(open(os.path.join(gallery, "checksums.json")))["sha256"]
+    assert set(recorded) == {n for n in os.listdir(gallery) if n != "checksums.json"}
+    entries = report.read_gallery(gallery)
+    assert [e["l2"] for e in entries] == [e["l2"] for e in index["entries"]]
+    assert all(os.path.isabs(e["after_png"]) and os.path.isfile(e["after_png"]) for e in entries)
+
+    original = open(os.path.join(gallery, "gallery.json")).read()
+    edited = json.loads(original)
+    edited["entries"][0]["l2"] = 99.0
+    with open(os.path.join(gallery, "gallery.json"), "w") as f:
+        json.dump(edited, f)
+    index_path = os.path.join(gallery, "gallery.json")
+    with pytest.raises(IntegrityError, match=f"^{index_path} \\(counterfactual gallery index\\) hashes to .*"
+                                             f"checksums.json .*rewrite the gallery .*--summary-only"):
+        report.read_gallery(gallery)
+    with open(index_path, "w") as f:
+        f.write(original)
+    png = os.path.join(gallery, index["entries"][0]["after_png"])
+    with open(png, "r+b") as f:
+        f.truncate(os.path.getsize(png) // 2)
+    with pytest.raises(Exception, match="truncated"):
+        Image.open(png).load()  # what the app used to show, naming no file
+    with pytest.raises(IntegrityError, match=f"^{png} \\(counterfactual gallery image\\) hashes to"):
+        report.read_gallery(gallery)
 
 
 def test_shards_partition_the_jobs(attributor, tmp_path):

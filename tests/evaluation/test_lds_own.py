@@ -112,6 +112,7 @@ def test_ground_truth_and_lds_of_user_retrained_checkpoints(own, tmp_path, capsy
                                                       eval_timesteps(10), (0,)))["F_generated"][0]
     np.testing.assert_allclose(col["F"]["generated"][2], expected, rtol=1e-6)
 
+    assert main(["build-das", "--root", root]) == 0  # DAS's training losses: built by their one writer only
     assert main(["lds-own", "evaluate", "--root", root, "--out", run_dir, "--bootstrap", "20", "--no-journey"]) == 0
     t = json.load(open(os.path.join(run_dir, "tables.json")))
     report = open(os.path.join(run_dir, "tables.md")).read()
@@ -124,6 +125,9 @@ def test_ground_truth_and_lds_of_user_retrained_checkpoints(own, tmp_path, capsy
     assert set(t["ablation"]) == {"avg/K2"}  # another output function with a store in the folder
     assert "| das |" in report and "| avg |" in report
     assert report.startswith(f"# {lds_own.TABLES_TITLE}") and "| d-trak |" in report and "validation digits" not in report
+    # the missing Journey-TRAK cell names the command that fills it for this run, with its --root and --out
+    assert f"python -m dtrak_core lds-own evaluate --root {root} --out {run_dir}" in report
+    assert "lds features --journey" not in report
 
     # D-TRAK's cell is lds.lds of its scores at the cell's lambda, against this ground truth
     from dtrak_core.evaluation import tables as bm
@@ -215,3 +219,125 @@ def test_counterfactual_of_user_retrained_checkpoints(own, tmp_path, capsys):
     assert r.l2 == pytest.approx(pixel_l2(sample(attributor.unet, attributor.scheduler, 1000),
                                           sample(unet, attributor.scheduler, 1000)), rel=1e-6)
     assert "median L2" in table and "digit label changed" not in table  # no digit classifier for these images
+
+
+def _copy_root(root: str, dest: str) -> str:
+    """A copy of the model folder (its stores inside it; the model and images stay where they are), so
+    a test that records lambdas in its manifest leaves the module's folder as it was."""
+    shutil.copytree(root, dest)
+    return dest
+
+
+def test_the_lambda_measured_on_your_model_is_recorded_and_used(own, tmp_path, capsys):
+    """`lds-own tune-lambda` records each store's lambda (no validation set: chosen on the generated
+    samples, its LDS cross-fitted, said so) in the manifest, sealed by its writer; `attribute` and
+    `Attributor.load` use it; tables.md says which lambda the answers use, before and after."""
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.scoring import default_lambda
+    from dtrak_core.evaluation.tables import LAMBDA_GRID
+    from dtrak_core.folder import ModelFolder
+
+    root, run_dir, ckpts, _ = own
+    lds_own.ground_truth(root, run_dir, ckpts, show_bar=False)  # (resumable: measured already when run in order)
+    mine = _copy_root(root, str(tmp_path / "root"))
+    dest = str(tmp_path / "report")
+    square = Attributor.load(mine).setting("square")
+    rule = default_lambda(square[1].features())
+
+    assert main(["lds-own", "evaluate", "--root", mine, "--out", run_dir, "--dest", dest, "--bootstrap", "20",
+                 "--no-journey"]) == 0
+    report = open(os.path.join(dest, "tables.md")).read()
+    assert "## The lambda of the shipped answers" in report and "the data-free rule" in report
+    assert f"`python -m dtrak_core lds-own tune-lambda --root {mine} --out {run_dir}`" in report
+    t = json.load(open(os.path.join(dest, "tables.json")))
+    assert t["shipped_lambda"][square[0].slug]["source"] == "rule"
+    assert t["shipped_lambda"][square[0].slug]["lambda"] == pytest.approx(rule)
+    assert t["shipped_lambda"][square[0].slug]["generated_lds"] == pytest.approx(
+        t["methods"]["d-trak/K2"]["generated"]["default"]["lds"])
+    capsys.readouterr()
+    assert main(["attribute", "--root", mine, "--seed", "3", "--method", "d-trak", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before["lambda"] == pytest.approx(rule) and "data-free rule" in before["lambda_source"]
+
+    # the one command: recorded in the manifest through ModelFolder.edit (sealed), used by every answer
+    assert main(["lds-own", "tune-lambda", "--root", mine, "--out", run_dir, "--dest", dest, "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert f"recorded under 'tuned_lambda' in {os.path.join(mine, 'manifest.json')}" in out
+    folder = ModelFolder.load(mine)  # the seals match: written by the manifest's writer
+    entry = folder.tuned_lambda[square[0].slug]
+    assert set(folder.tuned_lambda) >= {s.slug for v in Attributor.load(mine).stores.values() for s, _ in v}
+    assert f"tuned_lambda/{square[0].slug}" in folder.settings_hash
+    assert entry["lambda"] in LAMBDA_GRID and entry["validation_lds"] is None
+    assert "no validation set" in entry["chosen_on"] and "cross-fitted" in entry["chosen_on"]
+    cell = t["methods"]["d-trak/K2"]["generated"]  # the evaluate table's own numbers, on the same samples
+    assert entry["lambda"] == cell["paper"]["lambda"] and entry["generated_lds"] == pytest.approx(cell["honest"]["lds"])
+    assert entry["fold_lambdas"] == cell["honest"]["lambdas"] and entry["rule_lambda"] == pytest.approx(rule)
+    assert Attributor.load(mine).lambda_for(square[0]) == entry["lambda"]
+    assert main(["attribute", "--root", mine, "--seed", "3", "--method", "d-trak", "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["lambda"] == entry["lambda"] and after["lambda_source"].startswith("recorded in manifest.json")
+    report = open(os.path.join(dest, "tables.md")).read()  # the report now says the answers use it
+    assert "recorded in manifest.json (generated-sample LDS (no validation set)" in report
+    assert "data-free rule" not in report
+    assert json.load(open(os.path.join(dest, "tables.json")))["shipped_lambda"][square[0].slug]["source"] == "recorded"
+
+    # `lds tune-lambda` on a folder built with `build`: given the own run it records the same; without, it names it
+    assert main(["lds", "tune-lambda", "--root", mine, "--out", run_dir, "--bootstrap", "20"]) == 0
+    assert ModelFolder.load(mine).tuned_lambda[square[0].slug] == entry
+    capsys.readouterr()
+    assert main(["lds", "tune-lambda", "--root", mine]) == 2
+    assert f"lds-own tune-lambda --root {mine} --out RUN" in capsys.readouterr().err
+
+
+def test_with_a_validation_set_the_lambda_is_chosen_on_it(own, tmp_path):
+    from dtrak_core.folder import ModelFolder
+
+    root, _, ckpts, _ = own
+    mine = _copy_root(root, str(tmp_path / "root"))
+    run = str(tmp_path / "run")
+    lds_own.prepare(mine, run, TINY_LDS, validation=ModelFolder.load(mine).dataset["folder"])
+    lds_own.ground_truth(mine, run, ckpts, show_bar=False)  # the same masks: the same checkpoints
+    tuned = lds_own.tune_lambda(mine, run, num_bootstrap=10, show_bar=False)
+    entry = ModelFolder.load(mine).tuned_lambda["square-K2-sparse-jl-k16-s42"]
+    assert entry == json.loads(json.dumps(tuned["square-K2-sparse-jl-k16-s42"]))
+    assert entry["chosen_on"] == "validation LDS, 4 subsets" and -100 <= entry["validation_lds"] <= 100
+    with pytest.raises(ValueError, match="holds no LDS run of your checkpoints"):
+        lds_own.tune_lambda(mine, str(tmp_path / "nothing"))
+
+
+def test_seeds_are_named_for_what_they_seed(own, tmp_path):
+    """jobs.json: the training seed `train_seed`; removals.json: the target's sampling seed
+    `target_seed`; both keep `seed` for readers of older files, which are still read."""
+    root, run_dir, _, _ = own
+    jobs = json.load(open(os.path.join(run_dir, lds_own.JOBS)))
+    assert all(j["train_seed"] == j["seed"] == 1 for j in jobs["jobs"]) and "train_seed" in jobs["note"]
+    out = str(tmp_path / "cf")
+    removals = lds_own.counterfactual_prepare(root, out, [1000, 1001], ["random"], [3])
+    assert [(j["target_seed"], j["seed"]) for j in removals["jobs"]] == [(1000, 1000), (1001, 1001)]
+    assert "target_seed is the sampling seed" in removals["note"]
+    assert lds_own.target_seed({"seed": 7}) == 7 and lds_own.target_seed({"target_seed": 8, "seed": 8}) == 8
+    assert lds_own.train_seed({"seed": 2}) == 2 and lds_own.train_seed({"train_seed": 3, "seed": 3}) == 3
+
+
+def test_a_partial_counterfactual_is_marked_partial(own, tmp_path, capsys):
+    root, _, _, attributor = own
+    out = str(tmp_path / "cf")
+    assert main(["counterfactual-own", "prepare", "--root", root, "--out", out, "--targets", "2", "--rankings",
+                 "random", "--k", "3"]) == 0
+    removals = json.load(open(os.path.join(out, lds_own.REMOVALS)))
+    ckpts = str(tmp_path / "cf-ckpts")
+    user_training_script(attributor.unet, attributor.scheduler, attributor.train.images, removals["jobs"][:1], ckpts,
+                         steps=1)
+    assert main(["counterfactual-own", "measure", "--root", root, "--out", out, "--checkpoints", ckpts,
+                 "--partial"]) == 0
+    table = open(os.path.join(out, "results.md")).read()
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert table.startswith("**PARTIAL: 1 of 2 retrains measured**")
+    assert f"counterfactual-own measure --root {root} --out {out} --checkpoints DIR" in table
+    assert "another model and dataset" in table  # the published CIFAR-2 row's caveat
+    assert summary["partial"] and (summary["jobs_done"], summary["jobs_planned"]) == (1, 2)
+    user_training_script(attributor.unet, attributor.scheduler, attributor.train.images, removals["jobs"][1:], ckpts,
+                         steps=1)
+    assert main(["counterfactual-own", "measure", "--root", root, "--out", out, "--checkpoints", ckpts]) == 0
+    assert "PARTIAL" not in open(os.path.join(out, "results.md")).read()
+    assert not json.load(open(os.path.join(out, "summary.json")))["partial"]

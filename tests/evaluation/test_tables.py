@@ -1,5 +1,6 @@
 """The benchmark tables (evaluation/tables.py), their report (tables_report.py) and the lambda tuner
 (tuning.py) on a tiny model folder and LDS run, each cell checked against a direct computation."""
+import json
 import os
 
 import numpy as np
@@ -137,6 +138,20 @@ def test_tables_end_to_end(tiny_bench, tmp_path):
     # recomputing one table keeps the others
     t2 = tables_report.tables(run_dir, root, dest=dest, num_bootstrap=20, which=("ensembles",), **options)
     assert t2["ablation"] == tables_report.load_tables(os.path.join(dest, tables_report.TABLES))["ablation"]
+    # tables.json carries its writer's checksum; a number edited by hand is refused, naming the file
+    from dtrak_core import checksums
+    from dtrak_core.errors import IntegrityError
+
+    path = os.path.join(dest, tables_report.TABLES)
+    written = json.load(open(path))
+    assert written[checksums.FIELD] == checksums.json_digest({k: v for k, v in written.items() if k != checksums.FIELD})
+    assert tables_report.load_tables(path, required=True) == {k: v for k, v in written.items() if k != checksums.FIELD}
+    written["methods"]["pixel-cosine"]["generated"]["lds"] = 99.0
+    with open(path, "w") as f:
+        json.dump(written, f)
+    with pytest.raises(IntegrityError, match=f"^{path} \\(benchmark tables\\) does not match its own content_sha256.*"
+                                             f"lds tables"):
+        tables_report.load_tables(path)
 
 
 def test_bench_refuses_a_run_of_another_model(tiny_bench, tmp_path):
