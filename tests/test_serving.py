@@ -491,7 +491,7 @@ def test_damaged_benchmark_results_are_named_in_the_benchmarks_tab_and_the_banne
     from dtrak_core.checksums import seal
 
     root = _copy(tiny_root, tmp_path)
-    os.makedirs(os.path.join(root, "benchmarks"))
+    os.makedirs(os.path.join(root, "benchmarks"), exist_ok=True)  # (an earlier test may have made it)
     tables, summary = os.path.join(root, "benchmarks", "tables.json"), os.path.join(root, "counterfactual", "summary.json")
     study = {"validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}
     cell = {"k": 30, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
