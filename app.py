@@ -1275,7 +1275,22 @@ def benchmarks_blocks(root: str) -> list:
               if x is not None and "error" in x]
     for _, x in broken:
         x.pop("data", None)
-    shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary)) or bool(items) or bool(broken)
+    evidence = items.pop("evidence", None)
+    shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary, evidence)) or bool(items) \
+        or bool(broken)
+    if evidence is not None and evidence.get("data"):
+        gr.Markdown("## Attribution or look-alikes?\n" + sup.evidence_headline(evidence["data"]))
+        chart(functools.partial(viz.lds_chart, sup.evidence_rows(evidence["data"])))
+        with gr.Accordion("Every method beside the model-free baselines: signed, sharpened, rank and top-1% LDS",
+                          open=False):
+            gr.Markdown("Each method's LDS four ways: as scored (*signed*), with each score s reported as s·|s| "
+                        "(*sharpened*: the same rankings, the effect concentrated on the strongest), from each "
+                        "query's ranks alone (*rank*) and from an indicator of its top 1% (*top-1%*). The last two "
+                        "are the same for every increasing transform of the scores. Every λ and bandwidth is "
+                        "cross-fitted. *(no model)* marks baselines that never look at the diffusion model.")
+            table = _read_text(os.path.join(bench, "evidence.md"))
+            if table:
+                gr.Markdown(sup.relabel_tables(table))
     if shown:
         gr.Markdown(BENCHMARKS_HELP)
     for title, x in broken:

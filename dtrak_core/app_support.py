@@ -167,6 +167,57 @@ def similarity_flag(method: str, scores: np.ndarray, baseline: str, baseline_sco
     return text
 
 
+def evidence_rows(evidence: dict, transform: str = "signed") -> list[dict]:
+    """`table_rows`-shaped rows (method, test set, LDS, +-) of a folder's evidence for one transform
+    ("signed", "sharpened", "rank", "top-1%"), the model-free methods marked in their label."""
+    rows = []
+    for r in (evidence or {}).get("rows", []):
+        if not isinstance(r, dict):
+            continue
+        label = method_label(r.get("method", "?")) + (" (no model)" if r.get("group") == "model-free" else "")
+        for test_set in ("validation", "generated"):
+            value, pm = r.get(f"{test_set}/{transform}"), r.get(f"{test_set}/{transform} pm")
+            if isinstance(value, (int, float)) and isinstance(pm, (int, float)):
+                rows.append({"method": label, "test set": test_set, HONEST: round(float(value), 1),
+                             PM: round(float(pm), 1)})
+    return rows
+
+
+def evidence_headline(evidence: dict) -> str:
+    """Three lines: the best method that uses the model against the strongest model-free one, on the
+    signed LDS and on the top-1% LDS (which no monotone transform of the scores changes)."""
+    rows = [r for r in (evidence or {}).get("rows", []) if isinstance(r, dict)]
+    sets = [t for t in ("validation", "generated") if any(f"{t}/signed" in r for r in rows)]
+    if not rows or not sets:
+        return ""
+    lines = []
+    for transform, what in (("signed", "LDS"), ("top-1%", "top-1% LDS (the head of each ranking; no monotone "
+                                                          "transform of the scores changes it)")):
+        parts = []
+        for group in ("model", "model-free"):
+            members = [r for r in rows if r.get("group") == group and isinstance(r.get(f"{sets[0]}/{transform}"), (int, float))]
+            if members:
+                best = max(members, key=lambda r: r[f"{sets[0]}/{transform}"])
+                parts.append(f"{method_label(best['method'])} " + " / ".join(
+                    f"{best.get(f'{t}/{transform}', float('nan')):.1f}" for t in sets))
+        if len(parts) == 2:
+            lines.append(f"- **{what}** ({' / '.join(sets)}): best method that uses the model: {parts[0]}; "
+                         f"strongest model-free baseline: {parts[1]}.")
+    def best(group, key):
+        return max((r.get(key) for r in rows if r.get("group") == group and isinstance(r.get(key), (int, float))),
+                   default=None)
+
+    keys = [f"{t}/{x}" for t in sets for x in ("signed", "top-1%")]
+    pairs = [(best("model", k), best("model-free", k)) for k in keys]
+    if all(a is not None and b is not None for a, b in pairs):
+        ahead = all(a > b for a, b in pairs)  # ahead on both measures and both test sets, or not ahead
+        lines.append("- " + ("A method that uses the model predicts the retrained models better than any look-alike "
+                             "baseline here, on both measures and both test sets." if ahead else
+                             "Here a kernel on raw inputs predicts the retrained models as well as any gradient "
+                             "method: the attributions mostly say which training images look like the query."))
+    return "\n".join(lines)
+
+
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two score vectors over the training set."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -35,3 +35,18 @@ def test_the_baseline_and_the_measured_lds_come_from_the_folders_evidence(tmp_pa
     assert "validation LDS" in text and "80.0" in text and "70.0" in text
     (tmp_path / "benchmarks" / "evidence.json").write_text("{not json")
     assert sup.read_evidence(str(tmp_path)) is None
+
+
+def test_the_benchmarks_headline_reads_the_evidence_both_ways():
+    def row(method, group, v, t):
+        return {"method": method, "group": group, "validation/signed": v, "validation/signed pm": 0.5,
+                "validation/top-1%": t, "validation/top-1% pm": 0.5}
+
+    close = {"rows": [row("square", "model", 78.0, 64.0), row("pixel-rbf", "model-free", 77.0, 65.0)]}
+    text = sup.evidence_headline(close)
+    assert "D-TRAK (square) 78.0" in text and "pixel-rbf 77.0" in text and "look like the query" in text
+    ahead = {"rows": [row("square", "model", 80.0, 70.0), row("pixel-rbf", "model-free", 40.0, 50.0)]}
+    assert "better than any look-alike baseline" in sup.evidence_headline(ahead)
+    rows = sup.evidence_rows(close, "top-1%")
+    assert [(r["method"], r[sup.HONEST]) for r in rows] == [("D-TRAK (square)", 64.0), ("pixel-rbf (no model)", 65.0)]
+    assert sup.evidence_headline({}) == "" and sup.evidence_rows({}) == []

@@ -47,8 +47,17 @@ def sealed(sealed_miniature, tmp_path):
 
 @pytest.fixture
 def unsealed(tmp_path):
-    """A copy as committed: base_hash and checkpoint_hash only."""
-    return _copy(MINIATURE, tmp_path / "unsealed")
+    """A copy as folders built before the seals were: base_hash and checkpoint_hash only (the seals
+    `seal_folder` records taken out of the manifest)."""
+    root = _copy(MINIATURE, tmp_path / "unsealed")
+    path = os.path.join(root, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for key in ("component_hash", "config_hash", "settings_hash"):
+        manifest.pop(key, None)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+    return root
 
 
 def _flip(path, offset=-200):
