@@ -278,7 +278,9 @@ def classifier_text(pixels: np.ndarray) -> str:
 
 
 def training_cards(attribution, indices, title: str, note: str = "") -> str:
-    return viz.training_cards(assets().attributor.train, attribution, indices, title, assets().class_word, note)
+    a = assets()
+    names = None if a.classifier is None else a.classifier.classes
+    return viz.training_cards(a.attributor.train, attribution, indices, title, a.class_word, note, names)
 
 
 # ---------------------------------------------------------------- handlers: generate
@@ -516,17 +518,25 @@ def use_training_image(index):
     return (q, *query_view(q), gr.Column(visible=False))
 
 
-def _upload_query(path, invert: bool):
-    invert = sup.parse_bool(invert, "the ink setting (invert)")
+def _load_upload(path, invert: bool, name: str | None = None):
+    """The one path every upload, example upload and drawing goes through: validated, and for the
+    digits model normalised to the training digits' form (cropped to the ink, centred, scaled, contrast
+    and strokes normalised: `images.normalise_digit`); other models' images are centre-cropped and resized."""
     unet = assets().attributor.unet
     try:
-        image = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=invert)
+        return load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=invert,
+                               normalise=assets().digits)
     except ValueError as e:
-        raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image",
+        raise gr.Error(f"Could not use {name or os.path.basename(path)}: {e}", title="Not a usable image",
                        duration=ERROR_SECONDS) from None
-    pixels = image.numpy()
+
+
+def _upload_query(path, invert: bool, name: str | None = None):
+    invert = sup.parse_bool(invert, "the ink setting (invert)")
+    pixels = _load_upload(path, invert, name).numpy()
+    name = name or f"Your image {os.path.basename(path)}"
     q = {"key": sup.QueryKey.for_pixels(pixels), "pixels": pixels, "seed": None, "steps": None,
-         "title": f"Your image {os.path.basename(path)}{' (inverted)' if invert else ''}, "
+         "title": f"{name}{' (inverted)' if invert else ''}, "
                   f"as the model sees it ({pixels.shape[-1]}x{pixels.shape[-2]})"}
     img, info = query_view(q)
     warning = sup.unusual_ink(pixels, assets().attributor.train.images.numpy())
@@ -547,16 +557,42 @@ def read_upload(path):
     training digits are light ink on black; a scan or drawing is usually dark ink on paper)."""
     if not path:
         return gr.update(), gr.update(), gr.update(), gr.update()
-    unet = assets().attributor.unet
-    try:
-        plain = load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=False)
-    except ValueError as e:
-        raise gr.Error(f"Could not use {os.path.basename(path)}: {e}", title="Not a usable image",
-                       duration=ERROR_SECONDS) from None
+    return _read_source(path)
+
+
+def _read_source(path, name: str | None = None):
+    plain = _load_upload(path, False, name)
     invert = assets().digits and sup.light_paper(plain.numpy())
-    q, img, info = _upload_query(path, invert)
+    q, img, info = _upload_query(path, invert, name)
     detected = "dark ink on light paper: inverted" if invert else "light ink on a dark background: used as it is"
     return q, img, info + f"  \nInk detected: {detected} (change it with the box below).", invert
+
+
+def drawing_png(value) -> bytes | None:
+    """The drawing canvas's value (an EditorValue dict of PIL images, or an image) -> PNG bytes of the
+    drawing flattened onto white paper; None when nothing is drawn."""
+    from PIL import Image
+
+    img = value.get("composite") if isinstance(value, dict) else value
+    if img is None:
+        return None
+    img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+    rgba = img.convert("RGBA")
+    if not rgba.getchannel("A").getextrema()[1]:  # nothing drawn on a transparent canvas
+        return None
+    paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    buf = io.BytesIO()
+    Image.alpha_composite(paper, rgba).convert("L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@readable
+def use_drawing(value):
+    """The drawing canvas -> the query, through the same path as an upload."""
+    data = drawing_png(value)
+    if data is None:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    return _read_source(data, "Your drawing")
 
 
 def clear_upload():

@@ -54,9 +54,11 @@ def _img(image, px: int, alt: str) -> str:
 
 # ---------------------------------------------------------------- attribution: cards and charts
 
-def training_cards(train, attribution, indices, title: str, class_word: str = "digit", note: str = "") -> str:
+def training_cards(train, attribution, indices, title: str, class_word: str = "digit", note: str = "",
+                   class_names=None) -> str:
     """Training images as an HTML grid of cards: the pixels (nearest-neighbour), then index, label
-    and score underneath (captions never cover pixels). `train`: a `data.Dataset`."""
+    and score underneath (captions never cover pixels). `train`: a `data.Dataset`; `class_names`:
+    the labels' names (e.g. a folder's class sub-folders), else "<class_word> <label>"."""
     cards = []
     for rank, i in enumerate(indices, 1):
         i = int(i)
@@ -66,10 +68,18 @@ def training_cards(train, attribution, indices, title: str, class_word: str = "d
             f'<figure class="card" data-index="{i}" role="button" tabindex="0" '
             f'title="training image #{i}: click for its rank under every method">'
             f'{_img(train.images[i], THUMB_PX, f"training image {i}")}<figcaption><b>#{i}</b><br>'
-            f'{f"{class_word} {label}<br>" if label >= 0 else ""}'
+            f'{_label_text(label, class_word, class_names)}'
             f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
     note = f'<div class="cards-note">{note}</div>' if note else ""
     return f'<div class="cards-title">{html.escape(title)}</div>{note}<div class="cards">{"".join(cards)}</div>'
+
+
+def _label_text(label: int, class_word: str, class_names) -> str:
+    if label < 0:
+        return ""
+    if class_names is not None and label < len(class_names):
+        return f"{html.escape(str(class_names[label]))}<br>"
+    return f"{class_word} {label}<br>"
 
 
 def score_histogram(attribution, k: int) -> go.Figure:

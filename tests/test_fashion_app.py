@@ -49,6 +49,7 @@ def test_fashion_attribution_reads_its_classes_and_flags_look_alikes(fashion_app
     q = fashion_app.select_sample(batch, Select(0))[0]
     methods = fashion_app.assets().methods
     assert {"square", "loss", "pixel-rbf", "optimal-denoiser"} <= set(methods)
-    *_, summary = fashion_app.attribute(q, "square", 8)
+    cards, *_, summary = fashion_app.attribute(q, "square", 8)
+    assert sum(cards.count(f"{name}<br>") for name in CLASSES) == 8  # each card names its class
     assert "Look-alike check" in summary and "top proponents are also in the top 8 of" in summary
     assert any(name in summary for name in CLASSES)
