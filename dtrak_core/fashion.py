@@ -3,7 +3,8 @@ resumable command:
 
     apt-get install dataset-fashion-mnist
     python -m dtrak_core build-fashion                  # every stage; rerun to resume
-    python -m dtrak_core build-fashion --stage lds      # one stage (data, classifier, model, folder, lds, counterfactual)
+    python -m dtrak_core build-fashion --stage lds      # one stage (data, classifier, model, folder, lds, ceiling,
+                                                        # counterfactual)
 
 The setting is the preset `fashion-mnist` (dtrak_core/configs/fashion-mnist.json): the data, the UNet,
 the recipe, the stores and the LDS / counterfactual protocol. What the folder holds, all committed
@@ -14,9 +15,10 @@ but the retrained models:
     model/             the base model (diffusers unet/ + scheduler/, setting.json)
     manifest.json, stores/     the model folder (`build`): D-TRAK, TRAK and avg stores (float16)
     lds/               `lds-own` run: jobs.json, per-checkpoint ground truth, tables.md / tables.json
+    lds-ceiling/       its first 8 subsets with a second training seed (`noise_ceiling`)
     counterfactual/    `counterfactual-own` run: removals.json, per-job results, results.md
 
-Retrained models go to lds-models/ and counterfactual-models/ (git-ignored); a killed run loses at
+Retrained models go to lds-models/, lds-ceiling-models/ and counterfactual-models/ (git-ignored); a killed run loses at
 most the model in training.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"  # where Debian's package installs the IDX files
 DEFAULT_ROOT = os.path.join("assets", "fashion")
 PRESET = "fashion-mnist"
-STAGES = ("data", "classifier", "model", "folder", "lds", "counterfactual")
+STAGES = ("data", "classifier", "model", "folder", "lds", "ceiling", "counterfactual")
+CEILING_SUBSETS, CEILING_SEED = 8, 2  # the first 8 LDS subsets retrained with a second seed: the noise ceiling
 CLASSIFIER_PER_CLASS = None  # training images per class for the quality classifier (None: all), none in the subset
 QUALITY_SEEDS = range(100)
 # CPU training is bit-deterministic for a seed only at a fixed thread count; one thread is also the
@@ -157,6 +160,8 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
             print(measure_quality(root))
         elif stage == "lds":
             _lds(setting, root, data, shard, show_bar)
+        elif stage == "ceiling":
+            _ceiling(setting, root, data, shard, show_bar)
         elif stage == "counterfactual":
             _counterfactual(setting, root, data, shard, show_bar)
         print(f"{stage}: done in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -171,6 +176,44 @@ def _lds(setting, root, data, shard, show_bar):
         lds_own.prepare(root, out, setting.lds_config, validation=os.path.join(data, "validation"))
     st.retrain(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard=shard, show_bar=show_bar)
     lds_own.ground_truth(root, out, ckpts, shard=shard)
+
+
+def _ceiling(setting, root, data, shard, show_bar):
+    """The first CEILING_SUBSETS subsets of the LDS run retrained with a second seed (lds-ceiling/),
+    so `noise_ceiling` can say how well one seed's ground truth predicts another's."""
+    from dataclasses import replace
+
+    from dtrak_core import setting as st
+    from dtrak_core.evaluation import lds_own
+    from dtrak_core.evaluation.retrain import load_result
+
+    out, ckpts = os.path.join(root, "lds-ceiling"), os.path.join(root, "lds-ceiling-models")
+    if not os.path.isfile(os.path.join(out, lds_own.JOBS)):
+        masks = load_result(os.path.join(root, "lds", lds_own.MASKS), keys=("masks",))["masks"][:CEILING_SUBSETS]
+        os.makedirs(out, exist_ok=True)
+        given = os.path.join(out, "subsets.npy")
+        np.save(given, masks)
+        lds_own.prepare(root, out, replace(setting.lds_config, train_seeds=(CEILING_SEED,)), masks=given,
+                        validation=os.path.join(data, "validation"))
+    st.retrain(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard=shard, show_bar=show_bar)
+    lds_own.ground_truth(root, out, ckpts, shard=shard)
+
+
+def noise_ceiling(root: str = DEFAULT_ROOT, num_bootstrap: int = 1000) -> dict:
+    """{test set: `lds.noise_ceiling`} from the LDS run's seed and the ceiling run's second seed on
+    the subsets both have finished (at least 3)."""
+    from dtrak_core.evaluation.lds import noise_ceiling as ceiling
+    from dtrak_core.evaluation.lds_run import collect
+
+    first, second = collect(os.path.join(root, "lds")), collect(os.path.join(root, "lds-ceiling"))
+    rows_a = {tuple(np.flatnonzero(m)): i for i, m in enumerate(first["masks"])}
+    pairs = [(rows_a[key], j) for j, key in enumerate(tuple(np.flatnonzero(m)) for m in second["masks"]) if key in rows_a]
+    if len(pairs) < 3:
+        raise ValueError(f"only {len(pairs)} subsets have both seeds measured; the noise ceiling needs 3 "
+                         f"(python -m dtrak_core build-fashion --stage ceiling)")
+    a, b = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    return {name: ceiling(np.stack([first["F"][name][a], second["F"][name][b]]), num_bootstrap)
+            for name in first["F"] if name in second["F"]}
 
 
 def _counterfactual(setting, root, data, shard, show_bar):

@@ -72,3 +72,25 @@ def test_a_damaged_idx_file_is_named(tmp_path, source, setting):
     with pytest.raises(ValueError, match=FASHION_MNIST_FILES["train"][1]):
         write_data(setting, source, str(tmp_path / "data"))
     assert not os.path.exists(tmp_path / "data")
+
+
+def test_noise_ceiling_pairs_the_two_runs_by_subset(monkeypatch):
+    """The ceiling run retrains the LDS run's first subsets with another seed; the two are paired by
+    the subsets' content, whatever order each run finished them in."""
+    from dtrak_core.evaluation import lds_run
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 20)) < 0.5
+    F = rng.normal(size=(6, 5))
+    runs = {
+        os.path.join("R", "lds"): {"masks": masks, "F": {"validation": F}},
+        # the second seed: subsets 3, 0, 1, 2 (out of order), its F the first seed's plus a little noise
+        os.path.join("R", "lds-ceiling"): {"masks": masks[[3, 0, 1, 2]],
+                                           "F": {"validation": F[[3, 0, 1, 2]] + 0.01 * rng.normal(size=(4, 5))}},
+    }
+    monkeypatch.setattr(lds_run, "collect", lambda path: runs[path])
+    result = fashion.noise_ceiling("R", num_bootstrap=0)["validation"]
+    assert result["subsets"] == 4 and result["seed_vs_seed"] > 95
+    runs[os.path.join("R", "lds-ceiling")] = {"masks": masks[:2], "F": {"validation": F[:2]}}
+    with pytest.raises(ValueError, match="only 2 subsets"):
+        fashion.noise_ceiling("R")
