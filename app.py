@@ -26,8 +26,12 @@ Benchmarks charts are drawn when that tab is first shown.
 """
 from __future__ import annotations
 
+import dtrak_core  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
+
+# isort: split
 import functools
 import html
+import io
 import os
 import sys
 import tempfile
@@ -38,7 +42,6 @@ from dataclasses import dataclass
 STARTED = time.perf_counter()  # the start-up log says how long each stage took from here
 from functools import lru_cache
 
-import dtrak_core  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
 import gradio as gr
 import numpy as np
 import torch
@@ -47,9 +50,9 @@ from dtrak_core import app_support as sup
 from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution, Attributor
-from dtrak_core.folder import default_root, read_manifest
 from dtrak_core.errors import Cancelled
 from dtrak_core.evaluation.quality import classify
+from dtrak_core.folder import default_root, read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.model.sampling import generate
 from dtrak_core.shared import OnceCache
@@ -1518,6 +1521,11 @@ def build_demo() -> gr.Blocks:
                                                  elem_id="query-info")
                         upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
                                          type="filepath", height=150, elem_id="upload")
+                        sketch = gr.Sketchpad(label="Or draw a digit", type="pil", image_mode="RGBA",
+                                              canvas_size=(280, 280), height=260, elem_id="sketch",
+                                              brush=gr.Brush(default_size=18, colors=["#000000"],
+                                                             color_mode="fixed"),
+                                              layers=False, transforms=(), visible=a.digits)
                         invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
                                              info="set from each upload's border; untick or tick to override")
                         example_set = gr.Dataset(components=[gr.Image(render=False, type="filepath")],
@@ -1644,6 +1652,9 @@ def build_demo() -> gr.Blocks:
         uploaded = upload.upload(read_upload, [upload], [query, query_img, query_info, invert], show_progress="hidden")
         show_query(uploaded)
         uploaded.failure(clear_upload, None, upload, queue=False)
+        # a finished stroke on the canvas -> the query (the same normalisation as an upload)
+        show_query(sketch.change(use_drawing, [sketch], [query, query_img, query_info, invert],
+                                 show_progress="hidden", trigger_mode="always_last"))
         show_query(invert.input(use_upload, [upload, invert], [query, query_img, query_info], show_progress="hidden"))
         show_query(example_set.click(use_example, example_set, [query, query_img, query_info, invert, upload],
                                      show_progress="hidden"))

@@ -26,6 +26,9 @@ With --screenshots the Generate, Attribute, Counterfactual and Benchmarks tabs a
 """
 from __future__ import annotations
 
+from common import ROOT, machine_line  # first: before torch
+
+# isort: split
 import argparse
 import os
 import re
@@ -36,8 +39,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-
-from common import ROOT, machine_line  # first: before torch
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -98,7 +99,7 @@ def click_sample(page, seed: int) -> dict:
                            ".length === 2")
     charts = time.perf_counter() - t0
     page.locator("#noise-plot .js-plotly-plot").wait_for()
-    page.wait_for_function(f"() => (document.querySelector('#noise-text') || {{}}).innerText?.includes('#')")
+    page.wait_for_function("() => (document.querySelector('#noise-text') || {}).innerText?.includes('#')")
     noise = time.perf_counter() - t0
     return {"cards": cards, "charts": charts, "noise": noise}
 

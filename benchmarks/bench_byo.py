@@ -15,13 +15,15 @@ and prints the ratio and what a full build would take at K = 10 and 100.
 from __future__ import annotations
 
 from common import Timer, machine_line, set_threads  # first: before torch
+
+# isort: split
 import argparse
 import statistics
 
 import torch
 from diffusers import UNet2DModel
 
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.model.unet import build_scheduler, build_unet, count_parameters
 
 

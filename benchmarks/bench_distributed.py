@@ -12,6 +12,8 @@ speed-up is bounded by the cores the other jobs leave free: read it with the loa
 from __future__ import annotations
 
 from common import ROOT, Timer, machine_line  # first: before torch
+
+# isort: split
 import argparse
 import json
 import os

@@ -23,17 +23,19 @@ at this k, which no projector can beat.
 from __future__ import annotations
 
 from common import Timer, load_model, machine_line, set_threads, spearman_rows  # first: before torch
+
+# isort: split
 import argparse
 import tempfile
 
 import numpy as np
 import torch
+from trak_adapter import make_traker, trak_featurize_batch, trak_finish_scores
 
-from dtrak_core.model.data import load_digits
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.projectors import DenseGaussianProjector
 from dtrak_core.attribution.scoring import TRAKScorer
-from trak_adapter import make_traker, trak_featurize_batch, trak_finish_scores
+from dtrak_core.model.data import load_digits
 
 
 def exact_scores(train_grads: torch.Tensor, query_grads: torch.Tensor, relative_lambda: float = 0.1) -> np.ndarray:
@@ -46,7 +48,7 @@ def exact_scores(train_grads: torch.Tensor, query_grads: torch.Tensor, relative_
 
 
 def main(args):
-    threads = set_threads(args.threads)
+    set_threads(args.threads)
     print(machine_line())
     unet, scheduler, what = load_model(args.fresh_model)
     train = load_digits("train").images[:args.n_train]

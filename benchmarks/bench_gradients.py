@@ -11,12 +11,14 @@ each engine and print the ratio to that limit (goal <= 3x).
 from __future__ import annotations
 
 from common import best_of, load_model, machine_line, set_threads  # first: before torch
+
+# isort: split
 import argparse
 
 import torch
 
-from dtrak_core.model.data import load_digits
 from dtrak_core.attribution.gradients import GradientFeaturizer
+from dtrak_core.model.data import load_digits
 
 
 def plain_step(unet, g: GradientFeaturizer, x: torch.Tensor):

@@ -16,14 +16,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dtrak_core  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
-from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
-from dtrak_core.evaluation.lds import SubsetBootstrap, rank_corr  # noqa: E402
+import dtrak_core  # noqa: E402,F401
 from dtrak_core.attribution.scoring import TRAKScorer  # noqa: E402
+from dtrak_core.evaluation.lds import SubsetBootstrap, rank_corr  # noqa: E402
+from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
 
 
 def direct(phi, q, masks, F, grid, draws):

@@ -17,14 +17,16 @@ for every pair, |<Px, Py> - <x, y>| / (|x| |y|), mean and max over pairs (includ
 from __future__ import annotations
 
 from common import Timer, load_model, machine_line, set_threads  # first: before torch
+
+# isort: split
 import argparse
 import math
 
 import torch
 
-from dtrak_core.model.data import load_digits
 from dtrak_core.attribution.gradients import GradientFeaturizer
 from dtrak_core.attribution.projectors import DenseGaussianProjector, SparseJLProjector
+from dtrak_core.model.data import load_digits
 
 
 def trak_projector(d: int, k: int, seed: int):

@@ -17,19 +17,20 @@ float16 storage of the features on the scores (Spearman and top-10 overlap vs fl
 from __future__ import annotations
 
 from common import ROOT, Timer, machine_line, set_threads, spearman_rows  # first: before torch
+
+# isort: split
 import argparse
 import os
 import statistics
 
 import numpy as np
-import torch
 
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.model.data import load_digits
 from dtrak_core.attribution.features import Featurizer
-from dtrak_core.model.unet import checkpoint_hash
 from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.model.data import load_digits
+from dtrak_core.model.unet import checkpoint_hash
 
 
 def k10_store(attributor: Attributor, setting) -> FeatureStore:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dtrak_core.model.data import load_digits
-from dtrak_core.model.unet import build_scheduler
 from dtrak_core.evaluation.retrain import retrain, train_many
+from dtrak_core.model.data import load_digits
 from dtrak_core.model.training import TrainConfig
+from dtrak_core.model.unet import build_scheduler
 
 
 def main(argv=None):

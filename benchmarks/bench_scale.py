@@ -22,6 +22,8 @@ with the single-query top-10 latency and the query process's peak RSS (fit and q
 from __future__ import annotations
 
 from common import ROOT, Timer, machine_line, set_threads  # first: before torch
+
+# isort: split
 import argparse
 import json
 import os
@@ -33,7 +35,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from dtrak_core.attribution.chunked import ChunkedTRAKScorer
 from dtrak_core.attribution.features import FeatureSetting

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dtrak_core.attribution.attributor import Attributor  # noqa: E402
 from dtrak_core.attribution.gradients import GradientFeaturizer  # noqa: E402
 from dtrak_core.attribution.projectors import DenseGaussianProjector, SparseJLProjector  # noqa: E402
-from dtrak_core.model.sampling import generate  # noqa: E402
 from dtrak_core.attribution.scoring import TRAKScorer  # noqa: E402
+from dtrak_core.model.sampling import generate  # noqa: E402
 
 
 def compare(exact, approx, top=10):

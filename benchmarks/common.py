@@ -17,6 +17,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dtrak_core  # noqa: E402,F401  first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
+
+# isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -24,23 +24,32 @@ resumable and shardable, one .npz each, in assets/benchmarks/counterfactual_lamb
 from __future__ import annotations
 
 from common import ROOT, machine_line  # first: before torch
+
+# isort: split
 import argparse
 import os
 
 import numpy as np
 import torch
+from scipy.stats import wilcoxon
 
 from dtrak_core.attribution import methods
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.scoring import SpectralTRAK
 from dtrak_core.evaluation.counterfactual import (
-    _check_identity, _identity, keep_indices, load_job, retrain_and_measure, sample, target_seeds,
-    train_config_from_manifest)
+    _check_identity,
+    _identity,
+    keep_indices,
+    load_job,
+    retrain_and_measure,
+    sample,
+    target_seeds,
+    train_config_from_manifest,
+)
 from dtrak_core.evaluation.lds import SubsetBootstrap
 from dtrak_core.evaluation.retrain import RetrainJob, parse_shard, run_jobs
 from dtrak_core.evaluation.tables import Bench, fixed_cell
 from dtrak_core.files import read_json
-from scipy.stats import wilcoxon
 
 MODEL = os.path.join(ROOT, "assets")
 JOBS = os.path.join(ROOT, "assets", "benchmarks", "counterfactual_lambda", "jobs")

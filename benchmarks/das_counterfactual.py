@@ -19,6 +19,8 @@ positive residual weight) is negative.
 from __future__ import annotations
 
 from common import ROOT  # first: before torch
+
+# isort: split
 import json
 import os
 import tempfile

@@ -10,6 +10,8 @@ Paired per target, with Holm-adjusted p-values over every comparison of the tabl
 from __future__ import annotations
 
 from common import ROOT  # first: before torch
+
+# isort: split
 import json
 import os
 import tempfile

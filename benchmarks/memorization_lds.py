@@ -26,18 +26,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dtrak_core  # noqa: E402,F401  (passive OpenMP waits)
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
-from dtrak_core.model.data import load_digits  # noqa: E402
-from dtrak_core.attribution.features import Featurizer, FeatureSetting  # noqa: E402
+import dtrak_core  # noqa: E402,F401  (passive OpenMP waits)
+from dtrak_core.attribution.features import FeatureSetting, Featurizer  # noqa: E402
 from dtrak_core.evaluation.lds import lambda_sweep  # noqa: E402
 from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, collect  # noqa: E402
-from dtrak_core.model.unet import build_scheduler, checkpoint_hash, load_checkpoint, save_checkpoint  # noqa: E402
+from dtrak_core.evaluation.tables import LAMBDA_GRID, trak_g_fn  # noqa: E402
+from dtrak_core.model.data import load_digits  # noqa: E402
 from dtrak_core.model.sampling import generate  # noqa: E402
 from dtrak_core.model.training import TrainConfig, train  # noqa: E402
+from dtrak_core.model.unet import build_scheduler, checkpoint_hash, load_checkpoint, save_checkpoint  # noqa: E402
 
 N_TRAIN = 100
 

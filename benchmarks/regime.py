@@ -21,6 +21,8 @@ Two measures, per model folder:
 from __future__ import annotations
 
 from common import ROOT, machine_line  # first: before torch
+
+# isort: split
 import argparse
 import math
 import os

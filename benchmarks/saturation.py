@@ -23,14 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dtrak_core.model.data import load_digits  # noqa: E402
-from dtrak_core.attribution.features import Featurizer, FeatureSetting  # noqa: E402
+from dtrak_core.attribution.features import FeatureSetting, Featurizer  # noqa: E402
 from dtrak_core.evaluation.lds_run import eps_losses, eval_timesteps  # noqa: E402
-from dtrak_core.model.unet import load_checkpoint  # noqa: E402
+from dtrak_core.model.data import load_digits  # noqa: E402
 from dtrak_core.model.training import TrainConfig, train  # noqa: E402
+from dtrak_core.model.unet import load_checkpoint  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 

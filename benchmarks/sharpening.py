@@ -18,6 +18,8 @@ transforms of the shipped stores' scores s (k = 2048, K = 100) that keep the sig
 from __future__ import annotations
 
 from common import ROOT, machine_line  # first: before torch
+
+# isort: split
 import argparse
 import os
 import time

@@ -14,6 +14,8 @@ The gradient methods' test-set features are computed on first use and cached in 
 from __future__ import annotations
 
 from common import ROOT, machine_line  # first: before torch
+
+# isort: split
 import argparse
 import os
 

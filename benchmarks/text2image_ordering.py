@@ -19,6 +19,8 @@ Output of the committed run: results/text2image_ordering.txt.
 from __future__ import annotations
 
 from common import ROOT  # first: before torch
+
+# isort: split
 import argparse
 import glob
 import json

@@ -19,7 +19,6 @@ from scipy.stats import spearmanr
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.output_functions import canonical_name
 
-
 MAX_SAMPLES = 64  # images one "generate" request may ask for (CPU-only hosting)
 MAX_SEED = 2**31 - 1
 

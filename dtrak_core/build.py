@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.errors import SealMismatch
 from dtrak_core.evaluation.quality import sample_quality

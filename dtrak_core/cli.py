@@ -71,8 +71,9 @@ def _check_model_root(root: str) -> None:
 
 
 def cmd_build_default(args):
-    from dtrak_core.build import build_default, DEFAULT_TRAIN_CONFIG
     from dataclasses import replace
+
+    from dtrak_core.build import DEFAULT_TRAIN_CONFIG, build_default
 
     _check_writable(args.root)
     config = DEFAULT_TRAIN_CONFIG if args.steps is None else replace(DEFAULT_TRAIN_CONFIG, steps=args.steps)
@@ -85,8 +86,8 @@ def cmd_build(args):
 
     resolve_device(args.device)  # an unavailable device or precision: refused before any work
     check_precision(args.precision, args.device)
-    from dtrak_core.build import build_from
     from dtrak_core.attribution.features import FeatureSetting
+    from dtrak_core.build import build_from
 
     settings = [] if args.manifest_only else [FeatureSetting(fn, K=args.K, projector=args.projector, k=args.k)
                                               for fn in args.output_fn]
@@ -105,11 +106,9 @@ def cmd_build(args):
 
 
 def cmd_generate(args):
-    from dtrak_core.images import grid, save_png, to_pil
-    from dtrak_core.model.unet import load_checkpoint
-    from dtrak_core.model.sampling import generate
-    from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.devices import check_precision
+    from dtrak_core.images import grid, save_png, to_pil
+    from dtrak_core.model.sampling import generate
 
     check_precision(args.precision, args.device)  # refused before the model loads
     unet, scheduler = _load_model(args.root)
@@ -157,8 +156,8 @@ def _load_model(root):
 def cmd_attribute(args):
     from dtrak_core.attribution import methods
     from dtrak_core.attribution.attributor import Attribution, Attributor
-    from dtrak_core.images import load_user_image
     from dtrak_core.devices import resolve_device
+    from dtrak_core.images import load_user_image
     from dtrak_core.model.sampling import generate
 
     resolve_device(args.device)  # refused before the model loads
@@ -225,9 +224,9 @@ def _lambda_source(attributor, method: str, K, given) -> str | None:
 
 def cmd_featurize(args):
     from dtrak_core import distributed
-    from dtrak_core.devices import resolve_device
-    from dtrak_core.build import build_store
     from dtrak_core.attribution.features import FeatureSetting
+    from dtrak_core.build import build_store
+    from dtrak_core.devices import resolve_device
 
     setting = FeatureSetting(args.output_fn, K=args.K, projector=args.projector, k=args.k, seed=args.projector_seed)
     resolve_device(args.device)  # refused before any work
@@ -267,13 +266,12 @@ def cmd_quality(args):
 
 
 def cmd_counterfactual(args):
+    from dtrak_core import distributed
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.evaluation.counterfactual import run_counterfactual, target_seeds, train_config_from_manifest
     from dtrak_core.evaluation.counterfactual_report import write_gallery
-    from dtrak_core.evaluation.retrain import parse_shard
-
-    from dtrak_core import distributed
     from dtrak_core.evaluation.lds_own import shard_of
+    from dtrak_core.evaluation.retrain import parse_shard
 
     _require_digits_model(args.root, "counterfactual (remove and retrain)")
     shard = shard_of(parse_shard(args.shard))  # under torchrun: each rank its own jobs
@@ -495,8 +493,8 @@ def cmd_build_das(args):
 
 
 def cmd_methods(args):
-    from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.attribution import methods
+    from dtrak_core.attribution.attributor import Attributor
 
     attributor = Attributor.load(args.root)
     missing = methods.unavailable(attributor, args.root)

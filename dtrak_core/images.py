@@ -124,7 +124,91 @@ def _drop_opaque_alpha(img):
     return rgba.convert("L") if img.mode == "LA" else rgba.convert("RGB")
 
 
-def load_user_image(source, resolution: int, channels: int = 1, invert: bool = False) -> torch.Tensor:
+# ---------------------------------------------------------------- digit normalisation
+# scikit-learn's digits were made from 32x32 binary bitmaps of the digit's bounding box (the digit fills
+# the height, its width follows its aspect), block-averaged 4x4 to 8x8: ink is bright, strokes a few
+# bitmap pixels thick. An upload (a drawing, a scan, a photo) is mapped to that form.
+_WORK_SIDE = 256  # longest side the normaliser works at (larger images are area-averaged down first)
+_MIN_CONTRAST = 24  # of 255: ink must differ this much from the paper, else the image is blank
+_INK_MASS = 19.5  # ink of a training digit, in full 8x8 pixels (19.0-20.6 for every class)
+_WIDTH = (0.5, 0.7)  # of the height: the training digits are 4-6 of 8 columns wide, the 1s too
+
+
+def light_paper_image(img) -> bool:
+    """True when a PIL image's border is mostly lighter than its contrast midpoint: dark ink on light
+    paper, the opposite of the training digits."""
+    g = np.asarray(img.convert("L"), dtype=np.uint8)
+    ring = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+    lo, hi = np.percentile(g, [1, 99])
+    return float(np.median(ring)) > (float(lo) + float(hi)) / 2
+
+
+def normalise_digit(img, resolution: int = 8, dark_ink: bool | None = None):
+    """A drawing or photo of a digit (PIL image) -> a `resolution` x `resolution` grayscale PIL image in
+    the training digits' form: light ink on black, contrast stretched, cropped to the ink's bounding
+    box, scaled so its longer side fills the frame (its width brought into the training
+    digits' 0.5-0.7 of the height), centred, binarised and its strokes brought to the training digits' weight, area-averaged like the 4x4 blocks of the original 32x32 bitmaps.
+
+    `dark_ink`: the image is dark ink on light paper; None: read it from the border. An image without
+    visible ink gives a black image."""
+    from PIL import Image, ImageFilter
+
+    g = img.convert("L")
+    if max(g.size) > _WORK_SIDE:  # speed, and the noise of a photo averages out
+        f = _WORK_SIDE / max(g.size)
+        g = g.resize((max(1, round(g.width * f)), max(1, round(g.height * f))), Image.Resampling.BOX)
+    g = g.filter(ImageFilter.MedianFilter(3))  # specks of noise and JPEG ringing
+    if dark_ink is None:
+        dark_ink = light_paper_image(g)
+    m = np.asarray(g, dtype=np.uint8)
+    m = (255 - m) if dark_ink else m  # ink bright
+    m = m.astype(np.float64)
+    paper, ink = float(np.median(m)), float(np.percentile(m, 99.5))
+    stage = 4 * resolution  # the original bitmaps' size
+    if ink - paper < _MIN_CONTRAST:
+        return Image.new("L", (resolution, resolution), 0)
+    s = np.clip((m - paper) / (ink - paper), 0.0, 1.0)  # paper 0, ink 1
+    mask = s > 0.5
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    s = s[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = s.shape
+    side = max(h, w)
+    if not _WIDTH[0] * h <= w <= _WIDTH[1] * h:  # the training digits' range of widths (a 1 is widened)
+        s = np.asarray(Image.fromarray(s).resize((max(1, round(np.clip(w, *np.multiply(_WIDTH, h)))), h),
+                                                 Image.Resampling.BOX))
+        h, w = s.shape
+        side = max(h, w)
+    square = np.zeros((side, side))
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = s
+    bitmap = Image.fromarray(np.round(square * 255).astype(np.uint8)).resize((stage, stage), Image.Resampling.BOX)
+    b = np.asarray(bitmap) > 96  # a binary bitmap, as NIST's
+    if not b.any():
+        return Image.new("L", (resolution, resolution), 0)
+    # centred left-right on the ink's centre of mass (a 1's flag does not push its stem off centre),
+    # as far as the frame allows
+    cols = np.flatnonzero(b.any(0))
+    shift = round((stage - 1) / 2 - float(np.average(np.arange(stage), weights=b.sum(0))))
+    shift = int(np.clip(shift, -cols[0], stage - 1 - cols[-1]))
+    b = np.roll(b, shift, axis=1)
+    bitmap = Image.fromarray((b * 255).astype(np.uint8))
+    # strokes to the training digits' weight: the pen thickened or thinned until the digit carries the
+    # training digits' ink (the same for every class)
+    candidates = [bitmap]
+    for grow in (ImageFilter.MaxFilter(3), ImageFilter.MinFilter(3)):
+        c = bitmap
+        for _ in range(3):
+            c = c.filter(grow)
+            if not c.getextrema()[1]:
+                break
+            candidates.append(c)
+    target = _INK_MASS * (resolution / 8) ** 2
+    small = [c.resize((resolution, resolution), Image.Resampling.BOX) for c in candidates]
+    return min(small, key=lambda c: abs(np.asarray(c, dtype=np.float64).sum() / 255 - target))
+
+
+def load_user_image(source, resolution: int, channels: int = 1, invert: bool = False,
+                    normalise: bool = False) -> torch.Tensor:
     """A path, bytes or PIL image -> (C, H, W) float32 in [-1, 1]; UploadError (a ValueError) with a
     readable reason for anything else.
 
@@ -138,6 +222,11 @@ def load_user_image(source, resolution: int, channels: int = 1, invert: bool = F
 
     `invert`: the image has dark ink on light paper (a scan or a drawing); the model's digits have
     light ink on black.
+
+    `normalise` (1-channel digit models): the image is mapped to the training digits' form by
+    `normalise_digit` (cropped to the ink, centred, scaled, contrast and strokes normalised). The ink is
+    found whichever way round it is, and the result keeps the file's tone (a light-paper drawing comes
+    out as light paper), so `invert` is still a plain negation of the result.
     """
     from PIL import Image, ImageOps
 
@@ -179,7 +268,12 @@ def load_user_image(source, resolution: int, channels: int = 1, invert: bool = F
         reason = reason if reason and "BytesIO" not in reason else type(e).__name__
         kind = getattr(img, "format", None) or _allowed_kind(data)
         raise UploadError(f"not a readable image file ({f'a damaged {kind} file: ' if kind else ''}{reason})") from None
-    x = image_to_tensor(img, resolution, channels)
+    if normalise and channels == 1:
+        light = light_paper_image(img)
+        x = image_to_tensor(normalise_digit(img, resolution, dark_ink=light), resolution, channels)
+        x = -x if light else x  # the file's own tone
+    else:
+        x = image_to_tensor(img, resolution, channels)
     return -x if invert else x
 
 

@@ -1,16 +1,18 @@
+import dtrak_core  # noqa: F401  (first: passive OpenMP waits before torch loads)
+
+# isort: split
 import contextlib
 import importlib
 import os
 import sys
 
-import dtrak_core  # noqa: F401  (first: passive OpenMP waits before torch loads)
 import pytest
 import torch
 
-from dtrak_core.model.data import load_digits
 from dtrak_core.attribution.features import FeatureSetting
-from dtrak_core.model.unet import build_scheduler, build_unet
+from dtrak_core.model.data import load_digits
 from dtrak_core.model.training import TrainConfig
+from dtrak_core.model.unet import build_scheduler, build_unet
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -86,10 +88,10 @@ def build_tiny_assets(root: str) -> str:
 
 
 def _build_tiny_assets(root: str, gallery: str) -> None:
-    from dtrak_core.evaluation import counterfactual as cf
-    from dtrak_core.evaluation.counterfactual_report import write_gallery
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.build import build_store, train_or_load
+    from dtrak_core.evaluation import counterfactual as cf
+    from dtrak_core.evaluation.counterfactual_report import write_gallery
 
     unet, scheduler, _ = train_or_load(root, TINY_TRAIN, show_bar=False)
     for setting in TINY_SETTINGS:  # (build_default would also measure sample quality: not needed here)

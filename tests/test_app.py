@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
 from dtrak_core import app_support as sup
 from dtrak_core.attribution.attributor import RULE
 from dtrak_core.shared import OnceCache
-from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
 
 class Select:
@@ -681,3 +681,15 @@ def test_lds_chart_sorts_methods_and_marks_the_ceiling():
     assert [t.name for t in fig.data] == ["validation", "generated"]
     assert list(fig.data[0].y) == ["a", "c", "b"]  # plotly draws bottom-up: the best method on top
     assert sorted(s.x0 for s in fig.layout.shapes) == [60.0, 80.0]
+
+
+def test_a_drawing_becomes_the_query_like_an_upload(app):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (280, 280), (0, 0, 0, 0))  # the canvas: transparent, black strokes
+    ImageDraw.Draw(img).line([(150, 40), (150, 240)], fill=(0, 0, 0, 255), width=18)
+    q, _, info, invert = app.use_drawing({"background": None, "layers": [img], "composite": img})
+    assert invert is True and "Your drawing" in q["title"] and q["pixels"].shape == (1, 8, 8)
+    assert q["pixels"][0, :, 3:5].max() > 0.5 and q["pixels"][0, :, 0].max() < -0.5  # a centred stroke
+    assert app.use_drawing({"background": None, "layers": [], "composite": None})[0] is not None  # blank: no change
+    assert app.drawing_png(Image.new("RGBA", (50, 50), (0, 0, 0, 0))) is None

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
-from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.attribution.features import Featurizer
 from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.model.unet import checkpoint_hash
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -54,8 +54,8 @@ def test_default_checkpoint_rebuilds_bit_identical():
     """Training the default again from the code gives the committed weights (about 80 s on 2 cores)."""
     from dtrak_core.build import BUILD_THREADS, DEFAULT_TRAIN_CONFIG
     from dtrak_core.model.data import load_digits
-    from dtrak_core.model.unet import build_scheduler
     from dtrak_core.model.training import train
+    from dtrak_core.model.unet import build_scheduler
 
     with open(os.path.join(ASSETS, "manifest.json")) as f:
         manifest = json.load(f)
@@ -120,8 +120,8 @@ def test_committed_results_carry_their_writers_checksums():
 def test_committed_lds_tables_recompute_from_the_ground_truth(attributor):
     """Anyone can score a method against the committed ground truth without retraining: raw-pixel
     cosine and the noise ceiling recomputed from lds_ground_truth.npz equal tables.json."""
+    from dtrak_core.evaluation.lds import lds, load_ground_truth, noise_ceiling
     from dtrak_core.model.data import load_digits
-    from dtrak_core.evaluation.lds import load_ground_truth, lds, noise_ceiling
 
     bench = os.path.join(ASSETS, "benchmarks")
     if not os.path.isfile(os.path.join(bench, "tables.json")):

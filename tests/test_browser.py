@@ -12,9 +12,18 @@ import re
 import time
 
 import pytest
-
-from browser_support import (PHONE, SHOTS, WIDE, app_server, chromium, no_sideways_overflow, open_page, require_browser,
-                             sample, shot)
+from browser_support import (
+    PHONE,
+    SHOTS,
+    WIDE,
+    app_server,
+    chromium,
+    no_sideways_overflow,
+    open_page,
+    require_browser,
+    sample,
+    shot,
+)
 
 pytestmark = pytest.mark.browser
 _, expect = require_browser()

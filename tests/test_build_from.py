@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.build import build_from
 from dtrak_core.cli import main
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
 from dtrak_core.model.unet import load_checkpoint, resolve_model
 
 SETTINGS = (FeatureSetting("square", K=2, k=16), FeatureSetting("loss", K=2, k=16))

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 from PIL import Image
 
+from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.build import build_default
 from dtrak_core.cli import main
-from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.model.training import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

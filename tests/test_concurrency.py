@@ -10,15 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from conftest import filled_store
 
-from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution import methods
+from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.gradients import GradientFeaturizer
 from dtrak_core.model.sampling import generate
 from dtrak_core.shared import ModelReplicas, OnceCache
-
-from conftest import filled_store
 
 SETTINGS = (FeatureSetting("square", K=4, k=32), FeatureSetting("loss", K=4, k=32))
 METHODS = ("square", "loss", "journey-trak", "pixel-dot", "gradient-cosine", "relative-ip", "renorm-ip")

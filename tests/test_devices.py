@@ -8,7 +8,7 @@ import torch
 
 from dtrak_core import cli
 from dtrak_core.attribution.chunked import ChunkedTRAKScorer
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.devices import autocast, check_precision, describe, resolve_device

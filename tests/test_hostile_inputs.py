@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import EpsImagePlugin, Image, features
 
 import dtrak_core.app_support as sup
-from dtrak_core.images import MAX_UPLOAD_BYTES, load_user_image
 from dtrak_core.errors import UploadError
+from dtrak_core.images import MAX_UPLOAD_BYTES, load_user_image
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

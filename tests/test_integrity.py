@@ -10,23 +10,22 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 
 from dtrak_core import cli
 from dtrak_core.attribution import methods
-from dtrak_core.evaluation import counterfactual as cf
-from dtrak_core.evaluation.counterfactual_report import summarize
 from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.attribution.store import FeatureStore, find_stores
 from dtrak_core.attribution.tracin import TRACIN_INDEX, build_tracin, load_tracin
 from dtrak_core.build import build_store, train_or_load
-from dtrak_core.model.data import load_digits
-from dtrak_core.attribution.features import FeatureSetting
-from dtrak_core.evaluation.lds_run import collect
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
-from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
-from dtrak_core.attribution.store import FeatureStore, find_stores
 from dtrak_core.errors import IntegrityError
+from dtrak_core.evaluation import counterfactual as cf
+from dtrak_core.evaluation.counterfactual_report import summarize
+from dtrak_core.evaluation.lds_run import collect
+from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
+from dtrak_core.model.data import load_digits
 from dtrak_core.model.training import TrainConfig
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TINY_TRAIN = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from dtrak_core import cli
-from dtrak_core.build import train_or_load
-from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
 from dtrak_core.attribution.store import DONE, FEATURES, METADATA, FeatureStore
+from dtrak_core.build import train_or_load
 from dtrak_core.errors import IntegrityError
+from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
 from dtrak_core.model.training import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

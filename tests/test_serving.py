@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import torch_threads
 
 pytestmark = pytest.mark.server
@@ -267,9 +266,8 @@ def test_uploads_are_bounded_per_address_before_they_reach_the_disk(served, monk
 
 def test_uploads_within_the_bounds_reach_the_app(served, monkeypatch, tmp_path):
     """The gate passes an admitted upload to Gradio whole: the app reads the image a client uploaded."""
-    from PIL import Image
-
     from gradio_client import handle_file
+    from PIL import Image
 
     app, url = served
     monkeypatch.setattr(app.demo.upload_limits, "_recent", {})

@@ -144,8 +144,8 @@ def test_the_cifar2_commands_on_a_tiny_stand_in(stand_in, tmp_path):
     # a retrain is the setting's recipe on the kept images with the job's seed
     from dataclasses import replace
 
-    from dtrak_core.evaluation.retrain import retrain
     from dtrak_core.evaluation.lds_own import load_retrained
+    from dtrak_core.evaluation.retrain import retrain
     from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 
     s = st.load_setting(config)

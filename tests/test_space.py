@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-
 from browser_support import app_server
 from conftest import ROOT
+
 from dtrak_core import cli, space
 
 

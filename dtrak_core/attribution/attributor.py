@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
 
-from dtrak_core.model.data import Dataset
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
-from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
-from dtrak_core.shared import OnceCache
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.errors import root_option
 from dtrak_core.folder import ModelFolder
+from dtrak_core.model.data import Dataset
+from dtrak_core.model.unet import checkpoint_hash
+from dtrak_core.shared import OnceCache
 
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
 QUERY_FEATURES_KEPT = 64  # recent queries' features kept per attributor (several methods share one store's)

@@ -23,13 +23,13 @@ another lambda is refactorised from the saved Gram matrix; a damaged one is an `
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import io
 import json
 import os
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch

@@ -57,14 +57,6 @@ def _rebuild(path: str) -> str:
             f"model folder's store, `build-baselines` for a TracInCP store)")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class FeatureStore:
     """The (N, k) features of N inputs in a folder, checked on every open, filled resumably.
 
@@ -298,7 +290,6 @@ def compact_store(path: str, dtype: str = "float16") -> FeatureStore:
     """Rewrite a complete store in a smaller dtype (its identity kept), swapped in atomically: the
     same rows, rounded; a store already in `dtype` is returned as it is."""
     import shutil
-    import tempfile
 
     store = FeatureStore.open(path)
     if not store.complete:

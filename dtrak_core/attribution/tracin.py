@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.errors import IntegrityError, MethodUnavailable, root_option
 from dtrak_core.files import atomic_write_json, read_json

@@ -21,6 +21,7 @@ from scipy.stats import wilcoxon
 
 from dtrak_core import checksums
 from dtrak_core.attribution import methods as registry
+from dtrak_core.errors import IntegrityError
 from dtrak_core.evaluation.counterfactual import (
     CONTROL_ID,
     CounterfactualResult,
@@ -29,7 +30,6 @@ from dtrak_core.evaluation.counterfactual import (
     load_job,
     slug,
 )
-from dtrak_core.errors import IntegrityError
 from dtrak_core.evaluation.retrain import load_result
 from dtrak_core.files import atomic_write_json, json_safe
 from dtrak_core.images import grid, save_png, to_pil

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.attribution.store import FeatureStore, cached_store

@@ -38,6 +38,7 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
+from dtrak_core.errors import IntegrityError
 from dtrak_core.evaluation.retrain import (
     RetrainJob,
     load_result,
@@ -47,7 +48,6 @@ from dtrak_core.evaluation.retrain import (
     save_result,
     train_many,
 )
-from dtrak_core.errors import IntegrityError
 from dtrak_core.files import atomic_write_json, read_json
 from dtrak_core.model.training import TrainConfig
 

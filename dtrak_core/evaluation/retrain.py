@@ -28,16 +28,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from dtrak_core.model.unet import build_unet
-from dtrak_core.errors import IntegrityError
+from dtrak_core.errors import Cancelled, IntegrityError
 from dtrak_core.files import atomic_write_bytes
-from dtrak_core.errors import Cancelled
 from dtrak_core.model.training import TrainConfig, batch_stream, train
+from dtrak_core.model.unet import build_unet
 
 
 @dataclass(frozen=True)

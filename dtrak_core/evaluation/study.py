@@ -59,8 +59,8 @@ class Study:
     """The default model, its training set, the two test sets and the LDS ground truth."""
 
     def __init__(self, run_dir: str = DEFAULT_RUN, root: str = "assets", ground_truth: str = GROUND_TRUTH):
-        from dtrak_core.folder import read_manifest
         from dtrak_core.evaluation.lds import load_ground_truth
+        from dtrak_core.folder import read_manifest
         from dtrak_core.model.data import load_digits
         from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 
@@ -408,8 +408,10 @@ def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benc
     (key "beyond"), then rewrite dest/tables.md from it."""
     import shutil
 
-    from dtrak_core.evaluation.tables_report import BEYOND, REPORT as TABLES_REPORT, TABLES as TABLES_JSON
-    from dtrak_core.evaluation.tables_report import format_report as tables_report, load_tables
+    from dtrak_core.evaluation.tables_report import BEYOND, load_tables
+    from dtrak_core.evaluation.tables_report import REPORT as TABLES_REPORT
+    from dtrak_core.evaluation.tables_report import TABLES as TABLES_JSON
+    from dtrak_core.evaluation.tables_report import format_report as tables_report
     from dtrak_core.files import json_safe
 
     path = os.path.join(run_dir, RESULTS)

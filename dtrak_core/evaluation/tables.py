@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
 from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.evaluation.lds import SubsetBootstrap, lambda_sweep, rank_corr
@@ -259,10 +259,10 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     built on K-timestep gradient features (K in bench.method_Ks), plain '<method>' for the others
     (pixels and CLIP need no gradients; TracInCP / GAS use their own checkpoints' K=10 stores)."""
     from dtrak_core.attribution import methods
+    from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
     from dtrak_core.attribution.similarity import similarity
     from dtrak_core.attribution.tracin import load_tracin
     from dtrak_core.errors import MethodUnavailable
-    from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
 
     masks, F = bench.truth["masks"], bench.truth["F"]
     bootstrap = SubsetBootstrap(len(masks), num_bootstrap)

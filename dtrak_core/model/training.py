@@ -6,7 +6,7 @@ from `seed`, so the same call gives the same weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch

@@ -25,7 +25,8 @@ from dtrak_core.folder import ModelFolder
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.data import CaptionedDataset, load_captioned_dataset
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer
-from dtrak_core.text2image.lora import WEIGHTS_NAME as LORA_WEIGHTS, load_lora, lora_hash
+from dtrak_core.text2image.lora import WEIGHTS_NAME as LORA_WEIGHTS
+from dtrak_core.text2image.lora import load_lora, lora_hash
 from dtrak_core.text2image.pipeline import TextToImagePipeline, component_file
 from dtrak_core.text2image.sampling import DEFAULT_GUIDANCE, generate
 

@@ -65,11 +65,12 @@ def query(attributor, args) -> tuple[torch.Tensor, dict]:
 
 
 def cmd_lds(args):
-    from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+    from dataclasses import replace
+
     from dtrak_core.evaluation.retrain import parse_shard
+    from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
     from dtrak_core.text2image.attributor import TextToImageAttributor
     from dtrak_core.text2image.lds import MINIATURE_LDS, evaluate, format_table, miniature_run
-    from dataclasses import replace
 
     torch.set_num_threads(args.threads)  # the generated test set must come out bit-identical on resume
     config = replace(MINIATURE_LDS, num_subsets=args.subsets) if args.subsets else MINIATURE_LDS

@@ -8,6 +8,11 @@ word-level vocabulary with CLIP's framing: `<|startoftext|>` words `<|endoftext|
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 DIGIT_WORDS = tuple(str(d) for d in range(10))
 MINIATURE_WORDS = ("a", "an", "the", "handwritten", "digit", "number", "of", "photo", "drawing", "picture") + DIGIT_WORDS

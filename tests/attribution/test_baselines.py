@@ -10,20 +10,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import filled_store
 
 from dtrak_core.attribution import methods
 from dtrak_core.attribution.attributor import Attributor
-from dtrak_core.attribution.tracin import build_tracin, tracin_steps
-from dtrak_core.errors import MethodUnavailable
 from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable, find_clip
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.journey import JourneyFeaturizer
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 from dtrak_core.attribution.projectors import make_projector
+from dtrak_core.attribution.tracin import build_tracin, tracin_steps
+from dtrak_core.errors import MethodUnavailable
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
-
-from conftest import filled_store
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
 
 CONFIG = TrainConfig(steps=6, batch_size=8, block_out_channels=(4, 8), seed=3)
 SETTING = FeatureSetting("loss", K=2, k=16)

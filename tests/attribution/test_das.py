@@ -5,14 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import filled_store
 from torch.func import functional_call, grad
 
 from dtrak_core.attribution.das import das_scores, residual_weights, training_losses
 from dtrak_core.attribution.exact import GradientSetting, KernelTRAK, TimestepGradients, gram
 from dtrak_core.attribution.gradients import timestep_noise, timesteps_for, trainable_params
 from dtrak_core.model.unet import build_unet
-
-from conftest import filled_store
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_the_registry_scores_the_papers_squared_das_over_the_avg_store(tmp_path,
     from dtrak_core.attribution import methods
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.attribution.das import REGISTRY_LAMBDA, RESIDUAL_TIMESTEPS
-    from dtrak_core.attribution.features import Featurizer, FeatureSetting
+    from dtrak_core.attribution.features import FeatureSetting, Featurizer
     from dtrak_core.attribution.scoring import TRAKScorer
     from dtrak_core.errors import MethodUnavailable
 

@@ -3,13 +3,12 @@ import os
 
 import pytest
 import torch
+from conftest import filled_store
 
 from dtrak_core.attribution import methods
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.output_functions import OUTPUT_FUNCTIONS, canonical_name
 from dtrak_core.errors import MethodUnavailable, UnknownMethod
-
-from conftest import filled_store
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
 
@@ -121,7 +120,7 @@ def test_sharpened_scores_are_s_abs_s_and_keep_every_ranking(tmp_path, tiny_unet
     import numpy as np
 
     from dtrak_core.attribution.attributor import Attribution
-    from dtrak_core.attribution.features import Featurizer, FeatureSetting
+    from dtrak_core.attribution.features import FeatureSetting, Featurizer
     from dtrak_core.attribution.scoring import TRAKScorer
     from dtrak_core.evaluation import counterfactual as cf
 

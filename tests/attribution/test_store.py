@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core import cli
+from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.store import (
     DONE,
     FEATURES,
@@ -15,9 +15,8 @@ from dtrak_core.attribution.store import (
     migrate_store,
     write_metadata,
 )
-from dtrak_core.errors import IntegrityError
+from dtrak_core.errors import Cancelled, IntegrityError
 from dtrak_core.files import read_json
-from dtrak_core.errors import Cancelled
 
 SETTING = FeatureSetting("square", K=10, k=6)
 IDENTITY = FeatureStore.identity(SETTING, checkpoint="abc123", dataset="data456")

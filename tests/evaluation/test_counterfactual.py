@@ -5,20 +5,19 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import filled_store
 
 import dtrak_core.evaluation.retrain as retrain_module
 from dtrak_core import checksums
-from dtrak_core.evaluation import counterfactual as cf
-from dtrak_core.evaluation import counterfactual_report as report
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import FeatureSetting
-from dtrak_core.model.unet import build_scheduler
 from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.files import atomic_write_json
 from dtrak_core.errors import Cancelled
+from dtrak_core.evaluation import counterfactual as cf
+from dtrak_core.evaluation import counterfactual_report as report
+from dtrak_core.files import atomic_write_json
 from dtrak_core.model.training import TrainConfig, train
-
-from conftest import filled_store
+from dtrak_core.model.unet import build_scheduler
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8), seed=3)
 N = 64

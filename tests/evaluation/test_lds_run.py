@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.attribution.features import Featurizer, FeatureSetting
+from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.evaluation.lds import PAPER_LAMBDA_GRID, lds, load_ground_truth
 from dtrak_core.evaluation.lds_evaluation import evaluate
@@ -18,11 +18,11 @@ from dtrak_core.evaluation.lds_run import (
     collect,
     compact_losses,
     eps_losses,
-    noise_chunks,
     eval_timesteps,
     full_timestep_check,
     job_F,
     lds_jobs,
+    noise_chunks,
     subset_indices,
     subset_masks,
 )

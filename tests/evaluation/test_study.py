@@ -1,6 +1,7 @@
 """The study's reports: its own Markdown, and its rows in the committed tables' Markdown."""
 from dtrak_core.evaluation.study import format_report
-from dtrak_core.evaluation.tables_report import BEYOND, format_report as tables_report
+from dtrak_core.evaluation.tables_report import BEYOND
+from dtrak_core.evaluation.tables_report import format_report as tables_report
 
 
 def _cell(v, g):

@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.evaluation import tables as bm
-from dtrak_core.evaluation import tables_report
 from dtrak_core.attribution import methods
-from dtrak_core.evaluation.tuning import tune_lambdas
+from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.attribution.similarity import similarity
 from dtrak_core.build import build_store
-from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.evaluation import tables as bm
+from dtrak_core.evaluation import tables_report
 from dtrak_core.evaluation.lds import lds
 from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, subset_indices
-from dtrak_core.model.unet import build_scheduler, checkpoint_hash, save_checkpoint
-from dtrak_core.model.sampling import generate
-from dtrak_core.attribution.scoring import TRAKScorer
+from dtrak_core.evaluation.tuning import tune_lambdas
 from dtrak_core.files import atomic_write_json
+from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
+from dtrak_core.model.unet import build_scheduler, checkpoint_hash, save_checkpoint
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))
 

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.model.data import load_digits, load_image_folder, digits_split
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
-from dtrak_core.model.sampling import generate
 from dtrak_core.errors import Cancelled
+from dtrak_core.model.data import digits_split, load_digits, load_image_folder
+from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
+from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
 
 TINY = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8), seed=3)
 

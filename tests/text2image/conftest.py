@@ -9,8 +9,8 @@ from PIL import Image
 from dtrak_core.text2image.lora import LoraSetting, add_lora, save_lora
 from dtrak_core.text2image.pipeline import (
     TextToImagePipeline,
-    build_latent_scheduler,
     build_conditional_unet,
+    build_latent_scheduler,
     build_text_encoder,
     build_vae,
 )

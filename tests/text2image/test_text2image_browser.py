@@ -7,9 +7,19 @@ import os
 
 import numpy as np
 import pytest
+from browser_support import (
+    DESKTOP,
+    PHONE,
+    ROOT,
+    app_server,
+    chromium,
+    no_sideways_overflow,
+    open_page,
+    require_browser,
+    sample,
+    shot,
+)
 
-from browser_support import (DESKTOP, PHONE, ROOT, app_server, chromium, no_sideways_overflow, open_page, require_browser,
-                             sample, shot)
 from dtrak_core.text2image.build import MINIATURE_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]  # ~50 s: run with -m browser

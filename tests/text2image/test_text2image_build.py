@@ -1,4 +1,3 @@
-import json
 import os
 
 from dtrak_core.attribution.features import FeatureSetting

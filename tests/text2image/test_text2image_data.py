@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtrak_core.text2image.data import CaptionedDataset, load_captioned_dataset, load_captioned_folder, load_digit_captions
+from dtrak_core.text2image.data import (
+    CaptionedDataset,
+    load_captioned_dataset,
+    load_captioned_folder,
+    load_digit_captions,
+)
 
 
 def test_digit_captions_split_by_class():

@@ -40,7 +40,7 @@ def test_build_and_attribute_your_own_pipeline(own):
 def test_replaced_lora_is_refused_on_load(own, pipeline):
     root = str(own / "attr")
     build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), SETTINGS[:1], show_bar=False)
-    from dtrak_core.text2image.lora import add_lora, LoraSetting
+    from dtrak_core.text2image.lora import LoraSetting, add_lora
 
     other = add_lora(pipeline.unet, LoraSetting(rank=2, alpha=2.0), seed=5)
     with torch.no_grad():
