@@ -52,6 +52,7 @@ from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution, Attributor
 from dtrak_core.errors import Cancelled
 from dtrak_core.evaluation.quality import classify
+from dtrak_core.files import read_json
 from dtrak_core.folder import default_root, read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES, grid, load_user_image, to_pil
 from dtrak_core.model.sampling import generate
@@ -1066,8 +1067,23 @@ def header_markdown(a: Assets | None) -> str:
     return (f"# D-TRAK explorer\nWhich training images made this image? Model `{source}` ({w}x{h}, {c} channel"
             f"{'s' if c > 1 else ''}), trained on the {a.n_train:,} images of `{data}`. **TRAK** and **D-TRAK** "
             "scores say how much each training image is responsible for a generated (or uploaded) image. Pick a "
-            "sample in **Generate** and read its attribution in **Attribute**. (Remove-and-retrain needs the "
-            "model's training recipe, so it is offered for models trained by dtrak only.)")
+            "sample in **Generate** and read its attribution in **Attribute**. " + retrain_note(a))
+
+
+def retrain_note(a: Assets) -> str:
+    """Why this folder offers no live remove-and-retrain: a setting's model (its recipe in
+    model/setting.json) is retrained offline, too slow for a visitor; a model of your own has no
+    recipe here."""
+    marker = os.path.join(a.root, "model", "setting.json")
+    if os.path.isfile(marker):
+        try:
+            took = f" (training it took {float(read_json(marker, 'base model description', '')['train_seconds']) / 60:.0f} " \
+                   "minutes of a CPU core)"
+        except (ValueError, KeyError, TypeError):
+            took = ""
+        return ("(No live remove-and-retrain here: one retrain of this model is beyond a visitor's patience"
+                f"{took}; its LDS and counterfactuals are computed offline by resumable jobs.)")
+    return "(Remove-and-retrain needs the model's training recipe, so it is offered for models trained by dtrak only.)"
 
 
 HOW_TO_READ = """**Proponents** are the training images whose presence made the model more likely to produce the

@@ -53,3 +53,8 @@ def test_fashion_attribution_reads_its_classes_and_flags_look_alikes(fashion_app
     assert sum(cards.count(f"{name}<br>") for name in CLASSES) == 8  # each card names its class
     assert "Look-alike check" in summary and "top proponents are also in the top 8 of" in summary
     assert any(name in summary for name in CLASSES)
+
+
+def test_the_header_says_why_there_is_no_live_retrain(fashion_app):
+    text = fashion_app.header_markdown(fashion_app.assets())
+    assert "No live remove-and-retrain here" in text and "minutes of a CPU core" in text
