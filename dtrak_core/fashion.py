@@ -18,8 +18,9 @@ but the retrained models:
     lds-ceiling/       its first 8 subsets with a second training seed (`noise_ceiling`)
     counterfactual/    `counterfactual-own` run: removals.json, per-job results, results.md
 
-Retrained models go to lds-models/, lds-ceiling-models/ and counterfactual-models/ (git-ignored); a killed run loses at
-most the model in training.
+Retrained models go to lds-models/, lds-ceiling-models/ and counterfactual-models/ (git-ignored);
+each is measured as soon as it is trained, so its small result file (committed) is what lasts; a
+killed run loses at most the model in training.
 """
 from __future__ import annotations
 
@@ -167,15 +168,31 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
         print(f"{stage}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def _lds(setting, root, data, shard, show_bar):
+def _train_and_measure(setting, root, data, jobs_path: str, ckpts: str, shard, measure) -> None:
+    """This shard's jobs one at a time: retrain, then measure at once, so every finished model leaves
+    its small committed result file (the retrained models themselves are not kept in git)."""
     from dtrak_core import setting as st
+    from dtrak_core.files import read_json
+
+    jobs = read_json(jobs_path, "retrain jobs", "rerun the stage's prepare step")["jobs"]
+    results = os.path.join(os.path.dirname(jobs_path), "jobs")
+    i, n = shard
+    for k in range(i, len(jobs), n):
+        if os.path.isfile(os.path.join(results, f"{jobs[k]['id']}.npz")):
+            continue  # measured (its model need not be here any more)
+        one = (k, len(jobs))  # a shard of exactly job k
+        st.retrain(setting, data, jobs_path, ckpts, shard=one, show_bar=False)
+        measure(one)
+
+
+def _lds(setting, root, data, shard, show_bar):
     from dtrak_core.evaluation import lds_own
 
     out, ckpts = os.path.join(root, "lds"), os.path.join(root, "lds-models")
     if not os.path.isfile(os.path.join(out, lds_own.JOBS)):
         lds_own.prepare(root, out, setting.lds_config, validation=os.path.join(data, "validation"))
-    st.retrain(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard=shard, show_bar=show_bar)
-    lds_own.ground_truth(root, out, ckpts, shard=shard)
+    _train_and_measure(setting, root, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
+                       lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
 
 
 def _ceiling(setting, root, data, shard, show_bar):
@@ -183,7 +200,6 @@ def _ceiling(setting, root, data, shard, show_bar):
     so `noise_ceiling` can say how well one seed's ground truth predicts another's."""
     from dataclasses import replace
 
-    from dtrak_core import setting as st
     from dtrak_core.evaluation import lds_own
     from dtrak_core.evaluation.retrain import load_result
 
@@ -195,8 +211,8 @@ def _ceiling(setting, root, data, shard, show_bar):
         np.save(given, masks)
         lds_own.prepare(root, out, replace(setting.lds_config, train_seeds=(CEILING_SEED,)), masks=given,
                         validation=os.path.join(data, "validation"))
-    st.retrain(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard=shard, show_bar=show_bar)
-    lds_own.ground_truth(root, out, ckpts, shard=shard)
+    _train_and_measure(setting, root, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
+                       lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
 
 
 def noise_ceiling(root: str = DEFAULT_ROOT, num_bootstrap: int = 1000) -> dict:
@@ -217,7 +233,6 @@ def noise_ceiling(root: str = DEFAULT_ROOT, num_bootstrap: int = 1000) -> dict:
 
 
 def _counterfactual(setting, root, data, shard, show_bar):
-    from dtrak_core import setting as st
     from dtrak_core.evaluation import lds_own
 
     cf = setting.counterfactual
@@ -225,5 +240,5 @@ def _counterfactual(setting, root, data, shard, show_bar):
     if not os.path.isfile(os.path.join(out, "removals.json")):
         seeds = range(int(cf["first_seed"]), int(cf["first_seed"]) + int(cf["targets"]))
         lds_own.counterfactual_prepare(root, out, seeds, rankings=tuple(cf["rankings"]), ks=tuple(cf["k"]))
-    st.retrain(setting, data, os.path.join(out, "removals.json"), ckpts, shard=shard, show_bar=show_bar)
-    lds_own.counterfactual_measure(root, out, ckpts, shard=shard)
+    _train_and_measure(setting, root, data, os.path.join(out, "removals.json"), ckpts, shard,
+                       lambda one: lds_own.counterfactual_measure(root, out, ckpts, shard=one, show_bar=False))
