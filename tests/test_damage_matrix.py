@@ -214,9 +214,6 @@ GAPS.update({  # (kind, rel, damage) -> xfail marks for the real gaps this table
         "unreported"),
     ("text2image", "pipeline/unet/diffusion_pytorch_model.safetensors", "truncate"): _gap(
         "a truncated component's weights are named by their folder (pipeline/unet (unet) cannot be loaded ...)"),
-    **{("digits", "das_residuals.npz", damage): _gap(
-        "the app does not report a damaged or missing das_residuals.npz (not in its banner, nor among the methods "
-        "it lists as off); the command line names it") for damage in ("truncate", "bitflip", "delete")},
     ("text2image", "pipeline/unet/diffusion_pytorch_model.safetensors", "delete"): _gap(
         "a deleted UNet weights file is reported as 'no file named diffusion_pytorch_model.bin' in pipeline/unet "
         "(the wrong file name)"),

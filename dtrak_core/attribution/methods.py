@@ -108,6 +108,12 @@ def _das_scores(method: Method, inputs, images, seeds, K) -> np.ndarray:
     return das.registry_scores(method, inputs, images, seeds, K)
 
 
+def _das_residuals(inputs):
+    from dtrak_core.attribution import das
+
+    return inputs.cached("das-residuals-check", lambda: das.model_residuals(inputs.attributor))
+
+
 def _trak(method: Method, inputs, images, seeds, K) -> np.ndarray:
     return inputs.attributor.scores(images, method.name, K)
 
@@ -317,6 +323,8 @@ def problems(attributor, root: str | None = None, clip_path: str | None = None,
         for need in ("clip", "tracin"):
             if need in method.needs:
                 yield need, getattr(inputs, "tracin_index" if quick and need == "tracin" else need)
+        if method.score is _das_scores:  # its training losses, a file of the model folder (`build-das`)
+            yield "das-residuals", lambda: _das_residuals(inputs)
 
     outcome, found = {}, {}  # input -> the ValueError that stops it, or None when it is present
     for method in (m for m in _REGISTRY if m.family in SCORED_FAMILIES):
