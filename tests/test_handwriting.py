@@ -100,7 +100,7 @@ def accuracy(normalise: bool) -> tuple[float, list]:
 
 
 def test_hand_drawn_digits_are_read_correctly():
-    # goal 90% (issue 28); 87.5% reached: the three 8s read as 9s, one flagged 1 as a 3, one 6 as a 5
+    # the aim is 90%; 87.5% is reached: the three 8s read as 9s, one flagged 1 as a 3, one 6 as a 5
     acc, wrong = accuracy(normalise=True)
     before, _ = accuracy(normalise=False)
     print(f"hand-drawn digits read correctly: {acc:.0%} normalised, {before:.0%} before (the old path)")
