@@ -545,7 +545,15 @@ def committed_results(attributor, out_dir: str | None = None,
     found = {}
     if not rankings:
         return found
-    for path in job_files(out_dir):
+    present = job_files(out_dir)
+    recorded = checksums.read_sidecar(out_dir) or {}
+    names = {os.path.basename(p) for p in present}
+    for name in sorted(recorded):  # a result its writer recorded and someone deleted is not silently dropped
+        if name.endswith(".npz") and name != f"{CONTROL_ID}.npz" and name not in names:
+            path = os.path.join(out_dir, name)
+            raise IntegrityError(path, "(counterfactual job result) is missing, though its folder's checksums.json "
+                                 "lists it", job_remedy(path))
+    for path in present:
         z = load_result(path, keys=JOB_KEYS)  # every array is read, so zip CRCs are checked too
         checksums.verify(path, "counterfactual job result", job_remedy(path))
         key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
