@@ -17,13 +17,12 @@ checksums of results written by a dtrak that recorded none (each file is read wh
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 
 from dtrak_core.errors import IntegrityError
-from dtrak_core.files import atomic_write_json, sha256_file
+from dtrak_core.files import atomic_write_json, folder_lock, sha256_file
 
 SIDECAR = "checksums.json"
 FIELD = "content_sha256"  # a sealed JSON result's own checksum: sha256 of the rest of its content
@@ -66,23 +65,6 @@ def read_sidecar(folder: str) -> dict[str, str] | None:
     return found
 
 
-@contextlib.contextmanager
-def _locked(folder: str):
-    """An exclusive advisory lock on the folder while its sidecar is read, changed and written
-    (shards of one harness finish jobs in the same folder)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): each write stays atomic
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _write(folder: str, entries: dict[str, str]) -> None:
     atomic_write_json(_sidecar_path(folder), {
         "about": "sha256 of each result file in this folder, recorded by the code that wrote it; readers refuse a "
@@ -95,7 +77,7 @@ def record(folder: str, names, *, replace: bool = False) -> dict[str, str]:
     merged with what it holds (replace: the sidecar then lists exactly these files). The writer
     calls it right after writing the files. Returns the sidecar's entries."""
     names = [os.path.basename(n) for n in names]
-    with _locked(folder):
+    with folder_lock(folder):
         entries = {} if replace else dict(read_sidecar(folder) or {})
         for name in names:
             entries[name] = sha256_file(os.path.join(folder, name))
@@ -105,7 +87,7 @@ def record(folder: str, names, *, replace: bool = False) -> dict[str, str]:
 
 def forget(folder: str, names) -> None:
     """Drop the entries of `names` from folder/checksums.json (files a writer deleted)."""
-    with _locked(folder):
+    with folder_lock(folder):
         entries = read_sidecar(folder)
         if entries is None:
             return

@@ -2,6 +2,7 @@
 and verified reads that name the file and the fix when it is damaged."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -96,3 +97,20 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """An exclusive advisory lock on a folder while a file in it is read, changed and written (two
+    processes editing one manifest or one checksums sidecar): neither loses the other's change."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here (Windows): each write stays atomic, concurrent edits are not merged
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

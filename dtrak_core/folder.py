@@ -23,7 +23,6 @@ working directory.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -31,7 +30,7 @@ from typing import Callable
 
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.errors import IntegrityError, SealMismatch
-from dtrak_core.files import atomic_write_json, json_hash, read_json
+from dtrak_core.files import atomic_write_json, folder_lock, json_hash, read_json
 from dtrak_core.model.data import Dataset, load_dataset
 from dtrak_core.model.training import TrainConfig
 from dtrak_core.model.unet import CONFIG_NAMES, checkpoint_hash, config_file_hash, load_checkpoint
@@ -308,7 +307,7 @@ class ModelFolder:
         lock on the folder, so none loses another's change.
         """
         os.makedirs(root, exist_ok=True)
-        with _locked(root):
+        with folder_lock(root):
             folder = cls._read(root, missing_ok=True) or cls(root)
             for key, value in values.items():
                 if key in ("root", "extra") or key not in {f.name for f in fields(cls)}:
@@ -424,19 +423,3 @@ def read_manifest(root: str) -> dict:
     """manifest.json under `root` as a plain dict, checked by `ModelFolder` ({} when there is none)."""
     folder = ModelFolder.load(root, missing_ok=True)
     return {} if folder is None else folder.to_dict()
-
-
-@contextlib.contextmanager
-def _locked(root: str):
-    """An exclusive advisory lock on the folder while a manifest is read, changed and written."""
-    try:
-        import fcntl
-    except ImportError:  # no flock here (Windows): each write stays atomic, concurrent edits are not merged
-        yield
-        return
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
