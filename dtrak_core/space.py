@@ -16,8 +16,9 @@ what `python app.py` needs and nothing else, an allow-list of product files:
 - README.md: the project README, whose front matter configures the Space (checked: sdk gradio,
   app_file app.py, sdk_version the installed gradio, short_description at most 60 characters);
 - app.py and the dtrak_core package (Python sources);
-- assets/: the model folder the app reads (model, feature stores, TracIn checkpoints, benchmark
-  and counterfactual results; not the LDS run's retraining jobs, which only the harness reads);
+- assets/: the model folders the app serves, the default one and every folder under it (model,
+  feature stores, TracIn checkpoints, benchmark and counterfactual results; not the LDS runs'
+  retraining jobs, which only the harnesses read);
 - requirements.txt: the project's pins, with torch taken from PyTorch's CPU wheel index (from the
   default index a Space would install the multi-GB CUDA build);
 - .gitattributes: every binary file routed to LFS/Xet (the Hub refuses binary files in plain git).
@@ -37,7 +38,8 @@ import tempfile
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MAX_SHORT_DESCRIPTION = 60  # characters the Hub accepts
 # Under the model folder, what the app never reads (the LDS harness's retraining jobs and caches).
-ASSET_EXCLUDES = ("benchmarks/lds_run", "*.log", "*.tmp", "__pycache__")
+# what only the harnesses read (retraining jobs), in the default folder and the folders under it
+ASSET_EXCLUDES = ("benchmarks/lds_run", "*/benchmarks/lds_run/*", "*/lds/jobs/*", "*.log", "*.tmp", "__pycache__")
 # Routed to LFS/Xet whatever the export finds (the Hub's own defaults for these kinds of files).
 LFS_PATTERNS = ("*.npy", "*.npz", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.png", "*.jpg",
                 "*.jpeg", "*.gif", "*.webp", "*.zip", "*.gz", "*.tar")

@@ -109,9 +109,51 @@ def tiny_root(tmp_path_factory):
     return build_tiny_assets(str(tmp_path_factory.getbasetemp() / "app_assets"))
 
 
+UI_MODULES = ("state", "texts", "serving", "generate", "attribute", "counterfactual", "benchmarks", "banner", "about",
+              "page")  # dtrak_core.ui, each after what it imports
+
+
+class AppHandlers:
+    """The app's tab modules (`dtrak_core.ui`) under one name: `app.attribute(...)` is the handler
+    of the module that defines it, `app.ASSETS = root` sets it there; `app.demo` is the page of
+    $DTRAK_ASSETS, built on first use."""
+
+    def __init__(self, modules):
+        object.__setattr__(self, "_modules", modules)
+        object.__setattr__(self, "_demo", None)
+
+    def module_of(self, name):
+        for m in self._modules:
+            if name in vars(m):
+                return m
+        raise AttributeError(f"no dtrak_core.ui module defines {name!r}")
+
+    def __getattr__(self, name):
+        if name == "demo":
+            if self._demo is None:
+                object.__setattr__(self, "_demo", self.build_demo())
+            return self._demo
+        return getattr(self.module_of(name), name)
+
+    def __setattr__(self, name, value):
+        setattr(self.module_of(name), name, value)
+
+    def __delattr__(self, name):  # what monkeypatch's undo of a new attribute does
+        delattr(self.module_of(name), name)
+
+
+def load_app() -> AppHandlers:
+    """The app's modules, freshly imported (empty caches) on $DTRAK_ASSETS."""
+    modules = []
+    for name in UI_MODULES:
+        full = f"dtrak_core.ui.{name}"
+        modules.append(importlib.reload(sys.modules[full]) if full in sys.modules else importlib.import_module(full))
+    return AppHandlers(modules)
+
+
 @pytest.fixture(scope="module")
 def app(tiny_root):
-    """The app module, imported with DTRAK_ASSETS pointing at the tiny folder."""
+    """The app's handlers, on the tiny folder."""
     os.environ["DTRAK_ASSETS"] = tiny_root
     with torch_threads(1):
-        yield importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+        yield load_app()

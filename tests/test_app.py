@@ -262,14 +262,14 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
                 cancelled.append(app.cancel_retrain(None))
 
     out = app.run_counterfactual(1001, 40, "square", "none", None, CancelAtFirstStep())
-    assert cancelled and out[-1].startswith("Cancelled") and (1001, "square", 40) not in app._counterfactual_cache
+    assert cancelled and out[-1].startswith("Cancelled") and (app.ASSETS, 1001, "square", 40) not in app._counterfactual_cache
     assert len(out) == 8 and all(o == app.gr.update() for o in out[:-1])  # what was shown stays, named by its heading
 
     before, after_a, after_b, rows, removed_a, removed_b, shown, status = app.run_counterfactual(
         1001, 40, "square", "none", None)
     assert len(rows) == 1 and rows[0][0] == "D-TRAK (square)" and rows[0][-1].endswith(" s")
     assert "Shown: seed 1001, 40 of" in shown
-    view = app._counterfactual_cache.peek((1001, "square", 40))
+    view = app._counterfactual_cache.peek((app.ASSETS, 1001, "square", 40))
     assert rows[0][1] == round(view.l2, 3)
     a = app.assets().attributor
     target = app.generate(a.unet, a.scheduler, [1001], steps=50)[0]
@@ -326,7 +326,7 @@ def test_committed_harness_jobs_show_without_retraining(app, tiny_root, tmp_path
     shutil.copytree(tiny_root, root)
     shutil.rmtree(os.path.join(root, "counterfactual", "gallery"))
     os.rename(os.path.join(root, "counterfactual", "runs"), os.path.join(root, "counterfactual", "jobs"))
-    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("committed: no retrain"))
     app.outcomes.cache_clear()
     assert app.committed(root) == {}  # the jobs used another recipe than the model's manifest: never shown
@@ -563,7 +563,7 @@ def test_noise_view_handler(app):
     # a sharpened method: the split of the signed score it sharpens (s|s| of a sum is not a sum)
     fig, cards, text = app.noise_view(q, "d-trak-sharp")
     assert fig.data[0].type == "heatmap" and "splits the signed D-TRAK (square) score" in text
-    levels = app._noise_cache.get((q["key"], sup.QueryKey.for_pixels(q["pixels"]), "d-trak-sharp", app.NOISE_BUCKETS),
+    levels = app._noise_cache.get((app.ASSETS, q["key"], sup.QueryKey.for_pixels(q["pixels"]), "d-trak-sharp", app.NOISE_BUCKETS),
                                   None)
     signed = app.assets().attributor.scores(torch.as_tensor(q["pixels"])[None], "square")[0]
     np.testing.assert_allclose(levels.scores, signed, rtol=1e-4, atol=3e-6 * np.abs(signed).max())

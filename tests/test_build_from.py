@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import load_app
 from PIL import Image
 
 from dtrak_core.attribution.attributor import Attributor
@@ -135,13 +136,11 @@ def test_unsupported_models_are_refused(pipeline, tmp_path):
 
 def test_the_app_on_your_own_model(built, monkeypatch):
     """The app adapts: no digit classifier, RGB thumbnails, no retrain tab, a header naming the model."""
-    import importlib
-    import sys
 
     import gradio as gr
 
     monkeypatch.setenv("DTRAK_ASSETS", built)
-    app = importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+    app = load_app()
     a = app.assets()
     assert not a.digits and not a.can_retrain and a.scale(192) == 12
     assert "16x16, 3 channels" in app.header_markdown(a) and "12 images" in app.header_markdown(a)

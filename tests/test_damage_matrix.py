@@ -4,13 +4,12 @@ or deletes one file of a copy, and expects that file's relative path in the erro
 line (exit 2, the message on stderr, no traceback) where it reads the file, and through the app's
 loading path (its error page text or its banner's findings). The copies are made once per module;
 each case restores its file afterwards (the committed assets are never touched)."""
-import importlib
 import json
 import os
 import shutil
-import sys
 
 import pytest
+from conftest import load_app
 
 from dtrak_core import cli
 
@@ -246,7 +245,7 @@ def app(folders):
     before = os.environ.get("DTRAK_ASSETS")
     os.environ["DTRAK_ASSETS"] = folders["digits"]
     try:
-        module = importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+        module = load_app()
         yield module
     finally:
         if before is None:
@@ -258,8 +257,8 @@ def app(folders):
 def _clear(app):
     for cached in (app.load_assets, app.committed, app.full_check, app.precomputed, app.outcomes):
         cached.cache_clear()
-    app._damaged_results.clear()
-    app._damaged_gallery.clear()
+    app.damaged_results.clear()
+    app.damaged_gallery.clear()
 
 
 def _names(text: str, rel: str) -> bool:

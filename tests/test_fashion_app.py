@@ -1,12 +1,10 @@
 """The app on the committed Fashion-MNIST folder: class names from the folder's classifier, every
 method whose inputs the folder has, the look-alike line under the proponents."""
-import importlib
 import os
-import sys
 
 import pytest
 
-from tests.conftest import ASSETS, torch_threads
+from tests.conftest import ASSETS, load_app, torch_threads
 
 FASHION = os.path.join(ASSETS, "fashion")
 CLASSES = ("ankle-boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt-top")
@@ -25,7 +23,7 @@ def fashion_app():
     os.environ["DTRAK_ASSETS"] = FASHION
     try:
         with torch_threads(1):
-            yield importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+            yield load_app()
     finally:
         if before is None:
             os.environ.pop("DTRAK_ASSETS", None)

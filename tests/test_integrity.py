@@ -10,6 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import load_app
 
 from dtrak_core import cli
 from dtrak_core.attribution import methods
@@ -463,14 +464,12 @@ def test_every_committed_store_carries_a_metadata_checksum_and_verifies():
 def test_a_replaced_tracin_checkpoint_passes_start_up_and_reaches_the_apps_banner(folder, monkeypatch):
     """Start-up checks TracInCP by its index only; the background full check hashes its weights,
     and the page's banner (`show_damage`) then names the replaced checkpoint and turns TracInCP off."""
-    import importlib
-    import sys
 
     early, final = (os.path.join(folder, "tracin", "checkpoints", s, "unet", "diffusion_pytorch_model.safetensors")
                     for s in ("step-00003", "step-00006"))
     shutil.copyfile(early, final)
     monkeypatch.setenv("DTRAK_ASSETS", folder)
-    app = importlib.reload(sys.modules["app"]) if "app" in sys.modules else importlib.import_module("app")
+    app = load_app()
     try:
         assert "tracin" in app.assets().methods and not app.quick_damage(folder)
         banner = app.show_damage()

@@ -65,7 +65,7 @@ def wait_for(condition, timeout=20.0, what="condition"):
 def test_one_session_cannot_fill_the_queue(served, monkeypatch):
     app, url = served
     slow = SlowSampler(app.generate)
-    monkeypatch.setattr(app, "generate", slow)
+    monkeypatch.setattr(app.module_of("generate"), "generate", slow)
     c = client(url)
     jobs = [c.submit("single", 5000 + i, 0, 0, 1, 3, api_name="/generate_samples") for i in range(6)]
     wait_for(lambda: sum(j.done() for j in jobs) >= 3, what="the refused joins")  # refused at once
@@ -92,7 +92,7 @@ def test_one_session_cannot_fill_the_queue(served, monkeypatch):
 def test_one_address_cannot_fill_the_queue_with_many_sessions(served, monkeypatch):
     app, url = served
     slow = SlowSampler(app.generate)
-    monkeypatch.setattr(app, "generate", slow)
+    monkeypatch.setattr(app.module_of("generate"), "generate", slow)
     sessions = [client(url) for _ in range(4)]
     jobs = [s.submit("single", 7000 + 10 * i + j, 0, 0, 1, 3, api_name="/generate_samples")
             for i, s in enumerate(sessions) for j in range(2)]
@@ -112,9 +112,9 @@ def test_a_client_cannot_dodge_the_per_address_bound_with_its_own_forwarded_for(
     from gradio_client import Client
 
     app, url = served
-    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 0)
     slow = SlowSampler(app.generate)
-    monkeypatch.setattr(app, "generate", slow)
+    monkeypatch.setattr(app.module_of("generate"), "generate", slow)
     sessions = [Client(url, verbose=False, headers={"X-Forwarded-For": f"203.0.113.{i}"}) for i in range(4)]
     jobs = [s.submit("single", 8000 + 10 * i + j, 0, 0, 1, 3, api_name="/generate_samples")
             for i, s in enumerate(sessions) for j in range(2)]
@@ -198,7 +198,7 @@ def test_retrain_wall_time_cap(app, monkeypatch):
 
     fake = PollingRetrain()
     monkeypatch.setattr(counterfactual, "remove_and_retrain", fake)
-    monkeypatch.setattr(app, "MAX_RETRAIN_SECONDS", 0.3)
+    monkeypatch.setattr(app.module_of("MAX_RETRAIN_SECONDS"), "MAX_RETRAIN_SECONDS", 0.3)
     with torch_threads(1):
         out = app.run_counterfactual(4545, 20, "square", "none", None)
     assert fake.stopped.is_set() and out[-1].startswith("Stopped after 0 s")
@@ -225,7 +225,7 @@ def test_uploads_are_bounded_per_address_before_they_reach_the_disk(served, monk
     the bound, HTTP 429 with a message and Retry-After, and nothing on disk."""
     app, url = served
     limits = app.demo.upload_limits
-    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 0)
     monkeypatch.setattr(limits, "files", 3)
     monkeypatch.setattr(limits, "bytes", 40_000)
     monkeypatch.setattr(limits, "_recent", {})
@@ -238,9 +238,9 @@ def test_uploads_are_bounded_per_address_before_they_reach_the_disk(served, monk
     assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
     assert r.text.startswith("Too many uploads from your address: 3 file(s)") and "the limit is 3 files" in r.text
     assert _files_under(cache) == before
-    monkeypatch.setattr(app, "TRUSTED_PROXIES", 1)  # behind one trusted proxy, the address it recorded counts
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 1)  # behind one trusted proxy, the address it recorded counts
     assert _upload(url, [1000], headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 200
-    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 0)
 
     monkeypatch.setattr(limits, "_recent", {})  # bytes per window
     assert _upload(url, [30_000]).status_code == 200
@@ -346,10 +346,10 @@ def test_a_damaged_model_folder_gives_an_error_page(app, tiny_root, tmp_path, mo
         _edit_json(os.path.join(root, "manifest.json"), lambda c: c["train_config"].update(steps=10))
     else:
         open(os.path.join(root, "manifest.json"), "w").write("{ not json")
-    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
     app.load_assets.cache_clear()
     try:
-        page = _markdown(app.build_demo())
+        page = _markdown(app.build_demo([root]))
     finally:
         app.load_assets.cache_clear()
     assert "The model assets could not be loaded" in page and "How to fix it" in page and html.escape(named) in page
@@ -358,11 +358,11 @@ def test_a_damaged_model_folder_gives_an_error_page(app, tiny_root, tmp_path, mo
 def test_a_damaged_optional_file_turns_its_methods_off_and_says_so(app, tiny_root, tmp_path, monkeypatch):
     root = _copy(tiny_root, tmp_path)
     _corrupt_tracin(root)
-    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
     app.load_assets.cache_clear()
     try:
         with torch_threads(1):
-            page = _markdown(app.build_demo())
+            page = _markdown(app.build_demo([root]))
             a = app.load_assets(root)
     finally:
         app.load_assets.cache_clear()
@@ -376,12 +376,12 @@ def test_damaged_precomputed_counterfactuals_are_reported_not_dropped(app, tiny_
     jobs = os.path.join(root, "counterfactual", "jobs")
     os.makedirs(jobs, exist_ok=True)
     open(os.path.join(jobs, "identity.json"), "w").write("")
-    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
     app.load_assets.cache_clear()
     app.committed.cache_clear()
     try:
         with torch_threads(1):
-            page = _markdown(app.build_demo())
+            page = _markdown(app.build_demo([root]))
             banner = app.show_damage()  # after the samples: every file read
     finally:
         app.load_assets.cache_clear()
@@ -401,12 +401,12 @@ def _flip_byte(path, offset=-1):
 
 def _page(app, root, monkeypatch):
     """(markdown of the page built on `root`, its assets or None, the banner once every file is read)."""
-    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
     for cached in (app.load_assets, app.committed, app.full_check, app.precomputed, app.outcomes):
         cached.cache_clear()
     try:
         with torch_threads(1):
-            page = _markdown(app.build_demo())
+            page = _markdown(app.build_demo([root]))
             try:
                 a = app.load_assets(root)
             except ValueError:
@@ -472,7 +472,7 @@ def test_a_damaged_gallery_turns_off_only_the_gallery_and_says_so(app, tiny_root
     assert "The model assets could not be loaded" not in page and "square" in a.methods
     assert "precomputed gallery (counterfactual/gallery)" in page and html.escape(named) in page
     assert banner.visible and html.escape(named) in banner.value and "rewrite the gallery" in banner.value
-    monkeypatch.setattr(app, "ASSETS", root)
+    monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
     try:
         assert app.precomputed(root) == {} and app.example_targets(root) == []  # never shown
     finally:
@@ -532,12 +532,12 @@ def test_client_address_trusts_only_the_configured_proxy_hops(app, monkeypatch):
             self.headers = {} if forwarded is None else {"x-forwarded-for": forwarded}
 
     # 0 trusted proxies (the default): the header is ignored, whoever the peer is
-    monkeypatch.setattr(app, "TRUSTED_PROXIES", 0)
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 0)
     assert app.client_address(Request("192.168.1.20", "203.0.113.5")) == "192.168.1.20"  # a LAN client's own header
     assert app.client_address(Request("127.0.0.1", "203.0.113.5")) == "127.0.0.1"
     assert app.client_address(Request("93.184.216.34", "1.2.3.4")) == "93.184.216.34"
     # 1 (a Space): the last entry, the one its proxy appended; what the client wrote lies further left
-    monkeypatch.setattr(app, "TRUSTED_PROXIES", 1)
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 1)
     assert app.client_address(Request("10.0.3.7", "198.51.100.9, 203.0.113.5")) == "203.0.113.5"
     assert app.client_address(Request("10.0.3.7", "203.0.113.5")) == "203.0.113.5"
     assert app.client_address(Request("10.0.3.7")) == "10.0.3.7"  # not through the proxy: the peer

@@ -1,4 +1,4 @@
-"""The app (`app.py`) on a text-to-image model folder: `DTRAK_ASSETS=assets/text2image python app.py`.
+"""A text-to-image model folder's tabs in the app (`app.py`): `DTRAK_ASSETS=assets/text2image python app.py`.
 
 The same views as the default app where they apply, with a prompt: Generate (prompt + seeds ->
 samples), Attribute (a sample or an upload with its prompt -> proponents and opponents, score
@@ -11,7 +11,7 @@ forward under `no_grad`; the LoRA gradients run on private replicas inside the f
 `dtrak_core.shared`), and every result is cached by its whole request in an `OnceCache`.
 
 The handlers are plain functions of (root, request values), so they are tested without a server;
-`build_demo` lays them out with gradio.
+`build_page` lays them out with gradio, inside the one page (`dtrak_core.ui.page`).
 """
 
 import functools
@@ -447,10 +447,10 @@ def methods_markdown(a: TextToImageAssets) -> str:
     return "\n".join(lines)
 
 
-def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_note: str, noise_help: str,
-               cache_sweep=None):
-    """The gradio page for a text-to-image folder. The pieces shared with the default page (the
-    training-card widget, the About text and the reading help) come from `app.py`."""
+def build_page(demo, root: str, *, cards_html, about: str, how_to_read: str, opponent_note: str, noise_help: str):
+    """The tabs of a text-to-image folder, in the current page of `demo` (`dtrak_core.ui.page`). The
+    pieces shared with the pixel folders' tabs (the training-card widget, the About text and the
+    reading help) come from `dtrak_core.ui`."""
     import gradio as gr
 
     a = load(root)
@@ -594,7 +594,7 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
         q, _ = upload_query(root, path, prompt, bool(invert))
         return (q, *query_view(q))
 
-    with gr.Blocks(title="D-TRAK explorer: text to image", delete_cache=cache_sweep) as demo:
+    with gr.Column():
         batch = gr.State(None)
         query = gr.State(None)  # pixels, prompt, seed, title
         picked = gr.State(None)
@@ -732,7 +732,6 @@ def build_demo(root: str, *, cards_html, about: str, how_to_read: str, opponent_
             top-k proponents and opponents among the fine-tuning images, as JSON."""
             return attribute_prompt(root, prompt, seed, steps, method, k)
         gr.api(attribute_prompt_api, api_name="attribute_prompt", concurrency_id="compute")
-    return demo
 
 
 def benchmarks_blocks(a: TextToImageAssets, gr) -> None:

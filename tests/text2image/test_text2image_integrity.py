@@ -162,8 +162,8 @@ def test_a_truncated_manifest_suggests_build_text2image(unsealed, capsys, keep):
 def test_the_app_names_the_file_and_the_fix(app, sealed, unsealed, monkeypatch):
     """The app's error page for a text-to-image folder: the damaged file and `build-text2image`."""
     def page(root):
-        monkeypatch.setattr(app, "ASSETS", root)
-        return "\n".join(str(b.value) for b in app.build_demo().blocks.values() if type(b).__name__ == "Markdown")
+        monkeypatch.setattr(app.module_of("ASSETS"), "ASSETS", root)
+        return "\n".join(str(b.value) for b in app.build_demo([root]).blocks.values() if type(b).__name__ == "Markdown")
 
     unet = os.path.join(sealed, UNET)
     _flip(unet)

@@ -1,0 +1,250 @@
+"""The model folders the app serves, loaded once per process and shared read-only by every visitor,
+and the folder the current request works on.
+
+A page may show several folders (the model picker); each tab's handlers are plain functions that
+read `assets()`, the folder of the request being handled: `bound(root, fn)` runs `fn` with `root`
+as that folder (a context variable, so concurrent requests on different folders never share it).
+Outside a bound call it is the first of `folders()`, which `use_root` changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+import torch
+
+from dtrak_core import app_support as sup
+from dtrak_core import viz
+from dtrak_core.attribution import methods as registry
+from dtrak_core.attribution.attributor import Attributor
+from dtrak_core.evaluation.quality import classify
+from dtrak_core.folder import default_root, read_manifest
+from dtrak_core.images import to_pil
+from dtrak_core.shared import OnceCache
+
+
+def folders(environ=os.environ) -> list[str]:
+    """The model folders the page serves, the first one opening: $DTRAK_ASSETS (one folder, or several
+    separated by os.pathsep), else ./assets and every folder directly under it that holds a manifest
+    (the committed digits, Fashion-MNIST and text-to-image folders)."""
+    raw = environ.get("DTRAK_ASSETS")
+    if raw and raw.strip():
+        return [p for p in raw.split(os.pathsep) if p.strip()]
+    root = default_root()
+    subs = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                  if os.path.isfile(os.path.join(root, d, "manifest.json")))
+    return [root, *(os.path.join(root, d) for d in subs)]
+
+
+ASSETS = folders()[0]  # the folder of a call not bound to one (`bound`)
+_root = contextvars.ContextVar("dtrak_root", default=None)
+
+QUERY_PX, THUMB_PX = 192, viz.THUMB_PX  # display sizes; images are upscaled by whole factors (crisp pixels)
+ERROR_SECONDS = 8  # an error message fades after this long (they would pile up otherwise)
+
+
+def use_root(root: str) -> None:
+    """The folder of every call not bound to one (tests; a server serving one folder)."""
+    global ASSETS
+    ASSETS = root
+
+
+def current_root() -> str:
+    return _root.get() or ASSETS
+
+
+def bound(root: str, fn):
+    """`fn` run with `root` as the request's folder (`assets()`), keeping fn's signature (Gradio
+    reads it for its Request, Progress and event-data parameters)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with bound_context(root):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def bound_context(root: str):
+    """`root` as the folder of what runs inside (building a folder's tabs, warming its caches)."""
+    token = _root.set(root)
+    try:
+        yield
+    finally:
+        _root.reset(token)
+
+
+@dataclass
+class Assets:
+    root: str
+    attributor: Attributor
+    methods: list  # every method that can run here: TRAK family (one per store) and baselines
+    unavailable: dict  # {baseline: why it cannot run here}
+    damaged: dict  # {baseline: the damaged file that stops it} (a subset of `unavailable`)
+    classifier: object = None  # the folder's own sample classifier (<root>/classifier/), if it has one
+
+    def label_name(self, label: int) -> str:
+        """A class label as people read it: the digit, or the folder classifier's class name."""
+        if self.classifier is not None and 0 <= int(label) < len(self.classifier.classes):
+            return self.classifier.classes[int(label)]
+        return str(int(label))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.attributor.train)
+
+    @property
+    def digits(self) -> bool:
+        """The embedded digits model (or one like it): the digit classifier applies."""
+        return self.attributor.train.name.startswith("digits") and tuple(self.attributor.train.images.shape[1:]) == (1, 8, 8)
+
+    @property
+    def can_retrain(self) -> bool:
+        """Remove-and-retrain needs the recipe the model was trained with (models trained by dtrak)."""
+        return self.digits and "train_config" in read_manifest(self.root)
+
+    @property
+    def class_word(self) -> str:
+        return "digit" if self.digits else "class"
+
+    def scale(self, px: int) -> int:
+        return max(1, px // int(self.attributor.unet.config.sample_size))
+
+
+def _load_assets(root: str) -> Assets:
+    # a damaged or mismatched feature store is left out (as long as one loads): only the methods that
+    # need it are turned off, and the banner names it (the CLI refuses the folder instead)
+    damaged_stores = {}
+    attributor = Attributor.load(root, damaged=damaged_stores)
+    # quick: TracInCP by its index, not by loading its checkpoints (`banner.full_check` does that
+    # after the first page is shown)
+    problems = dict(registry.problems(attributor, root, quick=True))
+    problems.update(store_problems(attributor, damaged_stores, problems))
+    methods = list(attributor.methods) + [m.name for m in registry.all() if m.family in registry.SCORED_FAMILIES
+                                          and m.name not in problems]
+    classifier = None
+    if os.path.isdir(os.path.join(root, "classifier")):
+        from dtrak_core.model.classifier import ImageClassifier
+
+        classifier = ImageClassifier.load(os.path.join(root, "classifier"))
+    return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
+                  {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)}, classifier)
+
+
+def _store_output_fn(path: str) -> str:
+    """The output function a store folder was built for: its metadata's, else its name's
+    (`FeatureSetting.slug`, '<output_fn>-K<K>-...') when the metadata is what is damaged."""
+    import json
+
+    try:
+        with open(os.path.join(path, "metadata.json")) as f:
+            fn = json.load(f).get("output_fn")
+        if isinstance(fn, str) and fn:
+            return fn
+    except (OSError, ValueError, AttributeError):
+        pass
+    return os.path.basename(os.path.normpath(path)).rsplit("-K", 1)[0]
+
+
+def store_problems(attributor, damaged_stores: dict, problems: dict) -> dict:
+    """{method: the damaged store's error} for the methods that a damaged store (left out by
+    `Attributor.load(damaged=...)`) turns off: its TRAK-family method, when no other store serves
+    it, and the registered methods that score with that store (which `registry.problems` reports
+    as merely unavailable: here the damaged file is named)."""
+    found = {}
+    for path, error in damaged_stores.items():
+        fn = _store_output_fn(path)
+        if fn in attributor.stores:  # another store (another K) still serves the method
+            continue
+        found[fn] = error
+        for m in registry.all():
+            if m.store == fn and m.family in registry.SCORED_FAMILIES and \
+                    (m.name not in problems or isinstance(problems[m.name], registry.MethodUnavailable)):
+                found[m.name] = error
+    return found
+
+
+def once_per_root(fn):
+    """fn(root), computed once per model folder even when several threads ask at once (the page's
+    load events and the warm-up do); `.cache_clear()` forgets every folder. A failure is not kept."""
+    caches = [OnceCache()]
+
+    @functools.wraps(fn)
+    def cached(root: str):
+        return caches[0].get(root, lambda: fn(root))
+    cached.cache_clear = lambda: caches.__setitem__(0, OnceCache())
+    return cached
+
+
+@once_per_root
+def load_assets(root: str) -> Assets:
+    """The model folder, loaded once; raises ValueError with a readable reason when it is missing
+    or damaged."""
+    return _load_assets(root)
+
+
+def assets() -> Assets:
+    """The request's folder (`current_root`), loaded; a folder that cannot be loaded is a message."""
+    try:
+        return load_assets(current_root())
+    except (ValueError, OSError) as e:
+        raise gr.Error(f"The model assets could not be loaded: {e}") from None
+
+
+def readable(fn):
+    """Turn a core ValueError into a message in the UI (never a stack trace)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            raise gr.Error(str(e), duration=ERROR_SECONDS) from None
+    return wrapper
+
+
+def no_query():
+    return gr.Error("No query yet: generate samples and click one, or upload an image.", duration=ERROR_SECONDS)
+
+
+# ---------------------------------------------------------------- the query and how it reads
+
+def sample_query(seed: int, steps: int, pixels: np.ndarray) -> dict:
+    return {"key": sup.QueryKey.for_sample(seed, steps), "pixels": pixels, "seed": int(seed), "steps": int(steps),
+            "title": f"Generated sample, seed {int(seed)} (DDIM {int(steps)} steps)"}
+
+
+def digit_labels(images: np.ndarray):
+    """(labels, confidences) from the digit classifier (or the folder's own classifier), or None
+    when the folder has none."""
+    a = assets()
+    if a.digits:
+        return classify(images)
+    return None if a.classifier is None else a.classifier.classify(images)
+
+
+def classifier_text(pixels: np.ndarray) -> str:
+    found = digit_labels(pixels[None])
+    a = assets()
+    return "" if found is None else (f"looks like a **{a.label_name(found[0][0])}** ({found[1][0]:.0%} by the "
+                                     f"{a.class_word} classifier)")
+
+
+def training_cards(attribution, indices, title: str, note: str = "") -> str:
+    a = assets()
+    names = None if a.classifier is None else a.classifier.classes
+    return viz.training_cards(a.attributor.train, attribution, indices, title, a.class_word, note, names)
+
+
+def query_view(q):
+    return to_pil(torch.as_tensor(q["pixels"]), assets().scale(QUERY_PX)), f"**{q['title']}**  \n{classifier_text(q['pixels'])}"
+
+
+def cards_html(elem_id: str) -> gr.HTML:
+    """A grid of training cards; a click on a card (or Enter on it) inspects that training image."""
+    from dtrak_core.ui import texts
+
+    return gr.HTML(elem_id=elem_id, js_on_load=texts.get("card_click.js"))
