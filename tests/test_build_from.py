@@ -157,7 +157,9 @@ def test_the_app_on_your_own_model(built, monkeypatch):
         app.benchmarks_blocks(built)
     assert any("run for models trained by dtrak" in str(getattr(b, "value", "")) for b in bench.blocks.values())
     tabs = [b for b in app.demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert [t.visible for t in tabs if t.id == "counterfactual"] == [False]
+    assert [t.id for t in tabs].count("counterfactual") == 1  # there, saying why no retrain is offered
+    why = [str(b.value) for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "cf-not-here"]
+    assert len(why) == 1 and "not offered for this model" in why[0] and "training recipe" in why[0]
 
 
 def test_harnesses_that_retrain_refuse_an_external_model(built, capsys):

@@ -15,6 +15,7 @@ import torch
 from dtrak_core import app_support as sup
 from dtrak_core import viz
 from dtrak_core.errors import Cancelled
+from dtrak_core.files import read_json
 from dtrak_core.images import grid, to_pil
 from dtrak_core.shared import OnceCache
 from dtrak_core.ui import serving
@@ -346,6 +347,22 @@ def l2_examples_html(root: str) -> str:
     return ("<p>Pixel L2 is the distance between the 64 pixel values (each in [-1, 1]) before and after. "
             "Around 1 the digit is the same with a few pixels changed; around 3 strokes move and the digit often "
             "reads differently.</p>" + viz.image_pairs(pairs))
+
+
+def retrain_note(a) -> str:
+    """Why this folder offers no live remove-and-retrain: a setting's model (its recipe in
+    model/setting.json) is retrained offline, too slow for a visitor; a model of your own has no
+    recipe here."""
+    marker = os.path.join(a.root, "model", "setting.json")
+    if os.path.isfile(marker):
+        try:
+            took = f" (training it took {float(read_json(marker, 'base model description', '')['train_seconds']) / 60:.0f} " \
+                   "minutes of a CPU core)"
+        except (ValueError, KeyError, TypeError):
+            took = ""
+        return ("(No live remove-and-retrain here: one retrain of this model is beyond a visitor's patience"
+                f"{took}; its LDS and counterfactuals are computed offline by resumable jobs.)")
+    return "(Remove-and-retrain needs the model's training recipe, so it is offered for models trained by dtrak only.)"
 
 
 def create_ui(a) -> dict:

@@ -83,23 +83,7 @@ def header_markdown(a) -> str:
     return (f"# {TITLE}\nWhich training images made this image? Model `{source}` ({w}x{h}, {c} channel"
             f"{'s' if c > 1 else ''}), trained on the {a.n_train:,} images of `{data}`. **TRAK** and **D-TRAK** "
             "scores say how much each training image is responsible for a generated (or uploaded) image. Pick a "
-            "sample in **Generate** and read its attribution in **Attribute**. " + retrain_note(a))
-
-
-def retrain_note(a) -> str:
-    """Why this folder offers no live remove-and-retrain: a setting's model (its recipe in
-    model/setting.json) is retrained offline, too slow for a visitor; a model of your own has no
-    recipe here."""
-    marker = os.path.join(a.root, "model", "setting.json")
-    if os.path.isfile(marker):
-        try:
-            took = f" (training it took {float(read_json(marker, 'base model description', '')['train_seconds']) / 60:.0f} " \
-                   "minutes of a CPU core)"
-        except (ValueError, KeyError, TypeError):
-            took = ""
-        return ("(No live remove-and-retrain here: one retrain of this model is beyond a visitor's patience"
-                f"{took}; its LDS and counterfactuals are computed offline by resumable jobs.)")
-    return "(Remove-and-retrain needs the model's training recipe, so it is offered for models trained by dtrak only.)"
+            "sample in **Generate** and read its attribution in **Attribute**. " + counterfactual.retrain_note(a))
 
 
 def error_section(root: str, error: str, text2image: bool = False) -> None:
@@ -149,15 +133,21 @@ def pixel_folder(demo: gr.Blocks, root: str, api_suffix: str = "") -> None:
                 c.update(generate.create_ui(a))
             with gr.Tab("Attribute", id="attribute"):
                 c.update(attribute.create_ui(a))
-            with gr.Tab("Counterfactual", id="counterfactual", visible=a.can_retrain) as c["cf_tab"]:
-                c.update(counterfactual.create_ui(a))
+            with gr.Tab("Counterfactual", id="counterfactual") as c["cf_tab"]:
+                if a.can_retrain:
+                    c.update(counterfactual.create_ui(a))
+                else:  # the tab says why, and a picked sample's seed has a (hidden) place to go
+                    gr.Markdown("### Remove and retrain is not offered for this model\n" + counterfactual.retrain_note(a),
+                                elem_id="cf-not-here")
+                    c["cf_seed"] = gr.Number(0, visible=False)
             with gr.Tab("Benchmarks", id="benchmarks") as bench_tab:
                 charts = benchmarks.benchmarks_blocks(root)
             with gr.Tab("About", id="about"):
                 about.create_ui(a)
     generate.create_event_handlers(c, bind)
     attribute.create_event_handlers(c, bind, api_name="attribute_seed" + api_suffix)
-    counterfactual.create_event_handlers(c, bind)
+    if a.can_retrain:
+        counterfactual.create_event_handlers(c, bind)
     # unqueued: the first page's samples take no input and are computed once, by the warm-up
     demo.load(bind(generate.first_page), None, [c["gallery"], c["batch"]], queue=False).then(
         bind(banner.show_damage), None, damaged_md, concurrency_id="checks", show_progress="hidden")
