@@ -639,8 +639,18 @@ def test_retrain_cost_is_measured(app):
 
     cost = sup.measure_retrain(app.assets().attributor.train.images, app.assets().attributor.scheduler,
                                TrainConfig(steps=300, batch_size=16, block_out_channels=(4, 8)), probe_steps=2)
-    assert cost.seconds_per_step > 0 and cost.steps == 300 and cost.seconds == cost.seconds_per_step * 300
+    assert cost.seconds_per_step > 0 and cost.steps == 300 and cost.fixed_seconds >= 0
+    assert cost.seconds == pytest.approx(cost.fixed_seconds + cost.seconds_per_step * 300)
     assert "2 retrains" in cost.text(2) and "2 retrains" not in cost.text(1) and "precomputed" in cost.text(0)
+    seen = sup.RetrainCost.from_retrain(172.0, 1500)  # a live retrain here calibrates the next estimate
+    assert seen.seconds == pytest.approx(172.0) and "from the last retrain" in seen.text(1) and "172 s" in seen.text(1)
+
+
+def test_the_first_example_is_one_that_random_removal_leaves_alone():
+    o = lambda l2, a, b: {"l2": l2, "label_before": a, "label_after": b}
+    outcomes = {(1000, "square", 75): o(3.0, 4, 7), (1000, "random", 75): o(2.0, 4, 9),  # chance changes it too
+                (1001, "square", 75): o(2.5, 3, 5), (1001, "random", 75): o(0.8, 3, 3)}
+    assert [r["seed"] for r in sup.example_rows(outcomes)] == [1001, 1000]
 
 
 # ---------------------------------------------------------------- generate, compare, viz

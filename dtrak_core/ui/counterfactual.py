@@ -25,6 +25,7 @@ NO_RANKING = "none"
 MAX_RETRAIN_SECONDS = float(os.environ.get("DTRAK_MAX_RETRAIN_SECONDS", 900))  # wall time of one retrain request
 _counterfactual_cache = OnceCache(64)  # (root, seed, ranking, k) -> CounterfactualView
 _retrain_cost = OnceCache(4)  # (root, recipe, 10-minute period) -> RetrainCost measured on this machine
+_last_retrain: dict = {}  # (root, recipe) -> RetrainCost of the last live retrain (a whole value, replaced at once)
 RETRAIN_COST_SECONDS = 600
 _cancelled_at: dict[str, float] = {}  # session -> time.monotonic() of its last Cancel
 _cancel_lock = threading.Lock()
@@ -232,11 +233,15 @@ def counterfactual_outputs(views: list, status: str) -> tuple:
 
 
 def retrain_cost():
-    """This machine's retrain time for the model's recipe, measured when first asked for and again
-    every RETRAIN_COST_SECONDS (the machine's load changes; a measurement costs a few training steps)."""
+    """This machine's retrain time for the model's recipe: the last live retrain's when one ran
+    here in the last RETRAIN_COST_SECONDS, else a probe of a few training steps, measured when first
+    asked for and again every RETRAIN_COST_SECONDS (the machine's load changes)."""
     a = assets()
     cf = engine()
     config = cf.train_config_from_manifest(a.root)
+    seen = _last_retrain.get((a.root, config))
+    if seen is not None and time.time() - seen.measured_at < RETRAIN_COST_SECONDS:
+        return seen
     period = int(time.time() // RETRAIN_COST_SECONDS)
     return _retrain_cost.get((a.root, config, period), lambda: sup.measure_retrain(
         a.attributor.train.images, a.attributor.scheduler, config))
@@ -283,6 +288,8 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
             except Cancelled:
                 return (*[gr.update()] * 7, stop.reason or "Cancelled: the retrain was stopped; nothing was changed.")
             view = CounterfactualView.from_result(result)
+            # a measurement, not a result: the next estimate on this folder and recipe uses it
+            _last_retrain[(a.root, config)] = sup.RetrainCost.from_retrain(result.train_seconds, config.steps)
             _counterfactual_cache.put((a.root, *key), view)
         views.append(view)
     live = [v.seconds for v in views if v.seconds is not None]
