@@ -685,7 +685,7 @@ class RetrainCost:
 
     def text(self, retrains: int) -> str:
         if retrains == 0:
-            return "Every result asked for is ready (precomputed, or already computed on this server): it shows at once."
+            return "Every result asked for is precomputed or already computed on this server: it shows at once."
         each = _duration(self.seconds)
         total = f" ({retrains} retrains: about {_duration(retrains * self.seconds)})" if retrains > 1 else ""
         how = ("from the last retrain on this server" if self.source == "retrain" else
