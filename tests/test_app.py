@@ -643,7 +643,7 @@ def test_retrain_cost_is_measured(app):
     assert cost.seconds == pytest.approx(cost.fixed_seconds + cost.seconds_per_step * 300)
     assert "2 retrains" in cost.text(2) and "2 retrains" not in cost.text(1) and "precomputed" in cost.text(0)
     seen = sup.RetrainCost.from_retrain(172.0, 1500)  # a live retrain here calibrates the next estimate
-    assert seen.seconds == pytest.approx(172.0) and "from the last retrain" in seen.text(1) and "172 s" in seen.text(1)
+    assert seen.seconds == pytest.approx(172.0) and "from the last retrain" in seen.text(1) and "2.9 min" in seen.text(1)
 
 
 def test_the_first_example_is_one_that_random_removal_leaves_alone():
