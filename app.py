@@ -109,8 +109,8 @@ def _load_assets(root: str) -> Assets:
     # the first page is shown)
     problems = dict(registry.problems(attributor, root, quick=True))
     problems.update(store_problems(attributor, damaged_stores, problems))
-    methods = list(attributor.methods) + [m.name for m in registry.all() if m.family in registry.SCORED_FAMILIES
-                                          and m.name not in problems]
+    methods = list(attributor.methods) + [m.name for m in registry.all(kind="pixel")
+                                          if m.family in registry.SCORED_FAMILIES and m.name not in problems]
     classifier = None
     if os.path.isdir(os.path.join(root, "classifier")):
         from dtrak_core.model.classifier import ImageClassifier
@@ -388,27 +388,30 @@ def attribute(q, method, k, progress=gr.Progress()):
     k = sup.parse_top_k(k)
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(q, method)
-    prop, opp = result.proponents(k), result.opponents(k)
+    prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
     found = digit_labels(q["pixels"][None])
     if found is None:
-        summary = f"**{sup.method_label(method)}**: the top-{k} proponents and opponents of this query."
+        summary = f"**{sup.method_label(method)}**: the top-{k} proponents{' and opponents' * result.signed} of this query."
     else:
         digit, a = found[0][0], assets()
         shown = f"{digit}s" if a.digits else f"{a.label_name(digit)}"
+        opposed = f" and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents" * result.signed
         summary = (f"**{sup.method_label(method)}**: **{int((result.labels[prop] == digit).sum())} of {k}** top "
-                   f"proponents and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents are "
-                   f"{shown}, the {a.class_word} the classifier sees in the query.")
+                   f"proponents{opposed} are {shown}, the {a.class_word} the classifier sees in the query.")
     summary += "\n\n" + lookalike_line(q, method, k)
+    opp_note = (OPPONENT_NOTE if found is not None else "") if result.signed else sup.no_opponents(method)
     return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
-            training_cards(result, opp, f"Top-{k} opponents", OPPONENT_NOTE if found is not None else ""),
+            training_cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
             viz.score_histogram(result, k), viz.class_mass_figure(result, assets().class_word), summary)
 
 
 @readable
-def attribute_seed(seed: int, steps: int = 50, method: str = "square", k: int = 8) -> dict:
-    """Attribute the generated sample of one seed (DDIM, `steps` steps) with `method`: its top-k
-    proponents and opponents among the training images, as JSON."""
+def attribute_seed(seed: int, steps: int = 50, method: str | None = None, k: int = 8) -> dict:
+    """Attribute the generated sample of one seed (DDIM, `steps` steps) with `method` (None: the
+    registry's default among this folder's methods): its top-k proponents and opponents among the
+    training images, as JSON."""
     a = assets()
+    method = registry.default_method(a.methods) if method is None else method
     seed = sup.parse_seeds("single", seed)[0]
     steps, k = sup.parse_steps(steps), sup.parse_top_k(k)
     pixels = samples([seed], steps)[0].numpy()
@@ -960,7 +963,7 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
     cf = _counterfactual()
     stop = RetrainGuard(request)
     seed, k = sup.parse_seeds("single", seed)[0], sup.parse_removal_k(k, a.n_train)
-    allowed = [*a.attributor.methods, "random"]
+    allowed = registry.counterfactual_rankings(a.methods)  # the tab's menu (`sup.ranking_choices`)
     rankings = [sup.parse_method(ranking_a, allowed, "ranking A")]
     if ranking_b not in (NO_RANKING, None, ranking_a):
         rankings.append(sup.parse_method(ranking_b, allowed, "ranking B"))
@@ -1486,14 +1489,11 @@ def build_demo() -> gr.Blocks:
 
         traceback.print_exc()
         return error_page(str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
-    methods, ranked, n_train, unavailable = a.methods, a.attributor.methods, a.n_train, a.unavailable
+    methods, n_train, unavailable = a.methods, a.n_train, a.unavailable
     choices = sup.method_choices(methods)
     default_method = choices[0][1] if choices else None
-    # the counterfactual retrains on TRAK-family and successor rankings; it opens on D-TRAK's, whose
-    # examples are precomputed
-    ranked = list(ranked) + [m for m in methods if registry.get(m).family == "successor"]
-    rankings = sup.method_choices(ranked) + [("random", "random")]
-    default_ranking = "square" if "square" in ranked else rankings[0][1]
+    rankings = sup.ranking_choices(methods)  # exactly what "Remove and retrain" accepts; the default first
+    default_ranking = rankings[0][1]
     # compare the default with the paper's D-TRAK (or D-TRAK with TRAK)
     second = next((m for m in ("square", "loss") if m in methods and m != default_method),
                   choices[-1][1] if choices else None)

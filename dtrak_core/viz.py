@@ -83,9 +83,10 @@ def _label_text(label: int, class_word: str, class_names) -> str:
 
 
 def score_histogram(attribution, k: int) -> go.Figure:
-    """Every training image's score, with the top-k proponents and opponents marked."""
+    """Every training image's score, with the top-k proponents and opponents (of a signed method) marked."""
     scores = attribution.scores
-    prop, opp = attribution.proponents(k), attribution.opponents(k)
+    signed = getattr(attribution, "signed", True)
+    prop, opp = attribution.proponents(k), attribution.opponents(k) if signed else np.zeros(0, dtype=np.int64)
     fig = go.Figure()
     fig.add_histogram(x=scores, nbinsx=80, marker_color=NEUTRAL, name="all training images",
                       hovertemplate="score %{x}<br>%{y} images<extra></extra>")
@@ -95,7 +96,8 @@ def score_histogram(attribution, k: int) -> go.Figure:
                         hovertemplate="#%{customdata}<br>score %{x:.4g}<extra></extra>")
     lo, hi = sup.top_k_thresholds(scores, k)
     fig.add_vline(x=hi, line=dict(color=PROPONENT, dash="dash", width=1))
-    fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
+    if signed:
+        fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
     fig.update_layout(**_LAYOUT, height=320, bargap=0.05, yaxis_title="images",
                       xaxis_title=f"attribution score ({len(scores):,} training images)")
     return fig
