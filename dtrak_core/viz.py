@@ -86,11 +86,13 @@ def score_histogram(attribution, k: int) -> go.Figure:
     """Every training image's score, with the top-k proponents and opponents (of a signed method) marked."""
     scores = attribution.scores
     signed = getattr(attribution, "signed", True)
-    prop, opp = attribution.proponents(k), attribution.opponents(k) if signed else np.zeros(0, dtype=np.int64)
+    marked = [(attribution.proponents(k), PROPONENT, f"top-{k} proponents")]
+    if signed:
+        marked.append((attribution.opponents(k), OPPONENT, f"top-{k} opponents"))
     fig = go.Figure()
     fig.add_histogram(x=scores, nbinsx=80, marker_color=NEUTRAL, name="all training images",
                       hovertemplate="score %{x}<br>%{y} images<extra></extra>")
-    for idx, color, name in ((prop, PROPONENT, f"top-{k} proponents"), (opp, OPPONENT, f"top-{k} opponents")):
+    for idx, color, name in marked:
         fig.add_scatter(x=scores[idx], y=np.zeros(len(idx)), mode="markers", name=name, customdata=idx,
                         marker=dict(color=color, size=11, symbol="triangle-up", line=dict(width=1, color="white")),
                         hovertemplate="#%{customdata}<br>score %{x:.4g}<extra></extra>")
