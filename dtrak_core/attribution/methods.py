@@ -8,6 +8,9 @@
     sorted(names, key=methods.sort_key)       # the paper's column order: Random, baselines, ..., TRAK, D-TRAK
     methods.scores(attributor, "pixel-cosine", images)   # (Q, N) scores of any method
     methods.available(attributor), methods.unavailable(attributor)   # what can run here, and why not
+    methods.menu(available, "pixel")          # [('TRAK family', ['avg', 'square', 'loss']), ...], the default first
+    methods.is_signed("das")                  # False: DAS lists no opponents
+    methods.counterfactual_rankings(available)   # what remove-and-retrain offers and accepts, then 'random'
 
 Each `Method` belongs to one family:
 
