@@ -42,6 +42,12 @@ def method_description(name: str) -> str:
     return registry.description(name)
 
 
+def no_opponents(name) -> str:
+    """Why a method whose scores carry no sign (`methods.is_signed`) lists no opponents."""
+    return (f"{method_label(name)} lists no opponents: its scores carry no sign (a similarity or a magnitude), so "
+            "its lowest scores mark the training images least like the query, not ones that made it less likely.")
+
+
 def short_reason(text: str) -> str:
     """The first sentence of an 'unavailable' reason, without the exception names and file lookups
     in parentheses (the full text stays available for the curious)."""
@@ -51,11 +57,15 @@ def short_reason(text: str) -> str:
 
 
 def method_choices(methods) -> list[tuple[str, str]]:
-    """(label, name) pairs, the registry's default first (`methods.default_method`), then D-TRAK and
-    TRAK, then the rest in the given order: the first pair is the default."""
-    first = list(dict.fromkeys(m for m in (registry.default_method(methods), "square", "loss") if m in methods)) \
-        if methods else []
-    return [(method_label(m), m) for m in first + [m for m in methods if m not in first]]
+    """(label, name) pairs of a method menu (`methods.choices`): the registry's default first, then
+    D-TRAK and TRAK, then the rest in the given order."""
+    return [(method_label(m), m) for m in registry.choices(methods)]
+
+
+def ranking_choices(methods) -> list[tuple[str, str]]:
+    """(label, name) pairs of the counterfactual's menu over the methods a folder can run
+    (`methods.counterfactual_rankings`): exactly the rankings "Remove and retrain" accepts."""
+    return [(method_label(m), m) for m in registry.counterfactual_rankings(methods)]
 
 
 def parse_seeds(mode: str, seed=None, start=None, end=None, count=None, rng_seed=None) -> list[int]:

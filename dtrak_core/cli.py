@@ -202,6 +202,10 @@ def cmd_attribute(args):
     print(f"{method.label} attribution for {query}{'' if lam is None else f', lambda {lam:.4g} ({lam_source})'} "
           f"({seconds:.2f} s)")
     for kind in ("proponents", "opponents"):
+        if kind == "opponents" and not result.signed:
+            print(f"\nopponents: none ({method.label}'s scores carry no sign: its lowest are the least alike, not "
+                  "opponents)")
+            continue
         print(f"\n{kind}:\n  rank  train-index  label      score")
         for r, row in enumerate(table[kind], 1):
             print(f"  {r:4d}  {row['index']:11d}  {row['label']:5d}  {row['score']:+.4e}")
@@ -498,9 +502,13 @@ def cmd_methods(args):
 
     attributor = Attributor.load(args.root)
     missing = methods.unavailable(attributor, args.root)
-    report = {"available": methods.available(attributor, args.root), "unavailable": missing,
-              "baselines": {m.name: m.description for m in methods.all("baseline")},
-              "labels": {m.name: m.label for m in methods.all()}}
+    available = methods.available(attributor, args.root)
+    report = {"available": available, "unavailable": missing,
+              "baselines": {m.name: m.description for m in methods.all("baseline", "pixel")},
+              "labels": {m.name: m.label for m in methods.all()},
+              "menu": dict(methods.menu(available)),  # the available methods by group, the default first
+              "unsigned": [m.name for m in methods.all() if not m.signed],  # no opponents listed
+              "counterfactual": methods.counterfactual_rankings(available)}  # rankings `counterfactual` accepts
     print(json.dumps(report, indent=2))
 
 def cmd_lds(args):

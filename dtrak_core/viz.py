@@ -83,19 +83,23 @@ def _label_text(label: int, class_word: str, class_names) -> str:
 
 
 def score_histogram(attribution, k: int) -> go.Figure:
-    """Every training image's score, with the top-k proponents and opponents marked."""
+    """Every training image's score, with the top-k proponents and opponents (of a signed method) marked."""
     scores = attribution.scores
-    prop, opp = attribution.proponents(k), attribution.opponents(k)
+    signed = getattr(attribution, "signed", True)
+    marked = [(attribution.proponents(k), PROPONENT, f"top-{k} proponents")]
+    if signed:
+        marked.append((attribution.opponents(k), OPPONENT, f"top-{k} opponents"))
     fig = go.Figure()
     fig.add_histogram(x=scores, nbinsx=80, marker_color=NEUTRAL, name="all training images",
                       hovertemplate="score %{x}<br>%{y} images<extra></extra>")
-    for idx, color, name in ((prop, PROPONENT, f"top-{k} proponents"), (opp, OPPONENT, f"top-{k} opponents")):
+    for idx, color, name in marked:
         fig.add_scatter(x=scores[idx], y=np.zeros(len(idx)), mode="markers", name=name, customdata=idx,
                         marker=dict(color=color, size=11, symbol="triangle-up", line=dict(width=1, color="white")),
                         hovertemplate="#%{customdata}<br>score %{x:.4g}<extra></extra>")
     lo, hi = sup.top_k_thresholds(scores, k)
     fig.add_vline(x=hi, line=dict(color=PROPONENT, dash="dash", width=1))
-    fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
+    if signed:
+        fig.add_vline(x=lo, line=dict(color=OPPONENT, dash="dash", width=1))
     fig.update_layout(**_LAYOUT, height=320, bargap=0.05, yaxis_title="images",
                       xaxis_title=f"attribution score ({len(scores):,} training images)")
     return fig

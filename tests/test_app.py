@@ -214,6 +214,25 @@ def test_every_method_attributes_and_baselines_match_a_direct_computation(app):
         app.attribute(upload, "journey-trak", 4)
 
 
+def test_opponents_only_for_signed_methods_and_the_ranking_menu_is_what_retrain_accepts(app):
+    import gradio as gr
+
+    from dtrak_core.attribution import methods as registry
+
+    _, batch = app.generate_samples("range", 0, 0, 1, 1, 10)
+    q = app.select_sample(batch, Select(0))[0]
+    _, opps, hist, _, summary = app.attribute(q, "pixel-dot", 4)  # a similarity of the pixels: no sign
+    assert card_indices(opps) == [] and "No opponents" in opps and "opponents" not in summary
+    assert [t.name for t in hist.data] == ["all training images", "top-4 proponents"]
+    assert len(card_indices(app.attribute(q, "square", 4)[1])) == 4
+    # the Counterfactual tab's menu (its "Ranking A" choices) is exactly what its handler accepts
+    menu = next(b.choices for b in app.demo.blocks.values() if getattr(b, "label", None) == "Ranking A")
+    assert [name for _, name in menu] == registry.counterfactual_rankings(app.assets().methods)
+    assert {"avg-sharp", "d-trak-sharp", "das"} & set(app.assets().methods) <= {name for _, name in menu}
+    with pytest.raises(gr.Error, match="ranking A"):
+        app.run_counterfactual(1001, 40, "clip-dot", "none", None)
+
+
 def _png(mode, size=(20, 20), color=0, **save):
     from PIL import Image
 

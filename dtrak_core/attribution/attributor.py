@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
@@ -49,14 +50,21 @@ class Attribution:
         return top_k(self.scores, n)[0]
 
     def opponents(self, n: int) -> np.ndarray:
-        """(n,) training indices with the lowest scores, strongest first."""
+        """(n,) training indices with the lowest scores, strongest first (opponents only when `signed`)."""
         return top_k(self.scores, n)[1]
 
+    @property
+    def signed(self) -> bool:
+        """Whether the method's negative scores mark opponents (`methods.is_signed`)."""
+        return registry.is_signed(self.method)
+
     def table(self, n: int) -> dict:
-        """Top-n proponents and opponents as plain lists (for JSON and display)."""
+        """Top-n proponents and opponents as plain lists (for JSON and display); no opponents for a
+        method whose scores carry no sign (its lowest scores are the least alike, not opponents)."""
         def rows(idx):
             return [{"index": int(i), "label": int(self.labels[i]), "score": float(self.scores[i])} for i in idx]
-        return {"method": self.method, "proponents": rows(self.proponents(n)), "opponents": rows(self.opponents(n))}
+        return {"method": self.method, "proponents": rows(self.proponents(n)),
+                "opponents": rows(self.opponents(n)) if self.signed else []}
 
 
 def _matching(stores: list, checkpoint: str, dataset: str, damaged: dict) -> list:

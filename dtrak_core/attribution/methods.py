@@ -8,6 +8,9 @@
     sorted(names, key=methods.sort_key)       # the paper's column order: Random, baselines, ..., TRAK, D-TRAK
     methods.scores(attributor, "pixel-cosine", images)   # (Q, N) scores of any method
     methods.available(attributor), methods.unavailable(attributor)   # what can run here, and why not
+    methods.menu(available, "pixel")          # [('TRAK family', ['avg', 'square', 'loss']), ...], the default first
+    methods.is_signed("das")                  # False: DAS lists no opponents
+    methods.counterfactual_rankings(available)   # what remove-and-retrain offers and accepts, then 'random'
 
 Each `Method` belongs to one family:
 
@@ -20,6 +23,21 @@ Each `Method` belongs to one family:
   scores sharpened as s|s|, which keeps their rankings and lifts their LDS).
 - 'control': the counterfactual's 'random' ranking, a seeded permutation of the training set; it
   has no scores.
+
+Besides how it scores, each entry says what callers must not guess:
+
+- `kinds`: the folder kinds it applies to ('pixel': an unconditional pixel-space model such as the
+  digits; 'text2image': a LoRA-fine-tuned text-to-image folder, which scores its entries on its own
+  inputs in `text2image.app_views` and `text2image.lds`). `for_kind`, `menu`.
+- `signed`: its scores estimate an influence, so a negative score marks an opponent (the training
+  image made the query less likely). False for a score of one sign by construction (DAS is a squared
+  norm, the optimal denoiser's posterior weights are >= 0, pixel-nn is minus a distance) and for a
+  similarity of the inputs themselves (pixels, CLIP or VAE latents), whose lowest scores are the
+  least alike, not opponents (pixel similarity is > 0 on any two images that are mostly background).
+  Opponents are listed only for signed methods (`is_signed`).
+- `counterfactual`: its ranking can drive remove-top-k-and-retrain (`counterfactual_rankings`; the
+  harness, `evaluation.counterfactual`, accepts exactly these).
+- `group`: its heading in a grouped menu (`GROUPS`, `menu`).
 
 `DEFAULT` is the one default method of the app, the CLI and the API, chosen by a rule that a
 monotone transform of the scores cannot game and that is measured on data it does not report on:
@@ -45,6 +63,9 @@ from dtrak_core.attribution import baselines
 from dtrak_core.errors import MethodUnavailable, UnknownMethod  # noqa: F401 (what the registry raises)
 
 FAMILIES = ("trak", "baseline", "successor", "control")
+KINDS = ("pixel", "text2image")  # folder kinds (`folder` tells them apart)
+GROUPS = ("TRAK family", "After the paper", "Gradient baselines", "Similarity baselines",
+          "Nonparametric baselines (no model)", "Control")  # menu headings, in menu order
 SCORED_FAMILIES = ("baseline", "successor")  # families scored by their own `score`, checked by `problems`
 NEEDS = ("seeds", "clip", "tracin")  # inputs a method may need besides a feature store
 VARIANT_ORDER = 50  # `order` of TRAK-family variants and of names the registry does not know
@@ -70,13 +91,23 @@ class Method:
     store: str | None = None  # output function of the feature store it scores with ('loss' for gradient baselines)
     needs: frozenset = frozenset()  # further inputs, from NEEDS: 'seeds' (generated samples only), 'clip', 'tracin'
     kind: str = ""  # the scorer's variant: 'dot' or 'cosine' similarity, 'relative' or 'renorm' IP
-    score: Callable | None = field(default=None, repr=False)  # (method, inputs, images, seeds, K) -> (Q, N)
+    score: Callable | None = field(default=None, repr=False)  # (method, inputs, images, seeds, K) -> (Q, N), pixel folders
+    kinds: frozenset = frozenset({"pixel"})  # folder kinds it applies to, from KINDS
+    signed: bool = True  # a negative score marks an opponent (see the module docstring); False: no opponents
+    counterfactual: bool = True  # its ranking can drive remove-and-retrain (pixel folders)
+    group: str = ""  # menu heading, from GROUPS; default: by family
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"method {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
         if not set(self.needs) <= set(NEEDS):
             raise ValueError(f"method {self.name!r}: needs must be drawn from {NEEDS}, got {sorted(self.needs)}")
+        if not set(self.kinds) <= set(KINDS):
+            raise ValueError(f"method {self.name!r}: kinds must be drawn from {KINDS}, got {sorted(self.kinds)}")
+        default_group = {"trak": "TRAK family", "successor": "After the paper", "control": "Control"}
+        object.__setattr__(self, "group", self.group or default_group.get(self.family, "Similarity baselines"))
+        if self.group not in GROUPS:
+            raise ValueError(f"method {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
         object.__setattr__(self, "paper_name", self.paper_name or self.label)
         object.__setattr__(self, "slug", self.slug or self.name.replace("=", ""))
 
@@ -92,6 +123,8 @@ class Method:
         """
         from dtrak_core.attribution.inputs import inputs_for  # (inputs imports the model stack, which imports this)
 
+        if "pixel" not in self.kinds:
+            raise MethodUnavailable(f"{self.label} applies to {' and '.join(sorted(self.kinds))} folders only")
         if self.score is None:
             raise ValueError(f"{self.label!r} is a {self.family} ranking with no scores (see the counterfactual)")
         cfg = attributor.unet.config
@@ -147,12 +180,20 @@ def sharpened(store: str) -> list["Method"]:
 
 
 def _output_function(name, label, description, aliases=(), paper_name="", slug="", order=VARIANT_ORDER) -> Method:
-    return Method(name, label, description, "trak", order, aliases, paper_name, slug, store=name, score=_trak)
+    return Method(name, label, description, "trak", order, aliases, paper_name, slug, store=name, score=_trak,
+                  kinds=frozenset(KINDS))
 
 
-def _baseline(name, description, order, score, kind="", store=None, needs=()) -> Method:
+PIXEL, BOTH = frozenset({"pixel"}), frozenset(KINDS)
+
+
+def _baseline(name, description, order, score, kind="", store=None, needs=(), *, group, signed, kinds=PIXEL,
+              counterfactual=True) -> Method:
     return Method(name, name, description, "baseline", order, store=store, needs=frozenset(needs), kind=kind,
-                  score=score)
+                  score=score, kinds=kinds, signed=signed, counterfactual=counterfactual, group=group)
+
+
+GRADIENT, SIMILARITY, NONPARAMETRIC = GROUPS[2], GROUPS[3], GROUPS[4]
 
 
 # Registry order is listing order (the app's menu, `available`); `order` is the paper's column order.
@@ -166,43 +207,51 @@ _REGISTRY = (
     _output_function("l2-norm", "l2-norm", "gradient of ||eps_theta||_2, not squared (a D-TRAK variant)"),
     _output_function("linf-norm", "linf-norm", "gradient of ||eps_theta||_inf (a D-TRAK variant)"),
     _output_function("elbo", "elbo", "gradient of the ELBO-weighted loss w_t ||eps - eps_theta||^2 (an ablation)"),
-    _baseline("pixel-dot", "dot product of flattened pixels", 10, baselines.pixels, "dot"),
-    _baseline("pixel-cosine", "cosine of flattened pixels", 11, baselines.pixels, "cosine"),
-    _baseline("clip-dot", "dot product of CLIP ViT-B/32 image embeddings", 12, baselines.clip, "dot", needs=("clip",)),
-    _baseline("clip-cosine", "cosine of CLIP ViT-B/32 image embeddings", 13, baselines.clip, "cosine", needs=("clip",)),
+    _baseline("pixel-dot", "dot product of flattened pixels", 10, baselines.pixels, "dot", group=SIMILARITY,
+              signed=False, kinds=BOTH),
+    _baseline("pixel-cosine", "cosine of flattened pixels", 11, baselines.pixels, "cosine", group=SIMILARITY,
+              signed=False, kinds=BOTH),
+    _baseline("clip-dot", "dot product of CLIP ViT-B/32 image embeddings", 12, baselines.clip, "dot", needs=("clip",),
+              group=SIMILARITY, signed=False),
+    _baseline("clip-cosine", "cosine of CLIP ViT-B/32 image embeddings", 13, baselines.clip, "cosine", needs=("clip",),
+              group=SIMILARITY, signed=False),
+    # the VAE latents a text-to-image UNet sees: scored by the text-to-image folder on its own inputs
+    _baseline("latent-cosine", "cosine of the VAE latents (what the UNet sees)", 26, None, "cosine",
+              group=SIMILARITY, signed=False, kinds=frozenset({"text2image"}), counterfactual=False),
     _baseline("gradient-dot", "dot product of loss gradients at the final checkpoint", 16, baselines.gradients,
-              "dot", store="loss"),
+              "dot", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
     _baseline("gradient-cosine", "cosine of loss gradients at the final checkpoint (Charpiat et al.)", 17,
-              baselines.gradients, "cosine", store="loss"),
+              baselines.gradients, "cosine", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
     _baseline("tracin", "TracInCP: loss-gradient dot products summed over training checkpoints", 14,
-              baselines.tracin, "dot", needs=("tracin",)),
+              baselines.tracin, "dot", needs=("tracin",), group=GRADIENT, signed=True),
     _baseline("gas", "GAS: loss-gradient cosines summed over training checkpoints", 15, baselines.tracin, "cosine",
-              needs=("tracin",)),
+              needs=("tracin",), group=GRADIENT, signed=True),
     _baseline("relative-ip", "TRAK score / ||(Phi^T Phi + lam I)^-1 phi_n|| (Barshan et al.)", 19,
-              baselines.inner_product, "relative", store="loss"),
-    _baseline("renorm-ip", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm", store="loss"),
+              baselines.inner_product, "relative", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
+    _baseline("renorm-ip", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm", store="loss",
+              group=GRADIENT, signed=True, kinds=BOTH),
     _baseline("journey-trak", "TRAK on loss gradients averaged along the DDIM trajectory (generated samples)", 18,
-              baselines.journey, store="loss", needs=("seeds",)),
+              baselines.journey, store="loss", needs=("seeds",), group=GRADIENT, signed=True),
     _baseline("pixel-nn", "nearest neighbours in pixel space: minus the squared distance (no model)", 21,
-              baselines.nearest),
+              baselines.nearest, group=NONPARAMETRIC, signed=False),
     _baseline("pixel-trak", "the TRAK formula on raw pixels: linear kernel ridge (no model)", 22,
-              baselines.kernel_ridge, "linear"),
+              baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True),
     _baseline("pixel-rbf", "RBF kernel ridge on raw pixels, its bandwidth and lambda tuned like TRAK's (no model)", 23,
-              baselines.kernel_ridge, "rbf"),
+              baselines.kernel_ridge, "rbf", group=NONPARAMETRIC, signed=True),
     _baseline("pixel-arccos", "arc-cosine kernel ridge on raw pixels: an infinitely wide ReLU layer (no model)", 24,
-              baselines.kernel_ridge, "arccos"),
+              baselines.kernel_ridge, "arccos", group=NONPARAMETRIC, signed=True),
     _baseline("optimal-denoiser", "posterior weight in the training set's empirical optimal denoiser, averaged over "
-              "noise levels (no model)", 25, baselines.optimal_denoiser),
+              "noise levels (no model)", 25, baselines.optimal_denoiser, group=NONPARAMETRIC, signed=False),
     Method("das", "DAS", "Diffusion Attribution Score (Lin et al. 2025): squared TRAK-form scores of the gradients "
            "of mean(eps_theta), times each training sample's residual", "successor", 110, store="avg",
-           score=_das_scores),
+           score=_das_scores, signed=False),  # (s r)^2 >= 0: a magnitude, no opponents
     Method("d-trak-sharp", "D-TRAK, sharpened", "D-TRAK's scores s as s|s|: its proponents and opponents in its "
            "order, the strongest weighted up (the squaring of DAS's score, sign kept)", "successor", 112,
            ("sharp-d-trak",), store="square", score=_sharpened),
     Method("avg-sharp", "avg, sharpened", "the avg output function's TRAK scores s as s|s| (DAS's features and "
            "squaring, sign kept, without its residual)", "successor", 111, store="avg", score=_sharpened),
     Method("random", "Random", "a random ranking of the training set, seeded by the target (the counterfactual's "
-           "control)", "control", 0),
+           "control)", "control", 0, signed=False),
 )
 _BY_NAME = {m.name: m for m in _REGISTRY}
 DEFAULT = "avg"  # by the rule in the module docstring; tests/attribution/test_methods.py re-applies it
@@ -257,12 +306,15 @@ def spellings(family: str | None = None) -> list[str]:
     return [m.name for m in listed] + eta + [alias for m in listed for alias in m.aliases]
 
 
-def all(family: str | None = None) -> tuple[Method, ...]:  # noqa: A001 (the registry's own namespace)
-    """The registered methods of `family` ('trak', 'baseline', 'control'; None: every one), in
-    registry order ('eta=<e>' methods are made on request and not listed)."""
+def all(family: str | None = None, kind: str | None = None) -> tuple[Method, ...]:  # noqa: A001 (the registry's own namespace)
+    """The registered methods of `family` ('trak', 'baseline', 'successor', 'control'; None: every
+    one) that apply to folders of `kind` ('pixel', 'text2image'; None: any), in registry order
+    ('eta=<e>' methods are made on request and not listed)."""
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return tuple(m for m in _REGISTRY if family is None or m.family == family)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return tuple(m for m in _REGISTRY if (family is None or m.family == family) and (kind is None or kind in m.kinds))
 
 
 def label(name) -> str:
@@ -281,6 +333,42 @@ def description(name) -> str:
     except UnknownMethod:
         method = None
     return method.description if method is not None else str(name)
+
+
+def is_signed(name) -> bool:
+    """Whether a method's negative scores mark opponents (`Method.signed`): only then are opponents
+    listed. A name the registry does not know is taken as a TRAK-family variant (signed)."""
+    try:
+        method = find(name)
+    except UnknownMethod:
+        method = None
+    return True if method is None else method.signed
+
+
+def choices(available) -> list[str]:
+    """The names of a method menu over `available` (what a folder can run): the default first
+    (`default_method`), then D-TRAK and TRAK, then the rest in the given order."""
+    available = list(dict.fromkeys(available))
+    if not available:
+        return []
+    first = list(dict.fromkeys(m for m in (default_method(available), "square", "loss") if m in available))
+    return first + [m for m in available if m not in first]
+
+
+def menu(available, kind: str = "pixel") -> list[tuple[str, list[str]]]:
+    """The method menu of a folder of `kind` over `available`, grouped: (heading from GROUPS, names
+    in `choices` order) for each non-empty group, in GROUPS order. A name the registry does not know
+    ('eta=0.5' is known) is left out; so is one that does not apply to `kind`."""
+    known = [m for m in choices(available) if find(m) is not None and kind in get(m).kinds]
+    return [(g, names) for g in GROUPS if (names := [m for m in known if get(m).group == g])]
+
+
+def counterfactual_rankings(available) -> list[str]:
+    """The rankings remove-and-retrain accepts among `available` (what a pixel folder can run), in
+    `choices` order, then 'random': the counterfactual's menu, and exactly what it accepts."""
+    scored = [m for m in choices(available) if m != "random" and find(m) is not None
+              and get(m).counterfactual and "pixel" in get(m).kinds]
+    return scored + ["random"]
 
 
 def sort_key(name) -> tuple[int, str]:
@@ -305,10 +393,11 @@ def scores(attributor, name: str, images: torch.Tensor, seeds=None, *, K: int | 
 
 
 def problems(attributor, root: str | None = None, clip_path: str | None = None,
-             quick: bool = False) -> dict[str, ValueError]:
+             quick: bool = False, names=None) -> dict[str, ValueError]:
     """{baseline name: why it cannot run here}: a `MethodUnavailable` when its inputs are absent,
     another ValueError (naming the file) when they are present but damaged. Each input is checked
-    once; a need for seeds is a property of the query and is not checked here.
+    once; a need for seeds is a property of the query and is not checked here. names: check only
+    these registered names (None: every baseline and successor of a pixel folder).
 
     quick: check the TracInCP checkpoints by their index only (present, complete, this model's),
     not by loading and hashing their weights; damaged weights are then found when TracInCP first
@@ -327,7 +416,8 @@ def problems(attributor, root: str | None = None, clip_path: str | None = None,
             yield "das-residuals", lambda: _das_residuals(inputs)
 
     outcome, found = {}, {}  # input -> the ValueError that stops it, or None when it is present
-    for method in (m for m in _REGISTRY if m.family in SCORED_FAMILIES):
+    for method in (m for m in _REGISTRY if m.family in SCORED_FAMILIES and "pixel" in m.kinds
+                   and (names is None or m.name in names)):
         for key, check in needed(method):
             if key not in outcome:
                 try:
@@ -350,5 +440,5 @@ def available(attributor, root: str | None = None, clip_path: str | None = None)
     """The methods that can run now: the attributor's TRAK family (one per output function with a
     store, sorted by name), then the baselines whose inputs are present, in registry order."""
     missing = problems(attributor, root, clip_path)
-    return list(attributor.methods) + [m.name for m in _REGISTRY
-                                       if m.family in SCORED_FAMILIES and m.name not in missing]
+    return list(attributor.methods) + [m.name for m in _REGISTRY if m.family in SCORED_FAMILIES
+                                       and "pixel" in m.kinds and m.name not in missing]

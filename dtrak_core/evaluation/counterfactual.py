@@ -87,6 +87,27 @@ def ranking_name(ranking: str) -> str:
     return RANDOM if name == RANDOM else canonical_name(name)
 
 
+def check_ranking(attributor, ranking: str) -> str:
+    """The canonical name of a ranking remove-and-retrain accepts on this attributor (one of
+    `methods.counterfactual_rankings` over what it can run), checked before any sampling or
+    training: a ValueError naming what is missing (the store to build, the file to restore) or why
+    the method cannot drive a counterfactual."""
+    name = ranking_name(ranking)
+    if name == RANDOM:
+        return name
+    method = registry.find(name)
+    if method is None or method.family == "trak":  # a TRAK-family ranking needs its store
+        attributor.setting(name)
+        return name
+    if not method.counterfactual or "pixel" not in method.kinds:
+        raise ValueError(f"{method.label} cannot drive a counterfactual; choose one of "
+                         f"{', '.join(registry.counterfactual_rankings(registry.available(attributor)))}")
+    problem = registry.problems(attributor, names={name}).get(name)
+    if problem is not None:
+        raise problem
+    return name
+
+
 def display_name(ranking: str) -> str:
     """The paper's name of a ranking ('D-TRAK', 'TRAK', 'Random'), as the reports' columns read."""
     return registry.get(ranking_name(ranking)).paper_name
@@ -172,8 +193,9 @@ def removal(attributor, image: torch.Tensor, seed: int, ranking: str, k: int) ->
     if name == RANDOM:
         return np.random.default_rng([RANDOM_RANKING_SEED, int(seed)]).permutation(n)[:k]
     if registry.get(name).family in registry.SCORED_FAMILIES:  # its own scorer (DAS: `das.REGISTRY_LAMBDA`; a kernel
-        # baseline: the folder's tuned entry, else its data-free rules, as D-TRAK's rule lambda below)
-        scores = registry.scores(attributor, name, image[None].float())[0]
+        # baseline: the folder's tuned entry, else its data-free rules, as D-TRAK's rule lambda below);
+        # the target is the seed's sample, so Journey-TRAK follows the seed's own trajectory
+        scores = registry.scores(attributor, name, image[None].float(), [int(seed)])[0]
         return np.argsort(-scores, kind="stable")[:k].astype(np.int64)
     # the data-free lambda rule, not a lambda tuned on LDS data: the counterfactual evaluation stays
     # independent of the LDS ground truth (and of later re-tuning)
@@ -335,14 +357,15 @@ def measure_after(unet, scheduler, seed: int, before: torch.Tensor, removed: np.
                                 train_seconds=train_seconds, config=config)
 
 
-def remove_and_retrain(attributor, seed: int, ranking: str = "d-trak", k="20%", config: TrainConfig | None = None,
+def remove_and_retrain(attributor, seed: int, ranking: str | None = None, k="20%", config: TrainConfig | None = None,
                        progress: Callable[[float, str], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> CounterfactualResult:
     """The app's "remove and retrain" for one target and one ranking.
 
     attributor: an `Attributor` (its model, scheduler, training set and stores).
     seed: the target is this seed's DDIM-50 sample from the attributor's model.
-    ranking: 'd-trak', 'trak', 'random', or any method the attributor has a store for.
+    ranking: 'd-trak', 'trak', 'random', or any of `methods.counterfactual_rankings` that the
+        attributor can run (`check_ranking`); None: the registry's default among them.
     k: training images to remove: a count (300), a fraction (0.2) or a percentage ('20%').
     config: the retraining recipe; None = the one the attributor's model folder records
         (manifest.json's train_config), after checking that the folder holds the attributor's model.
@@ -353,9 +376,9 @@ def remove_and_retrain(attributor, seed: int, ranking: str = "d-trak", k="20%", 
     the classifier's label and confidence before and after, CLIP cosine when CLIP is available.
     ~70 s for the default recipe on 2 CPU cores. Raises ValueError on a bad ranking or k.
     """
-    name = ranking_name(ranking)
-    if name != RANDOM:
-        attributor.setting(name)  # a clear ValueError now, not after sampling, when no store exists
+    if ranking is None:
+        ranking = registry.default_method(registry.counterfactual_rankings(registry.available(attributor)))
+    name = check_ranking(attributor, ranking)  # a clear ValueError now, not after sampling
     count = parse_k(k, len(attributor.train))
     config = _default_config(attributor) if config is None else config
     if progress is not None:

@@ -257,7 +257,11 @@ def ablation_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
 def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     """The poster's LDS table: every baseline, TRAK and D-TRAK; rows '<method>/K<K>' for the methods
     built on K-timestep gradient features (K in bench.method_Ks), plain '<method>' for the others
-    (pixels and CLIP need no gradients; TracInCP / GAS use their own checkpoints' K=10 stores)."""
+    (pixels and CLIP need no gradients; TracInCP / GAS use their own checkpoints' K=10 stores).
+
+    The baselines are the registry's (`methods.all("baseline", "pixel")`), each scored by its entry's
+    `kind` over the bench's cached features (one feature set serves every K and test set); the
+    nonparametric ones are measured by `benchmarks/strong_baselines.py`."""
     from dtrak_core.attribution import methods
     from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
     from dtrak_core.attribution.similarity import similarity
@@ -272,49 +276,54 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
     def fixed(name, scores_by_set, note):
         rows[name] = {"note": note, **{s: fixed_cell(sc, masks, F[s], bootstrap) for s, sc in scores_by_set.items()}}
 
-    for kind in ("dot", "cosine"):
-        fixed(f"pixel-{kind}", {s: similarity(x.flatten(1), train.flatten(1), kind) for s, x in bench.test_sets.items()},
-              methods.get(f"pixel-{kind}").description)
-    for kind in ("dot", "cosine"):
+    baselines = methods.all("baseline", "pixel")
+    similarities = [m for m in baselines if m.group == "Similarity baselines"]  # pixels, then CLIP embeddings
+    for m in (m for m in similarities if not m.needs):
+        fixed(m.name, {s: similarity(x.flatten(1), train.flatten(1), m.kind) for s, x in bench.test_sets.items()},
+              m.description)
+    for m in (m for m in similarities if "clip" in m.needs):
         try:
             enc = ClipImageEncoder.load(None)
             e_train = enc(train)
-            fixed(f"clip-{kind}", {s: similarity(enc(x), e_train, kind) for s, x in bench.test_sets.items()},
-                  methods.get(f"clip-{kind}").description)
+            fixed(m.name, {s: similarity(enc(x), e_train, m.kind) for s, x in bench.test_sets.items()}, m.description)
         except ClipUnavailable as e:
-            rows[f"clip-{kind}"] = {"unavailable": str(e)}
+            rows[m.name] = {"unavailable": str(e)}
+    over_checkpoints = [m for m in baselines if "tracin" in m.needs]  # TracInCP, GAS
     try:
         checkpoints = load_tracin(bench.root, bench.attributor)
     except MethodUnavailable as e:
-        rows["tracin"] = rows["gas"] = {"unavailable": str(e)}
+        rows.update({m.name: {"unavailable": str(e)} for m in over_checkpoints})
     else:
         per_ckpt = tracin_queries(bench, checkpoints, compute=False)
         if per_ckpt is None:
-            rows["tracin"] = rows["gas"] = {"missing": bench.command("features --tracin")}
+            rows.update({m.name: {"missing": bench.command("features --tracin")} for m in over_checkpoints})
         else:
-            for name, kind in (("tracin", "dot"), ("gas", "cosine")):
-                fixed(name, {s: sum(similarity(q[s], c.train_features, kind) for c, q in zip(checkpoints, per_ckpt))
-                             for s in bench.test_sets}, methods.get(name).description)
+            for m in over_checkpoints:
+                fixed(m.name, {s: sum(similarity(q[s], c.train_features, m.kind) for c, q in zip(checkpoints, per_ckpt))
+                               for s in bench.test_sets}, m.description)
     # journey features are the loss gradients along each sample's trajectory, projected with the
     # store's projector (the same for every K), so one set serves every K's training features
     journey = journey_features(bench, bench.setting("loss", bench.journey_K), compute=False)
+    over_gradients = [m for m in baselines if m.store == "loss"]  # gradient-*, relative / renorm IP, Journey-TRAK
     for K in bench.method_Ks:
         loss = bench.trak_sweep_inputs(bench.setting("loss", K))
         if loss is None:
-            for name in ("gradient-dot", "gradient-cosine", "journey-trak", "relative-ip", "renorm-ip", "trak"):
+            for name in [m.name for m in over_gradients] + ["trak"]:
                 rows[f"{name}/K{K}"] = {"missing": _featurize_cmd(bench, "loss", K)}
         else:
             (phi,), queries = loss
-            for kind in ("dot", "cosine"):
-                fixed(f"gradient-{kind}/K{K}", {s: similarity(q[0], phi, kind) for s, q in queries.items()},
-                      methods.get(f"gradient-{kind}").description)
-            rows[f"journey-trak/K{K}"] = (
-                {"missing": bench.command("features --journey")} if journey is None else
-                {"note": methods.get("journey-trak").description + "; generated samples only",
-                 **sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)})
-            for kind in ("relative", "renorm"):
-                rows[f"{kind}-ip/K{K}"] = {"note": methods.get(f"{kind}-ip").description,
-                                           **sweep_cell(bench, [phi], queries, num_bootstrap, normalize=kind)}
+            for m in over_gradients:
+                if m.kind in ("dot", "cosine"):
+                    fixed(f"{m.name}/K{K}", {s: similarity(q[0], phi, m.kind) for s, q in queries.items()},
+                          m.description)
+                elif m.kind in ("relative", "renorm"):
+                    rows[f"{m.name}/K{K}"] = {"note": m.description,
+                                              **sweep_cell(bench, [phi], queries, num_bootstrap, normalize=m.kind)}
+                else:  # Journey-TRAK: the generated samples' trajectories
+                    rows[f"{m.name}/K{K}"] = (
+                        {"missing": bench.command("features --journey")} if journey is None else
+                        {"note": m.description + "; generated samples only",
+                         **sweep_cell(bench, [phi], {"generated": [journey]}, num_bootstrap)})
             rows[f"trak/K{K}"] = sweep_cell(bench, [phi], queries, num_bootstrap, default_lambda(phi))
         square = bench.trak_sweep_inputs(bench.setting("square", K))
         rows[f"d-trak/K{K}"] = ({"missing": _featurize_cmd(bench, "square", K)} if square is None else

@@ -40,17 +40,9 @@ MAX_PROMPT_CHARS = 200
 QUERY_PX = 192
 LDS_FOLDER = "lds"  # under the model folder: what `lds-text2image evaluate` writes
 
-# Baselines scored on this setting's own inputs (the registry's baselines take pixel-space queries
-# without a prompt): the similarities the text-to-image LDS evaluates. name -> (needs the loss store, what it is)
-BASELINES = {
-    "pixel-dot": (False, "dot product of flattened pixels"),
-    "pixel-cosine": (False, "cosine of flattened pixels"),
-    "latent-cosine": (False, "cosine of the VAE latents (what the UNet sees)"),
-    "gradient-dot": (True, "dot product of projected LoRA loss gradients (the TRAK store's features)"),
-    "gradient-cosine": (True, "cosine of projected LoRA loss gradients (Charpiat et al. 2019)"),
-    "relative-ip": (True, "TRAK score / ||(Phi^T Phi + lam I)^-1 phi_n|| (Barshan et al. 2020)"),
-    "renorm-ip": (True, "TRAK score / ||phi_n||"),
-}
+# The registry's text-to-image baselines, in its order; `baseline_scores` scores them on this
+# setting's own inputs (the image and its VAE latent; the LoRA gradients of the image with its prompt).
+BASELINES = [m.name for m in registry.all("baseline", "text2image")]
 NOT_HERE = {
     "clip-dot / clip-cosine": "not offered on this page (the default model's page runs them when local CLIP "
                               "weights are present)",
@@ -94,11 +86,11 @@ def load(root: str) -> TextToImageAssets:
     """The folder, loaded and verified once per process; ValueError with the reason when it is damaged."""
     def make():
         attributor = TextToImageAttributor.load(root)
-        has_loss = "loss" in attributor.methods
-        methods = list(attributor.methods) + [m for m, (needs_loss, _) in BASELINES.items()
-                                              if has_loss or not needs_loss]
-        unavailable = {m: "needs the folder's `loss` (TRAK) store" for m, (needs_loss, _) in BASELINES.items()
-                       if needs_loss and not has_loss}
+        baselines = [registry.get(m) for m in BASELINES]
+        methods = list(attributor.methods) + [m.name for m in baselines
+                                              if m.store is None or m.store in attributor.methods]
+        unavailable = {m.name: f"needs the folder's `{m.store}` ({registry.get(m.store).paper_name}) store"
+                       for m in baselines if m.store is not None and m.store not in attributor.methods}
         return TextToImageAssets(root, attributor, methods, {**unavailable, **NOT_HERE}, read_manifest(root))
     return _folders.get(os.path.abspath(root), make)
 
@@ -199,20 +191,21 @@ def query_feature(a: TextToImageAssets, q: dict, output_fn: str) -> torch.Tensor
 
 
 def baseline_scores(a: TextToImageAssets, q: dict, method: str) -> np.ndarray:
-    """(N,) scores of one of `BASELINES` for the query, on this setting's inputs."""
+    """(N,) scores of one of `BASELINES` for the query, on this setting's inputs: the registry entry's
+    `kind` picks dot or cosine (relative or renorm IP), its `store` the gradient features."""
     attributor, x = a.attributor, torch.as_tensor(q["pixels"], dtype=torch.float32)[None]
-    if method in ("pixel-dot", "pixel-cosine"):
-        return similarity(x.flatten(1), attributor.train.images.flatten(1), method.split("-")[1])[0]
-    if method == "latent-cosine":
+    m = registry.get(method)
+    if m.store is None and m.name.startswith("latent-"):  # the VAE latents the UNet sees
         train = _features.get((a.root, "train latents"),
                               lambda: attributor.pipeline.encode_images(attributor.train.images))
-        return similarity(attributor.pipeline.encode_images(x).flatten(1), train.flatten(1), "cosine")[0]
-    scorer = attributor.scorer("loss")
-    phi = query_feature(a, q, "loss")
-    if method in ("gradient-dot", "gradient-cosine"):
-        return similarity(phi, scorer.train_features_, method.split("-")[1])[0]
-    kind = method.split("-")[0]  # relative-ip, renorm-ip
-    norms = _features.get((a.root, "ip norms", kind, scorer.lam_), lambda: ip_norms(scorer, kind))
+        return similarity(attributor.pipeline.encode_images(x).flatten(1), train.flatten(1), m.kind)[0]
+    if m.store is None:  # the pixels
+        return similarity(x.flatten(1), attributor.train.images.flatten(1), m.kind)[0]
+    scorer = attributor.scorer(m.store)
+    phi = query_feature(a, q, m.store)
+    if m.kind in ("dot", "cosine"):
+        return similarity(phi, scorer.train_features_, m.kind)[0]
+    norms = _features.get((a.root, "ip norms", m.kind, scorer.lam_), lambda: ip_norms(scorer, m.kind))
     return scorer.scores(phi)[0] / norms
 
 
@@ -256,10 +249,12 @@ def all_attributions(root: str, q: dict) -> dict:
     return out
 
 
-def attribute_prompt(root: str, prompt, seed=0, steps=50, method="square", k=8) -> dict:
-    """The generated sample of (prompt, seed) attributed with `method`: its top-k proponents and
-    opponents among the fine-tuning images, as JSON (the page's API, like `attribute --prompt --json`)."""
+def attribute_prompt(root: str, prompt, seed=0, steps=50, method=None, k=8) -> dict:
+    """The generated sample of (prompt, seed) attributed with `method` (None: the registry's default
+    among this folder's methods): its top-k proponents and opponents among the fine-tuning images,
+    as JSON (the page's API, like `attribute --prompt --json`)."""
     a = load(root)
+    method = registry.default_method(a.methods) if method is None else method
     prompt, k = parse_prompt(prompt), sup.parse_top_k(k)
     images, _, batch = generate_samples(root, prompt, "single", seed, None, None, None, steps)
     result = attribution_for(root, sample_query(batch, 0), method)
@@ -271,14 +266,15 @@ def attribute_prompt(root: str, prompt, seed=0, steps=50, method="square", k=8) 
 
 def summary_text(a: TextToImageAssets, q: dict, result: Attribution, k: int) -> str:
     label = sup.method_label(result.method)
-    prop, opp = result.proponents(k), result.opponents(k)
+    prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
     found = digit_labels(a, q["pixels"][None])
     if found is None:
-        return f"**{label}**: the top-{k} proponents and opponents of this image with the prompt “{q['prompt']}”."
+        return (f"**{label}**: the top-{k} proponents{' and opponents' * result.signed} of this image with the "
+                f"prompt “{q['prompt']}”.")
     digit = int(found[0][0])
-    return (f"**{label}**: **{int((result.labels[prop] == digit).sum())} of {k}** top proponents and "
-            f"**{int((result.labels[opp] == digit).sum())} of {k}** top opponents are {digit}s, the digit the "
-            f"classifier sees in the query (prompt “{q['prompt']}”).")
+    opposed = f" and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents" * result.signed
+    return (f"**{label}**: **{int((result.labels[prop] == digit).sum())} of {k}** top proponents{opposed} are "
+            f"{digit}s, the digit the classifier sees in the query (prompt “{q['prompt']}”).")
 
 
 def upload_query(root: str, path: str, prompt, invert: bool | None = None) -> tuple[dict, bool]:
@@ -441,7 +437,7 @@ def methods_markdown(a: TextToImageAssets) -> str:
     """The methods of this page and what each scores by, then those that do not run here and why."""
     lines = ["## Methods for this model", "", "| method | scores by |", "|---|---|"]
     lines += [f"| {sup.escape_table_cell(sup.method_label(m))} | "
-              f"{sup.escape_table_cell(BASELINES[m][1] if m in BASELINES else sup.method_description(m))} |"
+              f"{sup.escape_table_cell(sup.method_description(m))} |"
               for m in a.methods]
     lines += ["", "Not available for this model:", ""] + [f"- **{m}**: {why}." for m, why in a.unavailable.items()]
     return "\n".join(lines)
@@ -505,9 +501,10 @@ def build_page(demo, root: str, *, cards_html, about: str, how_to_read: str, opp
         k = sup.parse_top_k(k)
         progress(0, desc=f"attributing with {sup.method_label(method)}")
         result = attribution_for(root, q, method)
-        prop, opp = result.proponents(k), result.opponents(k)
+        prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
+        opp_note = (opponent_note if a.digits else "") if result.signed else sup.no_opponents(result.method)
         return (cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
-                cards(result, opp, f"Top-{k} opponents", opponent_note if a.digits else ""),
+                cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
                 viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word),
                 summary_text(a, q, result, k))
 
@@ -726,10 +723,10 @@ def build_page(demo, root: str, *, cards_html, about: str, how_to_read: str, opp
         close_btn.click(lambda: gr.Column(visible=False), None, drill_box, queue=False)
 
         @readable
-        def attribute_prompt_api(prompt: str, seed: int = 0, steps: int = 50, method: str = "square",
+        def attribute_prompt_api(prompt: str, seed: int = 0, steps: int = 50, method: str | None = None,
                                  k: int = 8) -> dict:
-            """Attribute the generated sample of (prompt, seed) (DDIM, `steps` steps) with `method`: its
-            top-k proponents and opponents among the fine-tuning images, as JSON."""
+            """Attribute the generated sample of (prompt, seed) (DDIM, `steps` steps) with `method` (None:
+            the page's default): its top-k proponents and opponents among the fine-tuning images, as JSON."""
             return attribute_prompt(root, prompt, seed, steps, method, k)
         gr.api(attribute_prompt_api, api_name="attribute_prompt", concurrency_id="compute")
 

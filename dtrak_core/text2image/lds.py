@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dtrak_core.attribution.features import FeatureSetting
+from dtrak_core.attribution.similarity import ip_norms
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.evaluation.lds import lambda_study, lds
 from dtrak_core.evaluation.lds_run import TEST_SETS, LDSConfig, LDSRun, collect, compact_losses, eval_timesteps
@@ -197,10 +198,12 @@ def evaluate(run_dir: str, attributor, methods=("d-trak", "trak"), K: int | None
 
     TRAK-family methods (K: the stores' timesteps, None the model folder's largest): lambda from
     `RELATIVE_GRID`, best on the test set itself (the paper's choice) and 2-fold cross-fitted
-    (`lds.lambda_sweep`). Baselines (no lambda): pixel and latent similarity, loss-gradient dot /
-    cosine (Charpiat et al.), renormalised IP (TRAK score over the training feature's norm) at the
-    `trak` store's lambda.
+    (`lds.lambda_sweep`). Baselines (no lambda): the registry's text-to-image baselines
+    (`methods.all("baseline", "text2image")`): pixel and latent similarity, loss-gradient dot / cosine
+    (Charpiat et al.), relative and renormalised IP (TRAK score over a per-training-sample norm) at the
+    `trak` store's lambda; those over the loss gradients only when `trak` is among `methods`.
     """
+    from dtrak_core.attribution import methods as registry
     from dtrak_core.attribution.output_functions import canonical_name
     from dtrak_core.attribution.scoring import TRAKScorer, default_lambda
 
@@ -233,20 +236,26 @@ def evaluate(run_dir: str, attributor, methods=("d-trak", "trak"), K: int | None
     train_latents = CaptionedInputs.of(attributor.pipeline, attributor.train.images, attributor.train.captions).latents
     for set_name, images in test_sets.items():
         F, masks = col["F"][set_name], col["masks"]
-        base = {"pixel-dot": images.flatten(1).numpy() @ attributor.train.images.flatten(1).numpy().T,
-                "pixel-cosine": _cosine(images.flatten(1).numpy(), attributor.train.images.flatten(1).numpy())}
-        z = attributor.pipeline.encode_images(images).flatten(1).numpy()
-        base["latent-cosine"] = _cosine(z, train_latents.flatten(1).numpy())
-        if ("loss", set_name) in query:
-            train_features, q = query[("loss", set_name)]
-            base["gradient-dot"] = q @ train_features.T
-            base["gradient-cosine"] = _cosine(q, train_features)
-            lam = results["methods"][next(n for n in methods if canonical_name(n) == "loss")][set_name]["paper"]["lambda"]
-            trak = TRAKScorer(lam=lam).fit(train_features).scores(q)
-            base["renorm-ip"] = trak / np.maximum(np.linalg.norm(train_features, axis=1), 1e-30)[None]
-        for name, scores in base.items():
+        inputs = {"pixel": (images.flatten(1).numpy(), attributor.train.images.flatten(1).numpy()),
+                  "latent": (attributor.pipeline.encode_images(images).flatten(1).numpy(),
+                             train_latents.flatten(1).numpy())}  # (queries, training set): the float32 arrays
+        for method in registry.all("baseline", "text2image"):
+            if method.store is None:  # a similarity of the inputs: 'pixel-*' or 'latent-*'
+                q, train = inputs[method.name.split("-")[0]]
+            elif (method.store, set_name) in query:
+                train, q = query[(method.store, set_name)]
+            else:  # its store's TRAK-family method was not evaluated
+                continue
+            if method.kind in ("dot", "cosine"):
+                scores = q @ train.T if method.kind == "dot" else _cosine(q, train)
+            else:  # relative / renorm IP at the store's paper lambda
+                store_method = next(n for n in methods if canonical_name(n) == method.store)
+                scorer = TRAKScorer(lam=results["methods"][store_method][set_name]["paper"]["lambda"]).fit(train)
+                norms = (np.maximum(np.linalg.norm(train, axis=1), 1e-30) if method.kind == "renorm"
+                         else ip_norms(scorer, method.kind))
+                scores = scorer.scores(q) / norms[None]
             v, pm = lds(scores, masks, F, num_bootstrap)
-            results["baselines"].setdefault(name, {})[set_name] = {"lds": v, "pm": pm}
+            results["baselines"].setdefault(method.name, {})[set_name] = {"lds": v, "pm": pm}
     return results
 
 

@@ -84,27 +84,30 @@ def attribute(q, method, k, progress=gr.Progress()):
     k = sup.parse_top_k(k)
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(q, method)
-    prop, opp = result.proponents(k), result.opponents(k)
+    prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
     found = digit_labels(q["pixels"][None])
     if found is None:
-        summary = f"**{sup.method_label(method)}**: the top-{k} proponents and opponents of this query."
+        summary = f"**{sup.method_label(method)}**: the top-{k} proponents{' and opponents' * result.signed} of this query."
     else:
         digit, a = found[0][0], assets()
         shown = f"{digit}s" if a.digits else f"{a.label_name(digit)}"
+        opposed = f" and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents" * result.signed
         summary = (f"**{sup.method_label(method)}**: **{int((result.labels[prop] == digit).sum())} of {k}** top "
-                   f"proponents and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents are "
-                   f"{shown}, the {a.class_word} the classifier sees in the query.")
+                   f"proponents{opposed} are {shown}, the {a.class_word} the classifier sees in the query.")
     summary += "\n\n" + lookalike_line(q, method, k)
+    opp_note = (OPPONENT_NOTE if found is not None else "") if result.signed else sup.no_opponents(method)
     return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
-            training_cards(result, opp, f"Top-{k} opponents", OPPONENT_NOTE if found is not None else ""),
+            training_cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
             viz.score_histogram(result, k), viz.class_mass_figure(result, assets().class_word), summary)
 
 
 @readable
-def attribute_seed(seed: int, steps: int = 50, method: str = "square", k: int = 8) -> dict:
-    """Attribute the generated sample of one seed (DDIM, `steps` steps) with `method`: its top-k
-    proponents and opponents among the training images, as JSON."""
+def attribute_seed(seed: int, steps: int = 50, method: str | None = None, k: int = 8) -> dict:
+    """Attribute the generated sample of one seed (DDIM, `steps` steps) with `method` (None: the
+    registry's default among this folder's methods): its top-k proponents and opponents among the
+    training images, as JSON."""
     a = assets()
+    method = registry.default_method(a.methods) if method is None else method
     seed = sup.parse_seeds("single", seed)[0]
     steps, k = sup.parse_steps(steps), sup.parse_top_k(k)
     pixels = samples([seed], steps)[0].numpy()

@@ -14,6 +14,7 @@ import torch
 
 from dtrak_core import app_support as sup
 from dtrak_core import viz
+from dtrak_core.attribution import methods as registry
 from dtrak_core.errors import Cancelled
 from dtrak_core.files import read_json
 from dtrak_core.images import grid, to_pil
@@ -268,7 +269,7 @@ def run_counterfactual(seed, k, ranking_a, ranking_b, request: gr.Request = None
     cf = engine()
     stop = RetrainGuard(request)
     seed, k = sup.parse_seeds("single", seed)[0], sup.parse_removal_k(k, a.n_train)
-    allowed = [*a.attributor.methods, "random"]
+    allowed = registry.counterfactual_rankings(a.methods)  # the tab's menu (`sup.ranking_choices`)
     rankings = [sup.parse_method(ranking_a, allowed, "ranking A")]
     if ranking_b not in (NO_RANKING, None, ranking_a):
         rankings.append(sup.parse_method(ranking_b, allowed, "ranking B"))
@@ -374,13 +375,8 @@ def retrain_note(a) -> str:
 
 def create_ui(a) -> dict:
     """The tab's components (inside a gr.Tab)."""
-    # the counterfactual retrains on TRAK-family and successor rankings; it opens on D-TRAK's, whose
-    # examples are precomputed
-    from dtrak_core.attribution import methods as registry
-
-    ranked = list(a.attributor.methods) + [m for m in a.methods if registry.get(m).family == "successor"]
-    rankings = sup.method_choices(ranked) + [("random", "random")]
-    default_ranking = "square" if "square" in ranked else rankings[0][1]
+    rankings = sup.ranking_choices(a.methods)  # exactly what "Remove and retrain" accepts; the default first
+    default_ranking = rankings[0][1]
     n_train = a.n_train
     gr.Markdown("Remove a generated sample's top proponents from the training set, retrain the model "
                 "from scratch with the same recipe, and regenerate the same seed (DDIM 50 steps, as "

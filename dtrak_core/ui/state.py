@@ -124,8 +124,8 @@ def _load_assets(root: str) -> Assets:
     # after the first page is shown)
     problems = dict(registry.problems(attributor, root, quick=True))
     problems.update(store_problems(attributor, damaged_stores, problems))
-    methods = list(attributor.methods) + [m.name for m in registry.all() if m.family in registry.SCORED_FAMILIES
-                                          and m.name not in problems]
+    methods = list(attributor.methods) + [m.name for m in registry.all(kind="pixel")
+                                          if m.family in registry.SCORED_FAMILIES and m.name not in problems]
     classifier = None
     if os.path.isdir(os.path.join(root, "classifier")):
         from dtrak_core.model.classifier import ImageClassifier

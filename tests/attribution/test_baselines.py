@@ -195,7 +195,7 @@ def test_tracin_replay_mismatch_and_unavailable(case, scheduler, tmp_path):
 
 def test_registry_and_interface(case):
     names = methods.available(case["att"], root=case["root"], clip_path=case["empty"])
-    assert names == ["loss"] + [m.name for m in methods.all("baseline") if not m.name.startswith("clip")]
+    assert names == ["loss"] + [m.name for m in methods.all("baseline", "pixel") if not m.name.startswith("clip")]
     for name in names:
         if name != "journey-trak":
             assert scores_of(case, name).shape == (3, 10)

@@ -66,6 +66,31 @@ def test_every_method_runs_and_a_training_image_finds_itself(t2i):
                                similarity(pixels, t2i.attributor.train.images.flatten(1), "dot")[0])
 
 
+def test_the_registrys_baselines_score_as_before_and_list_no_opponents_when_unsigned(t2i):
+    """Each text-to-image baseline, read from the registry, gives exactly the scores of its formula
+    on this setting's inputs; the unsigned ones (similarities of the inputs) list no opponents."""
+    from dtrak_core.attribution import methods
+    from dtrak_core.attribution.similarity import ip_norms
+
+    assert views.BASELINES == [m.name for m in methods.all("baseline", "text2image")]
+    q = views.training_query(MINIATURE_ROOT, 12)
+    att, x = t2i.attributor, torch.as_tensor(q["pixels"], dtype=torch.float32)[None]
+    scorer, phi = att.scorer("loss"), views.query_feature(t2i, q, "loss")
+    latents = att.pipeline.encode_images(att.train.images).flatten(1)
+    expected = {"pixel-dot": similarity(x.flatten(1), att.train.images.flatten(1), "dot")[0],
+                "pixel-cosine": similarity(x.flatten(1), att.train.images.flatten(1), "cosine")[0],
+                "latent-cosine": similarity(att.pipeline.encode_images(x).flatten(1), latents, "cosine")[0],
+                "gradient-dot": similarity(phi, scorer.train_features_, "dot")[0],
+                "gradient-cosine": similarity(phi, scorer.train_features_, "cosine")[0],
+                "relative-ip": scorer.scores(phi)[0] / ip_norms(scorer, "relative"),
+                "renorm-ip": scorer.scores(phi)[0] / ip_norms(scorer, "renorm")}
+    assert list(expected) == views.BASELINES
+    for name, want in expected.items():
+        np.testing.assert_array_equal(views.baseline_scores(t2i, q, name), want, err_msg=name)
+        table = views.attribution_for(MINIATURE_ROOT, q, name).table(3)
+        assert (table["opponents"] == []) == (not methods.is_signed(name)), name
+
+
 def test_an_upload_is_read_with_its_ink_the_right_way_round(t2i, tmp_path):
     from PIL import Image
 
