@@ -22,7 +22,7 @@ import json
 import os
 
 from dtrak_core.errors import IntegrityError
-from dtrak_core.files import atomic_write_json, folder_lock, sha256_file
+from dtrak_core.files import atomic_write_json, folder_lock, load_result, read_json, sha256_file
 
 SIDECAR = "checksums.json"
 FIELD = "content_sha256"  # a sealed JSON result's own checksum: sha256 of the rest of its content
@@ -54,8 +54,6 @@ def _sidecar_remedy(folder: str) -> str:
 def read_sidecar(folder: str) -> dict[str, str] | None:
     """{file name: sha256} recorded in folder/checksums.json; None when there is none. A damaged
     sidecar is an `IntegrityError` naming it."""
-    from dtrak_core.files import read_json
-
     path = _sidecar_path(folder)
     if not os.path.isfile(path):
         return None
@@ -153,12 +151,8 @@ RESULT_SUFFIXES = (".npz", ".json", ".png")
 def _readable(path: str) -> None:
     """`path` reads back whole (an .npz's zip CRCs, a JSON document, a PNG's chunks); else an IntegrityError."""
     if path.endswith(".npz"):
-        from dtrak_core.evaluation.retrain import load_result
-
         load_result(path)
     elif path.endswith(".json"):
-        from dtrak_core.files import read_json
-
         read_json(path, "result", "restore it or delete it")
     elif path.endswith(".png"):
         from PIL import Image

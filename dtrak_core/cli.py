@@ -366,10 +366,11 @@ def cmd_lds_own(args):
     if args.action == "tune-lambda":
         _tune_own(args.root, args.out, args.dest, args.bootstrap)
         return
+    from dtrak_core.evaluation import lds_own_report
     from dtrak_core.evaluation.tables_report import format_report
 
     dest = args.out if args.dest is None else args.dest
-    out = lds_own.evaluate(args.root, args.out, dest=dest or None, K=args.K, num_bootstrap=args.bootstrap,
+    out = lds_own_report.evaluate(args.root, args.out, dest=dest or None, K=args.K, num_bootstrap=args.bootstrap,
                            journey=not args.no_journey)
     print(format_report(out))
     if dest:
@@ -388,10 +389,10 @@ def _print_tuned(tuned: dict, root: str) -> None:
 
 
 def _tune_own(root: str, out: str, dest: str | None, num_bootstrap: int) -> None:
-    from dtrak_core.evaluation import lds_own
+    from dtrak_core.evaluation import lds_own_report
 
     _check_writable(root)
-    tuned = lds_own.tune_lambda(root, out, dest=dest or None, num_bootstrap=num_bootstrap)
+    tuned = lds_own_report.tune_lambda(root, out, dest=dest or None, num_bootstrap=num_bootstrap)
     _print_tuned(tuned, root)
 
 

@@ -22,7 +22,8 @@ from dtrak_core.errors import IntegrityError
 from dtrak_core.evaluation import counterfactual as cf
 from dtrak_core.evaluation.counterfactual_report import summarize
 from dtrak_core.evaluation.lds_run import collect
-from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
+from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
+from dtrak_core.files import load_result, save_result
 from dtrak_core.model.data import load_digits
 from dtrak_core.model.training import TrainConfig
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint

@@ -131,7 +131,7 @@ class Study:
     def kernels(self, setting: GradientSetting, k: int | None = None) -> dict:
         """Gram matrix of the training gradients and cross Gram matrices of both test sets, exact
         (k=None) or of sparse-JL projections to k (seed 42, as the stores), cached in the run folder."""
-        from dtrak_core.evaluation.retrain import load_result, save_result
+        from dtrak_core.files import load_result, save_result
 
         path = self.kernel_path(setting, k)
         if os.path.isfile(path):
@@ -155,7 +155,7 @@ class Study:
         """(N, 100) eps-MSE of every training image at 100 timesteps (one noise draw), cached."""
         from dtrak_core.attribution.das import training_losses
         from dtrak_core.evaluation.lds_run import eval_timesteps
-        from dtrak_core.evaluation.retrain import load_result, save_result
+        from dtrak_core.files import load_result, save_result
 
         path = os.path.join(self.run_dir, "residuals.npz")
         if os.path.isfile(path):
@@ -424,7 +424,7 @@ def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benc
         raise ValueError(f"no {tables_path}; write the tables first with `python -m dtrak_core lds tables`")
     residual_seconds = 0.0
     if os.path.isfile(os.path.join(run_dir, "residuals.npz")):
-        from dtrak_core.evaluation.retrain import load_result
+        from dtrak_core.files import load_result
 
         residual_seconds = float(load_result(os.path.join(run_dir, "residuals.npz"))["seconds"])
     rows = []
