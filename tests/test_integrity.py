@@ -331,17 +331,17 @@ def test_a_resumed_run_adopts_the_jobs_an_older_dtrak_wrote(folder):
 
 
 def test_the_checksum_recorder_reads_each_file_whole_first(folder, capsys):
-    """`python -m dtrak_core.checksums FOLDER`: for results written before checksums were recorded."""
-    from dtrak_core import checksums
+    """`python -m dtrak_core checksums FOLDER`: for results written before checksums were recorded."""
+    from dtrak_core.cli import main
 
     attributor = Attributor.load(folder)
     jobs = os.path.join(folder, JOBS)
     os.remove(os.path.join(jobs, "checksums.json"))
-    assert checksums.main([jobs]) == 0 and "2 file(s)" in capsys.readouterr().out
+    assert main(["checksums", jobs]) == 0 and "2 file(s)" in capsys.readouterr().out
     assert list(cf.committed_results(attributor, jobs, RETRAIN)) == [(1000, "random", 30)]
     os.remove(os.path.join(jobs, "checksums.json"))
     _truncate(os.path.join(jobs, JOB))
-    assert checksums.main([jobs]) == 2 and "is not a readable result file" in capsys.readouterr().err
+    assert main(["checksums", jobs]) == 2 and "is not a readable result file" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(jobs, "checksums.json"))  # nothing recorded for a damaged folder
 
 

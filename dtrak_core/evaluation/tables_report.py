@@ -69,7 +69,7 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
     return out
 
 
-TABLES_REMEDY = ("rewrite it with `python -m dtrak_core lds tables` (and `python -m dtrak_core.evaluation.study "
+TABLES_REMEDY = ("rewrite it with `python -m dtrak_core lds tables` (and `python -m dtrak_core study "
                  "publish` for its 'beyond' rows), which record its checksum in it")
 
 
@@ -171,7 +171,7 @@ def format_report(t: dict) -> str:
         lines.append("")
     if t.get(BEYOND):
         lines += ["## Beyond the paper (K=100, one model): exact kernels, DAS, EK-FAC influence", "",
-                  "Written by `python -m dtrak_core.evaluation.study publish`; the regulariser or damping of each "
+                  "Written by `python -m dtrak_core study publish`; the regulariser or damping of each "
                   "row is cross-fitted like lambda above; seconds on one thread (features: train + both test sets; "
                   "scoring: kernels or curvature, then every test sample's scores).", "",
                   "| method | validation | generated | features s | scoring s |", "|---|---|---|---|---|"]
