@@ -127,7 +127,7 @@ def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int) -> int:
 
 
 # -- look-alikes ------------------------------------------------------------------------------------
-EVIDENCE = os.path.join("benchmarks", "evidence.json")  # a folder's evidence table (benchmarks/strong_baselines.py)
+EVIDENCE = os.path.join("benchmarks", "evidence.json")  # a folder's evidence table (experiments/strong_baselines.py)
 LOOKALIKE_FALLBACK = "pixel-rbf"  # the strongest model-free baseline on the digits, when a folder has measured none
 
 
@@ -581,13 +581,7 @@ def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str 
     n = max(1, min(int(buckets), K))
     edges = np.linspace(0, K, n + 1).round().astype(int)
     x = torch.as_tensor(image, dtype=torch.float32)[None]
-    if prompt is None:
-        inputs, conditioning = x, {}
-    else:
-        from dtrak_core.text2image.features import CaptionedInputs
-
-        captioned = CaptionedInputs.of(attributor.pipeline, x, [prompt])
-        inputs, conditioning = captioned.latents, {"encoder_hidden_states": captioned.contexts}
+    inputs, conditioning = attributor.gradient_inputs(x, None if prompt is None else [prompt])
     if K % n == 0:  # equal buckets: one batched pass, row b of the copies averaged over bucket b only
         rows = torch.arange(K).reshape(n, K // n)
         copies = {name: c.expand(n, *c.shape[1:]) for name, c in conditioning.items()}

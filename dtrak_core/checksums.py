@@ -12,7 +12,7 @@ one writer as a whole (summary.json, tables.json) may instead carry its own chec
 
 What a reader gets is what its writer wrote: a result edited by hand (a job file re-saved with
 another l2, a number changed in gallery.json or tables.json), truncated or swapped is refused,
-naming the file and the fix, never shown. `python -m dtrak_core.checksums FOLDER` records the
+naming the file and the fix, never shown. `python -m dtrak_core checksums FOLDER` records the
 checksums of results written by a dtrak that recorded none (each file is read whole first).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import os
 
 from dtrak_core.errors import IntegrityError
-from dtrak_core.files import atomic_write_json, folder_lock, sha256_file
+from dtrak_core.files import atomic_write_json, folder_lock, load_result, read_json, sha256_file
 
 SIDECAR = "checksums.json"
 FIELD = "content_sha256"  # a sealed JSON result's own checksum: sha256 of the rest of its content
@@ -48,14 +48,12 @@ def _sidecar_path(folder: str) -> str:
 
 def _sidecar_remedy(folder: str) -> str:
     return (f"restore it, or, if every result in {folder} is one its writer wrote, record their checksums again "
-            f"with `python -m dtrak_core.checksums {folder}`")
+            f"with `python -m dtrak_core checksums {folder}`")
 
 
 def read_sidecar(folder: str) -> dict[str, str] | None:
     """{file name: sha256} recorded in folder/checksums.json; None when there is none. A damaged
     sidecar is an `IntegrityError` naming it."""
-    from dtrak_core.files import read_json
-
     path = _sidecar_path(folder)
     if not os.path.isfile(path):
         return None
@@ -110,7 +108,7 @@ def verify(path: str, what: str, remedy: str, *, required: bool = True) -> None:
         raise IntegrityError(path, f"({what}) has no recorded checksum ({_sidecar_path(folder)} is missing), so "
                              f"whether it is the file its writer wrote cannot be checked (results written before "
                              f"dtrak recorded checksums: if every file in {folder} is its writer's, record them with "
-                             f"`python -m dtrak_core.checksums {folder}`)", remedy)
+                             f"`python -m dtrak_core checksums {folder}`)", remedy)
     name = os.path.basename(path)
     if name not in entries:
         raise IntegrityError(path, f"({what}) has no checksum in {_sidecar_path(folder)} (it was added by hand, or "
@@ -153,12 +151,8 @@ RESULT_SUFFIXES = (".npz", ".json", ".png")
 def _readable(path: str) -> None:
     """`path` reads back whole (an .npz's zip CRCs, a JSON document, a PNG's chunks); else an IntegrityError."""
     if path.endswith(".npz"):
-        from dtrak_core.evaluation.retrain import load_result
-
         load_result(path)
     elif path.endswith(".json"):
-        from dtrak_core.files import read_json
-
         read_json(path, "result", "restore it or delete it")
     elif path.endswith(".png"):
         from PIL import Image
@@ -185,33 +179,13 @@ def record_folder(folder: str) -> dict[str, str]:
     return record(folder, names, replace=True)
 
 
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m dtrak_core.checksums",
-                                description="record the checksums of result files, after reading each whole (for "
-                                            "results written before dtrak recorded checksums; never for files edited "
-                                            "by hand): a folder's every .npz, .json and .png (its sidecar then lists "
-                                            "exactly those), or one file (added to its folder's sidecar)")
-    p.add_argument("paths", nargs="+", metavar="FOLDER_OR_FILE")
-    args = p.parse_args(argv)
-    for path in args.paths:
-        try:
-            if os.path.isdir(path):
-                folder, entries = path, record_folder(path)
-            elif os.path.isfile(path):
-                _readable(path)
-                folder = os.path.dirname(path) or "."
-                entries = record(folder, [os.path.basename(path)])
-            else:
-                raise ValueError(f"{path!r} is neither a folder nor a file")
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"{_sidecar_path(folder)}: {len(entries)} file(s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def record_path(path: str) -> tuple[str, dict]:
+    """`record_folder` for a folder, or one file read whole and added to its folder's sidecar
+    (`python -m dtrak_core checksums PATH`): (the sidecar written, its entries)."""
+    if os.path.isdir(path):
+        return _sidecar_path(path), record_folder(path)
+    if os.path.isfile(path):
+        _readable(path)
+        folder = os.path.dirname(path) or "."
+        return _sidecar_path(folder), record(folder, [os.path.basename(path)])
+    raise ValueError(f"{path!r} is neither a folder nor a file")

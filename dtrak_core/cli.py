@@ -11,14 +11,6 @@ import os
 import sys
 import time
 
-# The text-to-image commands (dtrak_core/text2image/cli.py) register their options from a module that
-# imports torch: they are listed with these lines and their parser is built only when one is run.
-TEXT2IMAGE_COMMANDS = {
-    "build-text2image": "the text-to-image miniature (or your own pipeline + LoRA): model folder with feature "
-                        "stores of the LoRA's fine-tuning set (needs pip install .[text2image])",
-    "generate-text2image": "sample a text-to-image model folder from a prompt and seeds (needs .[text2image])",
-    "lds-text2image": "LDS of a text-to-image folder: LoRA retrains on half subsets (needs .[text2image])",
-}
 # what a missing optional module needs installed: the package's extras (pyproject.toml)
 EXTRAS = {"transformers": "text2image", "peft": "text2image", "gradio": "app"}
 
@@ -370,10 +362,11 @@ def cmd_lds_own(args):
     if args.action == "tune-lambda":
         _tune_own(args.root, args.out, args.dest, args.bootstrap)
         return
+    from dtrak_core.evaluation import lds_own_report
     from dtrak_core.evaluation.tables_report import format_report
 
     dest = args.out if args.dest is None else args.dest
-    out = lds_own.evaluate(args.root, args.out, dest=dest or None, K=args.K, num_bootstrap=args.bootstrap,
+    out = lds_own_report.evaluate(args.root, args.out, dest=dest or None, K=args.K, num_bootstrap=args.bootstrap,
                            journey=not args.no_journey)
     print(format_report(out))
     if dest:
@@ -392,10 +385,10 @@ def _print_tuned(tuned: dict, root: str) -> None:
 
 
 def _tune_own(root: str, out: str, dest: str | None, num_bootstrap: int) -> None:
-    from dtrak_core.evaluation import lds_own
+    from dtrak_core.evaluation import lds_own_report
 
     _check_writable(root)
-    tuned = lds_own.tune_lambda(root, out, dest=dest or None, num_bootstrap=num_bootstrap)
+    tuned = lds_own_report.tune_lambda(root, out, dest=dest or None, num_bootstrap=num_bootstrap)
     _print_tuned(tuned, root)
 
 
@@ -621,11 +614,9 @@ def _prog() -> str:
     return "dtrak" if os.path.basename(sys.argv[0] or "") in ("dtrak", "dtrak.exe") else "python -m dtrak_core"
 
 
-def build_parser(text2image: bool = False) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """The command line's parser, built without importing torch (or anything heavy): every command
-    imports what it needs when it runs. text2image: register the text-to-image commands' own
-    options (their module imports torch); otherwise they are listed by name only (`main` builds the
-    full parser when one of them is asked for)."""
+    imports what it needs when it runs, the text-to-image commands included."""
     parser = argparse.ArgumentParser(prog=_prog(), description="D-TRAK data attribution for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -856,21 +847,54 @@ def build_parser(text2image: bool = False) -> argparse.ArgumentParser:
     _add_device(p, precision=True)
     p.set_defaults(func=cmd_setting)
 
+    p = sub.add_parser("study", help="attribution quality per compute on the default: exact kernels, the projection "
+                                     "dimension, DAS, EK-FAC (resumable steps, then lds and publish)")
+    p.add_argument("step", choices=["gradients", "kernels", "residuals", "kfac", "lds", "publish"])
+    p.add_argument("--run", default=None, help="run folder (git-ignored; default assets/benchmarks/lds_run/study)")
+    p.add_argument("--root", default="assets", help="the default model folder")
+    p.add_argument("--output-fn", nargs="+", default=["square", "loss", "avg"])
+    p.add_argument("--K", type=int, default=100)
+    p.add_argument("--k", nargs="+", default=None, help="kernels: projection dims ('exact' included by default)")
+    p.add_argument("--unit-timesteps", action="store_true", help="normalise each timestep's gradient (DAS code)")
+    p.add_argument("--samples", type=int, default=None, help="kfac: draws per image per pass (default 4)")
+    p.add_argument("--only", nargs="+", default=None, help="lds: cells whose name starts with these")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--redo", action="store_true", help="lds: recompute cells already in study.json")
+    p.add_argument("--minutes", type=float, default=None, help="stop cleanly after this long (resume later)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("checksums", help="record the checksums of result files, after reading each whole (for "
+                                         "results written before dtrak recorded checksums; never for files edited by "
+                                         "hand): a folder's every .npz, .json and .png (its sidecar then lists exactly "
+                                         "those), or one file (added to its folder's sidecar)")
+    p.add_argument("paths", nargs="+", metavar="FOLDER_OR_FILE")
+    p.set_defaults(func=cmd_checksums)
+
     from dtrak_core import space  # `space export DIR [--push REPO_ID]`
 
     space.add_parser(sub)
-    if text2image:
-        from dtrak_core.text2image import cli as text2image_cli  # build-text2image, generate-text2image, lds-text2image
+    from dtrak_core.text2image import cli as text2image_cli  # build-text2image, generate-text2image, lds-text2image
 
-        text2image_cli.add_commands(sub)
-    else:
-        for name, help in TEXT2IMAGE_COMMANDS.items():  # listed; `main` parses them with their own options
-            sub.add_parser(name, help=help, add_help=False).set_defaults(func=_text2image_stub)
+    text2image_cli.add_commands(sub)
     return parser
 
 
-def _text2image_stub(args):
-    raise ValueError(f"{args.command}: parse it with build_parser(text2image=True) (as `main` does)")
+def cmd_study(args):
+    from dtrak_core.evaluation import study
+
+    study.run_step(args)
+
+
+def cmd_checksums(args):
+    from dtrak_core import checksums
+
+    for path in args.paths:
+        try:
+            sidecar, entries = checksums.record_path(path)
+        except OSError as e:
+            raise ValueError(str(e)) from None
+        print(f"{sidecar}: {len(entries)} file(s)")
 
 
 def _missing_module(e: ModuleNotFoundError) -> int:
@@ -887,11 +911,7 @@ def _missing_module(e: ModuleNotFoundError) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:  # the text-to-image commands' options live in a module that needs torch and transformers
-        parser = build_parser(text2image=bool(argv) and argv[0] in TEXT2IMAGE_COMMANDS)
-    except ModuleNotFoundError as e:
-        return _missing_module(e)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     root_defaulted = getattr(args, "root", "") is None
     if root_defaulted:
         from dtrak_core.folder import default_root

@@ -201,7 +201,7 @@ def _ceiling(setting, root, data, shard, show_bar):
     from dataclasses import replace
 
     from dtrak_core.evaluation import lds_own
-    from dtrak_core.evaluation.retrain import load_result
+    from dtrak_core.files import load_result
 
     out, ckpts = os.path.join(root, "lds-ceiling"), os.path.join(root, "lds-ceiling-models")
     if not os.path.isfile(os.path.join(out, lds_own.JOBS)):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -82,6 +85,33 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def save_result(path: str, **arrays) -> None:
+    """Atomically write a .npz of the given arrays."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_result(path: str, keys=()) -> dict:
+    """The arrays of a result written by `save_result` (each read whole, so the zip's CRCs are
+    checked); an `IntegrityError` (a ValueError) naming the file when it is unreadable, damaged or
+    lacks one of `keys` (results are written atomically, so a killed run never leaves a partial one)."""
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise IntegrityError(path, "is missing", "rerun the command that writes it") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise IntegrityError(path, f"is not a readable result file ({type(e).__name__}: {e}): it is truncated or "
+                             f"corrupt",
+                             "delete it and rerun the same command to recompute that job") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise IntegrityError(path, f"(result file) lacks {', '.join(missing)}: it is corrupt, or not this harness's",
+                             "delete it and rerun the same command to recompute that job")
+    return arrays
 
 
 def json_hash(obj) -> str:

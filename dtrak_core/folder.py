@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
-from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.errors import IntegrityError, SealMismatch
 from dtrak_core.files import atomic_write_json, folder_lock, json_hash, read_json
 from dtrak_core.model.data import Dataset, load_dataset
@@ -393,26 +392,6 @@ class ModelFolder:
             return load_dataset(spec)
         except ValueError as e:
             raise ValueError(f"{self.path}: {e}") from None
-
-    def open_stores(self, damaged: dict | None = None) -> list[FeatureStore]:
-        """Every registered feature store, opened and verified (attribution/store.py); the first that
-        cannot be is an error naming its file (the CLI's strict path).
-
-        damaged: a dict instead collects {store folder: the error} of the stores that cannot be
-        opened, which are left out (the app, which turns off only the methods that need them); at
-        least one store must open, else the first error is raised."""
-        stores = []
-        for rel in self.stores or []:
-            path = os.path.join(self.root, rel)
-            try:
-                stores.append(FeatureStore.open(path))
-            except (ValueError, OSError) as e:
-                if damaged is None:
-                    raise
-                damaged[path] = e
-        if damaged and not stores:
-            raise next(iter(damaged.values()))
-        return stores
 
     def tuned_lambdas(self) -> dict[str, float]:
         """Store slug -> the ridge lambda tuned on validation LDS (`lds tune-lambda`)."""

@@ -10,6 +10,7 @@ through `OnceCache`, which builds each key once even when many threads ask at th
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -46,6 +47,16 @@ class ModelReplicas:
     def __len__(self) -> int:
         """Idle replicas (for tests)."""
         return len(self._idle)
+
+
+QUERY_FEATURES_KEPT = 64  # recent queries' features kept per attributor (several methods share one store's)
+
+
+def image_digest(images: torch.Tensor) -> tuple:
+    """A key for a batch of images: its shape and the digest of its float32 values."""
+    x = images.detach().to("cpu", torch.float32).contiguous()
+    return tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest()
+
 
 
 class OnceCache:

@@ -12,7 +12,7 @@ import torch
 from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
 from dtrak_core import app_support as sup
-from dtrak_core.attribution.attributor import RULE
+from dtrak_core.attribution.base import RULE
 from dtrak_core.shared import OnceCache
 
 

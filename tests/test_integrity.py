@@ -23,7 +23,8 @@ from dtrak_core.errors import IntegrityError
 from dtrak_core.evaluation import counterfactual as cf
 from dtrak_core.evaluation.counterfactual_report import summarize
 from dtrak_core.evaluation.lds_run import collect
-from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
+from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
+from dtrak_core.files import load_result, save_result
 from dtrak_core.model.data import load_digits
 from dtrak_core.model.training import TrainConfig
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
@@ -331,17 +332,17 @@ def test_a_resumed_run_adopts_the_jobs_an_older_dtrak_wrote(folder):
 
 
 def test_the_checksum_recorder_reads_each_file_whole_first(folder, capsys):
-    """`python -m dtrak_core.checksums FOLDER`: for results written before checksums were recorded."""
-    from dtrak_core import checksums
+    """`python -m dtrak_core checksums FOLDER`: for results written before checksums were recorded."""
+    from dtrak_core.cli import main
 
     attributor = Attributor.load(folder)
     jobs = os.path.join(folder, JOBS)
     os.remove(os.path.join(jobs, "checksums.json"))
-    assert checksums.main([jobs]) == 0 and "2 file(s)" in capsys.readouterr().out
+    assert main(["checksums", jobs]) == 0 and "2 file(s)" in capsys.readouterr().out
     assert list(cf.committed_results(attributor, jobs, RETRAIN)) == [(1000, "random", 30)]
     os.remove(os.path.join(jobs, "checksums.json"))
     _truncate(os.path.join(jobs, JOB))
-    assert checksums.main([jobs]) == 2 and "is not a readable result file" in capsys.readouterr().err
+    assert main(["checksums", jobs]) == 2 and "is not a readable result file" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(jobs, "checksums.json"))  # nothing recorded for a damaged folder
 
 

@@ -29,7 +29,7 @@ def test_the_folder_holds_the_app_and_nothing_else(exported, tiny_root):
     files = {os.path.relpath(p, dest) for p in space.walk_files(dest)}
     assert {"app.py", "README.md", "requirements.txt", ".gitattributes", "dtrak_core/__init__.py",
             "dtrak_core/space.py", "assets/manifest.json"} <= files
-    assert not any(f.startswith(("tests/", "benchmarks/", ".venv/")) or "__pycache__" in f for f in files)
+    assert not any(f.startswith(("tests/", "benchmarks/", "experiments/", ".venv/")) or "__pycache__" in f for f in files)
     for f in files:
         if f.startswith("dtrak_core/") or f == "app.py":
             assert open(os.path.join(dest, f), "rb").read() == open(os.path.join(ROOT, f), "rb").read(), f

@@ -10,61 +10,17 @@ The baselines score through the method registry: `methods.scores(attributor, nam
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from dtrak_core.attribution import methods as registry
+from dtrak_core.attribution.base import Attribution, StoreAttributor
 from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.output_functions import canonical_name
-from dtrak_core.attribution.scoring import TRAKScorer, top_k
-from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.errors import root_option
+from dtrak_core.attribution.store import FeatureStore, open_stores
 from dtrak_core.folder import ModelFolder
 from dtrak_core.model.data import Dataset
 from dtrak_core.model.unet import checkpoint_hash
-from dtrak_core.shared import OnceCache
-
-RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
-QUERY_FEATURES_KEPT = 64  # recent queries' features kept per attributor (several methods share one store's)
-
-
-def image_digest(images: torch.Tensor) -> tuple:
-    """A key for a batch of images: its shape and the digest of its float32 values."""
-    x = images.detach().to("cpu", torch.float32).contiguous()
-    return tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest()
-
-
-@dataclass
-class Attribution:
-    """One query's scores over the training set, with its top proponents and opponents."""
-
-    method: str  # canonical method name ('square' for D-TRAK)
-    scores: np.ndarray  # (N,) one score per training image; higher = stronger proponent
-    labels: np.ndarray  # (N,) training labels (-1 when unknown)
-
-    def proponents(self, n: int) -> np.ndarray:
-        """(n,) training indices with the highest scores, strongest first."""
-        return top_k(self.scores, n)[0]
-
-    def opponents(self, n: int) -> np.ndarray:
-        """(n,) training indices with the lowest scores, strongest first (opponents only when `signed`)."""
-        return top_k(self.scores, n)[1]
-
-    @property
-    def signed(self) -> bool:
-        """Whether the method's negative scores mark opponents (`methods.is_signed`)."""
-        return registry.is_signed(self.method)
-
-    def table(self, n: int) -> dict:
-        """Top-n proponents and opponents as plain lists (for JSON and display); no opponents for a
-        method whose scores carry no sign (its lowest scores are the least alike, not opponents)."""
-        def rows(idx):
-            return [{"index": int(i), "label": int(self.labels[i]), "score": float(self.scores[i])} for i in idx]
-        return {"method": self.method, "proponents": rows(self.proponents(n)),
-                "opponents": rows(self.opponents(n)) if self.signed else []}
+from dtrak_core.shared import QUERY_FEATURES_KEPT, OnceCache, image_digest
 
 
 def _matching(stores: list, checkpoint: str, dataset: str, damaged: dict) -> list:
@@ -83,7 +39,7 @@ def _matching(stores: list, checkpoint: str, dataset: str, damaged: dict) -> lis
     return kept
 
 
-class Attributor:
+class Attributor(StoreAttributor):
     """One model, its training set and the training set's feature stores, scored by TRAK.
 
         attributor = Attributor.load(root)                   # or Attributor(unet, scheduler, train, stores)
@@ -105,8 +61,6 @@ class Attributor:
     query's gradients and the scores.
     """
 
-    device = "cpu"
-
     def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
                  tuned_lambdas: dict[str, float] | None = None, device="cpu", tuned_params: dict | None = None):
         self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
@@ -115,12 +69,7 @@ class Attributor:
         self.lam = lam  # overrides every store's lambda when set
         self.tuned_lambdas = dict(tuned_lambdas or {})  # store slug -> lambda chosen on validation LDS
         self.tuned_params = dict(tuned_params or {})  # the manifest's tuned entries (kernel baselines: lambda, gamma)
-        self.stores = {}
-        ckpt = checkpoint_hash(unet)
-        for store in stores:
-            setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
-            store.check_identity(FeatureStore.identity(setting, ckpt, train.fingerprint))
-            self.stores.setdefault(setting.output_fn, []).append((setting, store))
+        self._index_stores(stores, checkpoint_hash(unet), train.fingerprint)
         # built on first use, once, whichever thread asks first (featurizers and scorers are then
         # read-only, so every request can share them)
         self._scorers, self._featurizers = OnceCache(), OnceCache()
@@ -136,7 +85,7 @@ class Attributor:
         damaged: None (the default, the CLI's): a damaged store is an error naming its file; a dict:
         a store that cannot be opened or was built for another model is left out and recorded there
         ({store folder: the error}), as long as one store loads (the app: only the methods that
-        need it are turned off, see `folder.ModelFolder.open_stores`).
+        need it are turned off, see `store.open_stores`).
         With no root and no model folder where the default points, the ValueError says how to name
         one (root=, or $DTRAK_ASSETS): an installed package ships none."""
         if root is None:
@@ -155,7 +104,7 @@ class Attributor:
         folder.require("checkpoint", "dataset", "stores")
         unet, scheduler = folder.load_model()
         train = folder.training_set()
-        stores = folder.open_stores(damaged)
+        stores = open_stores(folder, damaged)
         if damaged is not None:
             stores = _matching(stores, checkpoint_hash(unet), train.fingerprint, damaged)
         attributor = cls(unet, scheduler, train, stores,
@@ -164,26 +113,16 @@ class Attributor:
         attributor.root = folder.root
         return attributor
 
-    @property
-    def methods(self) -> list[str]:
-        """The output functions with a store, sorted: the TRAK-family methods this attributor runs."""
-        return sorted(self.stores)
-
-    def setting(self, method: str, K: int | None = None) -> tuple[FeatureSetting, FeatureStore]:
-        """(setting, store) of a TRAK-family method (any spelling: 'd-trak', 'square') with K
-        timesteps (None: the largest K present); ValueError naming the stores present otherwise."""
-        name = canonical_name(method)
-        options = [s for s in self.stores.get(name, []) if K is None or s[0].K == K]
-        if not options:
-            have = ", ".join(f"{s.output_fn} (K={s.K})" for v in self.stores.values() for s, _ in v) or "none"
-            raise ValueError(f"no feature store for method {method!r}" + (f" with K={K}" if K else "")
-                             + f"; stores present: {have}. Build one with `python -m dtrak_core featurize"
-                             f"{root_option(self.root)} --output-fn {name}" + (f" --K {K}" if K else "") + "`")
-        return max(options, key=lambda s: s[0].K)  # the most accurate one by default
-
     def featurizer(self, setting: FeatureSetting) -> Featurizer:
         """The shared `Featurizer` of this model for `setting`: images (Q, C, H, W) -> (Q, k)."""
         return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting, device=self.device))
+
+    def gradient_inputs(self, images: torch.Tensor, prompts=None) -> tuple[torch.Tensor, dict]:
+        """(inputs, conditioning) that this model's gradient featurizers take for query images
+        (B, C, H, W): the images themselves and no conditioning (an unconditional model has no prompt)."""
+        if prompts is not None:
+            raise ValueError("an unconditional model's query has no prompt")
+        return images, {}
 
     def query_features(self, images: torch.Tensor, setting: FeatureSetting) -> torch.Tensor:
         """(Q, k) float32 features of query images (Q, C, H, W) under `setting`: the featurizer's
@@ -192,24 +131,6 @@ class Attributor:
         images = images.float()
         features = self._query_features.get((setting, image_digest(images)), lambda: self.featurizer(setting)(images))
         return features.clone()  # (callers may write to theirs)
-
-    def lambda_for(self, setting: FeatureSetting, lam=None) -> float | None:
-        """The ridge lambda for a store: `lam` if given (RULE: the data-free rule), else the
-        attributor's override, else the lambda tuned on validation LDS (manifest 'tuned_lambda'),
-        else None (TRAKScorer then applies the rule)."""
-        if lam == RULE:
-            return None
-        if lam is not None:
-            return float(lam)
-        if self.lam is not None:
-            return self.lam
-        return self.tuned_lambdas.get(setting.slug)
-
-    def scorer(self, method: str, K: int | None = None, lam=None) -> TRAKScorer:
-        """The `TRAKScorer` fitted on that store's training features (N, k), with `lambda_for`'s lambda."""
-        setting, store = self.setting(method, K)
-        key = (setting, self.lambda_for(setting, lam))
-        return self._scorers.get(key, lambda: TRAKScorer(lam=key[1], device=self.device).fit(store.features()))
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
         """Scores (B, N) float64 of images (B, C, H, W) in [-1, 1] under a TRAK-family method

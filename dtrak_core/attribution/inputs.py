@@ -15,24 +15,24 @@ import weakref
 import numpy as np
 import torch
 
-from dtrak_core.attribution.attributor import QUERY_FEATURES_KEPT, Attributor, image_digest
 from dtrak_core.attribution.clip_encoder import ClipImageEncoder, ClipUnavailable
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.journey import JourneyFeaturizer
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.attribution.tracin import TracInCheckpoint, load_tracin, tracin_index
 from dtrak_core.errors import MethodUnavailable
-from dtrak_core.shared import OnceCache
+from dtrak_core.shared import QUERY_FEATURES_KEPT, OnceCache, image_digest
 
 
 class MethodInputs:
-    """Lazily computed inputs of the methods for one attributor, model folder and CLIP location.
+    """Lazily computed inputs of the methods for one attributor (`base.StoreAttributor`), model folder
+    and CLIP location.
 
     root: the model folder holding the TracInCP checkpoints (None: none).
     clip_path: local CLIP weights (None: `clip_encoder.find_clip` looks for them).
     """
 
-    def __init__(self, attributor: Attributor, root: str | None, clip_path: str | None):
+    def __init__(self, attributor, root: str | None, clip_path: str | None):
         self.attributor, self.root, self.clip_path = attributor, root, clip_path
         self._cache = OnceCache()
         self._queries = OnceCache(QUERY_FEATURES_KEPT)  # recent queries' TracInCP features (tracin and gas share them)
@@ -103,11 +103,11 @@ class MethodInputs:
                            lambda: JourneyFeaturizer(att.unet, att.scheduler, att.featurizer(setting).projector))
 
 
-_INPUTS: "weakref.WeakKeyDictionary[Attributor, dict]" = weakref.WeakKeyDictionary()
+_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attributor -> {(root, clip_path): MethodInputs}
 _INPUTS_LOCK = threading.Lock()
 
 
-def inputs_for(attributor: Attributor, root: str | None = None, clip_path: str | None = None) -> MethodInputs:
+def inputs_for(attributor, root: str | None = None, clip_path: str | None = None) -> MethodInputs:
     """The one `MethodInputs` of (attributor, model folder, CLIP location), shared by every thread."""
     root = attributor.root if root is None else root
     key = (None if root is None else os.path.abspath(root), clip_path)

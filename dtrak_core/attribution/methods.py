@@ -44,7 +44,7 @@ monotone transform of the scores cannot game and that is measured on data it doe
 among the methods that use the model and need nothing but the query, the highest top-1% LDS
 (`evaluation.lds.top_share`: the LDS of an indicator of each query's top 1%, the same for any
 increasing transform) on the digits folder's *validation* set, every lambda cross-fitted
-(`benchmarks/strong_baselines.py`, assets/benchmarks/evidence.json); a sharpened method has its
+(`experiments/strong_baselines.py`, assets/benchmarks/evidence.json); a sharpened method has its
 base's ranking, so it ties with it and the base is kept. Its numbers are reported on the generated
 set. `default_method(available)` is the default among what a folder can run.
 
@@ -59,7 +59,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dtrak_core.attribution import baselines
+from dtrak_core.attribution import baselines, das
 from dtrak_core.errors import MethodUnavailable, UnknownMethod  # noqa: F401 (what the registry raises)
 
 FAMILIES = ("trak", "baseline", "successor", "control")
@@ -121,8 +121,6 @@ class Method:
         by `clip_encoder.find_clip`). Raises `MethodUnavailable` (a ValueError) when an input
         is absent, saying which and how to build it.
         """
-        from dtrak_core.attribution.inputs import inputs_for  # (inputs imports the model stack, which imports this)
-
         if "pixel" not in self.kinds:
             raise MethodUnavailable(f"{self.label} applies to {' and '.join(sorted(self.kinds))} folders only")
         if self.score is None:
@@ -132,18 +130,14 @@ class Method:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
             raise ValueError(f"images must be a tensor (Q, {', '.join(map(str, expected))}), got {shape}")
-        return self.score(self, inputs_for(attributor, root, clip_path), images.float(), seeds, K)
+        return self.score(self, attributor.method_inputs(root, clip_path), images.float(), seeds, K)
 
 
 def _das_scores(method: Method, inputs, images, seeds, K) -> np.ndarray:
-    from dtrak_core.attribution import das
-
     return das.registry_scores(method, inputs, images, seeds, K)
 
 
 def _das_residuals(inputs):
-    from dtrak_core.attribution import das
-
     return inputs.cached("das-residuals-check", lambda: das.model_residuals(inputs.attributor))
 
 
@@ -402,9 +396,7 @@ def problems(attributor, root: str | None = None, clip_path: str | None = None,
     quick: check the TracInCP checkpoints by their index only (present, complete, this model's),
     not by loading and hashing their weights; damaged weights are then found when TracInCP first
     runs (or by a full check)."""
-    from dtrak_core.attribution.inputs import inputs_for
-
-    inputs = inputs_for(attributor, root, clip_path)
+    inputs = attributor.method_inputs(root, clip_path)
 
     def needed(method):  # (input, its check) for each input the method needs, its store first
         if method.store:

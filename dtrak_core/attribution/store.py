@@ -349,3 +349,24 @@ def find_stores(folder: str) -> list[str]:
         if METADATA in filenames and FEATURES in filenames:
             found.append(dirpath)
     return found
+
+
+def open_stores(folder, damaged: dict | None = None) -> list[FeatureStore]:
+    """Every feature store a model folder registers (`folder.ModelFolder`), opened and verified; the
+    first that cannot be is an error naming its file (the CLI's strict path).
+
+    damaged: a dict instead collects {store folder: the error} of the stores that cannot be
+    opened, which are left out (the app, which turns off only the methods that need them); at
+    least one store must open, else the first error is raised."""
+    stores = []
+    for rel in folder.stores or []:
+        path = os.path.join(folder.root, rel)
+        try:
+            stores.append(FeatureStore.open(path))
+        except (ValueError, OSError) as e:
+            if damaged is None:
+                raise
+            damaged[path] = e
+    if damaged and not stores:
+        raise next(iter(damaged.values()))
+    return stores

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.errors import IntegrityError, MethodUnavailable, root_option
@@ -158,7 +157,7 @@ class TracInCheckpoint:
     train_features: torch.Tensor  # (N, k) float64
 
 
-def tracin_index(root: str, attributor: Attributor) -> tuple[dict, str]:
+def tracin_index(root: str, attributor) -> tuple[dict, str]:
     """(index entry, its path) of the checkpoints registered under manifest['tracin'], checked
     to be complete and to belong to the attributor's model and data, without loading the
     checkpoints themselves (`load_tracin` does, and verifies their weights)."""
@@ -194,7 +193,7 @@ def tracin_index(root: str, attributor: Attributor) -> tuple[dict, str]:
     return entry, index_path
 
 
-def load_tracin(root: str, attributor: Attributor) -> list[TracInCheckpoint]:
+def load_tracin(root: str, attributor) -> list[TracInCheckpoint]:
     """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
     entry, index_path = tracin_index(root, attributor)
     setting = FeatureSetting(**entry["setting"])

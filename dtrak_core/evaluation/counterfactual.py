@@ -49,12 +49,12 @@ import torch
 
 from dtrak_core import checksums
 from dtrak_core.attribution import methods as registry
-from dtrak_core.attribution.attributor import RULE
+from dtrak_core.attribution.base import RULE
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.errors import Cancelled, IntegrityError
 from dtrak_core.evaluation.quality import classify
-from dtrak_core.evaluation.retrain import RetrainJob, load_result, retrain, run_jobs
-from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.evaluation.retrain import RetrainJob, retrain, run_jobs
+from dtrak_core.files import atomic_write_json, load_result, read_json
 from dtrak_core.folder import ModelFolder
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig

@@ -30,8 +30,7 @@ from dtrak_core.evaluation.counterfactual import (
     load_job,
     slug,
 )
-from dtrak_core.evaluation.retrain import load_result
-from dtrak_core.files import atomic_write_json, json_safe
+from dtrak_core.files import atomic_write_json, json_safe, load_result
 from dtrak_core.images import grid, save_png, to_pil
 
 PUBLISHED_CIFAR2 = {"l2": {"Random": 4.71, "TRAK": 5.90, "D-TRAK": 8.97},

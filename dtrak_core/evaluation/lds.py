@@ -28,7 +28,7 @@ import torch
 from scipy.stats import rankdata
 
 from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
-from dtrak_core.evaluation.retrain import load_result, save_result
+from dtrak_core.files import load_result, save_result
 
 GROUND_TRUTH = "lds_ground_truth.npz"  # the published masks and F (`save_ground_truth`)
 

@@ -16,10 +16,10 @@ images, plus D-TRAK / TRAK feature stores). Then:
    and noise seeds (`lds_run.LDSRun.ground_truth`), one result file per checkpoint (atomic,
    resumable, shardable). Every checkpoint must have the base model's architecture; a result
    records the weights file's checksum, so a checkpoint replaced later is noticed.
-4. `evaluate`: every registered method that runs on the folder (TRAK, D-TRAK and the paper's
+4. `lds_own_report.evaluate`: every registered method that runs on the folder (TRAK, D-TRAK and the paper's
    baselines) scored against it: tables.json / tables.md as `lds tables` writes them for the
    default, +- from the same `lds.SubsetBootstrap`, and which lambda the shipped answers use.
-5. `tune_lambda`: each store's lambda measured on the run (validation LDS; with no validation set,
+5. `lds_own_report.tune_lambda`: each store's lambda measured on the run (validation LDS; with no validation set,
    the generated samples, cross-fitted) recorded in the model folder's manifest (`tuned_lambda`),
    where `attribute`, `Attributor.load` and the app take it from.
 
@@ -42,84 +42,14 @@ import numpy as np
 import torch
 
 from dtrak_core.errors import IntegrityError, root_option
-from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, job_id, subset_masks
-from dtrak_core.evaluation.retrain import RetrainJob, load_result, run_jobs, save_result
-from dtrak_core.files import atomic_write_json, json_safe, read_json, sha256_file
+from dtrak_core.evaluation.lds_run import LDSConfig, LDSRun, job_id, read_masks, subset_masks
+from dtrak_core.evaluation.retrain import RetrainJob, run_jobs
+from dtrak_core.files import atomic_write_json, json_safe, load_result, read_json, save_result, sha256_file
 
 MASKS = "masks.npz"  # the run's subsets (M, N) bool, key "masks"
 JOBS = "jobs.json"  # what your training script trains: one entry per (subset, seed)
 CHECKPOINTS = "checkpoints.json"  # optional, in the checkpoints folder: {job id: folder}
 SAMPLE_BATCH = 256  # generated test samples per sampling batch
-TABLES_TITLE = "LDS of your model (checkpoints retrained by your training script)"
-
-
-# -- masks ----------------------------------------------------------------------------------------
-def read_masks(path: str, num_train: int) -> np.ndarray:
-    """(M, N) bool masks from `path`: a .npy of M x N booleans (or 0/1 integers), a .npz holding one
-    such array (key "masks", or its only array), or a .json of M lists of training indices (or
-    {"subsets": [...]}). Checked: two dimensions, N = num_train, M >= 3, every subset neither empty
-    nor the whole training set, no index out of range or repeated."""
-    def bad(problem: str, remedy: str = "write M x N booleans, one row per subset, N the training set's size"):
-        return ValueError(f"masks {path}: {problem}; {remedy}")
-
-    if not os.path.isfile(path):
-        raise ValueError(f"masks {path}: no such file; pass a .npy / .npz of M x N booleans or a .json of index lists")
-    if path.endswith(".json"):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-            raise bad(f"is not readable JSON ({type(e).__name__}: {e})", "write a JSON list of M lists of training "
-                      "indices") from None
-        lists = data.get("subsets") if isinstance(data, dict) else data
-        if not isinstance(lists, list) or not all(isinstance(r, list) for r in lists):
-            raise bad("expected a list of index lists (or {\"subsets\": [...]})", "write M lists of training indices")
-        masks = np.zeros((len(lists), num_train), dtype=bool)
-        for m, row in enumerate(lists):
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
-                raise bad(f"subset {m} holds a non-integer index", "write integer training indices")
-            idx = np.asarray(row, dtype=np.int64)
-            if len(idx) and (idx.min() < 0 or idx.max() >= num_train):
-                raise bad(f"subset {m} has an index outside 0..{num_train - 1} (the training set has {num_train} "
-                          f"images)", "index the training set in the order the model folder reads it")
-            if len(np.unique(idx)) != len(idx):
-                raise bad(f"subset {m} repeats an index", "list each training index once per subset")
-            masks[m, idx] = True
-    elif path.endswith((".npy", ".npz")):
-        try:
-            z = np.load(path, allow_pickle=False)
-            if isinstance(z, np.ndarray):  # .npy
-                arr = z
-            else:
-                with z:
-                    keys = list(z.files)
-                    if "masks" not in keys and len(keys) != 1:
-                        raise bad(f"holds arrays {keys}, none named 'masks'", "save the masks under the key 'masks'")
-                    arr = z["masks" if "masks" in keys else keys[0]]
-        except ValueError as e:
-            if str(e).startswith(f"masks {path}"):
-                raise
-            raise bad(f"cannot be read ({e})") from None
-        except (OSError, EOFError) as e:
-            raise bad(f"cannot be read ({type(e).__name__}: {e})") from None
-        if arr.ndim != 2:
-            raise bad(f"has shape {arr.shape}, not two dimensions (M, N)")
-        if arr.dtype != bool:
-            if not np.issubdtype(arr.dtype, np.integer) or not np.isin(arr, (0, 1)).all():
-                raise bad(f"has dtype {arr.dtype} with values other than 0 and 1")
-        masks = arr.astype(bool)
-    else:
-        raise bad("unknown file type", "use .npy, .npz or .json")
-    if masks.shape[1] != num_train:
-        raise bad(f"has {masks.shape[1]} columns but the training set has {num_train} images")
-    if masks.shape[0] < 3:
-        raise bad(f"has {masks.shape[0]} subsets; LDS needs at least 3")
-    sizes = masks.sum(1)
-    if (sizes == 0).any() or (sizes == num_train).any():
-        m = int(np.flatnonzero((sizes == 0) | (sizes == num_train))[0])
-        raise bad(f"subset {m} keeps {int(sizes[m])} of {num_train} images", "every subset must leave some images "
-                  "out and keep some")
-    return masks
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -380,38 +310,7 @@ def ground_truth(root: str, out_dir: str, checkpoints_dir: str, shard=(0, 1), pa
     return open_run(out_dir, root).measure(checkpoints_dir, shard, partial, device, show_bar)
 
 
-def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = None, num_bootstrap: int = 1000,
-             journey: bool = True, show_bar: bool = True) -> dict:
-    """Every registered method that can run on the model folder, scored against the run's ground
-    truth (at least 3 subsets with every seed measured): the methods table of `tables_report.tables`
-    at the stores' K (None: the K of the D-TRAK store) with the registry's successors (DAS, when the
-    folder has an `avg` store), and an ablation row per other output function with a store there;
-    the missing test-set features computed first (cached under out_dir). With `dest`:
-    dest/tables.json and dest/tables.md."""
-    from dtrak_core.evaluation import tables as bm
-    from dtrak_core.evaluation.tables_report import SHIPPED, tables
-
-    _require_subsets(out_dir, root)
-    bench = bm.Bench(out_dir, root, ablation_fns=(), ablation_Ks=(), ensemble_sizes=())
-    K = bench.base.K if K is None else K  # the K of the folder's D-TRAK store, by default
-    bench.method_Ks, bench.journey_K = (K,), K
-    for fn in ("loss", "square"):
-        bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
-    if journey and "generated" in bench.test_sets:
-        bm.journey_features(bench, bench.setting("loss", K), compute=True, show_bar=show_bar)
-    # the other output functions whose training store the folder has (same projection): the ablation rows
-    variants = tuple(fn for fn in bench.attributor.methods if fn not in ("loss", "square")
-                     and bench.setting(fn, K) in bench.features.registered)
-    for fn in variants:
-        bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
-    return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap,
-                  which=("methods", "ablation") if variants else ("methods",), title=TABLES_TITLE,
-                  annotate=lambda results: {SHIPPED: shipped_lambdas(root, out_dir, results)},
-                  ablation_fns=variants, ablation_Ks=(K,), method_Ks=(K,), ensemble_sizes=(), journey_K=K,
-                  successors=True)
-
-
-def _require_subsets(out_dir: str, root: str) -> None:
+def require_subsets(out_dir: str, root: str) -> None:
     from dtrak_core.evaluation.lds_run import collect
 
     done = len(collect(out_dir)["subsets"])
@@ -430,73 +329,6 @@ def is_own_run(out_dir: str) -> bool:
         return False
     setup = read_json(path, "LDS run setup", "prepare the run again")
     return isinstance(setup, dict) and bool(setup.get("subsets_given"))
-
-
-def tune_lambda(root: str, out_dir: str, dest: str | None = None, num_bootstrap: int = 200,
-                show_bar: bool = True) -> dict:
-    """Record in the model folder's manifest (`tuned_lambda`, through `ModelFolder.edit`, which
-    re-seals it) each store's lambda measured on this run: chosen on the validation LDS, or, with no
-    validation set, on the generated samples with its LDS cross-fitted (`tuning.tune_lambdas`).
-    `attribute`, `Attributor.load` and the app use it from then on. The run's report
-    (dest/tables.json and tables.md, dest None: out_dir), when written, is updated to say so.
-    Returns the recorded entries."""
-    from dtrak_core.evaluation import tables as bm
-    from dtrak_core.evaluation.tables_report import REPORT, SHIPPED, TABLES, format_report, load_tables
-    from dtrak_core.evaluation.tuning import tune_lambdas
-    from dtrak_core.files import atomic_write_bytes
-
-    if not is_own_run(out_dir):
-        raise ValueError(f"{out_dir!r} holds no LDS run of your checkpoints; write one with `python -m dtrak_core "
-                         f"lds-own prepare{root_option(root)} --out {out_dir}` (then ground-truth)")
-    _require_subsets(out_dir, root)
-    bench = bm.Bench(out_dir, root, tuned=False, ablation_fns=(), ablation_Ks=(), ensemble_sizes=())
-    for per_fn in bench.attributor.stores.values():  # every store's test-set features, cached under out_dir
-        for setting, _ in per_fn:
-            bench.features.compute(setting, show_bar=show_bar)
-    tuned = tune_lambdas(out_dir, root, num_bootstrap, bench=bench)
-    dest = out_dir if dest is None else dest
-    results = load_tables(os.path.join(dest, TABLES))
-    if results is not None:  # the report written by `evaluate`: it now names the recorded lambdas
-        results[SHIPPED] = shipped_lambdas(root, out_dir, results)
-        atomic_write_json(os.path.join(dest, TABLES), json_safe(results))
-        atomic_write_bytes(os.path.join(dest, REPORT), format_report(results).encode())
-    return tuned
-
-
-def shipped_lambdas(root: str, out_dir: str, results: dict | None = None) -> dict:
-    """{store slug (or sharpened method key): {"method", "lambda", "source", ...}}: the lambda the
-    shipped answers (`attribute`, `Attributor.load`, the app) use for each of the folder's stores now:
-    "recorded" (manifest `tuned_lambda`, with "chosen_on" and its "generated_lds"), or "rule" (the
-    data-free `scoring.default_lambda`; its generated-sample LDS read from `results`, the tables of
-    this run, when they have the cell; "record": the command that records a measured one)."""
-    from dtrak_core.attribution.features import FeatureSetting
-    from dtrak_core.attribution.scoring import default_lambda
-    from dtrak_core.folder import ModelFolder
-
-    folder = ModelFolder.load(root)
-    names = {"square": "d-trak", "loss": "trak"}
-    out = {}
-    for store in folder.open_stores():
-        setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
-        fn, slug = setting.output_fn, setting.slug
-        method = names.get(fn, fn)
-        entry = folder.tuned_lambda.get(slug)
-        if entry is not None:
-            out[slug] = {"method": method, "lambda": float(entry["lambda"]), "source": "recorded",
-                         "chosen_on": entry.get("chosen_on", "recorded"), "generated_lds": entry.get("generated_lds")}
-            continue
-        cell = None
-        for table, key in (("methods", f"{method}/K{setting.K}"), ("ablation", f"{fn}/K{setting.K}")):
-            cell = cell or ((results or {}).get(table, {}).get(key) or {}).get("generated")
-        rule = (cell or {}).get("default")
-        out[slug] = {"method": method, "lambda": default_lambda(store.features()), "source": "rule",
-                     "generated_lds": None if rule is None else rule["lds"],
-                     "record": f"python -m dtrak_core lds-own tune-lambda{root_option(root)} --out {out_dir}"}
-    for key, entry in folder.tuned_lambda.items():  # the sharpened methods' own lambdas (`methods.sharpened`)
-        if key not in out and "/" in key:
-            out[key] = {"method": key.split("/", 1)[0], "lambda": float(entry["lambda"]), "source": "recorded",
-                        "chosen_on": entry.get("chosen_on", "recorded"), "generated_lds": entry.get("generated_lds")}
-    return out
 
 
 # -- the counterfactual ---------------------------------------------------------------------------

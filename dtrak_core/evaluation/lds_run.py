@@ -39,16 +39,8 @@ from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
 from dtrak_core.errors import IntegrityError
-from dtrak_core.evaluation.retrain import (
-    RetrainJob,
-    load_result,
-    retrain,
-    run_job_groups,
-    run_jobs,
-    save_result,
-    train_many,
-)
-from dtrak_core.files import atomic_write_json, read_json
+from dtrak_core.evaluation.retrain import RetrainJob, retrain, run_job_groups, run_jobs, train_many
+from dtrak_core.files import atomic_write_json, load_result, read_json, save_result
 from dtrak_core.model.training import TrainConfig
 
 SETUP = "setup.json"
@@ -100,10 +92,77 @@ def run_masks(out_dir: str, setup: dict) -> np.ndarray:
     `lds_own`), else the drawn ones (`subset_masks` of its LDSConfig)."""
     config = LDSConfig(**setup["lds_config"])
     if setup.get("masks"):
-        from dtrak_core.evaluation.lds_own import read_masks  # (lds_own builds on this module)
-
         return read_masks(os.path.join(out_dir, setup["masks"]), setup["num_train"])
     return subset_masks(setup["num_train"], config.num_subsets, config.alpha, config.subset_seed)
+
+
+# -- masks given to a run ----------------------------------------------------------------------------------------
+def read_masks(path: str, num_train: int) -> np.ndarray:
+    """(M, N) bool masks from `path`: a .npy of M x N booleans (or 0/1 integers), a .npz holding one
+    such array (key "masks", or its only array), or a .json of M lists of training indices (or
+    {"subsets": [...]}). Checked: two dimensions, N = num_train, M >= 3, every subset neither empty
+    nor the whole training set, no index out of range or repeated."""
+    def bad(problem: str, remedy: str = "write M x N booleans, one row per subset, N the training set's size"):
+        return ValueError(f"masks {path}: {problem}; {remedy}")
+
+    if not os.path.isfile(path):
+        raise ValueError(f"masks {path}: no such file; pass a .npy / .npz of M x N booleans or a .json of index lists")
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise bad(f"is not readable JSON ({type(e).__name__}: {e})", "write a JSON list of M lists of training "
+                      "indices") from None
+        lists = data.get("subsets") if isinstance(data, dict) else data
+        if not isinstance(lists, list) or not all(isinstance(r, list) for r in lists):
+            raise bad("expected a list of index lists (or {\"subsets\": [...]})", "write M lists of training indices")
+        masks = np.zeros((len(lists), num_train), dtype=bool)
+        for m, row in enumerate(lists):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
+                raise bad(f"subset {m} holds a non-integer index", "write integer training indices")
+            idx = np.asarray(row, dtype=np.int64)
+            if len(idx) and (idx.min() < 0 or idx.max() >= num_train):
+                raise bad(f"subset {m} has an index outside 0..{num_train - 1} (the training set has {num_train} "
+                          f"images)", "index the training set in the order the model folder reads it")
+            if len(np.unique(idx)) != len(idx):
+                raise bad(f"subset {m} repeats an index", "list each training index once per subset")
+            masks[m, idx] = True
+    elif path.endswith((".npy", ".npz")):
+        try:
+            z = np.load(path, allow_pickle=False)
+            if isinstance(z, np.ndarray):  # .npy
+                arr = z
+            else:
+                with z:
+                    keys = list(z.files)
+                    if "masks" not in keys and len(keys) != 1:
+                        raise bad(f"holds arrays {keys}, none named 'masks'", "save the masks under the key 'masks'")
+                    arr = z["masks" if "masks" in keys else keys[0]]
+        except ValueError as e:
+            if str(e).startswith(f"masks {path}"):
+                raise
+            raise bad(f"cannot be read ({e})") from None
+        except (OSError, EOFError) as e:
+            raise bad(f"cannot be read ({type(e).__name__}: {e})") from None
+        if arr.ndim != 2:
+            raise bad(f"has shape {arr.shape}, not two dimensions (M, N)")
+        if arr.dtype != bool:
+            if not np.issubdtype(arr.dtype, np.integer) or not np.isin(arr, (0, 1)).all():
+                raise bad(f"has dtype {arr.dtype} with values other than 0 and 1")
+        masks = arr.astype(bool)
+    else:
+        raise bad("unknown file type", "use .npy, .npz or .json")
+    if masks.shape[1] != num_train:
+        raise bad(f"has {masks.shape[1]} columns but the training set has {num_train} images")
+    if masks.shape[0] < 3:
+        raise bad(f"has {masks.shape[0]} subsets; LDS needs at least 3")
+    sizes = masks.sum(1)
+    if (sizes == 0).any() or (sizes == num_train).any():
+        m = int(np.flatnonzero((sizes == 0) | (sizes == num_train))[0])
+        raise bad(f"subset {m} keeps {int(sizes[m])} of {num_train} images", "every subset must leave some images "
+                  "out and keep some")
+    return masks
 
 
 def job_id(m: int, seed: int) -> str:

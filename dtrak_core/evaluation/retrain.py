@@ -19,10 +19,7 @@ per model; AdamW is elementwise, so one AdamW over the stacked tensors is M inde
 from __future__ import annotations
 
 import copy
-import io
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,8 +29,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from dtrak_core.errors import Cancelled, IntegrityError
-from dtrak_core.files import atomic_write_bytes
+from dtrak_core.errors import Cancelled
+from dtrak_core.files import load_result, save_result
 from dtrak_core.model.training import TrainConfig, batch_stream, train
 from dtrak_core.model.unet import build_unet
 
@@ -118,33 +115,6 @@ def train_many(train_images: torch.Tensor, keeps, seeds, scheduler, config: Trai
         unet.eval()
         out.append(unet)
     return out
-
-
-def save_result(path: str, **arrays) -> None:
-    """Atomically write a .npz of the given arrays."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_result(path: str, keys=()) -> dict:
-    """The arrays of a result written by `save_result` (each read whole, so the zip's CRCs are
-    checked); an `IntegrityError` (a ValueError) naming the file when it is unreadable, damaged or
-    lacks one of `keys` (results are written atomically, so a killed run never leaves a partial one)."""
-    try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise IntegrityError(path, "is missing", "rerun the command that writes it") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise IntegrityError(path, f"is not a readable result file ({type(e).__name__}: {e}): it is truncated or "
-                             f"corrupt",
-                             "delete it and rerun the same command to recompute that job") from None
-    missing = [k for k in keys if k not in arrays]
-    if missing:
-        raise IntegrityError(path, f"(result file) lacks {', '.join(missing)}: it is corrupt, or not this harness's",
-                             "delete it and rerun the same command to recompute that job")
-    return arrays
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -5,12 +5,12 @@ Resumable steps, each computing into a git-ignored run folder (default
 assets/benchmarks/lds_run/study) and skipping what is already there; every step can be stopped
 and rerun (`--minutes` bounds one call, so long work runs in short chunks):
 
-    python -m dtrak_core.evaluation.study gradients --output-fn square loss avg --minutes 4
-    python -m dtrak_core.evaluation.study kernels --output-fn square loss avg
-    python -m dtrak_core.evaluation.study residuals
-    python -m dtrak_core.evaluation.study kfac           # EK-FAC, 4 (timestep, noise) draws per image per pass
-    python -m dtrak_core.evaluation.study lds            # -> <run>/study.json, <run>/study.md
-    python -m dtrak_core.evaluation.study publish        # -> assets/benchmarks/study.*, rows in tables.*
+    python -m dtrak_core study gradients --output-fn square loss avg --minutes 4
+    python -m dtrak_core study kernels --output-fn square loss avg
+    python -m dtrak_core study residuals
+    python -m dtrak_core study kfac           # EK-FAC, 4 (timestep, noise) draws per image per pass
+    python -m dtrak_core study lds            # -> <run>/study.json, <run>/study.md
+    python -m dtrak_core study publish        # -> assets/benchmarks/study.*, rows in tables.*
 
     <run>/grads/<set>/<setting>/      full per-sample gradients (FeatureStore, N x d float32)
     <run>/kernels/<setting>-<proj>.npz  Gram and cross Gram matrices (exact, or JL-projected to k)
@@ -23,7 +23,6 @@ test sets: the 297 validation digits and the 256 generated samples it holds.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -119,7 +118,7 @@ class Study:
 
         path = self.grad_path(set_name, setting)
         if not os.path.isdir(path):
-            raise ValueError(f"no gradients at {path}; compute them with `python -m dtrak_core.evaluation.study "
+            raise ValueError(f"no gradients at {path}; compute them with `python -m dtrak_core study "
                              f"gradients --output-fn {setting.output_fn}`")
         return FeatureStore.open(path, verify=False).features()
 
@@ -131,7 +130,7 @@ class Study:
     def kernels(self, setting: GradientSetting, k: int | None = None) -> dict:
         """Gram matrix of the training gradients and cross Gram matrices of both test sets, exact
         (k=None) or of sparse-JL projections to k (seed 42, as the stores), cached in the run folder."""
-        from dtrak_core.evaluation.retrain import load_result, save_result
+        from dtrak_core.files import load_result, save_result
 
         path = self.kernel_path(setting, k)
         if os.path.isfile(path):
@@ -155,7 +154,7 @@ class Study:
         """(N, 100) eps-MSE of every training image at 100 timesteps (one noise draw), cached."""
         from dtrak_core.attribution.das import training_losses
         from dtrak_core.evaluation.lds_run import eval_timesteps
-        from dtrak_core.evaluation.retrain import load_result, save_result
+        from dtrak_core.files import load_result, save_result
 
         path = os.path.join(self.run_dir, "residuals.npz")
         if os.path.isfile(path):
@@ -288,7 +287,7 @@ class Study:
         for fn in ("square", "loss", "avg"):
             setting = GradientSetting(fn, 100)
             if not have(setting):
-                missing.append(f"python -m dtrak_core.evaluation.study gradients --output-fn {fn}")
+                missing.append(f"python -m dtrak_core study gradients --output-fn {fn}")
                 continue
             for k in (None,) + SWEEPS[fn]:
                 name = f"{fn}/{'exact' if k is None else f'k{k}'}"
@@ -308,7 +307,7 @@ class Study:
             if not want("das"):
                 break
             if not have(setting):
-                missing.append("python -m dtrak_core.evaluation.study gradients --output-fn avg"
+                missing.append("python -m dtrak_core study gradients --output-fn avg"
                                + (" --unit-timesteps" if setting.normalize_timesteps else ""))
                 continue
             for k in (None, 2048):
@@ -416,15 +415,15 @@ def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benc
 
     path = os.path.join(run_dir, RESULTS)
     if not os.path.isfile(path):
-        raise ValueError(f"no {path}; compute it with `python -m dtrak_core.evaluation.study lds`")
-    cells = read_json(path, "study results", "rerun `python -m dtrak_core.evaluation.study lds`")["cells"]
+        raise ValueError(f"no {path}; compute it with `python -m dtrak_core study lds`")
+    cells = read_json(path, "study results", "rerun `python -m dtrak_core study lds`")["cells"]
     tables_path = os.path.join(dest, TABLES_JSON)
     t = load_tables(tables_path)
     if t is None:
         raise ValueError(f"no {tables_path}; write the tables first with `python -m dtrak_core lds tables`")
     residual_seconds = 0.0
     if os.path.isfile(os.path.join(run_dir, "residuals.npz")):
-        from dtrak_core.evaluation.retrain import load_result
+        from dtrak_core.files import load_result
 
         residual_seconds = float(load_result(os.path.join(run_dir, "residuals.npz"))["seconds"])
     rows = []
@@ -436,7 +435,7 @@ def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benc
         scoring = cost["score_seconds"] + cost.get("kernel_seconds", 0.0) + (residual_seconds if name.startswith("das") else 0.0)
         rows.append({"cell": name, "label": label, "validation": c["validation"], "generated": c["generated"],
                      "feature_seconds": cost["gradient_seconds"] or 0.0, "scoring_seconds": scoring})
-    t[BEYOND] = {"rows": rows, "source": "python -m dtrak_core.evaluation.study lds, then publish"}
+    t[BEYOND] = {"rows": rows, "source": "python -m dtrak_core study lds, then publish"}
     from dtrak_core.checksums import seal
     from dtrak_core.files import atomic_write_bytes
 
@@ -515,30 +514,17 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dtrak_core.evaluation.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["gradients", "kernels", "residuals", "kfac", "lds", "publish"])
-    parser.add_argument("--run", default=DEFAULT_RUN, help="run folder (git-ignored)")
-    parser.add_argument("--root", default="assets", help="the default model folder")
-    parser.add_argument("--output-fn", nargs="+", default=["square", "loss", "avg"])
-    parser.add_argument("--K", type=int, default=100)
-    parser.add_argument("--k", nargs="+", default=None, help="kernels: projection dims ('exact' included by default)")
-    parser.add_argument("--unit-timesteps", action="store_true", help="normalise each timestep's gradient (DAS code)")
-    parser.add_argument("--samples", type=int, default=KFAC_SAMPLES, help="kfac: draws per image per pass")
-    parser.add_argument("--only", nargs="+", default=None, help="lds: cells whose name starts with these")
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--redo", action="store_true", help="lds: recompute cells already in study.json")
-    parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this long (resume later)")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+def run_step(args) -> None:
+    """One step of the study (`python -m dtrak_core study STEP`, the options as cli.py defines them)."""
+    run = DEFAULT_RUN if args.run is None else args.run
+    samples = KFAC_SAMPLES if args.samples is None else args.samples
     torch.set_num_threads(args.threads)
     deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
     if args.step == "publish":
-        for row in publish(args.run)["rows"]:
+        for row in publish(run)["rows"]:
             print(row["label"], {s: round(row[s]["honest"]["lds"], 1) for s in TEST_SETS})
         return
-    study = Study(args.run, args.root)
+    study = Study(run, args.root)
     if args.step == "gradients":
         for fn in args.output_fn:
             if not study.gradients(GradientSetting(fn, args.K, args.unit_timesteps), deadline):
@@ -556,10 +542,6 @@ def main(argv=None) -> None:
     elif args.step == "residuals":
         print(study.residual_losses().shape)
     elif args.step == "kfac":
-        print(f"EK-FAC fitted in {study.ekfac(args.samples).fit_seconds_:.0f} s")
+        print(f"EK-FAC fitted in {study.ekfac(samples).fit_seconds_:.0f} s")
     else:
         print(format_report(study.lds(args.bootstrap, args.only, args.redo)))
-
-
-if __name__ == "__main__":
-    main()

@@ -28,7 +28,7 @@ from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
 TABLES = "tables.json"
 REPORT = "tables.md"
 BEYOND = "beyond"  # rows beyond the paper's methods, from `evaluation.study` (same ground truth and bootstrap)
-SHIPPED = "shipped_lambda"  # the lambda `attribute`, the API and the app use per store (`lds_own.shipped_lambdas`)
+SHIPPED = "shipped_lambda"  # the lambda `attribute`, the API and the app use per store (`lds_own_report.shipped_lambdas`)
 
 def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_bootstrap: int = 1000,
            which=("methods", "ablation", "ensembles"), title: str | None = None, annotate=None,
@@ -38,7 +38,7 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
     run_dir: the model's LDS run; root: its model folder (None: `folder.default_root()`);
     num_bootstrap: resamples of the subsets behind each +-; which: the tables to (re)compute;
     title: the report's heading (None: the embedded default's); annotate: a function of the
-    results adding keys to them before they are written (e.g. `lds_own`'s "shipped_lambda");
+    results adding keys to them before they are written (e.g. `lds_own_report`'s "shipped_lambda");
     `bench_options` go to `Bench` (which output functions, K, ensemble sizes).
     """
     bench = Bench(run_dir, root, **bench_options)
@@ -69,7 +69,7 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
     return out
 
 
-TABLES_REMEDY = ("rewrite it with `python -m dtrak_core lds tables` (and `python -m dtrak_core.evaluation.study "
+TABLES_REMEDY = ("rewrite it with `python -m dtrak_core lds tables` (and `python -m dtrak_core study "
                  "publish` for its 'beyond' rows), which record its checksum in it")
 
 
@@ -171,7 +171,7 @@ def format_report(t: dict) -> str:
         lines.append("")
     if t.get(BEYOND):
         lines += ["## Beyond the paper (K=100, one model): exact kernels, DAS, EK-FAC influence", "",
-                  "Written by `python -m dtrak_core.evaluation.study publish`; the regulariser or damping of each "
+                  "Written by `python -m dtrak_core study publish`; the regulariser or damping of each "
                   "row is cross-fitted like lambda above; seconds on one thread (features: train + both test sets; "
                   "scoring: kernels or curvature, then every test sample's scores).", "",
                   "| method | validation | generated | features s | scoring s |", "|---|---|---|---|---|"]

@@ -11,15 +11,33 @@
     attributor   TextToImageAttributor: a text-to-image model folder queried by (image, prompt)
     build        the embedded miniature (assets/text2image) and folders for your own SD + LoRA
     lds          LDS with LoRA retrains on half subsets
-    cli          the build-text2image, generate-text2image and lds-text2image commands
+    cli          the build-text2image, generate-text2image and lds-text2image commands of `python -m dtrak_core`
     app_views    the app's page for a text-to-image folder (`DTRAK_ASSETS=assets/text2image python app.py`)
 
     from dtrak_core.text2image import TextToImageAttributor
     attributor = TextToImageAttributor.load("assets/text2image")
     image = attributor.generate([0], "a handwritten digit 7")[0]
     attributor.attribute(image, "d-trak", prompt="a handwritten digit 7").proponents(5)
+
+The names below are imported on first use (PEP 562), so the command line can register the
+text-to-image commands (`cli`) without loading torch or transformers.
 """
-from dtrak_core.text2image.attributor import TextToImageAttributor  # noqa: F401
-from dtrak_core.text2image.pipeline import TextToImagePipeline  # noqa: F401
+import importlib
+import os
+
+MINIATURE_ROOT = os.path.join("assets", "text2image")  # where the embedded miniature lives (`build-text2image`)
+
+_EXPORTS = {
+    "TextToImageAttributor": "dtrak_core.text2image.attributor",
+    "TextToImagePipeline": "dtrak_core.text2image.pipeline",
+}
 
 __all__ = ["TextToImageAttributor", "TextToImagePipeline"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

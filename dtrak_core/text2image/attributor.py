@@ -5,8 +5,8 @@ and the feature stores of that set, queried by (image, prompt) and method name.
     image = attributor.generate([0], "a handwritten digit 7")[0]
     result = attributor.attribute(image, "d-trak", prompt="a handwritten digit 7")
 
-It is an `Attributor` (same methods, stores, scorers and lambdas); what differs is the query: an
-image and its prompt, encoded by the VAE and the text encoder before the LoRA gradients are taken.
+It shares `Attributor`'s stores, scorers and lambdas (`base.StoreAttributor`); what differs is the
+query: an image and its prompt, encoded by the VAE and the text encoder before the LoRA gradients are taken.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from dtrak_core.attribution.attributor import Attribution, Attributor
+from dtrak_core.attribution.base import Attribution, StoreAttributor
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.output_functions import canonical_name
-from dtrak_core.attribution.store import FeatureStore
+from dtrak_core.attribution.store import FeatureStore, open_stores
 from dtrak_core.errors import IntegrityError
 from dtrak_core.folder import ModelFolder
 from dtrak_core.shared import OnceCache
@@ -113,7 +113,7 @@ def changed_weights(folder: ModelFolder, base: TextToImagePipeline, pipeline: Te
                           f"is corrupt)", f"restore the pipeline and LoRA files, {rebuild_pipeline}")
 
 
-class TextToImageAttributor(Attributor):
+class TextToImageAttributor(StoreAttributor):
     """One LoRA-adapted pipeline, its captioned fine-tuning set and its stores."""
 
     def __init__(self, pipeline: TextToImagePipeline, train: CaptionedDataset, stores: list[FeatureStore],
@@ -127,12 +127,7 @@ class TextToImageAttributor(Attributor):
         self.root = None
         self.lam = lam
         self.tuned_lambdas = dict(tuned_lambdas or {})
-        self.stores = {}
-        ckpt = pipeline.weights_hash()
-        for store in stores:
-            setting = FeatureSetting(**{f: store.metadata[f] for f in FeatureSetting.__dataclass_fields__})
-            store.check_identity(FeatureStore.identity(setting, ckpt, train.fingerprint))
-            self.stores.setdefault(setting.output_fn, []).append((setting, store))
+        self._index_stores(stores, pipeline.weights_hash(), train.fingerprint)
         self._scorers, self._featurizers = OnceCache(), OnceCache()
 
     @classmethod
@@ -147,7 +142,7 @@ class TextToImageAttributor(Attributor):
         except ValueError as e:
             raise ValueError(f"{folder.path}: {e}") from None
         guidance = folder.extra.get("guidance_scale", DEFAULT_GUIDANCE)
-        attributor = cls(pipeline, train, folder.open_stores(), tuned_lambdas=folder.tuned_lambdas(),
+        attributor = cls(pipeline, train, open_stores(folder), tuned_lambdas=folder.tuned_lambdas(),
                          guidance_scale=float(guidance))
         attributor.root = folder.root
         return attributor
@@ -164,6 +159,12 @@ class TextToImageAttributor(Attributor):
 
     def featurizer(self, setting: FeatureSetting) -> ConditionalFeaturizer:
         return self._featurizers.get(setting, lambda: ConditionalFeaturizer(self.unet, self.scheduler, setting))
+
+    def gradient_inputs(self, images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict]:
+        """(VAE latents, {"encoder_hidden_states": text hidden states}) of query images (B, C, H, W)
+        in [-1, 1] and their prompts (one per image): what the LoRA-gradient featurizers take."""
+        captioned = CaptionedInputs.of(self.pipeline, images, prompts)
+        return captioned.latents, {"encoder_hidden_states": captioned.contexts}
 
     def query_features(self, images: torch.Tensor, prompts, setting: FeatureSetting) -> torch.Tensor:
         expected = self.image_shape

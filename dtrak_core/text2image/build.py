@@ -31,6 +31,7 @@ from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.folder import ModelFolder
 from dtrak_core.model.unet import count_parameters
+from dtrak_core.text2image import MINIATURE_ROOT
 from dtrak_core.text2image.attributor import KIND, component_hashes
 from dtrak_core.text2image.data import CaptionedDataset, digit_caption, load_captioned_dataset, load_digit_captions
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer, featurize_fn
@@ -48,7 +49,6 @@ from dtrak_core.text2image.training import (
     train_vae,
 )
 
-MINIATURE_ROOT = os.path.join("assets", "text2image")
 PRETRAIN_DIGITS = tuple(range(5))  # the base model's data
 FINETUNE_DIGITS = tuple(range(5, 10))  # the LoRA's data: what is attributed
 FINETUNE_SPEC = {"digits": list(FINETUNE_DIGITS), "split": "train"}

@@ -1,4 +1,5 @@
-"""Command-line commands for text-to-image model folders (registered by dtrak_core.cli).
+"""Command-line commands for text-to-image model folders (registered by dtrak_core.cli; this module
+imports torch only inside a command, so `-h` answers at once).
 
     python -m dtrak_core build-text2image                        # the miniature -> assets/text2image
     python -m dtrak_core build-text2image --root R --pipeline SD --lora L --data IMAGES
@@ -12,9 +13,7 @@ import json
 import os
 import time
 
-import torch
-
-from dtrak_core.text2image.build import MINIATURE_ROOT
+from dtrak_core.text2image import MINIATURE_ROOT
 
 LDS_OUT = os.path.join(MINIATURE_ROOT, "lds")
 
@@ -51,8 +50,9 @@ def cmd_generate(args):
           f"guidance {attributor.guidance_scale if args.guidance is None else args.guidance})")
 
 
-def query(attributor, args) -> tuple[torch.Tensor, dict]:
-    """The image `attribute --prompt` asks about: a generated sample (--seed) or a file (--image)."""
+def query(attributor, args) -> tuple:
+    """(image (C, H, W), what it is) that `attribute --prompt` asks about: a generated sample (--seed)
+    or a file (--image)."""
     if not args.prompt:
         raise ValueError(f"{args.root!r} is a text-to-image model folder: give the query's --prompt "
                          f"(e.g. --prompt \"a handwritten digit 7\")")
@@ -66,6 +66,8 @@ def query(attributor, args) -> tuple[torch.Tensor, dict]:
 
 def cmd_lds(args):
     from dataclasses import replace
+
+    import torch
 
     from dtrak_core.evaluation.retrain import parse_shard
     from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe

@@ -30,8 +30,8 @@ from dtrak_core.attribution.similarity import ip_norms
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.evaluation.lds import lambda_study, lds
 from dtrak_core.evaluation.lds_run import TEST_SETS, LDSConfig, LDSRun, collect, compact_losses, eval_timesteps
-from dtrak_core.evaluation.retrain import RetrainJob, load_result
-from dtrak_core.files import atomic_write_bytes
+from dtrak_core.evaluation.retrain import RetrainJob
+from dtrak_core.files import atomic_write_bytes, load_result
 from dtrak_core.text2image.data import CaptionedDataset, digit_caption, load_digit_captions
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer, featurize_fn
 from dtrak_core.text2image.lora import lora_state_dict

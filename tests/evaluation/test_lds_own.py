@@ -13,7 +13,7 @@ from PIL import Image
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.build import build_from
 from dtrak_core.cli import main
-from dtrak_core.evaluation import lds_own
+from dtrak_core.evaluation import lds_own, lds_own_report, lds_run
 from dtrak_core.evaluation.lds import lds
 from dtrak_core.evaluation.lds_run import LDSConfig, collect
 
@@ -124,7 +124,7 @@ def test_ground_truth_and_lds_of_user_retrained_checkpoints(own, tmp_path, capsy
     assert -100 <= t["methods"]["das"]["generated"]["lds"] <= 100  # the registry's successor, over the avg store
     assert set(t["ablation"]) == {"avg/K2"}  # another output function with a store in the folder
     assert "| das |" in report and "| avg |" in report
-    assert report.startswith(f"# {lds_own.TABLES_TITLE}") and "| d-trak |" in report and "validation digits" not in report
+    assert report.startswith(f"# {lds_own_report.TABLES_TITLE}") and "| d-trak |" in report and "validation digits" not in report
     # the missing Journey-TRAK cell names the command that fills it for this run, with its --root and --out
     assert f"python -m dtrak_core lds-own evaluate --root {root} --out {run_dir}" in report
     assert "lds features --journey" not in report
@@ -176,14 +176,14 @@ def test_masks_are_validated(own, tmp_path, capsys):
                        (np.ones((2, N), dtype=bool), "at least 3"), (np.ones(N, dtype=bool), "two dimensions")):
         np.save(wrong, bad)
         with pytest.raises(ValueError, match=match):
-            lds_own.read_masks(str(wrong), N)
+            lds_run.read_masks(str(wrong), N)
     lists = tmp_path / "subsets.json"
     json.dump([[0, 1, 2], [3, 4], [5, 6, 7, 8]], open(lists, "w"))
-    m = lds_own.read_masks(str(lists), N)
+    m = lds_run.read_masks(str(lists), N)
     assert m.shape == (3, N) and m.sum() == 9 and m[2, 8]
     json.dump([[0, N]], open(lists, "w"))
     with pytest.raises(ValueError, match="outside"):
-        lds_own.read_masks(str(lists), N)
+        lds_run.read_masks(str(lists), N)
     # a user's masks drive the jobs and the ground truth's masks
     given = np.zeros((3, N), dtype=bool)
     given[0, :12], given[1, 12:], given[2, ::2] = True, True, True
@@ -297,12 +297,12 @@ def test_with_a_validation_set_the_lambda_is_chosen_on_it(own, tmp_path):
     run = str(tmp_path / "run")
     lds_own.prepare(mine, run, TINY_LDS, validation=ModelFolder.load(mine).dataset["folder"])
     lds_own.ground_truth(mine, run, ckpts, show_bar=False)  # the same masks: the same checkpoints
-    tuned = lds_own.tune_lambda(mine, run, num_bootstrap=10, show_bar=False)
+    tuned = lds_own_report.tune_lambda(mine, run, num_bootstrap=10, show_bar=False)
     entry = ModelFolder.load(mine).tuned_lambda["square-K2-sparse-jl-k16-s42"]
     assert entry == json.loads(json.dumps(tuned["square-K2-sparse-jl-k16-s42"]))
     assert entry["chosen_on"] == "validation LDS, 4 subsets" and -100 <= entry["validation_lds"] <= 100
     with pytest.raises(ValueError, match="holds no LDS run of your checkpoints"):
-        lds_own.tune_lambda(mine, str(tmp_path / "nothing"))
+        lds_own_report.tune_lambda(mine, str(tmp_path / "nothing"))
 
 
 def test_seeds_are_named_for_what_they_seed(own, tmp_path):

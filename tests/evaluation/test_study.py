@@ -19,7 +19,7 @@ def test_study_report_has_each_table_and_cost():
              "ekfac/loss-x-loss": {**_cell(57.6, 41.4), "relative_damping": {"validation": [1e-3, 1e-3], "generated": [2e-3, 1e-3]},
                                    "cost": {"fit_seconds": 357, "score_seconds": 400}}}
     text = format_report({"cells": cells, "subsets": 64, "test_sets": {"validation": 297, "generated": 256},
-                          "missing": ["python -m dtrak_core.evaluation.study gradients --output-fn avg"]})
+                          "missing": ["python -m dtrak_core study gradients --output-fn avg"]})
     lines = text.splitlines()
     k2048 = next(i for i, l in enumerate(lines) if l.startswith("| square | k2048 |"))
     assert lines[k2048 + 1].startswith("| square | exact |")  # exact after every k

@@ -170,7 +170,8 @@ def test_bench_refuses_a_run_of_another_model(tiny_bench, tmp_path):
 
 
 def test_tuned_lambda_is_chosen_on_validation_and_used_by_default(tiny_bench):
-    from dtrak_core.attribution.attributor import RULE, Attributor
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.base import RULE
     from dtrak_core.attribution.scoring import default_lambda
 
     root, run_dir, _ = tiny_bench

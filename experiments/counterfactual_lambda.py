@@ -17,9 +17,9 @@ same dependence for the `avg` store's ranking, the ranking of the app's default 
 Same model, recipe and sampler as the harness (`counterfactual.retrain_and_measure`); jobs are
 resumable and shardable, one .npz each, in assets/benchmarks/counterfactual_lambda/jobs/.
 
-    python benchmarks/counterfactual_lambda.py run --targets tune [--shard 0/2]   # 36 retrains, 1-4 min each
-    python benchmarks/counterfactual_lambda.py run --targets report --lambdas 0.2 [--shard 0/2]
-    python benchmarks/counterfactual_lambda.py                                     # the tables from the jobs
+    python experiments/counterfactual_lambda.py run --targets tune [--shard 0/2]   # 36 retrains, 1-4 min each
+    python experiments/counterfactual_lambda.py run --targets report --lambdas 0.2 [--shard 0/2]
+    python experiments/counterfactual_lambda.py                                     # the tables from the jobs
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def lds_at(lambdas) -> dict[float, dict]:
 
 def report() -> None:
     print(machine_line())
-    rows = read_json(SHARPENING, "sharpening benchmark", "run python benchmarks/sharpening.py --write")
+    rows = read_json(SHARPENING, "sharpening benchmark", "run python experiments/sharpening.py --write")
     dtrak = next(r for r in rows["lds_sharpened_scores"] if r["method"] == "D-TRAK, s")
     print(f"LDS x 100 of `{STORE}`, sharpened, at each fixed lambda (K = 100; no LDS data picks it), "
           f"and its ratio to D-TRAK's (honest lambda, {os.path.relpath(SHARPENING, ROOT)})")
@@ -166,7 +166,7 @@ def report() -> None:
                         print(f"    lambda {lam:g} vs it: further on {100 * np.mean(diff > 0):.0f}% of {len(diff)}, "
                               f"median difference {np.median(diff):+.2f}, Wilcoxon p {wilcoxon(diff).pvalue:.2g}")
     if picked is not None and not jobs_of(picked, TARGETS["report"]):
-        print(f"next: python benchmarks/counterfactual_lambda.py run --targets report --lambdas {picked:g}")
+        print(f"next: python experiments/counterfactual_lambda.py run --targets report --lambdas {picked:g}")
 
 
 def main():

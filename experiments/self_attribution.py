@@ -4,7 +4,7 @@ For 100 training images (every 15th), attribute the image itself against the ful
 report the share whose own index is the top-1 / in the top-5 / top-10 proponents, per method,
 with the end-to-end time per image.
 
-    python benchmarks/self_attribution.py [--root assets] [--methods square loss]
+    python experiments/self_attribution.py [--root assets] [--methods square loss]
 """
 import argparse
 import os

@@ -14,7 +14,7 @@ opponents as well as the strongest proponents. For each DAS job, the share of th
 whose *signed* score (DAS before squaring: the `avg` store's TRAK score at DAS's lambda times a
 positive residual weight) is negative.
 
-    python benchmarks/das_counterfactual.py
+    python experiments/das_counterfactual.py
 """
 from __future__ import annotations
 

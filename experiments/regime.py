@@ -15,8 +15,8 @@ Two measures, per model folder:
   the median distance of validation images to theirs: well below 1 for a model that reproduces its
   training images, about 1 for one whose samples are as new as unseen real images.
 
-    python benchmarks/regime.py                       # the digits (assets/)
-    python benchmarks/regime.py --root assets/fashion
+    python experiments/regime.py                       # the digits (assets/)
+    python experiments/regime.py --root assets/fashion
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ scores from them (dual form, same lambda rule), and the scores after sparse-JL a
 projection to several k. Prints the mean Spearman correlation with the exact scores, the top-10
 overlap, and the store size per k. The default k is the smallest whose Spearman is >= 0.99.
 
-    python benchmarks/choose_k.py [--method square] [--K 10] [--queries 32]
+    python experiments/choose_k.py [--method square] [--K 10] [--queries 32]
 """
 import argparse
 import os

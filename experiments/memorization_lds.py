@@ -14,7 +14,7 @@ train/validation loss 0.17, loss-gradient shrinkage 0.78) and measures LDS there
 
 Resumable (an LDS run folder under runs/memorization/ by default; rerun the same command).
 
-    python benchmarks/memorization_lds.py [--subsets 24] [--out runs/memorization]
+    python experiments/memorization_lds.py [--subsets 24] [--out runs/memorization]
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ transforms of the shipped stores' scores s (k = 2048, K = 100) that keep the sig
   its ratio to the signed score, and the registry's own scores at the folder's tuned lambda
   (through `methods.scores`, as the app and the CLI compute them).
 
-    python benchmarks/sharpening.py            # ~3 min on 2 cores (query features are cached in the LDS run)
-    python benchmarks/sharpening.py --write    # also assets/benchmarks/sharpening.json (the app's Benchmarks tab)
+    python experiments/sharpening.py            # ~3 min on 2 cores (query features are cached in the LDS run)
+    python experiments/sharpening.py --write    # also assets/benchmarks/sharpening.json (the app's Benchmarks tab)
 """
 from __future__ import annotations
 

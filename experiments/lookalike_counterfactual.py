@@ -5,7 +5,7 @@ Paired per target, with Holm-adjusted p-values over every comparison of the tabl
 
     python -m dtrak_core counterfactual --rankings pixel-rbf --k 300 --targets 60 \\
         --out assets/benchmarks/lookalike_counterfactual --threads 1 --no-control   # runs / resumes the retrains
-    python benchmarks/lookalike_counterfactual.py                                  # the table (finished targets)
+    python experiments/lookalike_counterfactual.py                                  # the table (finished targets)
 """
 from __future__ import annotations
 

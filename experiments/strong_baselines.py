@@ -3,10 +3,10 @@
 signed, sharpened (s|s|) and rank-normalised (invariant to any monotone transform), every
 hyperparameter cross-fitted by the same rule (`dtrak_core.evaluation.evidence`).
 
-    python benchmarks/strong_baselines.py                 # the digits (assets/, its committed LDS run)
-    python benchmarks/strong_baselines.py --write         # also assets/benchmarks/evidence.json / evidence.md
-    python benchmarks/strong_baselines.py --root assets/fashion --run assets/fashion/lds --write
-    python benchmarks/strong_baselines.py --text2image --write    # the text-to-image miniature: pixels and VAE latents
+    python experiments/strong_baselines.py                 # the digits (assets/, its committed LDS run)
+    python experiments/strong_baselines.py --write         # also assets/benchmarks/evidence.json / evidence.md
+    python experiments/strong_baselines.py --root assets/fashion --run assets/fashion/lds --write
+    python experiments/strong_baselines.py --text2image --write    # the text-to-image miniature: pixels and VAE latents
 
 The gradient methods' test-set features are computed on first use and cached in the run folder
 (minutes per store); the model-free rows take seconds.
@@ -79,7 +79,7 @@ def text2image_candidates(root: str, run: str):
     from dtrak_core.attribution.attributor import Attributor
     from dtrak_core.attribution.scoring import default_lambda
     from dtrak_core.evaluation.lds_run import collect
-    from dtrak_core.evaluation.retrain import load_result
+    from dtrak_core.files import load_result
     from dtrak_core.text2image import lds as t2l
     from dtrak_core.text2image.features import CaptionedInputs
 

@@ -13,7 +13,7 @@ function's gradient 2 eps_theta^T d eps_theta does not shrink. This script measu
 for the default model and, as a contrast, for the same recipe trained on only 100 digits (a model
 that memorizes its training set), where saturation should show.
 
-    python benchmarks/saturation.py            # ~3 min on 2 cores
+    python experiments/saturation.py            # ~3 min on 2 cores
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ truth's timesteps and noise seeds. A model that fits its fine-tuning images much
 ones (memorises) is where D-TRAK's lead was largest on the pixel model (benchmarks/README.md,
 `memorization_lds.py`); a gap near zero means the loss gradient (TRAK) already carries the signal.
 
-    python benchmarks/text2image_ordering.py     # after `lds-text2image evaluate` (and `--K 10`)
+    python experiments/text2image_ordering.py     # after `lds-text2image evaluate` (and `--K 10`)
 
 Output of the committed run: results/text2image_ordering.txt.
 """
@@ -32,7 +32,7 @@ import torch
 from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.evaluation.lds import SubsetBootstrap, rank_corr
 from dtrak_core.evaluation.lds_run import TEST_SETS, LDSConfig, collect, eval_timesteps
-from dtrak_core.evaluation.retrain import load_result
+from dtrak_core.files import load_result
 from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.text2image.data import load_digit_captions
 from dtrak_core.text2image.features import CaptionedInputs
