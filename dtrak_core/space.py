@@ -13,8 +13,10 @@ what `python app.py` needs and nothing else, an allow-list of product files:
   .venv, .cache/huggingface/token), and never a symbolic link: a link among the files to ship is
   refused, naming it (a link could publish whatever it points to);
 
-- README.md: the project README, whose front matter configures the Space (checked: sdk gradio,
-  app_file app.py, sdk_version the installed gradio, short_description at most 60 characters);
+- README.md: a short card for visitors (`dtrak_core/ui/texts/space_card.md`, with docs/screenshot.png
+  as screenshot.png) under the project README's front matter, which configures the Space (checked:
+  sdk gradio, app_file app.py, sdk_version the installed gradio, short_description at most 60
+  characters); FULL_README.md: the project README itself;
 - app.py and the dtrak_core package (Python sources);
 - assets/: the model folders the app serves, the default one and every folder under it (model,
   feature stores, TracIn checkpoints, benchmark and counterfactual results; not the LDS runs'
@@ -62,6 +64,27 @@ def read_front_matter(text: str, where: str = "README.md") -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: its front matter is not a mapping of keys to values")
     return meta
+
+
+CARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui", "texts", "space_card.md")
+SCREENSHOT = os.path.join("docs", "screenshot.png")  # the card's picture (the Attribute tab at 1280x900)
+
+
+def _body(readme: str) -> str:
+    """The README without its front matter (the Space's config)."""
+    if readme.startswith("---"):
+        end = readme.find("\n---", 3)
+        if end != -1:
+            return readme[end + 4:].lstrip("\n")
+    return readme
+
+
+def space_card(readme: str) -> str:
+    """The Space's README: the project README's front matter (the Space's config) and a short card
+    for visitors (`ui/texts/space_card.md`), which links to the full README shipped beside it."""
+    front = readme[:len(readme) - len(_body(readme))].rstrip("\n")
+    with open(CARD, encoding="utf-8") as f:
+        return f"{front}\n\n{f.read()}"
 
 
 def check_front_matter(meta: dict, where: str = "README.md") -> None:
@@ -229,6 +252,7 @@ def export(dest: str, source: str = ".", assets: str | None = None) -> dict:
         raise ValueError(f"{dest} exists and is not an empty folder; export into a new folder")
     readme = open(os.path.join(source, "README.md"), encoding="utf-8").read()
     check_front_matter(read_front_matter(readme))
+    card = space_card(readme)
     requirements = space_requirements(open(os.path.join(source, "requirements.txt"), encoding="utf-8").read())
     tracked = git_tracked(source)
     if tracked is not None and "app.py" not in tracked:
@@ -254,7 +278,11 @@ def export(dest: str, source: str = ".", assets: str | None = None) -> dict:
         _copy_files(source, staging, ["app.py"])
         _copy_files(os.path.join(source, "dtrak_core"), os.path.join(staging, "dtrak_core"), code)
         _copy_files(assets, os.path.join(staging, "assets"), shipped)
-        atomic_write_bytes(os.path.join(staging, "README.md"), readme.encode("utf-8"))
+        atomic_write_bytes(os.path.join(staging, "README.md"), card.encode("utf-8"))
+        atomic_write_bytes(os.path.join(staging, "FULL_README.md"), _body(readme).encode("utf-8"))
+        if os.path.isfile(os.path.join(source, SCREENSHOT)):
+            _copy_files(source, staging, [SCREENSHOT])
+            os.replace(os.path.join(staging, SCREENSHOT), os.path.join(staging, "screenshot.png"))
         atomic_write_bytes(os.path.join(staging, "requirements.txt"), requirements.encode("utf-8"))
         patterns = lfs_patterns(staging)
         atomic_write_bytes(os.path.join(staging, ".gitattributes"),

@@ -148,7 +148,7 @@ def test_export_from_a_git_checkout_ships_tracked_product_files_only(checkout):
     tracked = subprocess.run(["git", "-C", str(repo), "ls-files"], capture_output=True, text=True).stdout.split()
     product = {f for f in tracked if f.startswith(("dtrak_core/", "assets/")) and not space._hidden(f)
                and "__pycache__" not in f}
-    assert files == product | {"app.py", "README.md", "requirements.txt", ".gitattributes"}
+    assert files == product | {"app.py", "README.md", "FULL_README.md", "requirements.txt", ".gitattributes"}
     assert "assets/manifest.json" in files and "dtrak_core/space.py" in files
 
 
@@ -223,3 +223,16 @@ def test_the_exported_app_starts_from_its_folder_alone(exported, tmp_path):
 
         out = Client(url, verbose=False).predict(3, 10, "square", 4, api_name="/attribute_seed")
         assert len(out["proponents"]) == 4 and out["n_train"] > 0
+
+
+def test_the_space_card_is_short_and_links_the_full_readme(exported):
+    """A visitor's card (the project README's front matter, what it does, three steps, a screenshot
+    when the checkout has one) with the project README shipped beside it."""
+    dest, _ = exported
+    card = open(os.path.join(dest, "README.md"), encoding="utf-8").read()
+    space.check_front_matter(space.read_front_matter(card))  # still the Space's config
+    assert len(card) < 3000 and "In three steps" in card and "(FULL_README.md)" in card
+    full = open(os.path.join(dest, "FULL_README.md"), encoding="utf-8").read()
+    assert full == space._body(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read())
+    has_shot = os.path.isfile(os.path.join(ROOT, space.SCREENSHOT))
+    assert os.path.isfile(os.path.join(dest, "screenshot.png")) == has_shot

@@ -117,6 +117,36 @@ def attribute_seed(seed: int, steps: int = 50, method: str | None = None, k: int
     return {**result.table(k), "query": query, "n_train": a.n_train}
 
 
+def method_about(method) -> str:
+    """One line under the method menu: the method's group, whether its scores are signed, whether it
+    is this folder's default, and what it scores by (all from the registry)."""
+    try:
+        m = registry.get(method)
+    except ValueError:
+        return ""
+    default = " · **the default**" if method == registry.default_method(assets().methods) else ""
+    sign = "signed: proponents and opponents" if m.signed else "unsigned: proponents only"
+    return f"*{m.group}* · {sign}{default} — {m.description}"
+
+
+SCALE_NOTE = (" The two rank the whole training set on different scales ({why}), so most of the {n:,} scores order "
+              "differently even where their top-{k} agree: compare the overlap, not ρ.")
+
+
+def scale_note(method_a: str, method_b: str, k: int, n: int) -> str:
+    """Why a high top-k overlap can come with a low rank correlation: a sharpened (s|s|) or unsigned
+    method beside a signed one."""
+    a, b = registry.get(method_a), registry.get(method_b)
+    sharp = [m for m in (a, b) if m in registry.sharpened(m.store or "")]
+    if a.signed != b.signed:
+        why = "one is signed, the other a similarity with no sign"
+    elif sharp and len(sharp) == 1:
+        why = f"{sharp[0].label} squares each score's size, s|s|, keeping its sign"
+    else:
+        return ""
+    return SCALE_NOTE.format(why=why, n=n, k=k)
+
+
 @readable
 def compare(q, method_a, method_b, k, progress=gr.Progress()):
     """Two methods on the same query: both top-k grids, their overlap and rank correlation."""
@@ -129,7 +159,7 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
     rho = sup.rank_correlation(ra.scores, rb.scores)
     text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: "
             f"top-{k} overlap **{overlap} of {k}**; Spearman rank correlation of all "
-            f"{len(ra.scores):,} scores **ρ = {rho:.3f}**.")
+            f"{len(ra.scores):,} scores **ρ = {rho:.3f}**." + scale_note(ra.method, rb.method, k, len(ra.scores)))
     return (training_cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
             training_cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"),
             text)
@@ -335,28 +365,31 @@ def create_ui(a) -> dict:
     second = next((m for m in ("square", "loss") if m in a.methods and m != default_method),
                   choices[-1][1] if choices else None)
     examples = example_uploads()
-    with gr.Row():
-        with gr.Column(scale=1, min_width=240):
+    # on a phone: the query, then its results, then the controls for an image of your own (texts/style.css)
+    with gr.Row(elem_id="attr-row"):
+        with gr.Column(scale=1, min_width=240, elem_id="attr-left"):
             query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
-                                 buttons=[], elem_classes="pixel")
+                                 buttons=[], elem_classes="pixel", elem_id="query-image")
             query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
                                      elem_id="query-info")
-            upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
-                             type="filepath", height=150, elem_id="upload")
-            sketch = gr.Sketchpad(label="Or draw a digit", type="pil", image_mode="RGBA",
-                                  canvas_size=(280, 280), height=260, elem_id="sketch",
-                                  brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"),
-                                  layers=False, transforms=(), visible=a.digits)
-            invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
-                                 info="set from each upload's border; untick or tick to override")
-            example_set = gr.Dataset(components=[gr.Image(render=False, type="filepath")],
-                                     samples=[[p] for p, _ in examples], label="Try an example upload",
-                                     type="index", visible=bool(examples), elem_id="example-uploads",
-                                     sample_labels=[c for _, c in examples] or None)
-        with gr.Column(scale=3, min_width=300):
+            with gr.Column(elem_id="own-image"):
+                upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
+                                 type="filepath", height=150, elem_id="upload")
+                sketch = gr.Sketchpad(label="Or draw a digit", type="pil", image_mode="RGBA",
+                                      canvas_size=(280, 280), height=260, elem_id="sketch",
+                                      brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"),
+                                      layers=False, transforms=(), visible=a.digits)
+                invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
+                                     info="set from each upload's border; untick or tick to override")
+                example_set = gr.Dataset(components=[gr.Image(render=False, type="filepath")],
+                                         samples=[[p] for p, _ in examples], label="Try an example upload",
+                                         type="index", visible=bool(examples), elem_id="example-uploads",
+                                         sample_labels=[c for _, c in examples] or None)
+        with gr.Column(scale=3, min_width=300, elem_id="attr-results"):
             with gr.Row():
                 method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
                 topk = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Top-k shown", min_width=200, elem_id="topk")
+            about = gr.Markdown(method_about(default_method), elem_id="method-about")
             summary = gr.Markdown(elem_id="summary")
             with gr.Accordion("How to read this", open=False):
                 gr.Markdown(texts.get("how_to_read.md"))
@@ -390,7 +423,7 @@ def create_ui(a) -> dict:
                 example_set=example_set, method=method, topk=topk, summary=summary, prop_gallery=prop_gallery,
                 opp_gallery=opp_gallery, drill_box=drill_box, drill=drill, use_btn=use_btn, close_btn=close_btn,
                 hist=hist, mass=mass, noise_text=noise_text, noise_plot=noise_plot, noise_cards=noise_cards,
-                method_b=method_b, compare_btn=compare_btn, compare_text=compare_text, gal_a=gal_a, gal_b=gal_b)
+                method_b=method_b, compare_btn=compare_btn, about=about, compare_text=compare_text, gal_a=gal_a, gal_b=gal_b)
 
 
 def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> None:
@@ -428,6 +461,7 @@ def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> No
     show_query(c["invert"].input(bind(use_upload), [c["upload"], c["invert"]], query_outputs, show_progress="hidden"))
     show_query(c["example_set"].click(bind(use_example), c["example_set"], [*query_outputs, c["invert"], c["upload"]],
                                       show_progress="hidden"))
+    c["method"].change(bind(method_about), c["method"], c["about"], queue=False, show_progress="hidden")
     for trigger in (c["method"].input, c["topk"].release):  # a burst of changes runs once, with the last value
         after_attribute(trigger(bind(attribute), attr_inputs, attr_outputs, trigger_mode="always_last", **busy))
     c["compare_btn"].click(bind(compare), cmp_inputs, cmp_outputs, concurrency_id="compute").success(

@@ -388,7 +388,8 @@ def create_ui(a) -> dict:
             cf_seed = gr.Number(0, precision=0, label="Target seed (set by clicking a sample)")
             cf_k = gr.Slider(1, max(1, n_train // 2), max(1, n_train // 5), step=1, label="Training images to remove")
             rank_a = gr.Dropdown(rankings, value=default_ranking, label="Ranking A")
-            rank_b = gr.Dropdown(rankings + [("none", NO_RANKING)], value=NO_RANKING,
+            # random beside the ranking by default: one L2 alone says nothing (its cost is in the estimate)
+            rank_b = gr.Dropdown(rankings + [("none", NO_RANKING)], value="random" if "random" in dict(rankings).values() else NO_RANKING,
                                  label="Ranking B (side by side; each one is a retrain)")
             cf_estimate = gr.Markdown(elem_id="cf-estimate")
             with gr.Row():
@@ -423,9 +424,17 @@ def create_ui(a) -> dict:
                 removed_b=removed_b, cf_examples=cf_examples, l2_html=l2_html)
 
 
+def follow_method(method, ranking):
+    """Ranking A follows the Attribute tab's method when the retrain accepts it."""
+    allowed = registry.counterfactual_rankings(assets().methods)
+    return method if method in allowed and method != "random" else ranking
+
+
 def create_event_handlers(c: dict, bind) -> None:
-    """c: the page's components (with the tab `cf_tab` and the states `query`, `cf_visited`);
-    bind(fn): fn run on this page's folder."""
+    """c: the page's components (with the tab `cf_tab`, the Attribute tab's `method` and the states
+    `query`, `cf_visited`); bind(fn): fn run on this page's folder."""
+    c["method"].change(bind(follow_method), [c["method"], c["rank_a"]], c["rank_a"], queue=False,
+                       show_progress="hidden")
     cf_outputs = [c[n] for n in ("before_img", "after_a", "after_b", "cf_table", "removed_a", "removed_b", "cf_shown",
                                  "cf_status")]
     plan_inputs = [c["cf_seed"], c["cf_k"], c["rank_a"], c["rank_b"]]

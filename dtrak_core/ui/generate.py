@@ -76,8 +76,8 @@ def select_sample(batch, evt: gr.SelectData):
 
 def create_ui(a) -> dict:
     """The tab's components (inside a gr.Tab)."""
-    with gr.Row():
-        with gr.Column(scale=1, min_width=260):
+    with gr.Row(elem_id="gen-row"):  # on a phone the samples come first (texts/style.css)
+        with gr.Column(scale=1, min_width=260, elem_id="gen-controls"):
             mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
             seed = gr.Number(0, precision=0, label="Seed", visible=False)
             with gr.Row() as range_row:
@@ -86,7 +86,7 @@ def create_ui(a) -> dict:
             count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
             steps = gr.Slider(1, sup.MAX_DDIM_STEPS, FIRST_STEPS, step=1, label="DDIM steps")
             gen_btn = gr.Button("Generate", variant="primary")
-        with gr.Column(scale=3):
+        with gr.Column(scale=3, elem_id="gen-samples"):
             gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
                         "training images made it." if a.digits else
                         "**Samples** (by seed). Click one to see which training images made it.")
