@@ -273,7 +273,7 @@ def _app_findings(app, kind, root, check) -> str:
     """What the app shows for the folder: its error page's text when it cannot load it, else every
     finding of its banner (the full check: every file read)."""
     if kind == "text2image":
-        from dtrak_core.text2image import app_views
+        from dtrak_core.ui import text2image as app_views
 
         app_views._folders = type(app_views._folders)()
         try:

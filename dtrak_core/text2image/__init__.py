@@ -12,7 +12,6 @@
     build        the embedded miniature (assets/text2image) and folders for your own SD + LoRA
     lds          LDS with LoRA retrains on half subsets
     cli          the build-text2image, generate-text2image and lds-text2image commands of `python -m dtrak_core`
-    app_views    the app's page for a text-to-image folder (`DTRAK_ASSETS=assets/text2image python app.py`)
 
     from dtrak_core.text2image import TextToImageAttributor
     attributor = TextToImageAttributor.load("assets/text2image")

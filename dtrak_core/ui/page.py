@@ -3,7 +3,7 @@ navigation bar at the top is the model picker), and the start-up warm-up.
 
 A pixel folder (the digits, Fashion-MNIST, a model of your own) gets the Generate, Attribute,
 Counterfactual, Benchmarks and About tabs; a text-to-image folder its own tabs
-(`dtrak_core.text2image.app_views`). Every handler runs on its page's folder (`state.bound`).
+(`ui.text2image`). Every handler runs on its page's folder (`state.bound`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- what the page says about a folder
 
 def text2image_folder(root: str) -> bool:
-    """A text-to-image model folder (its own tabs: `dtrak_core.text2image.app_views`), by its
+    """A text-to-image model folder (its own tabs: `ui.text2image`), by its
     manifest; one whose manifest cannot be read or checked is, when what remains of it or the
     folder's layout says so (`folder.manifest_remedy`), so that its error page says how to rebuild
     it (`build-text2image`)."""
@@ -158,18 +158,18 @@ def pixel_folder(demo: gr.Blocks, root: str, api_suffix: str = "") -> None:
 
 
 def text2image_folder_page(demo: gr.Blocks, root: str) -> None:
-    from dtrak_core.text2image import app_views
+    from dtrak_core.ui import text2image
 
     try:
-        app_views.load(root)
+        a = text2image.load(root)
     except Exception as e:  # as for a pixel folder: the page says what is wrong
         import traceback
 
         traceback.print_exc()
         return error_section(root, _reason(e), text2image=True)
-    app_views.build_page(demo, root, cards_html=state.cards_html, about=texts.get("about.md"),
-                         how_to_read=texts.get("how_to_read.md"), opponent_note=attribute.OPPONENT_NOTE,
-                         noise_help=texts.get("noise_help.md"))
+    with state.bound_context(root):
+        c = text2image.create_ui(a)
+    text2image.create_event_handlers(demo, c, lambda fn: state.bound(root, fn))
 
 
 def folder_page(demo: gr.Blocks, root: str, api_suffix: str = "") -> None:
@@ -255,9 +255,9 @@ def warm_up(roots: list[str] | None = None) -> None:
     try:
         for root in state.folders() if roots is None else roots:
             if text2image_folder(root):
-                from dtrak_core.text2image import app_views
+                from dtrak_core.ui import text2image
 
-                app_views.warm_up(root)
+                text2image.warm_up(root)
             else:
                 with state.bound_context(root):
                     _warm(root, step)

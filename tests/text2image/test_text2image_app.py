@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dtrak_core.attribution.similarity import similarity
-from dtrak_core.text2image import app_views as views
 from dtrak_core.text2image.build import MINIATURE_ROOT
+from dtrak_core.ui import text2image as views
 
 PROMPT = "a handwritten digit 7"
 
@@ -145,3 +145,34 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
     (tmp_path / "lds" / "lds_results.json").write_text("{not json")
     assert views.read_lds(str(tmp_path))["error"].endswith("lds_results.json: Expecting property name enclosed in "
                                                            "double quotes: line 1 column 2 (char 1)")
+
+
+def test_the_pages_handlers_one_by_one(t2i, sample):
+    """The page's own handlers (what the events call), run on the miniature's folder as the page
+    binds them: generate, pick a sample, attribute, re-prompt, compare, inspect a card, use it."""
+    import gradio as gr
+
+    from dtrak_core.ui import state
+
+    def on(fn):
+        return state.bound(MINIATURE_ROOT, fn)
+    items, batch, note = on(views.on_generate)(PROMPT, "range", None, 0, 1, None, 50, None, progress=lambda *a, **k: None)
+    assert len(items) == 2 and batch["prompt"] == PROMPT and "Click one" in note
+    with pytest.raises(gr.Error, match="Generate samples first"):
+        on(views.select_sample)(None, gr.SelectData(None, {"index": 0, "value": None}))
+    q, tabs, image, info, prompt = on(views.select_sample)(batch, gr.SelectData(None, {"index": 1, "value": None}))
+    assert q["seed"] == 1 and prompt == PROMPT and image.size[0] >= 8
+    props, opps, hist, mass, summary = on(views.attribute)(q, "d-trak", 4, progress=lambda *a, **k: None)
+    assert props.count('class="card"') == 4 and opps.count('class="card"') == 4
+    other, _, _ = on(views.reprompt)(q, "a handwritten digit 2")
+    assert other["prompt"] == "a handwritten digit 2" and other["pixels"] is q["pixels"]
+    a, b, text = on(views.compare)(q, "d-trak", "trak", 4, progress=lambda *a, **k: None)
+    assert "top-4 overlap" in text and a.count('class="card"') == 4
+    assert on(views.follow_compare)(q, "d-trak", "trak", 4, False) == (gr.update(), gr.update(), gr.update())
+    index = int(views.attribution_for(MINIATURE_ROOT, q, "d-trak").proponents(1)[0])
+    picked, details, box = on(views.inspect_training)(q, gr.EventData(None, {"index": index}))
+    assert picked == index and "its caption" in details and box.visible
+    used = on(views.use_training_image)(index)
+    assert used[0]["seed"] is None and used[-1].visible is False
+    with pytest.raises(gr.Error, match="No query yet"):
+        on(views.attribute)(None, "d-trak", 4)

@@ -1,6 +1,6 @@
-"""A text-to-image model folder's tabs in the app (`app.py`): `DTRAK_ASSETS=assets/text2image python app.py`.
+"""The tabs of a text-to-image model folder (Text to image in the page's navigation bar).
 
-The same views as the default app where they apply, with a prompt: Generate (prompt + seeds ->
+The same views as a pixel folder's where they apply, with a prompt: Generate (prompt + seeds ->
 samples), Attribute (a sample or an upload with its prompt -> proponents and opponents, score
 histogram, per-class mass, method choice, the score split by noise level, comparison of two methods,
 a training image's rank under every method), Benchmarks (the miniature's sample quality and its LDS
@@ -10,11 +10,12 @@ Concurrency as in the default app: the loaded folder is shared read-only (sampli
 forward under `no_grad`; the LoRA gradients run on private replicas inside the featurizer, see
 `dtrak_core.shared`), and every result is cached by its whole request in an `OnceCache`.
 
-The handlers are plain functions of (root, request values), so they are tested without a server;
-`build_page` lays them out with gradio, inside the one page (`dtrak_core.ui.page`).
+Two layers, both tested without a server: functions of (root, request values) that compute
+(`generate_samples`, `attribution_for`, `noise_levels`, ...), and the page's handlers, plain functions
+of the request values run on the page's folder (`state.bound`), which `create_ui` and
+`create_event_handlers` lay out and wire.
 """
 
-import functools
 import html
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import gradio as gr
 import numpy as np
 import torch
 
@@ -34,6 +36,9 @@ from dtrak_core.folder import read_manifest
 from dtrak_core.images import load_user_image, to_pil
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
+from dtrak_core.ui import texts
+from dtrak_core.ui.attribute import OPPONENT_NOTE
+from dtrak_core.ui.state import cards_html, current_root, no_query, readable
 
 DEFAULT_PROMPT = "a handwritten digit 7"
 MAX_PROMPT_CHARS = 200
@@ -423,16 +428,6 @@ def counterfactual_text(root: str) -> str:
             "of its fine-tuning images (`python -m dtrak_core lds-text2image run`).")
 
 
-def _readable(fn, gr):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ValueError as e:
-            raise gr.Error(str(e), duration=8) from None
-    return wrapper
-
-
 def methods_markdown(a: TextToImageAssets) -> str:
     """The methods of this page and what each scores by, then those that do not run here and why."""
     lines = ["## Methods for this model", "", "| method | scores by |", "|---|---|"]
@@ -443,292 +438,324 @@ def methods_markdown(a: TextToImageAssets) -> str:
     return "\n".join(lines)
 
 
-def build_page(demo, root: str, *, cards_html, about: str, how_to_read: str, opponent_note: str, noise_help: str):
-    """The tabs of a text-to-image folder, in the current page of `demo` (`dtrak_core.ui.page`). The
-    pieces shared with the pixel folders' tabs (the training-card widget, the About text and the
-    reading help) come from `dtrak_core.ui`."""
-    import gradio as gr
+def _assets() -> TextToImageAssets:
+    """The request's folder (`state.current_root`), loaded once; a folder that cannot be loaded is a message."""
+    try:
+        return load(current_root())
+    except (ValueError, OSError) as e:
+        raise gr.Error(f"The model assets could not be loaded: {e}") from None
 
-    a = load(root)
+
+def thumbs(images, captions):
+    a = _assets()
+    return [(to_pil(torch.as_tensor(img), a.scale(2 * viz.THUMB_PX)), c) for img, c in zip(images, captions)]
+
+
+@readable
+def on_generate(prompt, mode, seed, start, end, count, steps, guidance, progress=gr.Progress()):
+    a = _assets()
+    progress(0, desc="DDIM sampling")
+    images, captions, batch = generate_samples(current_root(), prompt, mode, seed, start, end, count, steps, guidance)
+    warning = prompt_warning(a, batch["prompt"])
+    note = f"Samples of “{batch['prompt']}”" + ("" if not a.digits else " (seed: the digit the classifier sees)") + \
+        ". Click one to see which fine-tuning images made it." + (f"  \n⚠️ {warning}." if warning else "")
+    return thumbs(images, captions), batch, note
+
+
+@readable
+def check_generate(prompt, mode, seed, start, end, count, steps, guidance):
+    parse_prompt(prompt)
+    sup.parse_seeds(mode, seed, start, end, count, rng_seed=0)
+    sup.parse_steps(steps)
+    parse_guidance(guidance)
+
+
+def query_view(q):
+    a = _assets()
+    found = digit_labels(a, q["pixels"][None])
+    seen = "" if found is None else f"  \nlooks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
+    warning = prompt_warning(a, q["prompt"])
+    return (to_pil(torch.as_tensor(q["pixels"]), a.scale(QUERY_PX)), f"**{html.escape(q['title'])}**{seen}"
+            + (f"  \n⚠️ {warning}." if warning else ""), q["prompt"])
+
+
+def select_sample(batch, evt: gr.SelectData):
+    if not batch or evt.index is None:
+        raise gr.Error("Generate samples first, then click one.", duration=8)
+    i = evt.index if isinstance(evt.index, int) else evt.index[0]
+    q = sample_query(batch, sup.parse_int(i, "sample", 0, len(batch["seeds"]) - 1))
+    return (q, gr.Tabs(selected="attribute"), *query_view(q))
+
+
+def cards(result, indices, title, note=""):
+    a = _assets()
+    return viz.training_cards(a.attributor.train, result, indices, title, a.class_word, note)
+
+
+@readable
+def attribute(q, method, k, progress=gr.Progress()):
+    a = _assets()
+    if q is None:
+        raise no_query()
+    k = sup.parse_top_k(k)
+    progress(0, desc=f"attributing with {sup.method_label(method)}")
+    result = attribution_for(current_root(), q, method)
+    prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
+    opp_note = (OPPONENT_NOTE if a.digits else "") if result.signed else sup.no_opponents(result.method)
+    return (cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
+            cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
+            viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word),
+            summary_text(a, q, result, k))
+
+
+@readable
+def noise_view(q, method):
+    a = _assets()
+    if q is None:
+        raise no_query()
+    levels = noise_levels(current_root(), q, method)
+    if levels is None:
+        return (None, "", f"The noise-level view splits a TRAK-family score (a method with a feature store: "
+                          f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
+                          f"{sup.method_label(method)} has no timesteps to split.")
+    labels = a.attributor.train.labels.numpy()
+    low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
+    share = np.abs(levels.contributions).sum(1)
+    share = share / share.sum()
+    text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's LoRA gradient is "
+            f"averaged over (the columns sum to the score). At low noise ({levels.labels()[0]}) fine-tuning image "
+            f"**#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range "
+            f"carries {share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.")
+    return (viz.noise_level_figure(levels, labels, a.class_word),
+            viz.noise_level_cards(a.attributor.train, levels, a.class_word), text)
+
+
+@readable
+def reprompt(q, prompt):
+    """The attribution prompt edited: the same image, asked about with the new prompt."""
+    if q is None:
+        raise no_query()
+    q = with_prompt(q, prompt)
+    return (q, *query_view(q)[:2])
+
+
+@readable
+def compare(q, method_a, method_b, k, progress=gr.Progress()):
+    if q is None:
+        raise no_query()
+    k = sup.parse_top_k(k)
+    progress(0, desc="attributing with both methods")
+    ra, rb = attribution_for(current_root(), q, method_a), attribution_for(current_root(), q, method_b)
+    text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: top-{k} overlap "
+            f"**{sup.top_k_overlap(ra.scores, rb.scores, k)} of {k}**; Spearman rank correlation of all "
+            f"{len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**.")
+    return (cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
+            cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
+
+
+def follow_compare(q, method_a, method_b, k, shown):
+    if not shown or q is None:
+        return gr.update(), gr.update(), gr.update()
+    try:
+        return compare(q, method_a, method_b, k)
+    except gr.Error as e:
+        return "", "", f"Comparison not available: {e.message}"
+
+
+@readable
+def inspect_training(q, evt: gr.EventData):
+    a = _assets()
+    if q is None:
+        raise no_query()
+    data = getattr(evt, "_data", None) or {}
+    index = sup.parse_int(data.get("index") if isinstance(data, dict) else None, "training image index", 0,
+                          a.n_train - 1)
+    rows = sup.ranks_under_methods(all_attributions(current_root(), q), index)
+    details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)
+    caption = html.escape(a.attributor.train.captions[index])
+    return index, details + f'<div class="muted">its caption: “{caption}”</div>', gr.Column(visible=True)
+
+
+@readable
+def use_training_image(index):
+    q = training_query(current_root(), index)
+    return (q, *query_view(q), gr.Column(visible=False))
+
+
+@readable
+def read_upload(path, prompt):
+    a = _assets()
+    if not path:
+        return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+    q, inverted = upload_query(current_root(), path, prompt)
+    img, info, prompt = query_view(q)
+    detected = "dark ink on light paper: inverted" if inverted else "light ink on a dark background: used as it is"
+    return q, img, info + (f"  \nInk detected: {detected} (change it with the box below)." if a.digits else ""), \
+        prompt, inverted
+
+
+@readable
+def use_upload(path, prompt, invert):
+    if not path:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    q, _ = upload_query(current_root(), path, prompt, bool(invert))
+    return (q, *query_view(q))
+
+
+@readable
+def attribute_prompt_api(prompt: str, seed: int = 0, steps: int = 50, method: str | None = None, k: int = 8) -> dict:
+    """Attribute the generated sample of (prompt, seed) (DDIM, `steps` steps) with `method` (None:
+    the page's default): its top-k proponents and opponents among the fine-tuning images, as JSON."""
+    return attribute_prompt(current_root(), prompt, seed, steps, method, k)
+
+
+def create_ui(a) -> dict:
+    """The tabs' components, in the current page."""
     choices = sup.method_choices(a.methods)
     default_method = choices[0][1]
     second = "loss" if "loss" in a.methods and default_method != "loss" else choices[-1][1]
-    readable = functools.partial(_readable, gr=gr)
-
-    def no_query():
-        return gr.Error("No query yet: generate samples and click one, or upload an image.", duration=8)
-
-    def thumbs(images, captions):
-        return [(to_pil(torch.as_tensor(img), a.scale(2 * viz.THUMB_PX)), c) for img, c in zip(images, captions)]
-
-    @readable
-    def on_generate(prompt, mode, seed, start, end, count, steps, guidance, progress=gr.Progress()):
-        progress(0, desc="DDIM sampling")
-        images, captions, batch = generate_samples(root, prompt, mode, seed, start, end, count, steps, guidance)
-        warning = prompt_warning(a, batch["prompt"])
-        note = f"Samples of “{batch['prompt']}”" + ("" if not a.digits else " (seed: the digit the classifier sees)") + \
-            ". Click one to see which fine-tuning images made it." + (f"  \n⚠️ {warning}." if warning else "")
-        return thumbs(images, captions), batch, note
-
-    @readable
-    def check_generate(prompt, mode, seed, start, end, count, steps, guidance):
-        parse_prompt(prompt)
-        sup.parse_seeds(mode, seed, start, end, count, rng_seed=0)
-        sup.parse_steps(steps)
-        parse_guidance(guidance)
-
-    def query_view(q):
-        found = digit_labels(a, q["pixels"][None])
-        seen = "" if found is None else f"  \nlooks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
-        warning = prompt_warning(a, q["prompt"])
-        return (to_pil(torch.as_tensor(q["pixels"]), a.scale(QUERY_PX)), f"**{html.escape(q['title'])}**{seen}"
-                + (f"  \n⚠️ {warning}." if warning else ""), q["prompt"])
-
-    def select_sample(batch, evt: gr.SelectData):
-        if not batch or evt.index is None:
-            raise gr.Error("Generate samples first, then click one.", duration=8)
-        i = evt.index if isinstance(evt.index, int) else evt.index[0]
-        q = sample_query(batch, sup.parse_int(i, "sample", 0, len(batch["seeds"]) - 1))
-        return (q, gr.Tabs(selected="attribute"), *query_view(q))
-
-    def cards(result, indices, title, note=""):
-        return viz.training_cards(a.attributor.train, result, indices, title, a.class_word, note)
-
-    @readable
-    def attribute(q, method, k, progress=gr.Progress()):
-        if q is None:
-            raise no_query()
-        k = sup.parse_top_k(k)
-        progress(0, desc=f"attributing with {sup.method_label(method)}")
-        result = attribution_for(root, q, method)
-        prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
-        opp_note = (opponent_note if a.digits else "") if result.signed else sup.no_opponents(result.method)
-        return (cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
-                cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
-                viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word),
-                summary_text(a, q, result, k))
-
-    @readable
-    def noise_view(q, method):
-        if q is None:
-            raise no_query()
-        levels = noise_levels(root, q, method)
-        if levels is None:
-            return (None, "", f"The noise-level view splits a TRAK-family score (a method with a feature store: "
-                              f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
-                              f"{sup.method_label(method)} has no timesteps to split.")
-        labels = a.attributor.train.labels.numpy()
-        low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
-        share = np.abs(levels.contributions).sum(1)
-        share = share / share.sum()
-        text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's LoRA gradient is "
-                f"averaged over (the columns sum to the score). At low noise ({levels.labels()[0]}) fine-tuning image "
-                f"**#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range "
-                f"carries {share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.")
-        return (viz.noise_level_figure(levels, labels, a.class_word),
-                viz.noise_level_cards(a.attributor.train, levels, a.class_word), text)
-
-    @readable
-    def reprompt(q, prompt):
-        """The attribution prompt edited: the same image, asked about with the new prompt."""
-        if q is None:
-            raise no_query()
-        q = with_prompt(q, prompt)
-        return (q, *query_view(q)[:2])
-
-    @readable
-    def compare(q, method_a, method_b, k, progress=gr.Progress()):
-        if q is None:
-            raise no_query()
-        k = sup.parse_top_k(k)
-        progress(0, desc="attributing with both methods")
-        ra, rb = attribution_for(root, q, method_a), attribution_for(root, q, method_b)
-        text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: top-{k} overlap "
-                f"**{sup.top_k_overlap(ra.scores, rb.scores, k)} of {k}**; Spearman rank correlation of all "
-                f"{len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**.")
-        return (cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
-                cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
-
-    def follow_compare(q, method_a, method_b, k, shown):
-        if not shown or q is None:
-            return gr.update(), gr.update(), gr.update()
-        try:
-            return compare(q, method_a, method_b, k)
-        except gr.Error as e:
-            return "", "", f"Comparison not available: {e.message}"
-
-    @readable
-    def inspect_training(q, evt: gr.EventData):
-        if q is None:
-            raise no_query()
-        data = getattr(evt, "_data", None) or {}
-        index = sup.parse_int(data.get("index") if isinstance(data, dict) else None, "training image index", 0,
-                              a.n_train - 1)
-        rows = sup.ranks_under_methods(all_attributions(root, q), index)
-        details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)
-        caption = html.escape(a.attributor.train.captions[index])
-        return index, details + f'<div class="muted">its caption: “{caption}”</div>', gr.Column(visible=True)
-
-    @readable
-    def use_training_image(index):
-        q = training_query(root, index)
-        return (q, *query_view(q), gr.Column(visible=False))
-
-    @readable
-    def read_upload(path, prompt):
-        if not path:
-            return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
-        q, inverted = upload_query(root, path, prompt)
-        img, info, prompt = query_view(q)
-        detected = "dark ink on light paper: inverted" if inverted else "light ink on a dark background: used as it is"
-        return q, img, info + (f"  \nInk detected: {detected} (change it with the box below)." if a.digits else ""), \
-            prompt, inverted
-
-    @readable
-    def use_upload(path, prompt, invert):
-        if not path:
-            return gr.update(), gr.update(), gr.update(), gr.update()
-        q, _ = upload_query(root, path, prompt, bool(invert))
-        return (q, *query_view(q))
-
-    with gr.Column():
-        batch = gr.State(None)
-        query = gr.State(None)  # pixels, prompt, seed, title
-        picked = gr.State(None)
-        compare_on = gr.State(False)
-        gr.Markdown(HEADER.format(n=a.n_train))
-        with gr.Tabs(overflow_behavior="wrap") as tabs:
-            with gr.Tab("Generate", id="generate"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=260):
-                        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=1, elem_id="prompt",
-                                            info="the miniature knows “a handwritten digit 0” .. “9”; the LoRA "
-                                                 "taught it 5-9")
-                        mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
-                        seed = gr.Number(0, precision=0, label="Seed", visible=False)
-                        with gr.Row() as range_row:
-                            start = gr.Number(0, precision=0, label="First seed", min_width=100)
-                            end = gr.Number(15, precision=0, label="Last seed", min_width=100)
-                        count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
-                        steps = gr.Slider(1, sup.MAX_DDIM_STEPS, 50, step=1, label="DDIM steps")
-                        guidance = gr.Slider(0, 10, a.attributor.guidance_scale, step=0.5,
-                                             label="Guidance (classifier-free; 1 = none)")
-                        gen_btn = gr.Button("Generate", variant="primary")
-                    with gr.Column(scale=3):
-                        gen_note = gr.Markdown("**Samples**. Click one to see which fine-tuning images made it.",
-                                               elem_id="samples-note")
-                        gallery = gr.Gallery(label="Samples", show_label=False, columns=6, fit_columns=False,
-                                             format="png", object_fit="contain", allow_preview=False, height="auto",
-                                             elem_id="samples", buttons=[])
-            with gr.Tab("Attribute", id="attribute"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=240):
-                        query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
-                                             buttons=[], elem_classes="pixel")
-                        query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
-                                                 elem_id="query-info")
-                        query_prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt of the query", max_lines=1,
-                                                  elem_id="query-prompt",
-                                                  info="the caption the image is attributed under; Enter applies it")
-                        upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
-                                         type="filepath", height=150, elem_id="upload")
-                        invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
-                                             info="set from each upload's border; untick or tick to override",
-                                             visible=a.digits)
-                    with gr.Column(scale=3, min_width=300):
-                        with gr.Row():
-                            method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
-                            topk = gr.Slider(1, sup.MAX_TOP_K, 8, step=1, label="Top-k shown", min_width=200,
-                                             elem_id="topk")
-                        summary = gr.Markdown(elem_id="summary")
-                        with gr.Accordion("How to read this", open=False):
-                            gr.Markdown(how_to_read)
-                        prop_cards = cards_html("proponents")
-                        opp_cards = cards_html("opponents")
-                        with gr.Column(visible=False, elem_id="drill") as drill_box:
-                            drill = gr.HTML(elem_id="drill-details")
-                            with gr.Row():
-                                use_btn = gr.Button("Use as query", variant="primary", size="sm")
-                                close_btn = gr.Button("Close", size="sm")
-                        with gr.Row():
-                            hist = gr.Plot(show_label=False, elem_id="histogram", min_width=280)
-                            mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
-                with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
-                                  open=True, elem_id="noise-levels"):
-                    gr.Markdown(noise_help)
-                    noise_text = gr.Markdown(elem_id="noise-text")
-                    noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
-                    noise_cards = cards_html("noise-cards")
-                with gr.Accordion("Compare two methods", open=True):
+    batch = gr.State(None)
+    query = gr.State(None)  # pixels, prompt, seed, title
+    picked = gr.State(None)
+    compare_on = gr.State(False)
+    gr.Markdown(HEADER.format(n=a.n_train))
+    with gr.Tabs(overflow_behavior="wrap") as tabs:
+        with gr.Tab("Generate", id="generate"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=260):
+                    prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=1, elem_id="prompt",
+                                        info="the miniature knows “a handwritten digit 0” .. “9”; the LoRA "
+                                             "taught it 5-9")
+                    mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
+                    seed = gr.Number(0, precision=0, label="Seed", visible=False)
+                    with gr.Row() as range_row:
+                        start = gr.Number(0, precision=0, label="First seed", min_width=100)
+                        end = gr.Number(15, precision=0, label="Last seed", min_width=100)
+                    count = gr.Slider(1, sup.MAX_SAMPLES, 16, step=1, label="Number of random seeds", visible=False)
+                    steps = gr.Slider(1, sup.MAX_DDIM_STEPS, 50, step=1, label="DDIM steps")
+                    guidance = gr.Slider(0, 10, a.attributor.guidance_scale, step=0.5,
+                                         label="Guidance (classifier-free; 1 = none)")
+                    gen_btn = gr.Button("Generate", variant="primary")
+                with gr.Column(scale=3):
+                    gen_note = gr.Markdown("**Samples**. Click one to see which fine-tuning images made it.",
+                                           elem_id="samples-note")
+                    gallery = gr.Gallery(label="Samples", show_label=False, columns=6, fit_columns=False,
+                                         format="png", object_fit="contain", allow_preview=False, height="auto",
+                                         elem_id="samples", buttons=[])
+        with gr.Tab("Attribute", id="attribute"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=240):
+                    query_img = gr.Image(label="Query", format="png", interactive=False, height=220,
+                                         buttons=[], elem_classes="pixel")
+                    query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
+                                             elem_id="query-info")
+                    query_prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt of the query", max_lines=1,
+                                              elem_id="query-prompt",
+                                              info="the caption the image is attributed under; Enter applies it")
+                    upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
+                                     type="filepath", height=150, elem_id="upload")
+                    invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
+                                         info="set from each upload's border; untick or tick to override",
+                                         visible=a.digits)
+                with gr.Column(scale=3, min_width=300):
                     with gr.Row():
-                        method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3, min_width=200)
-                        compare_btn = gr.Button("Compare", scale=1, min_width=120)
-                    compare_text = gr.Markdown()
+                        method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
+                        topk = gr.Slider(1, sup.MAX_TOP_K, 8, step=1, label="Top-k shown", min_width=200,
+                                         elem_id="topk")
+                    summary = gr.Markdown(elem_id="summary")
+                    with gr.Accordion("How to read this", open=False):
+                        gr.Markdown(texts.get("how_to_read.md"))
+                    prop_cards = cards_html("proponents")
+                    opp_cards = cards_html("opponents")
+                    with gr.Column(visible=False, elem_id="drill") as drill_box:
+                        drill = gr.HTML(elem_id="drill-details")
+                        with gr.Row():
+                            use_btn = gr.Button("Use as query", variant="primary", size="sm")
+                            close_btn = gr.Button("Close", size="sm")
                     with gr.Row():
-                        gal_a = cards_html("compare-a")
-                        gal_b = cards_html("compare-b")
-            with gr.Tab("Counterfactual", id="counterfactual"):
-                gr.Markdown(counterfactual_text(root), elem_id="cf-not-offered")
-            with gr.Tab("Benchmarks", id="benchmarks"):
-                benchmarks_blocks(a, gr)
-            with gr.Tab("About", id="about"):
-                gr.Markdown(about + ABOUT_TEXT2IMAGE, latex_delimiters=[
-                    {"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}])
-                gr.Markdown(methods_markdown(a))
+                        hist = gr.Plot(show_label=False, elem_id="histogram", min_width=280)
+                        mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
+            with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
+                              open=True, elem_id="noise-levels"):
+                gr.Markdown(texts.get("noise_help.md"))
+                noise_text = gr.Markdown(elem_id="noise-text")
+                noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
+                noise_cards = cards_html("noise-cards")
+            with gr.Accordion("Compare two methods", open=True):
+                with gr.Row():
+                    method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3, min_width=200)
+                    compare_btn = gr.Button("Compare", scale=1, min_width=120)
+                compare_text = gr.Markdown()
+                with gr.Row():
+                    gal_a = cards_html("compare-a")
+                    gal_b = cards_html("compare-b")
+        with gr.Tab("Counterfactual", id="counterfactual"):
+            gr.Markdown(counterfactual_text(a.root), elem_id="cf-not-offered")
+        with gr.Tab("Benchmarks", id="benchmarks"):
+            benchmarks_blocks(a, gr)
+        with gr.Tab("About", id="about"):
+            gr.Markdown(texts.get("about.md") + ABOUT_TEXT2IMAGE, latex_delimiters=[
+                {"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}])
+            gr.Markdown(methods_markdown(a))
+    return dict(batch=batch, query=query, picked=picked, compare_on=compare_on, tabs=tabs, prompt=prompt, mode=mode,
+                seed=seed, range_row=range_row, start=start, end=end, count=count, steps=steps, guidance=guidance,
+                gen_btn=gen_btn, gen_note=gen_note, gallery=gallery, query_img=query_img, query_info=query_info,
+                query_prompt=query_prompt, upload=upload, invert=invert, method=method, topk=topk, summary=summary,
+                prop_cards=prop_cards, opp_cards=opp_cards, drill_box=drill_box, drill=drill, use_btn=use_btn,
+                close_btn=close_btn, hist=hist, mass=mass, noise_text=noise_text, noise_plot=noise_plot,
+                noise_cards=noise_cards, method_b=method_b, compare_btn=compare_btn, compare_text=compare_text,
+                gal_a=gal_a, gal_b=gal_b)
 
-        def seed_inputs(m):
-            return gr.Number(visible=m == "single"), gr.Row(visible=m == "range"), gr.Slider(visible=m == "random")
-        mode.change(seed_inputs, mode, [seed, range_row, count], queue=False)
-        gen_inputs = [prompt, mode, seed, start, end, count, steps, guidance]
-        gen_outputs = [gallery, batch, gen_note]
-        gen_btn.click(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
-            on_generate, gen_inputs, gen_outputs, concurrency_id="compute")
-        prompt.submit(check_generate, gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
-            on_generate, gen_inputs, gen_outputs, concurrency_id="compute")
-        demo.load(on_generate, gen_inputs, gen_outputs, concurrency_id="compute")
 
-        attr_inputs, attr_outputs = [query, method, topk], [prop_cards, opp_cards, hist, mass, summary]
-        busy = dict(concurrency_id="compute", show_progress="minimal", show_progress_on=[summary])
-        cmp_inputs, cmp_outputs = [query, method, method_b, topk], [gal_a, gal_b, compare_text]
+def create_event_handlers(demo, c: dict, bind) -> None:
+    """c: the components of `create_ui`; bind(fn): fn run on this page's folder."""
+    def seed_inputs(m):
+        return gr.Number(visible=m == "single"), gr.Row(visible=m == "range"), gr.Slider(visible=m == "random")
+    c["mode"].change(seed_inputs, c["mode"], [c["seed"], c["range_row"], c["count"]], queue=False)
+    gen_inputs = [c["prompt"], c["mode"], c["seed"], c["start"], c["end"], c["count"], c["steps"], c["guidance"]]
+    gen_outputs = [c["gallery"], c["batch"], c["gen_note"]]
+    c["gen_btn"].click(bind(check_generate), gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
+        bind(on_generate), gen_inputs, gen_outputs, concurrency_id="compute")
+    c["prompt"].submit(bind(check_generate), gen_inputs, None, concurrency_id="checks", concurrency_limit=None).success(
+        bind(on_generate), gen_inputs, gen_outputs, concurrency_id="compute")
+    demo.load(bind(on_generate), gen_inputs, gen_outputs, concurrency_id="compute")
 
-        def after(event):
-            """Once the cards and charts are shown: the noise-level view, then the comparison (if shown)."""
-            event.success(noise_view, [query, method], [noise_plot, noise_cards, noise_text], concurrency_id="compute",
-                          show_progress="hidden").then(
-                follow_compare, [*cmp_inputs, compare_on], cmp_outputs, concurrency_id="compute", show_progress="hidden")
+    attr_inputs, attr_outputs = [c["query"], c["method"], c["topk"]], [c["prop_cards"], c["opp_cards"], c["hist"], c["mass"], c["summary"]]
+    busy = dict(concurrency_id="compute", show_progress="minimal", show_progress_on=[c["summary"]])
+    cmp_inputs, cmp_outputs = [c["query"], c["method"], c["method_b"], c["topk"]], [c["gal_a"], c["gal_b"], c["compare_text"]]
 
-        def show_query(event):
-            event.then(lambda: gr.Column(visible=False), None, drill_box, queue=False)
-            after(event.success(attribute, attr_inputs, attr_outputs, **busy))
+    def after(event):
+        """Once the cards and charts are shown: the noise-level view, then the comparison (if shown)."""
+        event.success(bind(noise_view), [c["query"], c["method"]], [c["noise_plot"], c["noise_cards"], c["noise_text"]], concurrency_id="compute",
+                      show_progress="hidden").then(
+            bind(follow_compare), [*cmp_inputs, c["compare_on"]], cmp_outputs, concurrency_id="compute", show_progress="hidden")
 
-        show_query(gallery.select(select_sample, batch, [query, tabs, query_img, query_info, query_prompt]))
-        uploaded = upload.upload(read_upload, [upload, query_prompt], [query, query_img, query_info, query_prompt,
-                                                                     invert], show_progress="hidden")
-        show_query(uploaded)
-        uploaded.failure(lambda: None, None, upload, queue=False)  # a refused file does not stay named in the box
-        show_query(invert.input(use_upload, [upload, query_prompt, invert], [query, query_img, query_info,
-                                                                             query_prompt], show_progress="hidden"))
-        show_query(query_prompt.submit(reprompt, [query, query_prompt], [query, query_img, query_info],
-                                       show_progress="hidden"))
-        for trigger in (method.input, topk.release):
-            after(trigger(attribute, attr_inputs, attr_outputs, trigger_mode="always_last", **busy))
-        for event in (compare_btn.click, method_b.input):
-            event(compare, cmp_inputs, cmp_outputs, concurrency_id="compute", trigger_mode="always_last").success(
-                lambda: True, None, compare_on, queue=False)
-        for widget in (prop_cards, opp_cards, gal_a, gal_b, noise_cards):
-            widget.click(inspect_training, [query], [picked, drill, drill_box], concurrency_id="compute",
-                         show_progress="minimal", trigger_mode="always_last")
-        show_query(use_btn.click(use_training_image, [picked], [query, query_img, query_info, query_prompt,
-                                                                drill_box]))
-        close_btn.click(lambda: gr.Column(visible=False), None, drill_box, queue=False)
+    def show_query(event):
+        event.then(lambda: gr.Column(visible=False), None, c["drill_box"], queue=False)
+        after(event.success(bind(attribute), attr_inputs, attr_outputs, **busy))
 
-        @readable
-        def attribute_prompt_api(prompt: str, seed: int = 0, steps: int = 50, method: str | None = None,
-                                 k: int = 8) -> dict:
-            """Attribute the generated sample of (prompt, seed) (DDIM, `steps` steps) with `method` (None:
-            the page's default): its top-k proponents and opponents among the fine-tuning images, as JSON."""
-            return attribute_prompt(root, prompt, seed, steps, method, k)
-        gr.api(attribute_prompt_api, api_name="attribute_prompt", concurrency_id="compute")
+    show_query(c["gallery"].select(bind(select_sample), c["batch"], [c["query"], c["tabs"], c["query_img"], c["query_info"], c["query_prompt"]]))
+    uploaded = c["upload"].upload(bind(read_upload), [c["upload"], c["query_prompt"]], [c["query"], c["query_img"], c["query_info"], c["query_prompt"],
+                                                                 c["invert"]], show_progress="hidden")
+    show_query(uploaded)
+    uploaded.failure(lambda: None, None, c["upload"], queue=False)  # a refused file does not stay named in the box
+    show_query(c["invert"].input(bind(use_upload), [c["upload"], c["query_prompt"], c["invert"]], [c["query"], c["query_img"], c["query_info"],
+                                                                         c["query_prompt"]], show_progress="hidden"))
+    show_query(c["query_prompt"].submit(bind(reprompt), [c["query"], c["query_prompt"]], [c["query"], c["query_img"], c["query_info"]],
+                                   show_progress="hidden"))
+    for trigger in (c["method"].input, c["topk"].release):
+        after(trigger(bind(attribute), attr_inputs, attr_outputs, trigger_mode="always_last", **busy))
+    for event in (c["compare_btn"].click, c["method_b"].input):
+        event(bind(compare), cmp_inputs, cmp_outputs, concurrency_id="compute", trigger_mode="always_last").success(
+            lambda: True, None, c["compare_on"], queue=False)
+    for widget in (c["prop_cards"], c["opp_cards"], c["gal_a"], c["gal_b"], c["noise_cards"]):
+        widget.click(bind(inspect_training), [c["query"]], [c["picked"], c["drill"], c["drill_box"]], concurrency_id="compute",
+                     show_progress="minimal", trigger_mode="always_last")
+    show_query(c["use_btn"].click(bind(use_training_image), [c["picked"]], [c["query"], c["query_img"], c["query_info"], c["query_prompt"],
+                                                            c["drill_box"]]))
+    c["close_btn"].click(lambda: gr.Column(visible=False), None, c["drill_box"], queue=False)
+
+    gr.api(bind(attribute_prompt_api), api_name="attribute_prompt", concurrency_id="compute")
 
 
 def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
