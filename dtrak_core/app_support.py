@@ -297,24 +297,6 @@ def records(data) -> list[tuple[str, list[dict]]]:
     return found
 
 
-@dataclass(frozen=True)
-class QueryKey:
-    """What identifies an attribution query: a generated sample (seed, steps) or an upload (pixel hash)."""
-    kind: str  # 'sample' or 'upload'
-    ident: str
-
-    @staticmethod
-    def for_sample(seed: int, steps: int) -> "QueryKey":
-        return QueryKey("sample", f"{int(seed)}:{int(steps)}")
-
-    @staticmethod
-    def for_pixels(pixels: np.ndarray) -> "QueryKey":
-        import hashlib
-        return QueryKey("upload", hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()[:16])
-
-
-
-
 def counterfactual_gallery(root: str) -> tuple[list[tuple[str, list[dict]]], dict[str, str]]:
     """The precomputed counterfactual galleries under `root` (every gallery.json, written by
     `counterfactual_report.write_gallery`), each verified against the checksums its writer recorded

@@ -13,6 +13,7 @@ from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
 from dtrak_core import app_support as sup
 from dtrak_core.attribution.base import RULE
+from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 
 
@@ -134,7 +135,7 @@ def test_generate_and_select(app):
     with pytest.raises(gr.Error, match="smaller than the first"):
         app.generate_samples("range", 0, 5, 2, 1, 10)
     q, tabs, img, info, cf_seed = app.select_sample(batch, Select(1))
-    assert q["seed"] == 4 and cf_seed == 4 and "seed 4" in q["title"] and "looks like" in info
+    assert q.seed == 4 and cf_seed == 4 and "seed 4" in q.title and "looks like" in info
     assert img.size == (app.QUERY_PX,) * 2
 
 
@@ -152,8 +153,8 @@ def test_select_sample_refuses_bad_indices_with_a_readable_message(app):
         app.select_sample(batch, Select(None))
     with pytest.raises(gr.Error, match="Generate samples first"):
         app.select_sample({"seeds": [], "steps": 10, "images": batch["images"][:0]}, Select(0))
-    assert app.select_sample(batch, Select([2, 0]))[0]["seed"] == 5  # a gallery's [row, col]
-    assert app.select_sample(batch, Select(0))[0]["seed"] == 3
+    assert app.select_sample(batch, Select([2, 0]))[0].seed == 5  # a gallery's [row, col]
+    assert app.select_sample(batch, Select(0))[0].seed == 3
 
 
 def test_a_new_page_opens_with_the_samples_its_controls_show(app):
@@ -172,7 +173,7 @@ def test_attribute_and_compare(app):
     _, batch = app.generate_samples("range", 0, 0, 1, 1, 10)
     q = app.select_sample(batch, Select(0))[0]
     props, opps, hist, mass, summary = app.attribute(q, "square", 5)
-    expected = app.assets().attributor.attribute(torch.as_tensor(q["pixels"]), "square")
+    expected = app.assets().attributor.attribute(torch.as_tensor(q.pixels), "square")
     order = np.argsort(-expected.scores)
     assert card_indices(props) == order[:5].tolist()
     assert card_indices(opps) == order[::-1][:5].tolist()
@@ -188,7 +189,7 @@ def test_attribute_and_compare(app):
     finally:
         att.featurizer = real
     ga, gb, text = app.compare(q, "square", "loss", 6)
-    other = app.assets().attributor.attribute(torch.as_tensor(q["pixels"]), "loss")
+    other = app.assets().attributor.attribute(torch.as_tensor(q.pixels), "loss")
     assert f"overlap **{sup.top_k_overlap(expected.scores, other.scores, 6)} of 6**" in text
     assert f"{sup.rank_correlation(expected.scores, other.scores):.3f}" in text
     assert card_indices(ga) == expected.proponents(6).tolist() and card_indices(gb) == other.proponents(6).tolist()
@@ -206,10 +207,10 @@ def test_every_method_attributes_and_baselines_match_a_direct_computation(app):
         props = app.attribute(q, method, 4)[0]
         assert len(card_indices(props)) == 4, method
     train = app.assets().attributor.train.images.flatten(1).double().numpy()
-    x = q["pixels"].reshape(-1).astype(np.float64)
+    x = q.pixels.reshape(-1).astype(np.float64)
     cos = [x @ t / np.linalg.norm(x) / np.linalg.norm(t) for t in train]
     assert card_indices(app.attribute(q, "pixel-cosine", 5)[0]) == sorted(range(len(cos)), key=lambda i: -cos[i])[:5]
-    upload = dict(q, key=sup.QueryKey.for_pixels(q["pixels"]), seed=None, steps=None)
+    upload = Query.upload(q.pixels, q.title)
     with pytest.raises(gr.Error, match="generated samples only"):
         app.attribute(upload, "journey-trak", 4)
 
@@ -250,10 +251,10 @@ def test_upload_validation(app, tmp_path):
     good = tmp_path / "one.jpg"
     img.save(good)
     q, preview, info = app.use_upload(str(good), True)
-    assert q["pixels"].shape == (1, 8, 8) and q["pixels"][0, 4, 4] > 0.5 and q["pixels"][0, 4, 0] < -0.5
+    assert q.pixels.shape == (1, 8, 8) and q.pixels[0, 4, 4] > 0.5 and q.pixels[0, 4, 0] < -0.5
     assert preview.size == (app.QUERY_PX,) * 2 and "inverted" in info
     q2 = app.use_upload(str(good), False)[0]
-    np.testing.assert_allclose(q2["pixels"], -q["pixels"], atol=1e-6)
+    np.testing.assert_allclose(q2.pixels, -q.pixels, atol=1e-6)
     props = app.attribute(q, "square", 3)[0]
     assert len(card_indices(props)) == 3
 
@@ -321,7 +322,7 @@ def test_precomputed_examples_show_instantly(app, monkeypatch):
     monkeypatch.setattr(counterfactual, "remove_and_retrain", lambda *a, **k: pytest.fail("precomputed: no retrain"))
     visit = app.first_visit(False, None)  # (gr.Image outputs compare by identity: the rest is compared)
     assert visit[:3] == first[:3] and visit[6] == table and visit[9:-1] == first[9:] and visit[-1] is True
-    picked = app.first_visit(False, {"seed": 5})  # a picked sample's seed stays in the box
+    picked = app.first_visit(False, Query.sample(5, 50, np.zeros((1, 8, 8))))  # a picked sample's seed stays in the box
     assert picked[0] == app.gr.update() and picked[6] == table and picked[9:-1] == first[9:]
     assert all(o == app.gr.update() for o in app.first_visit(True, None)[:-1])  # once per visitor
     out = app.run_counterfactual(EXAMPLE_SEED, EXAMPLE_K, "square", "random", None)
@@ -502,8 +503,8 @@ def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_quer
         with pytest.raises(gr.Error, match="training image index"):
             app.inspect_training(q, Clicked(bad))
     new_q, img, info, hidden = app.use_training_image(index)
-    np.testing.assert_array_equal(new_q["pixels"], app.assets().attributor.train.images[index].numpy())
-    assert f"Training image #{index}" in info and hidden.visible is False and new_q["seed"] is None
+    np.testing.assert_array_equal(new_q.pixels, app.assets().attributor.train.images[index].numpy())
+    assert f"Training image #{index}" in info and hidden.visible is False and new_q.seed is None
     assert card_indices(app.attribute(new_q, "square", 3)[0])[0] == index  # its own strongest proponent
 
 
@@ -521,7 +522,7 @@ def test_the_drill_down_featurizes_each_store_once_per_query(app, monkeypatch):
     a = app.assets().attributor
     assert "gradient-dot" in found and sorted(s.output_fn for s in calls) == sorted(a.methods)
     fresh = Featurizer(a.unet, a.scheduler, a.setting("loss")[0])
-    expected = a.scorer("loss").scores(plain(fresh, torch.as_tensor(q["pixels"])[None]))[0]
+    expected = a.scorer("loss").scores(plain(fresh, torch.as_tensor(q.pixels)[None]))[0]
     np.testing.assert_allclose(found["loss"].scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
 
 
@@ -582,9 +583,9 @@ def test_noise_view_handler(app):
     # a sharpened method: the split of the signed score it sharpens (s|s| of a sum is not a sum)
     fig, cards, text = app.noise_view(q, "d-trak-sharp")
     assert fig.data[0].type == "heatmap" and "splits the signed D-TRAK (square) score" in text
-    levels = app._noise_cache.get((app.ASSETS, q["key"], sup.QueryKey.for_pixels(q["pixels"]), "d-trak-sharp", app.NOISE_BUCKETS),
+    levels = app._noise_cache.get((app.ASSETS, q.key, q.pixels_key, "d-trak-sharp", app.NOISE_BUCKETS),
                                   None)
-    signed = app.assets().attributor.scores(torch.as_tensor(q["pixels"])[None], "square")[0]
+    signed = app.assets().attributor.scores(torch.as_tensor(q.pixels)[None], "square")[0]
     np.testing.assert_allclose(levels.scores, signed, rtol=1e-4, atol=3e-6 * np.abs(signed).max())
 
 
@@ -598,11 +599,11 @@ def test_ink_polarity_is_read_from_the_border(app, tmp_path):
     img.save(tmp_path / "paper.png")
     Image.eval(img, lambda v: 255 - v).save(tmp_path / "light.png")  # the training digits' polarity
     q, _, info, invert = app.read_upload(str(tmp_path / "paper.png"))
-    assert invert is True and "inverted" in info and q["pixels"][0, 4, 4] > 0.5 and q["pixels"][0, 0, 0] < -0.5
+    assert invert is True and "inverted" in info and q.pixels[0, 4, 4] > 0.5 and q.pixels[0, 0, 0] < -0.5
     q2, _, info2, invert2 = app.read_upload(str(tmp_path / "light.png"))
     assert invert2 is False and "used as it is" in info2
-    np.testing.assert_allclose(q2["pixels"], q["pixels"], atol=1e-6)  # the same digit either way round
-    assert app.use_upload(str(tmp_path / "paper.png"), False)[0]["pixels"][0, 0, 0] > 0.5  # the box overrides
+    np.testing.assert_allclose(q2.pixels, q.pixels, atol=1e-6)  # the same digit either way round
+    assert app.use_upload(str(tmp_path / "paper.png"), False)[0].pixels[0, 0, 0] > 0.5  # the box overrides
 
 
 def test_invert_takes_only_true_or_false(app, tmp_path):
@@ -616,7 +617,7 @@ def test_invert_takes_only_true_or_false(app, tmp_path):
     img.save(path)
     ticked, plain = app.use_upload(path, True)[0], app.use_upload(path, False)[0]
     for value, want in (("true", ticked), (" FALSE ", plain), (np.True_, ticked), ("False", plain)):
-        np.testing.assert_array_equal(app.use_upload(path, value)[0]["pixels"], want["pixels"])
+        np.testing.assert_array_equal(app.use_upload(path, value)[0].pixels, want.pixels)
     for bad in (1, 0, "yes", "1", "on", "", None, [True], 2.0):
         with pytest.raises(gr.Error, match="the ink setting \\(invert\\) must be true or false, got "):
             app.use_upload(path, bad)
@@ -636,7 +637,7 @@ def test_example_uploads_are_written_and_usable(app):
     examples = app.example_uploads()
     assert len(examples) == 3 and all(os.path.isfile(p) for p, _ in examples)
     out = app.use_example(2)
-    assert out[3] is True and out[4] == examples[2][0] and "drawn-2.png (inverted)" in out[0]["title"]
+    assert out[3] is True and out[4] == examples[2][0] and "drawn-2.png (inverted)" in out[0].title
 
 
 # ---------------------------------------------------------------- counterfactual examples and cost
@@ -718,7 +719,7 @@ def test_a_drawing_becomes_the_query_like_an_upload(app):
     img = Image.new("RGBA", (280, 280), (0, 0, 0, 0))  # the canvas: transparent, black strokes
     ImageDraw.Draw(img).line([(150, 40), (150, 240)], fill=(0, 0, 0, 255), width=18)
     q, _, info, invert = app.use_drawing({"background": None, "layers": [img], "composite": img})
-    assert invert is True and "Your drawing" in q["title"] and q["pixels"].shape == (1, 8, 8)
-    assert q["pixels"][0, :, 3:5].max() > 0.5 and q["pixels"][0, :, 0].max() < -0.5  # a centred stroke
+    assert invert is True and "Your drawing" in q.title and q.pixels.shape == (1, 8, 8)
+    assert q.pixels[0, :, 3:5].max() > 0.5 and q.pixels[0, :, 0].max() < -0.5  # a centred stroke
     assert app.use_drawing({"background": None, "layers": [], "composite": None})[0] is not None  # blank: no change
     assert app.drawing_png(Image.new("RGBA", (50, 50), (0, 0, 0, 0))) is None

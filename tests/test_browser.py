@@ -200,11 +200,14 @@ def test_retrain_estimate_progress_cancel_and_finish(page):
     examples = page.locator("#cf-examples")
     expect(examples).to_contain_text("ranking A: pixel L2, digit")
     expect(examples).to_contain_text("→")  # the digit before -> after of each example
-    expect(page.get_by_label("Ranking B (side by side; each one is a retrain)")).to_have_value("none")
+    # random removal beside the ranking by default: one L2 alone says nothing
+    expect(page.get_by_label("Ranking B (side by side; each one is a retrain)")).to_have_value("Random")
     shot(page, "1280x900-counterfactual")
 
     page.get_by_label("Target seed (set by clicking a sample)").fill("1002")
     page.get_by_label("Target seed (set by clicking a sample)").press("Enter")
+    expect(page.locator("#cf-estimate")).to_contain_text("2 retrains")  # its cost stated
+    pick(page, "Ranking B (side by side; each one is a retrain)", "none")  # one retrain, to keep the test short
     expect(page.locator("#cf-estimate")).to_contain_text("One retrain takes about")
     button(page, "Remove and retrain").click()
     expect(page.locator("#cf-progress").get_by_text("retraining").first).to_be_visible()  # the progress bar

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import load_app
 from PIL import Image
 
 from dtrak_core.attribution.attributor import Attributor
@@ -15,6 +14,7 @@ from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.build import build_from
 from dtrak_core.cli import main
 from dtrak_core.model.unet import load_checkpoint, resolve_model
+from tests.conftest import load_app
 
 SETTINGS = (FeatureSetting("square", K=2, k=16), FeatureSetting("loss", K=2, k=16))
 

@@ -9,9 +9,9 @@ import os
 import shutil
 
 import pytest
-from conftest import load_app
 
 from dtrak_core import cli
+from tests.conftest import load_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")

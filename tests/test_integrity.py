@@ -10,7 +10,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import load_app
 
 from dtrak_core import cli
 from dtrak_core.attribution import methods
@@ -28,6 +27,7 @@ from dtrak_core.files import load_result, save_result
 from dtrak_core.model.data import load_digits
 from dtrak_core.model.training import TrainConfig
 from dtrak_core.model.unet import checkpoint_hash, load_checkpoint
+from tests.conftest import load_app
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TINY_TRAIN = TrainConfig(steps=6, batch_size=16, block_out_channels=(4, 8))

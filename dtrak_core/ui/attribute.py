@@ -15,6 +15,7 @@ from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution
 from dtrak_core.images import load_user_image
+from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 from dtrak_core.ui import texts
 from dtrak_core.ui.generate import samples, select_sample
@@ -48,11 +49,11 @@ def attribution_for(q, method: str) -> Attribution:
     method = sup.parse_method(method, a.methods)
 
     def compute():
-        seeds = None if q["seed"] is None else [q["seed"]]  # journey-trak follows the sample's own trajectory
-        scores = registry.scores(a.attributor, method, torch.as_tensor(q["pixels"])[None], seeds, root=a.root)[0]
+        seeds = None if q.seed is None else [q.seed]  # journey-trak follows the sample's own trajectory
+        scores = registry.scores(a.attributor, method, torch.as_tensor(q.pixels)[None], seeds, root=a.root)[0]
         return Attribution(method, scores, a.attributor.train.labels.numpy())
     # the pixels too: a seed's sample differs in the last bits with the batch it was generated in
-    return _attribution_cache.get((current_root(), q["key"], sup.QueryKey.for_pixels(q["pixels"]), method), compute)
+    return _attribution_cache.get((current_root(), q.key, q.pixels_key, method), compute)
 
 
 @once_per_root
@@ -85,7 +86,7 @@ def attribute(q, method, k, progress=gr.Progress()):
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(q, method)
     prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
-    found = digit_labels(q["pixels"][None])
+    found = digit_labels(q.pixels[None])
     if found is None:
         summary = f"**{sup.method_label(method)}**: the top-{k} proponents{' and opponents' * result.signed} of this query."
     else:
@@ -195,8 +196,8 @@ def noise_view(q, method):
         return (None, "", f"The noise-level view splits a TRAK-family score (a method with a feature store: "
                           f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
                           f"{sup.method_label(method)} has no timesteps to split.")
-    levels = _noise_cache.get((current_root(), q["key"], sup.QueryKey.for_pixels(q["pixels"]), method, NOISE_BUCKETS), lambda: sup.noise_levels(
-        a.attributor, torch.as_tensor(q["pixels"]), split, NOISE_BUCKETS, lam=lam))
+    levels = _noise_cache.get((current_root(), q.key, q.pixels_key, method, NOISE_BUCKETS), lambda: sup.noise_levels(
+        a.attributor, torch.as_tensor(q.pixels), split, NOISE_BUCKETS, lam=lam))
     labels = a.attributor.train.labels.numpy()
     low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
     share = np.abs(levels.contributions).sum(1)
@@ -246,8 +247,7 @@ def use_training_image(index):
     index = sup.parse_int(index, "training image index", 0, a.n_train - 1)
     pixels = a.attributor.train.images[index].numpy()
     label = int(a.attributor.train.labels[index])
-    q = {"key": sup.QueryKey("train", str(index)), "pixels": pixels, "seed": None, "steps": None,
-         "title": f"Training image #{index}" + (f" ({a.class_word} {label})" if label >= 0 else "")}
+    q = Query.training(index, pixels, f"Training image #{index}" + (f" ({a.class_word} {label})" if label >= 0 else ""))
     return (q, *query_view(q), gr.Column(visible=False))
 
 
@@ -268,9 +268,8 @@ def _upload_query(path, invert: bool, name: str | None = None):
     invert = sup.parse_bool(invert, "the ink setting (invert)")
     pixels = _load_upload(path, invert, name).numpy()
     name = name or f"Your image {os.path.basename(path)}"
-    q = {"key": sup.QueryKey.for_pixels(pixels), "pixels": pixels, "seed": None, "steps": None,
-         "title": f"{name}{' (inverted)' if invert else ''}, "
-                  f"as the model sees it ({pixels.shape[-1]}x{pixels.shape[-2]})"}
+    q = Query.upload(pixels, f"{name}{' (inverted)' if invert else ''}, "
+                             f"as the model sees it ({pixels.shape[-1]}x{pixels.shape[-2]})")
     img, info = query_view(q)
     warning = sup.unusual_ink(pixels, assets().attributor.train.images.numpy())
     return q, img, info + (f"  \n⚠️ {warning}" if warning else "")

@@ -336,7 +336,7 @@ def first_visit(done, q):
     if done:
         return (*[gr.update()] * 13, True)
     out = first_example()
-    if q is not None and q.get("seed") is not None:
+    if q is not None and q.seed is not None:
         out = (gr.update(), gr.update(), gr.update(), *out[3:])
     return (*out, True)
 

@@ -71,7 +71,7 @@ def select_sample(batch, evt: gr.SelectData):
     except ValueError as e:
         raise gr.Error(f"Click one of the {len(batch['seeds'])} samples shown: {e}.", duration=ERROR_SECONDS) from None
     q = sample_query(batch["seeds"][i], batch["steps"], batch["images"][i])
-    return (q, gr.Tabs(selected="attribute"), *query_view(q), q["seed"])
+    return (q, gr.Tabs(selected="attribute"), *query_view(q), q.seed)
 
 
 def create_ui(a) -> dict:

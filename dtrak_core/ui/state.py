@@ -18,13 +18,13 @@ import gradio as gr
 import numpy as np
 import torch
 
-from dtrak_core import app_support as sup
 from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.evaluation.quality import classify
 from dtrak_core.folder import default_root, read_manifest
 from dtrak_core.images import to_pil
+from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 
 
@@ -212,9 +212,8 @@ def no_query():
 
 # ---------------------------------------------------------------- the query and how it reads
 
-def sample_query(seed: int, steps: int, pixels: np.ndarray) -> dict:
-    return {"key": sup.QueryKey.for_sample(seed, steps), "pixels": pixels, "seed": int(seed), "steps": int(steps),
-            "title": f"Generated sample, seed {int(seed)} (DDIM {int(steps)} steps)"}
+def sample_query(seed: int, steps: int, pixels: np.ndarray) -> Query:
+    return Query.sample(seed, steps, pixels)
 
 
 def digit_labels(images: np.ndarray):
@@ -239,8 +238,8 @@ def training_cards(attribution, indices, title: str, note: str = "") -> str:
     return viz.training_cards(a.attributor.train, attribution, indices, title, a.class_word, note, names)
 
 
-def query_view(q):
-    return to_pil(torch.as_tensor(q["pixels"]), assets().scale(QUERY_PX)), f"**{q['title']}**  \n{classifier_text(q['pixels'])}"
+def query_view(q: Query):
+    return to_pil(torch.as_tensor(q.pixels), assets().scale(QUERY_PX)), f"**{q.title}**  \n{classifier_text(q.pixels)}"
 
 
 def cards_html(elem_id: str) -> gr.HTML:

@@ -34,6 +34,7 @@ from dtrak_core.attribution.attributor import Attribution
 from dtrak_core.attribution.similarity import ip_norms, similarity
 from dtrak_core.folder import read_manifest
 from dtrak_core.images import load_user_image, to_pil
+from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.ui import texts
@@ -172,33 +173,33 @@ def generate_samples(root: str, prompt, mode, seed, start, end, count, steps, gu
     return images, captions, {"seeds": seeds, "steps": steps, "prompt": prompt, "guidance": guidance, "images": images}
 
 
-def sample_query(batch: dict, i: int) -> dict:
+def sample_query(batch: dict, i: int) -> Query:
     seed = batch["seeds"][i]
-    return {"pixels": batch["images"][i], "prompt": batch["prompt"], "seed": int(seed),
-            "title": f"Generated sample, seed {int(seed)} (DDIM {batch['steps']} steps, guidance {batch['guidance']:g}), "
-                     f"prompt “{batch['prompt']}”"}
+    return Query.sample(seed, batch["steps"], batch["images"][i], prompt=batch["prompt"],
+                        title=f"Generated sample, seed {int(seed)} (DDIM {batch['steps']} steps, guidance "
+                              f"{batch['guidance']:g}), prompt “{batch['prompt']}”")
 
 
-def with_prompt(q: dict, prompt) -> dict:
+def with_prompt(q: Query, prompt) -> Query:
     """The same image asked about with another prompt."""
-    return {**q, "prompt": parse_prompt(prompt)}
+    return q.with_prompt(parse_prompt(prompt))
 
 
-def _query_key(q: dict) -> tuple:
-    return sup.QueryKey.for_pixels(q["pixels"]), q["prompt"]
+def _query_key(q: Query) -> tuple:
+    return q.pixels_key, q.prompt
 
 
-def query_feature(a: TextToImageAssets, q: dict, output_fn: str) -> torch.Tensor:
+def query_feature(a: TextToImageAssets, q: Query, output_fn: str) -> torch.Tensor:
     """The projected LoRA gradient (1, k) of the query with its prompt, for one store."""
     setting, _ = a.attributor.setting(output_fn)
     return _features.get((a.root, _query_key(q), setting), lambda: a.attributor.query_features(
-        torch.as_tensor(q["pixels"])[None], [q["prompt"]], setting))
+        torch.as_tensor(q.pixels)[None], [q.prompt], setting))
 
 
-def baseline_scores(a: TextToImageAssets, q: dict, method: str) -> np.ndarray:
+def baseline_scores(a: TextToImageAssets, q: Query, method: str) -> np.ndarray:
     """(N,) scores of one of `BASELINES` for the query, on this setting's inputs: the registry entry's
     `kind` picks dot or cosine (relative or renorm IP), its `store` the gradient features."""
-    attributor, x = a.attributor, torch.as_tensor(q["pixels"], dtype=torch.float32)[None]
+    attributor, x = a.attributor, torch.as_tensor(q.pixels, dtype=torch.float32)[None]
     m = registry.get(method)
     if m.store is None and m.name.startswith("latent-"):  # the VAE latents the UNet sees
         train = _features.get((a.root, "train latents"),
@@ -214,7 +215,7 @@ def baseline_scores(a: TextToImageAssets, q: dict, method: str) -> np.ndarray:
     return scorer.scores(phi)[0] / norms
 
 
-def attribution_for(root: str, q: dict, method: str) -> Attribution:
+def attribution_for(root: str, q: Query, method: str) -> Attribution:
     """Scores of any method here for a query (image + prompt), cached per (query, method)."""
     a = load(root)
     known = registry.find(method) if isinstance(method, str) else None  # 'd-trak', 'TRAK': the registry's aliases
@@ -233,7 +234,7 @@ NOISE_BUCKETS = 10
 _noise = OnceCache(128)  # (root, query, method) -> NoiseLevels
 
 
-def noise_levels(root: str, q: dict, method: str):
+def noise_levels(root: str, q: Query, method: str):
     """A TRAK-family score of the query split by noise level (`app_support.NoiseLevels`); None for a
     method without a store (a baseline has no timesteps)."""
     a = load(root)
@@ -241,10 +242,10 @@ def noise_levels(root: str, q: dict, method: str):
     if method not in a.attributor.methods:
         return None
     return _noise.get((a.root, _query_key(q), method), lambda: sup.noise_levels(
-        a.attributor, torch.as_tensor(q["pixels"]), method, NOISE_BUCKETS, prompt=q["prompt"]))
+        a.attributor, torch.as_tensor(q.pixels), method, NOISE_BUCKETS, prompt=q.prompt))
 
 
-def all_attributions(root: str, q: dict) -> dict:
+def all_attributions(root: str, q: Query) -> dict:
     out = {}
     for method in load(root).methods:
         try:
@@ -269,20 +270,20 @@ def attribute_prompt(root: str, prompt, seed=0, steps=50, method=None, k=8) -> d
             "n_train": a.n_train}
 
 
-def summary_text(a: TextToImageAssets, q: dict, result: Attribution, k: int) -> str:
+def summary_text(a: TextToImageAssets, q: Query, result: Attribution, k: int) -> str:
     label = sup.method_label(result.method)
     prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
-    found = digit_labels(a, q["pixels"][None])
+    found = digit_labels(a, q.pixels[None])
     if found is None:
         return (f"**{label}**: the top-{k} proponents{' and opponents' * result.signed} of this image with the "
-                f"prompt “{q['prompt']}”.")
+                f"prompt “{q.prompt}”.")
     digit = int(found[0][0])
     opposed = f" and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents" * result.signed
     return (f"**{label}**: **{int((result.labels[prop] == digit).sum())} of {k}** top proponents{opposed} are "
-            f"{digit}s, the digit the classifier sees in the query (prompt “{q['prompt']}”).")
+            f"{digit}s, the digit the classifier sees in the query (prompt “{q.prompt}”).")
 
 
-def upload_query(root: str, path: str, prompt, invert: bool | None = None) -> tuple[dict, bool]:
+def upload_query(root: str, path: str, prompt, invert: bool | None = None) -> tuple[Query, bool]:
     """An uploaded image file with a prompt -> (query, inverted). invert None: detected from the
     image's border (the digits are light ink on black; a drawing on paper is the other way round)."""
     a = load(root)
@@ -294,18 +295,17 @@ def upload_query(root: str, path: str, prompt, invert: bool | None = None) -> tu
         pixels = load_user_image(path, r, c, invert=bool(invert)).numpy()
     except ValueError as e:
         raise ValueError(f"Could not use {name}: {e}") from None
-    return {"pixels": pixels, "prompt": parse_prompt(prompt), "seed": None,
-            "title": f"Your image {name}{' (inverted)' if invert else ''}, as the model sees it "
-                     f"({pixels.shape[-1]}x{pixels.shape[-2]})"}, bool(invert)
+    return Query.upload(pixels, f"Your image {name}{' (inverted)' if invert else ''}, as the model sees it "
+                                f"({pixels.shape[-1]}x{pixels.shape[-2]})", parse_prompt(prompt)), bool(invert)
 
 
-def training_query(root: str, index) -> dict:
+def training_query(root: str, index) -> Query:
     """A training image as the query, with its own caption as the prompt."""
     a = load(root)
     index = sup.parse_int(index, "training image index", 0, a.n_train - 1)
     caption = a.attributor.train.captions[index]
-    return {"pixels": a.attributor.train.images[index].numpy(), "prompt": caption, "seed": None,
-            "title": f"Training image #{index}, caption “{caption}”"}
+    return Query.training(index, a.attributor.train.images[index].numpy(), f"Training image #{index}, caption “{caption}”",
+                          caption)
 
 
 # ---------------------------------------------------------------- Benchmarks: quality and LDS
@@ -472,11 +472,11 @@ def check_generate(prompt, mode, seed, start, end, count, steps, guidance):
 
 def query_view(q):
     a = _assets()
-    found = digit_labels(a, q["pixels"][None])
+    found = digit_labels(a, q.pixels[None])
     seen = "" if found is None else f"  \nlooks like a **{found[0][0]}** ({found[1][0]:.0%} by the digit classifier)"
-    warning = prompt_warning(a, q["prompt"])
-    return (to_pil(torch.as_tensor(q["pixels"]), a.scale(QUERY_PX)), f"**{html.escape(q['title'])}**{seen}"
-            + (f"  \n⚠️ {warning}." if warning else ""), q["prompt"])
+    warning = prompt_warning(a, q.prompt)
+    return (to_pil(torch.as_tensor(q.pixels), a.scale(QUERY_PX)), f"**{html.escape(q.title)}**{seen}"
+            + (f"  \n⚠️ {warning}." if warning else ""), q.prompt)
 
 
 def select_sample(batch, evt: gr.SelectData):

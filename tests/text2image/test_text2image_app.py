@@ -57,11 +57,11 @@ def test_every_method_runs_and_a_training_image_finds_itself(t2i):
     assert t2i.methods[:2] == ["loss", "square"] and set(views.BASELINES) <= set(t2i.methods)
     index = 300
     q = views.training_query(MINIATURE_ROOT, index)
-    assert q["prompt"] == t2i.attributor.train.captions[index]
+    assert q.prompt == t2i.attributor.train.captions[index]
     found = views.all_attributions(MINIATURE_ROOT, q)
     for method in ("square", "loss", "pixel-cosine", "latent-cosine", "gradient-cosine"):
         assert int(np.argmax(found[method].scores)) == index, method
-    pixels = torch.as_tensor(q["pixels"])[None].flatten(1)
+    pixels = torch.as_tensor(q.pixels)[None].flatten(1)
     np.testing.assert_allclose(found["pixel-dot"].scores,
                                similarity(pixels, t2i.attributor.train.images.flatten(1), "dot")[0])
 
@@ -74,7 +74,7 @@ def test_the_registrys_baselines_score_as_before_and_list_no_opponents_when_unsi
 
     assert views.BASELINES == [m.name for m in methods.all("baseline", "text2image")]
     q = views.training_query(MINIATURE_ROOT, 12)
-    att, x = t2i.attributor, torch.as_tensor(q["pixels"], dtype=torch.float32)[None]
+    att, x = t2i.attributor, torch.as_tensor(q.pixels, dtype=torch.float32)[None]
     scorer, phi = att.scorer("loss"), views.query_feature(t2i, q, "loss")
     latents = att.pipeline.encode_images(att.train.images).flatten(1)
     expected = {"pixel-dot": similarity(x.flatten(1), att.train.images.flatten(1), "dot")[0],
@@ -97,8 +97,8 @@ def test_an_upload_is_read_with_its_ink_the_right_way_round(t2i, tmp_path):
     digit = ((t2i.attributor.train.images[0, 0].numpy() + 1) * 127.5).astype(np.uint8)
     Image.fromarray(255 - digit).resize((64, 64), Image.Resampling.NEAREST).save(tmp_path / "on-paper.png")
     q, inverted = views.upload_query(MINIATURE_ROOT, str(tmp_path / "on-paper.png"), "a handwritten digit 5")
-    assert inverted and q["prompt"] == "a handwritten digit 5" and q["pixels"].shape == (1, 8, 8)
-    np.testing.assert_allclose(q["pixels"], t2i.attributor.train.images[0].numpy(), atol=0.02)
+    assert inverted and q.prompt == "a handwritten digit 5" and q.pixels.shape == (1, 8, 8)
+    np.testing.assert_allclose(q.pixels, t2i.attributor.train.images[0].numpy(), atol=0.02)
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ValueError, match="Could not use notes.png"):
         views.upload_query(MINIATURE_ROOT, str(tmp_path / "notes.png"), "a handwritten digit 5")
@@ -161,11 +161,11 @@ def test_the_pages_handlers_one_by_one(t2i, sample):
     with pytest.raises(gr.Error, match="Generate samples first"):
         on(views.select_sample)(None, gr.SelectData(None, {"index": 0, "value": None}))
     q, tabs, image, info, prompt = on(views.select_sample)(batch, gr.SelectData(None, {"index": 1, "value": None}))
-    assert q["seed"] == 1 and prompt == PROMPT and image.size[0] >= 8
+    assert q.seed == 1 and prompt == PROMPT and image.size[0] >= 8
     props, opps, hist, mass, summary = on(views.attribute)(q, "d-trak", 4, progress=lambda *a, **k: None)
     assert props.count('class="card"') == 4 and opps.count('class="card"') == 4
     other, _, _ = on(views.reprompt)(q, "a handwritten digit 2")
-    assert other["prompt"] == "a handwritten digit 2" and other["pixels"] is q["pixels"]
+    assert other.prompt == "a handwritten digit 2" and other.pixels is q.pixels
     a, b, text = on(views.compare)(q, "d-trak", "trak", 4, progress=lambda *a, **k: None)
     assert "top-4 overlap" in text and a.count('class="card"') == 4
     assert on(views.follow_compare)(q, "d-trak", "trak", 4, False) == (gr.update(), gr.update(), gr.update())
@@ -173,6 +173,6 @@ def test_the_pages_handlers_one_by_one(t2i, sample):
     picked, details, box = on(views.inspect_training)(q, gr.EventData(None, {"index": index}))
     assert picked == index and "its caption" in details and box.visible
     used = on(views.use_training_image)(index)
-    assert used[0]["seed"] is None and used[-1].visible is False
+    assert used[0].seed is None and used[-1].visible is False
     with pytest.raises(gr.Error, match="No query yet"):
         on(views.attribute)(None, "d-trak", 4)
