@@ -172,7 +172,7 @@ def _t2i_cases():
     return cases
 
 
-GAPS = {}
+GAPS = {}  # (kind, rel, damage) -> xfail marks for a known gap (strict: a fixed gap fails until removed)
 
 
 def _params():
@@ -189,32 +189,6 @@ def _params():
 def _gap(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
-
-_FOLDER_NOT_FILE = ("names the weights' folder ({folder}), not the damaged file: the hash covers the folder's "
-                    "weights, and the message is pinned by {test}")
-GAPS.update({  # (kind, rel, damage) -> xfail marks for the real gaps this table found
-    ("digits", "model/unet/diffusion_pytorch_model.safetensors", "bitflip"): _gap(_FOLDER_NOT_FILE.format(
-        folder="model/unet", test="tests/test_integrity.py::test_replaced_weights_that_still_load_are_refused")),
-    **{("digits", f"tracin/checkpoints/{step}/unet/diffusion_pytorch_model.safetensors", "bitflip"): _gap(
-        _FOLDER_NOT_FILE.format(folder=f"tracin/checkpoints/{step}/unet",
-                                test="tests/test_integrity.py::test_damaged_tracin_files_are_named"))
-       for step in ("step-00375", "step-00750", "step-01125", "step-01500")},
-    ("digits", "tracin/index.json", "edit"): _gap(
-        "tracin/index.json is not sealed: an edited checkpoint step is used by `attribute --method tracin` unreported"),
-    ("digits", "tracin/checkpoints/step-00375/unet/config.json", "edit"): _gap(
-        "TracInCP checkpoint configs are not sealed (its index records the weights' hash only): an edited norm_eps "
-        "is used by `attribute --method tracin` unreported"),
-    ("digits", "tracin/checkpoints/step-00375/scheduler/scheduler_config.json", "edit"): _gap(
-        "TracInCP checkpoint configs are not sealed: an edited beta_end is used by `attribute --method tracin` "
-        "unreported"),
-    ("text2image", "pipeline/unet/diffusion_pytorch_model.safetensors", "truncate"): _gap(
-        "a truncated component's weights are named by their folder (pipeline/unet (unet) cannot be loaded ...)"),
-    ("text2image", "pipeline/unet/diffusion_pytorch_model.safetensors", "delete"): _gap(
-        "a deleted UNet weights file is reported as 'no file named diffusion_pytorch_model.bin' in pipeline/unet "
-        "(the wrong file name)"),
-    ("text2image", "pipeline/vae/diffusion_pytorch_model.safetensors", "truncate"): _gap(
-        "a truncated component's weights are named by their folder (pipeline/vae (vae) cannot be loaded ...)"),
-})
 
 CASES = _params()
 
