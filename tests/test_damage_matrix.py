@@ -99,6 +99,7 @@ def _digits_cases():
     add(_j(manifest["stores"][1], "metadata.json"), "delete")
     add("tracin/index.json", "truncate", check="tracin")
     add("tracin/index.json", "edit", ("checkpoints.0.step", 1), check="tracin")
+    add("tracin/index.json", "edit", ("setting.K", 2), check="tracin")
     add("tracin/index.json", "delete", check="tracin")
     tracin = json.load(open(os.path.join(ASSETS, "tracin", "index.json")))
     for c in tracin["checkpoints"]:  # every checkpoint's weights and store features
@@ -150,6 +151,8 @@ def _t2i_cases():
         add(_j("pipeline", component, "diffusion_pytorch_model.safetensors"), "truncate")
         add(_j("pipeline", component, "config.json"), "edit", ("norm_eps", 0.1))
     add("pipeline/unet/diffusion_pytorch_model.safetensors", "delete")
+    add("pipeline/vae/diffusion_pytorch_model.safetensors", "delete")
+    add("pipeline/text_encoder/model.safetensors", "truncate")
     add("pipeline/text_encoder/model.safetensors", "bitflip")
     add("pipeline/text_encoder/model.safetensors", "delete")
     add("pipeline/text_encoder/config.json", "edit", ("layer_norm_eps", 0.1))
