@@ -32,7 +32,7 @@ from dtrak_core.errors import IntegrityError, SealMismatch
 from dtrak_core.files import atomic_write_json, folder_lock, json_hash, read_json
 from dtrak_core.model.data import Dataset, load_dataset
 from dtrak_core.model.training import TrainConfig
-from dtrak_core.model.unet import CONFIG_NAMES, checkpoint_hash, config_file_hash, load_checkpoint
+from dtrak_core.model.unet import CONFIG_NAMES, checkpoint_hash, config_file_hash, load_checkpoint, weights_named
 
 MANIFEST = "manifest.json"
 # manifest keys of a folder kind's own (kept in `extra`) that are sealed like the recipe: what each changes
@@ -367,10 +367,10 @@ class ModelFolder:
         self.check_configs()
         have = checkpoint_hash(unet)
         if self.checkpoint_hash is not None and self.checkpoint_hash != have:
-            ckpt = os.path.join(self.root, self.checkpoint or "model")
-            raise IntegrityError(os.path.join(ckpt, "unet"), f"(model weights) hashes to {have}, but {self.path} "
-                                 f"records checkpoint_hash {self.checkpoint_hash} (the weights were replaced or are "
-                                 f"corrupt)", "restore the model's weights, or rebuild the model folder (`python -m "
+            unet_dir = os.path.join(self.root, self.checkpoint or "model", "unet")
+            raise IntegrityError(unet_dir, f"(model weights) hashes to {have}, but {self.path} records "
+                                 f"checkpoint_hash {self.checkpoint_hash} ({weights_named(unet_dir)} was replaced "
+                                 f"or is corrupt)", "restore the model's weights, or rebuild the model folder (`python -m "
                                  "dtrak_core build-default`, or `build` for your own model)")
 
     def load_model(self):

@@ -99,6 +99,7 @@ def _digits_cases():
     add(_j(manifest["stores"][1], "metadata.json"), "delete")
     add("tracin/index.json", "truncate", check="tracin")
     add("tracin/index.json", "edit", ("checkpoints.0.step", 1), check="tracin")
+    add("tracin/index.json", "edit", ("setting.K", 2), check="tracin")
     add("tracin/index.json", "delete", check="tracin")
     tracin = json.load(open(os.path.join(ASSETS, "tracin", "index.json")))
     for c in tracin["checkpoints"]:  # every checkpoint's weights and store features
@@ -150,6 +151,8 @@ def _t2i_cases():
         add(_j("pipeline", component, "diffusion_pytorch_model.safetensors"), "truncate")
         add(_j("pipeline", component, "config.json"), "edit", ("norm_eps", 0.1))
     add("pipeline/unet/diffusion_pytorch_model.safetensors", "delete")
+    add("pipeline/vae/diffusion_pytorch_model.safetensors", "delete")
+    add("pipeline/text_encoder/model.safetensors", "truncate")
     add("pipeline/text_encoder/model.safetensors", "bitflip")
     add("pipeline/text_encoder/model.safetensors", "delete")
     add("pipeline/text_encoder/config.json", "edit", ("layer_norm_eps", 0.1))
@@ -172,7 +175,7 @@ def _t2i_cases():
     return cases
 
 
-GAPS = {}
+GAPS = {}  # (kind, rel, damage) -> xfail marks for a known gap (strict: a fixed gap fails until removed)
 
 
 def _params():
@@ -189,32 +192,6 @@ def _params():
 def _gap(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
-
-_FOLDER_NOT_FILE = ("names the weights' folder ({folder}), not the damaged file: the hash covers the folder's "
-                    "weights, and the message is pinned by {test}")
-GAPS.update({  # (kind, rel, damage) -> xfail marks for the real gaps this table found
-    ("digits", "model/unet/diffusion_pytorch_model.safetensors", "bitflip"): _gap(_FOLDER_NOT_FILE.format(
-        folder="model/unet", test="tests/test_integrity.py::test_replaced_weights_that_still_load_are_refused")),
-    **{("digits", f"tracin/checkpoints/{step}/unet/diffusion_pytorch_model.safetensors", "bitflip"): _gap(
-        _FOLDER_NOT_FILE.format(folder=f"tracin/checkpoints/{step}/unet",
-                                test="tests/test_integrity.py::test_damaged_tracin_files_are_named"))
-       for step in ("step-00375", "step-00750", "step-01125", "step-01500")},
-    ("digits", "tracin/index.json", "edit"): _gap(
-        "tracin/index.json is not sealed: an edited checkpoint step is used by `attribute --method tracin` unreported"),
-    ("digits", "tracin/checkpoints/step-00375/unet/config.json", "edit"): _gap(
-        "TracInCP checkpoint configs are not sealed (its index records the weights' hash only): an edited norm_eps "
-        "is used by `attribute --method tracin` unreported"),
-    ("digits", "tracin/checkpoints/step-00375/scheduler/scheduler_config.json", "edit"): _gap(
-        "TracInCP checkpoint configs are not sealed: an edited beta_end is used by `attribute --method tracin` "
-        "unreported"),
-    ("text2image", "pipeline/unet/diffusion_pytorch_model.safetensors", "truncate"): _gap(
-        "a truncated component's weights are named by their folder (pipeline/unet (unet) cannot be loaded ...)"),
-    ("text2image", "pipeline/unet/diffusion_pytorch_model.safetensors", "delete"): _gap(
-        "a deleted UNet weights file is reported as 'no file named diffusion_pytorch_model.bin' in pipeline/unet "
-        "(the wrong file name)"),
-    ("text2image", "pipeline/vae/diffusion_pytorch_model.safetensors", "truncate"): _gap(
-        "a truncated component's weights are named by their folder (pipeline/vae (vae) cannot be loaded ...)"),
-})
 
 CASES = _params()
 

@@ -28,7 +28,15 @@ from dtrak_core.errors import IntegrityError, MethodUnavailable, root_option
 from dtrak_core.files import atomic_write_json, read_json
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root
 from dtrak_core.model.training import TrainConfig, train
-from dtrak_core.model.unet import checkpoint_hash, load_checkpoint, save_checkpoint
+from dtrak_core.model.unet import (
+    CONFIG_NAMES,
+    checkpoint_hash,
+    config_file_hash,
+    config_hashes,
+    load_checkpoint,
+    save_checkpoint,
+    weights_named,
+)
 
 # TracInCP store setting: loss gradients as in TRAK, but K=10 timesteps and k=512 so that four
 # checkpoints cost 4 x 3 MB on disk and ~4 x 1 min to featurize (K=100, k=2048 would be 4 x 12 MB
@@ -185,26 +193,73 @@ def tracin_index(root: str, attributor) -> tuple[dict, str]:
     if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
         raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
                                 f"on data {entry['dataset']}, not to this model ({model_hash}, data {attributor.train.fingerprint})")
+    _check_layout(entry, index_path, root)
+    model_configs = folder.config_hash or (config_hashes(folder.checkpoint_path) if folder.checkpoint else {})
     for c in entry["checkpoints"]:
         for rel, what in ((c["checkpoint"], "TracInCP checkpoint"), (c["store"], "TracInCP feature store")):
             if not os.path.exists(os.path.join(root, rel)):
                 raise IntegrityError(os.path.join(root, rel), f"({what}) is missing, though {index_path} registers it",
                                      f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`")
+        _check_configs(os.path.join(root, c["checkpoint"]), model_configs, folder, root)
     return entry, index_path
+
+
+def _setting(entry: dict, index_path: str, root: str) -> FeatureSetting:
+    try:
+        return FeatureSetting(**entry["setting"])
+    except (TypeError, ValueError) as e:
+        raise IntegrityError(index_path, f"(TracInCP index) has no valid 'setting' entry ({e})",
+                             f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`") from None
+
+
+def _check_layout(entry: dict, index_path: str, root: str) -> None:
+    """Each checkpoint's step and the index's setting are the ones its folders are named after
+    (`build_tracin` names them so): the index records no seal of its own, and a step or setting
+    edited by hand would otherwise be used unreported."""
+    slug = _setting(entry, index_path, root).slug
+    for i, c in enumerate(entry["checkpoints"]):
+        step = c["step"]
+        name = f"step-{step:05d}" if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+        want = None if name is None else (os.path.join("tracin", "checkpoints", name),
+                                          os.path.join("tracin", "stores", f"{name}-{slug}"))
+        have = tuple(os.path.normpath(str(c[key])) for key in ("checkpoint", "store"))
+        if want != have:
+            raise IntegrityError(index_path, f"(TracInCP index) checkpoints[{i}] records step {step!r} and setting "
+                                 f"{slug} for the folders {have[0]} and {have[1]}, which build-baselines names "
+                                 f"otherwise (the index was edited by hand)",
+                                 f"restore it, or rebuild it with `python -m dtrak_core build-baselines"
+                                 f"{root_option(root)}`")
+
+
+def _check_configs(ckpt: str, model_configs: dict, folder: ModelFolder, root: str) -> None:
+    """A checkpoint of the model's own training run has the model's architecture and noise schedule:
+    its config files must hash to the model's (`config_hash`), since its index seals its weights only."""
+    for rel, want in sorted(model_configs.items()):
+        have = config_file_hash(ckpt, rel)
+        if have != want:
+            path = os.path.join(ckpt, *rel.split("/"))
+            raise IntegrityError(path, f"(TracInCP checkpoint {CONFIG_NAMES.get(rel, 'config')}) hashes to {have}, "
+                                 f"but the model's {rel} hashes to {want} (recorded in {folder.path}): a checkpoint of "
+                                 f"its training run has the same one, so the file was edited",
+                                 f"restore it, or delete {ckpt} and rebuild it with `python -m dtrak_core "
+                                 f"build-baselines{root_option(root)}` (it replays the training run)")
 
 
 def load_tracin(root: str, attributor) -> list[TracInCheckpoint]:
     """The checkpoints registered under manifest['tracin'], checked to belong to the attributor's model."""
     entry, index_path = tracin_index(root, attributor)
-    setting = FeatureSetting(**entry["setting"])
+    setting = _setting(entry, index_path, root)
     out = []
     for c in entry["checkpoints"]:
-        unet, scheduler = load_checkpoint(os.path.join(root, c["checkpoint"]))
+        ckpt = os.path.join(root, c["checkpoint"])
+        unet, scheduler = load_checkpoint(ckpt)
         h = checkpoint_hash(unet)
         if h != c["checkpoint_hash"]:
-            raise IntegrityError(os.path.join(root, c["checkpoint"], "unet"), f"(TracInCP checkpoint weights) "
-                                 f"hashes to {h}, but {index_path} records {c['checkpoint_hash']} (the weights were "
-                                 f"replaced or are corrupt)", f"rebuild them with `python -m dtrak_core build-baselines{root_option(root)}`")
+            unet_dir = os.path.join(ckpt, "unet")
+            raise IntegrityError(unet_dir, f"(TracInCP checkpoint weights) hashes to {h}, but {index_path} records "
+                                 f"{c['checkpoint_hash']} ({weights_named(unet_dir)} was replaced or is corrupt)",
+                                 f"restore it, or delete {ckpt} and rebuild it with `python -m dtrak_core "
+                                 f"build-baselines{root_option(root)}` (it replays the training run)")
         store = FeatureStore.open(os.path.join(root, c["store"]), FeatureStore.identity(setting, h, attributor.train.fingerprint))
         out.append(TracInCheckpoint(c["step"], Featurizer(unet, scheduler, setting),
                                     torch.from_numpy(np.array(store.features())).double()))

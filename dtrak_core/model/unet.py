@@ -101,6 +101,15 @@ def unet_weights(unet_dir: str) -> list[str]:
             if f.startswith("diffusion_pytorch_model") and f.endswith((".safetensors", ".bin"))]
 
 
+def weights_named(unet_dir: str) -> str:
+    """'the weights file <path>' of a UNet folder, for an error about weights that load but hash to
+    something else: the folder's name alone does not tell which file to restore."""
+    files = unet_weights(unet_dir) if os.path.isdir(unet_dir) else []
+    if len(files) == 1:
+        return f"the weights file {files[0]}"
+    return f"one of the weights files {', '.join(files)}" if files else f"the weights in {unet_dir}"
+
+
 def load_unet(unet_dir: str, remedy: str) -> UNet2DModel:
     """The UNet2DModel `save_pretrained` wrote to unet_dir (config.json + weights), in eval mode; an
     `IntegrityError` naming the file, with `remedy`, when the weights are absent or cannot be loaded."""

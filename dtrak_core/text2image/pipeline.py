@@ -154,7 +154,8 @@ class TextToImagePipeline:
     @classmethod
     def load(cls, source: str) -> "TextToImagePipeline":
         """A pipeline folder (diffusers layout) or a Hugging Face repo id already in the local cache
-        (nothing is downloaded); a missing or damaged component is an error naming its folder."""
+        (nothing is downloaded); a missing or damaged component is an error naming its file (its
+        weights or config; the tokenizer's folder)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -175,6 +176,8 @@ class TextToImagePipeline:
                    "tokenizer": AutoTokenizer.from_pretrained,
                    # any DDPM-family schedule config gives the same betas and alphas_cumprod
                    "scheduler": DDPMScheduler.from_pretrained}
+        for name in WEIGHTS_FILES:
+            _check_weights_present(path, name)
         parts = {}
         for name, load in loaders.items():
             folder = os.path.join(path, name)
@@ -184,6 +187,10 @@ class TextToImagePipeline:
                 while (e.__cause__ or e.__context__) is not None:
                     e = e.__cause__ or e.__context__
                 reason = (str(e).strip().splitlines() or [""])[0]
+                if name in WEIGHTS_FILES:  # its config read above: the weights file is what failed
+                    raise IntegrityError(component_file(path, name), f"({name} weights) cannot be loaded "
+                                         f"({type(e).__name__}: {reason}): it is truncated or corrupt, or does not "
+                                         f"fit {os.path.join(folder, 'config.json')}", _remedy(path)) from None
                 raise IntegrityError(folder, f"({name}) cannot be loaded ({type(e).__name__}: {reason})",
                                      _remedy(path)) from None
         for name in ("unet", "vae", "text_encoder"):
@@ -205,6 +212,25 @@ def config_hashes(path: str) -> dict[str, str]:
 
     return {rel: config_file_hash(path, rel, _remedy(path)) for rel in CONFIG_CANDIDATES
             if os.path.isfile(os.path.join(path, *rel.split("/")))}
+
+
+# the weights files a component's loader looks for, the first preferred (diffusers' UNet and VAE,
+# transformers' text encoder); each may also be sharded behind "<name>.index.json"
+WEIGHTS_FILES = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                 "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                 "text_encoder": ("model.safetensors", "pytorch_model.bin")}
+
+
+def _check_weights_present(path: str, component: str) -> None:
+    """The component's config is readable and a weights file is there; else an `IntegrityError`
+    naming the file: the loaders' own errors name the folder, or a fallback file name (a missing
+    safetensors file is reported as a missing .bin)."""
+    folder = os.path.join(path, component)
+    read_json(os.path.join(folder, "config.json"), f"{component} config", _remedy(path))
+    names = WEIGHTS_FILES[component]
+    if not any(os.path.isfile(os.path.join(folder, n + suffix)) for n in names for suffix in ("", ".index.json")):
+        raise IntegrityError(os.path.join(folder, names[0]), f"({component} weights) is missing (the folder has no "
+                             f"{' or '.join(names)})", _remedy(path))
 
 
 def component_file(path: str, component: str) -> str:
