@@ -723,3 +723,20 @@ def test_a_drawing_becomes_the_query_like_an_upload(app):
     assert q.pixels[0, :, 3:5].max() > 0.5 and q.pixels[0, :, 0].max() < -0.5  # a centred stroke
     assert app.use_drawing({"background": None, "layers": [], "composite": None})[0] is not None  # blank: no change
     assert app.drawing_png(Image.new("RGBA", (50, 50), (0, 0, 0, 0))) is None
+
+
+def test_the_about_numbers_come_from_the_folders_evidence(app):
+    """No prose constants: the digits paragraph's LDS numbers are the committed evidence's, and a
+    folder without evidence gets the paragraph without them (never stale numbers)."""
+    import json
+    import types
+
+    from conftest import ASSETS
+
+    text = app.digits_about(app.assets())  # the tiny folder has no evidence
+    assert "{{" not in text and "validation LDS" not in text and "The default method" in text
+    rows = {r["method"]: r for r in json.load(open(os.path.join(ASSETS, "benchmarks", "evidence.json")))["rows"]}
+    text = app.digits_about(types.SimpleNamespace(root=ASSETS, n_train=1500, methods=["square", "avg"]))
+    for m in ("pixel-rbf", "square", "avg"):
+        assert f"{rows[m]['validation/signed']:.1f}" in text
+    assert "1,500 tiny images" in text and "*avg*" in text

@@ -6,6 +6,7 @@ import html
 import gradio as gr
 
 from dtrak_core import app_support as sup
+from dtrak_core.attribution import methods as registry
 from dtrak_core.ui import texts
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -28,8 +29,22 @@ def unavailable_details(unavailable) -> str:
     return "\n\n".join(f"**{sup.method_label(m)}**: {html.escape(why)}" for m, why in unavailable.items())
 
 
+def digits_about(a) -> str:
+    """The digits folder's paragraph, its numbers read from the folder: the signed validation LDS
+    of benchmarks/evidence.json, the training set's size and the registry's default. Without the
+    evidence (a rebuilt folder before its evaluation), the paragraph says less, never old numbers."""
+    rows = {r.get("method"): r for r in (sup.read_evidence(a.root) or {}).get("rows", []) if isinstance(r, dict)}
+    values = {m.replace("-", "_"): rows.get(m, {}).get("validation/signed") for m in ("pixel-rbf", "square", "avg")}
+    text = texts.get("about_digits.md")
+    if any(not isinstance(v, (int, float)) for v in values.values()):
+        text = "\n\n".join(p for p in text.split("\n\n") if "{{pixel_rbf}}" not in p)
+        values = {}
+    return texts.fill(text, **{k: f"{v:.1f}" for k, v in values.items()}, n_train=a.n_train,
+                      default=registry.label(registry.default_method(a.methods)))
+
+
 def create_ui(a) -> None:
-    about = texts.get("about.md") + ("\n\n" + texts.get("about_digits.md") if a.digits else "")
+    about = texts.get("about.md") + ("\n\n" + digits_about(a) if a.digits else "")
     gr.Markdown(about, latex_delimiters=LATEX)
     gr.Markdown(methods_markdown(a.methods, a.unavailable))
     if a.unavailable:

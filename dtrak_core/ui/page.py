@@ -73,8 +73,8 @@ def folder_title(root: str) -> str:
 
 def header_markdown(a) -> str:
     """The digits default's header, or one that describes another model folder."""
-    if a is None or a.digits:
-        return texts.get("header.md")
+    if a.digits:
+        return texts.fill(texts.get("header.md"), n_train=a.n_train)
     manifest = read_manifest(a.root)
     c, h, w = a.attributor.train.images.shape[1:]
     source = manifest.get("model_source", manifest.get("checkpoint", "?"))
@@ -93,7 +93,7 @@ def error_section(root: str, error: str, text2image: bool = False) -> None:
                "`python -m dtrak_core build-text2image --root FOLDER --pipeline SD --lora L --data D`)" if text2image else
                "rebuild it with `python -m dtrak_core build-default` (a model of your own: `python -m dtrak_core build "
                "--root FOLDER --model M --data D`)")
-    gr.Markdown(texts.get("header.md"))
+    gr.Markdown(f"# {TITLE}")
     gr.Markdown(f"## The model assets could not be loaded\n\n**Folder:** `{root}`\n\n**What is wrong:** "
                 f"{html.escape(error)}\n\n**How to fix it:** do what the message above says, point "
                 "`DTRAK_ASSETS` at a complete model folder, restore the embedded default with `git checkout -- "

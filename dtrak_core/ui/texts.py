@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "texts")
@@ -15,3 +16,14 @@ def get(name: str) -> str:
     """The text of `texts/<name>`, without its final newline."""
     with open(os.path.join(FOLDER, name), encoding="utf-8") as f:
         return f.read().rstrip("\n")
+
+
+def fill(text: str, **values) -> str:
+    """`text` with each `{{name}}` replaced by values[name] (a number with thousands separators);
+    plain braces (LaTeX) are left alone. A placeholder without a value is a ValueError."""
+    def one(m):
+        if m.group(1) not in values:
+            raise ValueError(f"no value for the placeholder {m.group(0)}")
+        v = values[m.group(1)]
+        return f"{v:,}" if isinstance(v, int) else str(v)
+    return re.sub(r"\{\{(\w+)\}\}", one, text)
