@@ -210,9 +210,15 @@ def noise_view(q, method):
             f"query (uncentred, training image #{shared} would lead there for any query); centred, the columns show "
             f"what is specific to this query and no longer sum to its score. At low noise ({levels.labels()[0]}) "
             f"training image **#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; of the "
-            f"query-specific score mass the lowest-noise range carries {share[0]:.0%}, the highest {share[-1]:.0%}.{note}")
+            f"query-specific score mass the lowest-noise range carries {percent(share[0])}, the highest "
+            f"{percent(share[-1])}.{note}")
     return viz.noise_level_figure(levels, labels, a.class_word), viz.noise_level_cards(a.attributor.train, levels,
                                                                                        a.class_word), text
+
+
+def percent(share: float) -> str:
+    """A share as a whole percentage, 'under 1%' for a small non-zero one (not a misleading '0%')."""
+    return "under 1%" if 0 < share < 0.005 else f"{share:.0%}"
 
 
 def noise_reference(method: str):
