@@ -522,18 +522,32 @@ class NoiseLevels:
     into buckets and the feature is the size-weighted sum of the buckets' mean gradients, so (the
     score being linear in the query feature) each training image's score is the sum of one
     contribution per bucket. `contributions[b, i]`: bucket b's part of training image i's score;
-    summed over buckets it is the score the Attribute tab shows."""
+    summed over buckets it is the score the Attribute tab shows.
+
+    At high noise the noisy input is almost all noise, and that noise is the same for every query
+    (`gradients.timestep_noise`), so a high-noise bucket's part is nearly the same whatever the
+    query. `reference[b, i]`: bucket b's part averaged over reference queries (`reference_features`);
+    `centred` subtracts it, keeping what is specific to this query (its rows no longer sum to the
+    score). `top` ranks by `centred`."""
     method: str
     timesteps: tuple  # ((first, last), ...) training timesteps of each bucket, low noise first
     contributions: np.ndarray  # (B, N)
+    reference: np.ndarray | None = None  # (B, N) the mean contribution over reference queries; None: not centred
+    references: int = 0  # how many reference queries the mean is over
 
     @property
     def scores(self) -> np.ndarray:
         return self.contributions.sum(0)
 
+    @property
+    def centred(self) -> np.ndarray:
+        """(B, N) each bucket's part minus the reference queries' mean part (the raw parts when there
+        is no reference)."""
+        return self.contributions if self.reference is None else self.contributions - self.reference
+
     def top(self, bucket: int, n: int) -> np.ndarray:
-        """The n training images with the largest contribution in one bucket, strongest first."""
-        return np.argsort(-self.contributions[bucket], kind="stable")[:n]
+        """The n training images with the largest (centred) contribution in one bucket, strongest first."""
+        return np.argsort(-self.centred[bucket], kind="stable")[:n]
 
     def labels(self) -> list[str]:
         return [f"t {a}-{b}" if a != b else f"t {a}" for a, b in self.timesteps]
@@ -545,37 +559,102 @@ def _bucket_gradients(gradients, sl: slice):
     return gradients.subset(sl)
 
 
-def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str | None = None,
-                 lam=None) -> NoiseLevels:
-    """`image` (C, H, W) attributed by a TRAK-family `method`, split into `buckets` timestep buckets
-    (at most one per timestep of the method's store). Costs about one featurization of the query:
-    the buckets together run the same K timesteps (in one batched pass when they are equal); the
-    store's training features are reused as they are (the split is on the query side only).
-    ValueError for a method without a store. `prompt`: a text-to-image attributor's query prompt
-    (the gradients are then taken at the image's VAE latent, conditioned on the prompt); `lam`: the
-    ridge lambda (see `Attributor.lambda_for`)."""
+def bucket_edges(K: int, buckets: int) -> np.ndarray:
+    """The bucket boundaries (n + 1,) over K timesteps, n = min(buckets, K) (at least 1)."""
+    n = max(1, min(int(buckets), K))
+    return np.linspace(0, K, n + 1).round().astype(int)
+
+
+def bucket_features(attributor, images, method: str, buckets: int = 10, prompts=None, batch: int = 8):
+    """(Q, B, k) float32: each query image's (Q, C, H, W) projected mean gradient over each of the
+    `bucket_edges` buckets of a TRAK-family method's K timesteps (`prompts`: one per image, a
+    text-to-image attributor's). About one featurization per image: the buckets together run the
+    K timesteps once (in batched passes when they are equal)."""
     import torch
 
     setting, _ = attributor.setting(method)
     featurizer = attributor.featurizer(setting)
     gradients = featurizer.gradients
     K = gradients.K
-    n = max(1, min(int(buckets), K))
-    edges = np.linspace(0, K, n + 1).round().astype(int)
-    x = torch.as_tensor(image, dtype=torch.float32)[None]
-    inputs, conditioning = attributor.gradient_inputs(x, None if prompt is None else [prompt])
-    if K % n == 0:  # equal buckets: one batched pass, row b of the copies averaged over bucket b only
-        rows = torch.arange(K).reshape(n, K // n)
-        copies = {name: c.expand(n, *c.shape[1:]) for name, c in conditioning.items()}
-        feats = [featurizer.projector.project(gradients(inputs.expand(n, *inputs.shape[1:]), timesteps=rows, **copies))]
-    else:
-        feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(inputs, **conditioning))
-                 for a, b in zip(edges, edges[1:])]
-    scores = attributor.scorer(method, lam=lam).scores(torch.cat(feats))  # (B, N), each bucket as if it were the whole query
-    weights = np.diff(edges) / K
+    edges = bucket_edges(K, buckets)
+    n = len(edges) - 1
+    images = torch.as_tensor(images, dtype=torch.float32)
+    out = []
+    for s in range(0, len(images), batch):
+        inputs, conditioning = attributor.gradient_inputs(images[s:s + batch],
+                                                          None if prompts is None else list(prompts[s:s + batch]))
+        q = len(inputs)
+        if K % n == 0:  # equal buckets: one batched pass, row (j, b) averaged over bucket b of image j only
+            rows = torch.arange(K).reshape(n, K // n).repeat(q, 1)
+            copies = {name: c.repeat_interleave(n, 0) for name, c in conditioning.items()}
+            feats = featurizer.projector.project(gradients(inputs.repeat_interleave(n, 0), timesteps=rows, **copies))
+            out.append(feats.reshape(q, n, -1))
+        else:
+            feats = [featurizer.projector.project(_bucket_gradients(gradients, slice(a, b))(inputs, **conditioning))
+                     for a, b in zip(edges, edges[1:])]
+            out.append(torch.stack(feats, 1))
+    return torch.cat(out)
+
+
+REFERENCE_QUERIES = 32  # generated samples (seeds 0..31) whose mean part per noise level is subtracted
+REFERENCE_STEPS = 50  # their DDIM steps (the Generate tab's default)
+
+
+def reference_queries(attributor, n: int = REFERENCE_QUERIES, steps: int = REFERENCE_STEPS):
+    """The reference queries of the noise-level view: the model's own DDIM samples of seeds 0..n-1
+    (any pixel folder has them, and they are what a visitor usually clicks)."""
+    from dtrak_core.model.sampling import generate
+
+    return generate(attributor.unet, attributor.scheduler, range(n), steps=steps)
+
+
+@dataclass(frozen=True)
+class NoiseReference:
+    """The mean of `bucket_features` over reference queries: the part of each noise level's gradient
+    that every query shares (at high noise nearly all of it)."""
+    method: str  # the store's output function
+    features: np.ndarray  # (B, k) float64
+    queries: int  # how many reference queries it is the mean of
+
+
+def reference_features(attributor, method: str, buckets: int = 10, images=None) -> NoiseReference:
+    """The `NoiseReference` of a TRAK-family method's store over reference query images (None:
+    `reference_queries`). Costs one featurization per reference image: compute it once per folder
+    and store."""
+    images = reference_queries(attributor) if images is None else images
+    feats = bucket_features(attributor, images, method, buckets).double()
+    return NoiseReference(canonical_name(method), feats.mean(0).numpy(), len(feats))
+
+
+def noise_levels(attributor, image, method: str, buckets: int = 10, prompt: str | None = None,
+                 lam=None, reference=None) -> NoiseLevels:
+    """`image` (C, H, W) attributed by a TRAK-family `method`, split into `buckets` timestep buckets
+    (at most one per timestep of the method's store). Costs about one featurization of the query:
+    the buckets together run the same K timesteps (in one batched pass when they are equal); the
+    store's training features are reused as they are (the split is on the query side only).
+    ValueError for a method without a store. `prompt`: a text-to-image attributor's query prompt
+    (the gradients are then taken at the image's VAE latent, conditioned on the prompt); `lam`: the
+    ridge lambda (see `Attributor.lambda_for`); `reference`: the `NoiseReference` of the same store
+    and buckets (the levels are then `centred` on it, at the same lambda)."""
+    import torch
+
+    setting, _ = attributor.setting(method)
+    gradients = attributor.featurizer(setting).gradients
+    edges = bucket_edges(gradients.K, buckets)
+    feats = bucket_features(attributor, torch.as_tensor(image, dtype=torch.float32)[None], method, buckets,
+                            None if prompt is None else [prompt])[0]  # (B, k)
+    scorer = attributor.scorer(method, lam=lam)
+    weights = np.diff(edges) / gradients.K
+    scores = scorer.scores(feats)  # (B, N), each bucket as if it were the whole query
     steps = gradients.timesteps.tolist()
     spans = tuple((int(steps[a]), int(steps[b - 1])) for a, b in zip(edges, edges[1:]))
-    return NoiseLevels(canonical_name(method), spans, scores * weights[:, None])
+    centre, count = None, 0
+    if reference is not None:
+        if reference.method != setting.output_fn or reference.features.shape != tuple(feats.shape):
+            raise ValueError(f"the reference is of {reference.method} with {reference.features.shape} (buckets, k) "
+                             f"features; this split is of {setting.output_fn} with {tuple(feats.shape)}")
+        centre, count = scorer.scores(reference.features) * weights[:, None], reference.queries
+    return NoiseLevels(canonical_name(method), spans, scores * weights[:, None], centre, count)
 
 
 # ---------------------------------------------------------------- uploads: which way round is the ink

@@ -137,22 +137,26 @@ def noise_level_rows(levels, per_bucket: int = 2, overall: int = 4) -> list[int]
     each bucket's strongest ones, ordered by the bucket where they matter most (low noise first)."""
     rows = list(dict.fromkeys([*np.argsort(-levels.scores, kind="stable")[:overall].tolist(),
                                *[int(i) for b in range(len(levels.timesteps)) for i in levels.top(b, per_bucket)]]))
-    return sorted(rows, key=lambda i: (int(np.argmax(levels.contributions[:, i])), -levels.scores[i]))
+    return sorted(rows, key=lambda i: (int(np.argmax(levels.centred[:, i])), -levels.scores[i]))
 
 
 def noise_level_figure(levels, labels: np.ndarray, class_word: str = "digit", rows=None) -> go.Figure:
     """Heatmap: for the query's strongest training images (rows), how much of each one's score comes
-    from each noise level (columns, low noise on the left). Green pushes towards the query, red away."""
+    from each noise level (columns, low noise on the left), less the reference queries' mean part
+    when the levels are centred (`NoiseLevels.centred`). Green pushes towards the query, red away."""
     rows = noise_level_rows(levels) if rows is None else list(rows)
-    z = levels.contributions[:, rows].T  # (rows, buckets)
+    z = levels.centred[:, rows].T  # (rows, buckets)
+    centred = levels.reference is not None
+    what = "part of its score beyond the reference queries' mean" if centred else "part of its score"
     names = [f"#{i}" + (f" ({class_word} {int(labels[i])})" if labels[i] >= 0 else "") for i in rows]
     peak = float(np.abs(z).max()) or 1.0
     text = [[f"{v:+.3g}" for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=levels.labels(), y=names, zmin=-peak, zmax=peak, zmid=0, text=text, customdata=np.array(rows)[:, None]
         .repeat(z.shape[1], 1), colorscale=[[0, OPPONENT], [0.5, "#f8fafc"], [1, PROPONENT]],
-        colorbar=dict(title=dict(text="part of<br>the score", side="top"), thickness=10, len=0.9),
-        hovertemplate="training image %{y}<br>noise level %{x}<br>part of its score: %{text}<extra></extra>"))
+        colorbar=dict(title=dict(text="part of the<br>score, centred" if centred else "part of<br>the score",
+                                 side="top"), thickness=10, len=0.9),
+        hovertemplate=f"training image %{{y}}<br>noise level %{{x}}<br>{what}: %{{text}}<extra></extra>"))
     fig.update_layout(**_LAYOUT, height=max(260, 26 * len(rows) + 110),
                       xaxis=dict(title="noise level (timesteps): low → high", side="bottom"),
                       yaxis=dict(autorange="reversed", title=None, type="category"))
@@ -160,7 +164,8 @@ def noise_level_figure(levels, labels: np.ndarray, class_word: str = "digit", ro
 
 
 def noise_level_cards(train, levels, class_word: str = "digit") -> str:
-    """The strongest training image of each noise level, one small card per timestep bucket."""
+    """The strongest training image of each noise level (by `NoiseLevels.top`: centred when the levels
+    are), one small card per timestep bucket."""
     cards = []
     for b, label in enumerate(levels.labels()):
         i = int(levels.top(b, 1)[0])

@@ -40,6 +40,7 @@ NOISE_BUCKETS = 10
 # results keyed by the whole request (the folder too), so they are the same for every visitor who asks
 _attribution_cache = OnceCache(256)  # (root, QueryKey, pixels key, method) -> Attribution
 _noise_cache = OnceCache(128)  # (root, QueryKey, pixels key, method, buckets) -> NoiseLevels
+_reference_cache = OnceCache(16)  # (root, store setting, buckets) -> NoiseReference, the same for every query
 
 
 
@@ -197,17 +198,37 @@ def noise_view(q, method):
                           f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
                           f"{sup.method_label(method)} has no timesteps to split.")
     levels = _noise_cache.get((current_root(), q.key, q.pixels_key, method, NOISE_BUCKETS), lambda: sup.noise_levels(
-        a.attributor, torch.as_tensor(q.pixels), split, NOISE_BUCKETS, lam=lam))
+        a.attributor, torch.as_tensor(q.pixels), split, NOISE_BUCKETS, lam=lam, reference=noise_reference(split)))
     labels = a.attributor.train.labels.numpy()
-    low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
-    share = np.abs(levels.contributions).sum(1)
+    last = len(levels.timesteps) - 1
+    low, high = int(levels.top(0, 1)[0]), int(levels.top(last, 1)[0])
+    shared = int(np.argmax(levels.reference[last]))
+    share = np.abs(levels.centred).sum(1)
     share = share / share.sum()
     text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's gradient is averaged "
-            f"over (the columns sum to the score). At low noise ({levels.labels()[0]}) training image **#{low}** "
-            f"matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range carries "
-            f"{share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.{note}")
+            f"over, minus that range's average over {levels.references} generated samples. At high noise the noisy "
+            f"image is almost all noise, the same for every query, so that part of the score barely depends on the "
+            f"query (uncentred, training image #{shared} would lead there for any query); centred, the columns show "
+            f"what is specific to this query and no longer sum to its score. At low noise ({levels.labels()[0]}) "
+            f"training image **#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; of the "
+            f"query-specific score mass the lowest-noise range carries {percent(share[0])}, the highest "
+            f"{percent(share[-1])}.{note}")
     return viz.noise_level_figure(levels, labels, a.class_word), viz.noise_level_cards(a.attributor.train, levels,
                                                                                        a.class_word), text
+
+
+def percent(share: float) -> str:
+    """A share as a whole percentage, 'under 1%' for a small non-zero one (not a misleading '0%')."""
+    return "under 1%" if 0 < share < 0.005 else f"{share:.0%}"
+
+
+def noise_reference(method: str):
+    """The noise-level view's reference for a store (`app_support.reference_features`), computed once
+    per folder, store and bucket count: a few seconds, then shared by every query."""
+    a = assets()
+    setting, _ = a.attributor.setting(method)
+    return _reference_cache.get((current_root(), setting, NOISE_BUCKETS),
+                                lambda: sup.reference_features(a.attributor, method, NOISE_BUCKETS))
 
 
 def clicked_index(evt) -> int:
@@ -406,7 +427,7 @@ def create_ui(a) -> dict:
                                min_width=280)
     with gr.Accordion("Across noise levels: which training images matter at high and at low noise",
                       open=True, elem_id="noise-levels"):
-        gr.Markdown(texts.get("noise_help.md"))
+        gr.Markdown(texts.get("noise_help.md") + "\n" + texts.get("noise_centred.md"))
         noise_text = gr.Markdown(elem_id="noise-text")
         noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
         noise_cards = cards_html("noise-cards")

@@ -239,7 +239,8 @@ def warm_up(roots: list[str] | None = None) -> None:
     """What a first visitor would otherwise wait for, computed once in the background after the
     server is up, folder by folder (the first folder first): the page's first samples and the
     classifier; then, once a page has shown its samples (or after FIRST_PAGE_WAIT), the default
-    method's scorer and featurizer and the full check of the files (the page's banner waits for
+    method's scorer and featurizer, its noise-level view (the reference queries it is centred on)
+    and the full check of the files (the page's banner waits for
     it). No more: on a busy server the warm-up competes with real requests (the second method, the
     counterfactual examples and the retrain-time measurement are made when first asked for)."""
     def step(what, fn):
@@ -288,6 +289,8 @@ def _warm(root: str, step) -> None:
         step(f"{sup.method_label(m)} and its charts", lambda m=m: (
             viz.score_histogram(attribute.attribution_for(q, m), attribute.DEFAULT_K),
             viz.class_mass_figure(attribute.attribution_for(q, m))))
+        # the noise-level view follows every attribution, and its reference queries take seconds once
+        step(f"the noise-level view of {sup.method_label(m)}", lambda m=m: attribute.noise_view(q, m))
     step("the full check of the files (TracInCP checkpoints, precomputed results)", lambda: banner.full_check(root))
 
 

@@ -677,7 +677,7 @@ def create_ui(a) -> dict:
                         mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
             with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
                               open=True, elem_id="noise-levels"):
-                gr.Markdown(texts.get("noise_help.md"))
+                gr.Markdown(texts.get("noise_help.md") + " The columns add up to the score shown above.")
                 noise_text = gr.Markdown(elem_id="noise-text")
                 noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
                 noise_cards = cards_html("noise-cards")
