@@ -99,8 +99,10 @@ def benchmarks_blocks(root: str) -> list:
     shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary, evidence)) or bool(items) \
         or bool(broken)
     if evidence is not None and evidence.get("data"):
+        # the headline and one chart: every method beside the strong baselines, under the noise ceiling
+        ceiling = (tables or {}).get("data", {}).get("noise_ceiling") if tables is not None else None
         gr.Markdown("## Attribution or look-alikes?\n" + sup.evidence_headline(evidence["data"]))
-        chart(functools.partial(viz.lds_chart, sup.evidence_rows(evidence["data"])))
+        chart(functools.partial(viz.lds_chart, sup.evidence_rows(evidence["data"]), ceiling))
         with gr.Accordion("Every method beside the model-free baselines: signed, sharpened, rank and top-1% LDS",
                           open=False):
             gr.Markdown("Each method's LDS four ways: as scored (*signed*), with each score s reported as s·|s| "
@@ -112,44 +114,50 @@ def benchmarks_blocks(root: str) -> list:
             if table:
                 gr.Markdown(sup.relabel_tables(table))
     if shown:
-        gr.Markdown(texts.get("benchmarks_help.md"))
+        with gr.Accordion("How to read these numbers", open=not (evidence is not None and evidence.get("data"))):
+            gr.Markdown(texts.get("benchmarks_help.md").split("\n", 1)[1])
     for title, x in broken:
         gr.Markdown(f"## {title}\n\n**Not shown: this result file is unreadable, or not the one its writer wrote.** "
                     f"{html.escape(x['error'])}", elem_classes="damaged-result")
+    # each topic's heading in sight, its tables and charts folded under it when the headline leads
+    folded = evidence is not None and bool(evidence.get("data"))
     if lds is not None and lds.get("data"):
         data = lds["data"]
         gr.Markdown("## LDS: D-TRAK and TRAK")
-        if data.get("partial"):
-            gr.Markdown(f"**Provisional:** only {data.get('subsets_done')} of {data.get('subsets_planned')} "
-                        "retrained subsets were finished when these numbers were written.")
-        rows = sup.lds_rows(data)
-        if rows:
-            same = ("Here the two coincide: the same λ was best on both halves of every test set, so choosing it on "
-                    "the test set (as the paper does) cost nothing. " if sup.lambdas_coincide(rows) else "")
-            gr.Markdown(f"λ is the ridge term of the scores. *Honest λ*: chosen on one half of the test images and "
-                        f"reported on the other (cross-fitted). *Paper λ*: best on the reported images themselves, as "
-                        f"in the paper (optimistic). {same}*Default λ*: a rule that uses no evaluation data. "
-                        "± is the bootstrap spread over the retrained subsets.")
-            _table(rows, "LDS x 100 (higher is better), mean over test images")
-            chart(functools.partial(viz.lds_chart, rows, data.get("noise_ceiling")))
+        with gr.Accordion("λ chosen three ways, with the noise ceiling", open=not folded):
+            if data.get("partial"):
+                gr.Markdown(f"**Provisional:** only {data.get('subsets_done')} of {data.get('subsets_planned')} "
+                            "retrained subsets were finished when these numbers were written.")
+            rows = sup.lds_rows(data)
+            if rows:
+                same = ("Here the two coincide: the same λ was best on both halves of every test set, so choosing it "
+                        "on the test set (as the paper does) cost nothing. " if sup.lambdas_coincide(rows) else "")
+                gr.Markdown(f"λ is the ridge term of the scores. *Honest λ*: chosen on one half of the test images and "
+                            f"reported on the other (cross-fitted). *Paper λ*: best on the reported images themselves, "
+                            f"as in the paper (optimistic). {same}*Default λ*: a rule that uses no evaluation data. "
+                            "± is the bootstrap spread over the retrained subsets.")
+                _table(rows, "LDS x 100 (higher is better), mean over test images")
+                chart(functools.partial(viz.lds_chart, rows, data.get("noise_ceiling")))
     if tables is not None and tables.get("data"):
         gr.Markdown("## LDS of every method: baselines, output functions x K, ensembles")
-        if tables.get("markdown"):
-            gr.Markdown(sup.relabel_tables(tables["markdown"].split("\n", 1)[-1]))  # without its own title
-        rows = sup.table_rows(tables["data"].get("methods", {}))
-        if rows:
-            gr.Markdown("The poster's methods, best on the validation digits at the top:")
-            chart(functools.partial(viz.lds_chart, rows, tables["data"].get("noise_ceiling")))
+        with gr.Accordion("The poster's table, every output function and K, ensembles", open=not folded):
+            if tables.get("markdown"):
+                gr.Markdown(sup.relabel_tables(tables["markdown"].split("\n", 1)[-1]))  # without its own title
+            rows = sup.table_rows(tables["data"].get("methods", {}))
+            if rows:
+                gr.Markdown("The poster's methods, best on the validation digits at the top:")
+                chart(functools.partial(viz.lds_chart, rows, tables["data"].get("noise_ceiling")))
     if cf_summary is not None and cf_summary.get("data"):
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")
-        gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root)))
-        published = cf_summary["data"].get("published_cifar2_medians", {}).get("l2")
-        if published:
-            gr.Markdown("For reference, the paper's medians on CIFAR-2 (32x32 colour images, so larger distances) "
-                        "at 20% removed: " + ", ".join(f"{sup.method_label(m)} {v:.2f}" for m, v in published.items())
-                        + ".")
-        if cf_summary["data"].get("cells"):
-            chart(functools.partial(viz.counterfactual_chart, cf_summary["data"]))
+        with gr.Accordion("Medians against random removal, per removal size", open=not folded):
+            gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root)))
+            published = cf_summary["data"].get("published_cifar2_medians", {}).get("l2")
+            if published:
+                gr.Markdown("For reference, the paper's medians on CIFAR-2 (32x32 colour images, so larger distances) "
+                            "at 20% removed: " + ", ".join(f"{sup.method_label(m)} {v:.2f}" for m, v in published.items())
+                            + ".")
+            if cf_summary["data"].get("cells"):
+                chart(functools.partial(viz.counterfactual_chart, cf_summary["data"]))
     for item in items.values():  # any other benchmark file, as generic tables
         with gr.Accordion(item["name"], open=False):
             if "error" in item:
