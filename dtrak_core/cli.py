@@ -212,7 +212,7 @@ def _rows_text(rows: list[dict]) -> list[str]:
     if "class" in shown and all(row.get("class") == str(row["label"]) for row in rows):
         shown.remove("class")
     widths = {k: max([len(k)] + [len(str(row.get(k, ""))) for row in rows]) for k in shown[:-1]}
-    header = "  rank  train-index  label      score" + "".join(f"  {k:{widths.get(k, 0)}s}" for k in shown)
+    header = f"  {'rank':>4s}  {'train-index':>11s}  {'label':>5s}  {'score':>11s}" + "".join(f"  {k:{widths.get(k, 0)}s}" for k in shown)
     lines = [header.rstrip()]
     for r, row in enumerate(rows, 1):
         names = "".join(f"  {str(row.get(k, '')):{widths.get(k, 0)}s}" for k in shown)
