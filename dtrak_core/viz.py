@@ -195,8 +195,8 @@ def training_image_details(train, index: int, rows: list[dict], class_word: str 
     lab = int(train.labels[index])
     named = _describe(train, index)
     name = named.get("class") if named.get("class") != str(lab) else None
-    about = "".join(f'<div class="muted">{what}: {html.escape(named[key])}</div>'
-                    for key, what in (("path", "file"), ("caption", "caption")) if key in named)
+    about = (f'<div class="muted">file: {html.escape(named["path"])}</div>' if "path" in named else "") + (
+        f'<div class="muted">its caption: “{html.escape(named["caption"])}”</div>' if "caption" in named else "")
     body = []
     for r in rows:
         if r["rank"] is None:

@@ -152,6 +152,7 @@ def test_the_app_on_your_own_model(built, monkeypatch):
     props, opps, hist, mass, summary = app.attribute(q, "square", 4)
     assert "classifier" not in summary and props.count('class="card"') == 4
     assert "class 0<br>" in props + opps or "class 1<br>" in props + opps
+    assert "cats<br>class 0<br>" in props + opps or "dogs<br>class 1<br>" in props + opps  # the folder's names
     assert mass.layout.xaxis.title.text == "training class"
     with gr.Blocks() as bench:
         app.benchmarks_blocks(built)

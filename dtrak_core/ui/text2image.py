@@ -572,9 +572,8 @@ def inspect_training(q, evt: gr.EventData):
     index = sup.parse_int(data.get("index") if isinstance(data, dict) else None, "training image index", 0,
                           a.n_train - 1)
     rows = sup.ranks_under_methods(all_attributions(current_root(), q), index)
-    details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)
-    caption = html.escape(a.attributor.train.captions[index])
-    return index, details + f'<div class="muted">its caption: “{caption}”</div>', gr.Column(visible=True)
+    details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)  # with its caption
+    return index, details, gr.Column(visible=True)
 
 
 @readable
