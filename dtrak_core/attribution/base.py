@@ -10,7 +10,7 @@ Each is a `StoreAttributor` and brings the query side: `featurizer`, `query_feat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,8 @@ class Attribution:
     method: str  # canonical method name ('square' for D-TRAK)
     scores: np.ndarray  # (N,) one score per training image; higher = stronger proponent
     labels: np.ndarray  # (N,) training labels (-1 when unknown)
-    train: Any = None  # the scored training set (None: rows carry index, label and score only)
+    # the scored training set (None: rows carry index, label and score only)
+    train: Any = field(default=None, repr=False, compare=False)
 
     def proponents(self, n: int) -> np.ndarray:
         """(n,) training indices with the highest scores, strongest first."""
