@@ -21,7 +21,7 @@ from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.errors import SealMismatch
 from dtrak_core.evaluation.quality import sample_quality
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root, path_in_root
-from dtrak_core.model.data import Dataset, load_dataset, load_digits
+from dtrak_core.model.data import INPUT_RANGE, Dataset, load_dataset, load_digits
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
 from dtrak_core.model.unet import (
@@ -114,7 +114,9 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     model: a folder with unet/ + scheduler/ (a saved diffusers DDPM/DDIM pipeline, or a dtrak
         checkpoint) or a Hugging Face repo id already in the local cache.
     data: the folder of images the model was trained on (labels from class sub-folders, if any),
-        resized to the model's resolution and channels; `invert` for dark-on-light images.
+        centre-cropped, resized to the model's resolution and channels and scaled to [-1, 1] (the
+        manifest records it as `input_range`; queries outside it are refused); `invert` for
+        dark-on-light images.
     Resumable: run it again to finish stores; a root built for another model or data is refused.
     device: where the gradients are computed ("cpu", "cuda", "cuda:<i>", "mps"); precision: the
     policy of the model's forward passes outside the features (`devices.py`): the features are
@@ -141,7 +143,7 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
             raise ValueError(f"{os.path.join(root, MANIFEST)} was built for another {key.split('_')[0]} "
                              f"({key} {getattr(existing, key)!r}, not {identity[key]!r}); use another --root")
     ModelFolder.edit(root, lambda f: setattr(f, "stores", f.stores or []), **identity, model_source=model,
-                     parameters=count_parameters(unet), num_train=len(train_set))
+                     parameters=count_parameters(unet), num_train=len(train_set), input_range=list(INPUT_RANGE))
     for setting in settings:
         build_store(root, unet, scheduler, setting, show_bar, train_set=train_set, device=device)
     return ModelFolder.load(root).to_dict()

@@ -184,7 +184,8 @@ def cmd_attribute(args):
                          f"TRAK-family methods are: {', '.join(attributor.methods)}")
     else:  # a baseline, through the registry (Journey-TRAK follows the seed's own trajectory)
         scores = methods.scores(attributor, method.name, image[None], None if args.image else [args.seed], K=args.K)
-        result, lam, lam_source = Attribution(method.name, scores[0], attributor.train.labels.numpy()), None, None
+        result = Attribution(method.name, scores[0], attributor.train.labels.numpy(), attributor.train)
+        lam, lam_source = None, None
     seconds = time.perf_counter() - t0
     table = {**query, **result.table(args.top), "lambda": lam, **({"lambda_source": lam_source} if lam_source else {}),
              "seconds": round(seconds, 3)}
@@ -198,9 +199,25 @@ def cmd_attribute(args):
             print(f"\nopponents: none ({method.label}'s scores carry no sign: its lowest are the least alike, not "
                   "opponents)")
             continue
-        print(f"\n{kind}:\n  rank  train-index  label      score")
-        for r, row in enumerate(table[kind], 1):
-            print(f"  {r:4d}  {row['index']:11d}  {row['label']:5d}  {row['score']:+.4e}")
+        print(f"\n{kind}:")
+        for line in _rows_text(table[kind]):
+            print(line)
+
+
+def _rows_text(rows: list[dict]) -> list[str]:
+    """A result table's rows as aligned text: rank, index, label and score, then what names each
+    training image (`Attribution.describe`): its class name (left out where it only repeats the
+    label, as the digits' do), its file relative to the data folder, its caption."""
+    shown = [k for k in ("class", "path", "caption") if any(k in row for row in rows)]
+    if "class" in shown and all(row.get("class") == str(row["label"]) for row in rows):
+        shown.remove("class")
+    widths = {k: max([len(k)] + [len(str(row.get(k, ""))) for row in rows]) for k in shown[:-1]}
+    header = f"  {'rank':>4s}  {'train-index':>11s}  {'label':>5s}  {'score':>11s}" + "".join(f"  {k:{widths.get(k, 0)}s}" for k in shown)
+    lines = [header.rstrip()]
+    for r, row in enumerate(rows, 1):
+        names = "".join(f"  {str(row.get(k, '')):{widths.get(k, 0)}s}" for k in shown)
+        lines.append(f"  {r:4d}  {row['index']:11d}  {row['label']:5d}  {row['score']:+.4e}{names}".rstrip())
+    return lines
 
 
 def _lambda_source(attributor, method: str, K, given) -> str | None:

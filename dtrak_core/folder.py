@@ -30,7 +30,7 @@ from typing import Callable
 
 from dtrak_core.errors import IntegrityError, SealMismatch
 from dtrak_core.files import atomic_write_json, folder_lock, json_hash, read_json
-from dtrak_core.model.data import Dataset, load_dataset
+from dtrak_core.model.data import INPUT_RANGE, Dataset, load_dataset
 from dtrak_core.model.training import TrainConfig
 from dtrak_core.model.unet import CONFIG_NAMES, checkpoint_hash, config_file_hash, load_checkpoint, weights_named
 
@@ -105,6 +105,7 @@ class ModelFolder:
     tuned_lambda: dict = field(default_factory=dict)  # store slug -> {"lambda": ..., how it was chosen}
     model_source: str | None = None  # what `build --model` was given (a folder or a Hugging Face repo id)
     num_train: int | None = None  # training images (`build`)
+    input_range: list | None = None  # [low, high] of the pixels the model was trained on (None: [-1, 1], see `value_range`)
     settings_hash: dict | None = None  # sealed entry ("train_config", "tuned_lambda/<key>") -> `files.json_hash` of it
     extra: dict = field(default_factory=dict)  # manifest keys this version does not know, kept as they are
 
@@ -164,6 +165,7 @@ class ModelFolder:
             "tuned_lambda": lambda v: isinstance(v, dict) and all(
                 isinstance(e, dict) and number(e.get("lambda")) for e in v.values()),
             "model_source": lambda v: isinstance(v, str), "num_train": lambda v: number(v, int),
+            "input_range": lambda v: isinstance(v, list) and len(v) == 2 and all(number(x) for x in v) and v[0] < v[1],
             "config_hash": hashes, "settings_hash": hashes,
         }
         values, extra = {}, {}
@@ -392,6 +394,13 @@ class ModelFolder:
             return load_dataset(spec)
         except ValueError as e:
             raise ValueError(f"{self.path}: {e}") from None
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """(low, high) of the pixels the model was trained on, which query images must lie in: the
+        manifest's `input_range`, else [-1, 1] (what every loader here scales to; a folder built
+        before the range was recorded was trained on it)."""
+        return INPUT_RANGE if self.input_range is None else (float(self.input_range[0]), float(self.input_range[1]))
 
     def tuned_lambdas(self) -> dict[str, float]:
         """Store slug -> the ridge lambda tuned on validation LDS (`lds tune-lambda`)."""

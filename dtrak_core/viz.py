@@ -56,30 +56,45 @@ def _img(image, px: int, alt: str) -> str:
 
 def training_cards(train, attribution, indices, title: str, class_word: str = "digit", note: str = "",
                    class_names=None) -> str:
-    """Training images as an HTML grid of cards: the pixels (nearest-neighbour), then index, label
-    and score underneath (captions never cover pixels). `train`: a `data.Dataset`; `class_names`:
-    the labels' names (e.g. a folder's class sub-folders), else "<class_word> <label>"."""
+    """Training images as an HTML grid of cards: the pixels (nearest-neighbour), then index, class
+    and score underneath (captions never cover pixels), and a text-to-image image's caption; the
+    image's file (relative to the data folder) in the card's tooltip. `train`: a `data.Dataset`;
+    `class_names`: the labels' names (None: the dataset's own, e.g. a folder's class sub-folders).
+    A named class shows its name above "<class_word> <label>", the label the class chart plots."""
+    class_names = getattr(train, "classes", None) if class_names is None else class_names
     cards = []
     for rank, i in enumerate(indices, 1):
         i = int(i)
         score = attribution.scores[i]
         label = int(attribution.labels[i])
+        named = _describe(train, i)
+        where = f" ({named['path']})" if "path" in named else ""
+        caption = named.get("caption")
         cards.append(
             f'<figure class="card" data-index="{i}" role="button" tabindex="0" '
-            f'title="training image #{i}: click for its rank under every method">'
+            f'title="{html.escape(f"training image #{i}{where}: click for its rank under every method")}">'
             f'{_img(train.images[i], THUMB_PX, f"training image {i}")}<figcaption><b>#{i}</b><br>'
             f'{_label_text(label, class_word, class_names)}'
-            f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
+            + ("" if caption is None else
+               f'<span class="muted card-caption" title="{html.escape(caption)}">{html.escape(caption)}</span>')
+            + f'<span class="{"pos" if score >= 0 else "neg"}">{score:+.3g}</span></figcaption></figure>')
     note = f'<div class="cards-note">{note}</div>' if note else ""
     return f'<div class="cards-title">{html.escape(title)}</div>{note}<div class="cards">{"".join(cards)}</div>'
+
+
+def _describe(train, index: int) -> dict:
+    """`Dataset.describe` of a training image ({} for a dataset-like object without it)."""
+    describe = getattr(train, "describe", None)
+    return {} if describe is None else describe(index)
 
 
 def _label_text(label: int, class_word: str, class_names) -> str:
     if label < 0:
         return ""
-    if class_names is not None and label < len(class_names):
-        return f"{html.escape(str(class_names[label]))}<br>"
-    return f"{class_word} {label}<br>"
+    number = f"{class_word} {label}<br>"
+    if class_names is not None and label < len(class_names) and str(class_names[label]) != str(label):
+        return f"{html.escape(str(class_names[label]))}<br>{number}"
+    return number
 
 
 def score_histogram(attribution, k: int) -> go.Figure:
@@ -180,9 +195,13 @@ def noise_level_cards(train, levels, class_word: str = "digit") -> str:
 
 
 def training_image_details(train, index: int, rows: list[dict], class_word: str = "digit") -> str:
-    """One training image, large, with its class and its rank and score under every method
-    (`app_support.ranks_under_methods`)."""
+    """One training image, large, with its class (name and label), file and caption where known,
+    and its rank and score under every method (`app_support.ranks_under_methods`)."""
     lab = int(train.labels[index])
+    named = _describe(train, index)
+    name = named.get("class") if named.get("class") != str(lab) else None
+    about = (f'<div class="muted">file: {html.escape(named["path"])}</div>' if "path" in named else "") + (
+        f'<div class="muted">its caption: “{html.escape(named["caption"])}”</div>' if "caption" in named else "")
     body = []
     for r in rows:
         if r["rank"] is None:
@@ -194,7 +213,7 @@ def training_image_details(train, index: int, rows: list[dict], class_word: str 
                     f'<td class="{cls}">{r["score"]:+.3g}</td></tr>')
     return (f'<div class="details"><div class="details-image">{_img(train.images[index], 160, f"training image {index}")}'
             f'</div><div class="details-text"><div class="details-title">Training image #{index}'
-            f'{f" · {class_word} {lab}" if lab >= 0 else ""}</div>'
+            f'{f" · {html.escape(name)}" if name else ""}{f" · {class_word} {lab}" if lab >= 0 else ""}</div>{about}'
             '<div class="muted">Rank 1 is the strongest proponent of the query; the last rank its strongest opponent.</div>'
             '<table class="ranks"><thead><tr><th>method</th><th>rank</th><th>score</th></tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div></div>')

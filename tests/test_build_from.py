@@ -152,6 +152,7 @@ def test_the_app_on_your_own_model(built, monkeypatch):
     props, opps, hist, mass, summary = app.attribute(q, "square", 4)
     assert "classifier" not in summary and props.count('class="card"') == 4
     assert "class 0<br>" in props + opps or "class 1<br>" in props + opps
+    assert "cats<br>class 0<br>" in props + opps or "dogs<br>class 1<br>" in props + opps  # the folder's names
     assert mass.layout.xaxis.title.text == "training class"
     with gr.Blocks() as bench:
         app.benchmarks_blocks(built)
@@ -202,3 +203,64 @@ def test_build_refuses_an_unavailable_device_before_any_work(pipeline, images, t
     with pytest.raises(ValueError, match="CUDA is not available"):
         build_from(root, pipeline, images, SETTINGS, device="cuda", show_bar=False)
     assert not os.path.exists(root)
+
+
+def test_results_name_the_training_images(built, images, capsys):
+    """The JSON rows and the CLI text carry each training image's file (relative to the data folder)
+    and class name; the app's cards show the class name above its label."""
+    query = os.path.join(images, "dogs", "2.png")
+    assert main(["attribute", "--root", built, "--image", query, "--method", "d-trak", "--top", "3", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    for row in table["proponents"] + table["opponents"]:
+        assert row["class"] == ("cats", "dogs")[row["label"]]
+        assert row["path"] == f"{row['class']}/{(row['index'] % 6)}.png"  # sorted: cats/0..5, dogs/0..5
+        assert list(row) == ["index", "label", "path", "class", "score"]
+    assert main(["attribute", "--root", built, "--image", query, "--method", "d-trak", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "  rank  train-index  label        score  class  path" in text
+    for row in table["proponents"]:
+        line = next(line for line in text.splitlines() if line.split()[1:2] == [str(row["index"])])
+        assert line.split()[-2:] == [row["class"], row["path"]]
+    # the API: the same rows, and the dataset that names them
+    attributor = Attributor.load(built)
+    result = attributor.attribute(attributor.train.images[7], "square")
+    assert result.table(2)["proponents"][0].keys() == {"index", "label", "path", "class", "score"}
+    assert result.describe(7) == {"path": "dogs/1.png", "class": "dogs"}
+    from dtrak_core import viz
+
+    cards = viz.training_cards(attributor.train, result, [0, 7], "top", "class")
+    assert "cats<br>class 0<br>" in cards and "dogs<br>class 1<br>" in cards and "(dogs/1.png)" in cards
+
+
+def test_queries_outside_the_recorded_input_range_are_refused(built, tmp_path):
+    from dtrak_core.attribution import methods
+    from dtrak_core.folder import ModelFolder
+
+    assert json.load(open(os.path.join(built, "manifest.json")))["input_range"] == [-1, 1]
+    attributor = Attributor.load(built)
+    assert attributor.input_range == (-1.0, 1.0)
+    image = attributor.train.images[:1]
+    attributor.scores(image, "square")  # in range
+    pixels = (image + 1) * 127.5  # 0..255: what a caller who skipped the scaling passes
+    for call in (lambda: attributor.scores(pixels, "square"), lambda: attributor.attribute(pixels[0], "loss"),
+                 lambda: methods.scores(attributor, "pixel-cosine", pixels)):
+        with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*x / 127\.5 - 1.*image file"):
+            call()
+    with pytest.raises(ValueError, match="non-finite"):
+        attributor.scores(torch.full_like(image, float("nan")), "square")
+    # a model trained on [0, 1]: its folder says so, and [-1, 1] images are refused
+    other = str(tmp_path / "zero-one")
+    shutil.copytree(built, other)
+    ModelFolder.edit(other, input_range=[0, 1])
+    zero_one = Attributor.load(other)
+    zero_one.scores((image + 1) / 2, "square")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        zero_one.scores(image * 0 - 1, "square")
+    # a folder that records no range (built before it was recorded): [-1, 1]
+    ModelFolder.edit(other, input_range=None)
+    assert "input_range" not in json.load(open(os.path.join(other, "manifest.json")))
+    assert Attributor.load(other).input_range == (-1.0, 1.0)
+    manifest = json.load(open(os.path.join(other, "manifest.json")))
+    json.dump({**manifest, "input_range": [1, -1]}, open(os.path.join(other, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="input_range"):
+        Attributor.load(other)

@@ -55,6 +55,8 @@ class Attributor(StoreAttributor):
             identity must name this checkpoint and dataset); several per output function may differ in K.
         lam: a ridge lambda for every store, overriding the tuned ones (None: see `lambda_for`).
         tuned_lambdas: {store slug: lambda} chosen on validation LDS (a model folder's manifest).
+        input_range: (low, high) of the pixels the model was trained on (None: [-1, 1]; a model
+            folder's manifest `input_range`); query images outside it are refused (`check_input_range`).
 
     Featurizers and fitted `TRAKScorer`s are built on first use, once, and shared by every thread;
     `device` ("cpu", the default, or "cuda"; set it before the first query) is where they compute the
@@ -62,8 +64,11 @@ class Attributor(StoreAttributor):
     """
 
     def __init__(self, unet, scheduler, train: Dataset, stores: list[FeatureStore], lam: float | None = None,
-                 tuned_lambdas: dict[str, float] | None = None, device="cpu", tuned_params: dict | None = None):
+                 tuned_lambdas: dict[str, float] | None = None, device="cpu", tuned_params: dict | None = None,
+                 input_range=None):
         self.unet, self.scheduler, self.train = unet.eval(), scheduler, train
+        if input_range is not None:
+            self.input_range = (float(input_range[0]), float(input_range[1]))
         self.device = device
         self.root = None  # the model folder, when loaded from one (`load`)
         self.lam = lam  # overrides every store's lambda when set
@@ -109,7 +114,7 @@ class Attributor(StoreAttributor):
             stores = _matching(stores, checkpoint_hash(unet), train.fingerprint, damaged)
         attributor = cls(unet, scheduler, train, stores,
                          tuned_lambdas=folder.tuned_lambdas() if tuned else {},
-                         tuned_params=dict(folder.tuned_lambda) if tuned else {})
+                         tuned_params=dict(folder.tuned_lambda) if tuned else {}, input_range=folder.value_range)
         attributor.root = folder.root
         return attributor
 
@@ -133,15 +138,16 @@ class Attributor(StoreAttributor):
         return features.clone()  # (callers may write to theirs)
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None) -> np.ndarray:
-        """Scores (B, N) float64 of images (B, C, H, W) in [-1, 1] under a TRAK-family method
-        (K: the store's timesteps, None the largest; lam: see `lambda_for`)."""
+        """Scores (B, N) float64 of images (B, C, H, W) in [-1, 1] (the folder's `input_range`) under a
+        TRAK-family method (K: the store's timesteps, None the largest; lam: see `lambda_for`)."""
         setting, _ = self.setting(method, K)
         expected = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        self.check_input_range(images)
         return self.scorer(method, K, lam).scores(self.query_features(images, setting))
 
     def attribute(self, image: torch.Tensor, method: str = "d-trak", K: int | None = None, lam=None) -> Attribution:
         """One image (C, H, W) -> its `Attribution` over the training set (`lam`: see `lambda_for`)."""
         scores = self.scores(image[None], method, K, lam)[0]
-        return Attribution(canonical_name(method), scores, self.train.labels.numpy())
+        return Attribution(canonical_name(method), scores, self.train.labels.numpy(), self.train)

@@ -10,9 +10,11 @@ Each is a `StoreAttributor` and brings the query side: `featurizer`, `query_feat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.features import FeatureSetting
@@ -21,17 +23,21 @@ from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer, top_k
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.errors import root_option
+from dtrak_core.model.data import INPUT_RANGE
 
 RULE = "rule"  # lam=RULE: the data-free `scoring.default_lambda` rule, whatever the manifest says
 
 
 @dataclass
 class Attribution:
-    """One query's scores over the training set, with its top proponents and opponents."""
+    """One query's scores over the training set, with its top proponents and opponents; `train`, the
+    training set (a `data.Dataset`), lets `table` name each image (path, class, caption)."""
 
     method: str  # canonical method name ('square' for D-TRAK)
     scores: np.ndarray  # (N,) one score per training image; higher = stronger proponent
     labels: np.ndarray  # (N,) training labels (-1 when unknown)
+    # the scored training set (None: rows carry index, label and score only)
+    train: Any = field(default=None, repr=False, compare=False)
 
     def proponents(self, n: int) -> np.ndarray:
         """(n,) training indices with the highest scores, strongest first."""
@@ -46,11 +52,19 @@ class Attribution:
         """Whether the method's negative scores mark opponents (`methods.is_signed`)."""
         return registry.is_signed(self.method)
 
+    def describe(self, index: int) -> dict:
+        """What names training image `index` beyond its label: {"path", "class", "caption"}, those known
+        (`Dataset.describe`; {} without `train`)."""
+        return {} if self.train is None else self.train.describe(int(index))
+
     def table(self, n: int) -> dict:
-        """Top-n proponents and opponents as plain lists (for JSON and display); no opponents for a
-        method whose scores carry no sign (its lowest scores are the least alike, not opponents)."""
+        """Top-n proponents and opponents as plain lists (for JSON and display): each row's index,
+        label, the `describe` keys known (file path relative to the data folder, class name,
+        caption) and score; no opponents for a method whose scores carry no sign (its lowest scores
+        are the least alike, not opponents)."""
         def rows(idx):
-            return [{"index": int(i), "label": int(self.labels[i]), "score": float(self.scores[i])} for i in idx]
+            return [{"index": int(i), "label": int(self.labels[i]), **self.describe(i), "score": float(self.scores[i])}
+                    for i in idx]
         return {"method": self.method, "proponents": rows(self.proponents(n)),
                 "opponents": rows(self.opponents(n)) if self.signed else []}
 
@@ -62,6 +76,29 @@ class StoreAttributor:
     use, once, and shared by every thread."""
 
     device = "cpu"
+    input_range = INPUT_RANGE  # (low, high) of the pixels the model was trained on: query images must lie in it
+
+    def check_input_range(self, images: torch.Tensor) -> None:
+        """A ValueError unless every pixel of the query `images` is finite and inside `input_range`:
+        the features of images scaled otherwise (0..255 for a [-1, 1] model, [-1, 1] for a [0, 1] one)
+        are silently wrong, so they are refused, saying how to scale them."""
+        lo, hi = (float(v) for v in self.input_range)
+        if not images.numel():
+            return
+        x = images.detach()
+        slack = 1e-5 * (hi - lo)  # float rounding of a conversion that clamps to the range
+        if not bool(torch.isfinite(x).all()):
+            got = "non-finite values (NaN or inf)"
+        elif float(x.min()) < lo - slack or float(x.max()) > hi + slack:
+            got = f"values in [{float(x.min()):.4g}, {float(x.max()):.4g}]"
+        else:
+            return
+        scale = ("from 0..255: x / 127.5 - 1; from [0, 1]: x * 2 - 1" if (lo, hi) == (-1.0, 1.0)
+                 else f"from [0, 1]: x * {hi - lo:g} + {lo:g}")
+        raise ValueError(
+            f"query images must lie in [{lo:g}, {hi:g}], the input range this model was trained on (manifest.json "
+            f"input_range; [-1, 1] when not recorded), got {got}; scale them as its training images were ({scale}), "
+            f"or pass an image file or PIL image, which is converted (`images.load_user_image`, the CLI's --image)")
 
     def _index_stores(self, stores: list[FeatureStore], checkpoint: str, fingerprint: str) -> None:
         """`self.stores` from complete stores, each checked to be built for this checkpoint and training set."""

@@ -130,6 +130,8 @@ class Method:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
             raise ValueError(f"images must be a tensor (Q, {', '.join(map(str, expected))}), got {shape}")
+        if hasattr(attributor, "check_input_range"):
+            attributor.check_input_range(images)
         return self.score(self, attributor.method_inputs(root, clip_path), images.float(), seeds, K)
 
 

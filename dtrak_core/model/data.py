@@ -4,12 +4,17 @@ A `Dataset` holds images as a float32 tensor (N, C, H, W) scaled to [-1, 1] and 
 (-1 where unknown). Its `fingerprint` is a content hash (`fingerprint`, the one used for every set
 of images: training sets and test sets alike), written into feature-store metadata so a store built
 for other data is refused.
+
+What names a training image to a reader rides along, outside the fingerprint (so stores and
+manifests built before it was kept stay valid): `classes` (label -> class name: a folder's class
+sub-folders, the digits' "0".."9") and `paths` (each image's file, relative to its data folder).
+`describe(i)` gives them for one image, as results show them.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -18,6 +23,8 @@ import torch
 DIGITS_VALIDATION_SIZE = 297  # 1,797 digits -> 1,500 training + 297 validation
 DIGITS_SPLIT_SEED = 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+INPUT_RANGE = (-1.0, 1.0)  # what every loader here scales pixels to: the range a model folder's model was trained on
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
@@ -39,12 +46,23 @@ class Dataset:
     name: str
     images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
     labels: torch.Tensor  # (N,) int64, -1 where unknown
+    classes: tuple | None = field(default=None, kw_only=True)  # label -> class name (None: unnamed)
+    paths: tuple | None = field(default=None, kw_only=True)  # (N,) files relative to the data folder (None: not files)
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
             raise ValueError(f"images must be a float32 (N, C, H, W) tensor, got {tuple(self.images.shape)} {self.images.dtype}")
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"labels must have shape ({len(self.images)},), got {tuple(self.labels.shape)}")
+        for name, want in (("classes", None), ("paths", len(self.images))):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(value)
+            if not all(isinstance(v, str) for v in value) or (want is not None and len(value) != want):
+                raise ValueError(f"{name} must be strings" + (f", one per image ({want})" if want is not None else "")
+                                 + f", got {len(value)}")
+            object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,9 +71,30 @@ class Dataset:
     def fingerprint(self) -> str:
         return fingerprint(self.images, self.labels)
 
+    def class_name(self, label: int) -> str | None:
+        """The name of class `label` (None: unlabelled, or the classes are not named)."""
+        label = int(label)
+        return self.classes[label] if self.classes is not None and 0 <= label < len(self.classes) else None
+
+    def describe(self, index: int) -> dict:
+        """What names training image `index` to a reader, as far as it is known: {"path": its file
+        relative to the data folder, "class": its class name}; a `CaptionedDataset` adds "caption"."""
+        out = {}
+        if self.paths is not None:
+            out["path"] = self.paths[int(index)]
+        name = self.class_name(self.labels[int(index)])
+        if name is not None:
+            out["class"] = name
+        return out
+
+    def _named(self, idx: np.ndarray) -> dict:
+        """The `classes` and `paths` keywords of a subset at `idx`."""
+        return {"classes": self.classes, "paths": None if self.paths is None else tuple(self.paths[i] for i in idx)}
+
     def subset(self, indices, name: str | None = None) -> "Dataset":
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return Dataset(name or f"{self.name}[subset of {len(idx)}]", self.images[idx], self.labels[idx])
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return Dataset(name or f"{self.name}[subset of {len(idx)}]", self.images[t], self.labels[t], **self._named(idx))
 
 
 def _digits_arrays():
@@ -84,7 +123,8 @@ def load_digits(split: str = "train") -> Dataset:
     idx = {"train": train_idx, "validation": val_idx}.get(split)
     if idx is None:
         raise ValueError(f"unknown digits split {split!r}; use 'train' or 'validation'")
-    return Dataset(f"digits-{split}", torch.from_numpy(images[idx]).contiguous(), torch.from_numpy(labels[idx]))
+    return Dataset(f"digits-{split}", torch.from_numpy(images[idx]).contiguous(), torch.from_numpy(labels[idx]),
+                   classes=DIGIT_CLASSES)
 
 
 def image_to_tensor(img, resolution: int, channels: int = 1) -> torch.Tensor:
@@ -105,7 +145,8 @@ def load_image_folder(path: str, resolution: int, channels: int = 1, invert: boo
     """Every image file in `path` (sorted by name), cropped and resized to the model's resolution.
 
     Labels come from sub-folder names when the images sit in one sub-folder per class (sorted
-    names -> 0, 1, ...), else -1. `invert` maps dark ink on light paper to the digits' convention.
+    names -> 0, 1, ...; the names are the dataset's `classes`), else -1. `invert` maps dark ink on
+    light paper to the digits' convention. Each image's `paths` entry is its file relative to `path`.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -133,7 +174,14 @@ def load_image_folder(path: str, resolution: int, channels: int = 1, invert: boo
     x = torch.stack(images)
     if invert:
         x = -x
-    return Dataset(f"folder:{os.path.abspath(path)}", x, torch.tensor(labels, dtype=torch.long))
+    return Dataset(f"folder:{os.path.abspath(path)}", x, torch.tensor(labels, dtype=torch.long),
+                   classes=tuple(c.replace(os.sep, "/") for c in classes) if by_class else None,
+                   paths=tuple(relative_path(f, path) for f in files))
+
+
+def relative_path(file: str, folder: str) -> str:
+    """`file` relative to `folder`, with "/" separators whatever the system (results are JSON)."""
+    return os.path.relpath(file, folder).replace(os.sep, "/")
 
 
 def load_dataset(spec) -> Dataset:

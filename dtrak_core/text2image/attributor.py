@@ -145,6 +145,7 @@ class TextToImageAttributor(StoreAttributor):
         attributor = cls(pipeline, train, open_stores(folder), tuned_lambdas=folder.tuned_lambdas(),
                          guidance_scale=float(guidance))
         attributor.root = folder.root
+        attributor.input_range = folder.value_range
         return attributor
 
     # -- queries ----------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class TextToImageAttributor(StoreAttributor):
         expected = self.image_shape
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        self.check_input_range(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
@@ -187,4 +189,4 @@ class TextToImageAttributor(StoreAttributor):
                   prompt: str | None = None) -> Attribution:
         """One image (C, H, W) and its prompt -> its `Attribution` over the fine-tuning set."""
         scores = self.scores(image[None], method, K, lam, prompts=prompt)[0]
-        return Attribution(canonical_name(method), scores, self.train.labels.numpy())
+        return Attribution(canonical_name(method), scores, self.train.labels.numpy(), self.train)

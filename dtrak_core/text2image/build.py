@@ -30,6 +30,7 @@ import torch
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.store import FeatureStore
 from dtrak_core.folder import ModelFolder
+from dtrak_core.model.data import INPUT_RANGE
 from dtrak_core.model.unet import count_parameters
 from dtrak_core.text2image import MINIATURE_ROOT
 from dtrak_core.text2image.attributor import KIND, component_hashes
@@ -238,6 +239,7 @@ def build_text2image_from(root: str, pipeline_source: str, lora: str, data: str,
     ModelFolder.edit(root, checkpoint=folder_path, checkpoint_hash=have, dataset=spec,
                      dataset_fingerprint=train.fingerprint, num_train=len(train), model_source=pipeline_source,
                      parameters=count_parameters(pipeline.unet), config_hash=config_hashes(folder_path),
+                     input_range=list(INPUT_RANGE),
                      stores=(folder.stores if folder is not None else []) or [],
                      change=lambda f: _set_extra(f, kind=KIND, lora=lora_path, guidance_scale=7.5,
                                                  base_hash=base.weights_hash(),

@@ -1,7 +1,8 @@
 """Captioned image sets: what a text-to-image model is trained (and fine-tuned) on.
 
-A `CaptionedDataset` is a `Dataset` (images (N, C, H, W) in [-1, 1], labels) with one caption per
-image; its fingerprint covers the captions too, so a store built for other captions is refused.
+A `CaptionedDataset` is a `Dataset` (images (N, C, H, W) in [-1, 1], labels, class names and file
+paths where known) with one caption per image; its fingerprint covers the captions too, so a store
+built for other captions is refused (names and paths stay outside it, as for any `Dataset`).
 
 - The miniature: scikit-learn's digits with the caption "a handwritten digit <d>", split by digit
   (0-4 pretrain the base model, 5-9 are the LoRA fine-tuning set that is attributed).
@@ -20,7 +21,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from dtrak_core.model.data import IMAGE_SUFFIXES, Dataset, image_to_tensor, load_digits
+from dtrak_core.model.data import IMAGE_SUFFIXES, Dataset, image_to_tensor, load_digits, relative_path
 
 METADATA = "metadata.jsonl"
 
@@ -47,11 +48,15 @@ class CaptionedDataset(Dataset):
             h.update(caption.encode() + b"\0")
         return h.hexdigest()[:16]
 
+    def describe(self, index: int) -> dict:
+        """`Dataset.describe` and the image's caption (what its model was fine-tuned to draw it from)."""
+        return {**super().describe(index), "caption": self.captions[int(index)]}
+
     def subset(self, indices, name: str | None = None) -> "CaptionedDataset":
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         t = torch.as_tensor(idx)
         return CaptionedDataset(name or f"{self.name}[subset of {len(idx)}]", self.images[t], self.labels[t],
-                                tuple(self.captions[i] for i in idx))
+                                tuple(self.captions[i] for i in idx), **self._named(idx))
 
 
 def load_digit_captions(split: str = "train", digits=range(5, 10)) -> CaptionedDataset:
@@ -64,7 +69,7 @@ def load_digit_captions(split: str = "train", digits=range(5, 10)) -> CaptionedD
     labels = base.labels[torch.as_tensor(keep)]
     name = f"digits-{split}-{''.join(map(str, digits))}"
     return CaptionedDataset(name, base.images[torch.as_tensor(keep)].contiguous(), labels,
-                            tuple(digit_caption(d) for d in labels.tolist()))
+                            tuple(digit_caption(d) for d in labels.tolist()), classes=base.classes)
 
 
 def _read_metadata(path: str) -> dict[str, str]:
@@ -87,7 +92,8 @@ def _read_metadata(path: str) -> dict[str, str]:
 def load_captioned_folder(path: str, resolution: int, channels: int = 3) -> CaptionedDataset:
     """Every image under `path` (sorted by name) with its caption, centre-cropped and resized to the
     pipeline's resolution. Captions: `metadata.jsonl` if present, else `<name>.txt` beside each image;
-    an image without one is an error naming it. Labels: sub-folder per class, as `load_image_folder`."""
+    an image without one is an error naming it. Labels, class names and paths (relative to `path`):
+    as `load_image_folder`."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isdir(path):
@@ -122,7 +128,9 @@ def load_captioned_folder(path: str, resolution: int, channels: int = 3) -> Capt
             raise ValueError(f"cannot read image {full!r}: {e}") from e
         labels.append(classes.index(os.path.dirname(rel)) if by_class else -1)
     return CaptionedDataset(f"captioned-folder:{os.path.abspath(path)}", torch.stack(images),
-                            torch.tensor(labels, dtype=torch.long), tuple(captions))
+                            torch.tensor(labels, dtype=torch.long), tuple(captions),
+                            classes=tuple(c.replace(os.sep, "/") for c in classes) if by_class else None,
+                            paths=tuple(relative_path(os.path.join(path, rel), path) for rel in files))
 
 
 def load_captioned_dataset(spec) -> CaptionedDataset:

@@ -52,7 +52,7 @@ def attribution_for(q, method: str) -> Attribution:
     def compute():
         seeds = None if q.seed is None else [q.seed]  # journey-trak follows the sample's own trajectory
         scores = registry.scores(a.attributor, method, torch.as_tensor(q.pixels)[None], seeds, root=a.root)[0]
-        return Attribution(method, scores, a.attributor.train.labels.numpy())
+        return Attribution(method, scores, a.attributor.train.labels.numpy(), a.attributor.train)
     # the pixels too: a seed's sample differs in the last bits with the batch it was generated in
     return _attribution_cache.get((current_root(), q.key, q.pixels_key, method), compute)
 
@@ -98,7 +98,7 @@ def attribute(q, method, k, progress=gr.Progress()):
                    f"proponents{opposed} are {shown}, the {a.class_word} the classifier sees in the query.")
     summary += "\n\n" + lookalike_line(q, method, k)
     opp_note = (OPPONENT_NOTE if found is not None else "") if result.signed else sup.no_opponents(method)
-    return (training_cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
+    return (training_cards(result, prop, f"Top-{k} proponents (index · class · score)"),
             training_cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
             viz.score_histogram(result, k), viz.class_mass_figure(result, assets().class_word), summary)
 

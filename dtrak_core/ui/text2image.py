@@ -226,7 +226,8 @@ def attribution_for(root: str, q: Query, method: str) -> Attribution:
             scores = baseline_scores(a, q, method)
         else:
             scores = a.attributor.scorer(method).scores(query_feature(a, q, method))[0]
-        return Attribution(method, np.asarray(scores, dtype=np.float64), a.attributor.train.labels.numpy())
+        return Attribution(method, np.asarray(scores, dtype=np.float64), a.attributor.train.labels.numpy(),
+                           a.attributor.train)
     return _attributions.get((a.root, _query_key(q), method), compute)
 
 
@@ -502,7 +503,7 @@ def attribute(q, method, k, progress=gr.Progress()):
     result = attribution_for(current_root(), q, method)
     prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
     opp_note = (OPPONENT_NOTE if a.digits else "") if result.signed else sup.no_opponents(result.method)
-    return (cards(result, prop, f"Top-{k} proponents (index · training label · score)"),
+    return (cards(result, prop, f"Top-{k} proponents (index · class · caption · score)"),
             cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
             viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word),
             summary_text(a, q, result, k))
@@ -571,9 +572,8 @@ def inspect_training(q, evt: gr.EventData):
     index = sup.parse_int(data.get("index") if isinstance(data, dict) else None, "training image index", 0,
                           a.n_train - 1)
     rows = sup.ranks_under_methods(all_attributions(current_root(), q), index)
-    details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)
-    caption = html.escape(a.attributor.train.captions[index])
-    return index, details + f'<div class="muted">its caption: “{caption}”</div>', gr.Column(visible=True)
+    details = viz.training_image_details(a.attributor.train, index, rows, a.class_word)  # with its caption
+    return index, details, gr.Column(visible=True)
 
 
 @readable

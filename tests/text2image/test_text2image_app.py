@@ -164,6 +164,7 @@ def test_the_pages_handlers_one_by_one(t2i, sample):
     assert q.seed == 1 and prompt == PROMPT and image.size[0] >= 8
     props, opps, hist, mass, summary = on(views.attribute)(q, "d-trak", 4, progress=lambda *a, **k: None)
     assert props.count('class="card"') == 4 and opps.count('class="card"') == 4
+    assert props.count('class="muted card-caption"') == 4 and "a handwritten digit" in props  # each card's caption
     other, _, _ = on(views.reprompt)(q, "a handwritten digit 2")
     assert other.prompt == "a handwritten digit 2" and other.pixels is q.pixels
     a, b, text = on(views.compare)(q, "d-trak", "trak", 4, progress=lambda *a, **k: None)

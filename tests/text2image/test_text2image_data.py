@@ -19,6 +19,8 @@ def test_digit_captions_split_by_class():
     assert all(c == f"a handwritten digit {d}" for c, d in zip(ft.captions, ft.labels.tolist()))
     sub = ft.subset([0, 2])
     assert sub.captions == (ft.captions[0], ft.captions[2]) and isinstance(sub, CaptionedDataset)
+    d = int(ft.labels[2])
+    assert sub.describe(1) == {"class": str(d), "caption": f"a handwritten digit {d}"}  # no files: no path
     with pytest.raises(ValueError, match="classes 0..9"):
         load_digit_captions("train", [12])
 
@@ -55,3 +57,17 @@ def test_captioned_folder_names_the_image_without_caption(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png"}\n')
     with pytest.raises(ValueError, match="line 1"):
         load_captioned_folder(str(tmp_path), 8)
+
+
+def test_captioned_folder_names_classes_files_and_captions(tmp_path):
+    """Class sub-folders and files as `load_image_folder` names them, each image's caption beside."""
+    _write_images(tmp_path / "cats", ["x.png"])
+    _write_images(tmp_path / "dogs", ["y.png", "z.png"])
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "text": f"a photo of {f[:3]}"}) + "\n"
+                                                     for f in ("cats/x.png", "dogs/y.png", "dogs/z.png")))
+    ds = load_captioned_folder(str(tmp_path), resolution=4)
+    assert ds.classes == ("cats", "dogs") and ds.paths == ("cats/x.png", "dogs/y.png", "dogs/z.png")
+    assert ds.describe(2) == {"path": "dogs/z.png", "class": "dogs", "caption": "a photo of dog"}
+    assert ds.subset([2]).describe(0) == ds.describe(2)
+    # names and paths stay outside the fingerprint; the captions are in it
+    assert ds.fingerprint == CaptionedDataset(ds.name, ds.images, ds.labels, ds.captions).fingerprint

@@ -27,6 +27,13 @@ def test_build_and_attribute_your_own_pipeline(own):
     image = attributor.generate([3], "a photo of 2", steps=3)[0]
     result = attributor.attribute(image, "trak", prompt="a photo of 2")
     assert result.scores.shape == (6,) and len(result.table(3)["proponents"]) == 3
+    # each row names its image: the file (relative to the data folder) and the caption it was fine-tuned on
+    for row in result.table(3)["proponents"]:
+        assert row["path"] == f"{row['index']}.png" and row["caption"] == train.captions[row["index"]]
+        assert "class" not in row  # a flat folder: no classes
+    assert manifest["input_range"] == [-1, 1] and attributor.input_range == (-1.0, 1.0)
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        attributor.scores(train.images[:1] * 127.5 + 127.5, "d-trak", prompts="a photo of 2")
     with pytest.raises(ValueError, match="prompt"):
         attributor.scores(train.images[:1], "d-trak")
     # resumable, and refuses other data
@@ -64,6 +71,13 @@ def test_cli_attributes_a_prompt_and_seed(own, capsys):
                  "--top", "3", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["prompt"] == "a photo of 1" and table["seed"] == 0 and len(table["proponents"]) == 3
+    captions = Attributor.load(root).train.captions
+    assert all(r["caption"] == captions[r["index"]] and r["path"] == f"{r['index']}.png" for r in table["proponents"])
+    assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "d-trak",
+                 "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "score  path   caption" in text
+    assert all(f"{r['path']}  {r['caption']}" in text for r in table["proponents"])
     assert main(["attribute", "--root", root, "--seed", "0"]) == 2
     assert "--prompt" in capsys.readouterr().err
     assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "pixel-cosine"]) == 2
