@@ -89,9 +89,9 @@ def space_card(readme: str) -> str:
 
 def check_front_matter(meta: dict, where: str = "README.md") -> None:
     """The keys a Space of this app needs, with values the Hub accepts; ValueError naming the key."""
-    import gradio
+    from importlib.metadata import version  # (the installed gradio's version, without importing it)
 
-    wanted = {"sdk": "gradio", "app_file": "app.py", "sdk_version": gradio.__version__}
+    wanted = {"sdk": "gradio", "app_file": "app.py", "sdk_version": version("gradio")}
     for key, value in wanted.items():
         if str(meta.get(key)) != value:
             raise ValueError(f"{where}: front matter {key!r} is {meta.get(key)!r}; the Space needs {value!r}")
@@ -280,9 +280,11 @@ def export(dest: str, source: str = ".", assets: str | None = None) -> dict:
         _copy_files(assets, os.path.join(staging, "assets"), shipped)
         atomic_write_bytes(os.path.join(staging, "README.md"), card.encode("utf-8"))
         atomic_write_bytes(os.path.join(staging, "FULL_README.md"), _body(readme).encode("utf-8"))
-        if os.path.isfile(os.path.join(source, SCREENSHOT)):
-            _copy_files(source, staging, [SCREENSHOT])
-            os.replace(os.path.join(staging, SCREENSHOT), os.path.join(staging, "screenshot.png"))
+        shot = os.path.join(source, SCREENSHOT)
+        if os.path.isfile(shot):
+            if os.path.islink(shot):
+                _refuse_link(shot)
+            shutil.copyfile(shot, os.path.join(staging, "screenshot.png"))
         atomic_write_bytes(os.path.join(staging, "requirements.txt"), requirements.encode("utf-8"))
         patterns = lfs_patterns(staging)
         atomic_write_bytes(os.path.join(staging, ".gitattributes"),

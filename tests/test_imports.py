@@ -213,3 +213,16 @@ if __name__ == "__main__":
     for cycle in find_cycles(import_graph()):
         print(" -> ".join(cycle))
     pytest.main([__file__, "-q"])
+
+
+def test_only_the_ui_package_imports_gradio():
+    """The core runs without a browser app: gradio is imported by `dtrak_core.ui` alone."""
+    found = []
+    for name, path in module_files().items():
+        if name == f"{PACKAGE}.ui" or name.startswith(f"{PACKAGE}.ui."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "gradio" for a in node.names) or \
+                    isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gradio":
+                found.append(name)
+    assert not found, f"gradio imported outside dtrak_core.ui: {sorted(set(found))}"

@@ -235,4 +235,4 @@ def test_the_space_card_is_short_and_links_the_full_readme(exported):
     full = open(os.path.join(dest, "FULL_README.md"), encoding="utf-8").read()
     assert full == space._body(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read())
     has_shot = os.path.isfile(os.path.join(ROOT, space.SCREENSHOT))
-    assert os.path.isfile(os.path.join(dest, "screenshot.png")) == has_shot
+    assert os.path.isfile(os.path.join(dest, "screenshot.png")) == has_shot and not os.path.exists(os.path.join(dest, "docs"))
