@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
+from conftest import ASSETS, EXAMPLE_K, EXAMPLE_SEED, EXAMPLE_TRAIN
 
 from dtrak_core import app_support as sup
 from dtrak_core.attribution.base import RULE
@@ -730,8 +730,6 @@ def test_the_about_numbers_come_from_the_folders_evidence(app):
     folder without evidence gets the paragraph without them (never stale numbers)."""
     import json
     import types
-
-    from conftest import ASSETS
 
     text = app.digits_about(app.assets())  # the tiny folder has no evidence
     assert "{{" not in text and "validation LDS" not in text and "The default method" in text
