@@ -119,16 +119,20 @@ def attribute_seed(seed: int, steps: int = 50, method: str | None = None, k: int
     return {**result.table(k), "query": query, "n_train": a.n_train}
 
 
-def method_about(method) -> str:
+def method_line(method, available) -> str:
     """One line under the method menu: the method's group, whether its scores are signed, whether it
-    is this folder's default, and what it scores by (all from the registry)."""
+    is the default among `available`, and what it scores by (all from the registry)."""
     try:
         m = registry.get(method)
     except ValueError:
         return ""
-    default = " · **the default**" if method == registry.default_method(assets().methods) else ""
+    default = " · **the default**" if method == registry.default_method(available) else ""
     sign = "signed: proponents and opponents" if m.signed else "unsigned: proponents only"
     return f"*{m.group}* · {sign}{default} — {m.description}"
+
+
+def method_about(method) -> str:
+    return method_line(method, assets().methods)
 
 
 SCALE_NOTE = (" The two rank the whole training set on different scales ({why}), so most of the {n:,} scores order "

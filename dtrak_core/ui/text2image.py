@@ -38,7 +38,7 @@ from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.ui import texts
-from dtrak_core.ui.attribute import OPPONENT_NOTE
+from dtrak_core.ui.attribute import OPPONENT_NOTE, method_line, scale_note
 from dtrak_core.ui.state import cards_html, current_root, no_query, readable
 
 DEFAULT_PROMPT = "a handwritten digit 7"
@@ -540,6 +540,11 @@ def reprompt(q, prompt):
     return (q, *query_view(q)[:2])
 
 
+def method_about(method) -> str:
+    """The line under the method menu (`attribute.method_line`), for this folder's methods."""
+    return method_line(method, _assets().methods)
+
+
 @readable
 def compare(q, method_a, method_b, k, progress=gr.Progress()):
     if q is None:
@@ -549,7 +554,8 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
     ra, rb = attribution_for(current_root(), q, method_a), attribution_for(current_root(), q, method_b)
     text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: top-{k} overlap "
             f"**{sup.top_k_overlap(ra.scores, rb.scores, k)} of {k}**; Spearman rank correlation of all "
-            f"{len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**.")
+            f"{len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**."
+            + scale_note(ra.method, rb.method, k, len(ra.scores)))
     return (cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
             cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
 
@@ -662,6 +668,7 @@ def create_ui(a) -> dict:
                         method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
                         topk = gr.Slider(1, sup.MAX_TOP_K, 8, step=1, label="Top-k shown", min_width=200,
                                          elem_id="topk")
+                    about = gr.Markdown(method_line(default_method, a.methods), elem_id="method-about")
                     summary = gr.Markdown(elem_id="summary")
                     with gr.Accordion("How to read this", open=False):
                         gr.Markdown(texts.get("how_to_read.md"))
@@ -697,8 +704,8 @@ def create_ui(a) -> dict:
             gr.Markdown(texts.get("about.md") + ABOUT_TEXT2IMAGE, latex_delimiters=[
                 {"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}])
             gr.Markdown(methods_markdown(a))
-    return dict(batch=batch, query=query, picked=picked, compare_on=compare_on, tabs=tabs, prompt=prompt, mode=mode,
-                seed=seed, range_row=range_row, start=start, end=end, count=count, steps=steps, guidance=guidance,
+    return dict(about=about, batch=batch, query=query, picked=picked, compare_on=compare_on, tabs=tabs, prompt=prompt,
+                mode=mode, seed=seed, range_row=range_row, start=start, end=end, count=count, steps=steps, guidance=guidance,
                 gen_btn=gen_btn, gen_note=gen_note, gallery=gallery, query_img=query_img, query_info=query_info,
                 query_prompt=query_prompt, upload=upload, invert=invert, method=method, topk=topk, summary=summary,
                 prop_cards=prop_cards, opp_cards=opp_cards, drill_box=drill_box, drill=drill, use_btn=use_btn,
@@ -743,6 +750,7 @@ def create_event_handlers(demo, c: dict, bind) -> None:
                                                                          c["query_prompt"]], show_progress="hidden"))
     show_query(c["query_prompt"].submit(bind(reprompt), [c["query"], c["query_prompt"]], [c["query"], c["query_img"], c["query_info"]],
                                    show_progress="hidden"))
+    c["method"].change(bind(method_about), c["method"], c["about"], queue=False, show_progress="hidden")
     for trigger in (c["method"].input, c["topk"].release):
         after(trigger(bind(attribute), attr_inputs, attr_outputs, trigger_mode="always_last", **busy))
     for event in (c["compare_btn"].click, c["method_b"].input):
