@@ -32,6 +32,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 SECTIONS = ("name", "description", "data", "unet", "scheduler", "train", "features", "lds", "counterfactual")
 DATA_MARKER = "data.json"  # written last into the data folder: what it holds, from what
 MODEL_MARKER = "setting.json"  # written into the base model's folder: the setting it was trained with
+MODEL_KEYS = ("data", "unet", "scheduler", "train")  # the parts of a setting that make its base model
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Fashion-MNIST's labels 0..9, named as folder names ("T-shirt/top" has a slash)
 FASHION_MNIST_CLASSES = ("tshirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -325,7 +326,10 @@ def train_base(setting: Setting, data: str, out: str, device="cpu", precision: s
     marker = os.path.join(out, MODEL_MARKER)
     if os.path.isfile(marker):
         have = read_json(marker, "base model description", f"delete {out} and rerun `setting train`")
-        if {k: have.get(k) for k in want} == want:
+        # only what makes the model: a changed evaluation plan (stores, LDS, counterfactual) keeps it
+        made = dict(have.get("setting") or {}) if isinstance(have.get("setting"), dict) else {}
+        if {k: made.get(k) for k in MODEL_KEYS} == {k: setting.raw.get(k) for k in MODEL_KEYS} and \
+                have.get("dataset_fingerprint") == train_set.fingerprint:
             return have
         raise ValueError(f"{out!r} holds a model trained with another setting or data; use another --model folder")
     scheduler = setting.scheduler()

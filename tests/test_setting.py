@@ -215,3 +215,18 @@ def test_torchrun_retrains_and_ground_truth_equal_one_process(stand_in, tmp_path
         assert a == b
     for s in ("validation", "generated"):
         assert np.array_equal(out["one"][1]["F"][s], out["ranks"][1]["F"][s])
+
+
+def test_a_changed_evaluation_plan_keeps_the_base_model(stand_in, tmp_path):
+    """The base model is made by the data, the UNet, the scheduler and the recipe: a setting whose
+    stores, LDS or counterfactual plan changed reuses it; one whose recipe changed is refused."""
+    raw = json.load(open(stand_in["config"]))
+    raw["counterfactual"]["rankings"] = ["d-trak", "pixel-rbf", "random"]
+    raw["lds"]["num_subsets"] = 4
+    json.dump(raw, open(tmp_path / "plan.json", "w"))
+    assert main(["setting", "train", "--config", str(tmp_path / "plan.json"), "--data", stand_in["data"],
+                 "--model", stand_in["model"]]) == 0
+    raw["train"]["steps"] = 3
+    json.dump(raw, open(tmp_path / "recipe.json", "w"))
+    with pytest.raises(ValueError, match="trained with another setting"):
+        st.train_base(st.load_setting(str(tmp_path / "recipe.json")), stand_in["data"], stand_in["model"])
