@@ -10,8 +10,9 @@ What `docs/OWN_MODEL_LDS.md` describes, as one script:
 4. `lds-own prepare` (the subsets, jobs.json);
 5. the same plain loop again, once per job of jobs.json: a fresh UNet from the base config, trained
    on the job's `keep` indices with the job's `train_seed`, saved as <checkpoints>/<id>/;
-6. `lds-own ground-truth`, `lds-own evaluate` (the LDS table), and `attribute --json` on a generated
-   sample (the training images it names, by class and file).
+6. `lds-own ground-truth`, `lds-own evaluate` (the LDS table), `lds-own tune-lambda` (the lambda
+   measured here recorded for the answers) and `attribute --json` on a generated sample (the
+   training images it names, by class and file).
 
 Every dtrak step is the documented command, run in-process (`dtrak_core.cli.main`) and printed as
 you would type it. Run from the repository root:
@@ -198,6 +199,7 @@ def run(out: str, sizes: dict, seed: int = 0) -> dict:
     dtrak("lds-own", "ground-truth", "--root", root, "--out", run_dir, "--checkpoints", ckpts)
     dtrak("lds-own", "evaluate", "--root", root, "--out", run_dir, "--bootstrap", str(sizes["bootstrap"]),
           "--no-journey")
+    dtrak("lds-own", "tune-lambda", "--root", root, "--out", run_dir, "--bootstrap", str(sizes["bootstrap"]))
 
     argv = ["attribute", "--root", root, "--seed", "0", "--method", "d-trak", "--top", "5", "--json"]
     print(f"\n$ python -m dtrak_core {' '.join(argv)}   (the top proponents, by class and file)")
@@ -208,6 +210,7 @@ def run(out: str, sizes: dict, seed: int = 0) -> dict:
         if main(argv) != 0:
             sys.exit("`attribute` failed")
     answer = json.loads(buffer.getvalue())
+    print(f"  lambda {answer['lambda']:g}: {answer['lambda_source']}")
     for row in answer["proponents"]:
         print(f"  #{row['index']:<4} {row['class']:<9} {row['path']:<20} score {row['score']:+.4g}")
     print(f"\ndone in {time.perf_counter() - t_all:.0f} s; the LDS table is {os.path.join(run_dir, 'tables.md')}")

@@ -1,6 +1,6 @@
 """The example of docs/OWN_MODEL_LDS.md, examples/own_model_lds.py, at its --tiny size: a shapes dataset
 (not digits), a UNet trained by a plain loop, `build`, `lds-own prepare`, the retrains, `lds-own
-ground-truth` and `evaluate`, end to end; its outputs are there and sane."""
+ground-truth`, `evaluate` and `tune-lambda`, `attribute --json`, end to end; its outputs are there and sane."""
 import importlib.util
 import json
 import math
@@ -51,7 +51,8 @@ def test_the_own_model_example_runs_end_to_end(tmp_path, capsys):
     assert "| d-trak |" in printed and "| trak |" in printed
     assert (tmp_path / "lds" / "tables.md").is_file()
 
-    # attribute --json names the training images by class and file
+    # the lambda measured on the run is the one the answers use; attribute --json names the training images by class and file
+    assert out["attribute"]["lambda_source"].startswith("recorded in manifest.json")
     rows = out["attribute"]["proponents"]
     assert len(rows) == 5
     for row in rows:
