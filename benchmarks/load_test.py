@@ -362,8 +362,11 @@ def plot_scores(plot) -> np.ndarray | None:
 class Reference:
     """One (query, method) made alone: every score (UI path), or the top entries (JSON path only)."""
 
-    def __init__(self, scores: np.ndarray | None = None, top: dict | None = None, kind: str = "generated"):
+    def __init__(self, scores: np.ndarray | None = None, top: dict | None = None, kind: str = "generated",
+                 signed: bool | None = None):
         self.scores, self.top, self.kind = scores, top, kind
+        # a method whose scores carry no sign lists no opponents: made alone, it listed none
+        self.signed = bool(top.get("opponents")) if signed is None and top is not None else signed is not False
 
     def scale(self) -> float:
         vals = self.scores if self.scores is not None else [s for _, s in self.top["proponents"] + self.top["opponents"]]
@@ -413,19 +416,23 @@ class Reference:
 def check_ui(ref: Reference, out: tuple):
     """Outputs of /attribute (proponent and opponent cards, histogram, class mass, summary) vs the reference."""
     props, opps = parse_cards(out[0]), parse_cards(out[1])
-    if not props or not opps:
-        raise Mismatch(f"no proponent/opponent cards in the answer: {str(out)[:200]}")
+    if not props or bool(opps) != ref.signed:
+        what = "opponents missing" if ref.signed else "opponents listed for an unsigned method"
+        raise Mismatch(f"no proponent cards, or {what}, in the answer: {str(out)[:200]}")
     ref.check_scores(plot_scores(out[2]))
     ref.check_top([i for i, _, _ in props], True)
-    ref.check_top([i for i, _, _ in opps], False)
+    if ref.signed:
+        ref.check_top([i for i, _, _ in opps], False)
 
 
 def check_json(ref: Reference, out: dict, k: int):
     for side, largest in (("proponents", True), ("opponents", False)):
         rows = out[side]
-        if len(rows) != k:
-            raise Mismatch(f"{len(rows)} {side}, asked for {k}")
-        ref.check_top([int(r["index"]) for r in rows], largest, [float(r["score"]) for r in rows])
+        want = k if side == "proponents" or ref.signed else 0  # no opponents for an unsigned method
+        if len(rows) != want:
+            raise Mismatch(f"{len(rows)} {side}, asked for {k}{'' if want else ' (none: an unsigned method)'}")
+        if rows:
+            ref.check_top([int(r["index"]) for r in rows], largest, [float(r["score"]) for r in rows])
 
 
 def json_reference(out: dict, kind: str) -> Reference:
@@ -662,7 +669,8 @@ def record_references(url: str, api: Api, queries: list[Query], gen_starts: list
             for method in q.methods(api.methods):
                 if ui:
                     out = v.attribute_ui(method, 8)
-                    refs.attr[q.name, method] = Reference(scores=plot_scores(out[2]), kind=q.kind)
+                    refs.attr[q.name, method] = Reference(scores=plot_scores(out[2]), kind=q.kind,
+                                                          signed=bool(parse_cards(out[1])))
                 else:
                     refs.attr[q.name, method] = json_reference(v.attribute_json(q, method, 32), q.kind)
         for seed, k, ranking in retrains:
