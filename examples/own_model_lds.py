@@ -17,8 +17,8 @@ What `docs/OWN_MODEL_LDS.md` describes, as one script:
 Every dtrak step is the documented command, run in-process (`dtrak_core.cli.main`) and printed as
 you would type it. Run from the repository root:
 
-    python examples/own_model_lds.py --out /tmp/own-lds            # default sizes: a few minutes on a CPU
-    python examples/own_model_lds.py --out /tmp/own-lds --tiny     # seconds: the size the tests run
+    python examples/own_model_lds.py --out own-lds            # default sizes: a few minutes on a CPU
+    python examples/own_model_lds.py --out own-lds --tiny     # seconds: the size the tests run
 
 Sizes can be changed one by one (`--images`, `--subsets`, `--steps`, `--retrain-steps`, `--K`, ...;
 `--help`). The folder given as --out gets data/ (the images), pipeline/ (the model), attr/ (the model
