@@ -153,6 +153,15 @@ def scale_note(method_a: str, method_b: str, k: int, n: int) -> str:
     return SCALE_NOTE.format(why=why, n=n, k=k)
 
 
+def compare_text(ra, rb, k: int) -> str:
+    """Two attributions of one query side by side: their top-k overlap and rank correlation, and
+    why the two can disagree on the whole ranking (`scale_note`)."""
+    return (f"**{sup.method_label(ra.method)}** vs **{sup.method_label(rb.method)}**: "
+            f"top-{k} overlap **{sup.top_k_overlap(ra.scores, rb.scores, k)} of {k}**; Spearman rank correlation "
+            f"of all {len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**."
+            + scale_note(ra.method, rb.method, k, len(ra.scores)))
+
+
 @readable
 def compare(q, method_a, method_b, k, progress=gr.Progress()):
     """Two methods on the same query: both top-k grids, their overlap and rank correlation."""
@@ -161,11 +170,7 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
     k = sup.parse_top_k(k)
     progress(0, desc="attributing with both methods")
     ra, rb = attribution_for(q, method_a), attribution_for(q, method_b)
-    overlap = sup.top_k_overlap(ra.scores, rb.scores, k)
-    rho = sup.rank_correlation(ra.scores, rb.scores)
-    text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: "
-            f"top-{k} overlap **{overlap} of {k}**; Spearman rank correlation of all "
-            f"{len(ra.scores):,} scores **ρ = {rho:.3f}**." + scale_note(ra.method, rb.method, k, len(ra.scores)))
+    text = compare_text(ra, rb, k)
     return (training_cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
             training_cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"),
             text)

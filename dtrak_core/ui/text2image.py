@@ -38,7 +38,7 @@ from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.ui import texts
-from dtrak_core.ui.attribute import OPPONENT_NOTE, method_line, scale_note
+from dtrak_core.ui.attribute import OPPONENT_NOTE, compare_text, method_line
 from dtrak_core.ui.state import cards_html, current_root, no_query, readable
 
 DEFAULT_PROMPT = "a handwritten digit 7"
@@ -552,10 +552,7 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
     k = sup.parse_top_k(k)
     progress(0, desc="attributing with both methods")
     ra, rb = attribution_for(current_root(), q, method_a), attribution_for(current_root(), q, method_b)
-    text = (f"**{sup.method_label(method_a)}** vs **{sup.method_label(method_b)}**: top-{k} overlap "
-            f"**{sup.top_k_overlap(ra.scores, rb.scores, k)} of {k}**; Spearman rank correlation of all "
-            f"{len(ra.scores):,} scores **ρ = {sup.rank_correlation(ra.scores, rb.scores):.3f}**."
-            + scale_note(ra.method, rb.method, k, len(ra.scores)))
+    text = compare_text(ra, rb, k)
     return (cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
             cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
 
