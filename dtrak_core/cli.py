@@ -179,9 +179,9 @@ def cmd_attribute(args):
         result = attributor.attribute(image, args.method, K=args.K, **({"prompt": args.prompt} if text2image else {}))
         lam = attributor.scorer(args.method, args.K).lam_
         lam_source = _lambda_source(attributor, args.method, args.K, args.lam)
-    elif text2image:
-        raise ValueError(f"{method.label} is not available on a text-to-image folder from the command line; its "
-                         f"TRAK-family methods are: {', '.join(attributor.methods)}")
+    elif text2image:  # its baselines (`TextToImageAttributor.baseline_scores`): the query with its prompt
+        result = attributor.attribute(image, method.name, prompt=args.prompt)
+        lam, lam_source = None, None
     else:  # a baseline, through the registry (Journey-TRAK follows the seed's own trajectory)
         scores = methods.scores(attributor, method.name, image[None], None if args.image else [args.seed], K=args.K)
         result = Attribution(method.name, scores[0], attributor.train.labels.numpy(), attributor.train)

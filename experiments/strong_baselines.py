@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from dtrak_core.attribution import methods
-from dtrak_core.evaluation import evidence
+from dtrak_core.evaluation import evidence, tables_report, tuning
 from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench
 from dtrak_core.files import atomic_write_bytes, atomic_write_json
 
@@ -42,7 +42,8 @@ def main():
     print(machine_line())
     if args.text2image:
         root = os.path.join(ROOT, "assets", "text2image") if args.root == p.get_default("root") else args.root
-        return report(*text2image_candidates(root, args.run or os.path.join(root, "lds")), args, root)
+        candidates, masks, F, tests, train_by_space = text2image_candidates(root, args.run or os.path.join(root, "lds"))
+        return report(candidates, masks, F, tests, args, root, train_by_space)
     run = args.run or os.path.join(args.root, "benchmarks", "lds_run")
     bench = Bench(run, args.root)
     masks, F = bench.truth["masks"], bench.truth["F"]
@@ -67,7 +68,7 @@ def main():
             print(f"DAS skipped: {e}")
     train_images = bench.attributor.train.images
     candidates += evidence.pixel_candidates(train_images, tests, bench.attributor.scheduler.alphas_cumprod)
-    report(candidates, masks, F, tests, args, args.root)
+    report(candidates, masks, F, tests, args, args.root, {"pixel": train_images})
 
 
 def text2image_candidates(root: str, run: str):
@@ -106,10 +107,10 @@ def text2image_candidates(root: str, run: str):
     for c in evidence.pixel_candidates(train_latents, latents, attributor.scheduler.alphas_cumprod):
         c.name = "latent-" + c.name.removeprefix("pixel-")
         candidates.append(c)
-    return candidates, col["masks"], col["F"], tests
+    return candidates, col["masks"], col["F"], tests, {"pixel": train_images, "latent": train_latents}
 
 
-def report(candidates, masks, F, tests, args, root):
+def report(candidates, masks, F, tests, args, root, train_by_space):
     rows = evidence.evaluate(candidates, masks, F, args.bootstrap)
     table = evidence.format_table(rows, list(tests))
     print()
@@ -122,6 +123,12 @@ def report(candidates, masks, F, tests, args, root):
             "rule": "every hyperparameter by 2-fold cross-fitting over test samples", "rows": rows})
         atomic_write_bytes(os.path.join(dest, "evidence.md"), (table + "\n").encode())
         print(f"wrote {os.path.relpath(os.path.join(dest, 'evidence.json'), ROOT)}")
+        if tables_report.publish_evidence(dest, rows, list(tests), "python experiments/strong_baselines.py --write"):
+            print(f"and its rows into {os.path.relpath(os.path.join(dest, tables_report.REPORT), ROOT)}")
+        entries = tuning.kernel_entries(rows, train_by_space, len(masks))
+        tuning.record_kernel_params(root, entries)
+        print(f"recorded in {os.path.relpath(os.path.join(root, 'manifest.json'), ROOT)} (used by attribute and the "
+              "app): " + ", ".join(f"{n} gamma {e['gamma']:g} lambda {e['lambda']:.4g}" for n, e in entries.items()))
 
 
 if __name__ == "__main__":

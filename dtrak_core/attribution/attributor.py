@@ -118,6 +118,12 @@ class Attributor(StoreAttributor):
         attributor.root = folder.root
         return attributor
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model takes."""
+        cfg = self.unet.config
+        return cfg.in_channels, cfg.sample_size, cfg.sample_size
+
     def featurizer(self, setting: FeatureSetting) -> Featurizer:
         """The shared `Featurizer` of this model for `setting`: images (Q, C, H, W) -> (Q, k)."""
         return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting, device=self.device))

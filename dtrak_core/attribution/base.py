@@ -76,6 +76,7 @@ class StoreAttributor:
     use, once, and shared by every thread."""
 
     device = "cpu"
+    kind = "pixel"  # the folder kind (`methods.KINDS`): which registered methods apply
     input_range = INPUT_RANGE  # (low, high) of the pixels the model was trained on: query images must lie in it
 
     def check_input_range(self, images: torch.Tensor) -> None:

@@ -25,6 +25,9 @@ Score of training sample n for a query q (higher = stronger proponent, as for TR
 | optimal-denoiser| the training image's posterior weight in the empirical optimal denoiser,    |
 |                 | averaged over noise levels (what a model that memorised its data would use) |
 
+`latent-*` (text-to-image folders): the same model-free scores on the VAE latents the UNet is
+trained on instead of the pixels.
+
 The last five use no model at all: they are the strong nonparametric bar (`kernels`). A method is
 only worth its margin over them. Their lambda (and the RBF's gamma) come from the folder's
 manifest when tuned (`tuned_lambda[<name>]`, `lds tune-lambda`), else from data-free rules.
@@ -46,8 +49,9 @@ from dtrak_core.attribution.similarity import ip_norms, similarity
 from dtrak_core.errors import MethodUnavailable
 
 
-def pixels(method, inputs, images, seeds, K) -> np.ndarray:
-    return similarity(images.flatten(1), inputs.attributor.train.images.flatten(1), method.kind)
+def inputs_similarity(method, inputs, images, seeds, K) -> np.ndarray:
+    query, train = inputs.inputs_in(method.space, images)
+    return similarity(query.flatten(1), train.flatten(1), method.kind)
 
 
 def clip(method, inputs, images, seeds, K) -> np.ndarray:
@@ -80,7 +84,7 @@ def journey(method, inputs, images, seeds, K) -> np.ndarray:
 
 
 def nearest(method, inputs, images, seeds, K) -> np.ndarray:
-    q, x = images.flatten(1).double(), inputs.attributor.train.images.flatten(1).double()
+    q, x = (t.flatten(1).double() for t in inputs.inputs_in(method.space, images))
     return -(q.pow(2).sum(1)[:, None] + x.pow(2).sum(1)[None] - 2 * q @ x.T).numpy()
 
 
@@ -94,10 +98,11 @@ def kernel_ridge(method, inputs, images, seeds, K) -> np.ndarray:
     params = hyperparameters(method, inputs.attributor)
     lam = params["lambda"]  # (not `attribute --lambda`: a TRAK lambda is on another scale)
     gamma = params["gamma"] if params["gamma"] is not None else KernelRidge(method.kind).gamma
-    ridge = inputs.cached(("kernel", method.kind, gamma),
-                          lambda: KernelRidge(method.kind, gamma).fit(inputs.attributor.train.images))
-    return ridge.scores(images, lam)
+    query, train = inputs.inputs_in(method.space, images)
+    ridge = inputs.cached(("kernel", method.space, method.kind, gamma), lambda: KernelRidge(method.kind, gamma).fit(train))
+    return ridge.scores(query, lam)
 
 
 def optimal_denoiser(method, inputs, images, seeds, K) -> np.ndarray:
-    return optimal_denoiser_scores(images, inputs.attributor.train.images, inputs.attributor.scheduler.alphas_cumprod)
+    query, train = inputs.inputs_in(method.space, images)
+    return optimal_denoiser_scores(query, train, inputs.attributor.scheduler.alphas_cumprod)

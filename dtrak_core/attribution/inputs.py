@@ -59,6 +59,16 @@ class MethodInputs:
         setting, _ = self.store(output_fn, K)
         return self.attributor.query_features(images, setting).double()
 
+    def inputs_in(self, space: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries, training set) in a model-free method's `space` ('pixel': the images themselves;
+        'latent': a text-to-image folder's VAE latents, the training set's encoded once)."""
+        if space == "pixel":
+            return images, self.attributor.train.images
+        encode = getattr(self.attributor, "encode", None)
+        if encode is None:
+            raise MethodUnavailable(f"{space} baselines compare VAE latents; this model has no VAE (use the pixel-* ones)")
+        return encode(images), self.cached(("train", space), lambda: encode(self.attributor.train.images))
+
     def clip(self) -> ClipImageEncoder:
         """The CLIP image encoder; `MethodUnavailable` (cached, so not searched again) when absent."""
         def load():

@@ -55,6 +55,17 @@ def kernel(a, b, name: str, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
     raise ValueError(f"unknown kernel {name!r}; one of {', '.join(KERNELS)}")
 
 
+def mean_diagonal(train, name: str) -> float:
+    """mean_n k(x_n, x_n) of inputs (N, ...): the scale of a kernel's lambda (`KernelRidge.default_lambda`
+    is 0.1 x it); an RBF kernel's diagonal is 1 at any gamma."""
+    x = _flat(train)
+    if name == "rbf":
+        return 1.0
+    if name in ("linear", "arccos"):  # both k(x, x) = ||x||^2
+        return float(x.pow(2).sum(1).mean())
+    raise ValueError(f"unknown kernel {name!r}; one of {', '.join(KERNELS)}")
+
+
 class KernelRidge:
     """Kernel ridge attribution scores, fitted once for every lambda.
 

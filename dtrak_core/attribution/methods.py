@@ -67,6 +67,7 @@ KINDS = ("pixel", "text2image")  # folder kinds (`folder` tells them apart)
 GROUPS = ("TRAK family", "After the paper", "Gradient baselines", "Similarity baselines",
           "Nonparametric baselines (no model)", "Control")  # menu headings, in menu order
 SCORED_FAMILIES = ("baseline", "successor")  # families scored by their own `score`, checked by `problems`
+SPACES = ("pixel", "latent")  # the inputs a model-free method compares (`MethodInputs.inputs_in`)
 NEEDS = ("seeds", "clip", "tracin")  # inputs a method may need besides a feature store
 VARIANT_ORDER = 50  # `order` of TRAK-family variants and of names the registry does not know
 
@@ -96,6 +97,7 @@ class Method:
     signed: bool = True  # a negative score marks an opponent (see the module docstring); False: no opponents
     counterfactual: bool = True  # its ranking can drive remove-and-retrain (pixel folders)
     group: str = ""  # menu heading, from GROUPS; default: by family
+    space: str = "pixel"  # what a model-free method compares: 'pixel' or 'latent' (a text-to-image folder's VAE latents)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -108,6 +110,8 @@ class Method:
         object.__setattr__(self, "group", self.group or default_group.get(self.family, "Similarity baselines"))
         if self.group not in GROUPS:
             raise ValueError(f"method {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
+        if self.space not in SPACES:
+            raise ValueError(f"method {self.name!r}: space must be one of {SPACES}, got {self.space!r}")
         object.__setattr__(self, "paper_name", self.paper_name or self.label)
         object.__setattr__(self, "slug", self.slug or self.name.replace("=", ""))
 
@@ -121,12 +125,16 @@ class Method:
         by `clip_encoder.find_clip`). Raises `MethodUnavailable` (a ValueError) when an input
         is absent, saying which and how to build it.
         """
-        if "pixel" not in self.kinds:
-            raise MethodUnavailable(f"{self.label} applies to {' and '.join(sorted(self.kinds))} folders only")
+        kind = getattr(attributor, "kind", "pixel")
+        if kind not in self.kinds or (kind != "pixel" and self.store is not None):
+            # a store-based method of a text-to-image folder needs the query's prompt: its attributor scores it
+            raise MethodUnavailable(f"{self.label} applies to {' and '.join(sorted(self.kinds))} folders only"
+                                    if kind not in self.kinds else
+                                    f"{self.label} scores a text-to-image query with its prompt: "
+                                    "TextToImageAttributor.baseline_scores")
         if self.score is None:
             raise ValueError(f"{self.label!r} is a {self.family} ranking with no scores (see the counterfactual)")
-        cfg = attributor.unet.config
-        expected = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        expected = tuple(attributor.image_shape)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
             raise ValueError(f"images must be a tensor (Q, {', '.join(map(str, expected))}), got {shape}")
@@ -180,13 +188,19 @@ def _output_function(name, label, description, aliases=(), paper_name="", slug="
                   kinds=frozenset(KINDS))
 
 
-PIXEL, BOTH = frozenset({"pixel"}), frozenset(KINDS)
+PIXEL, T2I, BOTH = frozenset({"pixel"}), frozenset({"text2image"}), frozenset(KINDS)
 
 
 def _baseline(name, description, order, score, kind="", store=None, needs=(), *, group, signed, kinds=PIXEL,
-              counterfactual=True) -> Method:
+              counterfactual=True, space="pixel") -> Method:
     return Method(name, name, description, "baseline", order, store=store, needs=frozenset(needs), kind=kind,
-                  score=score, kinds=kinds, signed=signed, counterfactual=counterfactual, group=group)
+                  score=score, kinds=kinds, signed=signed, counterfactual=counterfactual, group=group, space=space)
+
+
+def _latent(name, description, order, score, kind="", *, group, signed) -> Method:
+    """A model-free baseline on a text-to-image folder's VAE latents, what its UNet sees."""
+    return _baseline(name, description, order, score, kind, group=group, signed=signed, kinds=T2I,
+                     counterfactual=False, space="latent")
 
 
 GRADIENT, SIMILARITY, NONPARAMETRIC = GROUPS[2], GROUPS[3], GROUPS[4]
@@ -203,17 +217,18 @@ _REGISTRY = (
     _output_function("l2-norm", "l2-norm", "gradient of ||eps_theta||_2, not squared (a D-TRAK variant)"),
     _output_function("linf-norm", "linf-norm", "gradient of ||eps_theta||_inf (a D-TRAK variant)"),
     _output_function("elbo", "elbo", "gradient of the ELBO-weighted loss w_t ||eps - eps_theta||^2 (an ablation)"),
-    _baseline("pixel-dot", "dot product of flattened pixels", 10, baselines.pixels, "dot", group=SIMILARITY,
+    _baseline("pixel-dot", "dot product of flattened pixels", 10, baselines.inputs_similarity, "dot", group=SIMILARITY,
               signed=False, kinds=BOTH),
-    _baseline("pixel-cosine", "cosine of flattened pixels", 11, baselines.pixels, "cosine", group=SIMILARITY,
+    _baseline("pixel-cosine", "cosine of flattened pixels", 11, baselines.inputs_similarity, "cosine", group=SIMILARITY,
               signed=False, kinds=BOTH),
     _baseline("clip-dot", "dot product of CLIP ViT-B/32 image embeddings", 12, baselines.clip, "dot", needs=("clip",),
               group=SIMILARITY, signed=False),
     _baseline("clip-cosine", "cosine of CLIP ViT-B/32 image embeddings", 13, baselines.clip, "cosine", needs=("clip",),
               group=SIMILARITY, signed=False),
-    # the VAE latents a text-to-image UNet sees: scored by the text-to-image folder on its own inputs
-    _baseline("latent-cosine", "cosine of the VAE latents (what the UNet sees)", 26, None, "cosine",
-              group=SIMILARITY, signed=False, kinds=frozenset({"text2image"}), counterfactual=False),
+    _latent("latent-dot", "dot product of the VAE latents (what the UNet sees)", 26, baselines.inputs_similarity, "dot",
+            group=SIMILARITY, signed=False),
+    _latent("latent-cosine", "cosine of the VAE latents (what the UNet sees)", 27, baselines.inputs_similarity,
+            "cosine", group=SIMILARITY, signed=False),
     _baseline("gradient-dot", "dot product of loss gradients at the final checkpoint", 16, baselines.gradients,
               "dot", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
     _baseline("gradient-cosine", "cosine of loss gradients at the final checkpoint (Charpiat et al.)", 17,
@@ -229,15 +244,26 @@ _REGISTRY = (
     _baseline("journey-trak", "TRAK on loss gradients averaged along the DDIM trajectory (generated samples)", 18,
               baselines.journey, store="loss", needs=("seeds",), group=GRADIENT, signed=True),
     _baseline("pixel-nn", "nearest neighbours in pixel space: minus the squared distance (no model)", 21,
-              baselines.nearest, group=NONPARAMETRIC, signed=False),
+              baselines.nearest, group=NONPARAMETRIC, signed=False, kinds=BOTH),
     _baseline("pixel-trak", "the TRAK formula on raw pixels: linear kernel ridge (no model)", 22,
-              baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True),
+              baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True, kinds=BOTH),
     _baseline("pixel-rbf", "RBF kernel ridge on raw pixels, its bandwidth and lambda tuned like TRAK's (no model)", 23,
-              baselines.kernel_ridge, "rbf", group=NONPARAMETRIC, signed=True),
+              baselines.kernel_ridge, "rbf", group=NONPARAMETRIC, signed=True, kinds=BOTH),
     _baseline("pixel-arccos", "arc-cosine kernel ridge on raw pixels: an infinitely wide ReLU layer (no model)", 24,
-              baselines.kernel_ridge, "arccos", group=NONPARAMETRIC, signed=True),
+              baselines.kernel_ridge, "arccos", group=NONPARAMETRIC, signed=True, kinds=BOTH),
     _baseline("optimal-denoiser", "posterior weight in the training set's empirical optimal denoiser, averaged over "
-              "noise levels (no model)", 25, baselines.optimal_denoiser, group=NONPARAMETRIC, signed=False),
+              "noise levels (no model)", 25, baselines.optimal_denoiser, group=NONPARAMETRIC, signed=False, kinds=BOTH),
+    _latent("latent-nn", "nearest neighbours among the VAE latents: minus the squared distance (no model)", 28,
+            baselines.nearest, group=NONPARAMETRIC, signed=False),
+    _latent("latent-trak", "the TRAK formula on the VAE latents: linear kernel ridge (no model)", 29,
+            baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True),
+    _latent("latent-rbf", "RBF kernel ridge on the VAE latents (no model)", 30, baselines.kernel_ridge, "rbf",
+            group=NONPARAMETRIC, signed=True),
+    _latent("latent-arccos", "arc-cosine kernel ridge on the VAE latents (no model)", 31, baselines.kernel_ridge,
+            "arccos", group=NONPARAMETRIC, signed=True),
+    _latent("latent-optimal-denoiser", "posterior weight in the empirical optimal denoiser of the VAE latents: "
+            "the memorising latent model (no model)", 32, baselines.optimal_denoiser, group=NONPARAMETRIC,
+            signed=False),
     Method("das", "DAS", "Diffusion Attribution Score (Lin et al. 2025): squared TRAK-form scores of the gradients "
            "of mean(eps_theta), times each training sample's residual", "successor", 110, store="avg",
            score=_das_scores, signed=False),  # (s r)^2 >= 0: a magnitude, no opponents

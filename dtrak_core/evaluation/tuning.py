@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtrak_core.attribution import methods
+from dtrak_core.attribution import baselines, methods
+from dtrak_core.attribution.kernels import mean_diagonal
 from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
+from dtrak_core.evaluation import evidence
 from dtrak_core.evaluation.lds import lambda_sweep
 from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench, sweep_cell
 from dtrak_core.folder import ModelFolder
@@ -72,5 +74,45 @@ def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200
                 record(methods.sharpened_lambda_key(method.name, setting.slug), lambda_sweep(
                     lambda lam: {s: masks @ methods.sharpen(spectral.scores(q, lam)).T for s, q in queries.items()},
                     F, LAMBDA_GRID, num_bootstrap, default_lambda=default_lambda(train)))
+    tests = {s: bench.test_sets[s] for s in sets}
+    kernels = [evidence.kernel_candidate(m.name, m.kind, bench.attributor.train.images, tests,
+                                         evidence.GAMMA_GRID if m.kind == "rbf" else (1.0,))
+               for m in kernel_baselines("pixel")]
+    rows = evidence.evaluate(kernels, masks, F, num_bootstrap, transforms=("signed",), show=False)
+    tuned.update(kernel_entries(rows, {"pixel": bench.attributor.train.images}, M))
     ModelFolder.edit(bench.root, tuned_lambda=tuned)  # saved with new seals (`ModelFolder.save`)
     return tuned
+
+
+def kernel_baselines(kind: str) -> list:
+    """The registry's kernel-ridge baselines of a folder kind (pixel-trak, pixel-rbf, ...; latent-* too
+    on a text-to-image folder): their lambda, and the RBF's bandwidth, are tuned like TRAK's lambda."""
+    return [m for m in methods.all("baseline", kind) if m.score is baselines.kernel_ridge]
+
+
+def kernel_entries(rows: list[dict], train_by_space: dict, subsets: int) -> dict:
+    """{method name: {"lambda", "gamma", "relative", "chosen_on", "validation_lds", "generated_lds"}}:
+    each kernel baseline's hyperparameters chosen on the *validation* LDS of its signed scores (the
+    generated samples' when a run has no validation set), from `evidence.evaluate` rows; the lambda
+    is absolute (relative x the kernel's mean diagonal on the training inputs of its space), as
+    `baselines.kernel_ridge` reads it. The LDS numbers are the rows' 2-fold cross-fitted ones."""
+    out = {}
+    for row in rows:
+        m = methods.find(row["method"])
+        if m is None or m.score is not baselines.kernel_ridge:
+            continue
+        chosen = "validation" if "validation/signed best" in row else "generated"
+        best = row.get(f"{chosen}/signed best")
+        if best is None:
+            continue
+        out[m.name] = {"lambda": best["relative"] * mean_diagonal(train_by_space[m.space], m.kind),
+                       "gamma": best.get("gamma", 1.0), "relative": best["relative"],
+                       "chosen_on": f"{chosen} LDS of the signed scores, {subsets} subsets",
+                       "validation_lds": row.get("validation/signed"), "generated_lds": row.get("generated/signed")}
+    return out
+
+
+def record_kernel_params(root: str, entries: dict) -> None:
+    """Add `kernel_entries` to the model folder's manifest (`tuned_lambda`, re-sealed): `attribute`,
+    the API, the app and the counterfactual use them from then on."""
+    ModelFolder.edit(root, change=lambda folder: folder.tuned_lambda.update(entries))

@@ -16,13 +16,15 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.base import Attribution, StoreAttributor
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.output_functions import canonical_name
+from dtrak_core.attribution.similarity import ip_norms, similarity
 from dtrak_core.attribution.store import FeatureStore, open_stores
 from dtrak_core.errors import IntegrityError
 from dtrak_core.folder import ModelFolder
-from dtrak_core.shared import OnceCache
+from dtrak_core.shared import QUERY_FEATURES_KEPT, OnceCache, image_digest
 from dtrak_core.text2image.data import CaptionedDataset, load_captioned_dataset
 from dtrak_core.text2image.features import CaptionedInputs, ConditionalFeaturizer
 from dtrak_core.text2image.lora import WEIGHTS_NAME as LORA_WEIGHTS
@@ -116,6 +118,8 @@ def changed_weights(folder: ModelFolder, base: TextToImagePipeline, pipeline: Te
 class TextToImageAttributor(StoreAttributor):
     """One LoRA-adapted pipeline, its captioned fine-tuning set and its stores."""
 
+    kind = "text2image"
+
     def __init__(self, pipeline: TextToImagePipeline, train: CaptionedDataset, stores: list[FeatureStore],
                  lam: float | None = None, tuned_lambdas: dict[str, float] | None = None,
                  guidance_scale: float = DEFAULT_GUIDANCE):
@@ -129,6 +133,8 @@ class TextToImageAttributor(StoreAttributor):
         self.tuned_lambdas = dict(tuned_lambdas or {})
         self._index_stores(stores, pipeline.weights_hash(), train.fingerprint)
         self._scorers, self._featurizers = OnceCache(), OnceCache()
+        self._query_features = OnceCache(QUERY_FEATURES_KEPT)  # (setting, image, prompts) -> (B, k)
+        self.tuned_params = {}  # manifest `tuned_lambda` entries of the kernel baselines (`baselines.hyperparameters`)
 
     @classmethod
     def load(cls, root: str | None = None) -> "TextToImageAttributor":
@@ -146,6 +152,7 @@ class TextToImageAttributor(StoreAttributor):
                          guidance_scale=float(guidance))
         attributor.root = folder.root
         attributor.input_range = folder.value_range
+        attributor.tuned_params = dict(folder.tuned_lambda)  # the kernel baselines' (lambda, gamma), when tuned
         return attributor
 
     # -- queries ----------------------------------------------------------------------------------
@@ -157,6 +164,12 @@ class TextToImageAttributor(StoreAttributor):
         """Images (B, C, H, W) in [-1, 1] for the seeds, one prompt (or one per seed)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         return generate(self.pipeline, prompt, seeds, steps=steps, guidance_scale=scale)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> the VAE latents (B, c, h, w) the UNet is trained on: what
+        the registry's `latent-*` baselines compare."""
+        with torch.no_grad():
+            return self.pipeline.encode_images(images.float())
 
     def featurizer(self, setting: FeatureSetting) -> ConditionalFeaturizer:
         return self._featurizers.get(setting, lambda: ConditionalFeaturizer(self.unet, self.scheduler, setting))
@@ -175,8 +188,13 @@ class TextToImageAttributor(StoreAttributor):
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
-        inputs = CaptionedInputs.of(self.pipeline, images.float(), prompts)
-        return self.featurizer(setting)(inputs.latents, inputs.contexts)
+        images = images.float()
+
+        def compute():
+            inputs = CaptionedInputs.of(self.pipeline, images, prompts)
+            return self.featurizer(setting)(inputs.latents, inputs.contexts)
+        # kept for recent queries: every method over one store (and its gradient baselines) shares them
+        return self._query_features.get((setting, image_digest(images), tuple(prompts)), compute).clone()
 
     def scores(self, images: torch.Tensor, method: str, K: int | None = None, lam=None, *, prompts=None) -> np.ndarray:
         """images (B, C, H, W) in [-1, 1] with their prompts (one, or one per image) -> scores (B, N)."""
@@ -185,8 +203,34 @@ class TextToImageAttributor(StoreAttributor):
         setting, _ = self.setting(method, K)
         return self.scorer(method, K, lam).scores(self.query_features(images, prompts, setting))
 
+    def baseline_scores(self, images: torch.Tensor, method: str, *, prompts=None) -> np.ndarray:
+        """Scores (B, N) of a registered text-to-image baseline (`methods.all("baseline", "text2image")`):
+        the model-free ones (pixels or VAE latents) through the registry; those over a store's
+        LoRA-gradient features (dot, cosine, relative / renormalised IP at the store's lambda) with the
+        query's prompts."""
+        m = registry.get(method)
+        if m.family != "baseline" or self.kind not in m.kinds:
+            raise ValueError(f"{m.label} is not a text-to-image baseline; those are: "
+                             f"{', '.join(b.name for b in registry.all('baseline', self.kind))}")
+        if m.store is None:
+            return registry.scores(self, m.name, images)
+        if prompts is None:
+            raise ValueError(f"{m.label} compares LoRA gradients, which need the query's prompt")
+        setting, _ = self.setting(m.store)
+        scorer = self.scorer(m.store)
+        phi = self.query_features(images, prompts, setting)
+        if m.kind in ("dot", "cosine"):
+            return similarity(phi, scorer.train_features_, m.kind)
+        inputs = self.method_inputs()
+        norms = inputs.cached(("ip norms", m.kind, setting, scorer.lam_), lambda: ip_norms(scorer, m.kind))
+        return scorer.scores(phi) / norms[None]
+
     def attribute(self, image: torch.Tensor, method: str = "d-trak", K: int | None = None, lam=None, *,
                   prompt: str | None = None) -> Attribution:
         """One image (C, H, W) and its prompt -> its `Attribution` over the fine-tuning set."""
+        known = registry.find(method)
+        if known is not None and known.family != "trak":  # (refuses what is not a text-to-image baseline)
+            return Attribution(known.name, self.baseline_scores(image[None], known.name, prompts=prompt)[0],
+                               self.train.labels.numpy(), self.train)
         scores = self.scores(image[None], method, K, lam, prompts=prompt)[0]
         return Attribution(canonical_name(method), scores, self.train.labels.numpy(), self.train)

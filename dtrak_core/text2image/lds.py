@@ -233,19 +233,17 @@ def evaluate(run_dir: str, attributor, methods=("d-trak", "trak"), K: int | None
             query[(canonical_name(name), set_name)] = (train_features, q)
             results["methods"][name][set_name] = lambda_study(train_features, q, col["masks"], col["F"][set_name],
                                                               grid=grid, num_bootstrap=num_bootstrap)
-    train_latents = CaptionedInputs.of(attributor.pipeline, attributor.train.images, attributor.train.captions).latents
     for set_name, images in test_sets.items():
         F, masks = col["F"][set_name], col["masks"]
-        inputs = {"pixel": (images.flatten(1).numpy(), attributor.train.images.flatten(1).numpy()),
-                  "latent": (attributor.pipeline.encode_images(images).flatten(1).numpy(),
-                             train_latents.flatten(1).numpy())}  # (queries, training set): the float32 arrays
         for method in registry.all("baseline", "text2image"):
-            if method.store is None:  # a similarity of the inputs: 'pixel-*' or 'latent-*'
-                q, train = inputs[method.name.split("-")[0]]
-            elif (method.store, set_name) in query:
-                train, q = query[(method.store, set_name)]
-            else:  # its store's TRAK-family method was not evaluated
+            if method.store is None:  # model-free: pixels or VAE latents, at the folder's tuned (lambda, gamma)
+                scores = registry.scores(attributor, method.name, images)
+                v, pm = lds(scores, masks, F, num_bootstrap)
+                results["baselines"].setdefault(method.name, {})[set_name] = {"lds": v, "pm": pm}
                 continue
+            if (method.store, set_name) not in query:  # its store's TRAK-family method was not evaluated
+                continue
+            train, q = query[(method.store, set_name)]
             if method.kind in ("dot", "cosine"):
                 scores = q @ train.T if method.kind == "dot" else _cosine(q, train)
             else:  # relative / renorm IP at the store's paper lambda

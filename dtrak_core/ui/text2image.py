@@ -31,7 +31,6 @@ from dtrak_core import app_support as sup
 from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution
-from dtrak_core.attribution.similarity import ip_norms, similarity
 from dtrak_core.folder import read_manifest
 from dtrak_core.images import load_user_image, to_pil
 from dtrak_core.query import Query
@@ -141,7 +140,6 @@ def prompt_warning(a: TextToImageAssets, prompt: str) -> str | None:
 
 _samples = OnceCache(64)  # (root, prompt, seeds, steps, guidance) -> images (B, C, H, W)
 _attributions = OnceCache(256)  # (root, query, method) -> Attribution
-_features = OnceCache(128)  # (root, query, output fn) -> projected query feature (1, k)
 
 
 def samples(a: TextToImageAssets, prompt: str, seeds, steps: int, guidance: float | None = None) -> torch.Tensor:
@@ -190,29 +188,16 @@ def _query_key(q: Query) -> tuple:
 
 
 def query_feature(a: TextToImageAssets, q: Query, output_fn: str) -> torch.Tensor:
-    """The projected LoRA gradient (1, k) of the query with its prompt, for one store."""
+    """The projected LoRA gradient (1, k) of the query with its prompt, for one store (kept by the
+    attributor for recent queries, so every method over the store shares it)."""
     setting, _ = a.attributor.setting(output_fn)
-    return _features.get((a.root, _query_key(q), setting), lambda: a.attributor.query_features(
-        torch.as_tensor(q.pixels)[None], [q.prompt], setting))
+    return a.attributor.query_features(torch.as_tensor(q.pixels)[None], [q.prompt], setting)
 
 
 def baseline_scores(a: TextToImageAssets, q: Query, method: str) -> np.ndarray:
-    """(N,) scores of one of `BASELINES` for the query, on this setting's inputs: the registry entry's
-    `kind` picks dot or cosine (relative or renorm IP), its `store` the gradient features."""
-    attributor, x = a.attributor, torch.as_tensor(q.pixels, dtype=torch.float32)[None]
-    m = registry.get(method)
-    if m.store is None and m.name.startswith("latent-"):  # the VAE latents the UNet sees
-        train = _features.get((a.root, "train latents"),
-                              lambda: attributor.pipeline.encode_images(attributor.train.images))
-        return similarity(attributor.pipeline.encode_images(x).flatten(1), train.flatten(1), m.kind)[0]
-    if m.store is None:  # the pixels
-        return similarity(x.flatten(1), attributor.train.images.flatten(1), m.kind)[0]
-    scorer = attributor.scorer(m.store)
-    phi = query_feature(a, q, m.store)
-    if m.kind in ("dot", "cosine"):
-        return similarity(phi, scorer.train_features_, m.kind)[0]
-    norms = _features.get((a.root, "ip norms", m.kind, scorer.lam_), lambda: ip_norms(scorer, m.kind))
-    return scorer.scores(phi)[0] / norms
+    """(N,) scores of one of `BASELINES` for the query (`TextToImageAttributor.baseline_scores`)."""
+    x = torch.as_tensor(q.pixels, dtype=torch.float32)[None]
+    return a.attributor.baseline_scores(x, method, prompts=[q.prompt])[0]
 
 
 def attribution_for(root: str, q: Query, method: str) -> Attribution:

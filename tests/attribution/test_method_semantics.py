@@ -32,8 +32,15 @@ def test_every_entry_states_its_semantics():
         methods.Method("x", "x", "x", "baseline", 1, group="Misc")
     # opponents only where a negative score means one: TRAK's family, gradients, kernel ridges, s|s|
     unsigned = {m.name for m in methods.all() if not m.signed}
-    assert unsigned == {"pixel-dot", "pixel-cosine", "clip-dot", "clip-cosine", "latent-cosine", "pixel-nn",
-                        "optimal-denoiser", "das", "random"}
+    assert unsigned == {"pixel-dot", "pixel-cosine", "clip-dot", "clip-cosine", "latent-dot", "latent-cosine",
+                        "pixel-nn", "latent-nn", "optimal-denoiser", "latent-optimal-denoiser", "das", "random"}
+    # every model-free baseline of a pixel folder has its twin on a text-to-image folder's VAE latents
+    free = [m for m in methods.all("baseline", "pixel") if m.store is None and not m.needs]
+    assert all("text2image" in m.kinds for m in free)
+    assert {"latent-" + m.name.removeprefix("pixel-") for m in free} == \
+        {m.name for m in methods.all("baseline", "text2image") if m.space == "latent"}
+    with pytest.raises(ValueError, match="space"):
+        methods.Method("x", "x", "x", "baseline", 1, space="audio")
     assert methods.is_signed("d-trak") and methods.is_signed("tracin") and methods.is_signed("eta=0.5")
     assert not methods.is_signed("DAS") and methods.is_signed("not-registered")  # a TRAK-family variant
     assert Attribution("das", np.array([3.0, 1.0, 2.0]), np.zeros(3)).table(2)["opponents"] == []
@@ -67,11 +74,13 @@ def test_menu_groups_the_available_methods_default_first():
 
 
 def test_text_to_image_baselines_are_the_registrys():
-    """The text-to-image page and LDS read the registry: the same seven baselines as before, the
-    gradient ones over the loss (TRAK) store."""
+    """The text-to-image page, CLI and LDS read the registry: similarities, the gradient baselines over
+    the loss (TRAK) store, and the model-free bar on pixels and on VAE latents."""
     t2i = methods.all("baseline", "text2image")
-    assert [m.name for m in t2i] == ["pixel-dot", "pixel-cosine", "latent-cosine", "gradient-dot", "gradient-cosine",
-                                     "relative-ip", "renorm-ip"]
+    assert [m.name for m in t2i] == [
+        "pixel-dot", "pixel-cosine", "latent-dot", "latent-cosine", "gradient-dot", "gradient-cosine", "relative-ip",
+        "renorm-ip", "pixel-nn", "pixel-trak", "pixel-rbf", "pixel-arccos", "optimal-denoiser", "latent-nn",
+        "latent-trak", "latent-rbf", "latent-arccos", "latent-optimal-denoiser"]
     assert {m.name for m in t2i if m.store == "loss"} == {"gradient-dot", "gradient-cosine", "relative-ip", "renorm-ip"}
     assert "latent-cosine" not in [m.name for m in methods.all(kind="pixel")]
     with pytest.raises(methods.MethodUnavailable, match="text2image folders only"):

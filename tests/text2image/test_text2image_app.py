@@ -70,6 +70,7 @@ def test_the_registrys_baselines_score_as_before_and_list_no_opponents_when_unsi
     """Each text-to-image baseline, read from the registry, gives exactly the scores of its formula
     on this setting's inputs; the unsigned ones (similarities of the inputs) list no opponents."""
     from dtrak_core.attribution import methods
+    from dtrak_core.attribution.kernels import KernelRidge, optimal_denoiser_scores
     from dtrak_core.attribution.similarity import ip_norms
 
     assert views.BASELINES == [m.name for m in methods.all("baseline", "text2image")]
@@ -77,16 +78,39 @@ def test_the_registrys_baselines_score_as_before_and_list_no_opponents_when_unsi
     att, x = t2i.attributor, torch.as_tensor(q.pixels, dtype=torch.float32)[None]
     scorer, phi = att.scorer("loss"), views.query_feature(t2i, q, "loss")
     latents = att.pipeline.encode_images(att.train.images).flatten(1)
+    z = att.pipeline.encode_images(x).flatten(1)
+    pixels, train = x.flatten(1).double(), att.train.images.flatten(1).double()
+
+    def ridge(name, q, X):  # kernel ridge at the folder's tuned (gamma, lambda), else the defaults
+        tuned = att.tuned_params.get(name, {})
+        kind = methods.get(name).kind
+        return KernelRidge(kind, tuned.get("gamma", 1.0)).fit(X).scores(q, tuned.get("lambda"))[0]
+
+    def denoiser(q, X):
+        return optimal_denoiser_scores(q, X, att.scheduler.alphas_cumprod)[0]
+
+    zd, ld = z.double(), latents.double()
     expected = {"pixel-dot": similarity(x.flatten(1), att.train.images.flatten(1), "dot")[0],
                 "pixel-cosine": similarity(x.flatten(1), att.train.images.flatten(1), "cosine")[0],
-                "latent-cosine": similarity(att.pipeline.encode_images(x).flatten(1), latents, "cosine")[0],
+                "latent-dot": similarity(z, latents, "dot")[0],
+                "latent-cosine": similarity(z, latents, "cosine")[0],
                 "gradient-dot": similarity(phi, scorer.train_features_, "dot")[0],
                 "gradient-cosine": similarity(phi, scorer.train_features_, "cosine")[0],
                 "relative-ip": scorer.scores(phi)[0] / ip_norms(scorer, "relative"),
-                "renorm-ip": scorer.scores(phi)[0] / ip_norms(scorer, "renorm")}
+                "renorm-ip": scorer.scores(phi)[0] / ip_norms(scorer, "renorm"),
+                "pixel-nn": -torch.cdist(pixels, train)[0].pow(2).numpy(),
+                "pixel-trak": ridge("pixel-trak", pixels, train),
+                "pixel-rbf": ridge("pixel-rbf", pixels, train),
+                "pixel-arccos": ridge("pixel-arccos", pixels, train),
+                "optimal-denoiser": denoiser(x, att.train.images),
+                "latent-nn": -torch.cdist(zd, ld)[0].pow(2).numpy(),
+                "latent-trak": ridge("latent-trak", zd, ld),
+                "latent-rbf": ridge("latent-rbf", zd, ld),
+                "latent-arccos": ridge("latent-arccos", zd, ld),
+                "latent-optimal-denoiser": denoiser(z, latents)}
     assert list(expected) == views.BASELINES
     for name, want in expected.items():
-        np.testing.assert_array_equal(views.baseline_scores(t2i, q, name), want, err_msg=name)
+        np.testing.assert_allclose(views.baseline_scores(t2i, q, name), want, rtol=1e-6, atol=1e-9, err_msg=name)
         table = views.attribution_for(MINIATURE_ROOT, q, name).table(3)
         assert (table["opponents"] == []) == (not methods.is_signed(name)), name
 

@@ -80,5 +80,13 @@ def test_cli_attributes_a_prompt_and_seed(own, capsys):
     assert all(f"{r['path']}  {r['caption']}" in text for r in table["proponents"])
     assert main(["attribute", "--root", root, "--seed", "0"]) == 2
     assert "--prompt" in capsys.readouterr().err
-    assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "pixel-cosine"]) == 2
-    assert "not available on a text-to-image folder" in capsys.readouterr().err
+    att = Attributor.load(root)
+    image = att.generate([0], "a photo of 1")
+    for method in ("pixel-cosine", "latent-rbf", "gradient-cosine"):  # the registry's text-to-image baselines
+        assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", method,
+                     "--top", "2", "--json"]) == 0
+        got = [r["index"] for r in json.loads(capsys.readouterr().out)["proponents"]]
+        want = np.argsort(-att.baseline_scores(image, method, prompts=["a photo of 1"])[0], kind="stable")[:2]
+        assert got == want.tolist(), method
+    assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "tracin"]) == 2
+    assert "not a text-to-image baseline" in capsys.readouterr().err
