@@ -25,9 +25,10 @@ MAX_SEED = 2**31 - 1
 
 def method_label(name) -> str:
     """The one display name of a method, whatever spelling it arrives in: 'square', 'd-trak' and
-    'D-TRAK' all read 'D-TRAK (square)'; 'trak' and 'loss' read 'TRAK (loss)'; a benchmark variant
-    'd-trak/K100' reads 'D-TRAK (square), K=100' and an ensemble 'trak/S4' 'TRAK (loss), 4 models'.
-    Other names read as the method registry labels them ('random' reads 'Random', a baseline its name)."""
+    'D-TRAK' all read 'D-TRAK'; 'trak' and 'loss' read 'TRAK'; a benchmark variant 'd-trak/K100'
+    reads 'D-TRAK, K=100' and an ensemble 'trak/S4' 'TRAK, 4 models'. Other names read as the method
+    registry labels them ('random' reads 'Random', 'renorm-ip' 'Renormalised IP'); text that names no
+    method stays as it is."""
     if not isinstance(name, str):
         return str(name)
     base, _, variant = name.partition("/")
@@ -359,9 +360,23 @@ def table_rows(table: dict) -> list[dict]:
     return rows
 
 
+def _relabel_cell(text: str) -> str:
+    """A report's first-column cell under the method's display name: the whole cell when it names a
+    method ('renorm-ip' -> 'Renormalised IP'), else its longest head before ', ' or ' (' that does
+    ('gas (4 checkpoints)' -> 'GAS (4 checkpoints)', 'D-TRAK (square), exact' -> 'D-TRAK, exact')."""
+    if method_label(text) != text:
+        return method_label(text)
+    for cut in sorted((m.start() for m in re.finditer(r", | \(", text)), reverse=True):
+        head = text[:cut]
+        if method_label(head) != head:
+            return method_label(head) + text[cut:]
+    return text
+
+
 def relabel_tables(markdown: str) -> str:
     """A benchmark report's Markdown with every method in the first column of its tables under its
-    one display name (`method_label`): the harnesses write 'd-trak', the app says 'D-TRAK (square)'."""
+    one display name (`method_label`): the harnesses write 'd-trak' or 'renorm-ip', the app says
+    'D-TRAK' and 'Renormalised IP'."""
     out, relabel = [], False
     for line in markdown.splitlines():
         cells = line.split("|")
@@ -370,7 +385,7 @@ def relabel_tables(markdown: str) -> str:
             if first in ("method", "output function"):
                 relabel = True
             elif relabel and not set(first) <= set("-: "):
-                cells[1] = f" {method_label(first)} "
+                cells[1] = f" {_relabel_cell(first)} "
                 line = "|".join(cells)
         else:
             relabel = False

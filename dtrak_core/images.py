@@ -125,13 +125,19 @@ def _drop_opaque_alpha(img):
 
 
 # ---------------------------------------------------------------- digit normalisation
-# scikit-learn's digits were made from 32x32 binary bitmaps of the digit's bounding box (the digit fills
-# the height, its width follows its aspect), block-averaged 4x4 to 8x8: ink is bright, strokes a few
-# bitmap pixels thick. An upload (a drawing, a scan, a photo) is mapped to that form.
+# scikit-learn's digits (UCI optdigits) were made from NIST's 32x32 binary bitmaps, counted in 4x4 blocks
+# to 8x8: ink is bright, strokes a few bitmap pixels thick. What the training digits show of that form:
+# every digit fills the height (all 8 rows); every class but the 1 is about 20 of the 32 pixels wide
+# whatever its shape (every 0 spans exactly columns 1-6; the median ink width is 18.5-21 pixels for each
+# class), so the bounding box was stretched to 20x32 rather than scaled with its aspect; the 1s were not
+# stretched (2 to 7 columns wide, by their flags and feet); and every class carries the same ink, 19-20.6
+# full pixels of the 64. An upload (a drawing, a scan, a photo) is mapped to that form.
 _WORK_SIDE = 256  # longest side the normaliser works at (larger images are area-averaged down first)
 _MIN_CONTRAST = 24  # of 255: ink must differ this much from the paper, else the image is blank
 _INK_MASS = 19.5  # ink of a training digit, in full 8x8 pixels (19.0-20.6 for every class)
-_WIDTH = (0.5, 0.7)  # of the height: the training digits are 4-6 of 8 columns wide, the 1s too
+_BOX_WIDTH = 0.625  # of the height: the 20x32 box every digit but a 1 is stretched to
+_NARROW = 0.4  # of the height: a digit narrower than this (a 1 drawn as a stroke) keeps its own width
+_PEN_STEPS = 6  # most pixels the strokes are thickened or thinned by, at 32x32
 
 
 def light_paper_image(img) -> bool:
@@ -146,8 +152,10 @@ def light_paper_image(img) -> bool:
 def normalise_digit(img, resolution: int = 8, dark_ink: bool | None = None):
     """A drawing or photo of a digit (PIL image) -> a `resolution` x `resolution` grayscale PIL image in
     the training digits' form: light ink on black, contrast stretched, cropped to the ink's bounding
-    box, scaled so its longer side fills the frame (its width brought into the training
-    digits' 0.5-0.7 of the height), centred, binarised and its strokes brought to the training digits' weight, area-averaged like the 4x4 blocks of the original 32x32 bitmaps.
+    box, which is stretched to the training digits' 20x32 box (a digit narrower than `_NARROW` of its
+    height, a 1, keeps its width) and fills the height, centred on its centre of mass, binarised at
+    32x32, its strokes brought to the training digits' weight, and counted in 4x4 blocks like the
+    original bitmaps.
 
     `dark_ink`: the image is dark ink on light paper; None: read it from the border. An image without
     visible ink gives a black image."""
@@ -165,46 +173,57 @@ def normalise_digit(img, resolution: int = 8, dark_ink: bool | None = None):
     m = m.astype(np.float64)
     paper, ink = float(np.median(m)), float(np.percentile(m, 99.5))
     stage = 4 * resolution  # the original bitmaps' size
+    blank = Image.new("L", (resolution, resolution), 0)
     if ink - paper < _MIN_CONTRAST:
-        return Image.new("L", (resolution, resolution), 0)
+        return blank
     s = np.clip((m - paper) / (ink - paper), 0.0, 1.0)  # paper 0, ink 1
     mask = s > 0.5
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     s = s[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     h, w = s.shape
+    if w >= _NARROW * h:  # stretched to the training digits' 20x32 box, as NIST's bitmaps were
+        s = np.asarray(Image.fromarray(s).resize((max(1, round(_BOX_WIDTH * h)), h), Image.Resampling.BOX))
+        w = s.shape[1]
     side = max(h, w)
-    if not _WIDTH[0] * h <= w <= _WIDTH[1] * h:  # the training digits' range of widths (a 1 is widened)
-        s = np.asarray(Image.fromarray(s).resize((max(1, round(np.clip(w, *np.multiply(_WIDTH, h)))), h),
-                                                 Image.Resampling.BOX))
-        h, w = s.shape
-        side = max(h, w)
     square = np.zeros((side, side))
     top, left = (side - h) // 2, (side - w) // 2
     square[top:top + h, left:left + w] = s
     bitmap = Image.fromarray(np.round(square * 255).astype(np.uint8)).resize((stage, stage), Image.Resampling.BOX)
     b = np.asarray(bitmap) > 96  # a binary bitmap, as NIST's
     if not b.any():
-        return Image.new("L", (resolution, resolution), 0)
+        return blank
     # centred left-right on the ink's centre of mass (a 1's flag does not push its stem off centre),
     # as far as the frame allows
     cols = np.flatnonzero(b.any(0))
     shift = round((stage - 1) / 2 - float(np.average(np.arange(stage), weights=b.sum(0))))
     shift = int(np.clip(shift, -cols[0], stage - 1 - cols[-1]))
     b = np.roll(b, shift, axis=1)
-    bitmap = Image.fromarray((b * 255).astype(np.uint8))
-    # strokes to the training digits' weight: the pen thickened or thinned until the digit carries the
-    # training digits' ink (the same for every class)
-    candidates = [bitmap]
-    for grow in (ImageFilter.MaxFilter(3), ImageFilter.MinFilter(3)):
-        c = bitmap
-        for _ in range(3):
-            c = c.filter(grow)
-            if not c.getextrema()[1]:
+    # strokes to the training digits' weight: the pen thickened or thinned a pixel at a time until the
+    # digit carries the training digits' ink (the same for every class)
+    candidates = [b]
+    for erode in (False, True):
+        c = b
+        for step in range(_PEN_STEPS):
+            c = _pen_step(c, step, erode)
+            if not c.any():
                 break
             candidates.append(c)
     target = _INK_MASS * (resolution / 8) ** 2
-    small = [c.resize((resolution, resolution), Image.Resampling.BOX) for c in candidates]
-    return min(small, key=lambda c: abs(np.asarray(c, dtype=np.float64).sum() / 255 - target))
+    counts = [c.reshape(resolution, 4, resolution, 4).sum((1, 3)) for c in candidates]  # 0..16 a block
+    best = min(counts, key=lambda n: abs(n.sum() / 16 - target))
+    return Image.fromarray(np.round(best * (255 / 16)).astype(np.uint8))
+
+
+def _pen_step(b: np.ndarray, step: int, erode: bool) -> np.ndarray:
+    """A binary bitmap dilated (or eroded) by a 2x2 square, anchored at its top left on even steps and
+    its bottom right on odd ones: every step moves each stroke's edge out (in) by one pixel on one side,
+    two steps make the 3x3 square. Outside the frame counts as the nearest pixel, so strokes touching
+    the frame stay there."""
+    n0, n1 = b.shape
+    p = np.pad(b, 1, mode="edge")
+    d = 1 if step % 2 == 0 else -1
+    shifted = [p[1 + dy:1 + dy + n0, 1 + dx:1 + dx + n1] for dy in (0, d) for dx in (0, d)]
+    return np.logical_and.reduce(shifted) if erode else np.logical_or.reduce(shifted)
 
 
 def load_user_image(source, resolution: int, channels: int = 1, invert: bool = False,

@@ -120,7 +120,7 @@ def test_demo_builds_without_launching(app):
     methods = app.assets().methods  # discovered from the core: TRAK family + baselines that can run here
     assert methods[:2] == ["loss", "square"] and "pixel-cosine" in methods and "journey-trak" in methods
     assert "tracin" not in methods and "tracin" in app.assets().unavailable  # no checkpoints in the tiny folder
-    assert sup.method_choices(methods)[0] == ("D-TRAK (square)", "square")
+    assert sup.method_choices(methods)[0] == ("D-TRAK", "square")
 
 
 def test_generate_and_select(app):
@@ -287,7 +287,7 @@ def test_counterfactual_live_cached_and_cancelled(app, monkeypatch):
 
     before, after_a, after_b, rows, removed_a, removed_b, shown, status = app.run_counterfactual(
         1001, 40, "square", "none", None)
-    assert len(rows) == 1 and rows[0][0] == "D-TRAK (square)" and rows[0][-1].endswith(" s")
+    assert len(rows) == 1 and rows[0][0] == "D-TRAK" and rows[0][-1].endswith(" s")
     assert "Shown: seed 1001, 40 of" in shown
     view = app._counterfactual_cache.peek((app.ASSETS, 1001, "square", 40))
     assert rows[0][1] == round(view.l2, 3)
@@ -412,8 +412,8 @@ def test_benchmarks_tab_renders(app, tmp_path):
     assert app.draw_charts(charts[:1], app.OnceCache(1)).data[0].orientation == "h"  # one chart: one value
     text = texts(full)
     assert "Provisional" in text and "protocol notes" in text and "Higher is better" in text
-    assert "| pixel-cosine | 5.0 ± 2.0 |" in text and "# title" not in text
-    assert "| 300 | median pixel L2 [p25, p75] |" in text and "D-TRAK (square)" in text and "50% of 2" in text
+    assert "| Pixel cosine | 5.0 ± 2.0 |" in text and "# title" not in text
+    assert "| 300 | median pixel L2 [p25, p75] |" in text and "| removed | measure | D-TRAK |" in text and "50% of 2" in text
     assert "the same λ was best on both halves" not in text  # paper 30.0 vs honest 28.0: they differ here
 
 
@@ -421,14 +421,14 @@ def test_table_rows():
     study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.04, "pm": 1.5}}
     rows = sup.table_rows({"d-trak/K10": {"generated": study}, "pixel-dot": {"validation": {"lds": 3.0, "pm": 1.0}},
                            "clip-dot": {"unavailable": "no weights"}, "trak/K1000": {"missing": "cmd"}})
-    assert rows == [{"method": "D-TRAK (square), K=10", "test set": "generated", sup.HONEST: 28.0, sup.PM: 1.5},
-                    {"method": "pixel-dot", "test set": "validation", sup.HONEST: 3.0, sup.PM: 1.0}]
+    assert rows == [{"method": "D-TRAK, K=10", "test set": "generated", sup.HONEST: 28.0, sup.PM: 1.5},
+                    {"method": "Pixel dot product", "test set": "validation", sup.HONEST: 3.0, sup.PM: 1.0}]
 
 
 def test_benchmark_rows():
     study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.04, "pm": 1.5}, "default": {"lds": 25.0, "pm": 1.2}}
     rows = sup.lds_rows({"methods": {"loss": {"generated": study, "validation": study, "setting": {"K": 10}}}})
-    assert rows == [{"method": "TRAK (loss)", "test set": test_set, sup.HONEST: 28.0, sup.PM: 1.5, sup.PAPER: 30.0,
+    assert rows == [{"method": "TRAK", "test set": test_set, sup.HONEST: 28.0, sup.PM: 1.5, sup.PAPER: 30.0,
                      sup.DEFAULT: 25.0} for test_set in ("validation", "generated")]  # the real digits first
     assert not sup.lambdas_coincide(rows)
     assert sup.lambdas_coincide(sup.lds_rows({"methods": {"trak": {"validation": dict(study, paper=study["honest"])}}}))
@@ -453,25 +453,31 @@ def test_counterfactual_chart_shows_every_target():
 # ---------------------------------------------------------------- one name per method
 
 def test_one_name_per_method_whatever_the_spelling():
-    assert {sup.method_label(n) for n in ("square", "d-trak", "D-TRAK", "dtrak")} == {"D-TRAK (square)"}
-    assert {sup.method_label(n) for n in ("loss", "trak", "TRAK")} == {"TRAK (loss)"}
-    assert sup.method_label("d-trak/K100") == "D-TRAK (square), K=100"
-    assert sup.method_label("trak/S4") == "TRAK (loss), 4 models"
+    assert {sup.method_label(n) for n in ("square", "d-trak", "D-TRAK", "dtrak")} == {"D-TRAK"}
+    assert {sup.method_label(n) for n in ("loss", "trak", "TRAK")} == {"TRAK"}
+    assert sup.method_label("d-trak/K100") == "D-TRAK, K=100"
+    assert sup.method_label("trak/S4") == "TRAK, 4 models"
     assert sup.method_label("random") == sup.method_label("Random")
+    assert sup.method_label("renorm-ip") == "Renormalised IP" and sup.method_label("journey-trak") == "Journey-TRAK"
     md = "| method | a |\n|---|---|\n| d-trak | 1 |\n| trak | 2 |\n\ntext | d-trak\n| output function | b |\n|---|---|\n| loss | 3 |"
     assert sup.relabel_tables(md).splitlines() == [
-        "| method | a |", "|---|---|", "| D-TRAK (square) | 1 |", "| TRAK (loss) | 2 |", "", "text | d-trak",
-        "| output function | b |", "|---|---|", "| TRAK (loss) | 3 |"]
+        "| method | a |", "|---|---|", "| D-TRAK | 1 |", "| TRAK | 2 |", "", "text | d-trak",
+        "| output function | b |", "|---|---|", "| TRAK | 3 |"]
+    # a committed report's cells: a method with what was measured of it, or a former label
+    md = ("| method | a |\n|---|---|\n| gas (4 checkpoints, K=10) | 1 |\n| D-TRAK (square), exact | 2 |\n"
+          "| squared avg proponent scores, exact | 3 |\n| avg, sharpened | 4 |")
+    assert [line.split("|")[1].strip() for line in sup.relabel_tables(md).splitlines()[2:]] == [
+        "GAS (4 checkpoints, K=10)", "D-TRAK, exact", "squared avg proponent scores, exact", "D-TRAK (Avg), sharpened"]
 
 
 def test_about_methods_table_keeps_every_description_whole(app):
     md = app.methods_markdown(app.assets().methods, {"clip-dot": "CLIP similarity is unavailable: no local CLIP "
                                                                  "weights (looked at the cache (LocalEntryNotFoundError)). "
                                                                  "Nothing is downloaded; put the weights there."})
-    row = next(line for line in md.splitlines() if line.startswith("| relative-ip"))
+    row = next(line for line in md.splitlines() if line.startswith("| Relative IP"))
     cells = [c for c in re.split(r"(?<!\\)\|", row)[1:-1]]
     assert len(cells) == 2 and "Barshan" in cells[1]  # its '||' is escaped, not a cell border
-    assert "- **clip-dot**: CLIP similarity is unavailable: no local CLIP weights." in md
+    assert "- **CLIP dot product**: CLIP similarity is unavailable: no local CLIP weights." in md
     assert "LocalEntryNotFoundError" not in md
 
 
@@ -509,7 +515,7 @@ def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_quer
 
 
 def test_the_drill_down_featurizes_each_store_once_per_query(app, monkeypatch):
-    """TRAK (loss) and the gradient and IP baselines all score the query's loss features: asked
+    """TRAK and the gradient and IP baselines all score the query's loss features: asked
     under every method, an image is featurized once per store, with a fresh featurizer's scores."""
     from dtrak_core.attribution.features import Featurizer
 
@@ -532,7 +538,7 @@ def test_uploads_for_journey_trak_say_why_in_the_drill_down(app, tmp_path):
     Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
     q = app.use_upload(str(tmp_path / "black.png"), False)[0]
     html = app.inspect_training(q, Clicked({"index": 0}))[1]
-    assert "journey-trak</td><td colspan=\"2\" class=\"muted\">journey-trak attributes generated samples only" in html
+    assert "Journey-TRAK</td><td colspan=\"2\" class=\"muted\">Journey-TRAK attributes generated samples only" in html
 
 
 # ---------------------------------------------------------------- noise levels
@@ -582,7 +588,7 @@ def test_noise_view_handler(app):
     assert fig is None and cards == "" and "has no timesteps to split" in text
     # a sharpened method: the split of the signed score it sharpens (s|s| of a sum is not a sum)
     fig, cards, text = app.noise_view(q, "d-trak-sharp")
-    assert fig.data[0].type == "heatmap" and "splits the signed D-TRAK (square) score" in text
+    assert fig.data[0].type == "heatmap" and "splits the signed D-TRAK score" in text
     levels = app._noise_cache.get((app.ASSETS, q.key, q.pixels_key, "d-trak-sharp", app.NOISE_BUCKETS),
                                   None)
     signed = app.assets().attributor.scores(torch.as_tensor(q.pixels)[None], "square")[0]
@@ -737,4 +743,4 @@ def test_the_about_numbers_come_from_the_folders_evidence(app):
     text = app.digits_about(types.SimpleNamespace(root=ASSETS, n_train=1500, methods=["square", "avg"]))
     for m in ("pixel-rbf", "square", "avg"):
         assert f"{rows[m]['validation/signed']:.1f}" in text
-    assert "1,500 tiny images" in text and "*avg*" in text
+    assert "1,500 tiny images" in text and "*D-TRAK (Avg)*" in text

@@ -58,19 +58,22 @@ def _strokes(d: int, draw, box, width: int, ink) -> None:
         line((1, 0.28), (0.95, 1))
 
 
-def drawn_digit(i: int):
+def drawn_digit(i: int, seed: int = 1000):
     """The i-th hand-made digit: (PNG bytes, label). Digit i % 10; canvas 64..400 px; the digit 40-85%
     of the canvas high, anywhere on it; stroke 6..30 px (at most a fifth of the digit's height); dark
-    ink on white paper, light ink on black, or dark ink on grey noisy paper."""
+    ink on white paper, light ink on black, or dark ink on grey noisy paper. `seed` picks the set: the
+    test's set is the default; another seed draws a held-out set to check a change does not just fit
+    the test's 40 drawings."""
     from PIL import Image, ImageDraw
 
-    rng = random.Random(1000 + i)
+    rng = random.Random(seed + i)
     label = i % 10
     side = rng.randint(64, 400)
     h = int(side * rng.uniform(0.4, 0.85))
     w = int(h * (0.35 if label == 1 else rng.uniform(0.5, 0.7)))
     width = max(2, min(rng.randint(6, 30), h // 5))
     pad = width // 2 + 1
+    h, w = min(h, side - 2 * pad), min(w, side - 2 * pad)  # the pen stays on the canvas
     x0 = rng.randint(pad, side - w - pad)
     y0 = rng.randint(pad, side - h - pad)
     style = i % 3
@@ -78,7 +81,8 @@ def drawn_digit(i: int):
     img = Image.new("L", (side, side), paper)
     _strokes(label, ImageDraw.Draw(img), (x0, y0, x0 + w, y0 + h), width, ink)
     if style == 2:  # a photo: noise on grey paper
-        noise = np.random.default_rng(i).normal(0, rng.uniform(6, 14), (side, side))
+        noise_rng = np.random.default_rng(i if seed == 1000 else (seed, i))  # the test's set as it was
+        noise = noise_rng.normal(0, rng.uniform(6, 14), (side, side))
         img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -91,20 +95,30 @@ def read_as_app(data: bytes, normalise: bool):
     return load_user_image(data, 8, 1, invert=light_paper(plain.numpy()), normalise=normalise)
 
 
-def accuracy(normalise: bool) -> tuple[float, list]:
-    drawn = [drawn_digit(i) for i in range(N_DRAWN)]
+def accuracy(normalise: bool, indices=range(N_DRAWN), seed: int = 1000) -> tuple[float, list]:
+    indices = list(indices)
+    drawn = [drawn_digit(i, seed) for i in indices]
     x = np.stack([read_as_app(data, normalise).numpy() for data, _ in drawn])
     labels = np.array([label for _, label in drawn])
     got = classify(x)[0]
-    return float((got == labels).mean()), [(i, int(labels[i]), int(got[i])) for i in np.flatnonzero(got != labels)]
+    return (float((got == labels).mean()),
+            [(indices[k], int(labels[k]), int(got[k])) for k in np.flatnonzero(got != labels)])
 
 
 def test_hand_drawn_digits_are_read_correctly():
-    # the aim is 90%; 87.5% is reached: the three 8s read as 9s, one flagged 1 as a 3, one 6 as a 5
+    # 92.5% (37 of 40) are read: the three 8s, two loops with the lower one wider, read as 9s; 98% of
+    # the 200 held-out drawings below
     acc, wrong = accuracy(normalise=True)
     before, _ = accuracy(normalise=False)
     print(f"hand-drawn digits read correctly: {acc:.0%} normalised, {before:.0%} before (the old path)")
-    assert acc >= 0.85, f"{acc:.0%}; misread (index, label, read as): {wrong}"
+    assert acc >= 0.9, f"{acc:.1%}; misread (index, label, read as): {wrong}"
+
+
+def test_held_out_drawings_are_read_as_well():
+    # drawings with other seeds than the test's 40, so that the normalisation is not fitted to those
+    acc, wrong = accuracy(normalise=True, indices=range(1000, 1200), seed=777)
+    print(f"held-out hand-drawn digits read correctly: {acc:.1%}")
+    assert acc >= 0.9, f"{acc:.1%}; misread (index, label, read as): {wrong}"
 
 
 def test_normalised_digit_has_the_training_form():
@@ -125,7 +139,10 @@ def test_polarity_and_invert_still_negate(i):
     data, _ = drawn_digit(i)
     x = load_user_image(data, 8, normalise=True)
     assert np.array_equal(load_user_image(data, 8, invert=True, normalise=True).numpy(), -x.numpy())
-    assert np.array_equal(read_as_app(data, True).numpy().max(), 1.0)
+    # light ink on black, as the training digits, whatever the file: a dark border and a block at least
+    # 14/16 inked (not necessarily full: 1.8% of the training digits have no fully inked block)
+    q = read_as_app(data, True).numpy()
+    assert not light_paper(q) and q.max() >= 0.75
 
 
 def test_the_apps_example_uploads_read_as_the_digit_they_show(tmp_path):

@@ -44,9 +44,9 @@ def test_the_benchmarks_headline_reads_the_evidence_both_ways():
 
     close = {"rows": [row("square", "model", 78.0, 64.0), row("pixel-rbf", "model-free", 77.0, 65.0)]}
     text = sup.evidence_headline(close)
-    assert "D-TRAK (square) 78.0" in text and "pixel-rbf 77.0" in text and "look like the query" in text
+    assert "D-TRAK 78.0" in text and "Pixel RBF kernel 77.0" in text and "look like the query" in text
     ahead = {"rows": [row("square", "model", 80.0, 70.0), row("pixel-rbf", "model-free", 40.0, 50.0)]}
     assert "better than any look-alike baseline" in sup.evidence_headline(ahead)
     rows = sup.evidence_rows(close, "top-1%")
-    assert [(r["method"], r[sup.HONEST]) for r in rows] == [("D-TRAK (square)", 64.0), ("pixel-rbf (no model)", 65.0)]
+    assert [(r["method"], r[sup.HONEST]) for r in rows] == [("D-TRAK", 64.0), ("Pixel RBF kernel (no model)", 65.0)]
     assert sup.evidence_headline({}) == "" and sup.evidence_rows({}) == []

@@ -78,7 +78,7 @@ class Attributor(StoreAttributor):
         # built on first use, once, whichever thread asks first (featurizers and scorers are then
         # read-only, so every request can share them)
         self._scorers, self._featurizers = OnceCache(), OnceCache()
-        # the features of recent queries: TRAK (loss) and the gradient and IP baselines all score
+        # the features of recent queries: TRAK and the gradient and IP baselines all score
         # the query's loss features, so an image asked about under every method featurizes once
         self._query_features = OnceCache(QUERY_FEATURES_KEPT)
 

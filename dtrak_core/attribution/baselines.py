@@ -78,7 +78,7 @@ def inner_product(method, inputs, images, seeds, K) -> np.ndarray:
 
 def journey(method, inputs, images, seeds, K) -> np.ndarray:
     if seeds is None:
-        raise MethodUnavailable(f"{method.name} attributes generated samples only: pass the generation seeds")
+        raise MethodUnavailable(f"{method.label} attributes generated samples only: pass the generation seeds")
     setting, _ = inputs.store(method.store, K)
     return inputs.attributor.scorer(method.store, setting.K).scores(inputs.journey(setting)(seeds, images))
 

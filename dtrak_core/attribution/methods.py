@@ -2,8 +2,9 @@
 
     from dtrak_core.attribution import methods
 
-    methods.get("D-TRAK")                     # Method(name='square', label='D-TRAK (square)', ...)
-    methods.label("trak")                     # 'TRAK (loss)'
+    methods.get("D-TRAK")                     # Method(name='square', label='D-TRAK', ...)
+    methods.label("trak")                     # 'TRAK'
+    methods.label("renorm-ip")                # 'Renormalised IP'
     methods.all("baseline")                   # the registered baselines, in registry order
     sorted(names, key=methods.sort_key)       # the paper's column order: Random, baselines, ..., TRAK, D-TRAK
     methods.scores(attributor, "pixel-cosine", images)   # (Q, N) scores of any method
@@ -49,7 +50,12 @@ base's ranking, so it ties with it and the base is kept. Its numbers are reporte
 set. `default_method(available)` is the default among what a folder can run.
 
 Names are case-insensitive and accept the aliases ('d-trak', 'trak'). The canonical name is what
-stores, job files and JSON results record; the label is what people read.
+stores, job files and JSON results record, and what the CLI and the API take; the label is what
+people read, the one display name every menu, text, table and chart shows. Labels have one style:
+a method's proper name as its paper writes it ('TRAK', 'D-TRAK', 'Journey-TRAK', 'TracInCP', 'GAS',
+'DAS'), with a TRAK-family variant's output function in parentheses ('D-TRAK (Avg)') and a
+modifier after a comma ('D-TRAK, sharpened'); a method without one is described in sentence case
+('Pixel RBF kernel', 'Renormalised IP', 'Gradient cosine').
 """
 from __future__ import annotations
 
@@ -82,12 +88,11 @@ class Method:
     """
 
     name: str  # canonical name, as stores, job files and results record it: 'square', 'pixel-dot', 'random'
-    label: str  # the one display name (app, CLI, reports, harnesses): 'D-TRAK (square)'
+    label: str  # the one display name (app, CLI, reports, harnesses): 'D-TRAK', 'Pixel RBF kernel'
     description: str  # what it scores by, in one line
     family: str  # 'trak', 'baseline' or 'control' (see the module docstring)
     order: int  # place in the paper's columns, lowest first (see `sort_key`)
     aliases: tuple[str, ...] = ()  # other accepted spellings, lower case: 'd-trak', 'dtrak'
-    paper_name: str = ""  # the paper's column header ('D-TRAK'), as the committed reports read; default: label
     slug: str = ""  # file-name form ('d-trak' names the counterfactual job files); default: name without '='
     store: str | None = None  # output function of the feature store it scores with ('loss' for gradient baselines)
     needs: frozenset = frozenset()  # further inputs, from NEEDS: 'seeds' (generated samples only), 'clip', 'tracin'
@@ -112,7 +117,6 @@ class Method:
             raise ValueError(f"method {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
         if self.space not in SPACES:
             raise ValueError(f"method {self.name!r}: space must be one of {SPACES}, got {self.space!r}")
-        object.__setattr__(self, "paper_name", self.paper_name or self.label)
         object.__setattr__(self, "slug", self.slug or self.name.replace("=", ""))
 
     def scores(self, attributor, images: torch.Tensor, seeds=None, *, K: int | None = None, root: str | None = None,
@@ -183,23 +187,23 @@ def sharpened(store: str) -> list["Method"]:
     return [m for m in _REGISTRY if m.score is _sharpened and m.store == store]
 
 
-def _output_function(name, label, description, aliases=(), paper_name="", slug="", order=VARIANT_ORDER) -> Method:
-    return Method(name, label, description, "trak", order, aliases, paper_name, slug, store=name, score=_trak,
+def _output_function(name, label, description, aliases=(), slug="", order=VARIANT_ORDER) -> Method:
+    return Method(name, label, description, "trak", order, aliases, slug, store=name, score=_trak,
                   kinds=frozenset(KINDS))
 
 
 PIXEL, T2I, BOTH = frozenset({"pixel"}), frozenset({"text2image"}), frozenset(KINDS)
 
 
-def _baseline(name, description, order, score, kind="", store=None, needs=(), *, group, signed, kinds=PIXEL,
+def _baseline(name, label, description, order, score, kind="", store=None, needs=(), *, group, signed, kinds=PIXEL,
               counterfactual=True, space="pixel") -> Method:
-    return Method(name, name, description, "baseline", order, store=store, needs=frozenset(needs), kind=kind,
+    return Method(name, label, description, "baseline", order, store=store, needs=frozenset(needs), kind=kind,
                   score=score, kinds=kinds, signed=signed, counterfactual=counterfactual, group=group, space=space)
 
 
-def _latent(name, description, order, score, kind="", *, group, signed) -> Method:
+def _latent(name, label, description, order, score, kind="", *, group, signed) -> Method:
     """A model-free baseline on a text-to-image folder's VAE latents, what its UNet sees."""
-    return _baseline(name, description, order, score, kind, group=group, signed=signed, kinds=T2I,
+    return _baseline(name, label, description, order, score, kind, group=group, signed=signed, kinds=T2I,
                      counterfactual=False, space="latent")
 
 
@@ -208,69 +212,74 @@ GRADIENT, SIMILARITY, NONPARAMETRIC = GROUPS[2], GROUPS[3], GROUPS[4]
 
 # Registry order is listing order (the app's menu, `available`); `order` is the paper's column order.
 _REGISTRY = (
-    _output_function("loss", "TRAK (loss)", "gradient of the training loss ||eps - eps_theta||^2", ("trak",),
-                     "TRAK", "trak", order=90),
-    _output_function("square", "D-TRAK (square)", "gradient of mean(eps_theta^2), the square of the predicted noise",
-                     ("d-trak", "dtrak"), "D-TRAK", "d-trak", order=100),
-    _output_function("avg", "avg", "gradient of mean(eps_theta), the mean of the predicted noise (a D-TRAK variant)"),
-    _output_function("l1-norm", "l1-norm", "gradient of ||eps_theta||_1 (a D-TRAK variant)"),
-    _output_function("l2-norm", "l2-norm", "gradient of ||eps_theta||_2, not squared (a D-TRAK variant)"),
-    _output_function("linf-norm", "linf-norm", "gradient of ||eps_theta||_inf (a D-TRAK variant)"),
-    _output_function("elbo", "elbo", "gradient of the ELBO-weighted loss w_t ||eps - eps_theta||^2 (an ablation)"),
-    _baseline("pixel-dot", "dot product of flattened pixels", 10, baselines.inputs_similarity, "dot", group=SIMILARITY,
-              signed=False, kinds=BOTH),
-    _baseline("pixel-cosine", "cosine of flattened pixels", 11, baselines.inputs_similarity, "cosine", group=SIMILARITY,
-              signed=False, kinds=BOTH),
-    _baseline("clip-dot", "dot product of CLIP ViT-B/32 image embeddings", 12, baselines.clip, "dot", needs=("clip",),
-              group=SIMILARITY, signed=False),
-    _baseline("clip-cosine", "cosine of CLIP ViT-B/32 image embeddings", 13, baselines.clip, "cosine", needs=("clip",),
-              group=SIMILARITY, signed=False),
-    _latent("latent-dot", "dot product of the VAE latents (what the UNet sees)", 26, baselines.inputs_similarity, "dot",
-            group=SIMILARITY, signed=False),
-    _latent("latent-cosine", "cosine of the VAE latents (what the UNet sees)", 27, baselines.inputs_similarity,
-            "cosine", group=SIMILARITY, signed=False),
-    _baseline("gradient-dot", "dot product of loss gradients at the final checkpoint", 16, baselines.gradients,
-              "dot", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
-    _baseline("gradient-cosine", "cosine of loss gradients at the final checkpoint (Charpiat et al.)", 17,
-              baselines.gradients, "cosine", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
-    _baseline("tracin", "TracInCP: loss-gradient dot products summed over training checkpoints", 14,
+    _output_function("loss", "TRAK", "gradient of the training loss ||eps - eps_theta||^2", ("trak",), slug="trak",
+                     order=90),
+    _output_function("square", "D-TRAK", "gradient of mean(eps_theta^2), the square of the predicted noise",
+                     ("d-trak", "dtrak"), slug="d-trak", order=100),
+    _output_function("avg", "D-TRAK (Avg)", "gradient of mean(eps_theta), the mean of the predicted noise "
+                     "(a D-TRAK variant)"),
+    _output_function("l1-norm", "D-TRAK (L1-norm)", "gradient of ||eps_theta||_1 (a D-TRAK variant)"),
+    _output_function("l2-norm", "D-TRAK (L2-norm)", "gradient of ||eps_theta||_2, not squared (a D-TRAK variant)"),
+    _output_function("linf-norm", "D-TRAK (Linf-norm)", "gradient of ||eps_theta||_inf (a D-TRAK variant)"),
+    _output_function("elbo", "TRAK (ELBO-weighted)", "gradient of the ELBO-weighted loss w_t ||eps - eps_theta||^2 "
+                     "(an ablation)"),
+    _baseline("pixel-dot", "Pixel dot product", "dot product of flattened pixels", 10, baselines.inputs_similarity, "dot",
+              group=SIMILARITY, signed=False, kinds=BOTH),
+    _baseline("pixel-cosine", "Pixel cosine", "cosine of flattened pixels", 11, baselines.inputs_similarity, "cosine",
+              group=SIMILARITY, signed=False, kinds=BOTH),
+    _baseline("clip-dot", "CLIP dot product", "dot product of CLIP ViT-B/32 image embeddings", 12, baselines.clip,
+              "dot", needs=("clip",), group=SIMILARITY, signed=False),
+    _baseline("clip-cosine", "CLIP cosine", "cosine of CLIP ViT-B/32 image embeddings", 13, baselines.clip, "cosine",
+              needs=("clip",), group=SIMILARITY, signed=False),
+    _latent("latent-dot", "VAE latent dot product", "dot product of the VAE latents (what the UNet sees)", 26,
+            baselines.inputs_similarity, "dot", group=SIMILARITY, signed=False),
+    _latent("latent-cosine", "VAE latent cosine", "cosine of the VAE latents (what the UNet sees)", 27,
+            baselines.inputs_similarity, "cosine", group=SIMILARITY, signed=False),
+    _baseline("gradient-dot", "Gradient dot product", "dot product of loss gradients at the final checkpoint", 16,
+              baselines.gradients, "dot", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
+    _baseline("gradient-cosine", "Gradient cosine", "cosine of loss gradients at the final checkpoint "
+              "(Charpiat et al.)", 17, baselines.gradients, "cosine", store="loss", group=GRADIENT, signed=True,
+              kinds=BOTH),
+    _baseline("tracin", "TracInCP", "TracInCP: loss-gradient dot products summed over training checkpoints", 14,
               baselines.tracin, "dot", needs=("tracin",), group=GRADIENT, signed=True),
-    _baseline("gas", "GAS: loss-gradient cosines summed over training checkpoints", 15, baselines.tracin, "cosine",
-              needs=("tracin",), group=GRADIENT, signed=True),
-    _baseline("relative-ip", "TRAK score / ||(Phi^T Phi + lam I)^-1 phi_n|| (Barshan et al.)", 19,
+    _baseline("gas", "GAS", "GAS: loss-gradient cosines summed over training checkpoints", 15, baselines.tracin,
+              "cosine", needs=("tracin",), group=GRADIENT, signed=True),
+    _baseline("relative-ip", "Relative IP", "TRAK score / ||(Phi^T Phi + lam I)^-1 phi_n|| (Barshan et al.)", 19,
               baselines.inner_product, "relative", store="loss", group=GRADIENT, signed=True, kinds=BOTH),
-    _baseline("renorm-ip", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm", store="loss",
-              group=GRADIENT, signed=True, kinds=BOTH),
-    _baseline("journey-trak", "TRAK on loss gradients averaged along the DDIM trajectory (generated samples)", 18,
-              baselines.journey, store="loss", needs=("seeds",), group=GRADIENT, signed=True),
-    _baseline("pixel-nn", "nearest neighbours in pixel space: minus the squared distance (no model)", 21,
-              baselines.nearest, group=NONPARAMETRIC, signed=False, kinds=BOTH),
-    _baseline("pixel-trak", "the TRAK formula on raw pixels: linear kernel ridge (no model)", 22,
-              baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True, kinds=BOTH),
-    _baseline("pixel-rbf", "RBF kernel ridge on raw pixels, its bandwidth and lambda tuned like TRAK's (no model)", 23,
-              baselines.kernel_ridge, "rbf", group=NONPARAMETRIC, signed=True, kinds=BOTH),
-    _baseline("pixel-arccos", "arc-cosine kernel ridge on raw pixels: an infinitely wide ReLU layer (no model)", 24,
-              baselines.kernel_ridge, "arccos", group=NONPARAMETRIC, signed=True, kinds=BOTH),
-    _baseline("optimal-denoiser", "posterior weight in the training set's empirical optimal denoiser, averaged over "
-              "noise levels (no model)", 25, baselines.optimal_denoiser, group=NONPARAMETRIC, signed=False, kinds=BOTH),
-    _latent("latent-nn", "nearest neighbours among the VAE latents: minus the squared distance (no model)", 28,
-            baselines.nearest, group=NONPARAMETRIC, signed=False),
-    _latent("latent-trak", "the TRAK formula on the VAE latents: linear kernel ridge (no model)", 29,
-            baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True),
-    _latent("latent-rbf", "RBF kernel ridge on the VAE latents (no model)", 30, baselines.kernel_ridge, "rbf",
-            group=NONPARAMETRIC, signed=True),
-    _latent("latent-arccos", "arc-cosine kernel ridge on the VAE latents (no model)", 31, baselines.kernel_ridge,
-            "arccos", group=NONPARAMETRIC, signed=True),
-    _latent("latent-optimal-denoiser", "posterior weight in the empirical optimal denoiser of the VAE latents: "
-            "the memorising latent model (no model)", 32, baselines.optimal_denoiser, group=NONPARAMETRIC,
-            signed=False),
+    _baseline("renorm-ip", "Renormalised IP", "TRAK score / ||phi_n||", 20, baselines.inner_product, "renorm",
+              store="loss", group=GRADIENT, signed=True, kinds=BOTH),
+    _baseline("journey-trak", "Journey-TRAK", "TRAK on loss gradients averaged along the DDIM trajectory "
+              "(generated samples)", 18, baselines.journey, store="loss", needs=("seeds",), group=GRADIENT,
+              signed=True),
+    _baseline("pixel-nn", "Pixel nearest neighbours", "nearest neighbours in pixel space: minus the squared distance "
+              "(no model)", 21, baselines.nearest, group=NONPARAMETRIC, signed=False, kinds=BOTH),
+    _baseline("pixel-trak", "Pixel linear kernel", "the TRAK formula on raw pixels: linear kernel ridge (no model)",
+              22, baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True, kinds=BOTH),
+    _baseline("pixel-rbf", "Pixel RBF kernel", "RBF kernel ridge on raw pixels, its bandwidth and lambda tuned like "
+              "TRAK's (no model)", 23, baselines.kernel_ridge, "rbf", group=NONPARAMETRIC, signed=True, kinds=BOTH),
+    _baseline("pixel-arccos", "Pixel arc-cosine kernel", "arc-cosine kernel ridge on raw pixels: an infinitely wide "
+              "ReLU layer (no model)", 24, baselines.kernel_ridge, "arccos", group=NONPARAMETRIC, signed=True, kinds=BOTH),
+    _baseline("optimal-denoiser", "Optimal denoiser", "posterior weight in the training set's empirical optimal "
+              "denoiser, averaged over noise levels (no model)", 25, baselines.optimal_denoiser, group=NONPARAMETRIC,
+              signed=False, kinds=BOTH),
+    _latent("latent-nn", "VAE latent nearest neighbours", "nearest neighbours among the VAE latents: minus the "
+            "squared distance (no model)", 28, baselines.nearest, group=NONPARAMETRIC, signed=False),
+    _latent("latent-trak", "VAE latent linear kernel", "the TRAK formula on the VAE latents: linear kernel ridge "
+            "(no model)", 29, baselines.kernel_ridge, "linear", group=NONPARAMETRIC, signed=True),
+    _latent("latent-rbf", "VAE latent RBF kernel", "RBF kernel ridge on the VAE latents (no model)", 30,
+            baselines.kernel_ridge, "rbf", group=NONPARAMETRIC, signed=True),
+    _latent("latent-arccos", "VAE latent arc-cosine kernel", "arc-cosine kernel ridge on the VAE latents (no model)",
+            31, baselines.kernel_ridge, "arccos", group=NONPARAMETRIC, signed=True),
+    _latent("latent-optimal-denoiser", "VAE latent optimal denoiser", "posterior weight in the empirical optimal "
+            "denoiser of the VAE latents: the memorising latent model (no model)", 32, baselines.optimal_denoiser,
+            group=NONPARAMETRIC, signed=False),
     Method("das", "DAS", "Diffusion Attribution Score (Lin et al. 2025): squared TRAK-form scores of the gradients "
            "of mean(eps_theta), times each training sample's residual", "successor", 110, store="avg",
            score=_das_scores, signed=False),  # (s r)^2 >= 0: a magnitude, no opponents
     Method("d-trak-sharp", "D-TRAK, sharpened", "D-TRAK's scores s as s|s|: its proponents and opponents in its "
            "order, the strongest weighted up (the squaring of DAS's score, sign kept)", "successor", 112,
            ("sharp-d-trak",), store="square", score=_sharpened),
-    Method("avg-sharp", "avg, sharpened", "the avg output function's TRAK scores s as s|s| (DAS's features and "
+    Method("avg-sharp", "D-TRAK (Avg), sharpened", "the avg output function's TRAK scores s as s|s| (DAS's features and "
            "squaring, sign kept, without its residual)", "successor", 111, store="avg", score=_sharpened),
     Method("random", "Random", "a random ranking of the training set, seeded by the target (the counterfactual's "
            "control)", "control", 0, signed=False),
@@ -287,7 +296,7 @@ def _eta(name: str) -> Method:
     except ValueError:
         raise UnknownMethod(f"bad eta in {name!r}; write e.g. eta=0.5") from None
     canonical = f"eta={eta:g}"
-    return _output_function(canonical, canonical, f"gradient of {eta:g} L_square + {1 - eta:g} (L_simple - L_square): "
+    return _output_function(canonical, f"D-TRAK ({canonical})", f"gradient of {eta:g} L_square + {1 - eta:g} (L_simple - L_square): "
                             "eta=1 is D-TRAK, eta=0.5 half of TRAK's gradient")
 
 
@@ -339,12 +348,20 @@ def all(family: str | None = None, kind: str | None = None) -> tuple[Method, ...
     return tuple(m for m in _REGISTRY if (family is None or m.family == family) and (kind is None or kind in m.kinds))
 
 
+# labels that results written before the labels had one style carry ('D-TRAK (square)' in a committed
+# report), so that they read as the method's label today
+_FORMER_LABELS = {"D-TRAK (square)": "square", "TRAK (loss)": "loss", "avg, sharpened": "avg-sharp"}
+
+
 def label(name) -> str:
-    """The display label of a method ('d-trak' -> 'D-TRAK (square)'); any other name as it is."""
+    """The display label of a method ('d-trak' -> 'D-TRAK', 'renorm-ip' -> 'Renormalised IP'), from any
+    spelling `find` accepts or a former label; any other text as it is."""
     try:
         method = find(name)
     except UnknownMethod:
         method = None
+    if method is None and isinstance(name, str) and name.strip() in _FORMER_LABELS:
+        method = _BY_NAME[_FORMER_LABELS[name.strip()]]
     return method.label if method is not None else str(name)
 
 

@@ -109,8 +109,8 @@ def check_ranking(attributor, ranking: str) -> str:
 
 
 def display_name(ranking: str) -> str:
-    """The paper's name of a ranking ('D-TRAK', 'TRAK', 'Random'), as the reports' columns read."""
-    return registry.get(ranking_name(ranking)).paper_name
+    """The display label of a ranking ('D-TRAK', 'TRAK', 'Random'), as the reports' columns read."""
+    return registry.get(ranking_name(ranking)).label
 
 
 def slug(ranking: str) -> str:

@@ -378,12 +378,12 @@ class Study:
 
 # (cell, label) rows that `publish` copies into the committed tables, in this order, when computed
 PUBLISHED = (
-    ("square/k2048", "D-TRAK (square), sparse JL k=2048 (the shipped setting)"),
-    ("square/k32768", "D-TRAK (square), sparse JL k=32768"),
-    ("square/exact", "D-TRAK (square), exact (no projection)"),
-    ("loss/exact", "TRAK (loss), exact"),
-    ("avg/k2048", "avg, sparse JL k=2048"),
-    ("avg/exact", "avg, exact"),
+    ("square/k2048", "D-TRAK, sparse JL k=2048 (the shipped setting)"),
+    ("square/k32768", "D-TRAK, sparse JL k=32768"),
+    ("square/exact", "D-TRAK, exact (no projection)"),
+    ("loss/exact", "TRAK, exact"),
+    ("avg/k2048", "D-TRAK (Avg), sparse JL k=2048"),
+    ("avg/exact", "D-TRAK (Avg), exact"),
     ("das-squared/avg-K100-full/k2048", "DAS, the paper's squared score, k=2048 (the registry's `das`)"),
     ("das-squared/avg-K100-full/exact", "DAS, squared, exact"),
     ("das-squared/avg-K100-unit-full/exact", "DAS, squared, unit-norm timesteps (public code), exact"),

@@ -94,7 +94,7 @@ def load(root: str) -> TextToImageAssets:
         baselines = [registry.get(m) for m in BASELINES]
         methods = list(attributor.methods) + [m.name for m in baselines
                                               if m.store is None or m.store in attributor.methods]
-        unavailable = {m.name: f"needs the folder's `{m.store}` ({registry.get(m.store).paper_name}) store"
+        unavailable = {m.name: f"needs the folder's `{m.store}` ({registry.get(m.store).label}) store"
                        for m in baselines if m.store is not None and m.store not in attributor.methods}
         return TextToImageAssets(root, attributor, methods, {**unavailable, **NOT_HERE}, read_manifest(root))
     return _folders.get(os.path.abspath(root), make)

@@ -34,11 +34,17 @@ def test_every_spelling_names_one_method():
 
 
 def test_labels_keep_the_names_people_and_reports_read():
-    assert methods.label("d-trak") == "D-TRAK (square)" and methods.label("loss") == "TRAK (loss)"
-    assert [methods.get(n).paper_name for n in ("square", "loss", "random")] == ["D-TRAK", "TRAK", "Random"]
+    assert methods.label("d-trak") == "D-TRAK" and methods.label("loss") == "TRAK"
+    assert [methods.label(n) for n in ("journey-trak", "gas", "renorm-ip", "pixel-rbf", "tracin", "avg", "eta=0.5")] \
+        == ["Journey-TRAK", "GAS", "Renormalised IP", "Pixel RBF kernel", "TracInCP", "D-TRAK (Avg)", "D-TRAK (eta=0.5)"]
     assert [methods.get(n).slug for n in ("square", "loss", "random")] == ["d-trak", "trak", "random"]
-    for m in methods.all("baseline"):
-        assert m.label == m.name  # menus and tables show baselines by name
+    labels = [m.label for m in methods.all()]
+    assert len(labels) == len(set(labels))  # one label a method
+    for m in methods.all():  # one style: a proper name or a capitalised description, never the code name
+        assert m.label[0].isupper() and m.label != m.name, m
+    # what results written before the labels had one style say reads as today's label
+    assert [methods.label(n) for n in ("D-TRAK (square)", "TRAK (loss)", "avg, sharpened")] == \
+        ["D-TRAK", "TRAK", "D-TRAK (Avg), sharpened"]
     assert methods.label("not-a-method") == "not-a-method" and methods.description("eta=x") == "eta=x"
     assert all(m.description for m in methods.all())
 
@@ -143,7 +149,7 @@ def test_sharpened_scores_are_s_abs_s_and_keep_every_ranking(tmp_path, tiny_unet
         assert list(sharp.proponents(10)) == list(plain.proponents(10))
         assert list(sharp.opponents(10)) == list(plain.opponents(10))
         assert list(cf.removal(att, queries[q], 0, "d-trak-sharp", 12)) == list(cf.removal(att, queries[q], 0, "square", 12))
-    assert methods.get("d-trak-sharp").family == "successor" and methods.label("avg-sharp") == "avg, sharpened"
+    assert methods.get("d-trak-sharp").family == "successor" and methods.label("avg-sharp") == "D-TRAK (Avg), sharpened"
 
 
 def test_the_default_is_what_its_rule_picks_from_the_committed_evidence():

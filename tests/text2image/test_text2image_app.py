@@ -161,8 +161,8 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
     lds = views.read_lds(str(tmp_path))
     got = views.lds_rows(lds["data"])
     assert [(r["method"], r["test set"]) for r in got] == [
-        ("D-TRAK (square)", "validation"), ("D-TRAK (square)", "generated"),
-        ("pixel-dot", "validation"), ("pixel-dot", "generated")]
+        ("D-TRAK", "validation"), ("D-TRAK", "generated"),
+        ("Pixel dot product", "validation"), ("Pixel dot product", "generated")]
     assert "Provisional" in views.lds_intro(lds["data"]) and "6 of 64" in views.lds_intro(lds["data"])
     assert "(33 s per LoRA retrain in the LDS run)" in views.counterfactual_text(str(tmp_path))
     assert "not offered" in views.counterfactual_text(MINIATURE_ROOT + "/no-such-folder")

@@ -47,4 +47,4 @@ def test_lora_retrain_run_resumes_and_evaluates(own):
     results = evaluate(out, attributor, num_bootstrap=10)
     assert evaluate(out, attributor, K=4, num_bootstrap=10)["methods"]["trak"]["setting"]["K"] == 4  # a K the folder lacks
     assert set(results["methods"]) == {"d-trak", "trak"} and "gradient-cosine" in results["baselines"]
-    assert "| D-TRAK (square), K=2 |" in format_table(results)
+    assert "| D-TRAK, K=2 |" in format_table(results)
