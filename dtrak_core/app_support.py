@@ -688,13 +688,18 @@ def ink_share(images) -> np.ndarray:
     return (x.reshape(len(x), -1) > 0).mean(1)
 
 
-def unusual_ink(pixels, train_images) -> str | None:
+def unusual_ink(pixels, train_images, digits: bool = True) -> str | None:
     """A warning when the query has more or less ink than every training image: the model has seen
-    nothing like it, and its scores run far larger than usual (often an image the wrong way round)."""
+    nothing like it, and its scores run far larger than usual (often an image the wrong way round).
+    digits=False: said of bright pixels (images that are not ink on paper)."""
     share = float(ink_share(np.asarray(pixels)[None])[0])
     lo, hi = (float(v) for v in np.quantile(ink_share(train_images), [0.0, 1.0]))
     if lo <= share <= hi:
         return None
+    if not digits:
+        return (f"{share:.0%} of this image is brighter than mid-grey; in every training image {lo:.0%}-{hi:.0%} is. "
+                "The model has seen nothing like it, so its scores are unusually large and say little. If the image "
+                "is a negative, tick invert.")
     return (f"{share:.0%} of this image is ink; every training image has {lo:.0%}-{hi:.0%}. The model has seen "
             "nothing like it, so its scores are unusually large and say little. If the ink is the wrong way "
             "round, flip the ink setting.")

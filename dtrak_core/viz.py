@@ -120,9 +120,25 @@ def score_histogram(attribution, k: int) -> go.Figure:
     return fig
 
 
-def class_mass_figure(attribution, word: str = "digit") -> go.Figure:
+def _class_name(label: int, class_names) -> str | None:
+    """A training label's class name, where the folder names it other than by the label itself."""
+    label = int(label)
+    if class_names is not None and 0 <= label < len(class_names) and str(class_names[label]) != str(label):
+        return str(class_names[label])
+    return None
+
+
+def _class_label(label: int, class_word: str, class_names) -> str:
+    """A training label as a chart names it: its class name, else "<class_word> <label>"."""
+    return _class_name(label, class_names) or f"{class_word} {int(label)}"
+
+
+def class_mass_figure(attribution, word: str = "digit", class_names=None) -> go.Figure:
     """Share of the positive (proponent) and negative (opponent) score carried by each class,
-    against each class's share of the training set."""
+    against each class's share of the training set; the axis names each class (`class_names`: the
+    labels' names, None: the attribution's training set's own, else the label)."""
+    if class_names is None:
+        class_names = getattr(getattr(attribution, "train", None), "classes", None)
     fig = go.Figure()
     layout = dict(_LAYOUT, height=320)
     if (attribution.labels < 0).any():
@@ -133,16 +149,18 @@ def class_mass_figure(attribution, word: str = "digit") -> go.Figure:
     mass = sup.class_mass(attribution.scores, attribution.labels)
     present = np.flatnonzero(mass["count"])  # classes with training images (a fine-tuning set may hold a few)
     mass = {k: v[present] for k, v in mass.items()}
-    classes = [str(c) for c in present]
+    # each class by its name, else by its label (the axis title says what the numbers are)
+    hover = [html.escape(_class_label(c, word, class_names)) for c in present]
+    classes = [_class_name(c, class_names) or str(c) for c in present]
     base = mass["count"] / mass["count"].sum()
-    fig.add_bar(x=classes, y=mass["positive"], name="proponent mass", marker_color=PROPONENT,
-                hovertemplate=word + " %{x}: %{y:.1%} of the positive score<extra></extra>")
-    fig.add_bar(x=classes, y=mass["negative"], name="opponent mass", marker_color=OPPONENT,
-                hovertemplate=word + " %{x}: %{y:.1%} of the negative score<extra></extra>")
-    fig.add_scatter(x=classes, y=base, mode="markers", name="share of training set",
+    fig.add_bar(x=classes, y=mass["positive"], name="proponent mass", marker_color=PROPONENT, customdata=hover,
+                hovertemplate="%{customdata}: %{y:.1%} of the positive score<extra></extra>")
+    fig.add_bar(x=classes, y=mass["negative"], name="opponent mass", marker_color=OPPONENT, customdata=hover,
+                hovertemplate="%{customdata}: %{y:.1%} of the negative score<extra></extra>")
+    fig.add_scatter(x=classes, y=base, mode="markers", name="share of training set", customdata=hover,
                     marker=dict(symbol="line-ew-open", size=22, color="#334155", line=dict(width=2)),
-                    hovertemplate=word + " %{x}: %{y:.1%} of the training images<extra></extra>")
-    fig.update_layout(**layout, barmode="group", xaxis_title=f"training {word}",
+                    hovertemplate="%{customdata}: %{y:.1%} of the training images<extra></extra>")
+    fig.update_layout(**layout, barmode="group", xaxis=dict(title=f"training {word}", type="category"),
                       yaxis=dict(tickformat=".0%", title="share of the mass"))
     return fig
 
@@ -155,15 +173,17 @@ def noise_level_rows(levels, per_bucket: int = 2, overall: int = 4) -> list[int]
     return sorted(rows, key=lambda i: (int(np.argmax(levels.centred[:, i])), -levels.scores[i]))
 
 
-def noise_level_figure(levels, labels: np.ndarray, class_word: str = "digit", rows=None) -> go.Figure:
+def noise_level_figure(levels, labels: np.ndarray, class_word: str = "digit", rows=None, class_names=None) -> go.Figure:
     """Heatmap: for the query's strongest training images (rows), how much of each one's score comes
     from each noise level (columns, low noise on the left), less the reference queries' mean part
-    when the levels are centred (`NoiseLevels.centred`). Green pushes towards the query, red away."""
+    when the levels are centred (`NoiseLevels.centred`). Green pushes towards the query, red away.
+    Each row names its image's class (`class_names`: the labels' names, None: the labels)."""
     rows = noise_level_rows(levels) if rows is None else list(rows)
     z = levels.centred[:, rows].T  # (rows, buckets)
     centred = levels.reference is not None
     what = "part of its score beyond the reference queries' mean" if centred else "part of its score"
-    names = [f"#{i}" + (f" ({class_word} {int(labels[i])})" if labels[i] >= 0 else "") for i in rows]
+    names = [f"#{i}" + (f" ({_class_label(labels[i], class_word, class_names)})" if labels[i] >= 0 else "")
+             for i in rows]
     peak = float(np.abs(z).max()) or 1.0
     text = [[f"{v:+.3g}" for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
@@ -178,9 +198,11 @@ def noise_level_figure(levels, labels: np.ndarray, class_word: str = "digit", ro
     return fig
 
 
-def noise_level_cards(train, levels, class_word: str = "digit") -> str:
+def noise_level_cards(train, levels, class_word: str = "digit", class_names=None) -> str:
     """The strongest training image of each noise level (by `NoiseLevels.top`: centred when the levels
-    are), one small card per timestep bucket."""
+    are), one small card per timestep bucket, each naming its class (`class_names`: None, the
+    training set's own)."""
+    class_names = getattr(train, "classes", None) if class_names is None else class_names
     cards = []
     for b, label in enumerate(levels.labels()):
         i = int(levels.top(b, 1)[0])
@@ -188,7 +210,8 @@ def noise_level_cards(train, levels, class_word: str = "digit") -> str:
         cards.append(
             f'<figure class="card" data-index="{i}" role="button" tabindex="0" title="training image #{i}">'
             f'{_img(train.images[i], 48, f"training image {i}")}<figcaption><b>#{i}</b><br>'
-            f'{f"{class_word} {lab}<br>" if lab >= 0 else ""}<span class="muted">{html.escape(label)}</span>'
+            f'{f"{html.escape(_class_label(lab, class_word, class_names))}<br>" if lab >= 0 else ""}'
+            f'<span class="muted">{html.escape(label)}</span>'
             '</figcaption></figure>')
     return ('<div class="cards-title">Strongest proponent at each noise level</div>'
             f'<div class="cards cards-small">{"".join(cards)}</div>')
@@ -232,9 +255,10 @@ def image_pairs(pairs, caption_px: int = 96) -> str:
     return f'<div class="pairs">{"".join(items)}</div>'
 
 
-def counterfactual_summary(summary: dict, n_train: int | None = None) -> str:
+def counterfactual_summary(summary: dict, n_train: int | None = None, word: str = "digit") -> str:
     """The counterfactual harness's summary as Markdown: per removal size and ranking, the median
-    pixel L2 with its quartiles and how often the digit changed; then the paired comparisons."""
+    pixel L2 with its quartiles and how often the target's class (`word`: "digit" on the digits)
+    changed, where a classifier read it; then the paired comparisons."""
     cells = summary.get("cells", [])
     if not cells:
         return ""
@@ -249,9 +273,11 @@ def counterfactual_summary(summary: dict, n_train: int | None = None) -> str:
             return f"| {share} | {measure} | " + " | ".join(fmt(by[r]) if r in by else "" for r in rankings) + " |"
         lines.append(row("median pixel L2 [p25, p75]", lambda c: f"**{c['l2']['median']:.2f}** "
                                                                  f"[{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}]"))
-        lines.append(row("digit changed", lambda c: f"{c['label_changed']:.0%} of {c['l2']['n']}"))
+        if any(c.get("label_changed") is not None for c in by.values()):  # (None: no classifier read them)
+            lines.append(row(f"{word} changed", lambda c: "" if c.get("label_changed") is None else
+                             f"{c['label_changed']:.0%} of {c['l2']['n']}"))
         if any("removed_same_label_share" in c for c in by.values()):
-            lines.append(row("removed images of the target's digit",
+            lines.append(row(f"removed images of the target's {word}",
                              lambda c: f"{c['removed_same_label_share']:.0%}" if "removed_same_label_share" in c else ""))
     paired = summary.get("paired", [])
     if paired:

@@ -43,8 +43,18 @@ def digits_about(a) -> str:
                       default=registry.label(registry.default_method(a.methods)))
 
 
+def folder_about(a) -> str:
+    """Another folder's paragraph, in its own words: what it was trained on and which lambda ranks."""
+    classes = f" {a.classes_phrase}" if a.classes_phrase else ""
+    lam = ("the one measured on this model's LDS (`lds-own tune-lambda`, recorded in its `manifest.json`)"
+           if a.attributor.tuned_lambdas else "the data-free rule, 0.1 times the mean squared training feature "
+           "norm, until `lds-own tune-lambda` records one measured on this model")
+    return (f"**This model.** The scores rank the {a.n_train:,} {a.kind[1]} it was trained on{classes}; $\\lambda$ is {lam}. "
+            "**Benchmarks** shows what was measured on it, or the commands that measure it.")
+
+
 def create_ui(a) -> None:
-    about = texts.get("about.md") + ("\n\n" + digits_about(a) if a.digits else "")
+    about = texts.get("about.md") + "\n\n" + (digits_about(a) if a.digits else folder_about(a))
     gr.Markdown(about, latex_delimiters=LATEX)
     gr.Markdown(methods_markdown(a.methods, a.unavailable))
     if a.unavailable:

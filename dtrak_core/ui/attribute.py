@@ -74,8 +74,13 @@ def lookalike_line(q, method: str, k: int) -> str:
     return sup.similarity_flag(method, attribution_for(q, method).scores, baseline, base.scores, k, found)
 
 
-OPPONENT_NOTE = ("Opponents are often the query's own class: an image like the query but drawn differently pulls the "
+OPPONENT_NOTE = ("Opponents are often the query's own class: an image like the query but {unlike} pulls the "
                  "model towards its own version, so the largest scores of both signs go to similar images.")
+
+
+def opponent_note(digits: bool) -> str:
+    """Why opponents share the query's class, in the words of the folder's data."""
+    return OPPONENT_NOTE.format(unlike=texts.words(digits)["unlike"])
 
 
 @readable
@@ -87,20 +92,20 @@ def attribute(q, method, k, progress=gr.Progress()):
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(q, method)
     prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
-    found = digit_labels(q.pixels[None])
+    found, a = digit_labels(q.pixels[None]), assets()
     if found is None:
         summary = f"**{sup.method_label(method)}**: the top-{k} proponents{' and opponents' * result.signed} of this query."
     else:
-        digit, a = found[0][0], assets()
-        shown = f"{digit}s" if a.digits else f"{a.label_name(digit)}"
+        digit = found[0][0]
+        shown = f"{digit}s" if a.digits else f"of the class **{a.label_name(digit)}**"
         opposed = f" and **{int((result.labels[opp] == digit).sum())} of {k}** top opponents" * result.signed
         summary = (f"**{sup.method_label(method)}**: **{int((result.labels[prop] == digit).sum())} of {k}** top "
                    f"proponents{opposed} are {shown}, the {a.class_word} the classifier sees in the query.")
     summary += "\n\n" + lookalike_line(q, method, k)
-    opp_note = (OPPONENT_NOTE if found is not None else "") if result.signed else sup.no_opponents(method)
+    opp_note = (opponent_note(a.digits) if found is not None else "") if result.signed else sup.no_opponents(method)
     return (training_cards(result, prop, f"Top-{k} proponents (index · class · score)"),
             training_cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
-            viz.score_histogram(result, k), viz.class_mass_figure(result, assets().class_word), summary)
+            viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word, a.class_names), summary)
 
 
 @readable
@@ -222,8 +227,8 @@ def noise_view(q, method):
             f"training image **#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; of the "
             f"query-specific score mass the lowest-noise range carries {percent(share[0])}, the highest "
             f"{percent(share[-1])}.{note}")
-    return viz.noise_level_figure(levels, labels, a.class_word), viz.noise_level_cards(a.attributor.train, levels,
-                                                                                       a.class_word), text
+    return (viz.noise_level_figure(levels, labels, a.class_word, class_names=a.class_names),
+            viz.noise_level_cards(a.attributor.train, levels, a.class_word, a.class_names), text)
 
 
 def percent(share: float) -> str:
@@ -277,7 +282,7 @@ def use_training_image(index):
     index = sup.parse_int(index, "training image index", 0, a.n_train - 1)
     pixels = a.attributor.train.images[index].numpy()
     label = int(a.attributor.train.labels[index])
-    q = Query.training(index, pixels, f"Training image #{index}" + (f" ({a.class_word} {label})" if label >= 0 else ""))
+    q = Query.training(index, pixels, f"Training image #{index}" + (f" ({a.class_text(label)})" if label >= 0 else ""))
     return (q, *query_view(q), gr.Column(visible=False))
 
 
@@ -295,13 +300,13 @@ def _load_upload(path, invert: bool, name: str | None = None):
 
 
 def _upload_query(path, invert: bool, name: str | None = None):
-    invert = sup.parse_bool(invert, "the ink setting (invert)")
+    invert = sup.parse_bool(invert, "the ink setting (invert)" if assets().digits else "the invert setting")
     pixels = _load_upload(path, invert, name).numpy()
     name = name or f"Your image {os.path.basename(path)}"
     q = Query.upload(pixels, f"{name}{' (inverted)' if invert else ''}, "
                              f"as the model sees it ({pixels.shape[-1]}x{pixels.shape[-2]})")
     img, info = query_view(q)
-    warning = sup.unusual_ink(pixels, assets().attributor.train.images.numpy())
+    warning = sup.unusual_ink(pixels, assets().attributor.train.images.numpy(), digits=assets().digits)
     return q, img, info + (f"  \n⚠️ {warning}" if warning else "")
 
 
@@ -324,8 +329,11 @@ def read_upload(path):
 
 def _read_source(path, name: str | None = None):
     plain = _load_upload(path, False, name)
-    invert = assets().digits and sup.light_paper(plain.numpy())
+    digits = assets().digits
+    invert = digits and sup.light_paper(plain.numpy())
     q, img, info = _upload_query(path, invert, name)
+    if not digits:  # no ink to detect: used as it is, unless the visitor ticks invert
+        return q, img, info, invert
     detected = "dark ink on light paper: inverted" if invert else "light ink on a dark background: used as it is"
     return q, img, info + f"  \nInk detected: {detected} (change it with the box below).", invert
 
@@ -404,12 +412,14 @@ def create_ui(a) -> dict:
             with gr.Column(elem_id="own-image"):
                 upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
                                  type="filepath", height=150, elem_id="upload")
-                sketch = gr.Sketchpad(label="Or draw a digit", type="pil", image_mode="RGBA",
+                sketch = gr.Sketchpad(label="Or draw a digit" if a.digits else "Or draw", type="pil", image_mode="RGBA",
                                       canvas_size=(280, 280), height=260, elem_id="sketch",
                                       brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"),
                                       layers=False, transforms=(), visible=a.digits)
-                invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
-                                     info="set from each upload's border; untick or tick to override")
+                invert = gr.Checkbox(False, label="dark ink on light paper (invert)" if a.digits else
+                                     "use the image's negative (invert)", elem_id="invert",
+                                     info="set from each upload's border; untick or tick to override" if a.digits else
+                                     "for an image whose brightness is the other way round from the training images'")
                 example_set = gr.Dataset(components=[gr.Image(render=False, type="filepath")],
                                          samples=[[p] for p, _ in examples], label="Try an example upload",
                                          type="index", visible=bool(examples), elem_id="example-uploads",
@@ -421,7 +431,7 @@ def create_ui(a) -> dict:
             about = gr.Markdown(method_about(default_method), elem_id="method-about")
             summary = gr.Markdown(elem_id="summary")
             with gr.Accordion("How to read this", open=False):
-                gr.Markdown(texts.get("how_to_read.md"))
+                gr.Markdown(texts.fill(texts.get("how_to_read.md"), **a.words))
             prop_gallery = cards_html("proponents")
             opp_gallery = cards_html("opponents")
             with gr.Column(visible=False, elem_id="drill") as drill_box:
@@ -436,7 +446,7 @@ def create_ui(a) -> dict:
                                min_width=280)
     with gr.Accordion("Across noise levels: which training images matter at high and at low noise",
                       open=True, elem_id="noise-levels"):
-        gr.Markdown(texts.get("noise_help.md") + "\n" + texts.get("noise_centred.md"))
+        gr.Markdown(texts.fill(texts.get("noise_help.md"), **a.words) + "\n" + texts.get("noise_centred.md"))
         noise_text = gr.Markdown(elem_id="noise-text")
         noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
         noise_cards = cards_html("noise-cards")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import html
 import os
+import shlex
 
 import gradio as gr
 
@@ -53,18 +54,127 @@ def _table(rows: list[dict], label: str) -> None:
                  label=label, interactive=False, wrap=True)
 
 
-def _n_train(root: str) -> int | None:
+def _loaded(root: str):
+    """The folder's `Assets`, or None when it cannot be loaded (then the digits default's words and
+    instructions apply)."""
     try:
-        return load_assets(root).n_train
+        return load_assets(root)
     except (ValueError, OSError):
         return None
 
 
+def _n_train(root: str) -> int | None:
+    a = _loaded(root)
+    return None if a is None else a.n_train
+
+
 def _digits_root(root: str) -> bool:
+    a = _loaded(root)
+    return True if a is None else a.digits
+
+
+# ---------------------------------------------------------------- a model not trained by dtrak: its own runs
+
+LDS_RUN, CF_RUN = "lds", "counterfactual"  # the runs' folders under the model folder, as the commands below name them
+
+
+def run_progress(folder: str, plan: str) -> tuple[int, int] | None:
+    """(measured, planned) retrains of an `lds-own` / `counterfactual-own` run in `folder`: the jobs
+    its plan (jobs.json, removals.json) lists and those with a result in folder/jobs/; None without a plan."""
+    from dtrak_core.files import read_json
+
+    path = os.path.join(folder, plan)
+    if not os.path.isfile(path):
+        return None
     try:
-        return load_assets(root).digits
+        ids = [j["id"] for j in read_json(path, "run plan", "prepare the run again")["jobs"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return sum(os.path.isfile(os.path.join(folder, "jobs", f"{i}.npz")) for i in ids), len(ids)
+
+
+def setting_data(root: str) -> str | None:
+    """The data folder of a folder built from a documented setting (`setting data` wrote it; its
+    manifest's training folder is <data>/train), or None for any other folder."""
+    from dtrak_core.folder import read_manifest
+    from dtrak_core.ui.state import setting_name
+
+    if setting_name(root) is None:
+        return None
+    try:
+        data = read_manifest(root).get("dataset")
     except (ValueError, OSError):
-        return True  # nothing loadable: the default's instructions apply
+        return None
+    folder = data.get("folder") if isinstance(data, dict) else None
+    if not isinstance(folder, str):
+        return None
+    return os.path.dirname(folder if os.path.isabs(folder) else os.path.join(root, folder))
+
+
+def own_runs_markdown(root: str, lds_shown: bool, cf_shown: bool) -> str:
+    """For a model not trained by dtrak's built-in harnesses: how to fill the Benchmarks tab (the
+    exact `lds-own` and `counterfactual-own` commands on this folder) for whichever of the two is not
+    shown yet, and how far a run already prepared under the folder has come. The retrains are your
+    training script's, or `setting retrain` for a folder built from a documented setting."""
+    from dtrak_core.ui.state import setting_name
+
+    q = shlex.quote
+    r, lds, cf = root, os.path.join(root, LDS_RUN), os.path.join(root, CF_RUN)
+    name, data = setting_name(root), setting_data(root)
+    by_setting = name is not None and data is not None
+
+    def retrain(plan: str, checkpoints: str, what: str) -> str:
+        if by_setting:
+            return (f"python -m dtrak_core setting retrain --config {q(name)} --data {q(data)} --jobs {q(plan)} "
+                    f"--checkpoints {q(checkpoints)}  # --shard i/n")
+        return f"# your training script: one model per job of {q(plan)} ({what}), saved to {q(checkpoints)}/<id>/"
+    who = (f"`setting retrain` retrains it with the `{name}` setting's recipe" if by_setting else
+           "your own training script retrains it")
+    parts = []
+    if not lds_shown:
+        progress = run_progress(lds, "jobs.json")
+        models = os.path.join(root, "lds-models")
+        lines = ["### LDS: how to measure it on this model",
+                 "The LDS needs the model retrained on many random halves of its training set. The built-in `lds` and "
+                 "`counterfactual` harnesses retrain with dtrak's own recipe, so they run for models trained by dtrak "
+                 f"(`build-default`); for this model {who}, and `lds-own` prepares the subsets, measures the "
+                 f"retrained models and writes the tables this tab shows (`{os.path.join(root, 'benchmarks', 'tables.json')}`):"]
+        if progress is not None:
+            lines.append(f"\n**Under way:** `lds-own prepare` listed {progress[1]:,} retrains in "
+                         f"`{os.path.join(lds, 'jobs.json')}`; the ground truth of {progress[0]:,} is measured.")
+        if os.path.isfile(os.path.join(lds, "tables.json")):
+            lines.append(f"\n**Evaluated** into `{lds}/`, not here: run `evaluate` again with `--dest "
+                         f"{os.path.join(root, 'benchmarks')}` to show it.")
+        lines += ["", "```bash",
+                  f"python -m dtrak_core lds-own prepare --root {q(r)} --out {q(lds)}",
+                  retrain(os.path.join(lds, "jobs.json"), models, "its `keep` indices, its `train_seed`"),
+                  f"python -m dtrak_core lds-own ground-truth --root {q(r)} --out {q(lds)} --checkpoints {q(models)}",
+                  f"python -m dtrak_core lds-own evaluate --root {q(r)} --out {q(lds)} --dest "
+                  f"{q(os.path.join(root, 'benchmarks'))}",
+                  f"python -m dtrak_core lds-own tune-lambda --root {q(r)} --out {q(lds)}  # optional: the λ "
+                  "the answers use", "```"]
+        parts.append("\n".join(lines))
+    if not cf_shown:
+        progress = run_progress(cf, "removals.json")
+        models = os.path.join(root, "counterfactual-models")
+        lines = ["### Counterfactual: how to measure it on this model",
+                 "Remove each target's top proponents, retrain without them (" + ("`setting retrain`" if by_setting
+                                                                                     else "your training script")
+                 + ") and regenerate the target: "
+                 f"`counterfactual-own` writes the summary this tab shows (`{os.path.join(cf, 'summary.json')}`):"]
+        if progress is not None:
+            lines.append(f"\n**Under way:** `counterfactual-own prepare` listed {progress[1]:,} retrains in "
+                         f"`{os.path.join(cf, 'removals.json')}`; {progress[0]:,} are measured.")
+        lines += ["", "```bash",
+                  f"python -m dtrak_core counterfactual-own prepare --root {q(r)} --out {q(cf)}",
+                  retrain(os.path.join(cf, "removals.json"), models, "its `keep` indices, the base model's training seed"),
+                  f"python -m dtrak_core counterfactual-own measure --root {q(r)} --out {q(cf)} --checkpoints {q(models)}",
+                  "```"]
+        parts.append("\n".join(lines))
+    if parts:
+        parts.append("Then restart the app. The steps, their options and checks: `docs/OWN_MODEL_LDS.md`, "
+                     "`python -m dtrak_core lds-own -h` and `python -m dtrak_core counterfactual-own -h`.")
+    return "\n\n".join(parts)
 
 
 def benchmarks_blocks(root: str) -> list:
@@ -115,7 +225,9 @@ def benchmarks_blocks(root: str) -> list:
                 gr.Markdown(sup.relabel_tables(table))
     if shown:
         with gr.Accordion("How to read these numbers", open=not (evidence is not None and evidence.get("data"))):
-            gr.Markdown(texts.get("benchmarks_help.md").split("\n", 1)[1])
+            a = _loaded(root)
+            gr.Markdown(texts.fill(texts.get("benchmarks_help.md"), **(texts.words(True) if a is None else a.words))
+                        .split("\n", 1)[1])
     for title, x in broken:
         gr.Markdown(f"## {title}\n\n**Not shown: this result file is unreadable, or not the one its writer wrote.** "
                     f"{html.escape(x['error'])}", elem_classes="damaged-result")
@@ -145,12 +257,14 @@ def benchmarks_blocks(root: str) -> list:
                 gr.Markdown(sup.relabel_tables(tables["markdown"].split("\n", 1)[-1]))  # without its own title
             rows = sup.table_rows(tables["data"].get("methods", {}))
             if rows:
-                gr.Markdown("The poster's methods, best on the validation digits at the top:")
+                gr.Markdown(methods_chart_note(root, rows))
                 chart(functools.partial(viz.lds_chart, rows, tables["data"].get("noise_ceiling")))
     if cf_summary is not None and cf_summary.get("data"):
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")
         with gr.Accordion("Medians against random removal, per removal size", open=not folded):
-            gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root)))
+            a = _loaded(root)
+            gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root),
+                                                   "digit" if a is None else a.class_word))
             published = cf_summary["data"].get("published_cifar2_medians", {}).get("l2")
             if published:
                 gr.Markdown("For reference, the paper's medians on CIFAR-2 (32x32 colour images, so larger distances) "
@@ -172,10 +286,17 @@ def benchmarks_blocks(root: str) -> list:
     if shown and readme:
         with gr.Accordion("How the benchmarks were measured", open=False):
             gr.Markdown(readme)
-    if not shown and not _digits_root(root):
-        gr.Markdown("### No benchmark results for this model\nThe LDS and counterfactual evaluations retrain the "
-                    "model on subsets of its training data, so they run for models trained by dtrak (the embedded "
-                    "digits default), not for a model built with `python -m dtrak_core build`.")
+    if not _digits_root(root):  # a model not trained by dtrak: what is missing, and the commands that fill it
+        # (a damaged result counts as there: its section names the file and how to rewrite it)
+        lds_shown = any(x is not None and (x.get("data") or "error" in x) for x in (lds, tables))
+        cf_shown = cf_summary is not None and bool(cf_summary.get("data") or "error" in cf_summary)
+        todo = own_runs_markdown(root, lds_shown, cf_shown)
+        if not shown:
+            gr.Markdown("## No benchmark results for this model yet\n\n" + todo, elem_id="own-runs")
+        elif todo:
+            with gr.Accordion("Not measured yet: " + " and ".join(
+                    w for w, done in (("the LDS", lds_shown), ("the counterfactual", cf_shown)) if not done), open=False):
+                gr.Markdown(todo, elem_id="own-runs")
     elif not shown:
         gr.Markdown(
             "### No benchmark results yet\n"
@@ -184,6 +305,15 @@ def benchmarks_blocks(root: str) -> list:
             "`benchmarks/lds_results.json`, `python -m dtrak_core counterfactual ...` writes "
             "`counterfactual/summary.json`; see `python -m dtrak_core --help`); restart the app to show them.")
     return charts
+
+
+def methods_chart_note(root: str, rows: list[dict]) -> str:
+    """The line above the methods chart: which test set orders it, named as the folder's data."""
+    a = _loaded(root)
+    if a is None or a.digits:
+        return "The poster's methods, best on the validation digits at the top:"
+    first = "validation " + a.kind[1] if any(r.get("test set") == "validation" for r in rows) else "generated samples"
+    return f"Every method, best on the {first} at the top:"
 
 
 def draw_charts(charts: list, cache: OnceCache):

@@ -74,6 +74,14 @@ def select_sample(batch, evt: gr.SelectData):
     return (q, gr.Tabs(selected="attribute"), *query_view(q), q.seed)
 
 
+def samples_note(a) -> str:
+    """The line above the samples: what each caption says (the class a classifier sees, where the
+    folder has one)."""
+    seen = ("the digit the classifier sees" if a.digits else
+            "the class the folder's classifier sees" if a.classifier is not None else None)
+    return f"**Samples** ({'by seed' if seen is None else f'seed: {seen}'}). Click one to see which training images made it."
+
+
 def create_ui(a) -> dict:
     """The tab's components (inside a gr.Tab)."""
     with gr.Row(elem_id="gen-row"):  # on a phone the samples come first (texts/style.css)
@@ -87,9 +95,7 @@ def create_ui(a) -> dict:
             steps = gr.Slider(1, sup.MAX_DDIM_STEPS, FIRST_STEPS, step=1, label="DDIM steps")
             gen_btn = gr.Button("Generate", variant="primary")
         with gr.Column(scale=3, elem_id="gen-samples"):
-            gr.Markdown("**Samples** (seed: the digit the classifier sees). Click one to see which "
-                        "training images made it." if a.digits else
-                        "**Samples** (by seed). Click one to see which training images made it.")
+            gr.Markdown(samples_note(a))
             gallery = gr.Gallery(label="Samples", show_label=False, columns=6, fit_columns=False,
                                  format="png", object_fit="contain", allow_preview=False, height="auto",
                                  elem_id="samples", buttons=[])

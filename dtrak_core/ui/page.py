@@ -17,7 +17,6 @@ import gradio as gr
 
 from dtrak_core import app_support as sup
 from dtrak_core import viz
-from dtrak_core.files import read_json
 from dtrak_core.folder import read_manifest
 from dtrak_core.images import MAX_UPLOAD_BYTES
 from dtrak_core.shared import OnceCache
@@ -61,13 +60,9 @@ def folder_title(root: str) -> str:
     data = manifest.get("dataset")
     if isinstance(data, str) and data.startswith("digits"):
         return "Digits"
-    marker = os.path.join(root, "model", "setting.json")
-    if os.path.isfile(marker):
-        try:
-            name = read_json(marker, "base model description", "")["setting"]["name"]
-            return {"fashion-mnist": "Fashion-MNIST"}.get(name, name)
-        except (ValueError, KeyError, TypeError):
-            pass
+    name = state.setting_name(root)
+    if name is not None:
+        return {"fashion-mnist": "Fashion-MNIST"}.get(name, name)
     return os.path.basename(os.path.normpath(root)) or root
 
 
@@ -80,10 +75,12 @@ def header_markdown(a) -> str:
     source = manifest.get("model_source", manifest.get("checkpoint", "?"))
     data = manifest.get("dataset", {})
     data = data.get("folder", "?") if isinstance(data, dict) else data
-    return (f"# {TITLE}\nWhich training images made this image? Model `{source}` ({w}x{h}, {c} channel"
-            f"{'s' if c > 1 else ''}), trained on the {a.n_train:,} images of `{data}`. **TRAK** and **D-TRAK** "
-            "scores say how much each training image is responsible for a generated (or uploaded) image. Pick a "
-            "sample in **Generate** and read its attribution in **Attribute**. " + counterfactual.retrain_note(a))
+    item, items = a.kind
+    classes = f" {a.classes_phrase}" if a.classes_phrase else ""
+    return (f"# {TITLE}\nWhich training images made this {item}? Model `{source}` ({w}x{h}, {c} channel"
+            f"{'s' if c > 1 else ''}), trained on the {a.n_train:,} {items} of `{data}`{classes}. **TRAK** and "
+            "**D-TRAK** scores say how much each training image is responsible for a generated (or uploaded) image. "
+            "Pick a sample in **Generate** and read its attribution in **Attribute**. " + counterfactual.retrain_note(a))
 
 
 def error_section(root: str, error: str, text2image: bool = False) -> None:

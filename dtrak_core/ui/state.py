@@ -42,10 +42,33 @@ def folders(environ=os.environ) -> list[str]:
 
 
 ASSETS = folders()[0]  # the folder of a call not bound to one (`bound`)
+# what a setting's data is called (model/setting.json's name -> singular, plural); any other folder's
+# training images are "images"
+DATA_KINDS = {"fashion-mnist": ("clothing image", "clothing images")}
 _root = contextvars.ContextVar("dtrak_root", default=None)
 
 QUERY_PX, THUMB_PX = 192, viz.THUMB_PX  # display sizes; images are upscaled by whole factors (crisp pixels)
 ERROR_SECONDS = 8  # an error message fades after this long (they would pile up otherwise)
+
+
+def setting_name(root: str) -> str | None:
+    """The name of the documented setting a folder was built from (model/setting.json), if any."""
+    from dtrak_core.files import read_json
+
+    marker = os.path.join(root, "model", "setting.json")
+    if not os.path.isfile(marker):
+        return None
+    try:
+        name = read_json(marker, "base model description", "")["setting"]["name"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def listed(names, most: int = 12) -> str:
+    """Names as one comma-separated phrase, the first `most` of a long list and how many more."""
+    names = [str(n) for n in names]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def use_root(root: str) -> None:
@@ -88,10 +111,49 @@ class Assets:
     classifier: object = None  # the folder's own sample classifier (<root>/classifier/), if it has one
 
     def label_name(self, label: int) -> str:
-        """A class label as people read it: the digit, or the folder classifier's class name."""
+        """A classifier's label as people read it: the digit, or the folder classifier's class name."""
         if self.classifier is not None and 0 <= int(label) < len(self.classifier.classes):
             return self.classifier.classes[int(label)]
-        return str(int(label))
+        return self.class_name(label)
+
+    @property
+    def class_names(self) -> tuple | None:
+        """Training label -> class name, where the folder names its classes: the training set's (a
+        data folder's class sub-folders, the digits' "0".."9"), else its classifier's; None when unnamed."""
+        if self.attributor.train.classes is not None:
+            return tuple(self.attributor.train.classes)
+        return None if self.classifier is None else tuple(self.classifier.classes)
+
+    def class_name(self, label: int) -> str:
+        """A training label's class name (the digit itself on the digits), else the label."""
+        names, label = self.class_names, int(label)
+        return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+
+    def class_text(self, label: int) -> str:
+        """A training label in a sentence: "digit 3", a named class's name, else "class 3"."""
+        name = self.class_name(label)
+        return f"{self.class_word} {name}" if name == str(int(label)) else name
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        """What one training image is, singular and plural: "digit(s)", a setting's own kind
+        (`DATA_KINDS`), else "image(s)"."""
+        if self.digits:
+            return "digit", "digits"
+        return DATA_KINDS.get(setting_name(self.root), ("image", "images"))
+
+    @property
+    def words(self) -> dict:
+        """The fill values of the texts that speak of the data (`texts.words`)."""
+        from dtrak_core.ui import texts
+
+        return texts.words(self.digits, self.kind[1])
+
+    @property
+    def classes_phrase(self) -> str:
+        """ "in 4 classes (circle, square, star, triangle)", or "" where the classes are not named."""
+        names = self.class_names
+        return "" if not names else f"in {len(names)} classes ({listed(names)})"
 
     @property
     def n_train(self) -> int:

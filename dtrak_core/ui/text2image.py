@@ -36,11 +36,11 @@ from dtrak_core.images import load_user_image, to_pil
 from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
+from dtrak_core.text2image.data import digit_caption
 from dtrak_core.ui import texts
-from dtrak_core.ui.attribute import OPPONENT_NOTE, compare_text, method_line
-from dtrak_core.ui.state import cards_html, current_root, no_query, readable
+from dtrak_core.ui.attribute import compare_text, method_line, opponent_note
+from dtrak_core.ui.state import cards_html, current_root, listed, no_query, readable
 
-DEFAULT_PROMPT = "a handwritten digit 7"
 MAX_PROMPT_CHARS = 200
 QUERY_PX = 192
 LDS_FOLDER = "lds"  # under the model folder: what `lds-text2image evaluate` writes
@@ -80,8 +80,46 @@ class TextToImageAssets:
     def class_word(self) -> str:
         return "digit" if self.digits else "class"
 
+    @property
+    def class_names(self) -> tuple | None:
+        """Training label -> class name (a captioned folder's class sub-folders, the digits' "0".."9")."""
+        return self.attributor.train.classes
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        return ("digit", "digits") if self.digits else ("image", "images")
+
+    @property
+    def words(self) -> dict:
+        """The fill values of the texts that speak of the data (`texts.words`)."""
+        return texts.words(self.digits, self.kind[1])
+
+    @property
+    def prompts(self) -> list[str]:
+        """The fine-tuning set's distinct captions, sorted: the prompts the LoRA was fine-tuned on."""
+        return sorted(set(self.attributor.train.captions))
+
+    @property
+    def default_prompt(self) -> str:
+        """The page's first prompt: the middle one of the fine-tuning captions (the miniature's
+        "a handwritten digit 7")."""
+        prompts = self.prompts
+        return prompts[len(prompts) // 2] if prompts else "a picture"
+
+    @property
+    def dtrak_lora(self) -> bool:
+        """The LoRA was fine-tuned by dtrak (the miniature: its recipe is recorded), so the LDS
+        harness `lds-text2image` can retrain it."""
+        return lora_recipe(self.manifest)
+
     def scale(self, px: int) -> int:
         return max(1, px // self.attributor.image_shape[-1])
+
+
+def lora_recipe(manifest: dict) -> bool:
+    """Whether a text-to-image manifest records the recipe its LoRA was fine-tuned with (dtrak's own)."""
+    recipe = manifest.get("recipe")
+    return isinstance(recipe, dict) and "lora" in recipe
 
 
 _folders = OnceCache()
@@ -102,9 +140,12 @@ def load(root: str) -> TextToImageAssets:
 
 # ---------------------------------------------------------------- requests
 
-def parse_prompt(prompt) -> str:
+def parse_prompt(prompt, example: str | None = None) -> str:
+    """A prompt, its whitespace collapsed; `example` (the folder's own caption) in the message that
+    asks for one."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("type a prompt, e.g. \"a handwritten digit 7\"")
+        raise ValueError(f"type a prompt, e.g. “{example}”" if example else
+                         "type a prompt (one like the captions the model was fine-tuned on)")
     prompt = " ".join(prompt.split())
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
@@ -161,7 +202,7 @@ def digit_labels(a: TextToImageAssets, images: np.ndarray):
 def generate_samples(root: str, prompt, mode, seed, start, end, count, steps, guidance=None):
     """(images (B, C, H, W) numpy, captions, batch) for a Generate request."""
     a = load(root)
-    prompt = parse_prompt(prompt)
+    prompt = parse_prompt(prompt, a.default_prompt)
     seeds = sup.parse_seeds(mode, seed, start, end, count)
     steps = sup.parse_steps(steps)
     guidance = a.attributor.guidance_scale if guidance is None else parse_guidance(guidance)
@@ -178,9 +219,9 @@ def sample_query(batch: dict, i: int) -> Query:
                               f"{batch['guidance']:g}), prompt “{batch['prompt']}”")
 
 
-def with_prompt(q: Query, prompt) -> Query:
-    """The same image asked about with another prompt."""
-    return q.with_prompt(parse_prompt(prompt))
+def with_prompt(q: Query, prompt, example: str | None = None) -> Query:
+    """The same image asked about with another prompt (`example`: as in `parse_prompt`)."""
+    return q.with_prompt(parse_prompt(prompt, example))
 
 
 def _query_key(q: Query) -> tuple:
@@ -247,7 +288,7 @@ def attribute_prompt(root: str, prompt, seed=0, steps=50, method=None, k=8) -> d
     as JSON (the page's API, like `attribute --prompt --json`)."""
     a = load(root)
     method = registry.default_method(a.methods) if method is None else method
-    prompt, k = parse_prompt(prompt), sup.parse_top_k(k)
+    prompt, k = parse_prompt(prompt, a.default_prompt), sup.parse_top_k(k)
     images, _, batch = generate_samples(root, prompt, "single", seed, None, None, None, steps)
     result = attribution_for(root, sample_query(batch, 0), method)
     found = digit_labels(a, images)
@@ -282,7 +323,8 @@ def upload_query(root: str, path: str, prompt, invert: bool | None = None) -> tu
     except ValueError as e:
         raise ValueError(f"Could not use {name}: {e}") from None
     return Query.upload(pixels, f"Your image {name}{' (inverted)' if invert else ''}, as the model sees it "
-                                f"({pixels.shape[-1]}x{pixels.shape[-2]})", parse_prompt(prompt)), bool(invert)
+                                f"({pixels.shape[-1]}x{pixels.shape[-2]})", parse_prompt(prompt, a.default_prompt)), \
+        bool(invert)
 
 
 def training_query(root: str, index) -> Query:
@@ -316,26 +358,48 @@ def quality_rows(manifest: dict) -> list[dict]:
         overall.setdefault((digits[0], digits[-1]), {})[model] = f"{float(q['prompt_accuracy']):.1%}"
     models = list(dict.fromkeys(m for d in per_digit.values() for m in d))
     models.sort(key=lambda m: list(QUALITY_MODELS.values()).index(m) if m in QUALITY_MODELS.values() else 99)
-    rows = [{"prompt": f"“a handwritten digit {d}”", **{m: per_digit[d].get(m, "") for m in models}}
+    rows = [{"prompt": f"“{digit_caption(d)}”", **{m: per_digit[d].get(m, "") for m in models}}
             for d in sorted(per_digit)]
     rows += [{"prompt": f"all of “{lo}” .. “{hi}”", **{m: shares.get(m, "") for m in models}}
              for (lo, hi), shares in sorted(overall.items(), key=lambda kv: -kv[0][0])]
     return rows
 
 
+def digit_span(digits) -> str:
+    """Digits as the texts name them: "5-9" for a run of consecutive ones, else "1, 3, 5"."""
+    ds = sorted(int(d) for d in digits)
+    if len(ds) > 2 and ds == list(range(ds[0], ds[-1] + 1)):
+        return f"{ds[0]}-{ds[-1]}"
+    return ", ".join(str(d) for d in ds)
+
+
+def miniature_digits(manifest: dict) -> tuple[list, list]:
+    """(the digits the base model was pretrained on, those the LoRA was fine-tuned on), as the
+    miniature's manifest records them ([] where it does not)."""
+    recipe, data = manifest.get("recipe"), manifest.get("dataset")
+    pre = recipe.get("pretrain_digits") if isinstance(recipe, dict) else None
+    fine = data.get("digits") if isinstance(data, dict) else None
+    return (list(pre) if isinstance(pre, list) else []), (list(fine) if isinstance(fine, list) else [])
+
+
 def quality_markdown(a: TextToImageAssets) -> str:
     q = (a.manifest.get("quality") or {}).get("lora")
+    if not isinstance(q, dict) and not a.digits:
+        return ("### Sample quality\nNot measured for this model: the build measures it only where a classifier "
+                "can read the samples (the miniature built by `python -m dtrak_core build-text2image`).")
     if not isinstance(q, dict):
         return ("### Sample quality\nNo sample-quality measurement for this folder: the build measures it with the "
                 "digit classifier for the digits miniature (`python -m dtrak_core build-text2image`).")
+    _, fine = miniature_digits(a.manifest)
     seeds = str(q.get("seeds", "?")).replace(" each", "")
     confident = float(q.get("prompt_accuracy_confident", 0))
     return (f"### Sample quality: does the model draw the digit it is asked for?\n"
             f"{q.get('n')} samples of the LoRA (seeds {seeds} for each prompt, sampler {q.get('sampler', '?')}, "
             f"guidance {q.get('guidance_scale', '?')}), each read by the digit classifier (logistic regression, 97% "
             f"on held-out digits): **{float(q['prompt_accuracy']):.1%}** are the prompted digit ({confident:.1%} "
-            f"with confidence ≥ {q.get('confidence_threshold', 0.8)}). The base model alone draws the digits 5-9 "
-            "almost never: they come from the LoRA, whose fine-tuning set is what the Attribute tab attributes. "
+            f"with confidence ≥ {q.get('confidence_threshold', 0.8)}). The base model alone draws the digits "
+            f"{digit_span(fine) if fine else 'of the fine-tuning set'} almost never: they come from the LoRA, whose "
+            "fine-tuning set is what the Attribute tab attributes. "
             "Measured by the build and recorded in the folder's `manifest.json`.")
 
 
@@ -383,15 +447,63 @@ LDS_NOT_RUN = ("### LDS: not run yet\nNo `{folder}/lds_results.json`. The linear
                "on random half subsets of its fine-tuning set: `python -m dtrak_core lds-text2image run` (resumable, "
                "`--max-jobs N` runs it in pieces), then `python -m dtrak_core lds-text2image evaluate` writes "
                "`lds_results.json` and `results.md` there. Restart the app to show them.")
+LDS_OWN_LORA = ("### LDS: not measured for this model\nThe linear datamodeling score retrains the LoRA on random half "
+                "subsets of its fine-tuning set. `python -m dtrak_core lds-text2image` runs those retrains for a LoRA "
+                "fine-tuned by dtrak (`build-text2image` records its recipe in the folder); this folder's LoRA was "
+                "fine-tuned by your own script, whose recipe dtrak does not know, so no command here retrains it.")
+
+
+def lds_not_run(a: TextToImageAssets, folder: str) -> str:
+    """What the Benchmarks tab says without LDS results: how to run it, where dtrak can."""
+    return LDS_NOT_RUN.format(folder=folder) if a.dtrak_lora else LDS_OWN_LORA
 
 
 # ---------------------------------------------------------------- the page
 
 HEADER = """# D-TRAK explorer: text to image
 Which fine-tuning images made this picture? A small latent diffusion model with a text encoder, pretrained on
-the digits 0-4 and fine-tuned with **LoRA** on the digits 5-9 (the paper's Stable Diffusion + LoRA setting, in
+the digits {pre} and fine-tuned with **LoRA** on the digits {fine} (the paper's Stable Diffusion + LoRA setting, in
 small). **TRAK** and **D-TRAK** score each of the {n:,} LoRA fine-tuning images by the gradient of the LoRA
 weights. **Generate** from a prompt and click a sample: **Attribute** shows which fine-tuning images made it."""
+OWN_HEADER = """# D-TRAK explorer: text to image
+Which fine-tuning images made this picture? The Stable Diffusion pipeline `{source}` ({w}x{h} images) with its
+**LoRA**, fine-tuned on the {n:,} captioned images of `{data}`{classes}. **TRAK** and **D-TRAK** score each fine-tuning
+image by the gradient of the LoRA weights. **Generate** from a prompt (a caption like those of the fine-tuning
+images, e.g. “{example}”) and click a sample: **Attribute** shows which fine-tuning images made it."""
+
+
+def short(text: str, most: int = 60) -> str:
+    """A caption shortened for a line of help text."""
+    return text if len(text) <= most else text[:most - 1].rstrip() + "…"
+
+
+def header_markdown(a: TextToImageAssets) -> str:
+    """The page's header: the miniature's (its digits read from its manifest), or one that
+    describes your own pipeline, LoRA and captioned images."""
+    if a.digits:
+        pre, fine = miniature_digits(a.manifest)
+        return HEADER.format(n=a.n_train, pre=digit_span(pre) if pre else "of its pretraining set",
+                             fine=digit_span(fine) if fine else "of its fine-tuning set")
+    _, h, w = a.attributor.image_shape
+    data = a.manifest.get("dataset")
+    data = data.get("folder", "?") if isinstance(data, dict) else data
+    names = a.class_names
+    return OWN_HEADER.format(source=a.manifest.get("model_source", a.manifest.get("checkpoint", "?")), w=w, h=h,
+                             n=a.n_train, data=data, example=short(a.default_prompt),
+                             classes=f" in {len(names)} classes ({listed(names)})" if names else "")
+
+
+def prompt_help(a: TextToImageAssets) -> str:
+    """The line under the prompt box: what the model knows, from its folder."""
+    if a.digits:
+        pre, fine = miniature_digits(a.manifest)
+        known = sorted({*pre, *fine})
+        if known:
+            return (f"the miniature knows “{digit_caption(known[0])}” .. “{known[-1]}”"
+                    + (f"; the LoRA taught it {digit_span(fine)}" if fine else ""))
+    prompts = a.prompts
+    shown = ", ".join(f"“{short(p, 40)}”" for p in prompts[:3])
+    return f"the LoRA was fine-tuned on {len(prompts):,} distinct caption{'s' * (len(prompts) != 1)}, e.g. {shown}"
 
 ABOUT_TEXT2IMAGE = r"""
 **This setting.** Only the LoRA weights are featurized (the base UNet, the VAE and the text encoder are frozen),
@@ -406,12 +518,21 @@ def counterfactual_text(root: str) -> str:
     """Why the Counterfactual tab has no retrain here, with a LoRA retrain's cost when the LDS run measured it."""
     cost = (read_lds(root)["data"] or {}).get("seconds_per_model", {}).get("train_mean")
     each = f" ({cost:.0f} s per LoRA retrain in the LDS run)" if isinstance(cost, (int, float)) else ""
-    return ("### Remove-and-retrain is not offered for the text-to-image model\n"
+    try:
+        own = not lora_recipe(read_manifest(root))
+    except (ValueError, OSError):
+        own = False
+    text = ("### Remove-and-retrain is not offered for the text-to-image model\n"
             "In the default app this tab removes a sample's top proponents, retrains and regenerates the same seed. "
             f"For this model that is a LoRA fine-tuning on the rest of the fine-tuning set per request{each}; this "
-            "app does not run it. The same question, whether the scores predict what retraining does, is answered "
-            "over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on random half subsets "
-            "of its fine-tuning images (`python -m dtrak_core lds-text2image run`).")
+            "app does not run it.")
+    if own:
+        return text + (" Your LoRA was fine-tuned by your own script, so the retraining is yours to run: remove a "
+                       f"sample's top proponents (`python -m dtrak_core attribute --root {root} --prompt P --seed S "
+                       "--top K --json` lists them) and fine-tune the LoRA without them.")
+    return text + (" The same question, whether the scores predict what retraining does, is answered "
+                   "over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on random half "
+                   "subsets of its fine-tuning images (`python -m dtrak_core lds-text2image run`).")
 
 
 def methods_markdown(a: TextToImageAssets) -> str:
@@ -450,7 +571,7 @@ def on_generate(prompt, mode, seed, start, end, count, steps, guidance, progress
 
 @readable
 def check_generate(prompt, mode, seed, start, end, count, steps, guidance):
-    parse_prompt(prompt)
+    parse_prompt(prompt, _assets().default_prompt)
     sup.parse_seeds(mode, seed, start, end, count, rng_seed=0)
     sup.parse_steps(steps)
     parse_guidance(guidance)
@@ -487,10 +608,10 @@ def attribute(q, method, k, progress=gr.Progress()):
     progress(0, desc=f"attributing with {sup.method_label(method)}")
     result = attribution_for(current_root(), q, method)
     prop, opp = result.proponents(k), result.opponents(k) if result.signed else []
-    opp_note = (OPPONENT_NOTE if a.digits else "") if result.signed else sup.no_opponents(result.method)
+    opp_note = (opponent_note(True) if a.digits else "") if result.signed else sup.no_opponents(result.method)
     return (cards(result, prop, f"Top-{k} proponents (index · class · caption · score)"),
             cards(result, opp, f"Top-{k} opponents" if result.signed else "No opponents", opp_note),
-            viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word),
+            viz.score_histogram(result, k), viz.class_mass_figure(result, a.class_word, a.class_names),
             summary_text(a, q, result, k))
 
 
@@ -512,8 +633,8 @@ def noise_view(q, method):
             f"averaged over (the columns sum to the score). At low noise ({levels.labels()[0]}) fine-tuning image "
             f"**#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range "
             f"carries {share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.")
-    return (viz.noise_level_figure(levels, labels, a.class_word),
-            viz.noise_level_cards(a.attributor.train, levels, a.class_word), text)
+    return (viz.noise_level_figure(levels, labels, a.class_word, class_names=a.class_names),
+            viz.noise_level_cards(a.attributor.train, levels, a.class_word, a.class_names), text)
 
 
 @readable
@@ -521,7 +642,7 @@ def reprompt(q, prompt):
     """The attribution prompt edited: the same image, asked about with the new prompt."""
     if q is None:
         raise no_query()
-    q = with_prompt(q, prompt)
+    q = with_prompt(q, prompt, _assets().default_prompt)
     return (q, *query_view(q)[:2])
 
 
@@ -606,14 +727,13 @@ def create_ui(a) -> dict:
     query = gr.State(None)  # pixels, prompt, seed, title
     picked = gr.State(None)
     compare_on = gr.State(False)
-    gr.Markdown(HEADER.format(n=a.n_train))
+    gr.Markdown(header_markdown(a))
     with gr.Tabs(overflow_behavior="wrap") as tabs:
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=1, elem_id="prompt",
-                                        info="the miniature knows “a handwritten digit 0” .. “9”; the LoRA "
-                                             "taught it 5-9")
+                    prompt = gr.Textbox(a.default_prompt, label="Prompt", max_lines=1, elem_id="prompt",
+                                        info=prompt_help(a))
                     mode = gr.Radio(["single", "range", "random"], value="range", label="Seeds")
                     seed = gr.Number(0, precision=0, label="Seed", visible=False)
                     with gr.Row() as range_row:
@@ -637,14 +757,14 @@ def create_ui(a) -> dict:
                                          buttons=[], elem_classes="pixel")
                     query_info = gr.Markdown("No query yet: click a sample in **Generate**, or upload an image.",
                                              elem_id="query-info")
-                    query_prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt of the query", max_lines=1,
+                    query_prompt = gr.Textbox(a.default_prompt, label="Prompt of the query", max_lines=1,
                                               elem_id="query-prompt",
                                               info="the caption the image is attributed under; Enter applies it")
                     upload = gr.File(label="Your own image (PNG, JPEG, ...)", file_types=["image"],
                                      type="filepath", height=150, elem_id="upload")
-                    invert = gr.Checkbox(False, label="dark ink on light paper (invert)", elem_id="invert",
-                                         info="set from each upload's border; untick or tick to override",
-                                         visible=a.digits)
+                    invert = gr.Checkbox(False, label="dark ink on light paper (invert)" if a.digits else "invert",
+                                         elem_id="invert", visible=a.digits,
+                                         info="set from each upload's border; untick or tick to override")
                 with gr.Column(scale=3, min_width=300):
                     with gr.Row():
                         method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
@@ -653,7 +773,7 @@ def create_ui(a) -> dict:
                     about = gr.Markdown(method_line(default_method, a.methods), elem_id="method-about")
                     summary = gr.Markdown(elem_id="summary")
                     with gr.Accordion("How to read this", open=False):
-                        gr.Markdown(texts.get("how_to_read.md"))
+                        gr.Markdown(texts.fill(texts.get("how_to_read.md"), **a.words))
                     prop_cards = cards_html("proponents")
                     opp_cards = cards_html("opponents")
                     with gr.Column(visible=False, elem_id="drill") as drill_box:
@@ -666,7 +786,8 @@ def create_ui(a) -> dict:
                         mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
             with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
                               open=True, elem_id="noise-levels"):
-                gr.Markdown(texts.get("noise_help.md") + " The columns add up to the score shown above.")
+                gr.Markdown(texts.fill(texts.get("noise_help.md"), **a.words) +
+                            " The columns add up to the score shown above.")
                 noise_text = gr.Markdown(elem_id="noise-text")
                 noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
                 noise_cards = cards_html("noise-cards")
@@ -760,7 +881,7 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
     lds = read_lds(a.root)
     if lds["data"] is None:
         gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`" if lds["error"] else
-                     LDS_NOT_RUN.format(folder=lds["folder"])), elem_id="lds-status")
+                     lds_not_run(a, lds["folder"])), elem_id="lds-status")
         return
     gr.Markdown("### LDS: D-TRAK, TRAK and the baselines, with LoRA retrains", elem_id="lds-status")
     gr.Markdown(lds_intro(lds["data"]))
@@ -783,7 +904,7 @@ def warm_up(root: str) -> None:
         a = load(root)
     except (ValueError, OSError):
         return
-    for what, fn in (("the first page's samples", lambda: samples(a, DEFAULT_PROMPT, range(16), 50)),
+    for what, fn in (("the first page's samples", lambda: samples(a, a.default_prompt, range(16), 50)),
                      ("the default method's scorer", lambda: a.attributor.scorer(sup.method_choices(a.methods)[0][1]))):
         t0 = time.perf_counter()
         try:

@@ -27,3 +27,12 @@ def fill(text: str, **values) -> str:
         v = values[m.group(1)]
         return f"{v:,}" if isinstance(v, int) else str(v)
     return re.sub(r"\{\{(\w+)\}\}", one, text)
+
+
+def words(digits: bool, items: str = "images") -> dict:
+    """The values of the placeholders by which the texts speak of the data (how_to_read.md,
+    noise_help.md, benchmarks_help.md): the digits' own words on the digits, generic ones and a
+    folder's kind of image (`items`: "images", "clothing images") elsewhere."""
+    if digits:
+        return dict(item="digit", items="digits", unlike="drawn differently", detail="strokes")
+    return dict(item="image", items=items, unlike="different in its details", detail="fine detail")
