@@ -20,15 +20,17 @@ _EXPORTS = {
     "methods": "dtrak_core.attribution.methods",
     "Attribution": "dtrak_core.attribution.attributor",
     "Attributor": "dtrak_core.attribution.attributor",
+    "EnsembleScorer": "dtrak_core.attribution.scoring",
     "Featurizer": "dtrak_core.attribution.features",
     "FeatureSetting": "dtrak_core.attribution.features",
     "TRAKScorer": "dtrak_core.attribution.scoring",
     "FeatureStore": "dtrak_core.attribution.store",
+    "featurize_checkpoints": "dtrak_core.attribution.features",
     "TrainConfig": "dtrak_core.model.training",
 }
 
-__all__ = ["Attribution", "Attributor", "Featurizer", "FeatureSetting", "FeatureStore", "TRAKScorer", "TrainConfig",
-           "methods"]
+__all__ = ["Attribution", "Attributor", "EnsembleScorer", "Featurizer", "FeatureSetting", "FeatureStore", "TRAKScorer",
+           "TrainConfig", "featurize_checkpoints", "methods"]
 
 
 def __getattr__(name: str):

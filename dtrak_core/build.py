@@ -21,7 +21,7 @@ from dtrak_core.attribution.store import FeatureStore, cached_store
 from dtrak_core.errors import SealMismatch
 from dtrak_core.evaluation.quality import sample_quality
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root, path_in_root
-from dtrak_core.model.data import INPUT_RANGE, Dataset, load_dataset, load_digits
+from dtrak_core.model.data import INPUT_RANGE, Dataset, load_dataset, load_digits, parse_input_range
 from dtrak_core.model.sampling import generate
 from dtrak_core.model.training import TrainConfig, train
 from dtrak_core.model.unet import (
@@ -107,16 +107,20 @@ def build_default(root: str | None = None, config: TrainConfig = DEFAULT_TRAIN_C
 
 
 def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, invert: bool = False,
-               show_bar: bool = True, device="cpu", precision: str = "fp32") -> dict:
+               show_bar: bool = True, device="cpu", precision: str = "fp32", input_range=INPUT_RANGE) -> dict:
     """A model folder for your own model and training images: feature stores under `root`, the
     model and the images referenced where they are (nothing is copied or downloaded).
 
     model: a folder with unet/ + scheduler/ (a saved diffusers DDPM/DDIM pipeline, or a dtrak
         checkpoint) or a Hugging Face repo id already in the local cache.
-    data: the folder of images the model was trained on (labels from class sub-folders, if any),
-        centre-cropped, resized to the model's resolution and channels and scaled to [-1, 1] (the
-        manifest records it as `input_range`; queries outside it are refused); `invert` for
-        dark-on-light images.
+    data: the folder of images the model was trained on (labels from class sub-folders, if any):
+        every file under it (sorted by path) centre-cropped to a square, resized to the model's
+        resolution (box filter), converted to its channels (grey or RGB), scaled to [-1, 1] (0 -> -1,
+        255 -> 1) and mapped linearly to `input_range`; `invert` for dark-on-light images (negated in
+        [-1, 1] before the mapping).
+    input_range: (low, high) the model's training pixels lay in: (-1, 1), the default, or e.g.
+        (0, 1), or "0,1"; the manifest records it (`input_range`, and in the dataset entry when not
+        [-1, 1]), and query images outside it are refused.
     Resumable: run it again to finish stores; a root built for another model or data is refused.
     device: where the gradients are computed ("cpu", "cuda", "cuda:<i>", "mps"); precision: the
     policy of the model's forward passes outside the features (`devices.py`): the features are
@@ -131,19 +135,25 @@ def build_from(root: str, model: str, data: str, settings=DEFAULT_SETTINGS, inve
     folder = resolve_model(model)
     unet, scheduler = load_checkpoint(folder)
     cfg = unet.config
+    input_range = parse_input_range(input_range)
     spec = {"folder": os.path.abspath(data), "resolution": int(cfg.sample_size), "channels": int(cfg.in_channels),
             "invert": bool(invert)}
+    if input_range != INPUT_RANGE:  # (folders built before it was recorded, and [-1, 1] ones, have none)
+        spec["input_range"] = list(input_range)
+    existing = ModelFolder.load(root, missing_ok=True)
+    if existing is not None and existing.value_range != input_range:
+        raise ValueError(f"{os.path.join(root, MANIFEST)} was built for input range {list(existing.value_range)}, "
+                         f"not {list(input_range)}; use another --root (or the same --input-range)")
     train_set = load_dataset(spec)
     spec["folder"] = path_in_root(root, data)
     identity = {"checkpoint": path_in_root(root, folder), "dataset": spec, "checkpoint_hash": checkpoint_hash(unet),
                 "config_hash": config_hashes(folder), "dataset_fingerprint": train_set.fingerprint}
-    existing = ModelFolder.load(root, missing_ok=True)
     for key in ("checkpoint_hash", "dataset_fingerprint"):
         if existing is not None and getattr(existing, key) != identity[key]:
             raise ValueError(f"{os.path.join(root, MANIFEST)} was built for another {key.split('_')[0]} "
                              f"({key} {getattr(existing, key)!r}, not {identity[key]!r}); use another --root")
     ModelFolder.edit(root, lambda f: setattr(f, "stores", f.stores or []), **identity, model_source=model,
-                     parameters=count_parameters(unet), num_train=len(train_set), input_range=list(INPUT_RANGE))
+                     parameters=count_parameters(unet), num_train=len(train_set), input_range=list(input_range))
     for setting in settings:
         build_store(root, unet, scheduler, setting, show_bar, train_set=train_set, device=device)
     return ModelFolder.load(root).to_dict()

@@ -33,6 +33,19 @@ def _add_root(p):
                                                 "else ./assets)")
 
 
+def _input_range(text: str) -> tuple[float, float]:
+    """--input-range LOW,HIGH (e.g. 0,1; write --input-range=-1,1 for a negative LOW)."""
+    import math
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0,1 or -1,1), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW < HIGH, got {text!r}")
+    return lo, hi
+
+
 def _add_device(p, precision: bool = False):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<i> or mps")
     if precision:
@@ -85,7 +98,7 @@ def cmd_build(args):
                                               for fn in args.output_fn]
     _check_writable(args.root)
     manifest = build_from(args.root, args.model, args.data, settings, invert=args.invert, device=args.device,
-                          precision=args.precision)
+                          precision=args.precision, input_range=args.input_range)
     print(json.dumps({k: manifest.get(k) for k in ("checkpoint", "dataset", "num_train", "parameters", "stores",
                                                     "featurize_seconds")}, indent=2))
     if args.manifest_only:  # on a GPU: --device cuda; under torchrun each rank fills its share of a store
@@ -150,6 +163,7 @@ def cmd_attribute(args):
     from dtrak_core.attribution.attributor import Attribution, Attributor
     from dtrak_core.devices import resolve_device
     from dtrak_core.images import load_user_image
+    from dtrak_core.model.data import to_input_range
     from dtrak_core.model.sampling import generate
 
     resolve_device(args.device)  # refused before the model loads
@@ -164,12 +178,14 @@ def cmd_attribute(args):
         image, query = text2image_query(attributor, args)
     elif args.prompt:
         raise ValueError(f"--prompt is for text-to-image model folders; {args.root!r} holds an unconditional model")
-    elif args.image:
+    elif args.image:  # an image file, converted to the folder's input range
         cfg = attributor.unet.config
-        image = load_user_image(args.image, cfg.sample_size, cfg.in_channels, invert=args.invert)
+        image = to_input_range(load_user_image(args.image, cfg.sample_size, cfg.in_channels, invert=args.invert),
+                               attributor.input_range)
         query = {"image": args.image}
     else:
         image = generate(attributor.unet, attributor.scheduler, [args.seed], device=args.device)[0]
+        image = image.clamp(*attributor.input_range)  # (the sampler clamps to [-1, 1]; a [0, 1] model's range)
         query = {"seed": args.seed}
     if args.method is None:
         args.method = methods.default_method(methods.available(attributor, args.root) if not text2image
@@ -657,6 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with unet/ + scheduler/ (a saved DDPM/DDIM pipeline), or a repo id in the local Hugging Face cache")
     p.add_argument("--data", required=True, help="folder of the training images (class sub-folders give labels)")
     p.add_argument("--invert", action="store_true", help="the images have dark ink on a light background")
+    p.add_argument("--input-range", default="-1,1", type=_input_range, metavar="LOW,HIGH",
+                   help="the pixel range the model was trained on: -1,1 (default) or e.g. 0,1 (a negative LOW as "
+                        "--input-range=-1,1); the images are mapped to it, the manifest records it and queries "
+                        "outside it are refused")
     p.add_argument("--output-fn", nargs="+", default=["square", "loss"], help="stores to build (default: square loss)")
     p.add_argument("--K", type=int, default=100, help="timesteps per feature (default 100)")
     p.add_argument("--projector", choices=("sparse-jl", "dense-gaussian"), default="sparse-jl")

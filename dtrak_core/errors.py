@@ -21,6 +21,16 @@ class UploadError(ValueError):
     """An upload that cannot be used; the message says why, for the person who sent it."""
 
 
+class InputImagesError(ValueError):
+    """Images given to a featurizer or a feature store (a tensor, a sequence or Dataset of items, an
+    iterable of batches) that cannot be used; the message says which item and what was expected.
+    `where`: "item <i>", "batch <j> (from item <i>)", or None (the images as a whole)."""
+
+    def __init__(self, message: str, where: str | None = None):
+        self.where = where
+        super().__init__(message)
+
+
 class IntegrityError(ValueError):
     """A file on disk is unreadable, damaged, or disagrees with what was recorded about it.
 

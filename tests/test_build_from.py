@@ -264,3 +264,46 @@ def test_queries_outside_the_recorded_input_range_are_refused(built, tmp_path):
     json.dump({**manifest, "input_range": [1, -1]}, open(os.path.join(other, "manifest.json"), "w"))
     with pytest.raises(ValueError, match="input_range"):
         Attributor.load(other)
+
+
+def test_a_folder_built_for_a_zero_one_model(built, pipeline, images, tmp_path, capsys):
+    """`build --input-range 0,1`: the training images are mapped to [0, 1] and the stores hold their
+    features; the manifest records the range (a [-1, 1] folder's dataset entry does not name it);
+    query tensors outside it are refused, image files and seeds given to `attribute` are brought into it."""
+    root = str(tmp_path / "zero-one")
+    assert main(["build", "--root", root, "--model", pipeline, "--data", images, "--input-range", "0,1",
+                 "--output-fn", "square", "--K", "2", "--k", "16"]) == 0
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    assert manifest["input_range"] == [0, 1] and manifest["dataset"]["input_range"] == [0, 1]
+    assert "input_range" not in json.load(open(os.path.join(built, "manifest.json")))["dataset"]
+    default, attributor = Attributor.load(built), Attributor.load(root)
+    assert attributor.input_range == (0.0, 1.0)
+    assert torch.equal(attributor.train.images, (default.train.images + 1) * 0.5)
+    setting, store = attributor.setting("square")
+    np.testing.assert_array_equal(np.asarray(store.features()),
+                                  Featurizer(attributor.unet, attributor.scheduler, setting)(attributor.train.images))
+
+    attributor.scores(attributor.train.images[:2], "square")
+    refused = r"query images must lie in \[0, 1\], the input range this model was trained on .*got values in \[-1, "
+    with pytest.raises(ValueError, match=refused + r".*from \[-1, 1\]: \(x \+ 1\) / 2.*image file"):
+        attributor.scores(default.train.images[:2], "square")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], this Featurizer's input_range"):
+        attributor.featurizer(setting)(default.train.images[:2])  # the folder's featurizer checks it too
+
+    # an image file: converted as the training images were, so a training image's own file scores as it does
+    capsys.readouterr()
+    assert main(["attribute", "--root", root, "--image", os.path.join(images, "dogs", "2.png"), "--method", "square",
+                 "--top", "3", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["proponents"] == attributor.attribute(attributor.train.images[8], "square").table(3)["proponents"]
+    assert main(["attribute", "--root", root, "--seed", "0", "--method", "square", "--top", "2"]) == 0
+
+    # the range is part of what the folder is: another one is refused, and so is a range that is no range
+    with pytest.raises(ValueError, match=r"built for input range \[0.0, 1.0\], not \[-1.0, 1.0\]"):
+        build_from(root, pipeline, images, (), show_bar=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["build", "--root", root, "--model", pipeline, "--data", images, "--input-range", "1,0"])
+    assert "LOW < HIGH" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="low < high"):
+        build_from(str(tmp_path / "never"), pipeline, images, (), show_bar=False, input_range=(1, 1))

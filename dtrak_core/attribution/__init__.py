@@ -4,9 +4,11 @@ the attributor that ties them to a model folder, the method registry and the bas
     output_functions  f(eps_pred, eps, w_t) per timestep, the TRAK family's output functions
     gradients         per-sample gradients of an output function over K timesteps (hooks / vmap)
     projectors        random projections to k dimensions (sparse JL, dense Gaussian)
-    features          FeatureSetting, Featurizer: images (B, C, H, W) -> projected features (B, k)
+    batches           what featurizers take as images (tensors, sequences, Datasets, DataLoaders), in fixed batches
+    features          FeatureSetting, Featurizer: images (B, C, H, W) -> projected features (B, k);
+                      featurize_checkpoints: the same images under several checkpoints
     store             FeatureStore: the training set's (N, k) features on disk, verified
-    scoring           TRAKScorer, SpectralTRAK: features -> scores (Q, N)
+    scoring           TRAKScorer, EnsembleScorer (several checkpoints), SpectralTRAK: features -> scores (Q, N)
     attributor        Attributor: a model, its training set and stores, scored by TRAK
     methods           the registry of every method by name: label, needs, how it scores
     baselines         how each baseline scores, with similarity (dot / cosine, IP norms), tracin

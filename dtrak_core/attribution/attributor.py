@@ -126,7 +126,8 @@ class Attributor(StoreAttributor):
 
     def featurizer(self, setting: FeatureSetting) -> Featurizer:
         """The shared `Featurizer` of this model for `setting`: images (Q, C, H, W) -> (Q, k)."""
-        return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting, device=self.device))
+        return self._featurizers.get(setting, lambda: Featurizer(self.unet, self.scheduler, setting, device=self.device,
+                                                                 input_range=self.input_range))
 
     def gradient_inputs(self, images: torch.Tensor, prompts=None) -> tuple[torch.Tensor, dict]:
         """(inputs, conditioning) that this model's gradient featurizers take for query images

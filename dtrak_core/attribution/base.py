@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dtrak_core.attribution import methods as registry
+from dtrak_core.attribution.batches import check_range
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.inputs import MethodInputs, inputs_for
 from dtrak_core.attribution.output_functions import canonical_name
@@ -83,23 +84,11 @@ class StoreAttributor:
         """A ValueError unless every pixel of the query `images` is finite and inside `input_range`:
         the features of images scaled otherwise (0..255 for a [-1, 1] model, [-1, 1] for a [0, 1] one)
         are silently wrong, so they are refused, saying how to scale them."""
-        lo, hi = (float(v) for v in self.input_range)
-        if not images.numel():
-            return
-        x = images.detach()
-        slack = 1e-5 * (hi - lo)  # float rounding of a conversion that clamps to the range
-        if not bool(torch.isfinite(x).all()):
-            got = "non-finite values (NaN or inf)"
-        elif float(x.min()) < lo - slack or float(x.max()) > hi + slack:
-            got = f"values in [{float(x.min()):.4g}, {float(x.max()):.4g}]"
-        else:
-            return
-        scale = ("from 0..255: x / 127.5 - 1; from [0, 1]: x * 2 - 1" if (lo, hi) == (-1.0, 1.0)
-                 else f"from [0, 1]: x * {hi - lo:g} + {lo:g}")
-        raise ValueError(
-            f"query images must lie in [{lo:g}, {hi:g}], the input range this model was trained on (manifest.json "
-            f"input_range; [-1, 1] when not recorded), got {got}; scale them as its training images were ({scale}), "
-            f"or pass an image file or PIL image, which is converted (`images.load_user_image`, the CLI's --image)")
+        check_range(images, self.input_range, what="query images",
+                    source="the input range this model was trained on (manifest.json input_range; [-1, 1] when not "
+                           "recorded)",
+                    hint="or pass an image file or PIL image, which is converted (`images.load_user_image`, the "
+                         "CLI's --image)")
 
     def _index_stores(self, stores: list[FeatureStore], checkpoint: str, fingerprint: str) -> None:
         """`self.stores` from complete stores, each checked to be built for this checkpoint and training set."""

@@ -97,6 +97,67 @@ class TRAKScorer:
         return (q.to(self._device) @ self._device_weights).cpu().numpy()
 
 
+class EnsembleScorer:
+    """TRAK over an ensemble of checkpoints (TRAK's main accuracy lever): one `TRAKScorer` per
+    checkpoint, fitted on that checkpoint's training features; the scores are their mean, as the
+    trak package ensembles its models (no Q term, see the module docstring).
+
+        train = featurize_checkpoints(checkpoints, scheduler, setting, train_images)   # [(N, k)] x S
+        scorer = EnsembleScorer(lam=None).fit(train)
+        scores = scorer.scores(featurize_checkpoints(checkpoints, scheduler, setting, queries))  # [(Q, k)] x S -> (Q, N)
+
+    An ensemble of one checkpoint is exactly that checkpoint's `TRAKScorer`.
+
+    Args:
+        lam: the ridge lambda: one for every checkpoint, a sequence of one per checkpoint, or None:
+            each checkpoint's data-free rule on its own features (`default_lambda`).
+        relative_lambda, device: as `TRAKScorer`'s, for every checkpoint.
+
+    Fitted attributes: scorers_ (S fitted `TRAKScorer`s, in the order given) and lams_ (their lambdas).
+    """
+
+    def __init__(self, lam=None, relative_lambda: float = DEFAULT_RELATIVE_LAMBDA, device="cpu"):
+        self.lam = lam
+        self.relative_lambda = relative_lambda
+        self.device = device
+
+    @staticmethod
+    def _per_checkpoint(features, what: str) -> list:
+        """A list of S feature matrices (a list, a tuple, or an (S, ., k) array or tensor)."""
+        if isinstance(features, (torch.Tensor, np.ndarray)) and features.ndim != 3:
+            raise ValueError(f"{what} must be one feature matrix per checkpoint (a list, or an (S, ., k) array), got "
+                             f"a single {tuple(features.shape)} array; an ensemble of one is [features]")
+        features = list(features)
+        if not features:
+            raise ValueError(f"{what}: an ensemble needs one or more checkpoints")
+        return features
+
+    def fit(self, train_features) -> "EnsembleScorer":
+        """train_features: one (N, k) matrix per checkpoint (the same N training images, in the same order)."""
+        phis = self._per_checkpoint(train_features, "train features")
+        lams = list(self.lam) if isinstance(self.lam, (list, tuple, np.ndarray)) else [self.lam] * len(phis)
+        if len(lams) != len(phis):
+            raise ValueError(f"{len(lams)} lambdas for {len(phis)} checkpoints; give one per checkpoint, or one for all")
+        rows = {int(np.shape(phi)[0]) if np.ndim(phi) == 2 else None for phi in phis}
+        if len(rows) != 1:
+            raise ValueError(f"the checkpoints' train features must all be (N, k) with the same N, got shapes "
+                             f"{[tuple(np.shape(phi)) for phi in phis]}")
+        self.scorers_ = [TRAKScorer(lam, self.relative_lambda, self.device).fit(phi) for lam, phi in zip(lams, phis)]
+        self.lams_ = [scorer.lam_ for scorer in self.scorers_]
+        return self
+
+    def scores(self, query_features) -> np.ndarray:
+        """Query features, one (Q, k) (or (k,)) per checkpoint in the order of `fit` -> (Q, N) float64,
+        the mean of the checkpoints' `TRAKScorer.scores`."""
+        if not hasattr(self, "scorers_"):
+            raise ValueError("this EnsembleScorer is not fitted yet; call fit(train_features) first")
+        qs = self._per_checkpoint(query_features, "query features")
+        if len(qs) != len(self.scorers_):
+            raise ValueError(f"{len(qs)} query feature matrices for an ensemble of {len(self.scorers_)} checkpoints; "
+                             f"give one per checkpoint, in the order of fit")
+        return ensemble_scores([scorer.scores(q) for scorer, q in zip(self.scorers_, qs)])
+
+
 class SpectralTRAK:
     """TRAK scores for any number of lambdas from one thin SVD of the training features.
 

@@ -29,7 +29,9 @@ import tempfile
 import numpy as np
 from tqdm.auto import tqdm
 
-from dtrak_core.errors import IntegrityError
+from dtrak_core.attribution import batches
+from dtrak_core.attribution.features import Featurizer
+from dtrak_core.errors import InputImagesError, IntegrityError
 from dtrak_core.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
 
 FORMAT_VERSION = 2  # 2: metadata_sha256 covers the metadata; 1: features only (migrate_store upgrades)
@@ -193,8 +195,16 @@ class FeatureStore:
         return np.load(os.path.join(self.path, FEATURES), mmap_mode="r")
 
     def fill(self, featurize, inputs, show_bar: bool = True, progress=None, should_stop=None,
-             part: tuple[int, int] = (0, 1)) -> "FeatureStore":
+             part: tuple[int, int] = (0, 1), transform=None) -> "FeatureStore":
         """Compute the missing slices with `featurize(inputs[a:b]) -> (b - a, k)` and mark the store complete.
+
+        inputs: the N inputs, sliced as `inputs[a:b]` (a tensor, an array, indices, a list); for a
+        `Featurizer`, also a torch Dataset or any sequence of images, handed over as lazy `Items`
+        views of its slices, or an iterable of batches (a DataLoader), read through once, each slice
+        stacked as it completes (`batches`: no more than one slice of images is held). A resumed fill
+        skips the done slices' items (an iterable is still read through, and its count checked).
+        transform: applied to each item's image (see `batches`); the features are those of the
+        stacked tensor, bit for bit, however the images are given.
 
         part=(rank, world) with world > 1 (one of several processes filling the store at once): only
         this rank's contiguous share of the slices (`part_rows`), recorded in its own done file
@@ -202,21 +212,29 @@ class FeatureStore:
         process calls `fill` again with the default part, which merges the ranks' done files (as any
         fill does with those a killed run left) and marks the store complete."""
         n, k, size = self.metadata["n"], self.metadata["k"], self.metadata["slice_size"]
-        if len(inputs) != n:
-            raise ValueError(f"store expects {n} inputs, got {len(inputs)}")
+        stream = batches.is_stream(inputs)
+        count = batches.stream_length(inputs) if stream else len(inputs)
+        if count is not None and count != n:
+            raise ValueError(f"store expects {n} inputs, got {count}")
         rank, world = part
         done = self.done if world > 1 else self.merge_rank_done()
         first, stop_row = self.part_rows(rank, world)
         done_path = os.path.join(self.path, DONE if world == 1 else f"done-rank{rank}.npy")
         todo = [s for s in range(first, stop_row, size) if not done[s:s + size].all()]
+        if stream:
+            slices = self._stream_slices(inputs, set(todo), transform)
+        else:
+            lazy = isinstance(featurize, Featurizer)
+            slices = ((s, batches.rows(inputs, s, min(s + size, n), transform, lazy)) for s in todo)
         feats = np.load(os.path.join(self.path, FEATURES), mmap_mode="r+")
-        for i, start in enumerate(tqdm(todo, desc=f"featurize {os.path.basename(self.path)}", disable=not show_bar)):
+        for i, (start, rows) in enumerate(tqdm(slices, total=len(todo), desc=f"featurize {os.path.basename(self.path)}",
+                                               disable=not show_bar)):
             if should_stop is not None and should_stop():
                 from dtrak_core.errors import Cancelled
 
                 raise Cancelled("featurization cancelled; rerun to resume")
             stop = min(start + size, n)
-            rows = np.asarray(featurize(inputs[start:stop]), dtype=self.metadata["dtype"])
+            rows = np.asarray(featurize(rows), dtype=self.metadata["dtype"])
             if rows.shape != (stop - start, k):
                 raise ValueError(f"featurize returned {rows.shape}, expected {(stop - start, k)}")
             feats[start:stop] = rows
@@ -230,6 +248,22 @@ class FeatureStore:
             sha = sha256_file(os.path.join(self.path, FEATURES))
             self.metadata = write_metadata(self.path, {**self.metadata, "complete": True, "features_sha256": sha})
         return self
+
+    def _stream_slices(self, inputs, todo: set, transform):
+        """(start, images (b, C, H, W)) of the slices in `todo`, read from an iterable of batches in
+        order; the rest of the iterable is read through to check that it holds n images."""
+        n, size = self.metadata["n"], self.metadata["slice_size"]
+        seen = 0
+        for start, images in batches.image_batches(inputs, size, transform):
+            seen = start + len(images)
+            if seen > n:
+                raise InputImagesError(f"the images hold more than the {n} the store was made for")
+            if len(images) < min(size, n - start):  # (only the last batch is short)
+                break
+            if start in todo:
+                yield start, images
+        if seen != n:
+            raise InputImagesError(f"the images hold {seen} images, the store was made for {n}")
 
     def part_rows(self, rank: int, world: int) -> tuple[int, int]:
         """Rows [a, b) of rank `rank` out of `world`: a contiguous share of whole slices."""

@@ -293,9 +293,13 @@ def prepare(root: str, out_dir: str, config: LDSConfig = LDSConfig(), masks: str
         given = subset_masks(len(train), config.num_subsets, config.alpha, config.subset_seed)
     test_sets = {}
     if validation is not None:
+        from dtrak_core.folder import ModelFolder
+
         cfg = unet.config
+        spec = ModelFolder.load(root).dataset
+        scaled = {"input_range": spec["input_range"]} if isinstance(spec, dict) and "input_range" in spec else {}
         test_sets["validation"] = load_dataset({"folder": validation, "resolution": int(cfg.sample_size),
-                                                "channels": int(cfg.in_channels)}).images
+                                                "channels": int(cfg.in_channels), **scaled}).images
     seeds = list(range(config.generated))  # sampled SAMPLE_BATCH at a time: memory bounded at any test-set size
     test_sets["generated"] = torch.cat([generate(unet, scheduler, seeds[a:a + SAMPLE_BATCH], steps=config.sample_steps,
                                                  device=device) for a in range(0, len(seeds), SAMPLE_BATCH)])

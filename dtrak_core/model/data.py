@@ -141,12 +141,35 @@ def image_to_tensor(img, resolution: int, channels: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def load_image_folder(path: str, resolution: int, channels: int = 1, invert: bool = False) -> Dataset:
+def parse_input_range(value) -> tuple[float, float]:
+    """(low, high) from "-1,1", "0,1" or a pair of numbers; a ValueError unless low < high, both finite."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        lo, hi = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"input range must be two numbers low,high (e.g. -1,1 or 0,1), got {value!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"input range must have low < high (e.g. -1,1 or 0,1), got {value!r}")
+    return lo, hi
+
+
+def to_input_range(images: torch.Tensor, input_range=INPUT_RANGE) -> torch.Tensor:
+    """Images in [-1, 1] (what every loader here makes) -> the same images mapped linearly to
+    `input_range` (low, high): -1 -> low, 1 -> high (unchanged for [-1, 1])."""
+    lo, hi = parse_input_range(input_range)
+    if (lo, hi) == INPUT_RANGE:
+        return images
+    return ((images + 1) * ((hi - lo) / 2) + lo).to(images.dtype)
+
+
+def load_image_folder(path: str, resolution: int, channels: int = 1, invert: bool = False,
+                      input_range=INPUT_RANGE) -> Dataset:
     """Every image file in `path` (sorted by name), cropped and resized to the model's resolution.
 
     Labels come from sub-folder names when the images sit in one sub-folder per class (sorted
     names -> 0, 1, ...; the names are the dataset's `classes`), else -1. `invert` maps dark ink on
     light paper to the digits' convention. Each image's `paths` entry is its file relative to `path`.
+    The pixels are scaled to [-1, 1], then mapped to `input_range` (`to_input_range`).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -174,6 +197,7 @@ def load_image_folder(path: str, resolution: int, channels: int = 1, invert: boo
     x = torch.stack(images)
     if invert:
         x = -x
+    x = to_input_range(x, input_range)
     return Dataset(f"folder:{os.path.abspath(path)}", x, torch.tensor(labels, dtype=torch.long),
                    classes=tuple(c.replace(os.sep, "/") for c in classes) if by_class else None,
                    paths=tuple(relative_path(f, path) for f in files))
@@ -186,10 +210,12 @@ def relative_path(file: str, folder: str) -> str:
 
 def load_dataset(spec) -> Dataset:
     """The training set a model folder's manifest names: "digits-train" (the embedded default) or
-    {"folder": path, "resolution": r, "channels": c, "invert": bool} (see `load_image_folder`)."""
+    {"folder": path, "resolution": r, "channels": c, "invert": bool, "input_range": [low, high]} (see
+    `load_image_folder`; no input_range: [-1, 1], as every folder built before it was recorded)."""
     if spec == "digits-train":
         return load_digits("train")
     if isinstance(spec, dict) and "folder" in spec:
         return load_image_folder(spec["folder"], int(spec["resolution"]), int(spec.get("channels", 1)),
-                                 invert=bool(spec.get("invert", False)))
+                                 invert=bool(spec.get("invert", False)),
+                                 input_range=spec.get("input_range", INPUT_RANGE))
     raise ValueError(f"unknown dataset {spec!r}: expected 'digits-train' or {{'folder': ..., 'resolution': ...}}")

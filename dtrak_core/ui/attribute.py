@@ -15,6 +15,7 @@ from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.attributor import Attribution
 from dtrak_core.images import load_user_image
+from dtrak_core.model.data import to_input_range
 from dtrak_core.query import Query
 from dtrak_core.shared import OnceCache
 from dtrak_core.ui import texts
@@ -290,10 +291,11 @@ def _load_upload(path, invert: bool, name: str | None = None):
     """The one path every upload, example upload and drawing goes through: validated, and for the
     digits model normalised to the training digits' form (cropped to the ink, centred, scaled, contrast
     and strokes normalised: `images.normalise_digit`); other models' images are centre-cropped and resized."""
-    unet = assets().attributor.unet
+    attributor = assets().attributor
+    unet = attributor.unet
     try:
-        return load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=invert,
-                               normalise=assets().digits)
+        return to_input_range(load_user_image(path, unet.config.sample_size, unet.config.in_channels, invert=invert,
+                                              normalise=assets().digits), attributor.input_range)
     except ValueError as e:
         raise gr.Error(f"Could not use {name or os.path.basename(path)}: {e}", title="Not a usable image",
                        duration=ERROR_SECONDS) from None

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from dtrak_core.attribution.scoring import SpectralTRAK, TRAKScorer, default_lambda, ensemble_scores, top_k
+from dtrak_core.attribution.scoring import (
+    EnsembleScorer,
+    SpectralTRAK,
+    TRAKScorer,
+    default_lambda,
+    ensemble_scores,
+    top_k,
+)
 
 
 def naive_scores(phi_q, phi, lam):
@@ -69,3 +76,45 @@ def test_top_k_and_ensembles():
     np.testing.assert_allclose(ensemble_scores([np.ones((2, 3)), 3 * np.ones((2, 3))]), 2 * np.ones((2, 3)))
     with pytest.raises(ValueError):
         ensemble_scores([np.ones((2, 3)), np.ones((3, 2))])
+
+
+def test_an_ensemble_averages_its_checkpoints_trak_scores():
+    rng = np.random.default_rng(3)
+    train = [rng.normal(size=(30, 8)).astype(np.float32) for _ in range(2)]  # one (N, k) per checkpoint
+    queries = [rng.normal(size=(4, 8)).astype(np.float32) for _ in range(2)]
+    # an ensemble of one is that checkpoint's TRAKScorer, bit for bit (lambda given or by the rule)
+    for lam in (0.7, None):
+        one = EnsembleScorer(lam=lam).fit(train[:1])
+        alone = TRAKScorer(lam=lam).fit(train[0])
+        np.testing.assert_array_equal(one.scores(queries[:1]), alone.scores(queries[0]))
+        assert one.lams_ == [alone.lam_]
+    # two: the mean of the two scorers' scores, each from the closed form on its own features
+    for lam, lams in ((0.7, (0.7, 0.7)), ([0.5, 2.0], (0.5, 2.0)), (None, [default_lambda(t) for t in train])):
+        scorer = EnsembleScorer(lam=lam).fit(train)
+        expected = np.mean([naive_scores(q.astype(np.float64), t.astype(np.float64), lam_) for q, t, lam_ in
+                            zip(queries, train, lams)], axis=0)
+        np.testing.assert_allclose(scorer.scores(queries), expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(scorer.lams_, lams)
+    stacked = EnsembleScorer(lam=0.7).fit(np.stack(train))  # an (S, N, k) array is S checkpoints
+    np.testing.assert_array_equal(stacked.scores(np.stack(queries)), EnsembleScorer(lam=0.7).fit(train).scores(queries))
+    assert EnsembleScorer(lam=0.7).fit(train).scores([q[0] for q in queries]).shape == (1, 30)  # one (k,) query each
+
+
+def test_an_ensemble_says_what_it_needs():
+    rng = np.random.default_rng(4)
+    train = [rng.normal(size=(30, 8)) for _ in range(2)]
+    with pytest.raises(ValueError, match="not fitted"):
+        EnsembleScorer().scores([train[0][:1]] * 2)
+    with pytest.raises(ValueError, match=r"one feature matrix per checkpoint .* an ensemble of one is \[features\]"):
+        EnsembleScorer().fit(train[0])
+    with pytest.raises(ValueError, match="one or more checkpoints"):
+        EnsembleScorer().fit([])
+    with pytest.raises(ValueError, match="same N"):
+        EnsembleScorer().fit([train[0], train[1][:20]])
+    with pytest.raises(ValueError, match="3 lambdas for 2 checkpoints"):
+        EnsembleScorer(lam=[1.0, 2.0, 3.0]).fit(train)
+    fitted = EnsembleScorer().fit(train)
+    with pytest.raises(ValueError, match="1 query feature matrices for an ensemble of 2"):
+        fitted.scores([train[0][:2]])
+    with pytest.raises(ValueError, match="single"):
+        fitted.scores(train[0][:2])
