@@ -616,11 +616,16 @@ REFERENCE_STEPS = 50  # their DDIM steps (the Generate tab's default)
 
 
 def reference_queries(attributor, n: int = REFERENCE_QUERIES, steps: int = REFERENCE_STEPS):
-    """The reference queries of the noise-level view: the model's own DDIM samples of seeds 0..n-1
-    (any pixel folder has them, and they are what a visitor usually clicks)."""
+    """(images, prompts) of the noise-level view's reference queries: the model's own DDIM samples of
+    seeds 0..n-1 (what a visitor usually clicks); a text-to-image model's are prompted with its
+    fine-tuning captions in turn (prompts None for a pixel model)."""
+    if getattr(attributor, "kind", "pixel") == "text2image":
+        captions = sorted(set(attributor.train.captions))
+        prompts = [captions[i % len(captions)] for i in range(n)]
+        return attributor.generate(range(n), prompts, steps=steps), prompts
     from dtrak_core.model.sampling import generate
 
-    return generate(attributor.unet, attributor.scheduler, range(n), steps=steps)
+    return generate(attributor.unet, attributor.scheduler, range(n), steps=steps), None
 
 
 @dataclass(frozen=True)
@@ -632,12 +637,13 @@ class NoiseReference:
     queries: int  # how many reference queries it is the mean of
 
 
-def reference_features(attributor, method: str, buckets: int = 10, images=None) -> NoiseReference:
+def reference_features(attributor, method: str, buckets: int = 10, images=None, prompts=None) -> NoiseReference:
     """The `NoiseReference` of a TRAK-family method's store over reference query images (None:
-    `reference_queries`). Costs one featurization per reference image: compute it once per folder
-    and store."""
-    images = reference_queries(attributor) if images is None else images
-    feats = bucket_features(attributor, images, method, buckets).double()
+    `reference_queries`; `prompts`, one per image, for a text-to-image model). Costs one
+    featurization per reference image: compute it once per folder and store."""
+    if images is None:
+        images, prompts = reference_queries(attributor)
+    feats = bucket_features(attributor, images, method, buckets, prompts).double()
     return NoiseReference(canonical_name(method), feats.mean(0).numpy(), len(feats))
 
 

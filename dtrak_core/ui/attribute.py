@@ -215,21 +215,26 @@ def noise_view(q, method):
     levels = _noise_cache.get((current_root(), q.key, q.pixels_key, method, NOISE_BUCKETS), lambda: sup.noise_levels(
         a.attributor, torch.as_tensor(q.pixels), split, NOISE_BUCKETS, lam=lam, reference=noise_reference(split)))
     labels = a.attributor.train.labels.numpy()
+    text = noise_summary(levels, note)
+    return (viz.noise_level_figure(levels, labels, a.class_word, class_names=a.class_names),
+            viz.noise_level_cards(a.attributor.train, levels, a.class_word, a.class_names), text)
+
+
+def noise_summary(levels, note: str = "", gradient: str = "gradient", image: str = "training image") -> str:
+    """What the noise-level view of `levels` (centred on its reference) shows, in one paragraph."""
     last = len(levels.timesteps) - 1
     low, high = int(levels.top(0, 1)[0]), int(levels.top(last, 1)[0])
     shared = int(np.argmax(levels.reference[last]))
     share = np.abs(levels.centred).sum(1)
     share = share / share.sum()
-    text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's gradient is averaged "
+    return (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's {gradient} is averaged "
             f"over, minus that range's average over {levels.references} generated samples. At high noise the noisy "
             f"image is almost all noise, the same for every query, so that part of the score barely depends on the "
-            f"query (uncentred, training image #{shared} would lead there for any query); centred, the columns show "
+            f"query (uncentred, {image} #{shared} would lead there for any query); centred, the columns show "
             f"what is specific to this query and no longer sum to its score. At low noise ({levels.labels()[0]}) "
-            f"training image **#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; of the "
+            f"{image} **#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; of the "
             f"query-specific score mass the lowest-noise range carries {percent(share[0])}, the highest "
             f"{percent(share[-1])}.{note}")
-    return (viz.noise_level_figure(levels, labels, a.class_word, class_names=a.class_names),
-            viz.noise_level_cards(a.attributor.train, levels, a.class_word, a.class_names), text)
 
 
 def percent(share: float) -> str:

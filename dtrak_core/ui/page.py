@@ -255,7 +255,7 @@ def warm_up(roots: list[str] | None = None) -> None:
             if text2image_folder(root):
                 from dtrak_core.ui import text2image
 
-                text2image.warm_up(root)
+                text2image.warm_up(root, step)
             else:
                 with state.bound_context(root):
                     _warm(root, step)

@@ -19,8 +19,6 @@ of the request values run on the page's folder (`state.bound`), which `create_ui
 import html
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -38,7 +36,7 @@ from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.text2image.data import digit_caption
 from dtrak_core.ui import texts
-from dtrak_core.ui.attribute import compare_text, method_line, opponent_note
+from dtrak_core.ui.attribute import compare_text, method_line, noise_summary, opponent_note
 from dtrak_core.ui.state import cards_html, current_root, listed, no_query, readable
 
 MAX_PROMPT_CHARS = 200
@@ -269,7 +267,21 @@ def noise_levels(root: str, q: Query, method: str):
     if method not in a.attributor.methods:
         return None
     return _noise.get((a.root, _query_key(q), method), lambda: sup.noise_levels(
-        a.attributor, torch.as_tensor(q.pixels), method, NOISE_BUCKETS, prompt=q.prompt))
+        a.attributor, torch.as_tensor(q.pixels), method, NOISE_BUCKETS, prompt=q.prompt,
+        reference=noise_reference(root, method)))
+
+
+_references = OnceCache(16)  # (root, store setting, size) -> NoiseReference, the same for every query
+REFERENCE_QUERIES = sup.REFERENCE_QUERIES  # prompted samples the noise-level view is centred on
+
+
+def noise_reference(root: str, method: str):
+    """The noise-level view's reference for a store: the mean per noise level over the folder's own
+    prompted samples (`app_support.reference_features`), computed once per folder and store."""
+    a = load(root)
+    setting, _ = a.attributor.setting(method)
+    return _references.get((a.root, setting, REFERENCE_QUERIES), lambda: sup.reference_features(
+        a.attributor, method, NOISE_BUCKETS, *sup.reference_queries(a.attributor, REFERENCE_QUERIES)))
 
 
 def all_attributions(root: str, q: Query) -> dict:
@@ -626,13 +638,7 @@ def noise_view(q, method):
                           f"{', '.join(sup.method_label(m) for m in a.attributor.methods)}); "
                           f"{sup.method_label(method)} has no timesteps to split.")
     labels = a.attributor.train.labels.numpy()
-    low, high = int(levels.top(0, 1)[0]), int(levels.top(len(levels.timesteps) - 1, 1)[0])
-    share = np.abs(levels.contributions).sum(1)
-    share = share / share.sum()
-    text = (f"Each column is one range of the {len(levels.timesteps)} noise levels the query's LoRA gradient is "
-            f"averaged over (the columns sum to the score). At low noise ({levels.labels()[0]}) fine-tuning image "
-            f"**#{low}** matters most, at high noise ({levels.labels()[-1]}) **#{high}**; the lowest-noise range "
-            f"carries {share[0]:.0%} of all score mass, the highest {share[-1]:.0%}.")
+    text = noise_summary(levels, gradient="LoRA gradient", image="fine-tuning image")
     return (viz.noise_level_figure(levels, labels, a.class_word, class_names=a.class_names),
             viz.noise_level_cards(a.attributor.train, levels, a.class_word, a.class_names), text)
 
@@ -786,8 +792,7 @@ def create_ui(a) -> dict:
                         mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
             with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
                               open=True, elem_id="noise-levels"):
-                gr.Markdown(texts.fill(texts.get("noise_help.md"), **a.words) +
-                            " The columns add up to the score shown above.")
+                gr.Markdown(texts.fill(texts.get("noise_help.md"), **a.words) + "\n" + texts.get("noise_centred.md"))
                 noise_text = gr.Markdown(elem_id="noise-text")
                 noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
                 noise_cards = cards_html("noise-cards")
@@ -897,19 +902,23 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
             gr.Markdown(sup.relabel_tables(lds["markdown"]))
 
 
-def warm_up(root: str) -> None:
-    """The first page's samples and the default method's scorer, computed in the background once
-    the server is up (what a first visitor would otherwise wait for)."""
+def warm_up(root: str, step) -> None:
+    """What a first visitor of this folder would otherwise wait for, each through `step(what, fn)`
+    (`page.warm_up`'s: timed, a failure logged and skipped): the first page's samples, the default
+    method with its charts and its noise-level view (the reference it is centred on), then every
+    other method (the drill-down)."""
     try:
         a = load(root)
     except (ValueError, OSError):
         return
-    for what, fn in (("the first page's samples", lambda: samples(a, a.default_prompt, range(16), 50)),
-                     ("the default method's scorer", lambda: a.attributor.scorer(sup.method_choices(a.methods)[0][1]))):
-        t0 = time.perf_counter()
-        try:
-            fn()
-        except Exception as e:  # the cache stays cold; the request that needs it computes (or reports) it
-            print(f"dtrak: warm-up of {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return
-        print(f"dtrak: warmed {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    first = []
+    step(f"the first page's samples of {root}", lambda: first.append(samples(a, a.default_prompt, range(16), 50)))
+    if not first:
+        return
+    q = sample_query({"prompt": a.default_prompt, "seeds": list(range(16)), "steps": 50,
+                      "guidance": a.attributor.guidance_scale, "images": first[0].numpy()}, 0)
+    m = registry.default_method(a.methods)
+    step(f"{sup.method_label(m)} and its charts", lambda: (
+        viz.score_histogram(attribution_for(root, q, m), 8), viz.class_mass_figure(attribution_for(root, q, m))))
+    step(f"the noise-level view of {sup.method_label(m)}", lambda: noise_levels(root, q, m))
+    step("every other method (the drill-down)", lambda: all_attributions(root, q))

@@ -14,7 +14,9 @@ PROMPT = "a handwritten digit 7"
 
 @pytest.fixture(scope="module")
 def t2i(one_thread):
-    return views.load(MINIATURE_ROOT)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(views, "REFERENCE_QUERIES", 4)  # the noise view's reference: 4 prompted samples, not 32
+        yield views.load(MINIATURE_ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,28 @@ def test_attribute_gives_the_attributors_scores_and_follows_the_prompt(t2i, samp
     assert levels.contributions.shape == (views.NOISE_BUCKETS, t2i.n_train)
     np.testing.assert_allclose(levels.scores, app.scores, rtol=1e-4, atol=1e-6 * np.abs(app.scores).max())
     assert views.noise_levels(MINIATURE_ROOT, q, "pixel-cosine") is None  # a baseline has no timesteps
+    assert levels.references == 4 and levels.reference.shape == levels.contributions.shape  # centred
     other = views.attribution_for(MINIATURE_ROOT, views.with_prompt(q, "a handwritten digit 5"), "d-trak")
     assert np.corrcoef(other.scores, app.scores)[0, 1] < 0.99  # the prompt is part of the query
+
+
+def test_the_noise_view_is_centred_and_its_high_noise_leader_follows_the_query(t2i):
+    """Centred on prompted reference samples, the highest-noise range's leading fine-tuning image
+    differs across queries of different digits, and over the reference queries themselves the
+    centred parts average to zero."""
+    from dtrak_core import app_support as sup
+
+    att = t2i.attributor
+    labels = att.train.labels.numpy()
+    idx = [int(np.flatnonzero(labels == c)[0]) for c in sorted(set(labels.tolist()))[:4]]
+    images, prompts = att.train.images[idx], [att.train.captions[i] for i in idx]
+    reference = sup.reference_features(att, "square", 10, images, prompts)
+    levels = [sup.noise_levels(att, x, "square", 10, prompt=p, reference=reference) for x, p in zip(images, prompts)]
+    mean = np.mean([lv.centred for lv in levels], axis=0)
+    assert np.abs(mean).max() <= 1e-4 * max(np.abs(lv.contributions).max() for lv in levels)
+    assert len({int(lv.top(-1, 1)[0]) for lv in levels}) >= 3
+    images, prompts = sup.reference_queries(att, 2, steps=5)  # the page's reference: the folder's own samples
+    assert images.shape == (2, *att.image_shape) and prompts == sorted(set(att.train.captions))[:2]
 
 
 def test_every_method_runs_and_a_training_image_finds_itself(t2i):
