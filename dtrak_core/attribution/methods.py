@@ -28,8 +28,10 @@ Each `Method` belongs to one family:
 Besides how it scores, each entry says what callers must not guess:
 
 - `kinds`: the folder kinds it applies to ('pixel': an unconditional pixel-space model such as the
-  digits; 'text2image': a LoRA-fine-tuned text-to-image folder, which scores its entries on its own
-  inputs in `ui.text2image` and `text2image.lds`). `for_kind`, `menu`.
+  digits; 'text2image': a LoRA-fine-tuned text-to-image folder, whose attributor scores the entries
+  over its stores with the query's prompt, `TextToImageAttributor.baseline_scores`). `for_kind`, `menu`.
+- `space`: what a model-free entry compares: the pixels, or a text-to-image folder's VAE latents
+  ('latent-*', what its UNet sees); `inputs.MethodInputs.inputs_in` hands either to the same scorer.
 - `signed`: its scores estimate an influence, so a negative score marks an opponent (the training
   image made the query less likely). False for a score of one sign by construction (DAS is a squared
   norm, the optimal denoiser's posterior weights are >= 0, pixel-nn is minus a distance) and for a
