@@ -95,9 +95,16 @@ def hyperparameters(method, attributor) -> dict:
 
 
 def kernel_ridge(method, inputs, images, seeds, K) -> np.ndarray:
-    params = hyperparameters(method, inputs.attributor)
-    lam = params["lambda"]  # (not `attribute --lambda`: a TRAK lambda is on another scale)
-    gamma = params["gamma"] if params["gamma"] is not None else KernelRidge(method.kind).gamma
+    """At the folder's tuned (lambda, gamma) (not `attribute --lambda`: a TRAK lambda is on another scale)."""
+    return kernel_ridge_at(method, inputs, images, hyperparameters(method, inputs.attributor))
+
+
+def kernel_ridge_at(method, inputs, images, params: dict) -> np.ndarray:
+    """Kernel ridge scores (Q, N) at `params` {"lambda", "gamma"} (None each: the data-free rules,
+    `kernels.DEFAULT_GAMMA` and 0.1 x the kernel's mean diagonal), as the counterfactual ranks at
+    D-TRAK's data-free lambda."""
+    lam = params.get("lambda")
+    gamma = params["gamma"] if params.get("gamma") is not None else KernelRidge(method.kind).gamma
     query, train = inputs.inputs_in(method.space, images)
     ridge = inputs.cached(("kernel", method.space, method.kind, gamma), lambda: KernelRidge(method.kind, gamma).fit(train))
     return ridge.scores(query, lam)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from dtrak_core import checksums
+from dtrak_core.attribution import baselines
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.base import RULE
 from dtrak_core.attribution.output_functions import canonical_name
@@ -192,9 +193,13 @@ def removal(attributor, image: torch.Tensor, seed: int, ranking: str, k: int) ->
     n = len(attributor.train)
     if name == RANDOM:
         return np.random.default_rng([RANDOM_RANKING_SEED, int(seed)]).permutation(n)[:k]
-    if registry.get(name).family in registry.SCORED_FAMILIES:  # its own scorer (DAS: `das.REGISTRY_LAMBDA`; a kernel
-        # baseline: the folder's tuned entry, else its data-free rules, as D-TRAK's rule lambda below);
-        # the target is the seed's sample, so Journey-TRAK follows the seed's own trajectory
+    method = registry.get(name)
+    if method.score is baselines.kernel_ridge:  # at its data-free rules, as D-TRAK ranks at its rule lambda below:
+        # every ranking tuned alike, and none on the LDS data
+        scores = baselines.kernel_ridge_at(method, attributor.method_inputs(), image[None].float(), {})[0]
+        return np.argsort(-scores, kind="stable")[:k].astype(np.int64)
+    if method.family in registry.SCORED_FAMILIES:  # its own scorer (DAS: `das.REGISTRY_LAMBDA`); the target is
+        # the seed's sample, so Journey-TRAK follows the seed's own trajectory
         scores = registry.scores(attributor, name, image[None].float(), [int(seed)])[0]
         return np.argsort(-scores, kind="stable")[:k].astype(np.int64)
     # the data-free lambda rule, not a lambda tuned on LDS data: the counterfactual evaluation stays
@@ -402,9 +407,7 @@ def _identity(attributor, config: TrainConfig | None, rankings: list[str]) -> di
     settings = {}
     for name in rankings:
         if name != RANDOM and registry.get(name).family == "baseline" and registry.get(name).store is None:
-            # a model-free baseline: what its scores depend on is its tuned entry, if any
-            tuned = getattr(attributor, "tuned_params", {}).get(name)
-            settings[name] = f"no store; {json.dumps(tuned, sort_keys=True) if tuned else 'data-free rules'}"
+            settings[name] = "no store; data-free rules"  # (`removal`: kernel baselines rank at their rules)
         elif name != RANDOM:
             setting, _ = attributor.setting(registry.get(name).store or name)
             settings[name] = setting.slug

@@ -322,6 +322,21 @@ def test_a_sharpened_ranking_is_recorded_with_its_tuned_lambda(attributor, tmp_p
         cf.run_counterfactual(att, out, seeds, ["d-trak-sharp"], [2], TINY, control=False, show_bar=False)
 
 
+def test_a_kernel_baseline_ranks_at_its_data_free_rules_even_when_tuned(attributor):
+    """Every ranking is tuned alike in the counterfactual (D-TRAK at its rule lambda): the RBF pixel
+    kernel removes the top of its scores at the data-free gamma and lambda, whatever the folder records."""
+    from dtrak_core.attribution.kernels import KernelRidge
+
+    seed = cf.target_seeds(1, start=61)[0]
+    image = cf.sample(attributor.unet, attributor.scheduler, seed)
+    want = np.argsort(-KernelRidge("rbf").fit(attributor.train.images).scores(image[None])[0], kind="stable")[:6]
+    att = Attributor(attributor.unet, attributor.scheduler, attributor.train,
+                     [s for v in attributor.stores.values() for _, s in v],
+                     tuned_params={"pixel-rbf": {"lambda": 5.0, "gamma": 0.25}})
+    assert list(cf.removal(att, image, seed, "pixel-rbf", 6)) == list(want)
+    assert cf._identity(att, TINY, ["pixel-rbf"])["stores"]["pixel-rbf"] == "no store; data-free rules"
+
+
 def test_holm_adjusts_every_reported_paired_test():
     from dtrak_core.evaluation.counterfactual_report import holm
 
