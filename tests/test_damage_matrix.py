@@ -6,6 +6,7 @@ loading path (its error page text or its banner's findings). The copies are made
 each case restores its file afterwards (the committed assets are never touched)."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -100,6 +101,9 @@ def _digits_cases():
     add("tracin/index.json", "truncate", check="tracin")
     add("tracin/index.json", "edit", ("checkpoints.0.step", 1), check="tracin")
     add("tracin/index.json", "edit", ("setting.K", 2), check="tracin")
+    # a checkpoint's recorded hash, or the model's: the index is wrong, not the weights
+    add("tracin/index.json", "edit", ("checkpoints.0.checkpoint_hash", "0123456789abcdef"), check="tracin")
+    add("tracin/index.json", "edit", ("model_checkpoint_hash", "0123456789abcdef"), check="tracin")
     add("tracin/index.json", "delete", check="tracin")
     tracin = json.load(open(os.path.join(ASSETS, "tracin", "index.json")))
     for c in tracin["checkpoints"]:  # every checkpoint's weights and store features
@@ -303,6 +307,34 @@ def test_a_damaged_file_is_named(folders, app, capsys, kind, rel, damage, value,
         shown = _app_findings(app, kind, root, check)
         assert "Traceback" not in shown
         assert _names(shown, rel), shown or "the app reports nothing"
+    finally:
+        with open(path, "wb") as f:
+            f.write(original)
+
+
+@pytest.mark.parametrize("key", ["checkpoints.0.checkpoint_hash", "model_checkpoint_hash"])
+def test_the_command_named_for_an_edited_tracin_index_rebuilds_it(folders, capsys, key):
+    """The reported defect: an edited checkpoint hash in the TracInCP index was blamed on the
+    checkpoint's weights (restore them). Now the index is named, and the command its message gives,
+    run as printed, rewrites it from the checkpoints and stores (which agree with each other) without
+    replaying the training run: the index comes back byte for byte."""
+    import shlex
+
+    root = folders["digits"]
+    path = os.path.join(root, "tracin", "index.json")
+    with open(path, "rb") as f:
+        original = f.read()
+    try:
+        edit(path, (key, "0123456789abcdef"))
+        assert cli.main(_cli_argv("digits", root, "tracin")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} (TracInCP index)") and "weights) hashes" not in err, err
+        command = re.findall(r"`(python -m dtrak_core build-baselines[^`]*)`", err)
+        assert command == [f"python -m dtrak_core build-baselines --root {root}"], err
+        assert cli.main(shlex.split(command[0])[3:]) == 0
+        with open(path, "rb") as f:
+            assert f.read() == original
+        assert cli.main(_cli_argv("digits", root, "tracin")) == 0
     finally:
         with open(path, "wb") as f:
             f.write(original)
