@@ -19,6 +19,7 @@ of the request values run on the page's folder (`state.bound`), which `create_ui
 import html
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -342,7 +343,8 @@ def quality_markdown(a: TextToImageAssets) -> str:
     q = (a.manifest.get("quality") or {}).get("lora")
     if not isinstance(q, dict):
         return ("### Sample quality\nNo sample-quality measurement for this folder: the build measures it with the "
-                "digit classifier for the digits miniature (`python -m dtrak_core build-text2image`).")
+                f"digit classifier for the digits miniature (`python -m dtrak_core build-text2image --root "
+                f"{shlex.quote(a.root)}`).")
     seeds = str(q.get("seeds", "?")).replace(" each", "")
     confident = float(q.get("prompt_accuracy_confident", 0))
     return (f"### Sample quality: does the model draw the digit it is asked for?\n"
@@ -395,9 +397,15 @@ def lds_intro(data: dict) -> str:
 
 
 LDS_NOT_RUN = ("### LDS: not run yet\nNo `{folder}/lds_results.json`. The linear datamodeling score retrains the LoRA "
-               "on random half subsets of its fine-tuning set: `python -m dtrak_core lds-text2image run` (resumable, "
-               "`--max-jobs N` runs it in pieces), then `python -m dtrak_core lds-text2image evaluate` writes "
-               "`lds_results.json` and `results.md` there. Restart the app to show them.")
+               "on random half subsets of its fine-tuning set: `{run}` (resumable, `--max-jobs N` runs it in pieces), "
+               "then `{evaluate}` writes `lds_results.json` and `results.md` there. Restart the app to show them.")
+
+
+def lds_command(root: str, action: str) -> str:
+    """The `lds-text2image` command (run, evaluate) for the folder `root`, whose LDS results the
+    Benchmarks tab reads from root/lds: --root and --out named, so that it runs as printed."""
+    return (f"python -m dtrak_core lds-text2image {action} --root {shlex.quote(root)} --out "
+            f"{shlex.quote(os.path.join(root, LDS_FOLDER))}")
 
 
 # ---------------------------------------------------------------- the page
@@ -426,7 +434,7 @@ def counterfactual_text(root: str) -> str:
             f"For this model that is a LoRA fine-tuning on the rest of the fine-tuning set per request{each}; this "
             "app does not run it. The same question, whether the scores predict what retraining does, is answered "
             "over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on random half subsets "
-            "of its fine-tuning images (`python -m dtrak_core lds-text2image run`).")
+            f"of its fine-tuning images (`{lds_command(root, 'run')}`).")
 
 
 def methods_markdown(a: TextToImageAssets) -> str:
@@ -774,8 +782,10 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
                      elem_id="quality-table")
     lds = read_lds(a.root)
     if lds["data"] is None:
-        gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`" if lds["error"] else
-                     LDS_NOT_RUN.format(folder=lds["folder"])), elem_id="lds-status")
+        gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`: write it again with "
+                     f"`{lds_command(a.root, 'evaluate')}`" if lds["error"] else
+                     LDS_NOT_RUN.format(folder=lds["folder"], run=lds_command(a.root, "run"),
+                                        evaluate=lds_command(a.root, "evaluate"))), elem_id="lds-status")
         return
     gr.Markdown("### LDS: D-TRAK, TRAK and the baselines, with LoRA retrains", elem_id="lds-status")
     gr.Markdown(lds_intro(lds["data"]))
