@@ -94,23 +94,24 @@ def save_result(path: str, **arrays) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_result(path: str, keys=()) -> dict:
+def load_result(path: str, keys=(), remedy: str | None = None) -> dict:
     """The arrays of a result written by `save_result` (each read whole, so the zip's CRCs are
     checked); an `IntegrityError` (a ValueError) naming the file when it is unreadable, damaged or
-    lacks one of `keys` (results are written atomically, so a killed run never leaves a partial one)."""
+    lacks one of `keys` (results are written atomically, so a killed run never leaves a partial one),
+    with `remedy` (what to do; default: rerun the command that wrote it)."""
+    redo = "delete it and rerun the same command to recompute that job" if remedy is None else remedy
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
-        raise IntegrityError(path, "is missing", "rerun the command that writes it") from None
+        raise IntegrityError(path, "is missing", "rerun the command that writes it" if remedy is None else remedy) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise IntegrityError(path, f"is not a readable result file ({type(e).__name__}: {e}): it is truncated or "
-                             f"corrupt",
-                             "delete it and rerun the same command to recompute that job") from None
+                             f"corrupt", redo) from None
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise IntegrityError(path, f"(result file) lacks {', '.join(missing)}: it is corrupt, or not this harness's",
-                             "delete it and rerun the same command to recompute that job")
+                             redo)
     return arrays
 
 

@@ -33,32 +33,11 @@ from dtrak_core.files import atomic_write_json, folder_lock, json_hash, read_jso
 from dtrak_core.model.data import INPUT_RANGE, Dataset, load_dataset
 from dtrak_core.model.training import TrainConfig
 from dtrak_core.model.unet import CONFIG_NAMES, checkpoint_hash, config_file_hash, load_checkpoint, weights_named
+from dtrak_core.remedies import MANIFEST, build_command, checkpoint_remedy, manifest_remedy
 
-MANIFEST = "manifest.json"
 # manifest keys of a folder kind's own (kept in `extra`) that are sealed like the recipe: what each changes
 SEALED_EXTRA = {"guidance_scale": "it is the classifier-free guidance of every text-to-image sample"}
 ENV_ROOT = "DTRAK_ASSETS"
-MANIFEST_REMEDY = ("rebuild the model folder with `python -m dtrak_core build-default` (or `build` for your own "
-                   "model; finished feature stores are reused)")
-TEXT2IMAGE_REMEDY = ("rebuild the text-to-image model folder with `python -m dtrak_core build-text2image` (the "
-                     "miniature; your own model: `build-text2image --root R --pipeline SD --lora L --data IMAGES`; a "
-                     "pipeline, LoRA and stores that match their recorded hashes are reused)")
-
-
-def manifest_remedy(root: str, manifest: dict | None = None) -> str:
-    """How to rebuild the folder whose manifest is damaged: `build-text2image` for a text-to-image
-    folder (kind "text2image" in what can still be read of the manifest, or its layout: a
-    pipeline/ and a lora/ folder), else `build-default`."""
-    if isinstance(manifest, dict):
-        return TEXT2IMAGE_REMEDY if manifest.get("kind") == "text2image" else MANIFEST_REMEDY
-    try:
-        with open(os.path.join(root, MANIFEST), "rb") as f:
-            raw = f.read(1 << 20)
-    except OSError:
-        raw = b""
-    if b'"text2image"' in raw or all(os.path.isdir(os.path.join(root, d)) for d in ("pipeline", "lora")):
-        return TEXT2IMAGE_REMEDY
-    return MANIFEST_REMEDY
 
 
 def path_in_root(root: str, path: str) -> str:
@@ -136,7 +115,7 @@ class ModelFolder:
         if not os.path.isfile(path):
             if missing_ok:
                 return None
-            raise ValueError(f"no {MANIFEST} in {root!r}; build it with `python -m dtrak_core build-default`")
+            raise ValueError(f"no {MANIFEST} in {root!r}; {manifest_remedy(root)}")
         return cls.from_dict(root, read_json(path, "model manifest", manifest_remedy(root)))
 
     @classmethod
@@ -241,7 +220,7 @@ class ModelFolder:
                 remedy = f"rebuild the model folder with `python -m dtrak_core build-default --root {self.root}`"
             elif key in SEALED_EXTRA:
                 entry, why = f"{key!r}", SEALED_EXTRA[key]
-                remedy = (f"rebuild the model folder with `python -m dtrak_core build-text2image --root {self.root}` "
+                remedy = (f"rebuild the model folder with `{build_command(self.root, self.to_dict())}` "
                           f"(it sets the value it was built with; the pipeline, LoRA and stores are reused)")
             else:
                 entry, why = f"tuned_lambda[{key.split('/', 1)[1]!r}]", "the lambda changes the method's ranking"
@@ -281,8 +260,9 @@ class ModelFolder:
 
     @property
     def remedy(self) -> str:
-        """How to rebuild this folder (`build-text2image` for a text-to-image one, else `build-default`)."""
-        return manifest_remedy(self.root, {"kind": self.extra.get("kind")})
+        """What to do when its manifest lacks an entry: delete it and build the folder again
+        (`remedies.manifest_remedy`: the command that built it, on this folder)."""
+        return manifest_remedy(self.root, self.to_dict())
 
     def require(self, *keys: str) -> "ModelFolder":
         """self, or an `IntegrityError` naming manifest.json for the first of `keys` it lacks."""
@@ -348,15 +328,9 @@ class ModelFolder:
         if not self.config_hash:
             return
         ckpt = self.checkpoint_path
-        if self.text2image:
-            remedy = (f"restore the file as it was built, or rebuild the model folder (delete {ckpt} and run "
-                      f"`python -m dtrak_core build-text2image --root {self.root}`; for your own model, "
-                      f"`build-text2image` into a new --root)")
-        else:
-            remedy = (f"restore the config file as it was built, or rebuild the model folder (delete {ckpt} and run "
-                      f"`python -m dtrak_core build-default`; for your own model, `build` into a new --root)")
+        remedy = checkpoint_remedy(self.root, self.to_dict(), restore="the config file as it was built")
         for rel, want in sorted(self.config_hash.items()):
-            have = config_file_hash(ckpt, rel, remedy if self.text2image else None)
+            have = config_file_hash(ckpt, rel, remedy)
             if have != want:
                 path, what = os.path.join(ckpt, *rel.split("/")), CONFIG_NAMES.get(rel, "checkpoint config")
                 raise IntegrityError(path, f"({what}) hashes to {have}, but {self.path} records config_hash "
@@ -372,8 +346,7 @@ class ModelFolder:
             unet_dir = os.path.join(self.root, self.checkpoint or "model", "unet")
             raise IntegrityError(unet_dir, f"(model weights) hashes to {have}, but {self.path} records "
                                  f"checkpoint_hash {self.checkpoint_hash} ({weights_named(unet_dir)} was replaced "
-                                 f"or is corrupt)", "restore the model's weights, or rebuild the model folder (`python -m "
-                                 "dtrak_core build-default`, or `build` for your own model)")
+                                 f"or is corrupt)", checkpoint_remedy(self.root, self.to_dict(), restore="the model's weights"))
 
     def load_model(self):
         """(unet, scheduler) of the checkpoint, its configs checked against `config_hash` (first: an

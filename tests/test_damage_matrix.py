@@ -2,10 +2,12 @@
 text-to-image folder `assets/text2image/`): each case truncates, flips a byte in, edits a JSON value of
 or deletes one file of a copy, and expects that file's relative path in the error, through the command
 line (exit 2, the message on stderr, no traceback) where it reads the file, and through the app's
-loading path (its error page text or its banner's findings). The copies are made once per module;
+loading path (its error page text or its banner's findings), with a command that fixes it written to
+run as printed on the copy (its --root, or paths inside it). The copies are made once per module;
 each case restores its file afterwards (the committed assets are never touched)."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -100,6 +102,9 @@ def _digits_cases():
     add("tracin/index.json", "truncate", check="tracin")
     add("tracin/index.json", "edit", ("checkpoints.0.step", 1), check="tracin")
     add("tracin/index.json", "edit", ("setting.K", 2), check="tracin")
+    # a checkpoint's recorded hash, or the model's: the index is wrong, not the weights
+    add("tracin/index.json", "edit", ("checkpoints.0.checkpoint_hash", "0123456789abcdef"), check="tracin")
+    add("tracin/index.json", "edit", ("model_checkpoint_hash", "0123456789abcdef"), check="tracin")
     add("tracin/index.json", "delete", check="tracin")
     tracin = json.load(open(os.path.join(ASSETS, "tracin", "index.json")))
     for c in tracin["checkpoints"]:  # every checkpoint's weights and store features
@@ -246,6 +251,20 @@ def _names(text: str, rel: str) -> bool:
     return rel in text or (folder in text and name in text)
 
 
+def _fix_runs_on(text: str, rel: str, root: str) -> None:
+    """Every line of `text` that names the damaged file says what fixes it with a dtrak command
+    (in backticks) written for this folder: each such command names the folder (--root <root>) or a
+    path inside it (checksums FOLDER, --out), since the copy is not the default folder."""
+    lines = [line for line in text.splitlines() if _names(line, rel)]
+    assert lines, text
+    for line in lines:
+        commands = re.findall(r"`(python -m dtrak_core [^`]*)`", line)
+        assert commands, f"no command that fixes {rel}: {line}"
+        for command in commands:
+            assert f"--root {root}" in command or f"{root}{os.sep}" in command, \
+                f"the command for {rel} does not run on {root}: {command!r} in {line}"
+
+
 def _app_findings(app, kind, root, check) -> str:
     """What the app shows for the folder: its error page's text when it cannot load it, else every
     finding of its banner (the full check: every file read)."""
@@ -300,9 +319,39 @@ def test_a_damaged_file_is_named(folders, app, capsys, kind, rel, damage, value,
             assert "Traceback" not in captured.err
             assert code == 2, f"the damaged {rel} was used: {captured.out[:300]}"
             assert _names(captured.err, rel), captured.err
+            _fix_runs_on(captured.err, rel, root)
         shown = _app_findings(app, kind, root, check)
         assert "Traceback" not in shown
         assert _names(shown, rel), shown or "the app reports nothing"
+        _fix_runs_on(shown, rel, root)
+    finally:
+        with open(path, "wb") as f:
+            f.write(original)
+
+
+@pytest.mark.parametrize("key", ["checkpoints.0.checkpoint_hash", "model_checkpoint_hash"])
+def test_the_command_named_for_an_edited_tracin_index_rebuilds_it(folders, capsys, key):
+    """The reported defect: an edited checkpoint hash in the TracInCP index was blamed on the
+    checkpoint's weights (restore them). Now the index is named, and the command its message gives,
+    run as printed, rewrites it from the checkpoints and stores (which agree with each other) without
+    replaying the training run: the index comes back byte for byte."""
+    import shlex
+
+    root = folders["digits"]
+    path = os.path.join(root, "tracin", "index.json")
+    with open(path, "rb") as f:
+        original = f.read()
+    try:
+        edit(path, (key, "0123456789abcdef"))
+        assert cli.main(_cli_argv("digits", root, "tracin")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} (TracInCP index)") and "weights) hashes" not in err, err
+        command = re.findall(r"`(python -m dtrak_core build-baselines[^`]*)`", err)
+        assert command == [f"python -m dtrak_core build-baselines --root {root}"], err
+        assert cli.main(shlex.split(command[0])[3:]) == 0
+        with open(path, "rb") as f:
+            assert f.read() == original
+        assert cli.main(_cli_argv("digits", root, "tracin")) == 0
     finally:
         with open(path, "wb") as f:
             f.write(original)

@@ -277,6 +277,126 @@ def test_uploads_within_the_bounds_reach_the_app(served, monkeypatch, tmp_path):
     assert "seven.png" in json.dumps(out)
 
 
+def test_refused_uploads_get_a_complete_answer_under_concurrency(served, monkeypatch):
+    """The reported defect: under 8 concurrent clients a few uploads failed at the HTTP level (the
+    client saw the connection close before the answer's body). Every refusal is a whole HTTP answer
+    the client reads, and its connection stays usable: 8 threads, each on one keep-alive connection,
+    mixing uploads over the per-file limit (answered before their body is read: the server drops
+    the rest), uploads over the address's window (their body read first) and admitted ones."""
+    import httpx
+
+    app, url = served
+    limits = app.demo.upload_limits
+    monkeypatch.setattr(app.module_of("TRUSTED_PROXIES"), "TRUSTED_PROXIES", 0)
+    monkeypatch.setattr(limits, "_recent", {})
+    monkeypatch.setattr(limits, "files", 4)
+    monkeypatch.setattr(limits, "max_request", 50_000)
+    outcomes, failures = [], []
+
+    def visitor(i):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for j in range(8):
+                size = 400_000 if (i + j) % 3 == 0 else 1000  # over the per-file limit, or small
+                files = [("files", (f"v{i}-{j}-{time.monotonic_ns()}.png", os.urandom(size), "image/png"))]
+                try:
+                    r = http.post("gradio_api/upload", files=files)
+                    outcomes.append((size, r.status_code, r.text))
+                    assert http.get("gradio_api/info").status_code == 200  # the same connection still serves
+                except Exception as e:  # a dropped connection, a body cut short
+                    failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:3]
+    assert len(outcomes) == 64
+    assert {code for size, code, _ in outcomes if size > 50_000} == {413}
+    small = [(code, text) for size, code, text in outcomes if size <= 50_000]
+    assert sum(code == 200 for code, _ in small) == 4  # the address's window
+    assert all(code == 429 and text.startswith("Too many uploads from your address") for code, text in small
+               if code != 200)
+    assert all(text.startswith("The file is over") for size, _, text in outcomes if size > 50_000)
+
+
+def test_an_upload_over_the_limit_is_answered_before_its_body_arrives(served):
+    """An upload that says it is over the per-file limit is answered at once, with a complete answer
+    (not a connection closed on a client still sending): here the client sends a tenth of its body
+    and reads the whole 413 before sending the rest."""
+    import h11
+
+    app, url = served
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    size = app.demo.upload_limits.max_request + 1_000_000
+    conn = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(conn.send(h11.Request(method="POST", target="/gradio_api/upload", headers=[
+            ("Host", f"127.0.0.1:{port}"), ("Content-Type", "multipart/form-data; boundary=x"),
+            ("Content-Length", str(size))])))
+        sock.sendall(conn.send(h11.Data(data=b"\0" * (size // 10))))
+        events = []
+        while not events or not isinstance(events[-1], (h11.EndOfMessage, h11.ConnectionClosed)):
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+                continue
+            events.append(event)
+    response = events[0]
+    assert isinstance(response, h11.Response) and response.status_code == 413
+    assert isinstance(events[-1], h11.EndOfMessage)  # the whole answer, not a connection closed under it
+    body = b"".join(e.data for e in events if isinstance(e, h11.Data)).decode()
+    assert body.startswith("The file is over 10 MB")
+
+
+def _join(url, fn_index, data, **kw):
+    import httpx
+
+    return httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": "s" + str(
+        time.monotonic_ns()), "event_data": None, "trigger_id": None}, timeout=30, **kw)
+
+
+def test_a_queue_join_cannot_bring_files_past_the_upload_bounds(served, monkeypatch):
+    """Files reach the app through the upload route only, where they are bounded: a queue join that
+    gives a file by a web address (which Gradio would download into its cache, with no size limit
+    and past every upload bound) is refused before Gradio sees it, and every other request's body
+    is bounded (413 over the bound, declared or chunked)."""
+    import gradio.processing_utils
+    import httpx
+
+    app, url = served
+    downloads = []
+
+    async def download(url, cache_dir):  # what Gradio would call; nothing is downloaded here
+        downloads.append(url)
+        raise RuntimeError("no downloads in this test")
+
+    monkeypatch.setattr(gradio.processing_utils, "async_ssrf_protected_download", download)
+    fn_index = next(i for i, f in app.demo.fns.items() if f.name == "read_upload")
+    for path in ("https://huggingface.co/datasets/big/resolve/main/10GB.png", " HTTP://example.com/a.png"):
+        r = _join(url, fn_index, [{"path": path, "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}])
+        assert r.status_code == 400 and "given by a web address" in r.text
+    assert downloads == []
+    # a join with an uploaded file is let through as it came
+    uploaded = _upload(url, [200])
+    assert uploaded.status_code == 200
+    r = _join(url, fn_index, [{"path": uploaded.json()[0], "orig_name": "a.png", "meta": {"_type": "gradio.FileData"}}])
+    assert r.status_code == 200 and "event_id" in r.json()
+    # the body of anything but an upload: bounded
+    monkeypatch.setattr(app.demo.upload_limits, "max_call", 10_000)
+    r = _join(url, fn_index, ["x" * 20_000])
+    assert r.status_code == 413 and "the limit of this server" in r.text
+
+    def chunked():
+        for _ in range(4):
+            yield b"[" + b"0," * 3000 + b"0]"
+    r = httpx.post(url + "gradio_api/queue/join", content=chunked(), headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and "the limit of this server" in r.text
+    monkeypatch.setattr(app.demo.upload_limits, "max_call", 1 << 20)
+    assert client(url).predict(3, 50, "square", 2, api_name="/attribute_seed")["proponents"]
+
+
 def test_attribute_seed_endpoint_equals_the_core(served):
     app, url = served
     out = client(url).predict(3, 50, "square", 5, api_name="/attribute_seed")

@@ -55,8 +55,16 @@ def write_metadata(path: str, metadata: dict) -> dict:
 
 
 def _rebuild(path: str) -> str:
-    return (f"delete the folder {path} and build the store again (`python -m dtrak_core featurize` for a "
-            f"model folder's store, `build-baselines` for a TracInCP store)")
+    """Delete the store and build it again: with the command that builds it where it lies
+    (`remedies.store_command`: its model folder's --root and its setting), else the commands that do."""
+    from dtrak_core.remedies import store_command
+
+    command = store_command(path)
+    if command is not None:
+        return f"delete the folder {path} and build the store again with `{command}`"
+    return (f"delete the folder {path} and build the store again (`python -m dtrak_core featurize --root <model "
+            f"folder> ...` with its setting for a model folder's store, `build-baselines --root <model folder>` for "
+            f"a TracInCP store)")
 
 
 class FeatureStore:
@@ -95,6 +103,9 @@ class FeatureStore:
         `IntegrityError` naming the file; a store built for something else than `expected`, a ValueError."""
         meta_path = os.path.join(path, METADATA)
         if not os.path.isfile(meta_path):
+            if os.path.isdir(path) and os.listdir(path):  # a store whose metadata was lost
+                raise IntegrityError(meta_path, "(feature store metadata) is missing, so the folder is not a "
+                                     "usable feature store", _rebuild(path))
             raise ValueError(f"{path!r} is not a feature store (no {METADATA})")
         metadata = read_json(meta_path, "feature store metadata", _rebuild(path))
         version = metadata.get("format_version")

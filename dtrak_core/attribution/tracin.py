@@ -67,11 +67,14 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
     steps = sorted(set(tracin_steps(config.steps) if steps is None else [int(s) for s in steps]))
     base = os.path.join(root, "tracin")
     rel_ckpt = {s: os.path.join("tracin", "checkpoints", f"step-{s:05d}") for s in steps}
-    old = _read_json(os.path.join(root, TRACIN_INDEX))
+    old = _read_json(os.path.join(root, TRACIN_INDEX), root)
     have = {c["step"]: c["checkpoint_hash"] for c in old.get("checkpoints", [])}
+    # the index belongs to the model when it says so, or when its final checkpoint is the model (its
+    # model_checkpoint_hash alone was edited); each checkpoint is checked against its store below
     reusable = (old.get("train_config") == _jsonable(config.to_dict()) and set(have) >= set(steps)
                 and old.get("dataset") == train_set.fingerprint
-                and (expected_final is None or old.get("model_checkpoint_hash") == expected_final)
+                and (expected_final is None or expected_final in (old.get("model_checkpoint_hash"),
+                                                                  have.get(config.steps)))
                 and all(os.path.isfile(os.path.join(root, rel_ckpt[s], "unet", "config.json")) for s in steps))
     t0 = time.perf_counter()
     train_seconds = old.get("train_seconds")
@@ -90,9 +93,20 @@ def build_tracin(root: str, train_set, scheduler, config: TrainConfig, *, expect
     for s in steps:
         unet, sched = load_checkpoint(os.path.join(root, rel_ckpt[s]))
         h = checkpoint_hash(unet)
-        if reusable and have[s] != h:
-            raise ValueError(f"checkpoint {rel_ckpt[s]} has hash {h}, the manifest recorded {have[s]}; delete {base} and rebuild")
         rel_store = os.path.join("tracin", "stores", f"step-{s:05d}-{setting.slug}")
+        # a recorded hash that its weights and its store both contradict was edited in the index: the
+        # index is rewritten from them below; weights that their store contradicts too are damaged
+        if reusable and have[s] != h and _store_checkpoint(os.path.join(root, rel_store)) != h:
+            raise IntegrityError(os.path.join(root, rel_ckpt[s], "unet"), f"(TracInCP checkpoint weights) hashes to "
+                                 f"{h}, but {os.path.join(root, TRACIN_INDEX)} records {have[s]} and its feature "
+                                 f"store another hash (the weights file was replaced or is corrupt)",
+                                 f"delete {os.path.join(root, rel_ckpt[s])} and rerun `python -m dtrak_core "
+                                 f"build-baselines{root_option(root)}` (it replays the training run)")
+        if reusable and s == config.steps and expected_final is not None and h != expected_final:
+            raise IntegrityError(os.path.join(root, rel_ckpt[s], "unet"), f"(TracInCP final checkpoint weights) hashes "
+                                 f"to {h}, not to the model's {expected_final}: it is not the model's training run",
+                                 f"delete {base} and rerun `python -m dtrak_core build-baselines{root_option(root)}` "
+                                 f"(it replays the training run)")
         t1 = time.perf_counter()
         cached_store(os.path.join(root, rel_store), FeatureStore.identity(setting, h, train_set.fingerprint),
                      train_set.images, lambda: Featurizer(unet, sched, setting), setting.k, show_bar=show_bar)
@@ -144,12 +158,27 @@ def build_default_baselines(root: str | None = None, show_bar: bool = True, regi
                         show_bar=show_bar, register=register)
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: str, root: str) -> dict:
     """The TracInCP index, {} when absent; an IntegrityError naming it when damaged."""
     if not os.path.isfile(path):
         return {}
     return read_json(path, "TracInCP index", f"delete {os.path.dirname(path)} and rebuild it with "
-                     f"`python -m dtrak_core build-baselines` (it replays the training run)")
+                     f"`python -m dtrak_core build-baselines{root_option(root)}` (it replays the training run)")
+
+
+def _store_checkpoint(path: str) -> str | None:
+    """The checkpoint hash a TracInCP feature store records it was built from (its metadata checked
+    against its seal), None when it cannot be read: a second record of each checkpoint's weights,
+    beside the index's."""
+    try:
+        return FeatureStore.open(path, verify=False).metadata.get("checkpoint")
+    except (ValueError, OSError):
+        return None
+
+
+def _rebuild_index(root: str) -> str:
+    return (f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}` (it reuses the checkpoints "
+            f"and stores that match what they record, and replays the training run otherwise)")
 
 
 def _jsonable(d: dict) -> dict:
@@ -175,7 +204,7 @@ def tracin_index(root: str, attributor) -> tuple[dict, str]:
         raise IntegrityError(os.path.join(root, index), f"(TracInCP index) is missing, though "
                              f"{os.path.join(root, MANIFEST)} registers it",
                              f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`")
-    entry = _read_json(os.path.join(root, index)) if index else {}
+    entry = _read_json(os.path.join(root, index), root) if index else {}
     if not entry:
         raise MethodUnavailable(f"TracInCP needs the training run's checkpoints: none registered in "
                                 f"{os.path.join(root, MANIFEST)}; build them with `python -m dtrak_core "
@@ -191,8 +220,12 @@ def tracin_index(root: str, attributor) -> tuple[dict, str]:
                              f"rebuild it with `python -m dtrak_core build-baselines{root_option(root)}`")
     model_hash = checkpoint_hash(attributor.unet)
     if entry["model_checkpoint_hash"] != model_hash or entry["dataset"] != attributor.train.fingerprint:
-        raise MethodUnavailable(f"the TracInCP checkpoints under {root!r} belong to model {entry['model_checkpoint_hash']} "
-                                f"on data {entry['dataset']}, not to this model ({model_hash}, data {attributor.train.fingerprint})")
+        # the model's weights were checked against the manifest, which registers this index: the index
+        # (edited, or left from another model) is what is wrong, not the model
+        raise IntegrityError(index_path, f"(TracInCP index) records checkpoints of model "
+                             f"{entry['model_checkpoint_hash']} on data {entry['dataset']}, but the model of "
+                             f"{os.path.join(root, MANIFEST)} is {model_hash} on data {attributor.train.fingerprint} "
+                             f"(the index was edited, or built for another model)", _rebuild_index(root))
     _check_layout(entry, index_path, root)
     model_configs = folder.config_hash or (config_hashes(folder.checkpoint_path) if folder.checkpoint else {})
     for c in entry["checkpoints"]:
@@ -250,10 +283,15 @@ def load_tracin(root: str, attributor) -> list[TracInCheckpoint]:
     entry, index_path = tracin_index(root, attributor)
     setting = _setting(entry, index_path, root)
     out = []
-    for c in entry["checkpoints"]:
+    for i, c in enumerate(entry["checkpoints"]):
         ckpt = os.path.join(root, c["checkpoint"])
         unet, scheduler = load_checkpoint(ckpt)
         h = checkpoint_hash(unet)
+        if h != c["checkpoint_hash"] and _store_checkpoint(os.path.join(root, c["store"])) == h:
+            # the weights hash to what their sealed feature store records: the index's record is what changed
+            raise IntegrityError(index_path, f"(TracInCP index) records checkpoint_hash {c['checkpoint_hash']!r} for "
+                                 f"checkpoints[{i}] ({c['checkpoint']}), but its weights hash to {h}, which its feature "
+                                 f"store {c['store']} records too (the index was edited)", _rebuild_index(root))
         if h != c["checkpoint_hash"]:
             unet_dir = os.path.join(ckpt, "unet")
             raise IntegrityError(unet_dir, f"(TracInCP checkpoint weights) hashes to {h}, but {index_path} records "

@@ -39,6 +39,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -52,7 +53,7 @@ from dtrak_core.attribution import baselines
 from dtrak_core.attribution import methods as registry
 from dtrak_core.attribution.base import RULE
 from dtrak_core.attribution.output_functions import canonical_name
-from dtrak_core.errors import Cancelled, IntegrityError
+from dtrak_core.errors import Cancelled, IntegrityError, root_option
 from dtrak_core.evaluation.quality import classify
 from dtrak_core.evaluation.retrain import RetrainJob, retrain, run_jobs
 from dtrak_core.files import atomic_write_json, load_result, read_json
@@ -166,8 +167,8 @@ def train_config_from_manifest(root: str) -> TrainConfig:
     """The recipe the model under `root` was trained with (manifest.json's train_config)."""
     folder = ModelFolder.load(root, missing_ok=True)
     if folder is None:
-        raise ValueError(f"no manifest.json in {root!r}; build it with `python -m dtrak_core build-default` "
-                         f"or pass a TrainConfig")
+        raise ValueError(f"no manifest.json in {root!r}; build it with `python -m dtrak_core build-default"
+                         f"{root_option(root)}` or pass a TrainConfig")
     if folder.train_config is None:
         raise ValueError(f"{folder.path} has no train_config; pass a TrainConfig")
     return folder.train_config
@@ -434,8 +435,8 @@ def _identity_mismatch(have: dict, want: dict) -> str | None:
 
 def _identity_remedy(out_dir: str) -> str:
     return (f"it records the model, data and recipe every job result in {out_dir} was computed with, so without "
-            f"it they cannot be checked: restore it, or delete {out_dir} and rerun `python -m dtrak_core "
-            f"counterfactual` to recompute them")
+            f"it they cannot be checked: restore it, or delete {out_dir} and rerun `{harness_run(out_dir)}` (with "
+            f"the --targets, --rankings and --k it was run with) to recompute them")
 
 
 def _read_identity(path: str, verified: bool = False) -> dict:
@@ -481,10 +482,22 @@ def _adopt_unrecorded(out_dir: str) -> None:
 IDENTITY = "identity.json"
 
 
+def harness_run(jobs_dir: str) -> str:
+    """The `counterfactual` command that writes the job results in `jobs_dir` (<out>/jobs), with the
+    --root of the model folder it lies in (<root>/counterfactual/jobs) and its --out."""
+    jobs_dir = os.path.normpath(jobs_dir or ".")
+    out = os.path.dirname(jobs_dir) if os.path.basename(jobs_dir) == "jobs" else jobs_dir
+    root = os.path.dirname(os.path.abspath(out))
+    in_folder = os.path.isfile(os.path.join(root, "manifest.json"))
+    root_arg = root_option(os.path.dirname(out) or ".") if in_folder else ""
+    return f"python -m dtrak_core counterfactual{root_arg} --out {shlex.quote(out)}"
+
+
 def job_remedy(path: str) -> str:
     """What to do about a damaged or edited job file: recompute it."""
-    return (f"delete it and rerun the `python -m dtrak_core counterfactual` command that wrote "
-            f"{os.path.dirname(path) or '.'} (finished jobs are kept; this one is retrained and its checksum recorded)")
+    return (f"delete it and rerun `{harness_run(os.path.dirname(path))}` with the --targets, --rankings and --k "
+            f"that wrote {os.path.dirname(path) or '.'} (finished jobs are kept; this one is retrained and its "
+            f"checksum recorded)")
 
 
 def plan_jobs(attributor, seeds, rankings, ks) -> tuple[list[RetrainJob], dict, dict]:
@@ -580,7 +593,7 @@ def committed_results(attributor, out_dir: str | None = None,
             raise IntegrityError(path, "(counterfactual job result) is missing, though its folder's checksums.json "
                                  "lists it", job_remedy(path))
     for path in present:
-        z = load_result(path, keys=JOB_KEYS)  # every array is read, so zip CRCs are checked too
+        z = load_result(path, keys=JOB_KEYS, remedy=job_remedy(path))  # every array is read, so zip CRCs are checked too
         checksums.verify(path, "counterfactual job result", job_remedy(path))
         key = (int(z["seed"]), str(z["ranking"]), int(z["k"]))
         if key[1] in rankings:
@@ -626,7 +639,7 @@ def load_job(path: str) -> CounterfactualResult:
     """One finished harness job as a `CounterfactualResult` (what `remove_and_retrain` returns),
     checked against the checksum recorded for it (in a folder that records checksums: one written
     before they were recorded is read as it is)."""
-    z = load_result(path, keys=JOB_KEYS)
+    z = load_result(path, keys=JOB_KEYS, remedy=job_remedy(path))
     checksums.verify(path, "counterfactual job result", job_remedy(path), required=False)
     return CounterfactualResult.from_arrays(z)
 

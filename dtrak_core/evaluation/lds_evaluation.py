@@ -19,6 +19,7 @@ from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.output_functions import canonical_name
 from dtrak_core.attribution.scoring import TRAKScorer
 from dtrak_core.attribution.store import FeatureStore, cached_store
+from dtrak_core.errors import root_option
 from dtrak_core.evaluation.lds import lambda_study, lds, noise_ceiling, save_ground_truth
 from dtrak_core.evaluation.lds_run import (
     TIMESTEP_STRIDES,
@@ -135,7 +136,8 @@ def default_methods(root: str, names=("d-trak", "trak"), K: int | None = 100):
         entries = [e for e in entries if K is None or e[0].K == K]
         if not entries:
             raise ValueError(f"no feature store for {name!r} (K={K}) in {root!r}; build it with "
-                             f"`python -m dtrak_core featurize --output-fn {canonical_name(name)} --K {K}`")
+                             f"`python -m dtrak_core featurize{root_option(root)} --output-fn {canonical_name(name)}"
+                             + (f" --K {K}`" if K else "`"))
         setting, store = max(entries, key=lambda e: e[0].K)
         methods[name], feats[name] = setting, np.asarray(store.features())
     return attributor.unet, attributor.scheduler, methods, feats

@@ -120,7 +120,9 @@ class Bench:
         self.attributor = Attributor.load(root, tuned=tuned)  # tuned=False: `tune_lambdas`, which replaces them
         stores = [s for v in self.attributor.stores.values() for s, _ in v]
         if not stores:
-            raise ValueError(f"the model in {root!r} has no feature stores; build them with `python -m dtrak_core build-default`")
+            from dtrak_core.remedies import build_command
+
+            raise ValueError(f"the model in {root!r} has no feature stores; build them with `{build_command(root)}`")
         # projector, k and seed of the model's own stores, so every table's features share them
         self.base = max(stores, key=lambda s: (s.output_fn == "square", s.K))
         self.truth = collect(run_dir)

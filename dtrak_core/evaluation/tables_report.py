@@ -9,6 +9,7 @@ Recomputing some tables (`which`) keeps the others already in dest/tables.json.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 
 from dtrak_core import checksums
@@ -71,8 +72,16 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
     return out
 
 
-TABLES_REMEDY = ("rewrite it with `python -m dtrak_core lds tables` (and `python -m dtrak_core study "
-                 "publish` for its 'beyond' rows), which record its checksum in it")
+def tables_remedy(path: str) -> str:
+    """How to rewrite a damaged <root>/benchmarks/tables.json: the commands that write it, on its folder."""
+    from dtrak_core.errors import root_option
+
+    folder = os.path.dirname(os.path.normpath(path))
+    root = os.path.dirname(folder) if os.path.basename(folder) == "benchmarks" else None
+    dest = "" if root is not None else f" --dest {shlex.quote(folder or '.')}"
+    where = "" if root is None else root_option(root)
+    return (f"rewrite it with `python -m dtrak_core lds tables{where}{dest}` (and `python -m dtrak_core study "
+            f"publish{where}` for its 'beyond' rows), which record its checksum in it")
 
 
 def load_tables(path: str, required: bool = False) -> dict | None:
@@ -82,7 +91,7 @@ def load_tables(path: str, required: bool = False) -> dict | None:
     too, as the app does; else it is read as it is (a writer merging it into a new, sealed one)."""
     if not os.path.isfile(path):
         return None
-    return checksums.read_sealed_json(path, "benchmark tables", TABLES_REMEDY, required=required)
+    return checksums.read_sealed_json(path, "benchmark tables", tables_remedy(path), required=required)
 
 
 # -- the Markdown ----------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ def resolve_model(source: str) -> str:
 
 
 def _checkpoint_remedy(path: str) -> str:
-    return (f"restore the checkpoint folder {path} (for your own model: save the pipeline again), or rebuild a "
-            f"model dtrak trained (`python -m dtrak_core build-default`; `build-baselines` for TracInCP checkpoints)")
+    from dtrak_core.remedies import checkpoint_folder_remedy
+
+    return checkpoint_folder_remedy(path)
 
 
 def unet_weights(unet_dir: str) -> list[str]:

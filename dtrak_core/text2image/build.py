@@ -29,7 +29,8 @@ import torch
 
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.store import FeatureStore
-from dtrak_core.folder import ModelFolder
+from dtrak_core.errors import SealMismatch
+from dtrak_core.folder import SEALED_EXTRA, ModelFolder
 from dtrak_core.model.data import INPUT_RANGE
 from dtrak_core.model.unet import count_parameters
 from dtrak_core.text2image import MINIATURE_ROOT
@@ -131,7 +132,12 @@ def build_miniature(root: str = MINIATURE_ROOT, vae_config: VAEConfig = VAEConfi
     recipe = _jsonable({"vae": vae_config.to_dict(), "base": base_config.to_dict(), "lora": lora_config.to_dict(),
                         "pretrain_digits": list(PRETRAIN_DIGITS), "torch": torch.__version__,
                         "threads": BUILD_THREADS})
-    folder = ModelFolder.load(root, missing_ok=True)
+    try:
+        folder = ModelFolder.load(root, missing_ok=True)
+    except SealMismatch as e:  # a value this build sets itself (guidance_scale) edited by hand: the fix it names
+        if e.entry not in SEALED_EXTRA:
+            raise
+        folder = ModelFolder._read(root, missing_ok=True)
     old = folder.extra if folder is not None else {}
     same_base = old.get("recipe", {}).get("vae") == recipe["vae"] and old.get("recipe", {}).get("base") == recipe["base"]
     same_lora = same_base and old.get("recipe", {}).get("lora") == recipe["lora"]

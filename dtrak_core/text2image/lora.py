@@ -114,11 +114,14 @@ def load_lora(unet, path: str):
     diffusers' or peft's format), adapters trainable and base frozen, in eval mode."""
     from diffusers import StableDiffusionPipeline
 
+    from dtrak_core.remedies import lora_remedy
+
     folder, weight_name = (os.path.dirname(path), os.path.basename(path)) if os.path.isfile(path) else (path, WEIGHTS_NAME)
     file = os.path.join(folder, weight_name)
+    remedy = lora_remedy(file)
     if not os.path.isfile(file):
-        raise ValueError(f"no LoRA weights at {file!r} (expected {WEIGHTS_NAME}, as diffusers' save_lora_weights writes)")
-    remedy = f"restore {file}, or train the LoRA again (`python -m dtrak_core build-text2image` for the miniature)"
+        raise IntegrityError(file, f"(LoRA weights) is missing: no LoRA weights at this path (expected {WEIGHTS_NAME}, "
+                             f"as diffusers' save_lora_weights writes)", remedy)
     try:
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(folder, weight_name=weight_name,
                                                                           return_lora_metadata=True)

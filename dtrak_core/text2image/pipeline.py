@@ -246,8 +246,15 @@ def component_file(path: str, component: str) -> str:
 
 
 def _remedy(path: str) -> str:
-    return (f"restore the pipeline folder {path} (for your own model: save the pipeline again), or rebuild the "
-            f"miniature with `python -m dtrak_core build-text2image`")
+    """How to replace the pipeline folder `path` when a file of it is damaged: a text-to-image model
+    folder's own pipeline (<root>/pipeline) by `remedies.checkpoint_remedy` (with the folder's --root),
+    any other by restoring it."""
+    from dtrak_core.remedies import MANIFEST, checkpoint_remedy
+
+    root = os.path.dirname(os.path.normpath(path))
+    if os.path.basename(os.path.normpath(path)) == "pipeline" and os.path.isfile(os.path.join(root, MANIFEST)):
+        return checkpoint_remedy(root)
+    return f"restore the pipeline folder {path} (your own model: save the pipeline again)"
 
 
 def model_index(pipeline: TextToImagePipeline) -> dict:

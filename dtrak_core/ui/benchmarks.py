@@ -11,6 +11,7 @@ import gradio as gr
 
 from dtrak_core import app_support as sup
 from dtrak_core import viz
+from dtrak_core.errors import root_option
 from dtrak_core.shared import OnceCache
 from dtrak_core.ui import texts
 from dtrak_core.ui.state import load_assets
@@ -25,11 +26,12 @@ def verified_results(root: str) -> dict:
     from dtrak_core import checksums
     from dtrak_core.errors import IntegrityError
     from dtrak_core.evaluation.counterfactual_report import summary_remedy
-    from dtrak_core.evaluation.tables_report import TABLES_REMEDY
+    from dtrak_core.evaluation.tables_report import tables_remedy
 
     out = {}
     for name, path, what, remedy in (
-            ("tables", os.path.join(root, "benchmarks", "tables.json"), "benchmark tables", TABLES_REMEDY),
+            ("tables", os.path.join(root, "benchmarks", "tables.json"), "benchmark tables",
+             tables_remedy(os.path.join(root, "benchmarks", "tables.json"))),
             ("summary", os.path.join(root, "counterfactual", "summary.json"), "counterfactual summary",
              summary_remedy(os.path.join(root, "counterfactual", "summary.json")))):
         if not os.path.exists(path):
@@ -301,8 +303,8 @@ def benchmarks_blocks(root: str) -> list:
         gr.Markdown(
             "### No benchmark results yet\n"
             f"Nothing under `{bench}/` or `{cf_dir}/`. The LDS tables and the counterfactual medians are "
-            "produced by the evaluation harnesses (`python -m dtrak_core lds ...` writes "
-            "`benchmarks/lds_results.json`, `python -m dtrak_core counterfactual ...` writes "
+            f"produced by the evaluation harnesses (`python -m dtrak_core lds <step>{root_option(root)}` writes "
+            f"`benchmarks/lds_results.json`, `python -m dtrak_core counterfactual{root_option(root)}` writes "
             "`counterfactual/summary.json`; see `python -m dtrak_core --help`); restart the app to show them.")
     return charts
 

@@ -39,14 +39,14 @@ def log(message: str) -> None:
 def text2image_folder(root: str) -> bool:
     """A text-to-image model folder (its own tabs: `ui.text2image`), by its
     manifest; one whose manifest cannot be read or checked is, when what remains of it or the
-    folder's layout says so (`folder.manifest_remedy`), so that its error page says how to rebuild
+    folder's layout says so (`remedies.is_text2image`), so that its error page says how to rebuild
     it (`build-text2image`)."""
-    from dtrak_core.folder import TEXT2IMAGE_REMEDY, manifest_remedy
+    from dtrak_core.remedies import is_text2image
 
     try:
         return read_manifest(root).get("kind") == "text2image"
     except (ValueError, OSError):
-        return os.path.isfile(os.path.join(root, "manifest.json")) and manifest_remedy(root) == TEXT2IMAGE_REMEDY
+        return os.path.isfile(os.path.join(root, "manifest.json")) and is_text2image(root)
 
 
 def folder_title(root: str) -> str:
@@ -83,13 +83,13 @@ def header_markdown(a) -> str:
             "Pick a sample in **Generate** and read its attribution in **Attribute**. " + counterfactual.retrain_note(a))
 
 
-def error_section(root: str, error: str, text2image: bool = False) -> None:
-    """What the page shows for a folder that cannot be loaded: what is wrong and how to fix it
-    (text2image: a text-to-image folder, rebuilt by `build-text2image`)."""
-    rebuild = ("rebuild it with `python -m dtrak_core build-text2image` (your own Stable Diffusion and LoRA: "
-               "`python -m dtrak_core build-text2image --root FOLDER --pipeline SD --lora L --data D`)" if text2image else
-               "rebuild it with `python -m dtrak_core build-default` (a model of your own: `python -m dtrak_core build "
-               "--root FOLDER --model M --data D`)")
+def error_section(root: str, error: str) -> None:
+    """What the page shows for a folder that cannot be loaded: what is wrong and how to fix it (the
+    command that built it, on this folder: `remedies.build_command`, which tells a text-to-image
+    folder by its manifest or, when that is damaged, its layout)."""
+    from dtrak_core.remedies import build_command
+
+    rebuild = f"rebuild it with `{build_command(root)}`"
     gr.Markdown(f"# {TITLE}")
     gr.Markdown(f"## The model assets could not be loaded\n\n**Folder:** `{root}`\n\n**What is wrong:** "
                 f"{html.escape(error)}\n\n**How to fix it:** do what the message above says, point "
@@ -163,7 +163,7 @@ def text2image_folder_page(demo: gr.Blocks, root: str) -> None:
         import traceback
 
         traceback.print_exc()
-        return error_section(root, _reason(e), text2image=True)
+        return error_section(root, _reason(e))
     with state.bound_context(root):
         c = text2image.create_ui(a)
     text2image.create_event_handlers(demo, c, lambda fn: state.bound(root, fn))

@@ -1,6 +1,8 @@
 """Serving the page to many visitors: the queue bounded per session and per address, uploads bounded
-per address before they reach the disk, the visitor's address behind trusted proxies, and the one
-place that reads Gradio's queue records (`running_event`)."""
+per address before they reach the disk, every other request's body bounded and refused when it names
+a file by a web address (which Gradio would download into its cache, past the upload bounds), the
+visitor's address behind trusted proxies, and the one place that reads Gradio's queue records
+(`running_event`)."""
 from __future__ import annotations
 
 import os
@@ -36,6 +38,8 @@ UPLOADS_PER_WINDOW = int(os.environ.get("DTRAK_UPLOADS_PER_WINDOW", 30))  # file
 UPLOAD_MB_PER_WINDOW = float(os.environ.get("DTRAK_UPLOAD_MB_PER_WINDOW", 50))  # MB per address per window
 UPLOAD_CACHE_MB = float(os.environ.get("DTRAK_UPLOAD_CACHE_MB", 500))  # Gradio's upload cache, all visitors
 CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
+# the body of any other request (a queue join, an API call: the inputs as JSON, files by reference)
+MAX_REQUEST_BYTES = int(float(os.environ.get("DTRAK_MAX_REQUEST_KB", 1024)) * 1024)
 
 
 def client_address(request, proxies: int | None = None) -> str:
@@ -93,14 +97,17 @@ class UploadLimits:
     counts, whether Gradio then kept it or not); per request: `max_file_bytes` (the per-file limit)
     plus the multipart framing; all visitors together: the upload cache (Gradio's folder, swept of
     files older than 30 minutes by `CACHE_SWEEP`) at most `cache_mb` MB, uploads in flight included.
+    Any other request's body (`UploadGate`): at most `max_call` bytes.
     """
 
     FRAMING = 64 * 1024  # multipart headers and boundaries around a file's bytes
 
     def __init__(self, files: int = UPLOADS_PER_WINDOW, mb: float = UPLOAD_MB_PER_WINDOW,
                  window: float = UPLOAD_WINDOW_SECONDS, cache_mb: float = UPLOAD_CACHE_MB,
-                 max_file_bytes: int = MAX_UPLOAD_BYTES, cache_dir: str | None = None):
+                 max_file_bytes: int = MAX_UPLOAD_BYTES, cache_dir: str | None = None,
+                 max_call: int = MAX_REQUEST_BYTES):
         self.files, self.bytes, self.window = int(files), int(mb * 2**20), float(window)
+        self.max_call = int(max_call)
         self.cache_bytes, self.max_request = int(cache_mb * 2**20), int(max_file_bytes) + self.FRAMING
         self.max_file_bytes = int(max_file_bytes)
         self._cache_dir = cache_dir
@@ -194,6 +201,30 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{max(1, round(n / 1024))} KB"
 
 
+def remote_files(body: bytes) -> list[str]:
+    """The web addresses (http://, https://) that a JSON request body gives as the `path` of a file
+    (Gradio's FileData: {"path": ..., "meta": {"_type": "gradio.FileData"}}, anywhere in the body);
+    [] for a body that is not JSON. Gradio downloads such a file into its upload cache before the
+    handler runs, with no size limit and past every bound of the upload route."""
+    import json
+
+    try:
+        content = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    found, todo = [], [content]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            path = node.get("path")
+            if isinstance(path, str) and path.strip().lower().startswith(("http://", "https://")):
+                found.append(path)
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return found
+
+
 def _multipart_parts(content_type: str, body: bytes) -> int:
     """How many parts (files) a multipart body holds, counted by its boundary (1 when it has none)."""
     import re
@@ -205,11 +236,22 @@ def _multipart_parts(content_type: str, body: bytes) -> int:
 
 
 class UploadGate:
-    """ASGI middleware in front of Gradio's upload route (POST .../gradio_api/upload): an upload over
-    its address's window or the cache's size is refused (HTTP 429, 413, 411 or 503, with a message
-    a person can read, and Retry-After) before its body is written to disk; an admitted one is read
-    into memory (at most the per-file limit plus framing), its files counted, and then handed to
-    Gradio as it came. Everything else passes untouched. `limits`: an `UploadLimits`."""
+    """ASGI middleware in front of Gradio's routes that take a body.
+
+    Uploads (POST .../gradio_api/upload): one over its address's window or the cache's size is
+    refused (HTTP 429, 413, 411 or 503, with a message a person can read, and Retry-After) before its
+    body is written to disk; an admitted one is read into memory (at most the per-file limit plus
+    framing), its files counted, and then handed to Gradio as it came.
+
+    Every other POST (queue joins, API calls): its body is read into memory, at most the limits'
+    `max_call` bytes (over it, 413), and refused (400) when it gives a file by a web address
+    (`remote_files`), since Gradio would download that file into its cache, unbounded; files reach
+    the app only through the upload route. Everything else passes untouched.
+
+    A refusal is a complete response the client can read: a body that fits the bound is read to
+    its end first; one declared larger is answered at once, without reading it (uvicorn reads and
+    drops the rest, and keeps the connection; closing it instead, with the body still arriving,
+    would reset the connection under the answer). `limits`: an `UploadLimits`."""
 
     def __init__(self, app, limits: UploadLimits):
         self.app, self.limits = app, limits
@@ -219,8 +261,14 @@ class UploadGate:
         return (scope["type"] == "http" and scope.get("method") == "POST"
                 and scope.get("path", "").rstrip("/").endswith("/gradio_api/upload"))
 
+    @staticmethod
+    def has_body(scope) -> bool:
+        return scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH")
+
     async def __call__(self, scope, receive, send):
         if not self.is_upload(scope):
+            if self.has_body(scope):
+                return await self._call(scope, receive, send)
             return await self.app(scope, receive, send)
         from starlette.requests import Request
 
@@ -244,20 +292,50 @@ class UploadGate:
                                                                                 body))
             if refusal is not None:
                 return await self._refuse(send, *refusal)
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()  # after the body: the disconnect, when it comes
-            return await self.app(scope, replay, send)
+            return await self.app(scope, self._replay(body, receive), send)
         finally:
             self.limits.done(entry)
 
-    async def _read(self, receive, length: int) -> tuple[bytes, bool]:
-        """(the body, whether it came whole): at most `length` bytes, which must all come."""
+    @staticmethod
+    def _replay(body: bytes, receive):
+        """A receive that gives the app `body` whole, then what the client sends next (its disconnect)."""
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        return replay
+
+    async def _call(self, scope, receive, send):
+        """A queue join or API call: its body bounded and its files checked (`remote_files`)."""
+        from starlette.datastructures import Headers
+
+        bound, most = _size(self.limits.max_call), self.limits.max_call
+        try:
+            length = int(Headers(scope=scope)["content-length"])
+        except (KeyError, ValueError):
+            length = None  # chunked: counted as it comes
+        if length is not None and length > most:
+            return await self._refuse(send, 413, f"The request is over {bound}, the limit of this server for "
+                                                 "anything but a file upload.", None)
+        body, complete = await self._read(receive, most if length is None else length, exact=length is not None)
+        if body is None:
+            return await self._refuse(send, 413, f"The request is over {bound}, the limit of this server for "
+                                                 "anything but a file upload.", None)
+        if not complete:
+            return await self._refuse(send, 400, "The request's body does not match its Content-Length.", None)
+        if remote_files(body):
+            return await self._refuse(send, 400, "A file in this request is given by a web address; this server "
+                                                 "does not download files: upload the file itself (the page's "
+                                                 "upload box, or POST it to the upload route first).", None)
+        return await self.app(scope, self._replay(body, receive), send)
+
+    async def _read(self, receive, length: int, exact: bool = True) -> tuple[bytes | None, bool]:
+        """(the body, whether it came whole): at most `length` bytes, which must all come (exact:
+        the Content-Length), else at most `length` (a chunked body: None past it, the rest unread)."""
         chunks, got = [], 0
         while True:
             message = await receive()
@@ -266,10 +344,10 @@ class UploadGate:
             chunk = message.get("body", b"")
             got += len(chunk)
             if got > length:
-                return b"", False
+                return (b"", False) if exact else (None, False)
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks), got == length
+                return b"".join(chunks), got == length or not exact
 
     async def _drain(self, receive) -> None:
         while True:

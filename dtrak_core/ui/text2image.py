@@ -19,6 +19,7 @@ of the request values run on the page's folder (`state.bound`), which `create_ui
 import html
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -401,7 +402,8 @@ def quality_markdown(a: TextToImageAssets) -> str:
                 "can read the samples (the miniature built by `python -m dtrak_core build-text2image`).")
     if not isinstance(q, dict):
         return ("### Sample quality\nNo sample-quality measurement for this folder: the build measures it with the "
-                "digit classifier for the digits miniature (`python -m dtrak_core build-text2image`).")
+                f"digit classifier for the digits miniature (`python -m dtrak_core build-text2image --root "
+                f"{shlex.quote(a.root)}`).")
     _, fine = miniature_digits(a.manifest)
     seeds = str(q.get("seeds", "?")).replace(" each", "")
     confident = float(q.get("prompt_accuracy_confident", 0))
@@ -456,18 +458,26 @@ def lds_intro(data: dict) -> str:
 
 
 LDS_NOT_RUN = ("### LDS: not run yet\nNo `{folder}/lds_results.json`. The linear datamodeling score retrains the LoRA "
-               "on random half subsets of its fine-tuning set: `python -m dtrak_core lds-text2image run` (resumable, "
-               "`--max-jobs N` runs it in pieces), then `python -m dtrak_core lds-text2image evaluate` writes "
-               "`lds_results.json` and `results.md` there. Restart the app to show them.")
+               "on random half subsets of its fine-tuning set: `{run}` (resumable, `--max-jobs N` runs it in pieces), "
+               "then `{evaluate}` writes `lds_results.json` and `results.md` there. Restart the app to show them.")
 LDS_OWN_LORA = ("### LDS: not measured for this model\nThe linear datamodeling score retrains the LoRA on random half "
                 "subsets of its fine-tuning set. `python -m dtrak_core lds-text2image` runs those retrains for a LoRA "
                 "fine-tuned by dtrak (`build-text2image` records its recipe in the folder); this folder's LoRA was "
                 "fine-tuned by your own script, whose recipe dtrak does not know, so no command here retrains it.")
 
 
+def lds_command(root: str, action: str) -> str:
+    """The `lds-text2image` command (run, evaluate) for the folder `root`, whose LDS results the
+    Benchmarks tab reads from root/lds: --root and --out named, so that it runs as printed."""
+    return (f"python -m dtrak_core lds-text2image {action} --root {shlex.quote(root)} --out "
+            f"{shlex.quote(os.path.join(root, LDS_FOLDER))}")
+
+
 def lds_not_run(a: TextToImageAssets, folder: str) -> str:
     """What the Benchmarks tab says without LDS results: how to run it, where dtrak can."""
-    return LDS_NOT_RUN.format(folder=folder) if a.dtrak_lora else LDS_OWN_LORA
+    if not a.dtrak_lora:
+        return LDS_OWN_LORA
+    return LDS_NOT_RUN.format(folder=folder, run=lds_command(a.root, "run"), evaluate=lds_command(a.root, "evaluate"))
 
 
 # ---------------------------------------------------------------- the page
@@ -540,11 +550,11 @@ def counterfactual_text(root: str) -> str:
             "app does not run it.")
     if own:
         return text + (" Your LoRA was fine-tuned by your own script, so the retraining is yours to run: remove a "
-                       f"sample's top proponents (`python -m dtrak_core attribute --root {root} --prompt P --seed S "
-                       "--top K --json` lists them) and fine-tune the LoRA without them.")
+                       f"sample's top proponents (`python -m dtrak_core attribute --root {shlex.quote(root)} --prompt P "
+                       "--seed S --top K --json` lists them) and fine-tune the LoRA without them.")
     return text + (" The same question, whether the scores predict what retraining does, is answered "
                    "over many removals at once by the **LDS** in **Benchmarks**: the LoRA retrained on random half "
-                   "subsets of its fine-tuning images (`python -m dtrak_core lds-text2image run`).")
+                   f"subsets of its fine-tuning images (`{lds_command(root, 'run')}`).")
 
 
 def methods_markdown(a: TextToImageAssets) -> str:
@@ -885,7 +895,8 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
                      elem_id="quality-table")
     lds = read_lds(a.root)
     if lds["data"] is None:
-        gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`" if lds["error"] else
+        gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`: write it again with "
+                     f"`{lds_command(a.root, 'evaluate')}`" if lds["error"] else
                      lds_not_run(a, lds["folder"])), elem_id="lds-status")
         return
     gr.Markdown("### LDS: D-TRAK, TRAK and the baselines, with LoRA retrains", elem_id="lds-status")

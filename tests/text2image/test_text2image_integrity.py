@@ -145,6 +145,29 @@ def test_an_edited_guidance_scale_is_refused_naming_the_manifest(sealed):
         TextToImageAttributor.load(sealed)
 
 
+def test_the_build_the_guidance_scale_refusal_names_restores_it(sealed):
+    """The fix that message names works: the build (the miniature's recipe, without its minutes of
+    sample-quality measurement) accepts the folder whose guidance_scale was edited by hand, sets the
+    value it builds with and reseals it; the pipeline, LoRA and stores are reused as they are."""
+    import torch
+
+    from dtrak_core.text2image.build import build_miniature
+
+    manifest = os.path.join(sealed, "manifest.json")
+    with open(manifest) as f:
+        built = json.load(f)["guidance_scale"]
+    _edit_json(manifest, guidance_scale=9.0)
+    with pytest.raises(SealMismatch, match=f"`python -m dtrak_core build-text2image --root {sealed}`"):
+        TextToImageAttributor.load(sealed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_miniature(sealed, show_bar=False, quality=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert TextToImageAttributor.load(sealed).guidance_scale == built
+
+
 @pytest.mark.parametrize("keep", [0.0, 0.3, 0.9])
 def test_a_truncated_manifest_suggests_build_text2image(unsealed, capsys, keep):
     """The reported defect: a truncated text-to-image manifest suggested `build-default`."""
