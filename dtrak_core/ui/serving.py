@@ -34,7 +34,9 @@ def trusted_proxies(environ=os.environ) -> int:
     return n
 TRUSTED_PROXIES = trusted_proxies()  # X-Forwarded-For hops to trust (`client_address`)
 UPLOAD_WINDOW_SECONDS = float(os.environ.get("DTRAK_UPLOAD_WINDOW_SECONDS", 600))  # the window of the two below
-UPLOADS_PER_WINDOW = int(os.environ.get("DTRAK_UPLOADS_PER_WINDOW", 30))  # files per address per window
+# files per address per window: the drawing canvas uploads its layers (about 3 small PNGs) on every
+# stroke, so the count is generous and the bytes below bound the disk
+UPLOADS_PER_WINDOW = int(os.environ.get("DTRAK_UPLOADS_PER_WINDOW", 600))
 UPLOAD_MB_PER_WINDOW = float(os.environ.get("DTRAK_UPLOAD_MB_PER_WINDOW", 50))  # MB per address per window
 UPLOAD_CACHE_MB = float(os.environ.get("DTRAK_UPLOAD_CACHE_MB", 500))  # Gradio's upload cache, all visitors
 CACHE_SWEEP = (600, 1800)  # every 10 min, delete uploads and outputs older than 30 min
