@@ -182,14 +182,20 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
             text)
 
 
-def follow_compare(q, method_a, method_b, k, shown):
-    """Keeps the comparison in step with the query, method and top-k once it has been asked for."""
-    if not shown or q is None:
-        return gr.update(), gr.update(), gr.update()
-    try:
-        return compare(q, method_a, method_b, k)
-    except gr.Error as e:
-        return "", "", f"Comparison not available: {e.message}"
+def following(compare_fn):
+    """A page's follow-compare handler: keeps its comparison (`compare_fn(q, a, b, k)`) in step with
+    the query, methods and top-k once it has been asked for (`shown`); a failure is said in its text."""
+    def follow_compare(q, method_a, method_b, k, shown):
+        if not shown or q is None:
+            return gr.update(), gr.update(), gr.update()
+        try:
+            return compare_fn(q, method_a, method_b, k)
+        except gr.Error as e:
+            return "", "", f"Comparison not available: {e.message}"
+    return follow_compare
+
+
+follow_compare = following(compare)
 
 
 @readable

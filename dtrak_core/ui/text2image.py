@@ -37,7 +37,7 @@ from dtrak_core.shared import OnceCache
 from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.text2image.data import digit_caption
 from dtrak_core.ui import texts
-from dtrak_core.ui.attribute import compare_text, method_line, noise_summary, opponent_note
+from dtrak_core.ui.attribute import compare_text, following, method_line, noise_summary, opponent_note
 from dtrak_core.ui.state import cards_html, current_root, listed, no_query, readable
 
 MAX_PROMPT_CHARS = 200
@@ -679,13 +679,7 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
             cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
 
 
-def follow_compare(q, method_a, method_b, k, shown):
-    if not shown or q is None:
-        return gr.update(), gr.update(), gr.update()
-    try:
-        return compare(q, method_a, method_b, k)
-    except gr.Error as e:
-        return "", "", f"Comparison not available: {e.message}"
+follow_compare = following(compare)
 
 
 @readable
