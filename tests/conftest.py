@@ -151,6 +151,31 @@ def load_app() -> AppHandlers:
     return AppHandlers(modules)
 
 
+@contextlib.contextmanager
+def app_on(root: str):
+    """`load_app()` on the model folder `root` (as $DTRAK_ASSETS, restored after), one torch thread."""
+    before = os.environ.get("DTRAK_ASSETS")
+    os.environ["DTRAK_ASSETS"] = root
+    try:
+        with torch_threads(1):
+            yield load_app()
+    finally:
+        if before is None:
+            os.environ.pop("DTRAK_ASSETS", None)
+        else:
+            os.environ["DTRAK_ASSETS"] = before
+
+
+@pytest.fixture(scope="module")
+def fashion_app():
+    """The app's handlers on the committed Fashion-MNIST folder."""
+    root = os.path.join(ASSETS, "fashion")
+    if not os.path.isfile(os.path.join(root, "manifest.json")):
+        pytest.skip("assets/fashion is not built (python -m dtrak_core build-fashion)")
+    with app_on(root) as handlers:
+        yield handlers
+
+
 @pytest.fixture(scope="module")
 def app(tiny_root):
     """The app's handlers, on the tiny folder."""

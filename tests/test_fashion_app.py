@@ -2,9 +2,7 @@
 method whose inputs the folder has, the look-alike line under the proponents."""
 import os
 
-import pytest
-
-from tests.conftest import ASSETS, load_app, torch_threads
+from tests.conftest import ASSETS
 
 FASHION = os.path.join(ASSETS, "fashion")
 CLASSES = ("ankle-boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt-top")
@@ -13,22 +11,6 @@ CLASSES = ("ankle-boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", 
 class Select:
     def __init__(self, index):
         self.index = index
-
-
-@pytest.fixture(scope="module")
-def fashion_app():
-    if not os.path.isfile(os.path.join(FASHION, "manifest.json")):
-        pytest.skip("assets/fashion is not built (python -m dtrak_core build-fashion)")
-    before = os.environ.get("DTRAK_ASSETS")
-    os.environ["DTRAK_ASSETS"] = FASHION
-    try:
-        with torch_threads(1):
-            yield load_app()
-    finally:
-        if before is None:
-            os.environ.pop("DTRAK_ASSETS", None)
-        else:
-            os.environ["DTRAK_ASSETS"] = before
 
 
 def test_fashion_samples_are_captioned_with_class_names(fashion_app):

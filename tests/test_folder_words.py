@@ -14,7 +14,7 @@ from PIL import Image
 
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.build import build_from
-from tests.conftest import ASSETS, load_app, torch_threads
+from tests.conftest import ASSETS, app_on, torch_threads
 
 SHAPES = ("circle", "square", "star", "triangle")
 DIGIT_WORDS = re.compile(r"\bdigits?\b|\bink\b|strokes?\b|handwrit", re.IGNORECASE)
@@ -69,16 +69,8 @@ def shapes_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shapes_app(shapes_root):
-    before = os.environ.get("DTRAK_ASSETS")
-    os.environ["DTRAK_ASSETS"] = shapes_root
-    try:
-        with torch_threads(1):
-            yield load_app()
-    finally:
-        if before is None:
-            os.environ.pop("DTRAK_ASSETS", None)
-        else:
-            os.environ["DTRAK_ASSETS"] = before
+    with app_on(shapes_root) as handlers:
+        yield handlers
 
 
 def test_the_page_of_your_own_folder_names_its_classes_and_no_digits(shapes_app, shapes_root):
@@ -166,22 +158,6 @@ def test_each_cli_option_the_benchmarks_tab_names_exists():
                  ["counterfactual-own", "prepare", "--root", "R", "--out", "O"],
                  ["counterfactual-own", "measure", "--root", "R", "--out", "O", "--checkpoints", "C"]):
         parser.parse_args(argv)
-
-
-@pytest.fixture(scope="module")
-def fashion_app():
-    if not os.path.isfile(os.path.join(FASHION, "manifest.json")):
-        pytest.skip("assets/fashion is not built (python -m dtrak_core build-fashion)")
-    before = os.environ.get("DTRAK_ASSETS")
-    os.environ["DTRAK_ASSETS"] = FASHION
-    try:
-        with torch_threads(1):
-            yield load_app()
-    finally:
-        if before is None:
-            os.environ.pop("DTRAK_ASSETS", None)
-        else:
-            os.environ["DTRAK_ASSETS"] = before
 
 
 def test_the_fashion_page_speaks_of_clothes(fashion_app):
