@@ -1,10 +1,7 @@
 """The app on the committed Fashion-MNIST folder: class names from the folder's classifier, every
 method whose inputs the folder has, the look-alike line under the proponents."""
-import os
 
-from tests.conftest import ASSETS
 
-FASHION = os.path.join(ASSETS, "fashion")
 CLASSES = ("ankle-boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt-top")
 
 

@@ -14,11 +14,10 @@ from PIL import Image
 
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.build import build_from
-from tests.conftest import ASSETS, app_on, torch_threads
+from tests.conftest import app_on, torch_threads
 
 SHAPES = ("circle", "square", "star", "triangle")
 DIGIT_WORDS = re.compile(r"\bdigits?\b|\bink\b|strokes?\b|handwrit", re.IGNORECASE)
-FASHION = os.path.join(ASSETS, "fashion")
 
 
 class Select:
