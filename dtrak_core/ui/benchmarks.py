@@ -179,6 +179,23 @@ def own_runs_markdown(root: str, lds_shown: bool, cf_shown: bool) -> str:
     return "\n\n".join(parts)
 
 
+def evidence_blocks(bench: str, evidence: dict, ceiling, chart) -> None:
+    """The headline and one chart (`chart(draw)` places it): every method beside the strong
+    model-free baselines, under the noise ceiling; the full table of bench/evidence.md folded."""
+    gr.Markdown("## Attribution or look-alikes?\n" + sup.evidence_headline(evidence))
+    chart(functools.partial(viz.lds_chart, sup.evidence_rows(evidence), ceiling))
+    with gr.Accordion("Every method beside the model-free baselines: signed, sharpened, rank and top-1% LDS",
+                      open=False):
+        gr.Markdown("Each method's LDS four ways: as scored (*signed*), with each score s reported as s·|s| "
+                    "(*sharpened*: the same rankings, the effect concentrated on the strongest), from each "
+                    "query's ranks alone (*rank*) and from an indicator of its top 1% (*top-1%*). The last two "
+                    "are the same for every increasing transform of the scores. Every λ and bandwidth is "
+                    "cross-fitted. *(no model)* marks baselines that never look at the diffusion model.")
+        table = _read_text(os.path.join(bench, "evidence.md"))
+        if table:
+            gr.Markdown(sup.relabel_tables(table))
+
+
 def benchmarks_blocks(root: str) -> list:
     """The LDS and counterfactual results under `root` (tables, charts, the harnesses' reports) and
     any other assets/benchmarks/*.json as generic tables; an empty state when there are none.
@@ -211,20 +228,8 @@ def benchmarks_blocks(root: str) -> list:
     shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary, evidence)) or bool(items) \
         or bool(broken)
     if evidence is not None and evidence.get("data"):
-        # the headline and one chart: every method beside the strong baselines, under the noise ceiling
         ceiling = (tables or {}).get("data", {}).get("noise_ceiling") if tables is not None else None
-        gr.Markdown("## Attribution or look-alikes?\n" + sup.evidence_headline(evidence["data"]))
-        chart(functools.partial(viz.lds_chart, sup.evidence_rows(evidence["data"]), ceiling))
-        with gr.Accordion("Every method beside the model-free baselines: signed, sharpened, rank and top-1% LDS",
-                          open=False):
-            gr.Markdown("Each method's LDS four ways: as scored (*signed*), with each score s reported as s·|s| "
-                        "(*sharpened*: the same rankings, the effect concentrated on the strongest), from each "
-                        "query's ranks alone (*rank*) and from an indicator of its top 1% (*top-1%*). The last two "
-                        "are the same for every increasing transform of the scores. Every λ and bandwidth is "
-                        "cross-fitted. *(no model)* marks baselines that never look at the diffusion model.")
-            table = _read_text(os.path.join(bench, "evidence.md"))
-            if table:
-                gr.Markdown(sup.relabel_tables(table))
+        evidence_blocks(bench, evidence["data"], ceiling, chart)
     if shown:
         with gr.Accordion("How to read these numbers", open=not (evidence is not None and evidence.get("data"))):
             a = _loaded(root)

@@ -38,6 +38,7 @@ from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.text2image.data import digit_caption
 from dtrak_core.ui import texts
 from dtrak_core.ui.attribute import compare_text, following, method_line, noise_summary, opponent_note
+from dtrak_core.ui.benchmarks import evidence_blocks
 from dtrak_core.ui.state import cards_html, current_root, listed, no_query, readable
 
 MAX_PROMPT_CHARS = 200
@@ -887,6 +888,12 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
         gr.Dataframe(value=[["" if r.get(h) is None else r.get(h) for h in headers] for r in rows], headers=headers,
                      label="share of samples classified as the prompted digit", interactive=False, wrap=True,
                      elem_id="quality-table")
+    bench = os.path.join(a.root, "benchmarks")
+    evidence = {i["name"]: i for i in sup.read_benchmarks(bench)}.get("evidence") or {}
+    if evidence.get("data"):  # every method beside the strong model-free baselines (strong_baselines.py)
+        lds_data = read_lds(a.root)["data"] or {}
+        evidence_blocks(bench, evidence["data"], lds_data.get("noise_ceiling"),
+                        lambda draw: gr.Plot(draw(), show_label=False))
     lds = read_lds(a.root)
     if lds["data"] is None:
         gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`: write it again with "
