@@ -38,7 +38,7 @@ from dtrak_core.evaluation.lds import lambda_sweep, rank_normalise, top_share
 TRANSFORMS = {"signed": lambda s: s, "sharpened": lambda s: s * np.abs(s), "rank": rank_normalise,
               "top-1%": top_share}
 RELATIVE_GRID = tuple(float(f"{m}e{e}") for e in range(-4, 2) for m in (1, 2, 5))  # x mean(diag K)
-GAMMA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # per-pixel RBF bandwidths
+GAMMA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # per-pixel RBF bandwidths (8 was the edge)
 
 
 @dataclass
