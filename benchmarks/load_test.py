@@ -204,6 +204,9 @@ class Server:
         # uploads together, so it is lifted here unless asked for; the upload cache's bound stays
         for key in ("DTRAK_UPLOADS_PER_WINDOW", "DTRAK_UPLOAD_MB_PER_WINDOW"):
             env.setdefault(key, "1000000")
+        # each visitor's X-Forwarded-For is its own address, as a Space's one proxy appends it: trusted
+        # here as there, so the per-address queue bound counts each visitor, not the machine
+        env.setdefault("DTRAK_TRUSTED_PROXIES", "1")
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=self.code, env=env, stdout=out,
                                          stderr=subprocess.STDOUT)
