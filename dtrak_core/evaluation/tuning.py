@@ -11,7 +11,6 @@ import numpy as np
 from dtrak_core.attribution import baselines, methods
 from dtrak_core.attribution.kernels import mean_diagonal
 from dtrak_core.attribution.scoring import SpectralTRAK, default_lambda
-from dtrak_core.evaluation import evidence
 from dtrak_core.evaluation.lds import lambda_sweep
 from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench, sweep_cell
 from dtrak_core.folder import ModelFolder
@@ -74,12 +73,6 @@ def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200
                 record(methods.sharpened_lambda_key(method.name, setting.slug), lambda_sweep(
                     lambda lam: {s: masks @ methods.sharpen(spectral.scores(q, lam)).T for s, q in queries.items()},
                     F, LAMBDA_GRID, num_bootstrap, default_lambda=default_lambda(train)))
-    tests = {s: bench.test_sets[s] for s in sets}
-    kernels = [evidence.kernel_candidate(m.name, m.kind, bench.attributor.train.images, tests,
-                                         evidence.GAMMA_GRID if m.kind == "rbf" else (1.0,))
-               for m in kernel_baselines("pixel")]
-    rows = evidence.evaluate(kernels, masks, F, num_bootstrap, transforms=("signed",), show=False)
-    tuned.update(kernel_entries(rows, {"pixel": bench.attributor.train.images}, M))
     ModelFolder.edit(bench.root, tuned_lambda=tuned)  # saved with new seals (`ModelFolder.save`)
     return tuned
 
