@@ -82,7 +82,7 @@ def main():
     unet, scheduler = folder.load_model()
     train = folder.training_set().images
     validation = validation_images(args.root, folder)
-    print(f"{args.root}: {len(train)} training images {tuple(train.shape[1:])}, {len(validation)} validation, "
+    print(f"{os.path.relpath(args.root, ROOT)}: {len(train)} training images {tuple(train.shape[1:])}, {len(validation)} validation, "
           f"{sum(p.numel() for p in unet.parameters()):,} parameters")
     for t in TIMESTEPS:
         r = denoiser_gap(unet, scheduler, train, validation, t)
