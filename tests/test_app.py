@@ -532,6 +532,29 @@ def test_the_drill_down_featurizes_each_store_once_per_query(app, monkeypatch):
     np.testing.assert_allclose(found["loss"].scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
 
 
+def test_the_prefetch_leaves_a_drill_down_nothing_to_compute(app, monkeypatch):
+    """After a query's results are shown, every method's attribution is computed in the background
+    (one query at a time, none queued): the drill-down then answers from the cache."""
+    from dtrak_core.attribution import methods as registry
+    from dtrak_core.shared import OnceCache
+
+    attribute = app.module_of("prefetch_methods")
+    monkeypatch.setattr(attribute, "_attribution_cache", OnceCache(256))
+    _, batch = app.generate_samples("single", 7, 0, 0, 1, 50)
+    q = app.select_sample(batch, Select(0))[0]
+    with attribute._prefetch_busy:  # the prefetcher is busy with another query: this one is skipped
+        app.prefetch_methods(q)
+    attribute._prefetcher.submit(lambda: None).result()  # (one worker: anything submitted has finished)
+    assert len(attribute._attribution_cache) == 0
+    app.prefetch_methods(q)
+    attribute._prefetcher.submit(lambda: None).result()
+    assert not attribute._prefetch_busy.locked() and len(attribute._attribution_cache) == len(app.assets().methods)
+    monkeypatch.setattr(registry, "scores", lambda *a, **k: pytest.fail("prefetched: nothing computed"))
+    index = int(app.attribution_for(q, "square").proponents(1)[0])
+    html = app.inspect_training(q, Clicked({"index": index}))[1]
+    assert f"<td>{sup.method_label('square')}</td><td>1 of " in html
+
+
 def test_uploads_for_journey_trak_say_why_in_the_drill_down(app, tmp_path):
     from PIL import Image
 

@@ -2,9 +2,13 @@
 proponents, opponents, score histogram, per-class mass, noise-level view and a second method beside it."""
 from __future__ import annotations
 
+import contextvars
 import io
 import os
+import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 import numpy as np
@@ -275,6 +279,38 @@ def all_attributions(q) -> dict:
     return out
 
 
+def _lowest_priority() -> None:
+    try:  # Linux: the calling thread only
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+# one background worker at the lowest priority: what a drill-down needs, computed on idle cycles
+_prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dtrak-prefetch", initializer=_lowest_priority)
+_prefetch_busy = threading.Lock()
+
+
+def prefetch_methods(q) -> None:
+    """Once a query's results are shown: every other method's attribution of it, in the background,
+    so that a drill-down (every method's rank of one training image) answers from the cache.
+    Returns at once. One query at a time on the server, at the lowest CPU priority, and none queued
+    behind it: a visitor who moved on leaves no stale work, and a query that finds the prefetcher
+    busy is not prefetched (its drill-down computes what it needs, as without the prefetch)."""
+    if q is None or not _prefetch_busy.acquire(blocking=False):
+        return
+    context = contextvars.copy_context()  # the request's model folder
+
+    def run():
+        try:
+            context.run(all_attributions, q)
+        except Exception as e:  # nobody waits for it: said, and the drill-down computes what it needs
+            print(f"dtrak: prefetching every method for a query failed: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            _prefetch_busy.release()
+    _prefetcher.submit(run)
+
+
 @readable
 def inspect_training(q, evt: gr.EventData):
     """A click on a training card -> that image large, its class, and its rank and score under
@@ -493,7 +529,7 @@ def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> No
         shown.success(bind(noise_view), [query, c["method"]], [c["noise_plot"], c["noise_cards"], c["noise_text"]],
                       concurrency_id="compute", show_progress="hidden").then(
             bind(follow_compare), [*cmp_inputs, c["compare_on"]], cmp_outputs, concurrency_id="compute",
-            show_progress="hidden")
+            show_progress="hidden").then(bind(prefetch_methods), [query], None, queue=False, show_progress="hidden")
 
     def show_query(event):
         """A new query: close the inspected training image, attribute, then the rest."""

@@ -152,6 +152,7 @@ def outcomes(root: str) -> dict:
             out[key] = {"l2": r.l2, "label_before": r.label_before, "label_after": r.label_after}
     return out
 EXAMPLE_HEADERS = ["seed", "removed", "ranking A: pixel L2, digit", "ranking B: pixel L2, digit"]
+EXAMPLE_WIDTHS = ["80px", "100px", "230px", "230px"]
 
 
 def examples(root: str) -> list[dict]:
@@ -210,6 +211,8 @@ class RetrainGuard:
                            "on this server; nothing was changed. Try again when the server is less busy.")
         return self.reason is not None
 CF_HEADERS = ["ranking", "pixel L2", "digit before → after", "retrain"]
+# in pixels, not shares: on a phone the table scrolls sideways instead of breaking words inside cells
+CF_WIDTHS = ["150px", "90px", "250px", "150px"]
 
 
 def counterfactual_outputs(views: list, status: str) -> tuple:
@@ -407,7 +410,7 @@ def create_ui(a) -> dict:
                 after_b = gr.Image(label="after (ranking B)", format="png", interactive=False,
                                    height=200, buttons=[], elem_classes="pixel", min_width=110)
             cf_table = gr.Dataframe(headers=CF_HEADERS, interactive=False, label="before vs after",
-                                    elem_id="cf-table", wrap=True, column_widths=["30%", "18%", "34%", "18%"])
+                                    elem_id="cf-table", wrap=True, column_widths=CF_WIDTHS)
             with gr.Row():
                 removed_a = gr.Image(label="removed by ranking A", format="png", interactive=False,
                                      buttons=[], elem_classes="pixel", height=170, min_width=240)
@@ -415,7 +418,7 @@ def create_ui(a) -> dict:
                                      buttons=[], elem_classes="pixel", height=170, min_width=240)
     cf_examples = gr.Dataframe(headers=EXAMPLE_HEADERS, interactive=False, visible=False, wrap=True,
                                label="Precomputed examples (click a row: instant)", elem_id="cf-examples",
-                               max_height=420, column_widths=["14%", "16%", "35%", "35%"])
+                               max_height=420, column_widths=EXAMPLE_WIDTHS)
     with gr.Accordion("What a pixel L2 of 1 or 3 looks like", open=False):
         l2_html = gr.HTML(elem_id="l2-examples")
     return dict(cf_seed=cf_seed, cf_k=cf_k, rank_a=rank_a, rank_b=rank_b, cf_estimate=cf_estimate, run_btn=run_btn,
