@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dtrak_core.errors import UploadError
-from dtrak_core.model.data import image_to_tensor
+from dtrak_core.model.data import INPUT_RANGE, from_input_range, image_to_tensor
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 4096 * 4096
@@ -296,26 +296,28 @@ def load_user_image(source, resolution: int, channels: int = 1, invert: bool = F
     return -x if invert else x
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) or (C, H, W) in [-1, 1] -> uint8 (B, H, W) / (B, H, W, 3)."""
+def to_uint8(images: torch.Tensor, value_range=INPUT_RANGE) -> np.ndarray:
+    """(B, C, H, W) or (C, H, W) in `value_range` ([-1, 1], or a model's own input range) -> uint8
+    (B, H, W) / (B, H, W, 3): low is black, high is white."""
     x = images if images.ndim == 4 else images[None]
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    x = ((from_input_range(x.detach().float(), value_range).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 
-def to_pil(image: torch.Tensor, scale: int = 1):
-    """One image (C, H, W) -> PIL image, upscaled by `scale` with nearest neighbour (crisp pixels)."""
+def to_pil(image: torch.Tensor, scale: int = 1, value_range=INPUT_RANGE):
+    """One image (C, H, W) in `value_range` -> PIL image, upscaled by `scale` with nearest neighbour
+    (crisp pixels)."""
     from PIL import Image
 
-    img = Image.fromarray(to_uint8(image)[0])
+    img = Image.fromarray(to_uint8(image, value_range)[0])
     return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST) if scale > 1 else img
 
 
-def grid(images: torch.Tensor, columns: int = 16, scale: int = 1, pad: int = 1):
-    """Images (B, C, H, W) tiled into one PIL image."""
+def grid(images: torch.Tensor, columns: int = 16, scale: int = 1, pad: int = 1, value_range=INPUT_RANGE):
+    """Images (B, C, H, W) in `value_range` tiled into one PIL image."""
     from PIL import Image
 
-    arr = to_uint8(images)
+    arr = to_uint8(images, value_range)
     b, h, w = arr.shape[:3]
     rows = -(-b // columns)
     canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad) + arr.shape[3:], 128, dtype=np.uint8)

@@ -46,9 +46,14 @@ def _scale(image, px: int) -> int:
     return max(1, px // int(image.shape[-1]))
 
 
-def _img(image, px: int, alt: str) -> str:
-    """An <img> of a model image (C, H, W) upscaled to about `px` pixels, or of a PIL image as it is."""
-    pil = image if hasattr(image, "save") else to_pil(image, _scale(image, px))
+def _range(train) -> tuple:
+    return getattr(train, "value_range", (-1.0, 1.0))
+
+
+def _img(image, px: int, alt: str, value_range=(-1.0, 1.0)) -> str:
+    """An <img> of a model image (C, H, W) with pixels in `value_range` upscaled to about `px`
+    pixels, or of a PIL image as it is."""
+    pil = image if hasattr(image, "save") else to_pil(image, _scale(image, px), value_range)
     return f'<img src="{png_data_uri(pil)}" alt="{html.escape(alt)}">'
 
 
@@ -73,7 +78,7 @@ def training_cards(train, attribution, indices, title: str, class_word: str = "d
         cards.append(
             f'<figure class="card" data-index="{i}" role="button" tabindex="0" '
             f'title="{html.escape(f"training image #{i}{where}: click for its rank under every method")}">'
-            f'{_img(train.images[i], THUMB_PX, f"training image {i}")}<figcaption><b>#{i}</b><br>'
+            f'{_img(train.images[i], THUMB_PX, f"training image {i}", _range(train))}<figcaption><b>#{i}</b><br>'
             f'{_label_text(label, class_word, class_names)}'
             + ("" if caption is None else
                f'<span class="muted card-caption" title="{html.escape(caption)}">{html.escape(caption)}</span>')
@@ -209,7 +214,7 @@ def noise_level_cards(train, levels, class_word: str = "digit", class_names=None
         lab = int(train.labels[i])
         cards.append(
             f'<figure class="card" data-index="{i}" role="button" tabindex="0" title="training image #{i}">'
-            f'{_img(train.images[i], 48, f"training image {i}")}<figcaption><b>#{i}</b><br>'
+            f'{_img(train.images[i], 48, f"training image {i}", _range(train))}<figcaption><b>#{i}</b><br>'
             f'{f"{html.escape(_class_label(lab, class_word, class_names))}<br>" if lab >= 0 else ""}'
             f'<span class="muted">{html.escape(label)}</span>'
             '</figcaption></figure>')
@@ -234,7 +239,7 @@ def training_image_details(train, index: int, rows: list[dict], class_word: str 
         cls = "pos" if r["side"] == "proponent" else "neg"
         body.append(f'<tr><td>{html.escape(r["method"])}</td><td>{r["rank"]:,} of {r["of"]:,}</td>'
                     f'<td class="{cls}">{r["score"]:+.3g}</td></tr>')
-    return (f'<div class="details"><div class="details-image">{_img(train.images[index], 160, f"training image {index}")}'
+    return (f'<div class="details"><div class="details-image">{_img(train.images[index], 160, f"training image {index}", _range(train))}'
             f'</div><div class="details-text"><div class="details-title">Training image #{index}'
             f'{f" · {html.escape(name)}" if name else ""}{f" · {class_word} {lab}" if lab >= 0 else ""}</div>{about}'
             '<div class="muted">Rank 1 is the strongest proponent of the query; the last rank its strongest opponent.</div>'

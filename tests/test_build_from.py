@@ -3,6 +3,7 @@ plus a folder of training images -> feature stores -> attribution, without copyi
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -279,6 +280,17 @@ def test_a_folder_built_for_a_zero_one_model(built, pipeline, images, tmp_path, 
     default, attributor = Attributor.load(built), Attributor.load(root)
     assert attributor.input_range == (0.0, 1.0)
     assert torch.equal(attributor.train.images, (default.train.images + 1) * 0.5)
+    # pictures (cards, the query, counterfactual galleries) read the pixels in the model's range
+    from dtrak_core import viz
+    from dtrak_core.images import to_uint8
+
+    assert attributor.train.value_range == (0.0, 1.0) and attributor.train.subset([1, 2]).value_range == (0.0, 1.0)
+    np.testing.assert_array_equal(to_uint8(attributor.train.images, attributor.input_range),
+                                  to_uint8(default.train.images))
+    assert to_uint8(attributor.train.images).min() >= 127  # (what the pictures showed before: washed out)
+    same = SimpleNamespace(scores=np.zeros(len(default.train)), labels=default.train.labels.numpy())
+    shown = viz.training_cards(attributor.train, same, [3, 7], "top", "class")
+    assert shown == viz.training_cards(default.train, same, [3, 7], "top", "class")
     setting, store = attributor.setting("square")
     np.testing.assert_array_equal(np.asarray(store.features()),
                                   Featurizer(attributor.unet, attributor.scheduler, setting)(attributor.train.images))

@@ -206,24 +206,25 @@ def write_gallery(out_dir: str, gallery_dir: str, train, n_targets: int = 3, k: 
         raise ValueError(f"no target has finished jobs for every ranking at k={k} in {out_dir!r}")
     os.makedirs(gallery_dir, exist_ok=True)
     entries, tiles = [], []
+    vr = getattr(train, "value_range", (-1.0, 1.0))  # the model's pixel range: low is black, high white
     for s in seeds:
         before = by[(s, rankings[0])].before
         before_png = f"seed{s}-before.png"
-        save_png(to_pil(before, scale), os.path.join(gallery_dir, before_png))
+        save_png(to_pil(before, scale, vr), os.path.join(gallery_dir, before_png))
         tiles.append(before)
         for name in rankings:
             r = by[(s, name)]
             after = r.after
             tiles.append(after)
             stem = f"seed{s}-{slug(name)}-k{k}"
-            save_png(to_pil(after, scale), os.path.join(gallery_dir, f"{stem}-after.png"))
+            save_png(to_pil(after, scale, vr), os.path.join(gallery_dir, f"{stem}-after.png"))
             top = train.images[torch.as_tensor(r.removed_indices[:32], dtype=torch.long)]
-            save_png(grid(top, columns=16, scale=scale // 2), os.path.join(gallery_dir, f"{stem}-removed.png"))
+            save_png(grid(top, columns=16, scale=scale // 2, value_range=vr), os.path.join(gallery_dir, f"{stem}-removed.png"))
             record = r.to_dict()
             entries.append({**{key: record[key] for key in GALLERY_FIELDS}, "before_png": before_png,
                             "after_png": f"{stem}-after.png", "removed_png": f"{stem}-removed.png",
                             "removed_png_shows": "the first 32 removed, strongest first"})
-    save_png(grid(torch.stack(tiles), columns=1 + len(rankings), scale=scale), os.path.join(gallery_dir, "gallery.png"))
+    save_png(grid(torch.stack(tiles), columns=1 + len(rankings), scale=scale, value_range=vr), os.path.join(gallery_dir, "gallery.png"))
     index = {"k": int(k), "seeds": [int(s) for s in seeds], "columns": ["before"] + [display_name(n) for n in rankings],
              "grid_png": "gallery.png", "entries": entries}
     atomic_write_json(os.path.join(gallery_dir, GALLERY), index)

@@ -44,10 +44,11 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor | None = None) -> str
 @dataclass(frozen=True, eq=False)
 class Dataset:
     name: str
-    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1], or in `value_range`
     labels: torch.Tensor  # (N,) int64, -1 where unknown
     classes: tuple | None = field(default=None, kw_only=True)  # label -> class name (None: unnamed)
     paths: tuple | None = field(default=None, kw_only=True)  # (N,) files relative to the data folder (None: not files)
+    value_range: tuple = field(default=INPUT_RANGE, kw_only=True)  # (low, high) of the pixels: the model's input range
 
     def __post_init__(self):
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -89,7 +90,8 @@ class Dataset:
 
     def _named(self, idx: np.ndarray) -> dict:
         """The `classes` and `paths` keywords of a subset at `idx`."""
-        return {"classes": self.classes, "paths": None if self.paths is None else tuple(self.paths[i] for i in idx)}
+        return {"classes": self.classes, "paths": None if self.paths is None else tuple(self.paths[i] for i in idx),
+                "value_range": self.value_range}
 
     def subset(self, indices, name: str | None = None) -> "Dataset":
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -162,6 +164,14 @@ def to_input_range(images: torch.Tensor, input_range=INPUT_RANGE) -> torch.Tenso
     return ((images + 1) * ((hi - lo) / 2) + lo).to(images.dtype)
 
 
+def from_input_range(images: torch.Tensor, input_range=INPUT_RANGE) -> torch.Tensor:
+    """The inverse of `to_input_range`: images in `input_range` -> [-1, 1] (what the pictures assume)."""
+    lo, hi = parse_input_range(input_range)
+    if (lo, hi) == INPUT_RANGE:
+        return images
+    return ((images - lo) * (2 / (hi - lo)) - 1).to(images.dtype)
+
+
 def load_image_folder(path: str, resolution: int, channels: int = 1, invert: bool = False,
                       input_range=INPUT_RANGE) -> Dataset:
     """Every image file in `path` (sorted by name), cropped and resized to the model's resolution.
@@ -200,7 +210,7 @@ def load_image_folder(path: str, resolution: int, channels: int = 1, invert: boo
     x = to_input_range(x, input_range)
     return Dataset(f"folder:{os.path.abspath(path)}", x, torch.tensor(labels, dtype=torch.long),
                    classes=tuple(c.replace(os.sep, "/") for c in classes) if by_class else None,
-                   paths=tuple(relative_path(f, path) for f in files))
+                   paths=tuple(relative_path(f, path) for f in files), value_range=parse_input_range(input_range))
 
 
 def relative_path(file: str, folder: str) -> str:

@@ -62,8 +62,8 @@ class CounterfactualView:
 
     @classmethod
     def from_result(cls, r, live: bool = True) -> "CounterfactualView":
-        scale = assets().scale(QUERY_PX)
-        return cls(r.seed, r.ranking, r.k, to_pil(r.before, scale), to_pil(r.after, scale),
+        scale, value_range = assets().scale(QUERY_PX), assets().attributor.input_range
+        return cls(r.seed, r.ranking, r.k, to_pil(r.before, scale, value_range), to_pil(r.after, scale, value_range),
                    np.asarray(r.removed_indices), r.l2, r.label_before, r.confidence_before, r.label_after,
                    r.confidence_after, r.train_seconds if live else None, "live" if live else "precomputed")
 
@@ -220,7 +220,8 @@ def counterfactual_outputs(views: list, status: str) -> tuple:
     or 2 results on the same target."""
     train = assets().attributor.train
     after = [gr.Image(value=v.after, label=f"after removing {v.k} by {sup.method_label(v.ranking)}") for v in views]
-    removed = [gr.Image(value=grid(train.images[torch.as_tensor(v.removed[:48], dtype=torch.long)], columns=16, scale=4),
+    removed = [gr.Image(value=grid(train.images[torch.as_tensor(v.removed[:48], dtype=torch.long)], columns=16, scale=4,
+                                         value_range=train.value_range),
                         label=f"removed by {sup.method_label(v.ranking)}: the first {min(48, v.k)} of {v.k}")
                for v in views]
     if len(views) == 1:

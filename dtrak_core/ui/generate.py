@@ -35,7 +35,7 @@ def generate_samples(mode, seed, start, end, count, steps, progress=gr.Progress(
     images = samples(seeds, steps, progress=lambda i, n: progress((i, n), desc="DDIM sampling"))
     found = digit_labels(images.numpy())
     captions = [f"seed {s}" + ("" if found is None else f": {a.label_name(found[0][i])}") for i, s in enumerate(seeds)]
-    items = [(to_pil(img, a.scale(2 * THUMB_PX)), c) for img, c in zip(images, captions)]
+    items = [(to_pil(img, a.scale(2 * THUMB_PX), a.attributor.input_range), c) for img, c in zip(images, captions)]
     page_served.set()
     return items, {"seeds": seeds, "steps": steps, "images": images.numpy()}
 

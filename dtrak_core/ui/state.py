@@ -301,7 +301,7 @@ def training_cards(attribution, indices, title: str, note: str = "") -> str:
 
 
 def query_view(q: Query):
-    return to_pil(torch.as_tensor(q.pixels), assets().scale(QUERY_PX)), f"**{q.title}**  \n{classifier_text(q.pixels)}"
+    return to_pil(torch.as_tensor(q.pixels), assets().scale(QUERY_PX), assets().attributor.input_range), f"**{q.title}**  \n{classifier_text(q.pixels)}"
 
 
 def cards_html(elem_id: str) -> gr.HTML:
