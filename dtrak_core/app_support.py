@@ -193,6 +193,21 @@ def evidence_rows(evidence: dict, transform: str = "signed") -> list[dict]:
     return rows
 
 
+def attribution_lead(evidence: dict | None) -> float | None:
+    """How far the best method that uses the model leads the strongest model-free baseline in a
+    folder's evidence: the smaller of its signed-LDS leads (LDS x 100 points) over the test sets
+    measured; negative when a look-alike baseline does as well; None when nothing was measured."""
+    rows = [r for r in (evidence or {}).get("rows", []) if isinstance(r, dict)]
+    leads = []
+    for test in ("validation", "generated"):
+        key = f"{test}/signed"
+        best = {g: max((r[key] for r in rows if r.get("group") == g and isinstance(r.get(key), (int, float))),
+                       default=None) for g in ("model", "model-free")}
+        if None not in best.values():
+            leads.append(best["model"] - best["model-free"])
+    return min(leads) if leads else None
+
+
 def evidence_headline(evidence: dict) -> str:
     """Three lines: the best method that uses the model against the strongest model-free one, on the
     signed LDS and on the top-1% LDS (which no monotone transform of the scores changes)."""

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from dtrak_core import app_support as sup
 
@@ -50,3 +51,29 @@ def test_the_benchmarks_headline_reads_the_evidence_both_ways():
     rows = sup.evidence_rows(close, "top-1%")
     assert [(r["method"], r[sup.HONEST]) for r in rows] == [("D-TRAK", 64.0), ("Pixel RBF kernel (no model)", 65.0)]
     assert sup.evidence_headline({}) == "" and sup.evidence_rows({}) == []
+
+
+def test_the_page_opens_on_the_folder_that_shows_attribution_best(tmp_path):
+    """The rule fixed in advance: the largest positive lead of a method that uses the model over the
+    strongest model-free baseline (signed LDS, the smaller lead of the test sets); else the order given."""
+    from dtrak_core import checksums
+    from dtrak_core.files import atomic_write_json
+    from dtrak_core.ui.state import opening_first
+
+    def folder(name, model, free):
+        root = tmp_path / name
+        (root / "benchmarks").mkdir(parents=True)
+        rows = [{"method": "square", "group": "model", "validation/signed": model[0], "generated/signed": model[1]},
+                {"method": "pixel-rbf", "group": "model-free", "validation/signed": free[0], "generated/signed": free[1]}]
+        atomic_write_json(str(root / "benchmarks" / "evidence.json"), checksums.seal({"rows": rows}))
+        return str(root)
+
+    digits = folder("digits", (78.6, 58.8), (77.2, 59.8))  # behind on the generated samples: lead -1.0
+    fashion = folder("fashion", (40.0, 30.0), (30.0, 28.0))  # lead 2.0 (the smaller of 10 and 2)
+    wide = folder("wide", (50.0, 50.0), (20.0, 49.0))  # lead 1.0
+    unmeasured = str(tmp_path / "none")
+    assert sup.attribution_lead(sup.read_evidence(digits)) == pytest.approx(-1.0)
+    assert sup.attribution_lead(sup.read_evidence(fashion)) == pytest.approx(2.0)
+    assert sup.attribution_lead(None) is None and sup.attribution_lead({"rows": [{"group": "model"}]}) is None
+    assert opening_first([digits, unmeasured, wide, fashion]) == [fashion, digits, unmeasured, wide]
+    assert opening_first([digits, unmeasured]) == [digits, unmeasured]  # no positive lead: as given
