@@ -6,7 +6,6 @@ estimate, and validation of request parameters. No gradio here.
 """
 from __future__ import annotations
 
-import json
 import numbers
 import os
 import re
@@ -133,13 +132,14 @@ LOOKALIKE_FALLBACK = "pixel-rbf"  # the strongest model-free baseline on the dig
 
 
 def read_evidence(root: str) -> dict | None:
-    """<root>/benchmarks/evidence.json, or None when absent or unreadable (the flag then says less)."""
-    try:
-        with open(os.path.join(root, EVIDENCE)) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
-    except (OSError, ValueError):
+    """<root>/benchmarks/evidence.json, verified against the checksum its writer recorded
+    (`read_benchmark`); None when absent, unreadable, edited or unrecorded (the flag then says less,
+    and the page's banner names the file: `ui.benchmarks.verified_results`)."""
+    path = os.path.join(root, EVIDENCE)
+    if not os.path.isfile(path):
         return None
+    data = read_benchmark(path).get("data")
+    return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
 
 
 def lookalike_baseline(evidence: dict | None) -> str:
@@ -251,27 +251,63 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+BENCHMARK_WHAT = {"tables.json": "benchmark tables", "evidence.json": "evidence against the model-free baselines",
+                  "lds_results.json": "LDS results", "sharpening.json": "LDS of sharpened scores",
+                  "study.json": "study results"}
+
+
+def benchmark_remedy(path: str) -> str:
+    """How to fix the benchmark result `path`: the command that writes it, on its folder."""
+    if os.path.basename(path) == "tables.json":
+        from dtrak_core.evaluation.tables_report import tables_remedy
+
+        return tables_remedy(path)
+    from dtrak_core.remedies import result_remedy
+
+    return result_remedy(path)
+
+
+def read_benchmark(path: str) -> dict:
+    """{'name', 'path', and 'data' or 'error'}: the JSON result `path` verified against the checksum
+    its writer recorded (its own, else its folder's checksums.json: `checksums.read_sealed_json`);
+    'error' (unreadable, edited, unrecorded) names the file and the fix, and no data comes with it."""
+    from dtrak_core import checksums
+    from dtrak_core.errors import IntegrityError
+
+    name = os.path.basename(path)
+    item = {"name": name[:-5], "path": path}
+    try:
+        item["data"] = checksums.read_sealed_json(path, BENCHMARK_WHAT.get(name, "benchmark result"),
+                                                  benchmark_remedy(path))
+    except IntegrityError as e:
+        item["error"] = str(e)
+    return item
+
+
+def recorded_names(folder: str) -> set[str]:
+    """The files folder/checksums.json lists (none when it is absent or damaged: each file it would
+    have verified then names it)."""
+    from dtrak_core import checksums
+    from dtrak_core.errors import IntegrityError
+
+    try:
+        return set(checksums.read_sidecar(folder) or {})
+    except IntegrityError:
+        return set()
+
+
 def read_benchmarks(folder: str) -> list[dict]:
-    """Every *.json (and its sibling *.md) under `folder`, as {'name', 'data', 'markdown'}; [] when absent.
-    Files that are not valid JSON are reported with an 'error' instead of raising."""
+    """Every JSON result under `folder` (not its checksums.json), each verified (`read_benchmark`):
+    [{'name', 'path', 'data' or 'error'}]; one its checksums.json lists but that is gone is an error
+    too. [] when the folder is absent. The reports are drawn from the verified data, never read
+    from the .md files beside them."""
+    from dtrak_core.checksums import SIDECAR
+
     if not os.path.isdir(folder):
         return []
-    out = []
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".json"):
-            continue
-        item = {"name": name[:-5], "data": None, "markdown": None}
-        try:
-            with open(os.path.join(folder, name)) as f:
-                item["data"] = json.load(f)
-        except (OSError, ValueError) as e:
-            item["error"] = f"{name}: {e}"
-        md = os.path.join(folder, name[:-5] + ".md")
-        if os.path.isfile(md):
-            with open(md) as f:
-                item["markdown"] = f.read()
-        out.append(item)
-    return out
+    names = {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))}
+    names = {n for n in names | recorded_names(folder) if n.endswith(".json") and n != SIDECAR}
+    return [read_benchmark(os.path.join(folder, n)) for n in sorted(names)]
 
 
 def _flatten(row: dict) -> dict:

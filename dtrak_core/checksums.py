@@ -1,19 +1,25 @@
 """Checksums of precomputed results, recorded by the writer of each result and verified by its readers.
 
-A result folder (counterfactual job files, a before/after gallery) carries a sidecar
-`checksums.json` with the sha256 of each result file its writer wrote; a JSON result written by
-one writer as a whole (summary.json, tables.json) may instead carry its own checksum in a field
-(`FIELD`) covering the rest of its content:
+One rule, by how a result is written:
 
+- a JSON result written whole by one writer (tables.json, evidence.json, lds_results.json, a
+  counterfactual summary.json) is sealed: it carries its own checksum in a field (`FIELD`) covering
+  the rest of its content, and is NOT listed in its folder's sidecar (`write_sealed_json` writes it
+  and drops any entry an older writer left there);
+- a folder of files written one by one (counterfactual job files, a before/after gallery) carries a
+  sidecar `checksums.json` with the sha256 of each file its writer wrote; so do legacy results,
+  written before their writer sealed them, recorded with `python -m dtrak_core checksums FILE`.
+
+    write_sealed_json(path, obj)                # a JSON result with its own checksum (out of the sidecar)
     record(folder, ["a.npz"])                   # folder/checksums.json gains a.npz's sha256 (merged, locked)
     verify(path, "counterfactual job", remedy)  # an IntegrityError naming `path` when it does not match
-    atomic_write_json(path, seal(obj))          # a JSON result with its own checksum
     obj = read_sealed_json(path, what, remedy)  # verified (its field, else its folder's sidecar); field removed
 
 What a reader gets is what its writer wrote: a result edited by hand (a job file re-saved with
 another l2, a number changed in gallery.json or tables.json), truncated or swapped is refused,
 naming the file and the fix, never shown. `python -m dtrak_core checksums FOLDER` records the
-checksums of results written by a dtrak that recorded none (each file is read whole first).
+checksums of results written by a dtrak that recorded none (each file is read whole first; a
+sealed JSON is checked against its own field and left out of the sidecar).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import json
 import os
 
 from dtrak_core.errors import IntegrityError
-from dtrak_core.files import atomic_write_json, folder_lock, load_result, read_json, sha256_file
+from dtrak_core.files import atomic_write_json, folder_lock, json_safe, load_result, read_json, sha256_file
 
 SIDECAR = "checksums.json"
 FIELD = "content_sha256"  # a sealed JSON result's own checksum: sha256 of the rest of its content
@@ -94,6 +100,18 @@ def forget(folder: str, names) -> None:
         _write(folder, entries)
 
 
+def write_sealed_json(path: str, obj: dict) -> dict:
+    """Write the JSON result `obj` whole, sealed with its own checksum (`seal`), and drop `path`'s
+    entry from its folder's sidecar if one lists it: a sealed file verifies by itself, and a stale
+    entry would hide the sidecar's loss. Returns what was written."""
+    sealed = seal(json_safe(obj))
+    atomic_write_json(path, sealed)
+    folder = os.path.dirname(path) or "."
+    if os.path.basename(path) in (read_sidecar(folder) or {}):
+        forget(folder, [path])
+    return sealed
+
+
 def verify(path: str, what: str, remedy: str, *, required: bool = True) -> None:
     """`path` is the file its writer recorded in its folder's checksums.json; else an
     `IntegrityError` naming it, saying what it is (`what`) and what to do (`remedy`).
@@ -127,8 +145,6 @@ def read_sealed_json(path: str, what: str, remedy: str, *, required: bool = True
     checksums.json (`verify`); an `IntegrityError` naming the file otherwise. The content without
     `FIELD`. required=False: a file with neither (written before checksums were recorded) is
     returned unchecked, for a writer that merges it into a result it seals again."""
-    from dtrak_core.files import read_json
-
     obj = read_json(path, what, remedy)
     if FIELD in obj:
         rest = {k: v for k, v in obj.items() if k != FIELD}
@@ -164,6 +180,15 @@ def _readable(path: str) -> None:
             raise IntegrityError(path, f"(image) cannot be read ({type(e).__name__}: {e})", "restore it or delete it")
 
 
+def _sealed(path: str) -> bool:
+    """`path` is a JSON result with its own checksum, verified against it (an IntegrityError when it
+    does not match): it belongs in no sidecar."""
+    if not path.endswith(".json") or FIELD not in read_json(path, "result", "restore it or delete it"):
+        return False
+    read_sealed_json(path, "result", "restore it, or rewrite it with the command that wrote it")
+    return True
+
+
 def result_files(folder: str) -> list[str]:
     """The result files of a folder (.npz, .json, .png; not the sidecar), sorted."""
     return sorted(n for n in os.listdir(folder) if n.endswith(RESULT_SUFFIXES) and n != SIDECAR
@@ -172,20 +197,25 @@ def result_files(folder: str) -> list[str]:
 
 def record_folder(folder: str) -> dict[str, str]:
     """Read every result file of `folder` whole, then record all their checksums (replacing the
-    sidecar): for results written by a dtrak that recorded none."""
+    sidecar): for results written by a dtrak that recorded none. Sealed JSONs are verified and left out."""
     names = result_files(folder)
     for name in names:
         _readable(os.path.join(folder, name))
-    return record(folder, names, replace=True)
+    return record(folder, [n for n in names if not _sealed(os.path.join(folder, n))], replace=True)
 
 
 def record_path(path: str) -> tuple[str, dict]:
     """`record_folder` for a folder, or one file read whole and added to its folder's sidecar
-    (`python -m dtrak_core checksums PATH`): (the sidecar written, its entries)."""
+    (`python -m dtrak_core checksums PATH`; a sealed JSON is verified and its entry dropped
+    instead): (the sidecar written, its entries)."""
     if os.path.isdir(path):
         return _sidecar_path(path), record_folder(path)
     if os.path.isfile(path):
         _readable(path)
         folder = os.path.dirname(path) or "."
+        if _sealed(path):
+            if os.path.basename(path) in (read_sidecar(folder) or {}):
+                forget(folder, [path])
+            return _sidecar_path(folder), read_sidecar(folder) or {}
         return _sidecar_path(folder), record(folder, [os.path.basename(path)])
     raise ValueError(f"{path!r} is neither a folder nor a file")

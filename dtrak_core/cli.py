@@ -332,8 +332,9 @@ def _counterfactual_report(out: str, jobs_dir: str, train, planned: list[str] | 
     trained by dtrak: a run with some not measured yet is marked PARTIAL (in summary.json and at the
     top of results.md, with `measure_hint`, the command that measures the rest), and the published
     CIFAR-2 row gets its caveat (another model and dataset)."""
+    from dtrak_core.checksums import write_sealed_json
     from dtrak_core.evaluation.counterfactual_report import format_table, summarize
-    from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+    from dtrak_core.files import atomic_write_bytes
 
     summary = summarize(jobs_dir, train.labels.numpy())
     table = format_table(summary, len(train))
@@ -345,7 +346,7 @@ def _counterfactual_report(out: str, jobs_dir: str, train, planned: list[str] | 
         if done < len(planned):
             table = (f"**PARTIAL: {done} of {len(planned)} retrains measured**; the cells cover the measured ones "
                      f"only{f' (measure the rest with `{measure_hint}`)' if measure_hint else ''}.\n\n" + table)
-    atomic_write_json(os.path.join(out, "summary.json"), json_safe(summary))
+    write_sealed_json(os.path.join(out, "summary.json"), summary)  # sealed again: the PARTIAL keys are added after
     atomic_write_bytes(os.path.join(out, "results.md"), table.encode())
     print(table)
     return summary

@@ -198,3 +198,42 @@ def checkpoint_folder_remedy(path: str) -> str:
     if os.path.isfile(os.path.join(parent, MANIFEST)):
         return checkpoint_remedy(parent)
     return f"restore the checkpoint folder {path} (for your own model: save the pipeline again)"
+
+
+def result_writer(path: str) -> str | None:
+    """The command that writes the precomputed result `path` again, sealed, to run as printed, from
+    where it lies: <root>/benchmarks/{evidence,lds_results,sharpening,study}.json of a model folder
+    and a text-to-image folder's <root>/lds/lds_results.json; None for any other file."""
+    folder = os.path.dirname(os.path.normpath(path))
+    name, root = os.path.basename(path), os.path.dirname(folder)
+    where = os.path.basename(folder)
+    if where == "lds" and name == "lds_results.json" and is_text2image(root):
+        return f"python -m dtrak_core lds-text2image evaluate --root {_arg(root)} --out {_arg(folder)}"
+    if where != "benchmarks":
+        return None
+    if name == "evidence.json":
+        t2i = is_text2image(root)
+        # an explicit --root for a text-to-image folder: the script's default is the digits'
+        on = f" --text2image --root {_arg(root)}" if t2i else root_option(root)
+        return f"python experiments/strong_baselines.py{on} --write"
+    if name == "lds_results.json":
+        return f"python -m dtrak_core lds evaluate{root_option(root)}"
+    default = not root_option(root)  # these two write the embedded default's results only
+    if name == "sharpening.json" and default:
+        return "python experiments/sharpening.py --write"
+    if name == "study.json" and default:
+        return "python -m dtrak_core study publish"
+    return None
+
+
+def result_remedy(path: str) -> str:
+    """How to fix a precomputed result the app shows that is damaged, edited or has no checksum:
+    rewrite it with its writer (`result_writer`), which seals it, or, for a copy written before its
+    writer sealed it, record it with `python -m dtrak_core checksums FILE` once it is the file its
+    writer wrote."""
+    writer = result_writer(path)
+    legacy = (f"a copy its writer wrote before dtrak sealed these results is recorded with "
+              f"`python -m dtrak_core checksums {_arg(path)}`")
+    if writer is None:
+        return f"restore the file its writer wrote ({legacy})"
+    return f"rewrite it with `{writer}`, which seals it ({legacy})"

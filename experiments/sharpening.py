@@ -29,9 +29,9 @@ import torch
 
 from dtrak_core.attribution import methods
 from dtrak_core.attribution.scoring import SpectralTRAK
+from dtrak_core.checksums import write_sealed_json
 from dtrak_core.evaluation.lds import SubsetBootstrap, lambda_sweep
 from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench, fixed_cell
-from dtrak_core.files import atomic_write_json
 
 RUN = os.path.join(ROOT, "assets", "benchmarks", "lds_run")
 OUT = os.path.join(ROOT, "assets", "benchmarks", "sharpening.json")
@@ -95,7 +95,7 @@ def main():
         print(f"sharpened {base_label} / D-TRAK: " + ", ".join(
             f"{n} {row[n] / reference[('square', n)]:.2f}x" for n in bench.test_sets) + " (goal >= 1.25x on both)")
     if args.write:
-        atomic_write_json(OUT, {"lds_sharpened_scores": rows})
+        write_sealed_json(OUT, {"lds_sharpened_scores": rows})  # sealed: the app verifies it
         print(f"wrote {os.path.relpath(OUT, ROOT)}")
 
 

@@ -21,10 +21,11 @@ import os
 
 import numpy as np
 
+from dtrak_core import checksums
 from dtrak_core.attribution import methods
 from dtrak_core.evaluation import evidence, tables_report, tuning
 from dtrak_core.evaluation.tables import LAMBDA_GRID, Bench
-from dtrak_core.files import atomic_write_bytes, atomic_write_json
+from dtrak_core.files import atomic_write_bytes
 
 GRADIENT_STORES = ("square", "loss", "avg")  # D-TRAK, TRAK, and the best signed output function here
 
@@ -118,8 +119,9 @@ def report(candidates, masks, F, tests, args, root, train_by_space):
     if args.write:
         dest = args.dest or os.path.join(root, "benchmarks")
         os.makedirs(dest, exist_ok=True)
-        atomic_write_json(os.path.join(dest, "evidence.json"), {
+        checksums.write_sealed_json(os.path.join(dest, "evidence.json"), {  # sealed: the app verifies it
             "subsets": int(len(masks)), "test_sets": {n: int(len(x)) for n, x in tests.items()},
+            "sets": list(tests),  # the table's column order (the keys of test_sets are stored sorted)
             "rule": "every hyperparameter by 2-fold cross-fitting over test samples", "rows": rows})
         atomic_write_bytes(os.path.join(dest, "evidence.md"), (table + "\n").encode())
         print(f"wrote {os.path.relpath(os.path.join(dest, 'evidence.json'), ROOT)}")

@@ -96,13 +96,30 @@ def test_lru_cache_forgets_oldest():
 
 
 def test_benchmark_tables(tmp_path):
+    """Every benchmark JSON is read only as its writer wrote it: a sealed one reads (without its
+    checksum field); one that is edited, unsealed and unrecorded, or not JSON is an error naming it,
+    with no data; the sidecar itself is not a result."""
+    from dtrak_core import checksums
+
     assert sup.read_benchmarks(str(tmp_path / "missing")) == []
-    (tmp_path / "lds.json").write_text('{"k": 2048, "methods": [{"method": "TRAK", "lds": 10.5}, '
-                                       '{"method": "D-TRAK", "lds": 20.1}], "by_K": {"10": {"lds": 1.0}, "100": {"lds": 2.0}}}')
-    (tmp_path / "lds.md").write_text("# LDS")
+    lds = {"k": 2048, "methods": [{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}],
+           "by_K": {"10": {"lds": 1.0}, "100": {"lds": 2.0}}}
+    checksums.write_sealed_json(str(tmp_path / "lds.json"), lds)
+    checksums.write_sealed_json(str(tmp_path / "edited.json"), {"lds": 1.0})
+    (tmp_path / "edited.json").write_text((tmp_path / "edited.json").read_text().replace("1.0", "9.0"))
+    (tmp_path / "plain.json").write_text(json.dumps({"lds": 1.0}))  # written by hand: no checksum anywhere
     (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "lds.md").write_text("# not read: reports are drawn from the verified data")
     items = {i["name"]: i for i in sup.read_benchmarks(str(tmp_path))}
-    assert "error" in items["broken"] and items["lds"]["markdown"] == "# LDS"
+    assert set(items) == {"lds", "edited", "plain", "broken"} and items["lds"]["data"] == lds
+    for name, why in (("edited", "does not match its own content_sha256"), ("plain", "has no recorded checksum"),
+                      ("broken", "is not valid JSON")):
+        assert "data" not in items[name] and items[name]["error"].startswith(f"{tmp_path / name}.json (benchmark "
+                                                                            f"result) {why}"), items[name]
+    checksums.record(str(tmp_path), ["plain.json"])  # a legacy file recorded in the sidecar reads; once gone, named
+    os.remove(tmp_path / "plain.json")
+    items = {i["name"]: i for i in sup.read_benchmarks(str(tmp_path))}
+    assert "checksums" not in items and "is missing" in items["plain"]["error"]
     tables = dict(sup.records(items["lds"]["data"]))
     assert dict(sup.records([{"a": 1, "l2": {"median": 2.0}, "xs": [1]}])) == {"results": [{"a": 1, "l2.median": 2.0}]}
     assert tables["summary"] == [{"k": 2048}]
@@ -381,12 +398,14 @@ def test_benchmarks_tab_renders(app, tmp_path):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "counterfactual").mkdir()
     study = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.0, "pm": 1.5}, "default": {"lds": 25.0, "pm": 1.2}}
-    (tmp_path / "benchmarks" / "lds_results.json").write_text(json.dumps(
-        {"partial": True, "subsets_done": 10, "subsets_planned": 64,
-         "methods": {"square": {"validation": study, "generated": study, "setting": {"K": 100}}}}))
-    (tmp_path / "benchmarks" / "other.json").write_text('[{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}]')
+    from dtrak_core.checksums import seal, write_sealed_json  # (as their writers do: the app shows only results
+    # with their checksum)
+    write_sealed_json(str(tmp_path / "benchmarks" / "lds_results.json"),
+                      {"partial": True, "subsets_done": 10, "subsets_planned": 64,
+                       "methods": {"square": {"validation": study, "generated": study, "setting": {"K": 100}}}})
+    write_sealed_json(str(tmp_path / "benchmarks" / "other.json"),
+                      {"rows": [{"method": "TRAK", "lds": 10.5}, {"method": "D-TRAK", "lds": 20.1}]})
     (tmp_path / "benchmarks" / "README.md").write_text("protocol notes")
-    from dtrak_core.checksums import seal  # (as their writers do: the app shows only results with their checksum)
 
     (tmp_path / "counterfactual" / "summary.json").write_text(json.dumps(seal({"cells": [
         {"k": 300, "ranking": "square", "method": "D-TRAK", "label_changed": 0.5,
@@ -395,9 +414,12 @@ def test_benchmarks_tab_renders(app, tmp_path):
                         {"seed": 1001, "l2": 2.5, "label_before": 4, "label_after": 9}]}]})))
     (tmp_path / "counterfactual" / "results.md").write_text("| removed k | D-TRAK |")
     (tmp_path / "benchmarks" / "tables.json").write_text(json.dumps(seal(
-        {"methods": {"d-trak/K100": {"validation": study, "generated": study}, "pixel-cosine": {
-            "validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}, "clip-dot": {"unavailable": "x"}}})))
-    (tmp_path / "benchmarks" / "tables.md").write_text("# title\n| method | validation |\n| pixel-cosine | 5.0 ± 2.0 |")
+        {"subsets_done": 10, "subsets_planned": 64, "partial": True, "train_seeds": [0, 1], "num_bootstrap": 20,
+         "test_sets": {"validation": 3, "generated": 3},
+         "methods": {"d-trak/K100": {"validation": study, "generated": study}, "pixel-cosine": {
+             "validation": {"lds": 5.0, "pm": 2.0}, "generated": {"lds": 4.0, "pm": 2.0}}, "clip-dot": {"unavailable": "x"}}})))
+    # not read: the report is drawn from the verified tables.json
+    (tmp_path / "benchmarks" / "tables.md").write_text("# title\n| method | validation |\n| pixel-cosine | 7.0 ± 1.0 |")
     with gr.Blocks() as full:
         charts = app.benchmarks_blocks(str(tmp_path))
     kinds = [type(b).__name__ for b in full.blocks.values()]
@@ -412,7 +434,7 @@ def test_benchmarks_tab_renders(app, tmp_path):
     assert app.draw_charts(charts[:1], app.OnceCache(1)).data[0].orientation == "h"  # one chart: one value
     text = texts(full)
     assert "Provisional" in text and "protocol notes" in text and "Higher is better" in text
-    assert "| Pixel cosine | 5.0 ± 2.0 |" in text and "# title" not in text
+    assert "| Pixel cosine | 5.0 ± 2.0 |" in text and "# title" not in text and "7.0 ± 1.0" not in text
     assert "| 300 | median pixel L2 [p25, p75] |" in text and "| removed | measure | D-TRAK |" in text and "50% of 2" in text
     assert "the same λ was best on both halves" not in text  # paper 30.0 vs honest 28.0: they differ here
 

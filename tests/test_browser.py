@@ -6,7 +6,6 @@ is checked at 1280x900 unless it says otherwise; the phone checks run at 390x844
 screenshots (artifacts/screenshots/, git-ignored) at 1280x900, 1600x1000 and 390x844.
 Needs: `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
 """
-import json
 import os
 import re
 import time
@@ -30,6 +29,8 @@ _, expect = require_browser()
 
 from conftest import EXAMPLE_SEED, build_tiny_assets  # noqa: E402
 
+from dtrak_core.checksums import write_sealed_json  # noqa: E402
+
 expect.set_options(timeout=60_000)  # a busy shared machine; assertions return as soon as they hold
 STALE = re.compile(r"\bstale\b")  # the class that dims a counterfactual result while a new one computes
 
@@ -39,8 +40,8 @@ def server(tmp_path_factory):
     root = build_tiny_assets(str(tmp_path_factory.getbasetemp() / "app_assets"))
     os.makedirs(os.path.join(root, "benchmarks"), exist_ok=True)  # an LDS result for the Benchmarks tab to chart
     cell = {"paper": {"lds": 30.0, "pm": 1.0}, "honest": {"lds": 28.0, "pm": 1.5}}
-    with open(os.path.join(root, "benchmarks", "lds_results.json"), "w") as f:
-        json.dump({"methods": {"square": {"validation": cell, "generated": cell, "setting": {"K": 100}}}}, f)
+    write_sealed_json(os.path.join(root, "benchmarks", "lds_results.json"),  # sealed, as its writer writes it
+                      {"methods": {"square": {"validation": cell, "generated": cell, "setting": {"K": 100}}}})
     with app_server(root, tmp_path_factory.mktemp("server")) as url:
         yield url
 

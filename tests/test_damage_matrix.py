@@ -139,15 +139,24 @@ def _digits_cases():
     add("counterfactual/summary.json", "truncate", check="results")
     add("counterfactual/checksums.json", "delete", check="results")
     add("benchmarks/tables.json", "bitflip", check="results")
-    add("benchmarks/checksums.json", "delete", check="results")
+    add("benchmarks/tables.json", "edit", ("methods.pixel-cosine.validation.lds", 99.0), check="results")  # sealed
+    add("benchmarks/tables.json", "edit", ("evidence.rows.0.validation/signed", 99.0), check="results")
+    add("benchmarks/checksums.json", "delete", check="results")  # the legacy results it lists are named
+    # the legacy results (recorded with `checksums FILE`): the evidence also feeds the similarity flag and About
+    add("benchmarks/evidence.json", "edit", ("rows.0.validation/signed", 99.0), check="results")
+    add("benchmarks/evidence.json", "delete", check="results")
+    add("benchmarks/lds_results.json", "edit", ("methods.d-trak.validation.honest.lds", 99.0), check="results")
+    add("benchmarks/sharpening.json", "edit", ("lds_sharpened_scores.0.validation", 99.0), check="results")
+    add("benchmarks/study.json", "truncate", check="results")
     return cases
 
 
 def _t2i_cases():
-    """(rel, damage, edit value, check): every component, config, the LoRA and every store file."""
+    """(rel, damage, edit value, check): every component, config, the LoRA and every store file ("cli":
+    the command line and the page's loading), and the precomputed results ("results": the page's banner)."""
     cases = []
     manifest = json.load(open(os.path.join(T2I, "manifest.json")))
-    add = lambda rel, damage, value=None: cases.append((rel, damage, value, "cli"))  # noqa: E731
+    add = lambda rel, damage, value=None, check="cli": cases.append((rel, damage, value, check))  # noqa: E731
     add("manifest.json", "truncate")
     add("manifest.json", "edit", ("guidance_scale", 9.0))
     add("manifest.json", "delete")
@@ -177,6 +186,12 @@ def _t2i_cases():
         add(_j(store, "metadata.json"), "edit", ("K", 10))
         add(_j(store, "done.npy"), "truncate")
     add(_j(manifest["stores"][0], "features.npy"), "delete")
+    # the precomputed results its Benchmarks tab shows (read by the page, not by the command line)
+    add("benchmarks/evidence.json", "edit", ("rows.0.validation/signed", 99.0), "results")
+    add("benchmarks/checksums.json", "delete", check="results")
+    if os.path.isfile(os.path.join(T2I, "lds", "lds_results.json")):
+        add("lds/lds_results.json", "edit", ("methods.d-trak.validation.honest.lds", 99.0), "results")
+        add("lds/lds_results.json", "truncate", check="results")
     return cases
 
 
@@ -209,8 +224,21 @@ def _copy_digits(dest):
         src = os.path.join(ASSETS, name)
         (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(dest, name))
     os.makedirs(os.path.join(dest, "benchmarks"))
-    for name in ("tables.json", "checksums.json"):
-        shutil.copy2(os.path.join(ASSETS, "benchmarks", name), os.path.join(dest, "benchmarks", name))
+    for name in _ls("benchmarks"):  # every result the Benchmarks tab shows, and the sidecar of the legacy ones
+        if name.endswith(".json"):
+            shutil.copy2(os.path.join(ASSETS, "benchmarks", name), os.path.join(dest, "benchmarks", name))
+    return dest
+
+
+def _copy_t2i(dest):
+    """The text-to-image folder without its LDS run (its jobs), but with the results the page shows."""
+    shutil.copytree(T2I, dest, ignore=shutil.ignore_patterns("lds", "README.md"))
+    lds = os.path.join(T2I, "lds")
+    if os.path.isfile(os.path.join(lds, "lds_results.json")):
+        os.makedirs(os.path.join(dest, "lds"))
+        for name in ("lds_results.json", "checksums.json"):
+            if os.path.isfile(os.path.join(lds, name)):
+                shutil.copy2(os.path.join(lds, name), os.path.join(dest, "lds", name))
     return dest
 
 
@@ -218,7 +246,7 @@ def _copy_digits(dest):
 def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("damage_matrix")
     digits = _copy_digits(str(base / "digits"))
-    t2i = shutil.copytree(T2I, str(base / "text2image"), ignore=shutil.ignore_patterns("lds", "README.md"))
+    t2i = _copy_t2i(str(base / "text2image"))
     return {"digits": digits, "text2image": t2i}
 
 
@@ -276,6 +304,8 @@ def _app_findings(app, kind, root, check) -> str:
             app_views.load(root)
         except (ValueError, OSError) as e:
             return str(e)
+        if check == "results":  # the page's banner over its tabs
+            return "\n".join(f"{part}: {why}" for part, why in app_views.results_damage(root).items())
         return ""
     _clear(app)
     try:
@@ -326,6 +356,29 @@ def test_a_damaged_file_is_named(folders, app, capsys, kind, rel, damage, value,
         _fix_runs_on(shown, rel, root)
     finally:
         with open(path, "wb") as f:
+            f.write(original)
+
+
+@pytest.mark.parametrize("kind", ["digits", "text2image"])
+def test_the_benchmarks_sidecar_lists_the_legacy_results_only(folders, app, kind):
+    """The committed results show as their writers wrote them; a sealed one (the digits' tables.json)
+    carries its own checksum and is not in the sidecar, so deleting the sidecar names every legacy
+    result it recorded (each then unverifiable), never the sealed one."""
+    root = folders[kind]
+    sidecar = os.path.join(root, "benchmarks", "checksums.json")
+    assert _app_findings(app, kind, root, "results") == ""
+    recorded = set(json.load(open(sidecar))["sha256"])
+    assert "evidence.json" in recorded and "tables.json" not in recorded
+    with open(sidecar, "rb") as f:
+        original = f.read()
+    try:
+        os.remove(sidecar)
+        shown = _app_findings(app, kind, root, "results").replace(os.sep, "/")
+        for name in recorded:
+            assert f"benchmarks/{name} (" in shown and "benchmarks/checksums.json is missing" in shown, shown
+        assert "benchmarks/tables.json" not in shown and "Benchmarks: LDS tables" not in shown
+    finally:
+        with open(sidecar, "wb") as f:
             f.write(original)
 
 

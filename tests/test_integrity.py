@@ -346,6 +346,39 @@ def test_the_checksum_recorder_reads_each_file_whole_first(folder, capsys):
     assert not os.path.exists(os.path.join(jobs, "checksums.json"))  # nothing recorded for a damaged folder
 
 
+def test_a_json_written_whole_is_sealed_and_out_of_the_sidecar(tmp_path, capsys):
+    """The rule of `checksums`: a JSON result written whole by one writer carries its own checksum and
+    is not listed in its folder's sidecar (an entry an older writer recorded there is dropped); an
+    edited value is refused naming it, with no sidecar to consult."""
+    from dtrak_core import checksums
+    from dtrak_core.cli import main
+
+    folder = str(tmp_path)
+    path = os.path.join(folder, "evidence.json")
+    with open(path, "w") as f:
+        json.dump({"rows": [{"method": "square", "validation/signed": 1.0}]}, f)  # a legacy result...
+    assert main(["checksums", path]) == 0  # ...recorded in the sidecar, beside a job file's entry
+    save_result(os.path.join(folder, "a.npz"), x=np.zeros(2))
+    checksums.record(folder, ["a.npz"])
+    assert set(checksums.read_sidecar(folder)) == {"evidence.json", "a.npz"}
+    content = {"rows": [{"method": "square", "validation/signed": np.float64(2.5)}], "sets": ("validation",)}
+    written = checksums.write_sealed_json(path, content)
+    assert set(checksums.read_sidecar(folder)) == {"a.npz"}  # its old entry is gone, the folder's others kept
+    os.remove(os.path.join(folder, "checksums.json"))  # a sealed file needs no sidecar
+    read = checksums.read_sealed_json(path, "evidence", "rewrite it", required=True)
+    assert read == {"rows": [{"method": "square", "validation/signed": 2.5}], "sets": ["validation"]}
+    assert written == {**read, checksums.FIELD: checksums.json_digest(read)}
+    # recording the folder again leaves the sealed file out (verified against its own checksum)
+    assert main(["checksums", folder]) == 0 and set(checksums.read_sidecar(folder)) == {"a.npz"}
+    capsys.readouterr()
+    edited = json.load(open(path))
+    edited["rows"][0]["validation/signed"] = 99.0
+    json.dump(edited, open(path, "w"))
+    with pytest.raises(IntegrityError, match=f"^{path} \\(evidence\\) does not match its own content_sha256"):
+        checksums.read_sealed_json(path, "evidence", "rewrite it")
+    assert main(["checksums", path]) == 2 and path in capsys.readouterr().err  # nor is an edit recorded
+
+
 def test_a_bit_flip_inside_a_result_is_caught_by_the_zip_crc(tmp_path):
     path = str(tmp_path / "r.npz")
     save_result(path, a=np.arange(1000, dtype=np.float64), b=np.zeros(3))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dtrak_core import app_support as sup
+from dtrak_core import checksums
 
 
 def test_similarity_flag_counts_the_shared_top_k_and_reads_it():
@@ -29,11 +30,24 @@ def test_the_baseline_and_the_measured_lds_come_from_the_folders_evidence(tmp_pa
     rows = [{"method": "pixel-arccos", "group": "model-free", "validation/signed": 70.0},
             {"method": "pixel-nn", "group": "model-free", "validation/signed": 20.0},
             {"method": "square", "group": "model", "validation/signed": 80.0}]
-    (tmp_path / "benchmarks" / "evidence.json").write_text(json.dumps({"rows": rows}))
+    path = str(tmp_path / "benchmarks" / "evidence.json")
+    checksums.write_sealed_json(path, {"rows": rows})  # as experiments/strong_baselines.py writes it
     evidence = sup.read_evidence(str(tmp_path))
     assert sup.lookalike_baseline(evidence) == "pixel-arccos"  # the best model-free row, not the best row
     text = sup.similarity_flag("d-trak", np.arange(5.0), "pixel-arccos", np.arange(5.0), 2, evidence)
     assert "validation LDS" in text and "80.0" in text and "70.0" in text
+    # an edited number is not used: the flag says less, and the page's banner names the file
+    edited = json.load(open(path))
+    edited["rows"][0]["validation/signed"] = 95.0
+    json.dump(edited, open(path, "w"))
+    assert sup.read_evidence(str(tmp_path)) is None
+    from dtrak_core.ui.banner import results_damage
+
+    damaged = results_damage(str(tmp_path))
+    assert path in damaged["Benchmarks: evidence against the model-free baselines, the similarity flag's LDS line "
+                           "and About's numbers"]
+    (tmp_path / "benchmarks" / "evidence.json").write_text(json.dumps({"rows": rows}))  # no checksum at all
+    assert sup.read_evidence(str(tmp_path)) is None
     (tmp_path / "benchmarks" / "evidence.json").write_text("{not json")
     assert sup.read_evidence(str(tmp_path)) is None
 

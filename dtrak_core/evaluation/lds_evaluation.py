@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from dtrak_core import checksums
 from dtrak_core.attribution.attributor import Attributor
 from dtrak_core.attribution.features import FeatureSetting, Featurizer
 from dtrak_core.attribution.output_functions import canonical_name
@@ -29,7 +30,6 @@ from dtrak_core.evaluation.lds_run import (
     collect_full_timesteps,
     load_test_sets,
 )
-from dtrak_core.files import atomic_write_json, json_safe
 from dtrak_core.folder import ModelFolder
 from dtrak_core.model.data import fingerprint, load_digits
 from dtrak_core.model.sampling import generate
@@ -122,7 +122,7 @@ def evaluate(run_dir: str, unet, scheduler, methods: dict, train_features: dict,
                                          "models scored against F from all 1000 timesteps (one other noise seed)")
     if dest is not None:
         save_ground_truth(dest, col, test_sets)
-        atomic_write_json(os.path.join(dest, RESULTS), json_safe(results))
+        checksums.write_sealed_json(os.path.join(dest, RESULTS), results)  # its checksum in it
     return results
 
 

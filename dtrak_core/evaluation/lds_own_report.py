@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from dtrak_core import checksums
 from dtrak_core.attribution.features import FeatureSetting
 from dtrak_core.attribution.scoring import default_lambda
 from dtrak_core.attribution.store import open_stores
@@ -17,7 +18,7 @@ from dtrak_core.evaluation import tables as bm
 from dtrak_core.evaluation.lds_own import is_own_run, require_subsets
 from dtrak_core.evaluation.tables_report import REPORT, SHIPPED, TABLES, format_report, load_tables, tables
 from dtrak_core.evaluation.tuning import tune_lambdas
-from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+from dtrak_core.files import atomic_write_bytes
 from dtrak_core.folder import ModelFolder
 
 TABLES_TITLE = "LDS of your model (checkpoints retrained by your training script)"
@@ -72,7 +73,7 @@ def tune_lambda(root: str, out_dir: str, dest: str | None = None, num_bootstrap:
     results = load_tables(os.path.join(dest, TABLES))
     if results is not None:  # the report written by `evaluate`: it now names the recorded lambdas
         results[SHIPPED] = shipped_lambdas(root, out_dir, results)
-        atomic_write_json(os.path.join(dest, TABLES), json_safe(results))
+        checksums.write_sealed_json(os.path.join(dest, TABLES), results)  # re-sealed: the app verifies it
         atomic_write_bytes(os.path.join(dest, REPORT), format_report(results).encode())
     return tuned
 

@@ -403,20 +403,20 @@ PUBLISHED = (
 
 
 def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benchmarks")) -> dict:
-    """Copy <run>/study.json and study.md to `dest` and the PUBLISHED rows into dest/tables.json
-    (key "beyond"), then rewrite dest/tables.md from it."""
-    import shutil
-
+    """Copy <run>/study.json (sealed: the app verifies it) and study.md to `dest` and the PUBLISHED
+    rows into dest/tables.json (key "beyond"), then rewrite dest/tables.md from it."""
+    from dtrak_core.checksums import write_sealed_json
     from dtrak_core.evaluation.tables_report import BEYOND, load_tables
     from dtrak_core.evaluation.tables_report import REPORT as TABLES_REPORT
     from dtrak_core.evaluation.tables_report import TABLES as TABLES_JSON
     from dtrak_core.evaluation.tables_report import format_report as tables_report
-    from dtrak_core.files import json_safe
+    from dtrak_core.files import atomic_write_bytes
 
     path = os.path.join(run_dir, RESULTS)
     if not os.path.isfile(path):
         raise ValueError(f"no {path}; compute it with `python -m dtrak_core study lds`")
-    cells = read_json(path, "study results", "rerun `python -m dtrak_core study lds`")["cells"]
+    study = read_json(path, "study results", "rerun `python -m dtrak_core study lds`")
+    cells = study["cells"]
     tables_path = os.path.join(dest, TABLES_JSON)
     t = load_tables(tables_path)
     if t is None:
@@ -436,15 +436,11 @@ def publish(run_dir: str = DEFAULT_RUN, dest: str = os.path.join("assets", "benc
         rows.append({"cell": name, "label": label, "validation": c["validation"], "generated": c["generated"],
                      "feature_seconds": cost["gradient_seconds"] or 0.0, "scoring_seconds": scoring})
     t[BEYOND] = {"rows": rows, "source": "python -m dtrak_core study lds, then publish"}
-    from dtrak_core.checksums import seal
-    from dtrak_core.files import atomic_write_bytes
-
-    atomic_write_json(tables_path, seal(json_safe(t)))  # its checksum in it (the app verifies it)
-
+    write_sealed_json(tables_path, t)  # its checksum in it (the app verifies it)
     atomic_write_bytes(os.path.join(dest, TABLES_REPORT), tables_report(t).encode())
-    for f in (RESULTS, REPORT):
-        shutil.copyfile(os.path.join(run_dir, f), os.path.join(dest, f) + ".tmp")
-        os.replace(os.path.join(dest, f) + ".tmp", os.path.join(dest, f))
+    write_sealed_json(os.path.join(dest, RESULTS), study)
+    with open(os.path.join(run_dir, REPORT), "rb") as f:
+        atomic_write_bytes(os.path.join(dest, REPORT), f.read())
     return t[BEYOND]
 
 

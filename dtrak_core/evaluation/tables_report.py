@@ -25,7 +25,7 @@ from dtrak_core.evaluation.tables import (
     ensemble_table,
     methods_table,
 )
-from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+from dtrak_core.files import atomic_write_bytes
 
 TABLES = "tables.json"
 REPORT = "tables.md"
@@ -61,12 +61,14 @@ def tables(run_dir: str, root: str | None = None, dest: str | None = None, num_b
         out.update(annotate(out))
     if dest is not None:
         previous = load_tables(os.path.join(dest, TABLES)) or {}
-        # "beyond" (exact kernels, DAS, EK-FAC) is written by `evaluation.study publish`: kept as it is
-        merged = {**{k: v for k, v in previous.items() if (k in builders and k not in which) or k == BEYOND}, **out}
+        # "beyond" (exact kernels, DAS, EK-FAC) and "evidence" (the model-free baselines) are written by
+        # `evaluation.study publish` and experiments/strong_baselines.py: kept as they are
+        merged = {**{k: v for k, v in previous.items() if (k in builders and k not in which) or k in (BEYOND, EVIDENCE)},
+                  **out}
         merged["subsets_per_table"] = {**{k: v for k, v in previous.get("subsets_per_table", {}).items()
                                           if k in merged and k not in which}, **out.get("subsets_per_table", {})}
         os.makedirs(dest, exist_ok=True)
-        atomic_write_json(os.path.join(dest, TABLES), checksums.seal(json_safe(merged)))  # its checksum in it
+        checksums.write_sealed_json(os.path.join(dest, TABLES), merged)  # its checksum in it
         atomic_write_bytes(os.path.join(dest, REPORT), format_report(merged).encode())
         out = merged
     return out
@@ -101,6 +103,11 @@ def _ordered(names, order) -> list:
     return [n for n in order if n in names] + [n for n in names if n not in order]
 
 
+def _n(x) -> str:
+    """A number to one decimal; "nan" for the None a written tables.json holds in place of NaN (`json_safe`)."""
+    return "nan" if x is None else f"{x:.1f}"
+
+
 def _fmt(cell: dict | None, set_name: str) -> str:
     """'honest +- pm (paper)' for swept cells, 'lds +- pm' for fixed ones, or why it is empty."""
     if cell is None:
@@ -113,8 +120,8 @@ def _fmt(cell: dict | None, set_name: str) -> str:
     if c is None:
         return "n/a"
     if "honest" in c:
-        return f"{c['honest']['lds']:.1f} ± {c['honest']['pm']:.1f} ({c['paper']['lds']:.1f})"
-    return f"{c['lds']:.1f} ± {c['pm']:.1f}"
+        return f"{_n(c['honest']['lds'])} ± {_n(c['honest']['pm'])} ({_n(c['paper']['lds'])})"
+    return f"{_n(c['lds'])} ± {_n(c['pm'])}"
 
 
 def format_report(t: dict) -> str:
@@ -145,7 +152,7 @@ def format_report(t: dict) -> str:
         nc = t["noise_ceiling"]
         lines += ["Noise ceiling (how well one training seed's ground truth predicts the other's; the best LDS "
                   "reachable against the seed mean in brackets): " +
-                  "; ".join(f"{s} {nc[s]['seed_vs_seed']:.1f} ± {nc[s]['seed_vs_seed_pm']:.1f} [{nc[s]['ceiling']:.1f}]"
+                  "; ".join(f"{s} {_n(nc[s]['seed_vs_seed'])} ± {_n(nc[s]['seed_vs_seed_pm'])} [{_n(nc[s]['ceiling'])}]"
                             for s in sets if s in nc), ""]
     if "methods" in t:
         Ks = sorted({int(k.split("/K")[1]) for k in t["methods"] if "/K" in k})
@@ -234,14 +241,13 @@ def _shipped_lines(shipped: dict) -> list[str]:
 
 
 def publish_evidence(dest: str, rows: list[dict], sets, source: str) -> bool:
-    """Put the `evidence.evaluate` rows into dest/tables.json (key EVIDENCE, re-sealed, its checksum
-    recorded) and rewrite dest/tables.md with them; False when dest has no tables.json."""
+    """Put the `evidence.evaluate` rows into dest/tables.json (key EVIDENCE, re-sealed) and rewrite
+    dest/tables.md with them; False when dest has no tables.json."""
     path = os.path.join(dest, TABLES)
     t = load_tables(path)
     if t is None:
         return False
     t[EVIDENCE] = {"rows": rows, "sets": list(sets), "source": source}
-    atomic_write_json(path, checksums.seal(json_safe(t)))
-    checksums.record(dest, [TABLES])
+    checksums.write_sealed_json(path, t)
     atomic_write_bytes(os.path.join(dest, REPORT), format_report(t).encode())
     return True

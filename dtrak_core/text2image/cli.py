@@ -69,8 +69,9 @@ def cmd_lds(args):
 
     import torch
 
+    from dtrak_core.checksums import write_sealed_json
     from dtrak_core.evaluation.retrain import parse_shard
-    from dtrak_core.files import atomic_write_bytes, atomic_write_json, json_safe
+    from dtrak_core.files import atomic_write_bytes
     from dtrak_core.text2image.attributor import TextToImageAttributor
     from dtrak_core.text2image.lds import MINIATURE_LDS, evaluate, format_table, miniature_run
 
@@ -87,7 +88,7 @@ def cmd_lds(args):
                        num_bootstrap=args.bootstrap)
     table = format_table(results)
     suffix = "" if args.K is None else f"_K{args.K}"
-    atomic_write_json(os.path.join(args.out, f"lds_results{suffix}.json"), json_safe(results))
+    write_sealed_json(os.path.join(args.out, f"lds_results{suffix}.json"), results)  # the app verifies it
     atomic_write_bytes(os.path.join(args.out, f"results{suffix}.md"), table.encode())
     print(table)
 

@@ -10,28 +10,26 @@ import gradio as gr
 
 from dtrak_core.attribution import methods as registry
 from dtrak_core.ui import counterfactual as cfui
-from dtrak_core.ui.benchmarks import verified_results
+from dtrak_core.ui.benchmarks import result_part, verified_results
 from dtrak_core.ui.state import current_root, load_assets, once_per_root
 
 WARM_UP_WAIT = 120  # seconds a page waits at most for the warm-up before checking the files itself
 warming, warm_done = threading.Event(), threading.Event()  # the warm-up thread is running / has finished
 
 
-RESULT_PARTS = {"tables": "Benchmarks: LDS tables", "summary": "Benchmarks: counterfactual summary"}
-
-
 def results_damage(root: str) -> dict:
-    """{part: why it is off} for the precomputed results (galleries, tables, summary)."""
+    """{part: why it is off} for the precomputed results (galleries, every JSON of benchmarks/, the
+    counterfactual summary)."""
     cfui.precomputed(root)
     damaged = dict(cfui.damaged_gallery.get(root, {}))
-    damaged.update({RESULT_PARTS[name]: r["error"] for name, r in verified_results(root).items() if "error" in r})
+    damaged.update({result_part(name): r["error"] for name, r in verified_results(root).items() if "error" in r})
     return damaged
 
 
 def quick_damage(root: str) -> dict:
     """{part: why it is off} from the checks that cost no more than reading a few small files:
     the stores and the TracInCP index (`load_assets`), the precomputed counterfactual results'
-    identity.json, the galleries and the benchmark tables and summary (their checksums). What they
+    identity.json, the galleries and the benchmark results and summary (their checksums). What they
     miss (a replaced checkpoint, a damaged job file) `full_check` finds."""
     from dtrak_core.errors import IntegrityError
 

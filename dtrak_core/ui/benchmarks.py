@@ -1,5 +1,6 @@
 """The Benchmarks tab: the folder's committed LDS tables, evidence against the model-free baselines and
-counterfactual medians, each shown only as its writer sealed it; charts drawn when the tab is first shown."""
+counterfactual medians, each shown only as its writer wrote it (its checksum verified) and its report
+drawn from the verified numbers; charts drawn when the tab is first shown."""
 from __future__ import annotations
 
 import functools
@@ -16,31 +17,61 @@ from dtrak_core.shared import OnceCache
 from dtrak_core.ui import texts
 from dtrak_core.ui.state import load_assets
 
+SUMMARY = "counterfactual summary"  # verified_results' key of counterfactual/summary.json (no file stem has a space)
+# the part of the page each result feeds, as the banner names it when the file is damaged
+PARTS = {"tables": "Benchmarks: LDS tables", SUMMARY: "Benchmarks: counterfactual summary",
+         "evidence": "Benchmarks: evidence against the model-free baselines, the similarity flag's LDS line and "
+                     "About's numbers",
+         "lds_results": "Benchmarks: LDS of D-TRAK and TRAK", "sharpening": "Benchmarks: LDS of sharpened scores",
+         "study": "Benchmarks: the study's cells"}
+TITLES = {"tables": "LDS of every method", SUMMARY: "Counterfactual: remove the top proponents and retrain",
+          "evidence": "Attribution or look-alikes?", "lds_results": "LDS: D-TRAK and TRAK"}
+
+
+def result_part(name: str) -> str:
+    return PARTS.get(name, f"Benchmarks: {name}")
+
 
 def verified_results(root: str) -> dict:
-    """{name: {"path", and "data" or "error"}} for the benchmark results the app shows whole:
-    benchmarks/tables.json and counterfactual/summary.json (when present), each verified against
-    the checksum its writer recorded. "error" (unreadable, edited, unrecorded) turns off that part
-    of the Benchmarks tab, which then says why, as the banner does. (Two small files: read each
-    time it is asked, when the page is built and by the banner's checks.)"""
+    """{name: {"path", and "data" or "error"}} for every result the Benchmarks tab shows: each JSON
+    of benchmarks/ by its name ("tables", "evidence", "lds_results", ...; `sup.read_benchmarks`) and
+    counterfactual/summary.json (`SUMMARY`), each verified against the checksum its writer recorded.
+    "error" (unreadable, edited, unrecorded) turns off that part of the tab, which then says why, as
+    the banner does. (Small files: read each time it is asked, when the page is built and by the
+    banner's checks.)"""
     from dtrak_core import checksums
     from dtrak_core.errors import IntegrityError
     from dtrak_core.evaluation.counterfactual_report import summary_remedy
-    from dtrak_core.evaluation.tables_report import tables_remedy
 
-    out = {}
-    for name, path, what, remedy in (
-            ("tables", os.path.join(root, "benchmarks", "tables.json"), "benchmark tables",
-             tables_remedy(os.path.join(root, "benchmarks", "tables.json"))),
-            ("summary", os.path.join(root, "counterfactual", "summary.json"), "counterfactual summary",
-             summary_remedy(os.path.join(root, "counterfactual", "summary.json")))):
-        if not os.path.exists(path):
-            continue
+    out = {i["name"]: i for i in sup.read_benchmarks(os.path.join(root, "benchmarks"))}
+    path = os.path.join(root, "counterfactual", "summary.json")
+    if os.path.exists(path):
         try:
-            out[name] = {"path": path, "data": checksums.read_sealed_json(path, what, remedy)}
+            out[SUMMARY] = {"path": path, "data": checksums.read_sealed_json(path, "counterfactual summary",
+                                                                             summary_remedy(path))}
         except IntegrityError as e:
-            out[name] = {"path": path, "error": str(e)}
+            out[SUMMARY] = {"path": path, "error": str(e)}
     return out
+
+
+def drawn(render, data) -> str:
+    """The Markdown `render` draws from a verified result; a line saying why when the file does not
+    have the shape its writer gives it (a writer of another version)."""
+    try:
+        return render(data)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        return f"*The report cannot be drawn from this file ({type(e).__name__}: {html.escape(str(e))}).*"
+
+
+def evidence_markdown(evidence: dict) -> str:
+    """The evidence table (`evidence.format_table`) drawn from the verified rows, its test sets in the
+    order its writer gave them ("sets"), else validation first."""
+    from dtrak_core.evaluation.evidence import format_table
+
+    found = evidence.get("test_sets") or {}
+    sets = evidence.get("sets") or [s for s in ("validation", "generated") if s in found] + \
+        [s for s in found if s not in ("validation", "generated")]
+    return format_table(evidence["rows"], sets)
 
 
 def _read_text(path: str) -> str | None:
@@ -179,9 +210,9 @@ def own_runs_markdown(root: str, lds_shown: bool, cf_shown: bool) -> str:
     return "\n\n".join(parts)
 
 
-def evidence_blocks(bench: str, evidence: dict, ceiling, chart) -> None:
+def evidence_blocks(evidence: dict, ceiling, chart) -> None:
     """The headline and one chart (`chart(draw)` places it): every method beside the strong
-    model-free baselines, under the noise ceiling; the full table of bench/evidence.md folded."""
+    model-free baselines, under the noise ceiling; the full table, drawn from the verified rows, folded."""
     gr.Markdown("## Attribution or look-alikes?\n" + sup.evidence_headline(evidence))
     chart(functools.partial(viz.lds_chart, sup.evidence_rows(evidence), ceiling))
     with gr.Accordion("Every method beside the model-free baselines: signed, sharpened, rank and top-1% LDS",
@@ -191,9 +222,13 @@ def evidence_blocks(bench: str, evidence: dict, ceiling, chart) -> None:
                     "query's ranks alone (*rank*) and from an indicator of its top 1% (*top-1%*). The last two "
                     "are the same for every increasing transform of the scores. Every λ and bandwidth is "
                     "cross-fitted. *(no model)* marks baselines that never look at the diffusion model.")
-        table = _read_text(os.path.join(bench, "evidence.md"))
-        if table:
-            gr.Markdown(sup.relabel_tables(table))
+        gr.Markdown(sup.relabel_tables(drawn(evidence_markdown, evidence)))
+
+
+def damaged_section(title: str, error: str, elem_id: str | None = None) -> None:
+    """In place of a result's section: the file is not shown, and why (its name and the fix)."""
+    gr.Markdown(f"## {title}\n\n**Not shown: this result file is unreadable, or not the one its writer wrote.** "
+                f"{html.escape(error)}", elem_classes="damaged-result", elem_id=elem_id)
 
 
 def benchmarks_blocks(root: str) -> list:
@@ -208,36 +243,27 @@ def benchmarks_blocks(root: str) -> list:
     def chart(draw) -> None:
         charts.append((gr.Plot(show_label=False), draw))
     bench, cf_dir = os.path.join(root, "benchmarks"), os.path.join(root, "counterfactual")
-    items = {i["name"]: i for i in sup.read_benchmarks(bench)}
-    cf_items = {i["name"]: i for i in sup.read_benchmarks(cf_dir)}
-    lds, cf_summary = items.pop("lds_results", None), cf_items.get("summary")
-    tables = items.pop("tables", None)
-    # the tables and the summary are shown only as their writers wrote them (checksums verified);
-    # one that is not is named in place of its section (and in the banner), never silently left out
-    checked = verified_results(root)
-    if tables is not None:
-        tables = {**tables, **checked.get("tables", {})}
-    if cf_summary is not None:
-        cf_summary = {**cf_summary, **checked.get("summary", {})}
-    broken = [(title, x) for title, x in (("LDS: D-TRAK and TRAK", lds), ("LDS of every method", tables),
-                                          ("Counterfactual: remove the top proponents and retrain", cf_summary))
-              if x is not None and "error" in x]
-    for _, x in broken:
-        x.pop("data", None)
+    # every result is shown only as its writer wrote it (checksums verified); one that is not is named
+    # in place of its section (and in the banner), never silently left out
+    items = verified_results(root)
+    lds, tables, cf_summary = items.pop("lds_results", None), items.pop("tables", None), items.pop(SUMMARY, None)
     evidence = items.pop("evidence", None)
+    broken = [(TITLES[name], x) for name, x in (("evidence", evidence), ("lds_results", lds), ("tables", tables),
+                                                (SUMMARY, cf_summary)) if x is not None and "error" in x]
+    broken += [(name, x) for name, x in items.items() if "error" in x]
+    items = {name: x for name, x in items.items() if "error" not in x}
     shown = any(x is not None and x.get("data") for x in (lds, tables, cf_summary, evidence)) or bool(items) \
         or bool(broken)
     if evidence is not None and evidence.get("data"):
         ceiling = (tables or {}).get("data", {}).get("noise_ceiling") if tables is not None else None
-        evidence_blocks(bench, evidence["data"], ceiling, chart)
+        evidence_blocks(evidence["data"], ceiling, chart)
     if shown:
         with gr.Accordion("How to read these numbers", open=not (evidence is not None and evidence.get("data"))):
             a = _loaded(root)
             gr.Markdown(texts.fill(texts.get("benchmarks_help.md"), **(texts.words(True) if a is None else a.words))
                         .split("\n", 1)[1])
     for title, x in broken:
-        gr.Markdown(f"## {title}\n\n**Not shown: this result file is unreadable, or not the one its writer wrote.** "
-                    f"{html.escape(x['error'])}", elem_classes="damaged-result")
+        damaged_section(title, x["error"])
     # each topic's heading in sight, its tables and charts folded under it when the headline leads
     folded = evidence is not None and bool(evidence.get("data"))
     if lds is not None and lds.get("data"):
@@ -260,8 +286,10 @@ def benchmarks_blocks(root: str) -> list:
     if tables is not None and tables.get("data"):
         gr.Markdown("## LDS of every method: baselines, output functions x K, ensembles")
         with gr.Accordion("The poster's table, every output function and K, ensembles", open=not folded):
-            if tables.get("markdown"):
-                gr.Markdown(sup.relabel_tables(tables["markdown"].split("\n", 1)[-1]))  # without its own title
+            from dtrak_core.evaluation.tables_report import format_report
+
+            report = drawn(format_report, tables["data"])  # drawn from the verified numbers, not tables.md
+            gr.Markdown(sup.relabel_tables(report.split("\n", 1)[-1] if report.startswith("# ") else report))
             rows = sup.table_rows(tables["data"].get("methods", {}))
             if rows:
                 gr.Markdown(methods_chart_note(root, rows))
@@ -281,9 +309,6 @@ def benchmarks_blocks(root: str) -> list:
                 chart(functools.partial(viz.counterfactual_chart, cf_summary["data"]))
     for item in items.values():  # any other benchmark file, as generic tables
         with gr.Accordion(item["name"], open=False):
-            if "error" in item:
-                gr.Markdown(f"Could not read `{item['error']}`")
-                continue
             for path, rows in sup.records(item["data"]):
                 _table(rows, path)
                 headers = list(dict.fromkeys(h for r in rows for h in r))

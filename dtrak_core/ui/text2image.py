@@ -17,7 +17,6 @@ of the request values run on the page's folder (`state.bound`), which `create_ui
 """
 
 import html
-import json
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ from dtrak_core.text2image.attributor import TextToImageAttributor
 from dtrak_core.text2image.data import digit_caption
 from dtrak_core.ui import texts
 from dtrak_core.ui.attribute import compare_text, following, method_line, noise_summary, opponent_note
-from dtrak_core.ui.benchmarks import evidence_blocks
+from dtrak_core.ui.banner import damage_banner
+from dtrak_core.ui.benchmarks import TITLES, damaged_section, drawn, evidence_blocks, result_part
 from dtrak_core.ui.state import cards_html, current_root, listed, no_query, readable
 
 MAX_PROMPT_CHARS = 200
@@ -419,23 +419,35 @@ def quality_markdown(a: TextToImageAssets) -> str:
 
 
 def read_lds(root: str) -> dict:
-    """The LDS results under `root/lds` as {'data', 'markdown', 'error'} (each None when absent)."""
+    """The LDS results under `root/lds`, verified against the checksum its writer recorded (`sup.read_benchmark`):
+    {'folder', 'data', 'markdown' (the report, drawn from the verified data by `lds.format_table`), 'error'
+    (unreadable, edited or unrecorded: the file named with its fix)}, each None when absent."""
     folder = os.path.join(root, LDS_FOLDER)
     out = {"folder": folder, "data": None, "markdown": None, "error": None}
     path = os.path.join(folder, "lds_results.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                out["data"] = json.load(f)
-            if not isinstance(out["data"], dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            out["data"], out["error"] = None, f"{path}: {e}"
-    md = os.path.join(folder, "results.md")
-    if os.path.isfile(md):
-        with open(md) as f:
-            out["markdown"] = f.read()
+    if os.path.isfile(path) or os.path.basename(path) in sup.recorded_names(folder):  # gone though recorded: named
+        item = sup.read_benchmark(path)
+        out["data"], out["error"] = item.get("data"), item.get("error")
+    if out["data"] is not None:
+        from dtrak_core.text2image.lds import format_table
+
+        out["markdown"] = drawn(format_table, out["data"])
     return out
+
+
+PARTS = {"evidence": "Benchmarks: evidence against the model-free baselines",
+         "lds": "Benchmarks: LDS with LoRA retrains"}
+
+
+def results_damage(root: str) -> dict:
+    """{part: why it is off} for the precomputed results the Benchmarks tab shows (every JSON of
+    benchmarks/, lds/lds_results.json): each verified, as the pixel folders' banner does."""
+    damaged = {PARTS.get(i["name"], result_part(i["name"])): i["error"]
+               for i in sup.read_benchmarks(os.path.join(root, "benchmarks")) if "error" in i}
+    lds = read_lds(root)
+    if lds["error"]:
+        damaged[PARTS["lds"]] = lds["error"]
+    return damaged
 
 
 def lds_rows(data: dict) -> list[dict]:
@@ -739,6 +751,8 @@ def create_ui(a) -> dict:
     picked = gr.State(None)
     compare_on = gr.State(False)
     gr.Markdown(header_markdown(a))
+    damaged = results_damage(a.root)  # the precomputed results, as a pixel folder's banner names them
+    gr.Markdown(damage_banner(damaged), visible=bool(damaged), elem_id="damaged")
     with gr.Tabs(overflow_behavior="wrap") as tabs:
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
@@ -888,17 +902,20 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
         gr.Dataframe(value=[["" if r.get(h) is None else r.get(h) for h in headers] for r in rows], headers=headers,
                      label="share of samples classified as the prompted digit", interactive=False, wrap=True,
                      elem_id="quality-table")
-    bench = os.path.join(a.root, "benchmarks")
-    evidence = {i["name"]: i for i in sup.read_benchmarks(bench)}.get("evidence") or {}
-    if evidence.get("data"):  # every method beside the strong model-free baselines (strong_baselines.py)
-        lds_data = read_lds(a.root)["data"] or {}
-        evidence_blocks(bench, evidence["data"], lds_data.get("noise_ceiling"),
-                        lambda draw: gr.Plot(draw(), show_label=False))
+    items = {i["name"]: i for i in sup.read_benchmarks(os.path.join(a.root, "benchmarks"))}
     lds = read_lds(a.root)
+    evidence = items.pop("evidence", None) or {}
+    if evidence.get("data"):  # every method beside the strong model-free baselines (strong_baselines.py)
+        evidence_blocks(evidence["data"], (lds["data"] or {}).get("noise_ceiling"),
+                        lambda draw: gr.Plot(draw(), show_label=False))
+    for name, item in ([("evidence", evidence)] if "error" in evidence else []) + list(items.items()):
+        if "error" in item:  # named in place of its section (and in the banner), never silently left out
+            damaged_section(TITLES.get(name, name), item["error"])
     if lds["data"] is None:
-        gr.Markdown((f"### LDS: the results file could not be read\n`{lds['error']}`: write it again with "
-                     f"`{lds_command(a.root, 'evaluate')}`" if lds["error"] else
-                     lds_not_run(a, lds["folder"])), elem_id="lds-status")
+        if lds["error"]:
+            damaged_section("LDS: D-TRAK, TRAK and the baselines", lds["error"], elem_id="lds-status")
+        else:
+            gr.Markdown(lds_not_run(a, lds["folder"]), elem_id="lds-status")
         return
     gr.Markdown("### LDS: D-TRAK, TRAK and the baselines, with LoRA retrains", elem_id="lds-status")
     gr.Markdown(lds_intro(lds["data"]))
@@ -910,7 +927,7 @@ def benchmarks_blocks(a: TextToImageAssets, gr) -> None:
                      elem_id="lds-table")
         gr.Plot(viz.lds_chart(rows, lds["data"].get("noise_ceiling")), show_label=False)
     if lds["markdown"]:
-        with gr.Accordion("The evaluation's report (results.md)", open=False):
+        with gr.Accordion("The evaluation's report", open=False):
             gr.Markdown(sup.relabel_tables(lds["markdown"]))
 
 

@@ -63,12 +63,14 @@ def test_evidence_rows_are_published_into_the_tables(tmp_path):
     from dtrak_core.files import atomic_write_json
 
     atomic_write_json(os.path.join(dest, tables_report.TABLES), checksums.seal(tables))
+    checksums.record(dest, [tables_report.TABLES])  # as an older publish_evidence did: sealed and in the sidecar
     evidence = [{"method": "pixel-rbf", "label": "Pixel RBF kernel", "group": "model-free", "cost": "", "seconds": 1.0,
                  **{f"validation/{t}": 60.0 + i for i, t in enumerate(("signed", "sharpened", "rank", "top-1%"))},
                  **{f"validation/{t} pm": 0.5 for t in ("signed", "sharpened", "rank", "top-1%")}}]
     assert tables_report.publish_evidence(dest, evidence, ["validation"], "python x.py --write")
     t = tables_report.load_tables(os.path.join(dest, tables_report.TABLES), required=True)  # re-sealed, verified
     assert t[tables_report.EVIDENCE]["rows"] == evidence
+    assert checksums.read_sidecar(dest) == {}  # one mechanism per file: sealed, so out of the sidecar
     text = open(os.path.join(dest, tables_report.REPORT)).read()
     assert "Beside the strong model-free baselines" in text and "python x.py --write" in text
     assert "Pixel RBF kernel" in text and np.isclose(float(text.split("| Pixel RBF kernel | ")[1][:4]), 60.0)

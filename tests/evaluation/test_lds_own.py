@@ -336,6 +336,9 @@ def test_a_partial_counterfactual_is_marked_partial(own, tmp_path, capsys):
     assert f"counterfactual-own measure --root {root} --out {out} --checkpoints DIR" in table
     assert "another model and dataset" in table  # the published CIFAR-2 row's caveat
     assert summary["partial"] and (summary["jobs_done"], summary["jobs_planned"]) == (1, 2)
+    from dtrak_core.evaluation.counterfactual_report import read_summary
+
+    assert read_summary(os.path.join(out, "summary.json"))["partial"]  # sealed with the keys added last (the app reads it)
     user_training_script(attributor.unet, attributor.scheduler, attributor.train.images, removals["jobs"][1:], ckpts,
                          steps=1)
     assert main(["counterfactual-own", "measure", "--root", root, "--out", out, "--checkpoints", ckpts]) == 0

@@ -135,9 +135,15 @@ def test_tables_end_to_end(tiny_bench, tmp_path):
     assert "unavailable" in t["methods"]["tracin"]  # no checkpoints registered for the tiny model
     report = open(os.path.join(dest, tables_report.REPORT)).read()
     assert "| d-trak |" in report and "| avg |" in report and "| pixel-dot |" in report and "Missing cells" not in report
-    # recomputing one table keeps the others
+    # recomputing one table keeps the others, and the rows other writers put there (the evidence rows)
+    rows = [{"method": "pixel-rbf", "label": "Pixel RBF kernel", "group": "model-free", "cost": "", "seconds": 1.0,
+             "validation/signed": 60.0, "validation/signed pm": 0.5}]
+    assert tables_report.publish_evidence(dest, rows, ["validation"], "python x.py --write")
     t2 = tables_report.tables(run_dir, root, dest=dest, num_bootstrap=20, which=("ensembles",), **options)
-    assert t2["ablation"] == tables_report.load_tables(os.path.join(dest, tables_report.TABLES))["ablation"]
+    kept = tables_report.load_tables(os.path.join(dest, tables_report.TABLES), required=True)
+    assert t2["ablation"] == kept["ablation"]
+    assert kept[tables_report.EVIDENCE] == {"rows": rows, "sets": ["validation"], "source": "python x.py --write"}
+    assert "python x.py --write" in open(os.path.join(dest, tables_report.REPORT)).read()
     # tables.json carries its writer's checksum; a number edited by hand is refused, naming the file
     from dtrak_core import checksums
     from dtrak_core.errors import IntegrityError

@@ -1,10 +1,13 @@
 """The app's text-to-image handlers on the committed miniature, checked against the attributor itself."""
 import json
+import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from dtrak_core import checksums
 from dtrak_core.attribution.similarity import similarity
 from dtrak_core.text2image.build import MINIATURE_ROOT
 from dtrak_core.ui import text2image as views
@@ -172,6 +175,11 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
     assert rows[10] == {"prompt": "all of “5” .. “9”", lora: "88.5%", base: "3.5%"}
     assert rows[11] == {"prompt": "all of “0” .. “4”", lora: "", base: "96.5%"}
     assert views.read_lds(str(tmp_path))["data"] is None  # nothing there: the page says "not run yet"
+    committed = views.read_lds(MINIATURE_ROOT)
+    if committed["data"] is not None:  # verified; its report drawn from the numbers its writer wrote in results.md
+        assert views.results_damage(MINIATURE_ROOT) == {}
+        written = open(os.path.join(MINIATURE_ROOT, "lds", "results.md")).read()
+        assert sorted(re.findall(r"\d+\.\d+", written)) == sorted(re.findall(r"\d+\.\d+", committed["markdown"]))
     study = {"honest": {"lds": 31.0, "pm": 2.0}, "paper": {"lds": 32.0, "pm": 2.0, "lambda": 0.1}}
     results = {"subsets_done": 6, "subsets_planned": 64, "partial": True, "train_seeds": [0, 1],
                "methods": {"d-trak": {"setting": {"K": 100}, "validation": study, "generated": study}},
@@ -179,8 +187,10 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
                                            "generated": {"lds": 10.0, "pm": 3.0}}},
                "seconds_per_model": {"train_mean": 33.0, "eval_mean": 5.0}}
     (tmp_path / "lds").mkdir()
-    (tmp_path / "lds" / "lds_results.json").write_text(json.dumps(results))
+    path = str(tmp_path / "lds" / "lds_results.json")
+    checksums.write_sealed_json(path, results)  # as `lds-text2image evaluate` writes it
     lds = views.read_lds(str(tmp_path))
+    assert lds["error"] is None and lds["data"] == results and views.results_damage(str(tmp_path)) == {}
     got = views.lds_rows(lds["data"])
     assert [(r["method"], r["test set"]) for r in got] == [
         ("D-TRAK", "validation"), ("D-TRAK", "generated"),
@@ -188,9 +198,28 @@ def test_benchmarks_show_quality_and_lds_or_say_it_has_not_run(t2i, tmp_path):
     assert "Provisional" in views.lds_intro(lds["data"]) and "6 of 64" in views.lds_intro(lds["data"])
     assert "(33 s per LoRA retrain in the LDS run)" in views.counterfactual_text(str(tmp_path))
     assert "not offered" in views.counterfactual_text(MINIATURE_ROOT + "/no-such-folder")
+    # an edited number, a file with no checksum or no JSON at all is not shown: named, with the command
+    # that writes it, in the tab and in the page's banner
+    edited = json.load(open(path))
+    edited["methods"]["d-trak"]["validation"]["honest"]["lds"] = 99.0
+    json.dump(edited, open(path, "w"))
+    lds = views.read_lds(str(tmp_path))
+    assert lds["data"] is None and lds["error"].startswith(f"{path} (LDS results) does not match its own "
+                                                           "content_sha256")
+    assert "python -m dtrak_core lds-text2image evaluate" not in lds["error"]  # not a text-to-image folder: no command
+    assert views.results_damage(str(tmp_path)) == {"Benchmarks: LDS with LoRA retrains": lds["error"]}
+    import dataclasses
+
+    import gradio as gr
+
+    with gr.Blocks() as blocks:  # the tab names it in place of the LDS section, its numbers not shown
+        views.benchmarks_blocks(dataclasses.replace(t2i, root=str(tmp_path)), gr)
+    shown = "\n".join(str(b.value) for b in blocks.blocks.values() if type(b).__name__ == "Markdown")
+    assert "Not shown" in shown and path in shown and "99" not in shown.replace(path, "")
+    (tmp_path / "lds" / "lds_results.json").write_text(json.dumps(results))
+    assert "has no recorded checksum" in views.read_lds(str(tmp_path))["error"]
     (tmp_path / "lds" / "lds_results.json").write_text("{not json")
-    assert views.read_lds(str(tmp_path))["error"].endswith("lds_results.json: Expecting property name enclosed in "
-                                                           "double quotes: line 1 column 2 (char 1)")
+    assert "(LDS results) is not valid JSON" in views.read_lds(str(tmp_path))["error"]
 
 
 def test_the_pages_handlers_one_by_one(t2i, sample):
