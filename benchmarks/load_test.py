@@ -48,6 +48,8 @@ import urllib.request
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # (the drill-down check names methods as the page does)
+    sys.path.insert(0, ROOT)
 STEPS = 50  # DDIM steps of every generated query: journey-trak follows the DDIM-50 trajectory
 RANGE = 8  # seeds per generate request (a visitor's range)
 CARD = re.compile(r'<b>#(\d+)</b><br>(?:[a-z]+ (-?\d+)<br>)?<span class="(?:pos|neg)">([^<]+)</span>')
@@ -438,6 +440,25 @@ def check_json(ref: Reference, out: dict, k: int):
             ref.check_top([int(r["index"]) for r in rows], largest, [float(r["score"]) for r in rows])
 
 
+DRILL_ROW = re.compile(r"<tr><td>([^<]+)</td><td>([\d,]+) of ([\d,]+)</td>")
+
+
+def check_drill(refs: dict, index: int, page: str):
+    """A drill-down's table (the rank of training image `index` under every method) vs the ranks in
+    the references made alone ({method label: Reference}); a rank may move only across scores tied
+    within the tolerance."""
+    rows = {label: int(rank.replace(",", "")) for label, rank, _ in DRILL_ROW.findall(page)}
+    if f"Training image #{index}" not in page or not rows:
+        raise Mismatch(f"the drill-down of training image {index} shows no ranks")
+    for label, ref in refs.items():
+        if ref.scores is None or label not in rows:
+            continue
+        s, tol = ref.scores, ref.tol()
+        low, high = int((s > s[index] + tol).sum()) + 1, int((s >= s[index] - tol).sum())
+        if not low <= rows[label] <= high:
+            raise Mismatch(f"drill-down: training image {index} ranks {rows[label]} under {label}, alone {low}..{high}")
+
+
 def json_reference(out: dict, kind: str) -> Reference:
     return Reference(top={side: [(int(r["index"]), float(r["score"])) for r in out[side]]
                           for side in ("proponents", "opponents")}, kind=kind)
@@ -771,6 +792,22 @@ def visitor_loop(v: Visitor, api: Api, refs: References, plan: Plan, bad: list[s
                 if want and not all(w in out[2] for w in want):
                     raise Mismatch(f"compare text {out[2]!r} does not show overlap {want[0]} and rho {want[1]}")
             v.timed("compare", run_compare)
+        if not use_json and methods:  # a card click: the rank of one training image under every method
+            ref = refs.attr.get((q.name, rng.choice(methods)))
+            if ref is not None and ref.scores is not None:
+                index = int(rng.choice(np.argsort(-ref.scores, kind="stable")[:8]))
+
+                def run_drill(index=index, methods=methods):
+                    from dtrak_core.app_support import method_label
+
+                    out = v.call("/inspect_training", event_data={"index": index, "value": None})
+                    outs = [out] if isinstance(out, str) else out  # (states and layout updates are not sent)
+                    page = next((o for o in outs if isinstance(o, str) and "<table" in o), "")
+                    if not page:
+                        raise Mismatch(f"drill-down answer without its table: {str(out)[:400]}")
+                    check_drill({method_label(m): refs.attr[q.name, m] for m in methods
+                                 if (q.name, m) in refs.attr}, index, page)
+                v.timed("drill-down", run_drill)
         if not q.generated and "journey-trak" in api.methods and rng.random() < mix["journey_on_upload"] and not use_json:
             v.timed("journey-trak on upload", v.attribute_ui, "journey-trak", 8, expect_error="generated samples only")
         if rng.random() < mix["generate"]:
