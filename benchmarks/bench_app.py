@@ -15,7 +15,8 @@ page as soon as the server answers HTTP. Measured, in one run:
 - **first click**: a sample clicked 3 s after the page became usable (a visitor looks first): time
   to its proponent cards and to both charts (histogram and per-class mass) drawn;
 - **warm clicks**: further samples, each a new attribution on a warm server (median, max);
-- **noise-level view**, **drill-down** (a card clicked -> its rank under every method) after a click;
+- **noise-level view**, **drill-down** after a click: a card clicked -> the image with the ranks of
+  the methods computed so far (at once, unqueued), then -> its rank under every method;
 - in this process, before the server starts: the core cost of the noise-level split
   (`app_support.noise_levels`, 10 timestep buckets) next to one plain attribution of the same
   query (featurize + score), warm, median over the queries.
@@ -104,11 +105,15 @@ def click_sample(page, seed: int) -> dict:
     return {"cards": cards, "charts": charts, "noise": noise}
 
 
-def drill_down(page) -> float:
+def drill_down(page) -> tuple[float, float]:
+    """(the image with the ranks known so far, every method's rank) seconds after a card click."""
     t0 = time.perf_counter()
     page.locator("#proponents [data-index]").nth(1).click()
     page.locator("#drill-details table").wait_for()
-    return time.perf_counter() - t0
+    first = time.perf_counter() - t0
+    page.wait_for_function("() => { const t = document.querySelector('#drill-details table'); "
+                           "return t && !t.innerText.includes('Computing'); }")
+    return first, time.perf_counter() - t0
 
 
 def core_costs(assets: str, n: int = 5) -> tuple[float, float]:
@@ -212,7 +217,8 @@ def main():
             ("warm click -> proponents and charts (median, max)", "%.2f s, %.2f s" % med("charts"),
              f"<= {GOALS['warm click -> proponents and charts']:.0f} s"),
             ("warm click -> noise-level view (median, max)", "%.2f s, %.2f s" % med("noise"), "~1 s"),
-            ("card click -> rank under every method", f"{drill:.2f} s", "-"),
+            ("card click -> the image, the ranks known so far", f"{drill[0]:.2f} s", "<= 1 s"),
+            ("card click -> rank under every method", f"{drill[1]:.2f} s", "<= 1 s"),
             ("core: one attribution (featurize + score), warm", f"{plain:.2f} s", "-"),
             ("core: noise-level split (10 buckets), warm", f"{split:.2f} s ({split / plain:.1f}x)", "~1 s")]
     width = max(len(r[0]) for r in rows)

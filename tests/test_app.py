@@ -513,23 +513,33 @@ def test_rank_of_matches_sorting():
     assert [sup.rank_of(scores, i) for i in range(50)] == [order.index(i) + 1 for i in range(50)]
 
 
-def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_query(app):
+def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_query(app, monkeypatch):
     import gradio as gr
+
+    from dtrak_core.shared import OnceCache
+
+    monkeypatch.setattr(app.module_of("preview_training"), "_attribution_cache", OnceCache(256))  # nothing known yet
 
     _, batch = app.generate_samples("single", 2, 0, 0, 1, 50)
     q = app.select_sample(batch, Select(0))[0]
     result = app.attribution_for(q, "square")
     index = int(result.proponents(3)[2])
-    picked, html, box = app.inspect_training(q, Clicked({"index": index}))
-    assert picked == index and box.visible is True
-    assert f"Training image #{index}" in html
+    # at once: the image, and the ranks of the methods computed so far; the others say so
+    picked, html, box = app.preview_training(q, Clicked({"index": index}))
+    assert picked == index and box.visible is True and f"Training image #{index}" in html
+    assert f"<td>{sup.method_label('square')}</td><td>3 of " in html
+    assert html.count("Computing its scores for this query.") == len(app.assets().methods) - 1
+    html = app.rank_training(q, picked)  # then every method's
+    assert f"Training image #{index}" in html and "Computing" not in html
     for method in app.assets().methods:
         scores = app.attribution_for(q, method).scores
         assert f"<td>{sup.method_label(method)}</td><td>{sup.rank_of(scores, index):,} of {len(scores):,}</td>" in html
     assert f"<td>{sup.method_label('square')}</td><td>3 of " in html
     for bad in ({"index": -1}, {"index": app.assets().n_train}, {"index": "x"}, {}, None):
         with pytest.raises(gr.Error, match="training image index"):
-            app.inspect_training(q, Clicked(bad))
+            app.preview_training(q, Clicked(bad))
+        with pytest.raises(gr.Error, match="training image index"):
+            app.rank_training(q, (bad or {}).get("index"))
     new_q, img, info, hidden = app.use_training_image(index)
     np.testing.assert_array_equal(new_q.pixels, app.assets().attributor.train.images[index].numpy())
     assert f"Training image #{index}" in info and hidden.visible is False and new_q.seed is None
@@ -554,35 +564,12 @@ def test_the_drill_down_featurizes_each_store_once_per_query(app, monkeypatch):
     np.testing.assert_allclose(found["loss"].scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
 
 
-def test_the_prefetch_leaves_a_drill_down_nothing_to_compute(app, monkeypatch):
-    """After a query's results are shown, every method's attribution is computed in the background
-    (one query at a time, none queued): the drill-down then answers from the cache."""
-    from dtrak_core.attribution import methods as registry
-    from dtrak_core.shared import OnceCache
-
-    attribute = app.module_of("prefetch_methods")
-    monkeypatch.setattr(attribute, "_attribution_cache", OnceCache(256))
-    _, batch = app.generate_samples("single", 7, 0, 0, 1, 50)
-    q = app.select_sample(batch, Select(0))[0]
-    with attribute._prefetch_busy:  # the prefetcher is busy with another query: this one is skipped
-        app.prefetch_methods(q)
-    attribute._prefetcher.submit(lambda: None).result()  # (one worker: anything submitted has finished)
-    assert len(attribute._attribution_cache) == 0
-    app.prefetch_methods(q)
-    attribute._prefetcher.submit(lambda: None).result()
-    assert not attribute._prefetch_busy.locked() and len(attribute._attribution_cache) == len(app.assets().methods)
-    monkeypatch.setattr(registry, "scores", lambda *a, **k: pytest.fail("prefetched: nothing computed"))
-    index = int(app.attribution_for(q, "square").proponents(1)[0])
-    html = app.inspect_training(q, Clicked({"index": index}))[1]
-    assert f"<td>{sup.method_label('square')}</td><td>1 of " in html
-
-
 def test_uploads_for_journey_trak_say_why_in_the_drill_down(app, tmp_path):
     from PIL import Image
 
     Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
     q = app.use_upload(str(tmp_path / "black.png"), False)[0]
-    html = app.inspect_training(q, Clicked({"index": 0}))[1]
+    html = app.rank_training(q, 0)
     assert "Journey-TRAK</td><td colspan=\"2\" class=\"muted\">Journey-TRAK attributes generated samples only" in html
 
 

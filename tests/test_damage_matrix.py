@@ -298,8 +298,9 @@ def _app_findings(app, kind, root, check) -> str:
     finding of its banner (the full check: every file read)."""
     if kind == "text2image":
         from dtrak_core.ui import text2image as app_views
+        from dtrak_core.ui.text2image import folder as t2i_folder
 
-        app_views._folders = type(app_views._folders)()
+        t2i_folder._folders = type(t2i_folder._folders)()  # (loaded afresh: the copy was damaged)
         try:
             app_views.load(root)
         except (ValueError, OSError) as e:

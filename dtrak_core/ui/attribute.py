@@ -2,13 +2,9 @@
 proponents, opponents, score histogram, per-class mass, noise-level view and a second method beside it."""
 from __future__ import annotations
 
-import contextvars
 import io
 import os
-import sys
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 import numpy as np
@@ -279,48 +275,36 @@ def all_attributions(q) -> dict:
     return out
 
 
-def _lowest_priority() -> None:
-    try:  # Linux: the calling thread only
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
+COMPUTING = "Computing its scores for this query"
 
 
-# one background worker at the lowest priority: what a drill-down needs, computed on idle cycles
-_prefetcher = ThreadPoolExecutor(1, thread_name_prefix="dtrak-prefetch", initializer=_lowest_priority)
-_prefetch_busy = threading.Lock()
-
-
-def prefetch_methods(q) -> None:
-    """Once a query's results are shown: every other method's attribution of it, in the background,
-    so that a drill-down (every method's rank of one training image) answers from the cache.
-    Returns at once. One query at a time on the server, at the lowest CPU priority, and none queued
-    behind it: a visitor who moved on leaves no stale work, and a query that finds the prefetcher
-    busy is not prefetched (its drill-down computes what it needs, as without the prefetch)."""
-    if q is None or not _prefetch_busy.acquire(blocking=False):
-        return
-    context = contextvars.copy_context()  # the request's model folder
-
-    def run():
-        try:
-            context.run(all_attributions, q)
-        except Exception as e:  # nobody waits for it: said, and the drill-down computes what it needs
-            print(f"dtrak: prefetching every method for a query failed: {type(e).__name__}: {e}", file=sys.stderr)
-        finally:
-            _prefetch_busy.release()
-    _prefetcher.submit(run)
+def _details(q, index: int, attributions: dict) -> str:
+    a = assets()
+    return viz.training_image_details(a.attributor.train, index, sup.ranks_under_methods(attributions, index),
+                                      a.class_word)
 
 
 @readable
-def inspect_training(q, evt: gr.EventData):
-    """A click on a training card -> that image large, its class, and its rank and score under
-    every method for the current query."""
+def preview_training(q, evt: gr.EventData):
+    """A click on a training card, answered at once: that image large, its class, and its rank and
+    score under every method already computed for the query (the others say they are computing;
+    `rank_training`, chained after it, fills them in)."""
     if q is None:
         raise no_query()
     index = clicked_index(evt)
-    a = assets()
-    rows = sup.ranks_under_methods(all_attributions(q), index)
-    return index, viz.training_image_details(a.attributor.train, index, rows, a.class_word), gr.Column(visible=True)
+    root = current_root()
+    known = {m: _attribution_cache.peek((root, q.key, q.pixels_key, m)) for m in assets().methods}
+    known = {m: ValueError(COMPUTING) if r is None else r for m, r in known.items()}
+    return index, _details(q, index, known), gr.Column(visible=True)
+
+
+@readable
+def rank_training(q, index):
+    """Training image `index` (the card clicked) under every method for the current query."""
+    if q is None:
+        raise no_query()
+    index = sup.parse_int(index, "training image index", 0, assets().n_train - 1)
+    return _details(q, index, all_attributions(q))
 
 
 @readable
@@ -529,7 +513,7 @@ def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> No
         shown.success(bind(noise_view), [query, c["method"]], [c["noise_plot"], c["noise_cards"], c["noise_text"]],
                       concurrency_id="compute", show_progress="hidden").then(
             bind(follow_compare), [*cmp_inputs, c["compare_on"]], cmp_outputs, concurrency_id="compute",
-            show_progress="hidden").then(bind(prefetch_methods), [query], None, queue=False, show_progress="hidden")
+            show_progress="hidden")
 
     def show_query(event):
         """A new query: close the inspected training image, attribute, then the rest."""
@@ -557,8 +541,10 @@ def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> No
     c["method_b"].input(bind(compare), cmp_inputs, cmp_outputs, concurrency_id="compute",
                         trigger_mode="always_last").success(lambda: True, None, c["compare_on"], queue=False)
     for cards in (c["prop_gallery"], c["opp_gallery"], c["gal_a"], c["gal_b"], c["noise_cards"]):
-        cards.click(bind(inspect_training), [query], [c["picked"], c["drill"], c["drill_box"]],
-                    concurrency_id="compute", show_progress="minimal", trigger_mode="always_last")
+        # the image and what is known at once (unqueued, nothing computed), then every method's rank
+        cards.click(bind(preview_training), [query], [c["picked"], c["drill"], c["drill_box"]], queue=False,
+                    show_progress="hidden", trigger_mode="always_last").success(
+            bind(rank_training), [query, c["picked"]], c["drill"], concurrency_id="compute", show_progress="minimal")
     show_query(c["use_btn"].click(bind(use_training_image), [c["picked"]], [*query_outputs, c["drill_box"]]))
     c["close_btn"].click(lambda: gr.Column(visible=False), None, c["drill_box"], queue=False)
     gr.api(bind(attribute_seed), api_name=api_name, concurrency_id="compute")

@@ -152,7 +152,7 @@ def outcomes(root: str) -> dict:
             out[key] = {"l2": r.l2, "label_before": r.label_before, "label_after": r.label_after}
     return out
 EXAMPLE_HEADERS = ["seed", "removed", "ranking A: pixel L2, digit", "ranking B: pixel L2, digit"]
-EXAMPLE_WIDTHS = ["80px", "100px", "230px", "230px"]
+EXAMPLE_WIDTHS = ["64px", "84px", "220px", "220px"]
 
 
 def examples(root: str) -> list[dict]:
@@ -212,7 +212,7 @@ class RetrainGuard:
         return self.reason is not None
 CF_HEADERS = ["ranking", "pixel L2", "digit before → after", "retrain"]
 # in pixels, not shares: on a phone the table scrolls sideways instead of breaking words inside cells
-CF_WIDTHS = ["150px", "90px", "250px", "150px"]
+CF_WIDTHS = ["110px", "72px", "200px", "124px"]
 
 
 def counterfactual_outputs(views: list, status: str) -> tuple:

@@ -18,7 +18,7 @@ PROMPT = "a handwritten digit 7"
 @pytest.fixture(scope="module")
 def t2i(one_thread):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(views, "REFERENCE_QUERIES", 4)  # the noise view's reference: 4 prompted samples, not 32
+        mp.setattr(views.folder, "REFERENCE_QUERIES", 4)  # the noise view's reference: 4 prompted samples, not 32
         yield views.load(MINIATURE_ROOT)
 
 
