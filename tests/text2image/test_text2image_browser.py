@@ -21,6 +21,7 @@ from browser_support import (
 )
 
 from dtrak_core.text2image.build import MINIATURE_ROOT
+from dtrak_core.ui.text2image import BASELINES
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]  # ~50 s: run with -m browser
 _, expect = require_browser()
@@ -63,7 +64,9 @@ def test_prompt_generate_click_proponents_and_the_other_tabs(browser, server):
         index = card.get_attribute("data-index")
         card.click()  # the drill-down: that fine-tuning image under every method
         expect(page.locator("#drill-details")).to_contain_text(f"Training image #{index}")
-        expect(page.locator("#drill-details tbody tr")).to_have_count(9)  # D-TRAK, TRAK and 7 baselines
+        # D-TRAK, TRAK and every text-to-image baseline of the registry (pixel, VAE latent, LoRA gradient)
+        expect(page.locator("#drill-details tbody tr")).to_have_count(2 + len(BASELINES))
+        expect(page.locator("#drill-details tbody")).to_contain_text("VAE latent RBF kernel")
         page.get_by_role("button", name="Compare", exact=True).click()
         expect(page.get_by_text("Spearman rank correlation")).to_be_visible()
         expect(page.locator("#compare-b [data-index]").first).to_be_visible()
