@@ -91,3 +91,35 @@ def test_the_page_opens_on_the_folder_that_shows_attribution_best(tmp_path):
     assert sup.attribution_lead(None) is None and sup.attribution_lead({"rows": [{"group": "model"}]}) is None
     assert opening_first([digits, unmeasured, wide, fashion]) == [fashion, digits, unmeasured, wide]
     assert opening_first([digits, unmeasured]) == [digits, unmeasured]  # no positive lead: as given
+
+
+def test_the_counterfactual_table_has_the_look_alike_baselines_row(tmp_path):
+    """The digits' counterfactual (D-TRAK, TRAK, random) shown with the strongest model-free
+    baseline's removals on the same targets, paired per target; an edited look-alike summary is
+    named and left out, never shown."""
+    import os
+    import shutil
+
+    from dtrak_core import viz
+    from dtrak_core.checksums import read_sealed_json
+    from dtrak_core.ui.benchmarks import LOOKALIKE_SUMMARY, with_lookalike
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "assets", "benchmarks")
+    base = read_sealed_json(os.path.join(root, "assets", "counterfactual", "summary.json"), "summary", "")
+    shown, error = with_lookalike(bench, base)
+    assert error is None and {c["ranking"] for c in shown["cells"]} == {c["ranking"] for c in base["cells"]} | {"pixel-rbf"}
+    pair = next(p for p in shown["paired"] if p["a"] == "D-TRAK" and p["b"] == sup.method_label("pixel-rbf"))
+    dtrak = {t["seed"]: t["l2"] for c in base["cells"] if c["ranking"] == "square" and c["k"] == 300 for t in c["per_target"]}
+    rbf = {t["seed"]: t["l2"] for c in shown["cells"] if c["ranking"] == "pixel-rbf" for t in c["per_target"]}
+    assert pair["n"] == len(set(dtrak) & set(rbf)) == 60
+    assert pair["share_a_moves_more"] == pytest.approx(np.mean([dtrak[s] > rbf[s] for s in rbf]))
+    assert sup.method_label("pixel-rbf") in viz.counterfactual_summary(shown, 1500)
+    copy = tmp_path / "benchmarks"
+    os.makedirs(copy / os.path.dirname(LOOKALIKE_SUMMARY))
+    text = open(os.path.join(bench, LOOKALIKE_SUMMARY)).read()
+    (copy / LOOKALIKE_SUMMARY).write_text(text.replace('"median": ', '"median": 1', 1))  # one number edited
+    kept, error = with_lookalike(str(copy), base)
+    assert kept == base and "summary.json" in error
+    shutil.rmtree(copy)
+    assert with_lookalike(str(copy), base) == (base, None)  # none measured: the harness's table as it is

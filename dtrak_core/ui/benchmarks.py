@@ -74,6 +74,55 @@ def evidence_markdown(evidence: dict) -> str:
     return format_table(evidence["rows"], sets)
 
 
+LOOKALIKE_SUMMARY = os.path.join("lookalike_counterfactual", "summary.json")  # experiments/lookalike_counterfactual.py
+
+
+def with_lookalike(bench: str, summary: dict) -> tuple[dict, str | None]:
+    """The counterfactual summary with the cells of the strongest model-free baseline's rankings
+    (bench/lookalike_counterfactual: the same targets, removal size and recipe, retrained by
+    `experiments/lookalike_counterfactual.py`), verified against its seal; (summary, why it is left
+    out when its file is damaged)."""
+    from dtrak_core import checksums
+    from dtrak_core.errors import IntegrityError
+
+    path = os.path.join(bench, LOOKALIKE_SUMMARY)
+    if not os.path.isfile(path):
+        return summary, None
+    try:
+        extra = checksums.read_sealed_json(path, "look-alike counterfactual summary",
+                                           "rerun `python experiments/lookalike_counterfactual.py`")
+    except IntegrityError as e:
+        return summary, str(e)
+    have = {(c.get("ranking"), c.get("k")) for c in summary.get("cells", [])}
+    cells = [c for c in extra.get("cells", []) if (c.get("ranking"), c.get("k")) not in have]
+    paired = list(summary.get("paired", []))
+    for new in cells:  # each ranking of the run beside the baseline, on the targets both finished
+        for old in summary.get("cells", []):
+            if old.get("k") == new.get("k") and old.get("per_target") and new.get("per_target"):
+                a, b = (new, old) if old.get("ranking") == "random" else (old, new)
+                pair = _paired(a, b)
+                if pair is not None:
+                    paired.append(pair)
+    return {**summary, "cells": list(summary.get("cells", [])) + cells, "paired": paired}, None
+
+
+def _paired(a: dict, b: dict) -> dict | None:
+    """A paired comparison of two counterfactual cells over their common targets, as the harness
+    writes one (`counterfactual_report`): share where A moves more, median difference, Wilcoxon p."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    la = {t["seed"]: t["l2"] for t in a["per_target"]}
+    lb = {t["seed"]: t["l2"] for t in b["per_target"]}
+    seeds = sorted(set(la) & set(lb))
+    if len(seeds) < 6:
+        return None
+    diff = np.array([la[s] - lb[s] for s in seeds])
+    return {"a": sup.method_label(a["ranking"]), "b": sup.method_label(b["ranking"]), "k": a["k"], "n": len(seeds),
+            "share_a_moves_more": float(np.mean(diff > 0)), "median_difference": float(np.median(diff)),
+            "wilcoxon_p": float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0}
+
+
 def _read_text(path: str) -> str | None:
     if not os.path.isfile(path):
         return None
@@ -296,17 +345,22 @@ def benchmarks_blocks(root: str) -> list:
                 chart(functools.partial(viz.lds_chart, rows, tables["data"].get("noise_ceiling")))
     if cf_summary is not None and cf_summary.get("data"):
         gr.Markdown("## Counterfactual: remove the top proponents and retrain")
-        with gr.Accordion("Medians against random removal, per removal size", open=not folded):
+        with gr.Accordion("Medians against random removal and the strongest look-alike baseline, per removal size",
+                          open=not folded):
             a = _loaded(root)
-            gr.Markdown(viz.counterfactual_summary(cf_summary["data"], _n_train(root),
-                                                   "digit" if a is None else a.class_word))
+            data, lookalike_error = with_lookalike(bench, cf_summary["data"])
+            gr.Markdown(viz.counterfactual_summary(data, _n_train(root), "digit" if a is None else a.class_word))
+            if lookalike_error:
+                gr.Markdown("**The look-alike baseline's counterfactual is not shown: its result file is unreadable, "
+                            f"or not the one its writer wrote.** {html.escape(lookalike_error)}",
+                            elem_classes="damaged-result")
             published = cf_summary["data"].get("published_cifar2_medians", {}).get("l2")
             if published:
                 gr.Markdown("For reference, the paper's medians on CIFAR-2 (32x32 colour images, so larger distances) "
                             "at 20% removed: " + ", ".join(f"{sup.method_label(m)} {v:.2f}" for m, v in published.items())
                             + ".")
-            if cf_summary["data"].get("cells"):
-                chart(functools.partial(viz.counterfactual_chart, cf_summary["data"]))
+            if data.get("cells"):
+                chart(functools.partial(viz.counterfactual_chart, data))
     for item in items.values():  # any other benchmark file, as generic tables
         with gr.Accordion(item["name"], open=False):
             for path, rows in sup.records(item["data"]):
