@@ -175,11 +175,15 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
         raise no_query()
     k = sup.parse_top_k(k)
     progress(0, desc="attributing with both methods")
-    ra, rb = attribution_for(q, method_a), attribution_for(q, method_b)
-    text = compare_text(ra, rb, k)
-    return (training_cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
-            training_cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"),
-            text)
+    return compare_views(attribution_for(q, method_a), attribution_for(q, method_b), k, training_cards)
+
+
+def compare_views(ra, rb, k: int, card_fn) -> tuple:
+    """Compare's outputs on either folder kind: both top-k grids (drawn by the page's `card_fn`)
+    and the text that relates them."""
+    return (card_fn(ra, ra.proponents(k), f"{sup.method_label(ra.method)}: top-{k} proponents"),
+            card_fn(rb, rb.proponents(k), f"{sup.method_label(rb.method)}: top-{k} proponents"),
+            compare_text(ra, rb, k))
 
 
 def following(compare_fn):
@@ -458,26 +462,46 @@ def create_ui(a) -> dict:
                                          type="index", visible=bool(examples), elem_id="example-uploads",
                                          sample_labels=[c for _, c in examples] or None)
         with gr.Column(scale=3, min_width=300, elem_id="attr-results"):
-            with gr.Row():
-                method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
-                topk = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Top-k shown", min_width=200, elem_id="topk")
-            about = gr.Markdown(method_about(default_method), elem_id="method-about")
-            summary = gr.Markdown(elem_id="summary")
-            with gr.Accordion("How to read this", open=False):
-                gr.Markdown(texts.fill(texts.get("how_to_read.md"), **a.words))
-            prop_gallery = cards_html("proponents")
-            opp_gallery = cards_html("opponents")
-            with gr.Column(visible=False, elem_id="drill") as drill_box:
-                drill = gr.HTML(elem_id="drill-details")
-                with gr.Row():
-                    use_btn = gr.Button("Use as query", variant="primary", size="sm")
-                    close_btn = gr.Button("Close", size="sm")
-            with gr.Row():
-                hist = gr.Plot(label="Scores over the training set", show_label=False, elem_id="histogram",
-                               min_width=280)
-                mass = gr.Plot(label="Attribution mass per class", show_label=False, elem_id="class-mass",
-                               min_width=280)
-    with gr.Accordion("Across noise levels: which training images matter at high and at low noise",
+            method, topk, about, summary, prop_gallery, opp_gallery = ranking_blocks(
+                a, choices, default_method, MAX_K, DEFAULT_K)
+            results = drill_and_charts()
+    results.update(noise_and_compare(a, choices, second, "training images"))
+    return dict(query_img=query_img, query_info=query_info, upload=upload, sketch=sketch, invert=invert,
+                example_set=example_set, method=method, topk=topk, summary=summary, prop_gallery=prop_gallery,
+                opp_gallery=opp_gallery, about=about, **results)
+
+
+def ranking_blocks(a, choices, default_method, max_k: int, default_k: int) -> tuple:
+    """A query's ranking on either folder kind: the method menu and top-k slider, the method's line,
+    the summary, how to read it, and the proponent and opponent cards."""
+    with gr.Row():
+        method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
+        topk = gr.Slider(1, max_k, default_k, step=1, label="Top-k shown", min_width=200, elem_id="topk")
+    about = gr.Markdown(method_line(default_method, a.methods), elem_id="method-about")
+    summary = gr.Markdown(elem_id="summary")
+    with gr.Accordion("How to read this", open=False):
+        gr.Markdown(texts.fill(texts.get("how_to_read.md"), **a.words))
+    return method, topk, about, summary, cards_html("proponents"), cards_html("opponents")
+
+
+def drill_and_charts() -> dict:
+    """Under the cards, on either folder kind: the drill-down box (hidden until a card is clicked)
+    and the two charts of the whole ranking."""
+    with gr.Column(visible=False, elem_id="drill") as drill_box:
+        drill = gr.HTML(elem_id="drill-details")
+        with gr.Row():
+            use_btn = gr.Button("Use as query", variant="primary", size="sm")
+            close_btn = gr.Button("Close", size="sm")
+    with gr.Row():
+        hist = gr.Plot(label="Scores over the training set", show_label=False, elem_id="histogram", min_width=280)
+        mass = gr.Plot(label="Attribution mass per class", show_label=False, elem_id="class-mass", min_width=280)
+    return dict(drill_box=drill_box, drill=drill, use_btn=use_btn, close_btn=close_btn, hist=hist, mass=mass)
+
+
+def noise_and_compare(a, choices, second, images: str) -> dict:
+    """The two accordions below a query's results, on either folder kind: the noise-level view and
+    Compare. `images` names what the folder attributes to ("training images", "fine-tuning images")."""
+    with gr.Accordion(f"Across noise levels: which {images} matter at high and at low noise",
                       open=True, elem_id="noise-levels"):
         gr.Markdown(texts.fill(texts.get("noise_help.md"), **a.words) + "\n" + texts.get("noise_centred.md"))
         noise_text = gr.Markdown(elem_id="noise-text")
@@ -491,11 +515,8 @@ def create_ui(a) -> dict:
         with gr.Row():
             gal_a = cards_html("compare-a")
             gal_b = cards_html("compare-b")
-    return dict(query_img=query_img, query_info=query_info, upload=upload, sketch=sketch, invert=invert,
-                example_set=example_set, method=method, topk=topk, summary=summary, prop_gallery=prop_gallery,
-                opp_gallery=opp_gallery, drill_box=drill_box, drill=drill, use_btn=use_btn, close_btn=close_btn,
-                hist=hist, mass=mass, noise_text=noise_text, noise_plot=noise_plot, noise_cards=noise_cards,
-                method_b=method_b, compare_btn=compare_btn, about=about, compare_text=compare_text, gal_a=gal_a, gal_b=gal_b)
+    return dict(noise_text=noise_text, noise_plot=noise_plot, noise_cards=noise_cards, method_b=method_b,
+                compare_btn=compare_btn, compare_text=compare_text, gal_a=gal_a, gal_b=gal_b)
 
 
 def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> None:

@@ -12,7 +12,7 @@ from dtrak_core import viz
 from dtrak_core.folder import read_manifest
 from dtrak_core.images import to_pil
 from dtrak_core.text2image.data import digit_caption
-from dtrak_core.ui.attribute import compare_text, following, method_line, noise_summary, opponent_note
+from dtrak_core.ui.attribute import compare_views, following, method_line, noise_summary, opponent_note
 from dtrak_core.ui.state import current_root, listed, no_query, readable
 from dtrak_core.ui.text2image.benchmarks import digit_span, lds_command, miniature_digits, read_lds
 from dtrak_core.ui.text2image.folder import (
@@ -229,10 +229,8 @@ def compare(q, method_a, method_b, k, progress=gr.Progress()):
         raise no_query()
     k = sup.parse_top_k(k)
     progress(0, desc="attributing with both methods")
-    ra, rb = attribution_for(current_root(), q, method_a), attribution_for(current_root(), q, method_b)
-    text = compare_text(ra, rb, k)
-    return (cards(ra, ra.proponents(k), f"{sup.method_label(method_a)}: top-{k} proponents"),
-            cards(rb, rb.proponents(k), f"{sup.method_label(method_b)}: top-{k} proponents"), text)
+    return compare_views(attribution_for(current_root(), q, method_a), attribution_for(current_root(), q, method_b),
+                         k, cards)
 
 
 follow_compare = following(compare)

@@ -7,9 +7,8 @@ from dtrak_core import app_support as sup
 from dtrak_core import viz
 from dtrak_core.attribution import methods as registry
 from dtrak_core.ui import texts
-from dtrak_core.ui.attribute import method_line
+from dtrak_core.ui.attribute import drill_and_charts, noise_and_compare, ranking_blocks
 from dtrak_core.ui.banner import damage_banner
-from dtrak_core.ui.state import cards_html
 from dtrak_core.ui.text2image.benchmarks import benchmarks_blocks, results_damage
 from dtrak_core.ui.text2image.folder import all_attributions, attribution_for, load, noise_levels, sample_query, samples
 from dtrak_core.ui.text2image.handlers import (
@@ -85,38 +84,10 @@ def create_ui(a) -> dict:
                                          elem_id="invert", visible=a.digits,
                                          info="set from each upload's border; untick or tick to override")
                 with gr.Column(scale=3, min_width=300):
-                    with gr.Row():
-                        method = gr.Dropdown(choices, value=default_method, label="Method", min_width=200)
-                        topk = gr.Slider(1, sup.MAX_TOP_K, 8, step=1, label="Top-k shown", min_width=200,
-                                         elem_id="topk")
-                    about = gr.Markdown(method_line(default_method, a.methods), elem_id="method-about")
-                    summary = gr.Markdown(elem_id="summary")
-                    with gr.Accordion("How to read this", open=False):
-                        gr.Markdown(texts.fill(texts.get("how_to_read.md"), **a.words))
-                    prop_cards = cards_html("proponents")
-                    opp_cards = cards_html("opponents")
-                    with gr.Column(visible=False, elem_id="drill") as drill_box:
-                        drill = gr.HTML(elem_id="drill-details")
-                        with gr.Row():
-                            use_btn = gr.Button("Use as query", variant="primary", size="sm")
-                            close_btn = gr.Button("Close", size="sm")
-                    with gr.Row():
-                        hist = gr.Plot(show_label=False, elem_id="histogram", min_width=280)
-                        mass = gr.Plot(show_label=False, elem_id="class-mass", min_width=280)
-            with gr.Accordion("Across noise levels: which fine-tuning images matter at high and at low noise",
-                              open=True, elem_id="noise-levels"):
-                gr.Markdown(texts.fill(texts.get("noise_help.md"), **a.words) + "\n" + texts.get("noise_centred.md"))
-                noise_text = gr.Markdown(elem_id="noise-text")
-                noise_plot = gr.Plot(show_label=False, elem_id="noise-plot")
-                noise_cards = cards_html("noise-cards")
-            with gr.Accordion("Compare two methods", open=True):
-                with gr.Row():
-                    method_b = gr.Dropdown(choices, value=second, label="Second method", scale=3, min_width=200)
-                    compare_btn = gr.Button("Compare", scale=1, min_width=120)
-                compare_text = gr.Markdown()
-                with gr.Row():
-                    gal_a = cards_html("compare-a")
-                    gal_b = cards_html("compare-b")
+                    method, topk, about, summary, prop_cards, opp_cards = ranking_blocks(
+                        a, choices, default_method, sup.MAX_TOP_K, 8)
+                    results = drill_and_charts()
+            results.update(noise_and_compare(a, choices, second, "fine-tuning images"))
         with gr.Tab("Counterfactual", id="counterfactual"):
             gr.Markdown(counterfactual_text(a.root), elem_id="cf-not-offered")
         with gr.Tab("Benchmarks", id="benchmarks"):
@@ -129,10 +100,7 @@ def create_ui(a) -> dict:
                 mode=mode, seed=seed, range_row=range_row, start=start, end=end, count=count, steps=steps, guidance=guidance,
                 gen_btn=gen_btn, gen_note=gen_note, gallery=gallery, query_img=query_img, query_info=query_info,
                 query_prompt=query_prompt, upload=upload, invert=invert, method=method, topk=topk, summary=summary,
-                prop_cards=prop_cards, opp_cards=opp_cards, drill_box=drill_box, drill=drill, use_btn=use_btn,
-                close_btn=close_btn, hist=hist, mass=mass, noise_text=noise_text, noise_plot=noise_plot,
-                noise_cards=noise_cards, method_b=method_b, compare_btn=compare_btn, compare_text=compare_text,
-                gal_a=gal_a, gal_b=gal_b)
+                prop_cards=prop_cards, opp_cards=opp_cards, **results)
 
 
 def create_event_handlers(demo, c: dict, bind) -> None:
