@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dtrak_core.attribution.features import FeatureSetting
-from dtrak_core.attribution.store import FeatureStore, cached_store
+from dtrak_core.attribution.store import FeatureStore, cached_store, compact_store
 from dtrak_core.errors import IntegrityError
 from dtrak_core.folder import MANIFEST, ModelFolder, default_root, read_manifest
 from dtrak_core.model.data import Dataset, fingerprint
@@ -168,6 +168,13 @@ def test_the_store_cache_builds_once_then_verifies(tmp_path):
     FeatureStore.create(half, identity, 10, 3, slice_size=4)
     assert cached_store(half, identity, inputs, make, 3, slice_size=4, build=False) is None
     assert cached_store(half, identity, inputs, make, 3, slice_size=4).complete and made == [1, 1]
+    # a finished store compacted to float16 (as a model folder ships it) is read, not refused or rebuilt
+    compact_store(half)
+    small = cached_store(half, identity, inputs, make, 3, slice_size=4)
+    assert small.metadata["dtype"] == "float16" and made == [1, 1]
+    np.testing.assert_array_equal(np.asarray(small.features(), np.float32), np.repeat(inputs.numpy(), 3, axis=1))
+    with pytest.raises(ValueError, match="has n=10, not 9"):
+        cached_store(half, identity, inputs[:9], make, 3, slice_size=4)
     # damage is named, never trusted
     with open(os.path.join(path, "features.npy"), "r+b") as f:
         f.seek(-1, os.SEEK_END)
