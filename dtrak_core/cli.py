@@ -401,7 +401,7 @@ def cmd_lds_own(args):
 
     dest = args.out if args.dest is None else args.dest
     out = lds_own_report.evaluate(args.root, args.out, dest=dest or None, K=args.K, num_bootstrap=args.bootstrap,
-                           journey=not args.no_journey)
+                                  journey=not args.no_journey, ceiling_run=args.ceiling_run)
     print(format_report(out))
     if dest:
         print(f"wrote {os.path.join(dest, 'tables.json')} and tables.md")
@@ -834,6 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", default=None, help="evaluate, tune-lambda: where tables.json / tables.md are (default: "
                                                 "--out)")
     p.add_argument("--K", type=int, default=None, help="evaluate: timesteps of the stores (default: the largest)")
+    p.add_argument("--ceiling-run", default=None,
+                   help="evaluate: a second run that retrained some of these subsets with another training seed "
+                        "(prepare it with --masks and --seeds); the report then has the noise ceiling")
     p.add_argument("--bootstrap", type=int, default=1000, help="evaluate, tune-lambda: bootstrap resamples "
                                                                 "(default 1000)")
     p.add_argument("--no-journey", action="store_true", help="evaluate: skip Journey-TRAK (a backward pass per "

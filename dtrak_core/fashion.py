@@ -216,20 +216,11 @@ def _ceiling(setting, root, data, shard, show_bar):
 
 
 def noise_ceiling(root: str = DEFAULT_ROOT, num_bootstrap: int = 1000) -> dict:
-    """{test set: `lds.noise_ceiling`} from the LDS run's seed and the ceiling run's second seed on
-    the subsets both have finished (at least 3)."""
-    from dtrak_core.evaluation.lds import noise_ceiling as ceiling
-    from dtrak_core.evaluation.lds_run import collect
+    """{test set: `lds.noise_ceiling`} of the LDS run (lds/) against the ceiling run's second seed
+    (lds-ceiling/) on the subsets both have finished (at least 3)."""
+    from dtrak_core.evaluation.lds_own_report import paired_noise_ceiling
 
-    first, second = collect(os.path.join(root, "lds")), collect(os.path.join(root, "lds-ceiling"))
-    rows_a = {tuple(np.flatnonzero(m)): i for i, m in enumerate(first["masks"])}
-    pairs = [(rows_a[key], j) for j, key in enumerate(tuple(np.flatnonzero(m)) for m in second["masks"]) if key in rows_a]
-    if len(pairs) < 3:
-        raise ValueError(f"only {len(pairs)} subsets have both seeds measured; the noise ceiling needs 3 "
-                         f"(python -m dtrak_core build-fashion --stage ceiling)")
-    a, b = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
-    return {name: ceiling(np.stack([first["F"][name][a], second["F"][name][b]]), num_bootstrap)
-            for name in first["F"] if name in second["F"]}
+    return paired_noise_ceiling(os.path.join(root, "lds"), os.path.join(root, "lds-ceiling"), num_bootstrap)
 
 
 def _counterfactual(setting, root, data, shard, show_bar):

@@ -83,7 +83,8 @@ def test_noise_ceiling_pairs_the_two_runs_by_subset(monkeypatch):
     masks = rng.random((6, 20)) < 0.5
     F = rng.normal(size=(6, 5))
     runs = {
-        os.path.join("R", "lds"): {"masks": masks, "F": {"validation": F}},
+        os.path.join("R", "lds"): {"masks": masks, "F": {"validation": F},
+                                   "setup": {"lds_config": {"train_seeds": [1]}}},
         # the second seed: subsets 3, 0, 1, 2 (out of order), its F the first seed's plus a little noise
         os.path.join("R", "lds-ceiling"): {"masks": masks[[3, 0, 1, 2]],
                                            "F": {"validation": F[[3, 0, 1, 2]] + 0.01 * rng.normal(size=(4, 5))}},
@@ -91,6 +92,8 @@ def test_noise_ceiling_pairs_the_two_runs_by_subset(monkeypatch):
     monkeypatch.setattr(lds_run, "collect", lambda path: runs[path])
     result = fashion.noise_ceiling("R", num_bootstrap=0)["validation"]
     assert result["subsets"] == 4 and result["seed_vs_seed"] > 95
+    # the LDS is against one seed, so the ceiling is sqrt(r), not the two-seed mean's
+    assert result["target_seeds"] == 1 and result["ceiling"] == pytest.approx(10 * np.sqrt(result["seed_vs_seed"]))
     runs[os.path.join("R", "lds-ceiling")] = {"masks": masks[:2], "F": {"validation": F[:2]}}
     with pytest.raises(ValueError, match="only 2 subsets"):
         fashion.noise_ceiling("R")

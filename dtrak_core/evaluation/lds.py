@@ -154,13 +154,15 @@ def lds(scores, masks, F, num_bootstrap: int = 1000, seed: int = 0) -> tuple[flo
     mean = float(np.nanmean(rank_corr(g, -F)))
     return 100 * mean, 100 * SubsetBootstrap(len(F), num_bootstrap, seed).std_of_mean(g, -F)
 
-def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0, target_seeds: int | None = None) -> dict:
     """How well one training seed's ground truth predicts another's.
 
     F_seeds (S, M, Q), S >= 2. `seed_vs_seed`: mean over samples (and seed pairs) of the Spearman over
     subsets between seed a's and seed b's F, x 100, with a bootstrap +- over subsets. `ceiling`: the
-    Spearman-Brown estimate of how well a noise-free predictor could correlate with the S-seed mean
-    that LDS is computed against, sqrt(S r / (1 + (S - 1) r)) x 100 for the mean seed-vs-seed r.
+    Spearman-Brown estimate of how well a noise-free predictor could correlate with the T-seed mean
+    that LDS is computed against, sqrt(T r / (1 + (T - 1) r)) x 100 for the mean seed-vs-seed r;
+    T = `target_seeds`, by default S (an LDS against the mean of these seeds; 1 when the second seed
+    was trained only to measure the noise, so the LDS is against one seed: sqrt(r)).
     """
     F_seeds = np.asarray(F_seeds, dtype=np.float64)
     if F_seeds.ndim != 3 or F_seeds.shape[0] < 2 or F_seeds.shape[1] < 3:
@@ -173,9 +175,10 @@ def noise_ceiling(F_seeds, num_bootstrap: int = 1000, seed: int = 0) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         boot = np.mean([np.nanmean(bootstrap.rank_corr(F_seeds[a], F_seeds[b]), axis=1) for a, b in pairs], axis=0)
-    ceiling = np.sqrt(S * r / (1 + (S - 1) * r)) if r > 0 else float("nan")
+    T = S if target_seeds is None else int(target_seeds)
+    ceiling = np.sqrt(T * r / (1 + (T - 1) * r)) if r > 0 else float("nan")
     return {"seed_vs_seed": 100 * r, "seed_vs_seed_pm": 100 * float(np.nanstd(boot)), "seeds": S,
-            "ceiling": 100 * float(ceiling), "subsets": M}
+            "target_seeds": T, "ceiling": 100 * float(ceiling), "subsets": M}
 
 def lambda_sweep(g_fn, F: dict, grid=PAPER_LAMBDA_GRID, num_bootstrap: int = 1000,
                  default_lambda: float | None = None, split_seed: int = 0) -> dict:

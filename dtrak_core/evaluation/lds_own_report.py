@@ -24,15 +24,40 @@ from dtrak_core.folder import ModelFolder
 TABLES_TITLE = "LDS of your model (checkpoints retrained by your training script)"
 
 
+def paired_noise_ceiling(run_dir: str, ceiling_run: str, num_bootstrap: int = 1000) -> dict:
+    """{test set: `lds.noise_ceiling`} of an LDS run against a second run that retrained some of its
+    subsets with another training seed (`lds-own prepare --masks` with those subsets and `--seeds`),
+    paired by the subsets' content whatever order each run has them in; at least 3 pairs. The
+    ceiling is for the run's own LDS, against the mean of its training seeds."""
+    import numpy as np
+
+    from dtrak_core.evaluation.lds import noise_ceiling
+    from dtrak_core.evaluation.lds_run import collect
+
+    first, second = collect(run_dir), collect(ceiling_run)
+    rows = {tuple(np.flatnonzero(m)): i for i, m in enumerate(first["masks"])}
+    pairs = [(rows[key], j) for j, key in enumerate(tuple(np.flatnonzero(m)) for m in second["masks"]) if key in rows]
+    if len(pairs) < 3:
+        raise ValueError(f"only {len(pairs)} subsets are measured in both {run_dir!r} and {ceiling_run!r}; the "
+                         f"noise ceiling needs 3: measure more of {ceiling_run!r} (lds-own ground-truth)")
+    a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    target = len(first["setup"]["lds_config"]["train_seeds"])
+    return {name: noise_ceiling(np.stack([first["F"][name][a], second["F"][name][b]]), num_bootstrap,
+                                target_seeds=target)
+            for name in first["F"] if name in second["F"]}
+
+
 def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = None, num_bootstrap: int = 1000,
-             journey: bool = True, show_bar: bool = True) -> dict:
+             journey: bool = True, show_bar: bool = True, ceiling_run: str | None = None) -> dict:
     """Every registered method that can run on the model folder, scored against the run's ground
     truth (at least 3 subsets with every seed measured): the methods table of `tables_report.tables`
     at the stores' K (None: the K of the D-TRAK store) with the registry's successors (DAS, when the
     folder has an `avg` store), and an ablation row per other output function with a store there;
     the missing test-set features computed first (cached under out_dir). With `dest`:
-    dest/tables.json and dest/tables.md."""
+    dest/tables.json and dest/tables.md. With `ceiling_run`, a run that retrained some of the
+    subsets with another seed, the noise ceiling (`paired_noise_ceiling`)."""
     require_subsets(out_dir, root)
+    ceiling = {} if ceiling_run is None else paired_noise_ceiling(out_dir, ceiling_run, num_bootstrap)
     bench = bm.Bench(out_dir, root, ablation_fns=(), ablation_Ks=(), ensemble_sizes=())
     K = bench.base.K if K is None else K  # the K of the folder's D-TRAK store, by default
     bench.method_Ks, bench.journey_K = (K,), K
@@ -47,7 +72,8 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
         bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
     return tables(out_dir, root, dest=dest, num_bootstrap=num_bootstrap,
                   which=("methods", "ablation") if variants else ("methods",), title=TABLES_TITLE,
-                  annotate=lambda results: {SHIPPED: shipped_lambdas(root, out_dir, results)},
+                  annotate=lambda results: {SHIPPED: shipped_lambdas(root, out_dir, results),
+                                            **({"noise_ceiling": ceiling} if ceiling else {})},
                   ablation_fns=variants, ablation_Ks=(K,), method_Ks=(K,), ensemble_sizes=(), journey_K=K,
                   successors=True)
 

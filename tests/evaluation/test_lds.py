@@ -93,6 +93,9 @@ def test_noise_ceiling_against_direct_computation():
     c = noise_ceiling(F_seeds, num_bootstrap=20)
     assert c["seed_vs_seed"] == pytest.approx(100 * r)
     assert c["ceiling"] == pytest.approx(100 * np.sqrt(2 * r / (1 + r)))
+    # an LDS against one seed's ground truth (the second seed trained only to measure the noise)
+    one = noise_ceiling(F_seeds, num_bootstrap=20, target_seeds=1)
+    assert one["ceiling"] == pytest.approx(100 * np.sqrt(r)) and one["seed_vs_seed"] == c["seed_vs_seed"]
 
 
 def test_lambda_sweep_over_sets_equals_one_set_at_a_time():

@@ -344,3 +344,42 @@ def test_a_partial_counterfactual_is_marked_partial(own, tmp_path, capsys):
     assert main(["counterfactual-own", "measure", "--root", root, "--out", out, "--checkpoints", ckpts]) == 0
     assert "PARTIAL" not in open(os.path.join(out, "results.md")).read()
     assert not json.load(open(os.path.join(out, "summary.json")))["partial"]
+
+
+def test_the_noise_ceiling_from_a_second_seed_run(own, tmp_path, capsys):
+    """Three of the run's subsets retrained with another seed (a run of their own): `evaluate
+    --ceiling-run` reports how well one seed's ground truth predicts the other's, paired by subset, and
+    the ceiling of an LDS against one seed, sqrt(r)."""
+    from dataclasses import replace
+
+    from dtrak_core.evaluation.lds import noise_ceiling
+
+    root, run_dir, ckpts, attributor = own
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", run_dir, "--checkpoints", ckpts]) == 0
+    masks = np.load(os.path.join(run_dir, lds_own.MASKS))["masks"]
+    given = str(tmp_path / "subsets.npy")
+    np.save(given, masks[[2, 0, 1]])  # in another order than the run's
+    second = str(tmp_path / "ceiling")
+    lds_own.prepare(root, second, replace(TINY_LDS, train_seeds=(2,)), masks=given)
+    jobs = json.load(open(os.path.join(second, lds_own.JOBS)))["jobs"]
+    second_ckpts = str(tmp_path / "ceiling-checkpoints")
+    user_training_script(attributor.unet, attributor.scheduler, attributor.train.images,
+                         [{**j, "seed": j["train_seed"]} for j in jobs], second_ckpts)
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", second, "--checkpoints", second_ckpts]) == 0
+    dest = str(tmp_path / "report")
+    assert main(["lds-own", "evaluate", "--root", root, "--out", run_dir, "--ceiling-run", second, "--dest", dest,
+                 "--bootstrap", "20", "--no-journey"]) == 0
+    got = json.load(open(os.path.join(dest, "tables.json")))["noise_ceiling"]["generated"]
+    first, other = collect(run_dir), collect(second)
+    want = noise_ceiling(np.stack([first["F"]["generated"][[2, 0, 1]], other["F"]["generated"]]), 20, target_seeds=1)
+    assert got["subsets"] == 3 and got["target_seeds"] == 1
+    assert got["seed_vs_seed"] == pytest.approx(want["seed_vs_seed"])
+    # (these tiny models' two seeds disagree, r < 0: no ceiling, written as null)
+    assert got["ceiling"] == (None if np.isnan(want["ceiling"]) else pytest.approx(want["ceiling"]))
+    assert "Noise ceiling" in open(os.path.join(dest, "tables.md")).read()
+    # fewer than 3 subsets measured in both runs: named, with what to do
+    for job in jobs[1:]:
+        os.remove(os.path.join(second, "jobs", f"{job['id']}.npz"))
+    assert main(["lds-own", "evaluate", "--root", root, "--out", run_dir, "--ceiling-run", second,
+                 "--bootstrap", "20", "--no-journey", "--dest", ""]) == 2
+    assert "only 1 subsets are measured in both" in capsys.readouterr().err
