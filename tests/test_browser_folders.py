@@ -32,7 +32,7 @@ def test_the_navigation_bar_picks_the_folder_and_each_page_works(server, size):
         expect(page.get_by_role("tab", name="Attribute")).to_be_visible()
         page.get_by_text("Text to image", exact=True).first.click()
         expect(page.get_by_label("Prompt")).to_be_visible()
-        expect(page.locator("#samples img").first).to_be_visible()  # the miniature's own first samples
+        expect(page.locator("#samples img").first).to_be_visible(timeout=60_000)  # the miniature's own first samples (sampled on a busy machine)
         page.locator("#samples img").nth(2).click()  # a sample -> its attribution on the Attribute tab
         expect(page.locator("#proponents [data-index]").first).to_be_visible(timeout=120_000)  # LoRA gradients, on a busy machine
         if size == PHONE:
