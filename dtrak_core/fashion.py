@@ -14,6 +14,7 @@ but the retrained models:
     classifier/        a small CNN trained on Fashion-MNIST images outside the subset (sample quality)
     model/             the base model (diffusers unet/ + scheduler/, setting.json)
     manifest.json, stores/     the model folder (`build`): D-TRAK, TRAK and avg stores (float16)
+    das_residuals.npz  DAS's training losses (`build-das`)
     lds/               `lds-own` run: jobs.json, per-checkpoint ground truth, tables.md / tables.json
     lds-ceiling/       its first 8 subsets with a second training seed (`noise_ceiling`)
     counterfactual/    `counterfactual-own` run: removals.json, per-job results, results.md
@@ -113,6 +114,14 @@ def compact_stores(root: str) -> None:
         compact_store(os.path.join(root, rel))
 
 
+def build_das(root: str) -> None:
+    """DAS's training losses in the folder (`build-das`), so DAS runs in the app and the LDS."""
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.das import build_residuals
+
+    build_residuals(Attributor.load(root))
+
+
 def measure_quality(root: str) -> dict:
     """Sample quality of the base model (DDIM 50, seeds 0..99) by the folder's classifier, into the manifest."""
     from dtrak_core.evaluation.quality import sample_quality
@@ -159,6 +168,7 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
             st.build_folder(setting, data, model, root, show_bar=show_bar)
             compact_stores(root)
             print(measure_quality(root))
+            build_das(root)
         elif stage == "lds":
             _lds(setting, root, data, shard, show_bar)
         elif stage == "ceiling":
