@@ -97,14 +97,14 @@ def _set_extra(folder: ModelFolder, **values) -> None:
 
 
 def build_store(root: str, pipeline, train: CaptionedDataset, setting: FeatureSetting, inputs=None,
-                show_bar: bool = True) -> str:
+                show_bar: bool = True, device="cpu") -> str:
     """Fill (or finish) the store for `setting` and register it in the manifest; its folder, relative to root."""
     rel = os.path.join("stores", setting.slug)
     identity = FeatureStore.identity(setting, pipeline.weights_hash(), train.fingerprint)
     store = FeatureStore.create(os.path.join(root, rel), identity, len(train), setting.k)
     inputs = inputs if inputs is not None else CaptionedInputs.of(pipeline, train.images, train.captions)
     t0 = time.perf_counter()
-    store.fill(featurize_fn(ConditionalFeaturizer(pipeline.unet, pipeline.scheduler, setting)), inputs,
+    store.fill(featurize_fn(ConditionalFeaturizer(pipeline.unet, pipeline.scheduler, setting, device=device)), inputs,
                show_bar=show_bar)
     seconds = time.perf_counter() - t0
     ModelFolder.edit(root, lambda f: f.add_store(rel, seconds))
@@ -218,16 +218,21 @@ def seal_folder(root: str) -> dict:
 
 
 def build_text2image_from(root: str, pipeline_source: str, lora: str, data: str, settings=DEFAULT_SETTINGS,
-                          show_bar: bool = True) -> dict:
+                          show_bar: bool = True, device="cpu") -> dict:
     """A text-to-image model folder for your own pipeline + LoRA and the captioned images the LoRA was
     fine-tuned on: stores under `root`; the pipeline, LoRA and images referenced where they are.
 
     pipeline_source: a Stable Diffusion folder (diffusers layout) or a Hugging Face repo id in the
         local cache; lora: a folder or .safetensors file in diffusers' LoRA format; data: an image
         folder with captions (`metadata.jsonl` or `<name>.txt`, see text2image/data.py).
-    Resumable; a root built for another pipeline, LoRA or data is refused.
+    Resumable; a root built for another pipeline, LoRA or data is refused. device: where the LoRA
+    gradients are computed ("cpu", "cuda", "cuda:<i>", "mps"; float32 on each, so the stores agree
+    across devices up to float rounding); an unavailable one is refused before any work.
     """
+    from dtrak_core.devices import resolve_device
     from dtrak_core.model.unet import resolve_model
+
+    resolve_device(device)
 
     folder_path = resolve_model(pipeline_source)
     base = TextToImagePipeline.load(folder_path)
@@ -252,5 +257,5 @@ def build_text2image_from(root: str, pipeline_source: str, lora: str, data: str,
                                                  component_hash=component_hashes(base, pipeline)))
     inputs = CaptionedInputs.of(pipeline, train.images, train.captions)
     for setting in settings:
-        build_store(root, pipeline, train, setting, inputs, show_bar)
+        build_store(root, pipeline, train, setting, inputs, show_bar, device=device)
     return ModelFolder.load(root).to_dict()

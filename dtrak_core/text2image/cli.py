@@ -25,10 +25,13 @@ def cmd_build(args):
     own = [args.pipeline, args.lora, args.data]
     if any(own) and not all(own):
         raise ValueError("your own model needs all of --pipeline, --lora and --data (or none of them for the miniature)")
+    if args.device != "cpu" and not all(own):
+        raise ValueError("--device is for your own pipeline's stores; the miniature is built on the CPU, so that "
+                         "its committed files are rebuilt bit for bit")
     settings = DEFAULT_SETTINGS if not args.output_fn else \
         [FeatureSetting(fn, K=args.K, k=args.k) for fn in args.output_fn]
     if all(own):
-        manifest = build_text2image_from(args.root, args.pipeline, args.lora, args.data, settings)
+        manifest = build_text2image_from(args.root, args.pipeline, args.lora, args.data, settings, device=args.device)
     else:
         manifest = build_miniature(args.root, settings=settings)
     keys = ("parameters", "num_train", "stores", "featurize_seconds", "quality")
@@ -106,6 +109,8 @@ def add_commands(sub) -> None:
     p.add_argument("--output-fn", nargs="+", default=None, help="stores to build (default: square and loss)")
     p.add_argument("--K", type=int, default=100, help="timesteps per store with --output-fn (default 100)")
     p.add_argument("--k", type=int, default=1024, help="projected dimension with --output-fn (default 1024)")
+    p.add_argument("--device", default="cpu", help="your own: where the LoRA gradients are computed: cpu (default), "
+                                                   "cuda, cuda:<i> or mps; an unavailable one is refused before any work")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate-text2image", help="sample a text-to-image model folder from a prompt and seeds")

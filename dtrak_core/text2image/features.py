@@ -21,12 +21,14 @@ from dtrak_core.attribution.projectors import make_projector
 class ConditionalFeaturizer:
     """(latents (B, c, h, w), contexts (B, L, D)) -> projected features (B, k) for one adapted UNet."""
 
-    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 25):
+    def __init__(self, unet, scheduler, setting: FeatureSetting, batch_size: int = 32, timestep_chunk: int = 25,
+                 device="cpu"):
         if not any(p.requires_grad for p in unet.parameters()):
             raise ValueError("the UNet has no trainable parameters to take gradients of (load its LoRA weights)")
         self.setting = setting
         self.batch_size = batch_size  # samples per gradient call: bounds activation memory to ~batch_size * K inputs
-        self.gradients = GradientFeaturizer(unet, scheduler, setting.output_fn, setting.K, timestep_chunk)
+        # on `device` (float32 everywhere, as the pixel Featurizer): features come back on the CPU
+        self.gradients = GradientFeaturizer(unet, scheduler, setting.output_fn, setting.K, timestep_chunk, device=device)
         self.projector = make_projector(setting.projector, self.gradients.dim, setting.k, setting.seed)
 
     def __call__(self, latents: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:

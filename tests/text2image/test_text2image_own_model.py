@@ -90,3 +90,32 @@ def test_cli_attributes_a_prompt_and_seed(own, capsys):
         assert got == want.tolist(), method
     assert main(["attribute", "--root", root, "--prompt", "a photo of 1", "--seed", "0", "--method", "tracin"]) == 2
     assert "not a text-to-image baseline" in capsys.readouterr().err
+
+
+def test_build_on_a_device_refuses_an_unavailable_one_before_any_work(own, capsys):
+    from dtrak_core.cli import main
+
+    root = own / "attr-device"
+    args = ["build-text2image", "--root", str(root), "--pipeline", str(own / "sd"), "--lora", str(own / "lora"),
+            "--data", str(own / "images"), "--output-fn", "square", "--K", "2", "--k", "16"]
+    if not torch.cuda.is_available():
+        assert main(args + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err and not root.exists()
+    assert main(["build-text2image", "--root", str(root), "--device", "cpu:0"]) == 2  # the miniature: CPU only
+    assert "--device is for your own pipeline" in capsys.readouterr().err and not root.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_smoke_build_text2image_on_cuda_matches_cpu(own):
+    from dtrak_core.attribution.store import FeatureStore
+
+    setting = (FeatureSetting("square", K=4, k=32),)
+    stores = {}
+    for device in ("cpu", "cuda"):
+        root = str(own / f"attr-{device}")
+        manifest = build_text2image_from(root, str(own / "sd"), str(own / "lora"), str(own / "images"), setting,
+                                         show_bar=False, device=device)
+        path = f"{root}/{manifest['stores'][0]}"
+        stores[device] = np.asarray(FeatureStore.open(path).features())
+    np.testing.assert_allclose(stores["cuda"], stores["cpu"], rtol=1e-3, atol=1e-4 * np.abs(stores["cpu"]).max())
