@@ -73,7 +73,11 @@ def tune_lambdas(run_dir: str, root: str | None = None, num_bootstrap: int = 200
                 record(methods.sharpened_lambda_key(method.name, setting.slug), lambda_sweep(
                     lambda lam: {s: masks @ methods.sharpen(spectral.scores(q, lam)).T for s, q in queries.items()},
                     F, LAMBDA_GRID, num_bootstrap, default_lambda=default_lambda(train)))
-    ModelFolder.edit(bench.root, tuned_lambda=tuned)  # saved with new seals (`ModelFolder.save`)
+    # the stores' and sharpened methods' entries replaced; the kernel baselines' (written by
+    # `record_kernel_params`) kept: this run did not measure them
+    kernels = {m.name for m in kernel_baselines(bench.attributor.kind)}
+    ModelFolder.edit(bench.root, change=lambda folder: setattr(folder, "tuned_lambda", {
+        **{k: v for k, v in folder.tuned_lambda.items() if k in kernels}, **tuned}))  # re-sealed on save
     return tuned
 
 

@@ -259,8 +259,14 @@ def test_the_lambda_measured_on_your_model_is_recorded_and_used(own, tmp_path, c
     before = json.loads(capsys.readouterr().out)
     assert before["lambda"] == pytest.approx(rule) and "data-free rule" in before["lambda_source"]
 
-    # the one command: recorded in the manifest through ModelFolder.edit (sealed), used by every answer
+    # the one command: recorded in the manifest through ModelFolder.edit (sealed), used by every answer;
+    # the kernel baselines' entries (their own writer, experiments/strong_baselines.py) are kept
+    from dtrak_core.evaluation.tuning import record_kernel_params
+
+    kernel = {"lambda": 2.0, "gamma": 4.0, "relative": 1.0, "chosen_on": "validation LDS of the signed scores"}
+    record_kernel_params(mine, {"pixel-rbf": kernel})
     assert main(["lds-own", "tune-lambda", "--root", mine, "--out", run_dir, "--dest", dest, "--bootstrap", "20"]) == 0
+    assert ModelFolder.load(mine).tuned_lambda["pixel-rbf"] == kernel
     out = capsys.readouterr().out
     assert f"recorded under 'tuned_lambda' in {os.path.join(mine, 'manifest.json')}" in out
     folder = ModelFolder.load(mine)  # the seals match: written by the manifest's writer
