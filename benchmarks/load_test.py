@@ -800,9 +800,8 @@ def visitor_loop(v: Visitor, api: Api, refs: References, plan: Plan, bad: list[s
                 def run_drill(index=index, methods=methods):
                     from dtrak_core.app_support import method_label
 
-                    clicked = {"index": index, "value": None}  # the page's two answers to one click, in turn
-                    v.call("/preview_training", event_data=clicked)
-                    out = v.call("/rank_clicked", event_data=clicked)
+                    v.call("/preview_training", event_data={"index": index, "value": None})  # the page's two steps
+                    out = v.call("/rank_training")
                     outs = [out] if isinstance(out, str) else out  # (states and layout updates are not sent)
                     page = next((o for o in outs if isinstance(o, str) and "<table" in o), "")
                     if not page:

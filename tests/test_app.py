@@ -530,7 +530,6 @@ def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_quer
     assert f"<td>{sup.method_label('square')}</td><td>3 of " in html
     assert html.count("Computing its scores for this query.") == len(app.assets().methods) - 1
     html = app.rank_training(q, picked)  # then every method's
-    assert app.rank_clicked(q, Clicked({"index": index})) == html  # (what the same click starts beside the preview)
     assert f"Training image #{index}" in html and "Computing" not in html
     for method in app.assets().methods:
         scores = app.attribution_for(q, method).scores
@@ -541,8 +540,6 @@ def test_a_card_click_shows_the_image_under_every_method_and_can_become_the_quer
             app.preview_training(q, Clicked(bad))
         with pytest.raises(gr.Error, match="training image index"):
             app.rank_training(q, (bad or {}).get("index"))
-        with pytest.raises(gr.Error, match="training image index"):
-            app.rank_clicked(q, Clicked(bad))
     new_q, img, info, hidden = app.use_training_image(index)
     np.testing.assert_array_equal(new_q.pixels, app.assets().attributor.train.images[index].numpy())
     assert f"Training image #{index}" in info and hidden.visible is False and new_q.seed is None

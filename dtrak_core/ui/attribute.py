@@ -292,7 +292,7 @@ def _details(q, index: int, attributions: dict) -> str:
 def preview_training(q, evt: gr.EventData):
     """A click on a training card, answered at once: that image large, its class, and its rank and
     score under every method already computed for the query (the others say they are computing;
-    `rank_clicked`, started by the same click, fills them in)."""
+    `rank_training`, chained after it, fills them in)."""
     if q is None:
         raise no_query()
     index = clicked_index(evt)
@@ -309,13 +309,6 @@ def rank_training(q, index):
         raise no_query()
     index = sup.parse_int(index, "training image index", 0, assets().n_train - 1)
     return _details(q, index, all_attributions(q))
-
-
-@readable
-def rank_clicked(q, evt: gr.EventData):
-    """`rank_training` for the card a click carries: started by the same click as `preview_training`,
-    beside it rather than after it, so the drill-down costs one round trip, not two."""
-    return rank_training(q, clicked_index(evt) if q is not None else None)
 
 
 @readable
@@ -570,12 +563,9 @@ def create_event_handlers(c: dict, bind, api_name: str = "attribute_seed") -> No
                         trigger_mode="always_last").success(lambda: True, None, c["compare_on"], queue=False)
     for cards in (c["prop_gallery"], c["opp_gallery"], c["gal_a"], c["gal_b"], c["noise_cards"]):
         # the image and what is known at once (unqueued, nothing computed), then every method's rank
-        # Both answer the same click. The preview is unqueued and computes nothing, so it is back long
-        # before the ranks; were it ever later, it would read the ranks from the cache the ranking filled.
         cards.click(bind(preview_training), [query], [c["picked"], c["drill"], c["drill_box"]], queue=False,
-                    show_progress="hidden", trigger_mode="always_last")
-        cards.click(bind(rank_clicked), [query], c["drill"], concurrency_id="compute", show_progress="hidden",
-                    trigger_mode="always_last")
+                    show_progress="hidden", trigger_mode="always_last").success(
+            bind(rank_training), [query, c["picked"]], c["drill"], concurrency_id="compute", show_progress="minimal")
     show_query(c["use_btn"].click(bind(use_training_image), [c["picked"]], [*query_outputs, c["drill_box"]]))
     c["close_btn"].click(lambda: gr.Column(visible=False), None, c["drill_box"], queue=False)
     gr.api(bind(attribute_seed), api_name=api_name, concurrency_id="compute")
