@@ -59,9 +59,21 @@ def test_the_benchmarks_headline_reads_the_evidence_both_ways():
 
     close = {"rows": [row("square", "model", 78.0, 64.0), row("pixel-rbf", "model-free", 77.0, 65.0)]}
     text = sup.evidence_headline(close)
-    assert "D-TRAK 78.0" in text and "Pixel RBF kernel 77.0" in text and "look like the query" in text
+    assert "D-TRAK 78.0 against Pixel RBF kernel 77.0 (+1.0)" in text and "look like the query" in text
     ahead = {"rows": [row("square", "model", 80.0, 70.0), row("pixel-rbf", "model-free", 40.0, 50.0)]}
-    assert "better than any look-alike baseline" in sup.evidence_headline(ahead)
+    text = sup.evidence_headline(ahead)
+    assert "better than any look-alike baseline" in text and "(+40.0)" in text and "standard error" not in text
+    # each test set's best of each group, whichever method it is; a lead inside the noise is said so
+    split = {"rows": [{**row("square", "model", 50.0, 40.0), "generated/signed": 20.0, "generated/signed pm": 2.0,
+                       "generated/top-1%": 16.0, "generated/top-1% pm": 2.0},
+                      {**row("avg", "model", 45.0, 38.0), "generated/signed": 22.0, "generated/signed pm": 2.0,
+                       "generated/top-1%": 25.0, "generated/top-1% pm": 2.0},
+                      {**row("pixel-rbf", "model-free", 40.0, 37.0), "generated/signed": 21.0,
+                       "generated/signed pm": 1.8, "generated/top-1%": 23.0, "generated/top-1% pm": 1.8}]}
+    text = sup.evidence_headline(split)
+    assert "generated: D-TRAK (Avg) 22.0 against Pixel RBF kernel 21.0 (+1.0)" in text
+    assert "validation: D-TRAK 40.0 against Pixel RBF kernel 37.0 (+3.0)" in text
+    assert "within one standard error on LDS generated, top-1% LDS generated." in text
     rows = sup.evidence_rows(close, "top-1%")
     assert [(r["method"], r[sup.HONEST]) for r in rows] == [("D-TRAK", 64.0), ("Pixel RBF kernel (no model)", 65.0)]
     assert sup.evidence_headline({}) == "" and sup.evidence_rows({}) == []
