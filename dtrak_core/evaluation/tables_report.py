@@ -150,8 +150,10 @@ def format_report(t: dict) -> str:
                   ", ".join(f"{k} at M = {v}" for k, v in per.items()), ""]
     if t.get("noise_ceiling"):
         nc = t["noise_ceiling"]
+        one_seed = any(isinstance(v, dict) and v.get("target_seeds") == 1 for v in nc.values())
+        against = "this run's one-seed ground truth" if one_seed else "the seed mean"
         lines += ["Noise ceiling (how well one training seed's ground truth predicts the other's; the best LDS "
-                  "reachable against the seed mean in brackets): " +
+                  f"reachable against {against} in brackets): " +
                   "; ".join(f"{s} {_n(nc[s]['seed_vs_seed'])} ± {_n(nc[s]['seed_vs_seed_pm'])} [{_n(nc[s]['ceiling'])}]"
                             for s in sets if s in nc), ""]
     if "methods" in t:
