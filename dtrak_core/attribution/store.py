@@ -138,6 +138,8 @@ class FeatureStore:
         if os.path.exists(os.path.join(path, METADATA)):
             store = cls.open(path, identity)
             for key, value in {"n": n, "k": k, "slice_size": slice_size, "dtype": dtype}.items():
+                if key == "dtype" and store.complete:
+                    continue  # finished, then compacted (`compact_store`): read in the dtype it has
                 if store.metadata[key] != value:
                     raise ValueError(f"feature store {path!r} has {key}={store.metadata[key]!r}, not {value!r}")
             return store
@@ -325,13 +327,6 @@ def cached_store(path: str, identity: dict, inputs, make_featurizer, k: int, *, 
             return None
         store = FeatureStore.open(path, identity)
         return store if store.complete else None
-    if os.path.isfile(os.path.join(path, METADATA)):
-        store = FeatureStore.open(path, identity)
-        if store.complete:  # finished, in any dtype: a folder compacted to float16 reads like a float32 one
-            for key, value in {"n": len(inputs), "k": k}.items():
-                if store.metadata[key] != value:
-                    raise ValueError(f"feature store {path!r} has {key}={store.metadata[key]!r}, not {value!r}")
-            return store
     store = FeatureStore.create(path, identity, len(inputs), k, slice_size=slice_size)
     if not store.complete:
         store.fill(make_featurizer(), inputs, show_bar=show_bar)
