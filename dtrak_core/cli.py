@@ -505,10 +505,10 @@ def cmd_setting(args):
 
 
 def cmd_build_baselines(args):
-    from dtrak_core.attribution.tracin import build_default_baselines
+    from dtrak_core.attribution.tracin import build_baselines
 
-    _require_digits_model(args.root, "build-baselines (replays the training run)")
-    entry = build_default_baselines(args.root)
+    _set_threads(args.threads)
+    entry = build_baselines(args.root)
     print(json.dumps({k: entry[k] for k in ("checkpoints", "train_seconds", "featurize_seconds")}, indent=2))
 
 
@@ -761,6 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-baselines", help="TracInCP checkpoints (replayed training run) and their feature stores")
     _add_root(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads: the original run's, for an identical replay (build-fashion trains on 1)")
     p.set_defaults(func=cmd_build_baselines)
 
     p = sub.add_parser("build-das", help="DAS's training losses (das_residuals.npz: N x 100 forward passes) for the "

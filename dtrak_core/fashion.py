@@ -3,8 +3,8 @@ resumable command:
 
     apt-get install dataset-fashion-mnist
     python -m dtrak_core build-fashion                  # every stage; rerun to resume
-    python -m dtrak_core build-fashion --stage lds      # one stage (data, classifier, model, folder, lds, ceiling,
-                                                        # counterfactual)
+    python -m dtrak_core build-fashion --stage lds      # one stage (data, classifier, model, folder, tracin, lds,
+                                                        # ceiling, counterfactual)
 
 The setting is the preset `fashion-mnist` (dtrak_core/configs/fashion-mnist.json): the data, the UNet,
 the recipe, the stores and the LDS / counterfactual protocol. What the folder holds, all committed
@@ -15,6 +15,7 @@ but the retrained models:
     model/             the base model (diffusers unet/ + scheduler/, setting.json)
     manifest.json, stores/     the model folder (`build`): D-TRAK, TRAK and avg stores (float16)
     das_residuals.npz  DAS's training losses (`build-das`)
+    tracin/            TracInCP's and GAS's checkpoints of the replayed training run and their stores
     lds/               `lds-own` run: jobs.json, per-checkpoint ground truth, tables.md / tables.json
     lds-ceiling/       its first 8 subsets with a second training seed (`noise_ceiling`)
     counterfactual/    `counterfactual-own` run: removals.json, per-job results, results.md
@@ -33,7 +34,7 @@ import numpy as np
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"  # where Debian's package installs the IDX files
 DEFAULT_ROOT = os.path.join("assets", "fashion")
 PRESET = "fashion-mnist"
-STAGES = ("data", "classifier", "model", "folder", "lds", "ceiling", "counterfactual")
+STAGES = ("data", "classifier", "model", "folder", "tracin", "lds", "ceiling", "counterfactual")
 CEILING_SUBSETS, CEILING_SEED = 8, 2  # the first 8 LDS subsets retrained with a second seed: the noise ceiling
 CLASSIFIER_PER_CLASS = None  # training images per class for the quality classifier (None: all), none in the subset
 QUALITY_SEEDS = range(100)
@@ -143,9 +144,8 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
                   show_bar: bool = True) -> None:
     """Run `stages` in order (each resumes what an earlier run finished). `shard`: this process's
     share of the retrains (i, n), so two processes can train side by side."""
-    import torch
-
     from dtrak_core import setting as st
+    from dtrak_core.attribution.tracin import build_baselines
 
     setting = _setting()
     data, model = os.path.join(root, "data"), os.path.join(root, "model")
@@ -158,17 +158,14 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
         elif stage == "classifier":
             print(build_classifier(root, source, setting))
         elif stage == "model":
-            threads = torch.get_num_threads()
-            torch.set_num_threads(BUILD_THREADS)
-            try:
-                st.train_base(setting, data, model, show_bar=show_bar)
-            finally:
-                torch.set_num_threads(threads)
+            _with_build_threads(lambda: st.train_base(setting, data, model, show_bar=show_bar))
         elif stage == "folder":
             st.build_folder(setting, data, model, root, show_bar=show_bar)
             compact_stores(root)
             print(measure_quality(root))
             build_das(root)
+        elif stage == "tracin":
+            _with_build_threads(lambda: build_baselines(root, show_bar=show_bar))
         elif stage == "lds":
             _lds(setting, root, data, shard, show_bar)
         elif stage == "ceiling":
@@ -176,6 +173,18 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
         elif stage == "counterfactual":
             _counterfactual(setting, root, data, shard, show_bar)
         print(f"{stage}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _with_build_threads(run):
+    """run() on BUILD_THREADS threads: the base model's training and its replays must share them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train_and_measure(setting, root, data, jobs_path: str, ckpts: str, shard, measure) -> None:

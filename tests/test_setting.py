@@ -230,3 +230,30 @@ def test_a_changed_evaluation_plan_keeps_the_base_model(stand_in, tmp_path):
     json.dump(raw, open(tmp_path / "recipe.json", "w"))
     with pytest.raises(ValueError, match="trained with another setting"):
         st.train_base(st.load_setting(str(tmp_path / "recipe.json")), stand_in["data"], stand_in["model"])
+
+
+def test_build_baselines_replays_a_setting_trained_model(stand_in, tmp_path, monkeypatch):
+    """TracInCP's checkpoints for a model trained from a setting: the run replayed with the setting's
+    recipe and architecture reaches the model's own weights, and the attributor scores TracInCP
+    with them; a folder whose training run is not known is refused with the reason."""
+    from dtrak_core.attribution import methods
+    from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.attribution.tracin import build_baselines, load_tracin
+
+    work = tmp_path / "work"
+    shutil.copytree(os.path.dirname(stand_in["root"]), work)
+    root = str(work / "root")
+    assert main(["build-baselines", "--root", root, "--threads", "1"]) == 0
+    index = json.load(open(os.path.join(root, "tracin", "index.json")))
+    assert [c["step"] for c in index["checkpoints"]] == [1, 2]  # a 2-step recipe: one checkpoint per step
+    attributor = Attributor.load(root)
+    final = load_tracin(root, attributor)[-1]
+    assert final.train_features.shape == (12, 512)
+    assert "tracin" not in methods.problems(attributor, root)
+    scores = methods.scores(attributor, "tracin", attributor.train.images[:2], root=root)
+    assert scores.shape == (2, 12) and np.isfinite(scores).all()
+
+    shutil.rmtree(os.path.join(root, "tracin"))
+    monkeypatch.setattr(st, "MODEL_MARKER", "no-such-description.json")  # a model not trained from a setting
+    with pytest.raises(ValueError, match="its training run cannot be replayed"):
+        build_baselines(root, show_bar=False)
