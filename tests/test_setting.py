@@ -253,6 +253,16 @@ def test_build_baselines_replays_a_setting_trained_model(stand_in, tmp_path, mon
     scores = methods.scores(attributor, "tracin", attributor.train.images[:2], root=root)
     assert scores.shape == (2, 12) and np.isfinite(scores).all()
 
+    # the LDS scores TracInCP and GAS with them
+    lds = str(work / "lds")
+    assert main(["setting", "retrain", "--config", stand_in["config"], "--data", stand_in["data"], "--jobs",
+                 os.path.join(lds, "jobs.json"), "--checkpoints", str(work / "ckpts")]) == 0
+    assert main(["lds-own", "ground-truth", "--root", root, "--out", lds, "--checkpoints", str(work / "ckpts")]) == 0
+    assert main(["lds-own", "evaluate", "--root", root, "--out", lds, "--bootstrap", "10", "--no-journey"]) == 0
+    table = json.load(open(os.path.join(lds, "tables.json")))["methods"]
+    for name in ("tracin", "gas"):
+        assert -100 <= table[name]["validation"]["lds"] <= 100, table[name]
+
     shutil.rmtree(os.path.join(root, "tracin"))
     monkeypatch.setattr(st, "MODEL_MARKER", "no-such-description.json")  # a model not trained from a setting
     with pytest.raises(ValueError, match="its training run cannot be replayed"):

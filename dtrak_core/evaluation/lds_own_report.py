@@ -65,6 +65,9 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
         bench.features.compute(bench.setting(fn, K), show_bar=show_bar)
     if journey and "generated" in bench.test_sets:
         bm.journey_features(bench, bench.setting("loss", K), compute=True, show_bar=show_bar)
+    checkpoints = _tracin_checkpoints(root, bench.attributor)
+    if checkpoints:  # TracInCP's and GAS's queries at each checkpoint of the training run
+        bm.tracin_queries(bench, checkpoints, compute=True, show_bar=show_bar)
     # the other output functions whose training store the folder has (same projection): the ablation rows
     variants = tuple(fn for fn in bench.attributor.methods if fn not in ("loss", "square")
                      and bench.setting(fn, K) in bench.features.registered)
@@ -76,6 +79,18 @@ def evaluate(root: str, out_dir: str, dest: str | None = None, K: int | None = N
                                             **({"noise_ceiling": ceiling} if ceiling else {})},
                   ablation_fns=variants, ablation_Ks=(K,), method_Ks=(K,), ensemble_sizes=(), journey_K=K,
                   successors=True)
+
+
+def _tracin_checkpoints(root: str, attributor) -> list:
+    """The folder's TracInCP checkpoints (`build-baselines`), [] when it has none (the table then says
+    why); damaged ones raise, naming the file."""
+    from dtrak_core.attribution.tracin import load_tracin
+    from dtrak_core.errors import MethodUnavailable
+
+    try:
+        return load_tracin(root, attributor)
+    except MethodUnavailable:
+        return []
 
 
 def tune_lambda(root: str, out_dir: str, dest: str | None = None, num_bootstrap: int = 200,
