@@ -325,19 +325,20 @@ def cmd_counterfactual(args):
 
 
 def _counterfactual_report(out: str, jobs_dir: str, train, planned: list[str] | None = None,
-                           measure_hint: str | None = None) -> dict:
+                           measure_hint: str | None = None, classifier=None) -> dict:
     """summary.json and results.md in `out` from the finished jobs in jobs_dir (printed); the summary.
 
     planned: the ids of every job of the run (`counterfactual-own`: removals.json), for a model not
     trained by dtrak: a run with some not measured yet is marked PARTIAL (in summary.json and at the
     top of results.md, with `measure_hint`, the command that measures the rest), and the published
-    CIFAR-2 row gets its caveat (another model and dataset)."""
+    CIFAR-2 row gets its caveat (another model and dataset). classifier: the folder's own (its
+    classifier/), which reads the targets' class before and after."""
     from dtrak_core.checksums import write_sealed_json
     from dtrak_core.evaluation.counterfactual_report import format_table, summarize
     from dtrak_core.files import atomic_write_bytes
 
-    summary = summarize(jobs_dir, train.labels.numpy())
-    table = format_table(summary, len(train))
+    summary = summarize(jobs_dir, train.labels.numpy(), classifier)
+    table = format_table(summary, len(train), "digit" if classifier is None else "class")
     if planned is not None:
         done = sum(os.path.isfile(os.path.join(jobs_dir, f"{i}.npz")) for i in planned)
         summary.update(jobs_planned=len(planned), jobs_done=done, partial=done < len(planned))
@@ -457,7 +458,15 @@ def cmd_counterfactual_own(args):
     _counterfactual_report(args.out, os.path.join(args.out, "jobs"), Attributor.load(args.root).train,
                            planned=[j["id"] for j in removals["jobs"]],
                            measure_hint=f"python -m dtrak_core counterfactual-own measure{_root_option(args.root)} "
-                                        f"--out {args.out} --checkpoints DIR")
+                                        f"--out {args.out} --checkpoints DIR", classifier=_folder_classifier(args.root))
+
+
+def _folder_classifier(root: str):
+    """The model folder's own image classifier (its classifier/, as the Fashion-MNIST folder has), or None."""
+    from dtrak_core.model.classifier import CARD, ImageClassifier
+
+    folder = os.path.join(root, "classifier")
+    return ImageClassifier.load(folder) if os.path.isfile(os.path.join(folder, CARD)) else None
 
 
 def _setting(args):

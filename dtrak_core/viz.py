@@ -268,8 +268,11 @@ def counterfactual_summary(summary: dict, n_train: int | None = None, word: str 
     if not cells:
         return ""
     rankings = sorted(dict.fromkeys(c["ranking"] for c in cells), key=registry.sort_key)  # the paper's column order
+    provisional = ([f"**Provisional:** {summary.get('jobs_done')} of {summary.get('jobs_planned')} retrains were "
+                    "measured when this summary was written; each cell covers those only.", ""]
+                   if summary.get("partial") else [])
     head = "| removed | measure | " + " | ".join(sup.method_label(r) for r in rankings) + " |"
-    lines = [head, "|" + "---|" * (len(rankings) + 2)]
+    lines = [*provisional, head, "|" + "---|" * (len(rankings) + 2)]
     for k in sorted({c["k"] for c in cells}, reverse=True):
         by = {c["ranking"]: c for c in cells if c["k"] == k}
         share = f"{k} ({k / n_train:.0%})" if n_train else str(k)
@@ -281,16 +284,24 @@ def counterfactual_summary(summary: dict, n_train: int | None = None, word: str 
         if any(c.get("label_changed") is not None for c in by.values()):  # (None: no classifier read them)
             lines.append(row(f"{word} changed", lambda c: "" if c.get("label_changed") is None else
                              f"{c['label_changed']:.0%} of {c['l2']['n']}"))
-        if any("removed_same_label_share" in c for c in by.values()):
-            lines.append(row(f"removed images of the target's {word}",
-                             lambda c: f"{c['removed_same_label_share']:.0%}" if "removed_same_label_share" in c else ""))
+        if any(c.get("removed_same_label_share") is not None for c in by.values()):
+            lines.append(row(f"removed images of the target's {word}", lambda c: (
+                "" if c.get("removed_same_label_share") is None else f"{c['removed_same_label_share']:.0%}")))
     paired = summary.get("paired", [])
+    if paired and any("holm_p" not in p for p in paired):  # a summary written before the correction was recorded
+        from dtrak_core.evaluation.counterfactual_report import holm
+
+        paired = holm([{k: v for k, v in p.items() if k != "holm_p"} for p in paired])
     if paired:
-        lines += ["", "| removed | comparison (same targets) | A moves more | median L2(A) - L2(B) | Wilcoxon p |",
-                  "|---|---|---|---|---|"]
+        def p_value(v):  # None: too few targets (fewer than 6) or no differences, so no test was run
+            return "–" if v is None else f"{v:.2g}"
+        tests = sum(p.get("wilcoxon_p") is not None for p in paired)
+        lines += ["", "| removed | comparison (same targets) | targets | A moves more | median L2(A) - L2(B) | "
+                      f"Wilcoxon p | Holm-adjusted p ({tests} tests) |", "|---|---|---|---|---|---|---|"]
         for p in paired:
-            lines.append(f"| {p['k']} | {sup.method_label(p['a'])} vs {sup.method_label(p['b'])} | "
-                         f"{p['share_a_moves_more']:.0%} | {p['median_difference']:+.2f} | {p['wilcoxon_p']:.2g} |")
+            lines.append(f"| {p['k']} | {sup.method_label(p['a'])} vs {sup.method_label(p['b'])} | {p.get('n', '?')} | "
+                         f"{p['share_a_moves_more']:.0%} | {p['median_difference']:+.2f} | "
+                         f"{p_value(p.get('wilcoxon_p'))} | {p_value(p.get('holm_p'))} |")
     control = summary.get("control")
     if control:
         lines += ["", f"Reproducibility check: retraining on the whole training set on this machine "

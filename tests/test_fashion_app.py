@@ -35,3 +35,26 @@ def test_fashion_attribution_reads_its_classes_and_flags_look_alikes(fashion_app
 def test_the_header_says_why_there_is_no_live_retrain(fashion_app):
     text = fashion_app.header_markdown(fashion_app.assets())
     assert "No live remove-and-retrain here" in text and "minutes of a CPU core" in text
+
+
+def test_a_partial_counterfactual_summary_is_drawn_as_provisional():
+    """A summary written while retrains are under way: too few targets for a test (p None), no
+    classifier labels; drawn with what it has, marked provisional. A summary written before the
+    Holm correction was recorded gets it computed from its p-values."""
+    from dtrak_core import viz
+
+    cell = {"k": 100, "l2": {"median": 13.3, "p25": 12.9, "p75": 13.7, "n": 2}, "label_changed": None,
+            "removed_same_label_share": None}
+    partial = {"partial": True, "jobs_done": 4, "jobs_planned": 48,
+               "cells": [{**cell, "ranking": "square"}, {**cell, "ranking": "random"}],
+               "paired": [{"k": 100, "a": "D-TRAK", "b": "Random", "n": 1, "share_a_moves_more": 1.0,
+                           "median_difference": 2.26, "wilcoxon_p": None, "holm_p": None}]}
+    text = viz.counterfactual_summary(partial, 1000, "class")
+    assert text.startswith("**Provisional:** 4 of 48 retrains") and "| +2.26 | – | – |" in text
+    assert "class changed" not in text and "removed images of the target's class" not in text
+    older = {"cells": [{**cell, "ranking": "square"}],
+             "paired": [{"k": 100, "a": "D-TRAK", "b": "Random", "n": 8, "share_a_moves_more": 1.0,
+                         "median_difference": 2.0, "wilcoxon_p": p} for p in (0.01, 0.04)]}
+    text = viz.counterfactual_summary(older, 1000, "class")
+    assert "Provisional" not in text and "Holm-adjusted p (2 tests)" in text
+    assert "| 0.01 | 0.02 |" in text and "| 0.04 | 0.04 |" in text

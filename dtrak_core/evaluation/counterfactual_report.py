@@ -89,15 +89,20 @@ def read_summary(path: str) -> dict:
     return checksums.read_sealed_json(path, "counterfactual summary", summary_remedy(path))
 
 
-def summarize(out_dir: str, train_labels=None) -> dict:
+def summarize(out_dir: str, train_labels=None, classifier=None) -> dict:
     """Medians and distributions per (k, ranking), paired per-target comparisons, and the control,
     of the finished jobs in `out_dir`, as strict JSON sealed with its checksum (`checksums.seal`:
     summary.json is this dict; `read_summary` verifies it).
 
     With `train_labels`, each cell also reports the share of removed images whose label is the
     target's (classifier) label: with 10 classes of ~150 digits, removing 300 can empty a class.
+    `classifier` (an `ImageClassifier` of the folder, labels in the order of `train_labels`) reads
+    the before and after images of jobs measured without one (`counterfactual-own`), from the
+    images each job file keeps.
     """
     rows = load_results(out_dir)
+    if classifier is not None:
+        rows = [_labelled(r, classifier) if r.label_before < 0 else r for r in rows]
     cells, by_target = {}, {}
     for r in rows:
         cells.setdefault((r.k, r.ranking), []).append(r)
@@ -145,7 +150,15 @@ def summarize(out_dir: str, train_labels=None) -> dict:
     return checksums.seal(json_safe(summary))
 
 
-def format_table(summary: dict, n_train: int = 1500) -> str:
+def _labelled(r, classifier):
+    from dataclasses import replace
+
+    labels, confidences = classifier.classify(torch.stack([r.before, r.after]).numpy())
+    return replace(r, label_before=int(labels[0]), label_after=int(labels[1]),
+                   confidence_before=float(confidences[0]), confidence_after=float(confidences[1]))
+
+
+def format_table(summary: dict, n_train: int = 1500, word: str = "digit") -> str:
     """Markdown: the paper's table (median L2 per ranking, n per cell), then paired comparisons."""
     by_column = sorted(summary["cells"], key=lambda c: registry.sort_key(c["ranking"]))  # the paper's column order
     methods = list(dict.fromkeys(c["method"] for c in by_column))
@@ -163,7 +176,7 @@ def format_table(summary: dict, n_train: int = 1500) -> str:
         lines.append(f"| {label} | median L2 [p25, p75] (n) | " + " | ".join(fmt(m, lambda c: (
             f"**{c['l2']['median']:.2f}** [{c['l2']['p25']:.2f}, {c['l2']['p75']:.2f}] (n={c['l2']['n']})")) for m in methods) + " |")
         if any(c["label_changed"] is not None for c in summary["cells"] if c["k"] == k):
-            lines.append(f"| {label} | digit label changed | " + " | ".join(fmt(m, lambda c: (
+            lines.append(f"| {label} | {word} label changed | " + " | ".join(fmt(m, lambda c: (
                 "-" if c["label_changed"] is None else f"{100 * c['label_changed']:.0f}%")) for m in methods) + " |")
         if any(c.get("removed_same_label_share") is not None for c in summary["cells"] if c["k"] == k):
             lines.append(f"| {label} | removed images with the target's label | " + " | ".join(fmt(m, lambda c: (

@@ -344,3 +344,33 @@ def test_holm_adjusts_every_reported_paired_test():
     holm(paired)
     # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
     assert [p["holm_p"] for p in paired] == [pytest.approx(0.03), pytest.approx(0.06), None, pytest.approx(0.06)]
+
+
+def test_a_folder_classifier_labels_jobs_measured_without_one(tmp_path):
+    """`counterfactual-own` measures models of other images without a classifier (labels -1); the
+    summary reads the targets' class before and after from the images each job file keeps, with the
+    folder's own classifier, and reports how often it changed and the removed images' class share."""
+    from dtrak_core.files import save_result
+
+    out = str(tmp_path / "jobs")
+    os.makedirs(out)
+    before, after = torch.full((1, 4, 4), -1.0), torch.full((1, 4, 4), 1.0)
+    for seed, moved in ((1, after), (2, before)):  # target 1 moves from dark to bright, target 2 stays
+        r = cf.CounterfactualResult(seed=seed, ranking="square", k=2, before=before, after=moved,
+                                    removed_indices=np.array([0, 3]), l2=float((moved - before).norm()),
+                                    label_before=-1, confidence_before=float("nan"), label_after=-1,
+                                    confidence_after=float("nan"), clip_cosine=None, clip_status="unavailable",
+                                    train_seconds=float("nan"))
+        save_result(os.path.join(out, f"d-trak-k2-seed{seed}.npz"), **r.to_arrays())
+
+    class Brightness:  # class 1 for bright images, 0 for dark ones
+        def classify(self, images):
+            bright = (np.asarray(images).mean(axis=(1, 2, 3)) > 0).astype(int)
+            return bright, np.full(len(bright), 0.9)
+
+    unlabelled = report.summarize(out, np.array([0, 0, 1, 1]))["cells"][0]
+    assert unlabelled["label_changed"] is None and unlabelled["removed_same_label_share"] is None
+    cell = report.summarize(out, np.array([0, 0, 1, 1]), Brightness())["cells"][0]
+    assert cell["label_changed"] == 0.5 and cell["removed_same_label_share"] == 0.5
+    assert [(t["label_before"], t["label_after"]) for t in cell["per_target"]] == [(0, 1), (0, 0)]
+    assert "| class label changed | 50% |" in report.format_table(report.summarize(out, None, Brightness()), 4, "class")
