@@ -302,6 +302,8 @@ def counterfactual_summary(summary: dict, n_train: int | None = None, word: str 
             lines.append(f"| {p['k']} | {sup.method_label(p['a'])} vs {sup.method_label(p['b'])} | {p.get('n', '?')} | "
                          f"{p['share_a_moves_more']:.0%} | {p['median_difference']:+.2f} | "
                          f"{p_value(p.get('wilcoxon_p'))} | {p_value(p.get('holm_p'))} |")
+        if any(p.get("wilcoxon_p") is None for p in paired):
+            lines += ["", "–: no test (fewer than 6 targets measured under both rankings, or no difference)."]
     control = summary.get("control")
     if control:
         lines += ["", f"Reproducibility check: retraining on the whole training set on this machine "
