@@ -514,10 +514,16 @@ def cmd_setting(args):
 
 
 def cmd_build_baselines(args):
-    from dtrak_core.attribution.tracin import build_baselines
+    from dtrak_core.attribution.tracin import build_default_baselines
+    from dtrak_core.folder import ModelFolder
+    from dtrak_core.setting import build_baselines
 
     _set_threads(args.threads)
-    entry = build_baselines(args.root)
+    folder = ModelFolder.load(args.root, missing_ok=True, tuned=False)
+    if folder is not None and not folder.is_digits_default:  # a model trained from a setting, or refused
+        entry = build_baselines(args.root)
+    else:
+        entry = build_default_baselines(args.root)
     print(json.dumps({k: entry[k] for k in ("checkpoints", "train_seconds", "featurize_seconds")}, indent=2))
 
 

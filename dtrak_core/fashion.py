@@ -146,7 +146,6 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
     share of the retrains (i, n), so two processes can train side by side."""
     from dtrak_core import setting as st
     from dtrak_core.attribution.store import compact_store
-    from dtrak_core.attribution.tracin import build_baselines
 
     setting = _setting()
     data, model = os.path.join(root, "data"), os.path.join(root, "model")
@@ -166,7 +165,7 @@ def build_fashion(root: str = DEFAULT_ROOT, source: str = DEFAULT_SOURCE, stages
             print(measure_quality(root))
             build_das(root)
         elif stage == "tracin":
-            entry = _with_build_threads(lambda: build_baselines(root, show_bar=show_bar))
+            entry = _with_build_threads(lambda: st.build_baselines(root, show_bar=show_bar))
             for c in entry["checkpoints"]:  # float16: TracInCP's and GAS's LDS unchanged to 0.01 (measured once)
                 compact_store(os.path.join(root, c["store"]))
         elif stage == "lds":

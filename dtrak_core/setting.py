@@ -355,6 +355,33 @@ def build_folder(setting: Setting, data: str, model: str, root: str, stores: boo
                       show_bar=show_bar, device=device)
 
 
+def build_baselines(root: str, show_bar: bool = True) -> dict:
+    """TracInCP's and GAS's checkpoints for a model folder whose base model was trained from a setting
+    (`train_base`: its model folder holds setting.json): the run replayed with that setting's recipe,
+    architecture and the folder's training images (`tracin.build_tracin`, which checks that the
+    replay ends at the model's own weights). Replay with the thread count the model was trained on."""
+    from dtrak_core.attribution.tracin import build_tracin
+    from dtrak_core.folder import ModelFolder
+    from dtrak_core.model.unet import checkpoint_hash
+
+    folder = ModelFolder.load(root)
+    marker = os.path.join(root, folder.checkpoint or "", MODEL_MARKER)
+    dataset = folder.dataset if isinstance(folder.dataset, dict) else {}
+    if folder.checkpoint is None or not os.path.isfile(marker) or "folder" not in dataset:
+        raise ValueError(f"build-baselines replays a training run it knows: the digits default (`build-default`) or a "
+                         f"model trained from a setting (`setting train`, `build-fashion`: its model folder holds "
+                         f"{MODEL_MARKER}); {root!r} has neither, so its training run cannot be replayed")
+    made = read_json(marker, "base model description", f"restore {marker} (it records the training recipe)")
+    setting = Setting(made["setting"], marker)
+    train_set = training_images(setting, os.path.dirname(os.path.join(root, dataset["folder"])))
+    if train_set.fingerprint != made.get("dataset_fingerprint"):
+        raise ValueError(f"the training images of {root!r} (fingerprint {train_set.fingerprint}) are not the ones "
+                         f"{marker} records ({made.get('dataset_fingerprint')}): the run cannot be replayed")
+    unet, scheduler = folder.load_model()
+    return build_tracin(root, train_set, scheduler, setting.train_config, expected_final=checkpoint_hash(unet),
+                        unet_config=setting.unet, show_bar=show_bar)
+
+
 def _read_jobs(path: str, n_train: int) -> tuple[list[dict], bool]:
     """(jobs, is_counterfactual) of an `lds_own` jobs.json or removals.json, checked against the data."""
     if not os.path.isfile(path):

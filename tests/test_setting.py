@@ -238,7 +238,7 @@ def test_build_baselines_replays_a_setting_trained_model(stand_in, tmp_path, mon
     with them; a folder whose training run is not known is refused with the reason."""
     from dtrak_core.attribution import methods
     from dtrak_core.attribution.attributor import Attributor
-    from dtrak_core.attribution.tracin import build_baselines, load_tracin
+    from dtrak_core.attribution.tracin import load_tracin
 
     work = tmp_path / "work"
     shutil.copytree(os.path.dirname(stand_in["root"]), work)
@@ -266,4 +266,4 @@ def test_build_baselines_replays_a_setting_trained_model(stand_in, tmp_path, mon
     shutil.rmtree(os.path.join(root, "tracin"))
     monkeypatch.setattr(st, "MODEL_MARKER", "no-such-description.json")  # a model not trained from a setting
     with pytest.raises(ValueError, match="its training run cannot be replayed"):
-        build_baselines(root, show_bar=False)
+        st.build_baselines(root, show_bar=False)

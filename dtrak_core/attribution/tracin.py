@@ -138,53 +138,29 @@ def register_tracin(root: str) -> None:
         ModelFolder.edit(root, tracin=TRACIN_INDEX)
 
 
-def build_baselines(root: str | None = None, show_bar: bool = True, register: bool = True) -> dict:
-    """TracInCP checkpoints and stores for the model under `root` (None: `folder.default_root()`): the
-    digits default (`build-default`) or a model trained from a setting (its model folder's
-    setting.json: `setting train`, `build-fashion`), whose recipe, architecture and data are replayed.
+def build_default_baselines(root: str | None = None, show_bar: bool = True, register: bool = True) -> dict:
+    """TracInCP checkpoints and stores for the digits default under `root` (built by build-default;
+    None: `folder.default_root()`); a model trained from a setting: `setting.build_baselines`.
 
     The replay must run with the thread count of the original training (CPU kernels split their
     reductions by thread, so the weights differ in the last bits otherwise): the manifest's
-    `threads` when recorded, else the caller's (`--threads`); a mismatch is caught by the final
-    weights' hash. On a busy machine set OMP_WAIT_POLICY=PASSIVE (same numbers, far less time lost
-    in OpenMP barriers).
+    `threads` when recorded, else torch's default. On a busy machine set OMP_WAIT_POLICY=PASSIVE
+    (same numbers, far less time lost in OpenMP barriers).
     """
+    from dtrak_core.model.data import load_digits
+
     root = default_root() if root is None else root
     folder = ModelFolder.load(root, missing_ok=True)
-    if folder is None or folder.checkpoint is None:
-        raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; build the model folder first")
+    if folder is None or folder.train_config is None or folder.checkpoint is None:
+        raise ValueError(f"{os.path.join(root, MANIFEST)} is missing or unfinished; run `python -m dtrak_core "
+                         f"build-default{root_option(root)}` first")
+    if folder.dataset != "digits-train":
+        raise ValueError(f"build-baselines knows the digits default only, not dataset {folder.dataset!r}")
     unet, scheduler = folder.load_model()
-    expected = checkpoint_hash(unet)
-    if folder.dataset == "digits-train" and folder.train_config is not None:
-        from dtrak_core.model.data import load_digits
-
-        if folder.threads is not None:
-            torch.set_num_threads(folder.threads)  # replay under the thread count of the original run
-        return build_tracin(root, load_digits("train"), scheduler, folder.train_config, expected_final=expected,
-                            show_bar=show_bar, register=register)
-    setting, train_set = _setting_run(root, folder)
-    return build_tracin(root, train_set, scheduler, setting.train_config, expected_final=expected,
-                        unet_config=setting.unet, show_bar=show_bar, register=register)
-
-
-def _setting_run(root: str, folder: ModelFolder):
-    """(the setting, the training set) a setting-trained model folder's base model was trained with,
-    read from its model's setting.json and the folder's data; a ValueError saying why not otherwise."""
-    from dtrak_core.setting import MODEL_MARKER, Setting, training_images
-
-    marker_path = os.path.join(root, folder.checkpoint, MODEL_MARKER)
-    dataset = folder.dataset if isinstance(folder.dataset, dict) else {}
-    if not os.path.isfile(marker_path) or "folder" not in dataset:
-        raise ValueError(f"build-baselines replays a training run it knows: the digits default (`build-default`) or a "
-                         f"model trained from a setting (`setting train`, `build-fashion`: its model folder holds "
-                         f"{MODEL_MARKER}); {root!r} has neither, so its training run cannot be replayed")
-    marker = read_json(marker_path, "base model description", f"restore {marker_path} (it records the training recipe)")
-    setting = Setting(marker["setting"], marker_path)
-    train_set = training_images(setting, os.path.dirname(os.path.join(root, dataset["folder"])))
-    if train_set.fingerprint != marker.get("dataset_fingerprint"):
-        raise ValueError(f"the training images under {root!r} (fingerprint {train_set.fingerprint}) are not the ones "
-                         f"{marker_path} records ({marker.get('dataset_fingerprint')}): the run cannot be replayed")
-    return setting, train_set
+    if folder.threads is not None:
+        torch.set_num_threads(folder.threads)  # replay under the thread count of the original run
+    return build_tracin(root, load_digits("train"), scheduler, folder.train_config, expected_final=checkpoint_hash(unet),
+                        show_bar=show_bar, register=register)
 
 
 def _read_json(path: str, root: str) -> dict:
