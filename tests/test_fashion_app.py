@@ -1,6 +1,7 @@
 """The app on the committed Fashion-MNIST folder: class names from the folder's classifier, every
-method whose inputs the folder has, the look-alike line under the proponents."""
-
+method whose inputs the folder has, the look-alike line under the proponents, the offline
+counterfactuals."""
+import os
 
 CLASSES = ("ankle-boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt-top")
 
@@ -58,3 +59,33 @@ def test_a_partial_counterfactual_summary_is_drawn_as_provisional():
     text = viz.counterfactual_summary(older, 1000, "class")
     assert "Provisional" not in text and "Holm-adjusted p (2 tests)" in text
     assert "| 0.01 | 0.02 |" in text and "| 0.04 | 0.04 |" in text
+
+
+def test_the_counterfactual_tab_shows_the_offline_retrains(fashion_app, tmp_path):
+    """No live retrain on this folder: the tab shows the offline run's targets instead, each with its
+    regenerated sample per ranking, the pixel L2 and the class read by the folder's classifier; a
+    damaged job file turns the view off and names itself in the banner."""
+    import shutil
+
+    from dtrak_core.ui import counterfactual, state
+
+    root = fashion_app.assets().root
+    results = counterfactual.offline_results(root)
+    assert results and all(r.k == 100 for per in results.values() for r in per.values())
+    seed = min(s for s, per in results.items() if set(per) == {"square", "pixel-rbf", "random"})
+    views = state.bound(root, counterfactual.offline_views)(seed)
+    assert len(views) == 7 and all(image is not None for image, _ in views)
+    (before, label), *afters = views
+    assert label.startswith(f"before: seed {seed}, read as ") and label.rsplit(" ", 1)[1] in CLASSES
+    assert [lb.split(":")[0] for _, lb in afters[:3]] == [
+        "after removing 100 by D-TRAK", "after removing 100 by Pixel RBF kernel", "after removing 100 by Random"]
+    r = results[seed]["square"]
+    assert f"pixel L2 {r.l2:.2f}" in afters[0][1] and afters[3][1] == "removed by D-TRAK: the first 32 of 100"
+    assert before.size == afters[0][0].size and before.size[0] >= 28 * 4  # upscaled by a whole factor
+
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(root, "counterfactual", "jobs"), broken / "counterfactual" / "jobs")
+    job = sorted((broken / "counterfactual" / "jobs").glob("*.npz"))[0]
+    job.write_bytes(job.read_bytes()[:-100])
+    assert counterfactual.offline_results(str(broken)) == {}
+    assert job.name in counterfactual.damaged_results[str(broken)]

@@ -377,6 +377,114 @@ def retrain_note(a) -> str:
     return "(Remove-and-retrain needs the model's training recipe, so it is offered for models trained by dtrak only.)"
 
 
+@once_per_root
+def offline_results(root: str) -> dict:
+    """{target seed: {ranking: CounterfactualResult}} of the folder's offline counterfactual run
+    (counterfactual/jobs/, each verified against its recorded checksum; the largest removal size of
+    each), for a folder retrained offline (`counterfactual-own`); {} when it has none. A damaged
+    job file leaves the view out and is reported in the banner."""
+    from dtrak_core.errors import IntegrityError
+    from dtrak_core.evaluation.counterfactual_report import load_results
+
+    jobs = os.path.join(root, "counterfactual", "jobs")
+    if not os.path.isdir(jobs):
+        return {}
+    try:
+        rows = load_results(jobs)
+    except IntegrityError as e:
+        damaged_results[root] = str(e)
+        return {}
+    out = {}
+    for r in sorted(rows, key=lambda r: r.k):  # the largest k last: it is the one kept
+        out.setdefault(r.seed, {})[r.ranking] = r
+    return out
+
+
+def _offline_rankings(results: dict) -> list[str]:
+    return sorted({rk for per in results.values() for rk in per}, key=registry.sort_key, reverse=True)  # random last
+
+
+def _offline_planned(root: str) -> int | None:
+    try:
+        return len(read_json(os.path.join(root, "counterfactual", "removals.json"), "counterfactual removals", "")["jobs"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def offline_views(seed) -> list[tuple]:
+    """(image, label) of the before image and, per ranking of the run, of the regenerated target and
+    of the removed images' first 32, labelled with the pixel L2 and the class the folder's classifier
+    reads; (None, why) where a ranking's retrain is not measured yet."""
+    a = assets()
+    results = offline_results(a.root)
+    per = results.get(int(seed)) if seed is not None else None
+    rankings = _offline_rankings(results)
+    if not per:
+        return [(None, "no such target")] * (1 + 2 * len(rankings))
+    scale, value_range = a.scale(QUERY_PX), a.attributor.input_range
+    first = next(iter(per.values()))
+    reads = {}
+    if a.classifier is not None:
+        labels = a.classifier.classify(torch.stack([first.before, *(r.after for r in per.values())]).numpy())[0]
+        reads = {"before": a.label_name(labels[0]), **{rk: a.label_name(lb) for rk, lb in zip(per, labels[1:])}}
+    before = (to_pil(first.before, scale, value_range),
+              f"before: seed {first.seed}" + (f", read as {reads['before']}" if reads else ""))
+    afters, removed = [], []
+    train = a.attributor.train
+    for rk in rankings:
+        r, name = per.get(rk), sup.method_label(rk)
+        if r is None:
+            afters.append((None, f"{name}: not retrained yet"))
+            removed.append((None, f"{name}: not retrained yet"))
+            continue
+        afters.append((to_pil(r.after, scale, value_range), f"after removing {r.k} by {name}: pixel L2 {r.l2:.2f}"
+                       + (f", read as {reads[rk]}" if reads else "")))
+        shown = torch.as_tensor(np.asarray(r.removed_indices)[:32], dtype=torch.long)
+        removed.append((grid(train.images[shown], columns=8, scale=2, value_range=train.value_range),
+                        f"removed by {name}: the first {len(shown)} of {r.k}"))
+    return [before, *afters, *removed]
+
+
+def show_offline(seed) -> list:
+    return [gr.Image(value=image, label=label) for image, label in offline_views(seed)]
+
+
+def offline_ui(a) -> dict:
+    """For a folder retrained offline: its precomputed counterfactuals, one target at a time; {}
+    (nothing drawn) when it has none."""
+    results = offline_results(a.root)
+    if not results:
+        return {}
+    rankings = _offline_rankings(results)
+    done, planned = sum(len(per) for per in results.values()), _offline_planned(a.root)
+    complete = [s for s in sorted(results) if len(results[s]) == len(rankings)]
+    k = max(r.k for per in results.values() for r in per.values())
+    gr.Markdown(f"### Precomputed counterfactuals\nEach target's top {k} training images removed under "
+                f"{', '.join(sup.method_label(rk) for rk in rankings)}, the model retrained offline without them "
+                "(same recipe and seed) and the target's seed regenerated. **Pixel L2**: how far the removal moved "
+                "the sample (higher = further); random removal of as many images is the reference. "
+                + (f"**Provisional:** {done} of {planned} retrains are measured; the Benchmarks tab has the medians "
+                   "and the paired tests." if planned and done < planned else
+                   "The Benchmarks tab has the medians and the paired tests."), elem_id="cf-offline")
+    target = gr.Dropdown([(f"seed {s}" + ("" if s in complete else f" ({len(results[s])} of {len(rankings)} "
+                                          "rankings)"), s) for s in sorted(results)],
+                         value=(complete or sorted(results))[0], label="Target", elem_id="cf-offline-target")
+    views = offline_views(target.value)
+    with gr.Row():
+        images = [gr.Image(value=image, label=label, format="png", interactive=False, height=200, buttons=[],
+                           elem_classes="pixel", min_width=110) for image, label in views[:1 + len(rankings)]]
+    for image, label in views[1 + len(rankings):]:
+        images.append(gr.Image(value=image, label=label, format="png", interactive=False, buttons=[],
+                               elem_classes="pixel"))
+    return {"cf_offline_target": target, "cf_offline_images": images}
+
+
+def create_offline_handlers(c: dict, bind) -> None:
+    if "cf_offline_target" in c:
+        c["cf_offline_target"].change(bind(show_offline), c["cf_offline_target"], c["cf_offline_images"],
+                                      queue=False, show_progress="hidden")
+
+
 def create_ui(a) -> dict:
     """The tab's components (inside a gr.Tab)."""
     rankings = sup.ranking_choices(a.methods)  # exactly what "Remove and retrain" accepts; the default first

@@ -136,6 +136,7 @@ def pixel_folder(demo: gr.Blocks, root: str, api_suffix: str = "") -> None:
                 else:  # the tab says why, and a picked sample's seed has a (hidden) place to go
                     gr.Markdown("### Remove and retrain is not offered for this model\n" + counterfactual.retrain_note(a),
                                 elem_id="cf-not-here")
+                    c.update(counterfactual.offline_ui(a))
                     c["cf_seed"] = gr.Number(0, visible=False)
             with gr.Tab("Benchmarks", id="benchmarks") as bench_tab:
                 charts = benchmarks.benchmarks_blocks(root)
@@ -145,6 +146,8 @@ def pixel_folder(demo: gr.Blocks, root: str, api_suffix: str = "") -> None:
     attribute.create_event_handlers(c, bind, api_name="attribute_seed" + api_suffix)
     if a.can_retrain:
         counterfactual.create_event_handlers(c, bind)
+    else:
+        counterfactual.create_offline_handlers(c, bind)
     # unqueued: the first page's samples take no input and are computed once, by the warm-up
     demo.load(bind(generate.first_page), None, [c["gallery"], c["batch"]], queue=False).then(
         bind(banner.show_damage), None, damaged_md, concurrency_id="checks", show_progress="hidden")
