@@ -297,7 +297,7 @@ def counterfactual_summary(summary: dict, n_train: int | None = None, word: str 
             return "–" if v is None else f"{v:.2g}"
         tests = sum(p.get("wilcoxon_p") is not None for p in paired)
         lines += ["", "| removed | comparison (same targets) | targets | A moves more | median L2(A) - L2(B) | "
-                      f"Wilcoxon p | Holm-adjusted p ({tests} tests) |", "|---|---|---|---|---|---|---|"]
+                      f"Wilcoxon p | Holm-adjusted p ({tests} test{'' if tests == 1 else 's'}) |", "|---|---|---|---|---|---|---|"]
         for p in paired:
             lines.append(f"| {p['k']} | {sup.method_label(p['a'])} vs {sup.method_label(p['b'])} | {p.get('n', '?')} | "
                          f"{p['share_a_moves_more']:.0%} | {p['median_difference']:+.2f} | "

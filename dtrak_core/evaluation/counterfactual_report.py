@@ -187,7 +187,7 @@ def format_table(summary: dict, n_train: int = 1500, word: str = "digit") -> str
     if summary["paired"]:
         tests = sum(p["wilcoxon_p"] is not None for p in summary["paired"])
         lines += ["", f"| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p | "
-                      f"Holm-adjusted p ({tests} tests) |", "|---|---|---|---|---|---|---|"]
+                      f"Holm-adjusted p ({tests} test{'' if tests == 1 else 's'}) |", "|---|---|---|---|---|---|---|"]
         for p in summary["paired"]:
             pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.2g}"
             hv = "-" if p.get("holm_p") is None else f"{p['holm_p']:.2g}"
