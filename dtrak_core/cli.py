@@ -452,21 +452,14 @@ def cmd_counterfactual_own(args):
                                           partial=args.partial)
     print(f"{len(done)} checkpoint(s) measured now; results in {os.path.join(args.out, 'jobs')}")
     from dtrak_core.files import read_json
+    from dtrak_core.model.classifier import folder_classifier
 
     removals = read_json(os.path.join(args.out, lds_own.REMOVALS), "counterfactual removals",
                          "rerun `counterfactual-own prepare`")
     _counterfactual_report(args.out, os.path.join(args.out, "jobs"), Attributor.load(args.root).train,
                            planned=[j["id"] for j in removals["jobs"]],
                            measure_hint=f"python -m dtrak_core counterfactual-own measure{_root_option(args.root)} "
-                                        f"--out {args.out} --checkpoints DIR", classifier=_folder_classifier(args.root))
-
-
-def _folder_classifier(root: str):
-    """The model folder's own image classifier (its classifier/, as the Fashion-MNIST folder has), or None."""
-    from dtrak_core.model.classifier import CARD, ImageClassifier
-
-    folder = os.path.join(root, "classifier")
-    return ImageClassifier.load(folder) if os.path.isfile(os.path.join(folder, CARD)) else None
+                                        f"--out {args.out} --checkpoints DIR", classifier=folder_classifier(args.root))
 
 
 def _setting(args):

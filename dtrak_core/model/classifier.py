@@ -108,3 +108,10 @@ class ImageClassifier:
                                  fix) from None
         clf.net.eval()
         return clf
+
+
+def folder_classifier(root: str) -> ImageClassifier | None:
+    """A model folder's own sample classifier (its classifier/, as the Fashion-MNIST folder has), None
+    when it has none; a damaged one raises, naming the file."""
+    folder = os.path.join(root, "classifier")
+    return ImageClassifier.load(folder) if os.path.isdir(folder) else None

@@ -203,11 +203,9 @@ def _load_assets(root: str) -> Assets:
     problems.update(store_problems(attributor, damaged_stores, problems))
     methods = list(attributor.methods) + [m.name for m in registry.all(kind="pixel")
                                           if m.family in registry.SCORED_FAMILIES and m.name not in problems]
-    classifier = None
-    if os.path.isdir(os.path.join(root, "classifier")):
-        from dtrak_core.model.classifier import ImageClassifier
+    from dtrak_core.model.classifier import folder_classifier
 
-        classifier = ImageClassifier.load(os.path.join(root, "classifier"))
+    classifier = folder_classifier(root)
     return Assets(root, attributor, methods, {m: str(e) for m, e in problems.items()},
                   {m: str(e) for m, e in problems.items() if not isinstance(e, registry.MethodUnavailable)}, classifier)
 
