@@ -67,9 +67,32 @@ def main():
             candidates.append(evidence.fixed_candidate("das", "model", das, "avg store + residuals (registry lambda)"))
         except ValueError as e:
             print(f"DAS skipped: {e}")
+    candidates += checkpoint_candidates(bench, tests)
     train_images = bench.attributor.train.images
     candidates += evidence.pixel_candidates(train_images, tests, bench.attributor.scheduler.alphas_cumprod)
     report(candidates, masks, F, tests, args, args.root, {"pixel": train_images})
+
+
+def checkpoint_candidates(bench: Bench, tests: dict) -> list:
+    """TracInCP and GAS (loss-gradient dot products / cosines summed over the folder's training
+    checkpoints) from the run's cached checkpoint query features; none where the folder has no
+    checkpoints or the run has not computed their features (`lds-own evaluate` does)."""
+    from dtrak_core.attribution.tracin import load_tracin
+    from dtrak_core.errors import MethodUnavailable
+    from dtrak_core.evaluation.tables import summed_over_checkpoints, tracin_queries
+
+    try:
+        checkpoints = load_tracin(bench.root, bench.attributor)
+    except MethodUnavailable as e:
+        print(f"TracInCP and GAS skipped: {e}")
+        return []
+    per_ckpt = tracin_queries(bench, checkpoints, compute=False)
+    if per_ckpt is None:
+        print("TracInCP and GAS skipped: the run has no checkpoint query features (" + bench.command("features --tracin") + ")")
+        return []
+    note = f"{len(checkpoints)} checkpoints x K = {checkpoints[0].featurizer.setting.K}, k = {checkpoints[0].featurizer.setting.k}"
+    return [evidence.fixed_candidate(name, "model", summed_over_checkpoints(checkpoints, per_ckpt, kind), note)
+            for name, kind in (("tracin", "dot"), ("gas", "cosine"))]
 
 
 def text2image_candidates(root: str, run: str):

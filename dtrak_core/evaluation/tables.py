@@ -301,8 +301,7 @@ def methods_table(bench: Bench, num_bootstrap: int = 1000) -> dict:
             rows.update({m.name: {"missing": bench.command("features --tracin")} for m in over_checkpoints})
         else:
             for m in over_checkpoints:
-                fixed(m.name, {s: sum(similarity(q[s], c.train_features, m.kind) for c, q in zip(checkpoints, per_ckpt))
-                               for s in bench.test_sets}, m.description)
+                fixed(m.name, summed_over_checkpoints(checkpoints, per_ckpt, m.kind), m.description)
     # journey features are the loss gradients along each sample's trajectory, projected with the
     # store's projector (the same for every K), so one set serves every K's training features
     journey = journey_features(bench, bench.setting("loss", bench.journey_K), compute=False)
@@ -357,6 +356,15 @@ def journey_features(bench: Bench, setting: FeatureSetting, compute: bool = Fals
     store = cached_store(os.path.join(bench.run_dir, "queries", "generated", f"journey-{setting.slug}"), identity,
                          np.arange(len(images)), factory, setting.k, slice_size=32, build=compute, show_bar=show_bar)
     return None if store is None else np.array(store.features())
+
+
+def summed_over_checkpoints(checkpoints, per_ckpt: list[dict], kind: str) -> dict:
+    """TracInCP ('dot') or GAS ('cosine') scores per test set: the similarity of each checkpoint's
+    query and training features, summed over the checkpoints (`tracin_queries` gives per_ckpt)."""
+    from dtrak_core.attribution.similarity import similarity
+
+    return {s: sum(similarity(q[s], c.train_features, kind) for c, q in zip(checkpoints, per_ckpt))
+            for s in per_ckpt[0]}
 
 
 def tracin_queries(bench: Bench, checkpoints, compute: bool = False, show_bar: bool = True):
