@@ -8,7 +8,8 @@ same request made alone.
 Each visitor is one `gradio_client.Client` (one browser session: its own gr.State). It loops over
 what visitors do: generate a range of 8 seeds and pick a sample (or upload a digit drawn with PIL),
 attribute it with every method of the Attribute tab's dropdown, compare two methods, upload an
-invalid file (must give a readable error), and now and then start a retrain and cancel it. When
+invalid file (must give a readable error), and now and then start a retrain and cancel it, or,
+on a folder retrained offline, open one of its precomputed counterfactuals (`/show_offline`). When
 the app has the stateless JSON endpoints (`/attribute_seed`, `/attribute_image`), half of the
 attributions go through them.
 
@@ -52,7 +53,9 @@ if ROOT not in sys.path:  # (the drill-down check names methods as the page does
     sys.path.insert(0, ROOT)
 STEPS = 50  # DDIM steps of every generated query: journey-trak follows the DDIM-50 trajectory
 RANGE = 8  # seeds per generate request (a visitor's range)
-CARD = re.compile(r'<b>#(\d+)</b><br>(?:[a-z]+ (-?\d+)<br>)?<span class="(?:pos|neg)">([^<]+)</span>')
+# a card: its index, then (optionally) the class name and "<class word> <label>", a caption, its score
+CARD = re.compile(r'<b>#(\d+)</b><br>(.*?)<span class="(?:pos|neg)">([^<]+)</span>')
+CARD_LABEL = re.compile(r'(?:^|<br>)[a-z]+ (-?\d+)<br>')
 # Scores under load vs alone, relative to the largest |score| of the query. Not 0: the app caches a
 # generated sample's attribution per (seed, steps), and the sample's pixels differ in the last bits
 # (~1e-6) between a seed generated in a batch of 8 and alone, so which request came first decides
@@ -351,7 +354,11 @@ class Mismatch(Exception):
 
 
 def parse_cards(html: str) -> list[tuple[int, int | None, str]]:
-    return [(int(i), None if lab is None else int(lab), s) for i, lab, s in CARD.findall(html or "")]
+    cards = []
+    for i, middle, score in CARD.findall(html or ""):
+        label = CARD_LABEL.search(middle)
+        cards.append((int(i), None if label is None else int(label.group(1)), score))
+    return cards
 
 
 def plot_scores(plot) -> np.ndarray | None:
@@ -648,10 +655,13 @@ class Api:
             m = re.search(r"between \d+ and (\d+)", cf["parameters"][1]["type"].get("description", ""))
             self.max_remove = int(m.group(1)) if m else 1
         self.seed_json, self.image_json = "/attribute_seed" in self.endpoints, "/attribute_image" in self.endpoints
+        offline = info.get("/show_offline")  # the precomputed counterfactuals of a folder retrained offline
+        self.offline_targets = [int(s) for s in offline["parameters"][0]["type"]["enum"]] if offline else []
 
     def describe(self) -> str:
         return (f"methods ({len(self.methods)}): {', '.join(self.methods)}; retrain rankings: "
-                f"{', '.join(self.rankings) or 'none (no Counterfactual tab)'}; JSON endpoints: "
+                f"{', '.join(self.rankings) or 'none (no live retrain)'}; precomputed counterfactual targets: "
+                f"{len(self.offline_targets) or 'none'}; JSON endpoints: "
                 f"/attribute_seed {'yes' if self.seed_json else 'no'}, /attribute_image "
                 f"{'yes' if self.image_json else 'no'}")
 
@@ -666,6 +676,7 @@ class References:
         self.attr: dict[tuple[str, str], Reference] = {}  # (query name, method) -> Reference
         self.gallery: dict[int, list[str]] = {}  # range start -> image files
         self.retrain: dict[tuple, tuple] = {}  # (seed, k, ranking) -> (after image file, table rows)
+        self.offline: dict[int, list] = {}  # precomputed counterfactual target -> [(label, image file)]
         self.seconds = 0.0
 
 
@@ -673,6 +684,11 @@ def retrain_fingerprint(out: tuple) -> tuple:
     """A finished retrain's after image (content hash) and its table without the wall time column."""
     rows = out[3]["data"] if isinstance(out[3], dict) else out[3]
     return image_file(out[1]), [r[:-1] for r in rows]
+
+
+def offline_fingerprint(out) -> list[tuple]:
+    """A precomputed counterfactual view: each image's label (pixel L2, class read) and content hash."""
+    return [(o.get("label"), image_file(o.get("value"))) for o in out]
 
 
 def record_references(url: str, api: Api, queries: list[Query], gen_starts: list[int], retrains: list[tuple],
@@ -699,11 +715,14 @@ def record_references(url: str, api: Api, queries: list[Query], gen_starts: list
                     refs.attr[q.name, method] = json_reference(v.attribute_json(q, method, 32), q.kind)
         for seed, k, ranking in retrains:
             refs.retrain[seed, k, ranking] = retrain_fingerprint(v.retrain(seed, k, ranking))
+        for seed in api.offline_targets:
+            refs.offline[seed] = offline_fingerprint(v.call("/show_offline", seed))
     finally:
         v.close()
     refs.seconds = time.perf_counter() - t0
-    log(f"reference: {len(refs.attr)} (query, method) pairs, {len(refs.gallery)} generate ranges and "
-        f"{len(refs.retrain)} retrains, one request at a time, in {refs.seconds:.0f} s")
+    log(f"reference: {len(refs.attr)} (query, method) pairs, {len(refs.gallery)} generate ranges, "
+        f"{len(refs.retrain)} retrains and {len(refs.offline)} precomputed counterfactuals, one request at a time, "
+        f"in {refs.seconds:.0f} s")
     return refs
 
 
@@ -738,7 +757,7 @@ class Plan:
             return self.full_retrains.pop() if self.full_retrains else None
 
 
-MIX = dict(generate=0.3, bad_upload=0.15, journey_on_upload=0.3)  # chance per query, besides attributing it
+MIX = dict(generate=0.3, bad_upload=0.15, journey_on_upload=0.3, offline=0.3)  # chance per query, besides attributing it
 
 
 def visitor_loop(v: Visitor, api: Api, refs: References, plan: Plan, bad: list[str], deadline: float,
@@ -827,6 +846,15 @@ def visitor_loop(v: Visitor, api: Api, refs: References, plan: Plan, bad: list[s
             v.timed("bad upload", v.call, "/use_upload", handle_file(path), False,
                     expect_error=rf"Could not use {re.escape(os.path.basename(path))}: ")
             v.current = None
+        if api.offline_targets and rng.random() < mix["offline"]:
+            seed = rng.choice(api.offline_targets)
+
+            def run_offline(seed=seed):
+                got = offline_fingerprint(v.call("/show_offline", seed))
+                if seed in refs.offline and got != refs.offline[seed]:
+                    raise Mismatch(f"precomputed counterfactual of seed {seed} under load: {got}, alone: "
+                                   f"{refs.offline[seed]}")
+            v.timed("precomputed counterfactual", run_offline)
         if not api.rankings or time.perf_counter() >= deadline:
             continue
         full = plan.take_full_retrain()

@@ -296,12 +296,15 @@ def counterfactual_summary(summary: dict, n_train: int | None = None, word: str 
         def p_value(v):  # None: too few targets (fewer than 6) or no differences, so no test was run
             return "–" if v is None else f"{v:.2g}"
         tests = sum(p.get("wilcoxon_p") is not None for p in paired)
-        lines += ["", "| removed | comparison (same targets) | targets | A moves more | median L2(A) - L2(B) | "
-                      f"Wilcoxon p | Holm-adjusted p ({tests} test{'' if tests == 1 else 's'}) |", "|---|---|---|---|---|---|---|"]
+        both = any(p.get("median_removed_by_both") is not None for p in paired)  # (not in older summaries)
+        lines += ["", "| removed | comparison (same targets) | targets | " + ("removed by both (median) | " if both else "")
+                  + f"A moves more | median L2(A) - L2(B) | Wilcoxon p | Holm-adjusted p ({tests} test"
+                  f"{'' if tests == 1 else 's'}) |", "|---|---|---|---|---|---|---|" + ("---|" if both else "")]
         for p in paired:
+            shared = "" if p.get("median_removed_by_both") is None else f"{p['median_removed_by_both']:g} of {p['k']}"
             lines.append(f"| {p['k']} | {sup.method_label(p['a'])} vs {sup.method_label(p['b'])} | {p.get('n', '?')} | "
-                         f"{p['share_a_moves_more']:.0%} | {p['median_difference']:+.2f} | "
-                         f"{p_value(p.get('wilcoxon_p'))} | {p_value(p.get('holm_p'))} |")
+                         + (f"{shared} | " if both else "") + f"{p['share_a_moves_more']:.0%} | "
+                         f"{p['median_difference']:+.2f} | {p_value(p.get('wilcoxon_p'))} | {p_value(p.get('holm_p'))} |")
         if any(p.get("wilcoxon_p") is None for p in paired):
             lines += ["", "–: no test (fewer than 6 targets measured under both rankings, or no difference)."]
     control = summary.get("control")

@@ -1,9 +1,19 @@
 """The app on the committed Fashion-MNIST folder: class names from the folder's classifier, every
 method whose inputs the folder has, the look-alike line under the proponents, the offline
 counterfactuals."""
+import importlib.util
 import os
+import re
 
 CLASSES = ("ankle-boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt-top")
+
+
+def load_test():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("load_test", os.path.join(root, "benchmarks", "load_test.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Select:
@@ -29,6 +39,9 @@ def test_fashion_attribution_reads_its_classes_and_flags_look_alikes(fashion_app
     assert {"square", "loss", "pixel-rbf", "optimal-denoiser"} <= set(methods)
     cards, *_, summary = fashion_app.attribute(q, "square", 8)
     assert sum(cards.count(f"{name}<br>") for name in CLASSES) == 8  # each card names its class
+    parsed = load_test().parse_cards(cards)  # the load test reads named cards (index, label, score)
+    assert [i for i, _, _ in parsed] == [int(i) for i in re.findall(r'data-index="(\d+)"', cards)]
+    assert len(parsed) == 8 and all(label in range(10) for _, label, _ in parsed)
     assert "Look-alike check" in summary and "top proponents are also in the top 8 of" in summary
     assert any(name in summary for name in CLASSES)
 
@@ -59,6 +72,9 @@ def test_a_partial_counterfactual_summary_is_drawn_as_provisional():
     text = viz.counterfactual_summary(older, 1000, "class")
     assert "Provisional" not in text and "Holm-adjusted p (2 tests)" in text
     assert "| 0.01 | 0.02 |" in text and "| 0.04 | 0.04 |" in text
+    assert "removed by both" not in text  # (not recorded in older summaries)
+    partial["paired"][0]["median_removed_by_both"] = 36.5
+    assert "| 1 | 36.5 of 100 | 100% | +2.26 |" in viz.counterfactual_summary(partial, 1000, "class")
 
 
 def test_the_counterfactual_tab_shows_the_offline_retrains(fashion_app, tmp_path):

@@ -24,7 +24,7 @@ _spec.loader.exec_module(lt)
 SESSIONS, SECONDS = 5, 15
 RETRAIN = (4321, 40, "square")  # run to the end under load; must equal the same retrain alone
 KILLED = (4322, 60, "square")  # the server is killed while it trains; rerun after the restart
-MIX = dict(generate=0.5, bad_upload=0.5, journey_on_upload=0.5)  # every kind within a short run
+MIX = dict(generate=0.5, bad_upload=0.5, journey_on_upload=0.5, offline=0.5)  # every kind within a short run
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def summarize(out_dir: str, train_labels=None, classifier=None) -> dict:
     cells, by_target = {}, {}
     for r in rows:
         cells.setdefault((r.k, r.ranking), []).append(r)
-        by_target.setdefault(r.k, {}).setdefault(r.ranking, {})[r.seed] = r.l2
+        by_target.setdefault(r.k, {}).setdefault(r.ranking, {})[r.seed] = r
     summary = {"cells": [], "paired": [], "published_cifar2_medians": PUBLISHED_CIFAR2}
     for (k, ranking), group in sorted(cells.items(), key=lambda kv: (-kv[0][0], display_name(kv[0][1]))):
         group.sort(key=lambda r: r.seed)
@@ -133,11 +133,16 @@ def summarize(out_dir: str, train_labels=None, classifier=None) -> dict:
                 common = sorted(set(per[a]) & set(per[b]))
                 if not common:
                     continue
-                diff = np.array([per[a][s] - per[b][s] for s in common])
+                diff = np.array([per[a][s].l2 - per[b][s].l2 for s in common])
                 p = float(wilcoxon(diff).pvalue) if len(common) >= 6 and np.any(diff != 0) else None
+                # how different the two removals are: a comparison of rankings that remove the
+                # same images cannot tell them apart
+                shared = [len(set(np.asarray(per[a][s].removed_indices).tolist())
+                              & set(np.asarray(per[b][s].removed_indices).tolist())) for s in common]
                 summary["paired"].append({"k": int(k), "a": display_name(a), "b": display_name(b), "n": len(common),
                                           "share_a_moves_more": float(np.mean(diff > 0)),
-                                          "median_difference": float(np.median(diff)), "wilcoxon_p": p})
+                                          "median_difference": float(np.median(diff)), "wilcoxon_p": p,
+                                          "median_removed_by_both": float(np.median(shared))})
     holm(summary["paired"])
     control = os.path.join(out_dir, f"{CONTROL_ID}.npz")
     if os.path.isfile(control):
@@ -186,12 +191,14 @@ def format_table(summary: dict, n_train: int = 1500, word: str = "digit") -> str
             f"{c['clip_cosine']['median']:.3f}" if isinstance(c["clip_cosine"], dict) else "unavailable")) for m in methods) + " |")
     if summary["paired"]:
         tests = sum(p["wilcoxon_p"] is not None for p in summary["paired"])
-        lines += ["", f"| k | comparison (same targets) | n | A moves more | median L2(A) - L2(B) | Wilcoxon p | "
-                      f"Holm-adjusted p ({tests} test{'' if tests == 1 else 's'}) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"| k | comparison (same targets) | n | removed by both (median) | A moves more | "
+                      f"median L2(A) - L2(B) | Wilcoxon p | Holm-adjusted p ({tests} test{'' if tests == 1 else 's'}) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in summary["paired"]:
             pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.2g}"
             hv = "-" if p.get("holm_p") is None else f"{p['holm_p']:.2g}"
-            lines.append(f"| {p['k']} | {p['a']} vs {p['b']} | {p['n']} | {100 * p['share_a_moves_more']:.0f}% | "
+            both = "-" if p.get("median_removed_by_both") is None else f"{p['median_removed_by_both']:g}"
+            lines.append(f"| {p['k']} | {p['a']} vs {p['b']} | {p['n']} | {both} | {100 * p['share_a_moves_more']:.0f}% | "
                          f"{p['median_difference']:+.2f} | {pv} | {hv} |")
     if "control" in summary:
         c = summary["control"]

@@ -179,8 +179,14 @@ def test_harness_resumes_after_kill_and_summarizes(attributor, tmp_path, monkeyp
         l2s = [cf.load_result(os.path.join(out, f"{cf.slug(c['ranking'])}-k{c['k']}-seed{s}.npz"))["l2"] for s in seeds]
         assert c["l2"]["n"] == 2 and c["l2"]["median"] == pytest.approx(float(np.median(l2s)))
     assert summary["control"]["same_weights"] and summary["control"]["max_l2"] == 0.0
+    named = {report.display_name(r): r for r in rankings}
+    for p in summary["paired"]:  # how many removals the two rankings share, against the job files
+        removed = {r: [set(cf.load_result(os.path.join(out, f"{cf.slug(r)}-k{p['k']}-seed{s}.npz"))["removed"]
+                           .tolist()) for s in seeds] for r in rankings}
+        a, b = named[p["a"]], named[p["b"]]
+        assert p["median_removed_by_both"] == float(np.median([len(x & y) for x, y in zip(removed[a], removed[b])]))
     table = report.format_table(summary, N)
-    assert "median L2" in table and "(n=2)" in table
+    assert "median L2" in table and "(n=2)" in table and "removed by both (median)" in table
 
     live = cf.remove_and_retrain(attributor, 41, "trak", 8, config=TINY)
     stored = cf.load_precomputed(attributor, 41, "trak", "12.5%", out_dir=out, config=TINY)
