@@ -137,7 +137,6 @@ def _digits_cases():
         add(_j("counterfactual/gallery", name), damage, check="results")
     add("counterfactual/summary.json", "edit", ("cells.0.label_changed", 0.99), check="results")
     add("counterfactual/summary.json", "truncate", check="results")
-    add("counterfactual/checksums.json", "delete", check="results")
     add("benchmarks/tables.json", "bitflip", check="results")
     add("benchmarks/tables.json", "edit", ("methods.pixel-cosine.validation.lds", 99.0), check="results")  # sealed
     add("benchmarks/tables.json", "edit", ("evidence.rows.0.validation/signed", 99.0), check="results")
