@@ -195,13 +195,16 @@ def _train_and_measure(setting, root, data, jobs_path: str, ckpts: str, shard, m
     from dtrak_core import setting as st
     from dtrak_core.files import read_json
 
-    jobs = read_json(jobs_path, "retrain jobs", "rerun the stage's prepare step")["jobs"]
+    def read_jobs():
+        return read_json(jobs_path, "retrain jobs", "rerun the stage's prepare step")["jobs"]
+
+    jobs = read_jobs()
     results = os.path.join(os.path.dirname(jobs_path), "jobs")
     i, n = shard
     for k in range(i, len(jobs), n):
         if os.path.isfile(os.path.join(results, f"{jobs[k]['id']}.npz")):
             continue  # measured (its model need not be here any more)
-        one = (k, len(jobs))  # a shard of exactly job k
+        one = (k, len(read_jobs()))  # a shard of exactly job k, also when another process appended jobs meanwhile
         st.retrain(setting, data, jobs_path, ckpts, shard=one, show_bar=False)
         measure(one)
 
@@ -249,8 +252,8 @@ def _counterfactual(setting, root, data, shard, show_bar):
 
     cf = setting.counterfactual
     out, ckpts = os.path.join(root, "counterfactual"), os.path.join(root, "counterfactual-models")
-    if not os.path.isfile(os.path.join(out, "removals.json")):
-        seeds = range(int(cf["first_seed"]), int(cf["first_seed"]) + int(cf["targets"]))
-        lds_own.counterfactual_prepare(root, out, seeds, rankings=tuple(cf["rankings"]), ks=tuple(cf["k"]))
+    seeds = range(int(cf["first_seed"]), int(cf["first_seed"]) + int(cf["targets"]))
+    # a plan with a ranking added since the run was prepared gets its jobs appended
+    lds_own.counterfactual_prepare(root, out, seeds, rankings=tuple(cf["rankings"]), ks=tuple(cf["k"]))
     _train_and_measure(setting, root, data, os.path.join(out, "removals.json"), ckpts, shard,
                        lambda one: lds_own.counterfactual_measure(root, out, ckpts, shard=one, show_bar=False))

@@ -345,30 +345,41 @@ def counterfactual_prepare(root: str, out_dir: str, seeds, rankings=("d-trak", "
     """Rank the training set for each target seed and write out_dir/removals.json (per job: id,
     target_seed (the target's sampling seed; also as `seed`, as older files have it), ranking, k,
     the removed indices strongest first and the kept ones) and
-    out_dir/targets.npz; the removals' content. A folder prepared before must match."""
+    out_dir/targets.npz; the removals' content. A folder prepared before must match its model and
+    targets; its jobs are kept as they are, in their order, and the jobs of rankings or k's it
+    does not have yet are appended after them (so a running shard's job numbers stay valid)."""
     from dtrak_core.attribution.attributor import Attributor
-    from dtrak_core.evaluation.counterfactual import _check_identity, _identity, plan_jobs, ranking_name
+    from dtrak_core.evaluation import counterfactual as cf
 
     attributor = Attributor.load(root)
-    names = list(dict.fromkeys(ranking_name(r) for r in rankings))
+    names = list(dict.fromkeys(cf.ranking_name(r) for r in rankings))
+    path = os.path.join(out_dir, REMOVALS)
+    before = read_json(path, "counterfactual removals", f"delete {path} and rerun `counterfactual-own prepare`") \
+        if os.path.isfile(path) else None
+    have = [] if before is None else before["jobs"]
+    known, n = {j["id"] for j in have}, len(attributor.train)
+    wanted = [name for name in names if any(cf.job_id(name, cf.parse_k(k, n), int(s)) not in known for k in ks for s in seeds)]
     os.makedirs(out_dir, exist_ok=True)
-    _check_identity(os.path.join(out_dir, "identity.json"), {**_identity(attributor, None, names), "subsets_given": True})
-    jobs, specs, befores = plan_jobs(attributor, seeds, names, ks)
+    cf._check_identity(os.path.join(out_dir, "identity.json"), {**cf._identity(attributor, None, names),
+                                                                 "subsets_given": True})
+    if before is not None and not wanted:
+        return before
+    jobs, specs, befores = cf.plan_jobs(attributor, seeds, wanted, ks)
     targets = os.path.join(out_dir, TARGETS)
     if os.path.exists(targets):
-        have = load_result(targets, keys=("seeds", "images"))
-        if not np.array_equal(have["seeds"], list(befores)):
-            raise ValueError(f"{targets} holds targets {have['seeds'].tolist()}, not {list(befores)}; use another --out")
+        held = load_result(targets, keys=("seeds", "images"))
+        if not np.array_equal(held["seeds"], list(befores)):
+            raise ValueError(f"{targets} holds targets {held['seeds'].tolist()}, not {list(befores)}; use another --out")
     save_result(targets, seeds=np.array(list(befores)), images=torch.stack(list(befores.values())).numpy())
-    removals = {"num_train": len(attributor.train), "note": "train one model per job on the kept training indices "
+    removals = {"num_train": n, "note": "train one model per job on the kept training indices "
                 "(the model folder's training-set order) with the base model's own recipe and training seed; save its "
                 "UNet with save_pretrained to <checkpoints>/<id>/. target_seed is the sampling seed of the target "
                 "image, not a training seed ('seed' repeats it for readers of older files)",
-                "jobs": [{"id": j.id, "target_seed": specs[j.id]["seed"], "seed": specs[j.id]["seed"],
-                          "ranking": specs[j.id]["ranking"],
-                          "k": specs[j.id]["k"], "removed": specs[j.id]["removed"].tolist(), "keep": j.keep.tolist()}
-                         for j in jobs]}
-    atomic_write_json(os.path.join(out_dir, REMOVALS), json_safe(removals))
+                "jobs": have + [{"id": j.id, "target_seed": specs[j.id]["seed"], "seed": specs[j.id]["seed"],
+                                 "ranking": specs[j.id]["ranking"], "k": specs[j.id]["k"],
+                                 "removed": specs[j.id]["removed"].tolist(), "keep": j.keep.tolist()}
+                                for j in jobs if j.id not in known]}
+    atomic_write_json(path, json_safe(removals))
     return removals
 
 

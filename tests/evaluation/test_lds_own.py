@@ -325,6 +325,32 @@ def test_seeds_are_named_for_what_they_seed(own, tmp_path):
     assert lds_own.train_seed({"seed": 2}) == 2 and lds_own.train_seed({"train_seed": 3, "seed": 3}) == 3
 
 
+def test_a_ranking_added_to_a_prepared_counterfactual_is_appended(own, tmp_path):
+    """Preparing again with one more ranking keeps the jobs already listed, in their order (a
+    running shard numbers them), and appends the new ranking's; preparing again with nothing new
+    leaves the file alone; other targets are refused."""
+    from dtrak_core.evaluation import counterfactual as cf
+
+    root, _, _, attributor = own
+    out = str(tmp_path / "cf")
+    first = lds_own.counterfactual_prepare(root, out, [1000, 1001], ["random"], [3])
+    path = os.path.join(out, lds_own.REMOVALS)
+    written = open(path, "rb").read()
+    assert lds_own.counterfactual_prepare(root, out, [1000, 1001], ["random"], [3]) == first
+    assert open(path, "rb").read() == written
+    more = lds_own.counterfactual_prepare(root, out, [1000, 1001], ["random", "d-trak"], [3])
+    assert more["jobs"][:2] == first["jobs"] and json.load(open(path)) == json.loads(json.dumps(more))
+    added = more["jobs"][2:]
+    assert [(j["ranking"], j["target_seed"]) for j in added] == [("square", 1000), ("square", 1001)]
+    for j in added:
+        before = cf.sample(attributor.unet, attributor.scheduler, j["target_seed"])
+        assert j["removed"] == cf.removal(attributor, before, j["target_seed"], "square", 3).tolist()
+        assert sorted(j["keep"] + j["removed"]) == list(range(len(attributor.train)))
+    assert set(json.load(open(os.path.join(out, "identity.json")))["stores"]) == {"square"}
+    with pytest.raises(ValueError, match="holds targets"):
+        lds_own.counterfactual_prepare(root, out, [1000, 1002], ["random"], [3])
+
+
 def test_a_partial_counterfactual_is_marked_partial(own, tmp_path, capsys):
     root, _, _, attributor = own
     out = str(tmp_path / "cf")
