@@ -97,3 +97,31 @@ def test_noise_ceiling_pairs_the_two_runs_by_subset(monkeypatch):
     runs[os.path.join("R", "lds-ceiling")] = {"masks": masks[:2], "F": {"validation": F[:2]}}
     with pytest.raises(ValueError, match="only 2 subsets"):
         fashion.noise_ceiling("R")
+
+
+def test_each_retrain_is_exactly_its_job_when_jobs_are_appended_meanwhile(tmp_path, monkeypatch):
+    """A shard trains its jobs one at a time as shards of exactly one job; when another process
+    appends jobs to the list meanwhile (a ranking added to the plan), each call still selects
+    exactly the job it means, and the shard does not take on the appended ones."""
+    from dtrak_core import setting as st
+    from dtrak_core.files import atomic_write_json
+
+    run = tmp_path / "counterfactual"
+    (run / "jobs").mkdir(parents=True)
+    path = str(run / "removals.json")
+    atomic_write_json(path, {"jobs": [{"id": f"j{i}"} for i in range(4)]})
+    (run / "jobs" / "j2.npz").write_bytes(b"measured before")
+    trained = []
+
+    def retrain(setting, data, jobs_path, ckpts, shard, show_bar):
+        jobs = json.load(open(jobs_path))["jobs"]
+        i, n = shard
+        trained.append([j["id"] for j in jobs[i::n]])
+        if len(trained) == 1:  # another process extends the plan while this one trains
+            atomic_write_json(jobs_path, {"jobs": jobs + [{"id": f"j{i}"} for i in range(4, 9)]})
+
+    monkeypatch.setattr(st, "retrain", retrain)
+    measured = []
+    fashion._train_and_measure(None, str(tmp_path), "data", path, str(tmp_path / "ckpts"), (0, 1), measured.append)
+    assert trained == [["j0"], ["j1"], ["j3"]]
+    assert measured == [(0, 4), (1, 9), (3, 9)]
