@@ -1,5 +1,6 @@
 """The Fashion-MNIST folder's data stage on tiny IDX files made here: the subset written from the
-IDX files (deterministic, stratified), the quality classifier's data disjoint from it."""
+IDX files (deterministic, stratified), the quality classifier's data disjoint from it; the noise
+ceiling's pairing and the retrain stages' one-job shards."""
 import json
 import os
 
