@@ -356,7 +356,10 @@ def counterfactual_prepare(root: str, out_dir: str, seeds, rankings=("d-trak", "
     path = os.path.join(out_dir, REMOVALS)
     before = read_json(path, "counterfactual removals", f"delete {path} and rerun `counterfactual-own prepare`") \
         if os.path.isfile(path) else None
-    have = [] if before is None else before["jobs"]
+    have = [] if before is None else before.get("jobs") if isinstance(before, dict) else None
+    if not isinstance(have, list) or not all(isinstance(j, dict) and isinstance(j.get("id"), str) for j in have):
+        raise ValueError(f"{path} is not a removals list this tool wrote (no 'jobs' list of jobs with an 'id'); "
+                         f"restore it, or delete it and rerun `counterfactual-own prepare`")
     known, n = {j["id"] for j in have}, len(attributor.train)
     wanted = [name for name in names if any(cf.job_id(name, cf.parse_k(k, n), int(s)) not in known for k in ks for s in seeds)]
     os.makedirs(out_dir, exist_ok=True)

@@ -349,6 +349,10 @@ def test_a_ranking_added_to_a_prepared_counterfactual_is_appended(own, tmp_path)
     assert set(json.load(open(os.path.join(out, "identity.json")))["stores"]) == {"square"}
     with pytest.raises(ValueError, match="holds targets"):
         lds_own.counterfactual_prepare(root, out, [1000, 1002], ["random"], [3])
+    json.dump({"jobs": {"not": "a list"}}, open(path, "w"))  # an edited list is named, and left as it is
+    with pytest.raises(ValueError, match="is not a removals list this tool wrote"):
+        lds_own.counterfactual_prepare(root, out, [1000, 1001], ["random", "d-trak"], [3])
+    assert json.load(open(path)) == {"jobs": {"not": "a list"}}
 
 
 def test_a_partial_counterfactual_is_marked_partial(own, tmp_path, capsys):
