@@ -87,7 +87,7 @@ def run(targets: int) -> None:
               f"(D-TRAK {ref.l2:.2f}), label {result.label_before} -> {result.label_after}", flush=True)
 
 
-def table() -> str:
+def table(targets: int) -> str:
     refs = reference_results()
     matched = {}
     for f in sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []:
@@ -98,8 +98,8 @@ def table() -> str:
         return "no finished targets yet; run with --run"
     seeds = sorted(matched)
     cols = {"class-matched pixel-rbf": matched, **{n: refs[n] for n in ("pixel-rbf", "D-TRAK", "Random")}}
-    lines = [f"{len(seeds)} targets (seeds {seeds[0]}..{seeds[-1]}), k = {K}; the class-matched kernel removes as many "
-             "images of the target's label as D-TRAK does", "",
+    lines = [f"{len(seeds)} of {targets} targets finished (seeds {seeds[0]}..{seeds[-1]}), k = {K}; the class-matched "
+             "kernel removes as many images of the target's label as D-TRAK does; paired tests from 6 targets", "",
              "| ranking | median L2 [p25, p75] | label changed | removed with the target's label |", "|---|---|---|---|"]
     labels = None
     for name, rows in cols.items():
@@ -137,7 +137,7 @@ def main():
     print(machine_line())
     if args.run:
         run(args.targets)
-    print(table())
+    print(table(args.targets))
 
 
 if __name__ == "__main__":
