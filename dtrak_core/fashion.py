@@ -189,7 +189,7 @@ def _with_build_threads(run):
         torch.set_num_threads(threads)
 
 
-def _train_and_measure(setting, root, data, jobs_path: str, ckpts: str, shard, measure) -> None:
+def train_and_measure(setting, data, jobs_path: str, ckpts: str, shard, measure) -> None:
     """This shard's jobs one at a time: retrain, then measure at once, so every finished model leaves
     its small committed result file (the retrained models themselves are not kept in git)."""
     from dtrak_core import setting as st
@@ -215,7 +215,7 @@ def _lds(setting, root, data, shard, show_bar):
     out, ckpts = os.path.join(root, "lds"), os.path.join(root, "lds-models")
     if not os.path.isfile(os.path.join(out, lds_own.JOBS)):
         lds_own.prepare(root, out, setting.lds_config, validation=os.path.join(data, "validation"))
-    _train_and_measure(setting, root, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
+    train_and_measure(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
                        lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
 
 
@@ -235,7 +235,7 @@ def _ceiling(setting, root, data, shard, show_bar):
         np.save(given, masks)
         lds_own.prepare(root, out, replace(setting.lds_config, train_seeds=(CEILING_SEED,)), masks=given,
                         validation=os.path.join(data, "validation"))
-    _train_and_measure(setting, root, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
+    train_and_measure(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
                        lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
 
 
@@ -255,5 +255,5 @@ def _counterfactual(setting, root, data, shard, show_bar):
     seeds = range(int(cf["first_seed"]), int(cf["first_seed"]) + int(cf["targets"]))
     # a plan with a ranking added since the run was prepared gets its jobs appended
     lds_own.counterfactual_prepare(root, out, seeds, rankings=tuple(cf["rankings"]), ks=tuple(cf["k"]))
-    _train_and_measure(setting, root, data, os.path.join(out, "removals.json"), ckpts, shard,
+    train_and_measure(setting, data, os.path.join(out, "removals.json"), ckpts, shard,
                        lambda one: lds_own.counterfactual_measure(root, out, ckpts, shard=one, show_bar=False))

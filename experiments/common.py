@@ -26,3 +26,19 @@ def machine_line() -> str:
     return (f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
             f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min), device {device}")
+
+
+
+def labelled(root: str, rows) -> list:
+    """Counterfactual results with the target's and the regenerated image's class: as the job files
+    hold them where they were measured with a classifier, else as the folder's classifier/ reads
+    them (as `counterfactual-own measure` does for its summary)."""
+    if all(r.label_before >= 0 for r in rows):
+        return list(rows)
+    from dtrak_core.evaluation.counterfactual_report import labelled as with_labels
+    from dtrak_core.model.classifier import folder_classifier
+
+    classifier = folder_classifier(root)
+    if classifier is None:
+        raise SystemExit(f"{root}: the jobs carry no labels and the folder has no classifier/")
+    return [r if r.label_before >= 0 else with_labels(r, classifier) for r in rows]

@@ -17,7 +17,7 @@ L2 across targets.
 """
 from __future__ import annotations
 
-from common import machine_line  # first: before torch
+from common import labelled, machine_line  # first: before torch
 
 # isort: split
 import argparse
@@ -29,25 +29,6 @@ from scipy.stats import linregress, spearmanr
 from dtrak_core.attribution import methods as registry
 from dtrak_core.evaluation.counterfactual import display_name
 from dtrak_core.evaluation.counterfactual_report import load_results
-
-
-def target_labels(root: str, rows) -> dict[int, int]:
-    """{seed: the class the folder's classifier reads in the target}: from the job files where they
-    were measured with one, else from the folder's classifier (as `counterfactual-own measure`)."""
-    labels = {r.seed: r.label_before for r in rows if r.label_before >= 0}
-    missing = {r.seed: r.before for r in rows if r.seed not in labels}
-    if missing:
-        import torch
-
-        from dtrak_core.model.classifier import folder_classifier
-
-        classifier = folder_classifier(root)
-        if classifier is None:
-            raise SystemExit(f"{root}: the jobs carry no target labels and the folder has no classifier/")
-        seeds = sorted(missing)
-        read, _ = classifier.classify(torch.stack([missing[s] for s in seeds]).numpy())
-        labels.update({s: int(c) for s, c in zip(seeds, read)})
-    return labels
 
 
 def composition(rows, train_labels: np.ndarray, labels: dict[int, int]) -> list[str]:
@@ -98,11 +79,11 @@ def main():
     from dtrak_core.attribution.attributor import Attributor
 
     train_labels = Attributor.load(args.root).train.labels.numpy()
-    rows = [r for run in args.runs for r in load_results(os.path.join(run, "jobs"))]
+    rows = labelled(args.root, [r for run in args.runs for r in load_results(os.path.join(run, "jobs"))])
     if not rows:
         raise SystemExit(f"no finished jobs under {', '.join(args.runs)}")
     print(f"{len(rows)} finished jobs of {', '.join(args.runs)}; the target's class as its classifier reads it\n")
-    print("\n".join(composition(rows, train_labels, target_labels(args.root, rows))))
+    print("\n".join(composition(rows, train_labels, {r.seed: r.label_before for r in rows})))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,6 @@ def test_each_retrain_is_exactly_its_job_when_jobs_are_appended_meanwhile(tmp_pa
 
     monkeypatch.setattr(st, "retrain", retrain)
     measured = []
-    fashion._train_and_measure(None, str(tmp_path), "data", path, str(tmp_path / "ckpts"), (0, 1), measured.append)
+    fashion.train_and_measure(None, "data", path, str(tmp_path / "ckpts"), (0, 1), measured.append)
     assert trained == [["j0"], ["j1"], ["j3"]]
     assert measured == [(0, 4), (1, 9), (3, 9)]
