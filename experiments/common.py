@@ -35,10 +35,10 @@ def labelled(root: str, rows) -> list:
     them (as `counterfactual-own measure` does for its summary)."""
     if all(r.label_before >= 0 for r in rows):
         return list(rows)
-    from dtrak_core.evaluation.counterfactual_report import labelled as with_labels
+    from dtrak_core.evaluation.counterfactual_report import classify_result
     from dtrak_core.model.classifier import folder_classifier
 
     classifier = folder_classifier(root)
     if classifier is None:
         raise SystemExit(f"{root}: the jobs carry no labels and the folder has no classifier/")
-    return [r if r.label_before >= 0 else with_labels(r, classifier) for r in rows]
+    return [r if r.label_before >= 0 else classify_result(r, classifier) for r in rows]

@@ -102,7 +102,7 @@ def summarize(out_dir: str, train_labels=None, classifier=None) -> dict:
     """
     rows = load_results(out_dir)
     if classifier is not None:
-        rows = [labelled(r, classifier) if r.label_before < 0 else r for r in rows]
+        rows = [classify_result(r, classifier) if r.label_before < 0 else r for r in rows]
     cells, by_target = {}, {}
     for r in rows:
         cells.setdefault((r.k, r.ranking), []).append(r)
@@ -155,7 +155,7 @@ def summarize(out_dir: str, train_labels=None, classifier=None) -> dict:
     return checksums.seal(json_safe(summary))
 
 
-def labelled(r, classifier):
+def classify_result(r, classifier):
     """The result `r` with its before and after images' labels and confidences as `classifier` reads them."""
     from dataclasses import replace
 
