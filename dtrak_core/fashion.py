@@ -216,7 +216,7 @@ def _lds(setting, root, data, shard, show_bar):
     if not os.path.isfile(os.path.join(out, lds_own.JOBS)):
         lds_own.prepare(root, out, setting.lds_config, validation=os.path.join(data, "validation"))
     train_and_measure(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
-                       lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
+                      lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
 
 
 def _ceiling(setting, root, data, shard, show_bar):
@@ -236,7 +236,7 @@ def _ceiling(setting, root, data, shard, show_bar):
         lds_own.prepare(root, out, replace(setting.lds_config, train_seeds=(CEILING_SEED,)), masks=given,
                         validation=os.path.join(data, "validation"))
     train_and_measure(setting, data, os.path.join(out, lds_own.JOBS), ckpts, shard,
-                       lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
+                      lambda one: lds_own.ground_truth(root, out, ckpts, shard=one, show_bar=False))
 
 
 def noise_ceiling(root: str = DEFAULT_ROOT, num_bootstrap: int = 1000) -> dict:
@@ -256,4 +256,4 @@ def _counterfactual(setting, root, data, shard, show_bar):
     # a plan with a ranking added since the run was prepared gets its jobs appended
     lds_own.counterfactual_prepare(root, out, seeds, rankings=tuple(cf["rankings"]), ks=tuple(cf["k"]))
     train_and_measure(setting, data, os.path.join(out, "removals.json"), ckpts, shard,
-                       lambda one: lds_own.counterfactual_measure(root, out, ckpts, shard=one, show_bar=False))
+                      lambda one: lds_own.counterfactual_measure(root, out, ckpts, shard=one, show_bar=False))

@@ -28,7 +28,6 @@ def machine_line() -> str:
             f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min), device {device}")
 
 
-
 def labelled(root: str, rows) -> list:
     """Counterfactual results with the target's and the regenerated image's class: as the job files
     hold them where they were measured with a classifier, else as the folder's classifier/ reads
