@@ -125,6 +125,7 @@ def prepare_folder(root: str) -> str:
     identity) from the run's planned D-TRAK and kernel removals; the path of removals.json. A
     control prepared before must hold exactly these removals."""
     from dtrak_core.attribution.attributor import Attributor
+    from dtrak_core.evaluation import lds_own
     from dtrak_core.model.classifier import folder_classifier
 
     run, out, _ = folder_paths(root)
@@ -138,7 +139,7 @@ def prepare_folder(root: str) -> str:
     if classifier is None:
         raise SystemExit(f"{root} has no classifier/: the control needs the target's class")
     read, _ = classifier.classify(targets["images"])
-    planned = {(j["ranking"], int(j["target_seed"])): j for j in removals["jobs"]}
+    planned = {(j["ranking"], lds_own.target_seed(j)): j for j in removals["jobs"]}
     dtrak, kernel = cf.ranking_name("d-trak"), cf.ranking_name("pixel-rbf")
     jobs = []
     for seed, image, label in zip(seeds, targets["images"], map(int, read)):
