@@ -47,8 +47,8 @@ def composition(rows, train_labels: np.ndarray, labels: dict[int, int]) -> list[
             lines.append(f"| {display_name(n)} | {len(v)} | {np.median(v[:, 1]):g} | "
                          + ("-" if rho is None else f"{rho.statistic:+.2f} (p {rho.pvalue:.2g})") + " |")
         lines += ["", "| A vs B (same targets) | n | A's and B's same-class removals (median) | Spearman(dL2, "
-                  "d same-class) | A's lead at equal same-class counts (dL2 = a + b d same-class: a, its s.e.) | "
-                  "A moves more where it removed no more of the class |", "|---|---|---|---|---|---|"]
+                  "d same-class) | d same-class (min to max) | A's lead at equal same-class counts (dL2 = a + b d same-class: a, its s.e.) | "
+                  "A moves more where it removed no more of the class |", "|---|---|---|---|---|---|---|"]
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 seeds = sorted(set(by[(k, a)]) & set(by[(k, b)]))
@@ -63,6 +63,7 @@ def composition(rows, train_labels: np.ndarray, labels: dict[int, int]) -> list[
                 lines.append(f"| {display_name(a)} vs {display_name(b)} | {len(seeds)} | "
                              f"{np.median(A[:, 1]):g} / {np.median(B[:, 1]):g} | "
                              + ("-" if rho is None else f"{rho.statistic:+.2f} (p {rho.pvalue:.2g})")
+                             + f" | {int(dsame.min()):+d} to {int(dsame.max()):+d}"
                              + (" | -" if fit is None else f" | {fit.intercept:+.2f} ({fit.intercept_stderr:.2f})")
                              + f" | {int(np.sum(dl2[fewer] > 0))} of {int(fewer.sum())} |")
         lines.append("")
